@@ -1,0 +1,48 @@
+# chat-history-rs: every command the README, CI and developers use. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+export PATH := $(CURDIR)/$(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements-dev.txt
+	touch $@
+
+.PHONY: venv
+venv: $(VENV)/.installed ## Create .venv with the build and test tools
+
+.PHONY: servers
+servers: ## Install redis-server and PostgreSQL when missing (Debian, needs root or sudo)
+	@./scripts/ensure-servers.sh
+
+.PHONY: dev
+dev: venv ## Build the extension into .venv (release mode)
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) maturin develop --release --quiet
+
+.PHONY: test
+test: servers dev ## Run everything: cargo tests, then pytest against throwaway Redis and PostgreSQL
+	cargo test --quiet
+	$(PY) -m pytest tests
+
+.PHONY: demo
+demo: servers dev ## Run the example against a throwaway PostgreSQL (or local JSON files)
+	$(PY) examples/demo.py
+
+.PHONY: lint
+lint: venv ## rustfmt, clippy (pedantic)
+	cargo fmt --check
+	cargo clippy --all-targets --features python -- -D warnings
+
+.PHONY: clean
+clean: ## Remove build outputs and the venv
+	cargo clean
+	rm -rf $(VENV) target

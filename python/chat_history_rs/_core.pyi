@@ -1,0 +1,127 @@
+"""Type stubs for the compiled module ``chat_history_rs._core``."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Dict, List, Literal, Optional, Tuple, Type, TypedDict, Union
+
+__version__: str
+
+class Message(TypedDict):
+    role: Literal["user", "assistant"]
+    content: str
+    time: str
+
+class Conversation(TypedDict):
+    title: str
+    model: str
+    messages: List[Message]
+    created_at: str
+    last_modified: str
+
+ConversationInput = Dict[str, Any]
+"""A conversation to save: the keys of ``Conversation``; timestamps may also be ``datetime``
+objects (naive means UTC) or missing (now)."""
+
+class ChatHistoryManager:
+    """Stores chat conversations as local JSON files (``mode="local"``), in PostgreSQL
+    (``mode="postgres"``), or in Redis over PostgreSQL with write-back (``redis_enabled=True``).
+
+    Keyword arguments win over environment variables: ``connection_string`` over ``DATABASE_URL``,
+    ``redis_enabled`` over ``REDIS_ENABLED``. One manager may be shared between threads; every
+    network or disk call releases the GIL.
+
+    Raises ``ConfigurationError`` (a ``ValueError``) for an unknown mode or a missing connection
+    string, and ``UnavailableError`` (a ``ConnectionError``) when PostgreSQL cannot be reached.
+    """
+
+    def __init__(
+        self,
+        mode: Literal["local", "postgres", "redis"] = "local",
+        base_dir: Optional[Union[str, os.PathLike[str]]] = None,
+        connection_string: Optional[str] = None,
+        history_days: int = 7,
+        redis_enabled: Optional[bool] = None,
+        *,
+        postgres_pool_size: int = 4,
+        postgres_connect_timeout: float = 5.0,
+        postgres_ca_file: Optional[Union[str, os.PathLike[str]]] = None,
+    ) -> None: ...
+    @property
+    def mode(self) -> str:
+        """``"local"`` or ``"postgres"`` (Redis is a tier of postgres mode)."""
+    @property
+    def redis_enabled(self) -> bool:
+        """Whether the Redis tier is in use."""
+    @property
+    def postgres_backend(self) -> Optional[PostgresBackend]:
+        """PostgreSQL with the seed's method names; None in local mode."""
+    @property
+    def redis_backend(self) -> None:
+        """The Redis cache with the seed's method names; None without Redis."""
+    def list_conversations(self, user_id: Optional[str] = None) -> List[Tuple[str, Conversation]]:
+        """Local mode: every readable conversation, sorted by file name, with messages.
+        Otherwise: the user's conversations created within ``history_days``, newest
+        ``last_modified`` first, with ``"messages": []``. ``user_id`` is required outside local mode."""
+    def get_conversation(self, conversation_id: str, user_id: Optional[str] = None) -> Optional[Conversation]:
+        """The conversation with its messages, or None when there is none of that id for that user."""
+    def save_conversation(
+        self, conversation_id: str, conversation: ConversationInput, user_id: Optional[str] = None
+    ) -> None:
+        """Stores the whole conversation. Raises ``ValidationError``/``InvalidTypeError`` for input
+        PostgreSQL would refuse and ``OwnershipError`` for another user's id; nothing is stored then."""
+    def delete_conversation(self, conversation_id: str, user_id: Optional[str] = None) -> None:
+        """Deletes the conversation when it is the user's; another user's id is left untouched."""
+    def flush_dirty_conversations(self) -> int:
+        """Writes conversations still dirty in Redis back to PostgreSQL; returns how many."""
+    def close(self) -> None:
+        """Flushes what is dirty, then releases the pools. Idempotent."""
+    def stats(self) -> Dict[str, Any]:
+        """Counters and gauges of this manager (SPEC section 8). Never holds a password."""
+    def __enter__(self) -> ChatHistoryManager: ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool: ...
+
+class PostgresBackend:
+    """PostgreSQL with the seed's ``PostgreSQLBackend`` method names and argument orders."""
+
+    def get_conversation(self, conversation_id: str, user_id: str) -> Optional[Conversation]: ...
+    def save_conversation(self, conversation_id: str, user_id: str, conversation: ConversationInput) -> None: ...
+    def list_conversations(self, user_id: str, days: Optional[int] = None) -> List[Tuple[str, Conversation]]: ...
+    def delete_conversation(self, conversation_id: str, user_id: str) -> None: ...
+
+class ChatHistoryError(Exception):
+    """Base class of every error chat_history_rs raises."""
+
+class ConfigurationError(ChatHistoryError, ValueError):
+    """Bad settings: unknown mode, missing or malformed connection string, unreadable CA file."""
+
+class ValidationError(ChatHistoryError, ValueError):
+    """A value that PostgreSQL would refuse; nothing was stored."""
+
+class InvalidTypeError(ChatHistoryError, TypeError):
+    """A value of the wrong type; nothing was stored."""
+
+class OwnershipError(ChatHistoryError, PermissionError):
+    """The conversation id belongs to another user; nothing was changed."""
+
+class UnavailableError(ChatHistoryError, ConnectionError):
+    """PostgreSQL or Redis could not be reached; the message names which."""
+
+class DatabaseError(ChatHistoryError):
+    """The database was reached and refused the operation."""
+
+class LocalStorageError(ChatHistoryError, OSError):
+    """A local-mode file could not be read or written."""
+
+class ClosedError(ChatHistoryError, RuntimeError):
+    """The ChatHistoryManager was used after close()."""
+
+def _close_all() -> None:
+    """Closes every live manager, flushing what is dirty (the package's atexit hook)."""

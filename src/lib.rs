@@ -1,0 +1,26 @@
+//! chat-history-rs: LLM chat conversations in local JSON files, PostgreSQL, or Redis over
+//! PostgreSQL with write-back, behind the Phase 1 `ChatHistoryManager` API.
+//!
+//! The core (everything but [`bindings`]) is plain synchronous Rust over r2d2 pools and has no
+//! Python in it; `cargo test` exercises it without an interpreter. The `python` feature adds the
+//! pyo3 binding layer that maturin builds into `chat_history_rs._core`.
+//!
+//! - [`model`]: conversations, messages, canonical timestamps
+//! - [`validate`]: what PostgreSQL would refuse, refused early
+//! - [`config`]: connection strings and TLS
+//! - [`store`]: JSON files and PostgreSQL
+//! - [`manager`]: the tiers composed
+
+pub mod config;
+pub mod error;
+pub mod manager;
+pub mod model;
+pub mod store;
+pub mod validate;
+
+#[cfg(feature = "python")]
+mod bindings;
+
+pub use error::{Backend, Error, ErrorKind, Result};
+pub use manager::{ChatHistory, Mode, Settings, Stats};
+pub use model::{Conversation, Message, Role, Timestamp};

@@ -1,0 +1,308 @@
+//! PostgreSQL: the source of truth. An r2d2 pool of rust-postgres clients over rustls, the Phase 1
+//! schema (SPEC section 3), and one statement per operation so every save is atomic and costs one
+//! round trip.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use postgres::types::{ToSql, Type};
+use r2d2_postgres::PostgresConnectionManager;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::config::PostgresSettings;
+use crate::error::{Backend, Error, ErrorKind, Result};
+use crate::model::{Conversation, Message, Role};
+
+type Pool = r2d2::Pool<PostgresConnectionManager<MakeRustlsConnect>>;
+type PooledClient = r2d2::PooledConnection<PostgresConnectionManager<MakeRustlsConnect>>;
+
+/// The Phase 1 schema, created only when missing; existing tables and rows are never altered.
+/// Serialised by an advisory lock: concurrent `CREATE TABLE IF NOT EXISTS` can otherwise fail
+/// on the catalog's unique index when two processes start at once.
+const SCHEMA: &str = "
+SELECT pg_advisory_xact_lock(7215864202913520411);
+CREATE TABLE IF NOT EXISTS conversations (
+    conversation_id VARCHAR(50) PRIMARY KEY,
+    user_client_id VARCHAR(255) NOT NULL,
+    title TEXT NOT NULL,
+    model VARCHAR(100) NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    last_modified TIMESTAMPTZ NOT NULL DEFAULT NOW()
+);
+CREATE INDEX IF NOT EXISTS idx_conversations_user_modified ON conversations (user_client_id, last_modified DESC);
+CREATE INDEX IF NOT EXISTS idx_conversations_user_created ON conversations (user_client_id, created_at DESC);
+CREATE TABLE IF NOT EXISTS messages (
+    message_id SERIAL PRIMARY KEY,
+    conversation_id VARCHAR(50) NOT NULL REFERENCES conversations (conversation_id) ON DELETE CASCADE,
+    sequence_number INTEGER NOT NULL,
+    role VARCHAR(20) NOT NULL CHECK (role IN ('user', 'assistant')),
+    content TEXT NOT NULL,
+    timestamp TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    UNIQUE (conversation_id, sequence_number)
+);
+CREATE INDEX IF NOT EXISTS idx_messages_conversation_seq ON messages (conversation_id, sequence_number);
+";
+
+/// One round trip: the conversation row and its messages in sequence order.
+const GET: &str = "
+SELECT c.title, c.model, c.created_at, c.last_modified, m.role, m.content, m.timestamp
+FROM conversations c
+LEFT JOIN messages m ON m.conversation_id = c.conversation_id
+WHERE c.conversation_id = $1 AND c.user_client_id = $2
+ORDER BY m.sequence_number";
+
+const LIST: &str = "
+SELECT conversation_id, title, model, created_at, last_modified
+FROM conversations
+WHERE user_client_id = $1 AND created_at >= NOW() - make_interval(days => $2)
+ORDER BY last_modified DESC, conversation_id";
+
+/// The whole save in one statement, hence one transaction and one round trip:
+/// - upsert the row, keeping `created_at`, and only when the id is the caller's (SPEC section 7:
+///   `conv` is empty for another user's id, and then nothing else below runs);
+/// - drop messages past the new end;
+/// - upsert messages 0..n-1, rewriting only rows whose values changed, so a conversation that
+///   gained two messages costs two row writes.
+///
+/// The foreign key sees the new conversation row: constraint triggers fire at the end of the
+/// statement, after every CTE ran.
+const SAVE: &str = "
+WITH conv AS (
+    INSERT INTO conversations AS c (conversation_id, user_client_id, title, model, created_at, last_modified)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    ON CONFLICT (conversation_id) DO UPDATE
+        SET title = EXCLUDED.title, model = EXCLUDED.model, last_modified = EXCLUDED.last_modified
+        WHERE c.user_client_id = EXCLUDED.user_client_id
+    RETURNING c.conversation_id
+), trimmed AS (
+    DELETE FROM messages
+    WHERE conversation_id IN (SELECT conversation_id FROM conv) AND sequence_number >= $7
+), written AS (
+    INSERT INTO messages AS m (conversation_id, sequence_number, role, content, timestamp)
+    SELECT conv.conversation_id, new.seq, new.role, new.content, new.ts
+    FROM conv, unnest($8::int4[], $9::text[], $10::text[], $11::timestamptz[]) AS new(seq, role, content, ts)
+    ON CONFLICT (conversation_id, sequence_number) DO UPDATE
+        SET role = EXCLUDED.role, content = EXCLUDED.content, timestamp = EXCLUDED.timestamp
+        WHERE (m.role, m.content, m.timestamp) IS DISTINCT FROM (EXCLUDED.role, EXCLUDED.content, EXCLUDED.timestamp)
+)
+SELECT count(*) FROM conv";
+
+const DELETE: &str = "DELETE FROM conversations WHERE conversation_id = $1 AND user_client_id = $2";
+
+/// The PostgreSQL store. Cheap to share: the pool is reference-counted inside.
+pub struct PostgresStore {
+    pool: Pool,
+    redacted: String,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").field("url", &self.redacted).finish_non_exhaustive()
+    }
+}
+
+/// Routes r2d2's connection errors to our logger instead of its own `error!` lines.
+#[derive(Debug)]
+struct PoolErrorLog;
+
+impl r2d2::HandleError<postgres::Error> for PoolErrorLog {
+    fn handle_error(&self, error: postgres::Error) {
+        log::warn!("PostgreSQL connection failed: {}", error_chain(&error));
+    }
+}
+
+impl PostgresStore {
+    /// Builds the pool without connecting; [`PostgresStore::ensure_schema`] is the first contact.
+    pub fn new(settings: &PostgresSettings) -> Result<Self> {
+        let tls = MakeRustlsConnect::new(settings.tls_config()?);
+        let manager = PostgresConnectionManager::new(settings.config.clone(), tls);
+        let pool = r2d2::Pool::builder()
+            .max_size(settings.pool_size)
+            .min_idle(Some(0))
+            .connection_timeout(settings.connect_timeout)
+            // A checkout test costs a round trip on every call; a dead connection is instead
+            // detected by the failed statement and replaced (see `run`).
+            .test_on_check_out(false)
+            .idle_timeout(Some(Duration::from_secs(300)))
+            .error_handler(Box::new(PoolErrorLog))
+            .build_unchecked(manager);
+        Ok(PostgresStore { pool, redacted: settings.redacted() })
+    }
+
+    /// The connection string without its password.
+    #[must_use]
+    pub fn redacted_url(&self) -> &str {
+        &self.redacted
+    }
+
+    /// Creates the tables and indexes when missing.
+    pub fn ensure_schema(&self) -> Result<()> {
+        self.run(|client| {
+            let mut tx = client.transaction()?;
+            tx.batch_execute(SCHEMA)?;
+            tx.commit()
+        })?;
+        log::info!("PostgreSQL schema ready at {}", self.redacted);
+        Ok(())
+    }
+
+    /// Runs `op` on a pooled client. A statement that fails because its connection died (a server
+    /// restart, a dropped socket) is run again on a fresh connection: every operation here is
+    /// idempotent, so a retry after an unacknowledged commit lands in the same state.
+    fn run<T>(&self, mut op: impl FnMut(&mut postgres::Client) -> Result<T, postgres::Error>) -> Result<T> {
+        let attempts = self.pool.max_size() + 1;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut client = self.checkout()?;
+            match op(&mut client) {
+                Ok(value) => return Ok(value),
+                Err(e) if client.is_closed() && attempt < attempts => {
+                    log::info!("PostgreSQL connection lost ({e}); retrying on a fresh connection");
+                }
+                Err(e) => return Err(pg_error(&e)),
+            }
+        }
+    }
+
+    fn checkout(&self) -> Result<PooledClient> {
+        self.pool.get().map_err(|e| {
+            Error::new(ErrorKind::Unavailable(Backend::Postgres), format!("PostgreSQL is unavailable at {}", self.redacted))
+                .with_source(error_chain(&e))
+        })
+    }
+
+    /// The user's conversation with its messages, or `None` when there is none of that id for
+    /// that user (another user's id reads as missing).
+    pub fn get(&self, conversation_id: &str, user_id: &str) -> Result<Option<Conversation>> {
+        let rows = self.run(|client| client.query_typed(GET, &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR)]))?;
+        let Some(first) = rows.first() else { return Ok(None) };
+        let mut conv = Conversation {
+            title: first.get(0),
+            model: first.get(1),
+            messages: Vec::with_capacity(rows.len()),
+            created_at: first.get::<_, DateTime<Utc>>(2).into(),
+            last_modified: first.get::<_, DateTime<Utc>>(3).into(),
+        };
+        for row in &rows {
+            let Some(role) = row.get::<_, Option<&str>>(4) else { continue };
+            let role = Role::parse(role).ok_or_else(|| {
+                Error::new(ErrorKind::Database(Backend::Postgres), format!("message with unknown role {role:?}"))
+            })?;
+            conv.messages.push(Message { role, content: row.get(5), time: row.get::<_, DateTime<Utc>>(6).into() });
+        }
+        Ok(Some(conv))
+    }
+
+    /// The user's conversations created in the last `days` days, newest `last_modified` first,
+    /// without messages.
+    pub fn list(&self, user_id: &str, days: i32) -> Result<Vec<(String, Conversation)>> {
+        let rows = self.run(|client| client.query_typed(LIST, &[(&user_id, Type::VARCHAR), (&days, Type::INT4)]))?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let conv = Conversation {
+                    title: row.get(1),
+                    model: row.get(2),
+                    messages: Vec::new(),
+                    created_at: row.get::<_, DateTime<Utc>>(3).into(),
+                    last_modified: row.get::<_, DateTime<Utc>>(4).into(),
+                };
+                (row.get(0), conv)
+            })
+            .collect())
+    }
+
+    /// Writes the whole conversation atomically. Fails with [`ErrorKind::Ownership`], changing
+    /// nothing, when the id belongs to another user.
+    pub fn save(&self, conversation_id: &str, user_id: &str, conv: &Conversation) -> Result<()> {
+        let columns = MessageColumns::new(conv);
+        let created_at = conv.created_at.as_datetime();
+        let last_modified = conv.last_modified.as_datetime();
+        let count = i32::try_from(conv.messages.len()).map_err(|_| Error::validation("too many messages"))?;
+        let params: [(&(dyn ToSql + Sync), Type); 11] = [
+            (&conversation_id, Type::VARCHAR),
+            (&user_id, Type::VARCHAR),
+            (&conv.title, Type::TEXT),
+            (&conv.model, Type::VARCHAR),
+            (&created_at, Type::TIMESTAMPTZ),
+            (&last_modified, Type::TIMESTAMPTZ),
+            (&count, Type::INT4),
+            (&columns.sequence, Type::INT4_ARRAY),
+            (&columns.role, Type::TEXT_ARRAY),
+            (&columns.content, Type::TEXT_ARRAY),
+            (&columns.time, Type::TIMESTAMPTZ_ARRAY),
+        ];
+        let saved: i64 = self.run(|client| client.query_typed(SAVE, &params)?[0].try_get(0))?;
+        if saved == 0 {
+            return Err(Error::new(
+                ErrorKind::Ownership,
+                format!("conversation {conversation_id:?} belongs to another user"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Deletes the conversation and its messages when it is the user's; returns whether it was.
+    pub fn delete(&self, conversation_id: &str, user_id: &str) -> Result<bool> {
+        let deleted =
+            self.run(|client| client.execute_typed(DELETE, &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR)]))?;
+        Ok(deleted > 0)
+    }
+}
+
+/// The messages as the column arrays `unnest` takes.
+struct MessageColumns<'a> {
+    sequence: Vec<i32>,
+    role: Vec<&'static str>,
+    content: Vec<&'a str>,
+    time: Vec<DateTime<Utc>>,
+}
+
+impl<'a> MessageColumns<'a> {
+    fn new(conv: &'a Conversation) -> Self {
+        let n = conv.messages.len();
+        let mut columns =
+            MessageColumns { sequence: Vec::with_capacity(n), role: Vec::with_capacity(n), content: Vec::with_capacity(n), time: Vec::with_capacity(n) };
+        for (seq, message) in (0..).zip(&conv.messages) {
+            columns.sequence.push(seq);
+            columns.role.push(message.role.as_str());
+            columns.content.push(&message.content);
+            columns.time.push(message.time.as_datetime());
+        }
+        columns
+    }
+}
+
+/// Classifies a driver error: the server refusing a statement is a database error; anything that
+/// means "no usable connection" (I/O, closed socket, TLS, login refused, shutting down) is
+/// unavailability, so it can never be mistaken for "not found".
+fn pg_error(error: &postgres::Error) -> Error {
+    if let Some(db) = error.as_db_error() {
+        let code = db.code().code();
+        // 08: connection exception; 57P0x: shutdown / cannot connect now; 53300: too many
+        // connections; 28: authentication failed.
+        let unavailable = code.starts_with("08") || code.starts_with("57P") || code == "53300" || code.starts_with("28");
+        if !unavailable {
+            return Error::new(ErrorKind::Database(Backend::Postgres), format!("PostgreSQL refused the statement: {}", db.message()))
+                .with_source(error_chain(error));
+        }
+    }
+    Error::new(ErrorKind::Unavailable(Backend::Postgres), "PostgreSQL is unavailable").with_source(error_chain(error))
+}
+
+/// The error and its causes on one line: rust-postgres puts the useful part ("Connection refused")
+/// in the source.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
