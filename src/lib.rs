@@ -9,14 +9,18 @@
 //! - [`validate`]: what PostgreSQL would refuse, refused early
 //! - [`config`]: connection strings and TLS
 //! - [`store`]: JSON files and PostgreSQL
+//! - [`cache`]: the Redis tier
+//! - [`writeback`]: flushing dirty conversations to PostgreSQL
 //! - [`manager`]: the tiers composed
 
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod manager;
 pub mod model;
 pub mod store;
 pub mod validate;
+pub mod writeback;
 
 #[cfg(feature = "python")]
 mod bindings;

@@ -2,15 +2,18 @@
 //! lifecycle (`close`, the exit hook's registry). The Redis tier slots in as one more [`Tier`].
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::time::{Duration, Instant};
 
-use crate::config::PostgresSettings;
-use crate::error::{Error, ErrorKind, Result};
-use crate::model::Conversation;
+use crate::cache::redis::{CacheError, MemoryInfo, RedisCache, SaveOutcome};
+use crate::config::{PostgresSettings, RedisSettings};
+use crate::error::{Backend, Error, ErrorKind, Result};
+use crate::model::{Conversation, Timestamp};
 use crate::store::local::LocalStore;
 use crate::store::postgres::PostgresStore;
 use crate::validate;
+use crate::writeback::{BackgroundFlusher, Flush, FlushReport, Flusher};
 
 /// Where conversations live (SPEC section 2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +60,31 @@ pub struct Settings {
     pub postgres: Option<PostgresSettings>,
     /// `list_conversations` returns conversations created in the last this many days.
     pub history_days: i32,
+    /// Redis settings (redis mode).
+    pub redis: Option<RedisSettings>,
+    /// How often the background flusher runs; `None` turns it off.
+    pub flush_interval: Option<Duration>,
+    /// Conversations per PostgreSQL transaction in a flush.
+    pub flush_batch_size: usize,
+    /// How long `close()` may spend flushing before it gives up and logs what is left.
+    pub close_timeout: Duration,
+}
+
+impl Settings {
+    /// Local mode in `base_dir`, everything else at its default.
+    #[must_use]
+    pub fn local(base_dir: PathBuf) -> Self {
+        Settings {
+            mode: Mode::Local,
+            base_dir,
+            postgres: None,
+            history_days: 7,
+            redis: None,
+            flush_interval: None,
+            flush_batch_size: 500,
+            close_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The stores behind a manager.
@@ -64,6 +92,7 @@ pub struct Settings {
 enum Tier {
     Local(LocalStore),
     Postgres(Arc<PostgresStore>),
+    Cached(Arc<CachedTier>),
 }
 
 /// Counters for `stats()`.
@@ -93,6 +122,37 @@ pub struct Stats {
     pub errors: u64,
     /// Whether `close()` was called.
     pub closed: bool,
+    /// The cache's numbers, in redis mode.
+    pub cache: Option<CacheStats>,
+}
+
+/// The Redis tier's numbers (SPEC section 8).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheStats {
+    /// Reads and lists served by Redis.
+    pub hits: u64,
+    /// Reads and lists Redis did not have.
+    pub misses: u64,
+    /// Calls that went to PostgreSQL because Redis was unreachable, backing off or out of memory.
+    pub fallbacks: u64,
+    /// Whether the last Redis call succeeded (and no backoff is in force).
+    pub redis_available: bool,
+    /// `SCARD dirty:convs`, when Redis answered.
+    pub dirty_count: Option<u64>,
+    /// Seconds since the oldest dirty conversation became dirty (the write-back lag).
+    pub oldest_dirty_age_seconds: Option<f64>,
+    /// Completed flush runs.
+    pub flushes: u64,
+    /// Conversations written back.
+    pub conversations_flushed: u64,
+    /// Failed write-back attempts.
+    pub flush_failures: u64,
+    /// `<user>:<id>` of conversations PostgreSQL refused, kept dirty and retried.
+    pub stuck: Vec<String>,
+    /// Redis memory, when the server allows `INFO`.
+    pub memory: MemoryInfo,
+    /// The Redis URL without its password.
+    pub redis_url: String,
 }
 
 /// The chat history of an app: the API of SPEC section 2 over the configured tiers.
@@ -102,6 +162,8 @@ pub struct ChatHistory {
     history_days: i32,
     tier: RwLock<Option<Arc<Tier>>>,
     counters: Counters,
+    background: Mutex<Option<BackgroundFlusher>>,
+    close_timeout: Duration,
 }
 
 /// Every live manager, so the exit hook can close them all (SPEC section 4.5).
@@ -114,27 +176,65 @@ impl ChatHistory {
         if settings.history_days < 0 {
             return Err(Error::config(format!("history_days must be 0 or more, got {}", settings.history_days)));
         }
+        let postgres = || -> Result<Arc<PostgresStore>> {
+            let pg = settings.postgres.as_ref().ok_or_else(|| {
+                Error::config("this mode needs a PostgreSQL connection string (the connection_string argument or DATABASE_URL)")
+            })?;
+            Ok(Arc::new(PostgresStore::new(pg)?))
+        };
         let tier = match settings.mode {
             Mode::Local => Tier::Local(LocalStore::open(&settings.base_dir)?),
             Mode::Postgres => {
-                let pg = settings.postgres.as_ref().ok_or_else(|| {
-                    Error::config("postgres mode needs a connection string (the connection_string argument or DATABASE_URL)")
-                })?;
-                let store = PostgresStore::new(pg)?;
+                let store = postgres()?;
                 store.ensure_schema()?;
-                Tier::Postgres(Arc::new(store))
+                Tier::Postgres(store)
             }
             Mode::Redis => {
-                return Err(Error::config(
-                    "the Redis tier is not available in this version yet; use mode='postgres' without redis_enabled",
-                ))
+                let redis = settings.redis.as_ref().ok_or_else(|| {
+                    Error::config("redis mode needs Redis: pass redis_connection_string=... (or REDIS_CONNECTION_STRING), or redis_host=...")
+                })?;
+                let store = postgres()?;
+                // Saves must work while PostgreSQL is down (SPEC section 5): the schema is made
+                // now if possible, else before the first PostgreSQL call.
+                let schema_ready = match store.ensure_schema() {
+                    Ok(()) => true,
+                    Err(e) if e.is_unavailable() => {
+                        log::warn!("PostgreSQL is unavailable at start; saves go to Redis until it is back ({e})");
+                        false
+                    }
+                    Err(e) => return Err(e),
+                };
+                let cache = Arc::new(RedisCache::new(redis)?);
+                if let Err(e) = cache.ping() {
+                    log::warn!("Redis is unavailable at {} at start; using PostgreSQL until it is back ({})", cache.redacted_url(), e.into_error());
+                }
+                Tier::Cached(Arc::new(CachedTier {
+                    flusher: Flusher::new(Arc::clone(&cache), Arc::clone(&store), settings.flush_batch_size),
+                    redis: cache,
+                    postgres: store,
+                    schema_ready: AtomicBool::new(schema_ready),
+                    history_days: settings.history_days,
+                    health: Health::default(),
+                    hits: AtomicU64::new(0),
+                    misses: AtomicU64::new(0),
+                    fallbacks: AtomicU64::new(0),
+                }))
             }
+        };
+        let background = match (&tier, settings.flush_interval) {
+            (Tier::Cached(cached), Some(interval)) => {
+                let cached: Arc<dyn Flush> = Arc::clone(cached) as Arc<dyn Flush>;
+                Some(BackgroundFlusher::start(Arc::downgrade(&cached), interval)?)
+            }
+            _ => None,
         };
         let history = Arc::new(ChatHistory {
             mode: settings.mode,
             history_days: settings.history_days,
             tier: RwLock::new(Some(Arc::new(tier))),
             counters: Counters::default(),
+            background: Mutex::new(background),
+            close_timeout: settings.close_timeout,
         });
         let mut live = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
         live.retain(|weak| weak.strong_count() > 0);
@@ -160,7 +260,16 @@ impl ChatHistory {
     pub fn postgres(&self) -> Result<Option<Arc<PostgresStore>>> {
         Ok(match &*self.tier()? {
             Tier::Postgres(store) => Some(Arc::clone(store)),
+            Tier::Cached(cached) => Some(Arc::clone(&cached.postgres)),
             Tier::Local(_) => None,
+        })
+    }
+
+    /// The Redis cache, for the seed's `manager.redis_backend`.
+    pub fn redis(&self) -> Result<Option<Arc<RedisCache>>> {
+        Ok(match &*self.tier()? {
+            Tier::Cached(cached) => Some(Arc::clone(&cached.redis)),
+            _ => None,
         })
     }
 
@@ -190,6 +299,7 @@ impl ChatHistory {
                 let user_id = self.require_user(user_id)?;
                 store.list(user_id, self.history_days)
             }
+            Tier::Cached(cached) => cached.list(self.require_user(user_id)?),
         };
         self.count(&self.counters.lists, result)
     }
@@ -200,6 +310,7 @@ impl ChatHistory {
         let result = match &*self.tier()? {
             Tier::Local(store) => store.get(conversation_id),
             Tier::Postgres(store) => store.get(conversation_id, self.require_user(user_id)?),
+            Tier::Cached(cached) => cached.get(conversation_id, self.require_user(user_id)?),
         };
         self.count(&self.counters.reads, result)
     }
@@ -210,7 +321,8 @@ impl ChatHistory {
         validate::conversation(conversation_id, conv)?;
         let result = match &*self.tier()? {
             Tier::Local(store) => store.save(conversation_id, conv),
-            Tier::Postgres(store) => store.save(conversation_id, self.require_user(user_id)?, conv),
+            Tier::Postgres(store) => store.save(conversation_id, self.require_user(user_id)?, conv).map(|_| ()),
+            Tier::Cached(cached) => cached.save(conversation_id, self.require_user(user_id)?, conv),
         };
         self.count(&self.counters.saves, result)
     }
@@ -228,20 +340,40 @@ impl ChatHistory {
                     }
                 })
             }
+            Tier::Cached(cached) => cached.delete(conversation_id, self.require_user(user_id)?),
         };
         self.count(&self.counters.deletes, result)
     }
 
-    /// Writes dirty conversations back to PostgreSQL; without a cache there are none.
+    /// Writes dirty conversations back to PostgreSQL; returns how many. Without a cache there
+    /// are none.
     pub fn flush(&self) -> Result<usize> {
-        self.tier()?;
-        Ok(0)
+        match &*self.tier()? {
+            Tier::Cached(cached) => Ok(cached.flush(None)?.written),
+            _ => Ok(0),
+        }
     }
 
-    /// Flushes, then releases the pools. Idempotent.
+    /// Stops the background flusher, flushes what is dirty (for at most the close timeout,
+    /// logging what it could not write), then releases the pools. Idempotent; never fails.
     pub fn close(&self) -> Result<()> {
+        if let Some(mut background) = self.background.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            background.stop();
+        }
         let tier = self.tier.write().unwrap_or_else(PoisonError::into_inner).take();
-        if tier.is_some() {
+        if let Some(tier) = tier {
+            if let Tier::Cached(cached) = &*tier {
+                match cached.flush(Some(Instant::now() + self.close_timeout)) {
+                    Ok(report) if report.incomplete || report.failed > 0 => log::error!(
+                        "close: {} conversations written back; {} failed and some may remain dirty in Redis \
+                         (they are kept there and written by the next flush)",
+                        report.written,
+                        report.failed
+                    ),
+                    Ok(report) => log::debug!("close: {} conversations written back", report.written),
+                    Err(e) => log::error!("close: dirty conversations could not be written back and stay in Redis: {e}"),
+                }
+            }
             log::debug!("{} ChatHistoryManager closed", self.mode.as_str());
         }
         Ok(())
@@ -259,8 +391,283 @@ impl ChatHistory {
             deletes: c.deletes.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             closed: self.tier.read().unwrap_or_else(PoisonError::into_inner).is_none(),
+            cache: match self.tier().as_deref() {
+                Ok(Tier::Cached(cached)) => Some(cached.stats()),
+                _ => None,
+            },
         }
     }
+}
+
+/// Shortest and longest pause before Redis is tried again after it failed (SPEC section 5).
+const MIN_REDIS_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_REDIS_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Redis's health as this process sees it: a circuit breaker with exponential backoff, and the
+/// writes that went straight to PostgreSQL meanwhile, whose older cached copies are dropped as
+/// soon as Redis answers again.
+#[derive(Debug, Default)]
+struct Health {
+    degraded: AtomicBool,
+    state: Mutex<HealthState>,
+}
+
+#[derive(Debug, Default)]
+struct HealthState {
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// (user, id, PostgreSQL version) written while Redis was unreachable.
+    pending: Vec<(String, String, i64)>,
+}
+
+impl Health {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// False while backing off: the call goes to PostgreSQL without waiting on Redis.
+    fn usable(&self) -> bool {
+        !self.degraded.load(Ordering::Acquire) || self.lock().retry_at.is_none_or(|t| Instant::now() >= t)
+    }
+
+    fn failed(&self, why: &str) {
+        let mut state = self.lock();
+        state.backoff = if self.degraded.swap(true, Ordering::AcqRel) {
+            (state.backoff * 2).min(MAX_REDIS_BACKOFF)
+        } else {
+            log::warn!("Redis is unavailable ({why}); using PostgreSQL directly until it is back");
+            MIN_REDIS_BACKOFF
+        };
+        state.retry_at = Some(Instant::now() + state.backoff);
+    }
+
+    fn remember(&self, user_id: &str, conversation_id: &str, version: i64) {
+        self.lock().pending.push((user_id.to_owned(), conversation_id.to_owned(), version));
+    }
+
+    fn succeeded(&self, redis: &RedisCache) {
+        if !self.degraded.load(Ordering::Acquire) {
+            return;
+        }
+        let pending = {
+            let mut state = self.lock();
+            state.retry_at = None;
+            state.backoff = Duration::ZERO;
+            std::mem::take(&mut state.pending)
+        };
+        self.degraded.store(false, Ordering::Release);
+        match redis.invalidate(&pending) {
+            Ok(()) => log::info!("Redis is back; caching resumed ({} stale entries checked)", pending.len()),
+            Err(e) => {
+                self.lock().pending.extend(pending);
+                self.failed(&e.into_error().to_string());
+            }
+        }
+    }
+}
+
+/// Redis in front of PostgreSQL: the read path, the write path and their fallbacks.
+#[derive(Debug)]
+struct CachedTier {
+    redis: Arc<RedisCache>,
+    postgres: Arc<PostgresStore>,
+    flusher: Flusher,
+    schema_ready: AtomicBool,
+    history_days: i32,
+    health: Health,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    fallbacks: AtomicU64,
+}
+
+impl CachedTier {
+    /// Runs a Redis call unless Redis is backing off; `None` means "use PostgreSQL".
+    fn cache<T>(&self, op: impl FnOnce(&RedisCache) -> Result<T, CacheError>) -> Option<Result<T, CacheError>> {
+        if !self.health.usable() {
+            self.fallbacks.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let result = op(&self.redis);
+        match &result {
+            Err(CacheError::Unavailable(why)) => {
+                self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                self.health.failed(why);
+            }
+            _ => self.health.succeeded(&self.redis),
+        }
+        Some(result)
+    }
+
+    /// PostgreSQL, with the schema made first if it could not be at start.
+    fn pg(&self) -> Result<&PostgresStore> {
+        if !self.schema_ready.load(Ordering::Acquire) {
+            self.postgres.ensure_schema()?;
+            self.schema_ready.store(true, Ordering::Release);
+        }
+        Ok(&self.postgres)
+    }
+
+    fn get(&self, conversation_id: &str, user_id: &str) -> Result<Option<Conversation>> {
+        let cache_up = match self.cache(|r| r.get(user_id, conversation_id)) {
+            Some(Ok(Some(cached))) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(cached.conversation));
+            }
+            Some(Ok(None)) => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Some(Err(e)) => {
+                log::debug!("Redis read failed, reading PostgreSQL: {}", e.into_error());
+                false
+            }
+            None => false,
+        };
+        let Some((conv, version)) = self.pg()?.get_versioned(conversation_id, user_id)? else { return Ok(None) };
+        if cache_up {
+            if let Some(Err(e)) = self.cache(|r| r.backfill(user_id, conversation_id, &conv, version)) {
+                log::debug!("could not cache {conversation_id:?}: {}", e.into_error());
+            }
+        }
+        Ok(Some(conv))
+    }
+
+    fn list(&self, user_id: &str) -> Result<Vec<(String, Conversation)>> {
+        let mut items = match self.cache(|r| r.list(user_id)) {
+            Some(Ok(Some(items))) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                items
+            }
+            Some(Ok(None)) => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                let from_postgres = self.pg()?.list(user_id, self.history_days)?;
+                match self.cache(|r| r.rebuild_list(user_id, &from_postgres)) {
+                    Some(Ok(items)) => items,
+                    _ => from_postgres,
+                }
+            }
+            _ => return self.pg()?.list(user_id, self.history_days),
+        };
+        let horizon = Timestamp::from(chrono::Utc::now() - chrono::Duration::days(i64::from(self.history_days)));
+        items.retain(|(_, c)| c.created_at >= horizon);
+        items.sort_by(|(a_id, a), (b_id, b)| b.last_modified.cmp(&a.last_modified).then_with(|| a_id.cmp(b_id)));
+        Ok(items)
+    }
+
+    fn save(&self, conversation_id: &str, user_id: &str, conv: &Conversation) -> Result<()> {
+        let outcome = match self.cache(|r| r.save(user_id, conversation_id, conv, false)) {
+            Some(Ok((SaveOutcome::OwnerUnknown, _))) => {
+                // A new id for this cache: PostgreSQL knows whether another user owns it. When
+                // PostgreSQL is down the save is not refused; the flush will catch a conflict.
+                match self.pg().and_then(|pg| pg.owner(conversation_id)) {
+                    Ok(Some(owner)) if owner != user_id => return Err(ownership(conversation_id)),
+                    Ok(_) => {}
+                    Err(e) if e.is_unavailable() => log::debug!("claiming {conversation_id:?} while PostgreSQL is unavailable"),
+                    Err(e) => return Err(e),
+                }
+                self.cache(|r| r.save(user_id, conversation_id, conv, true))
+            }
+            other => other,
+        };
+        match outcome {
+            Some(Ok((SaveOutcome::Saved(_), _))) => Ok(()),
+            Some(Ok((SaveOutcome::OtherOwner | SaveOutcome::OwnerUnknown, _))) => Err(ownership(conversation_id)),
+            Some(Err(CacheError::Unavailable(_))) | None => {
+                let version = self.pg()?.save(conversation_id, user_id, conv)?;
+                self.health.remember(user_id, conversation_id, version);
+                Ok(())
+            }
+            // Out of memory (or another refusal): the save goes to PostgreSQL, and the now older
+            // cached copy is dropped (deleting is allowed even when Redis is out of memory).
+            Some(Err(e)) => {
+                log::warn!("Redis refused a save, writing it to PostgreSQL: {}", e.into_error());
+                self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                let version = self.pg()?.save(conversation_id, user_id, conv)?;
+                let item = [(user_id.to_owned(), conversation_id.to_owned(), version)];
+                if let Some(Err(_)) | None = self.cache(|r| r.invalidate(&item)) {
+                    self.health.remember(user_id, conversation_id, version);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn delete(&self, conversation_id: &str, user_id: &str) -> Result<()> {
+        let seen_version = match self.cache(|r| r.delete(user_id, conversation_id)) {
+            Some(Ok(None)) => {
+                log::debug!("delete of {conversation_id:?}: it belongs to another user; nothing deleted");
+                return Ok(());
+            }
+            Some(Ok(Some(version))) => Some(version),
+            Some(Err(e)) => {
+                log::debug!("Redis delete failed: {}", e.into_error());
+                None
+            }
+            None => None,
+        };
+        let (_, tombstone) = self.pg()?.delete_versioned(conversation_id, user_id, seen_version.unwrap_or(0))?;
+        if seen_version.is_none() {
+            if let Some(version) = tombstone {
+                self.health.remember(user_id, conversation_id, version);
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self, deadline: Option<Instant>) -> Result<FlushReport> {
+        if !self.health.usable() {
+            return Err(Error::new(ErrorKind::Unavailable(Backend::Redis), "Redis is unavailable; nothing can be flushed from it now"));
+        }
+        self.pg()?;
+        let result = self.flusher.flush(deadline);
+        match &result {
+            Err(e) if e.kind() == ErrorKind::Unavailable(Backend::Redis) => self.health.failed(&e.to_string()),
+            Ok(_) => self.health.succeeded(&self.redis),
+            Err(_) => {}
+        }
+        result
+    }
+
+    fn stats(&self) -> CacheStats {
+        let hits = self.hits.load(Ordering::Relaxed);
+        let misses = self.misses.load(Ordering::Relaxed);
+        let usable = self.health.usable();
+        let (dirty_count, oldest) = match usable.then(|| self.redis.dirty_summary()) {
+            Some(Ok((count, oldest))) => (Some(count), oldest),
+            _ => (None, None),
+        };
+        let now = chrono::Utc::now().timestamp_micros();
+        #[allow(clippy::cast_precision_loss)] // seconds since 1970 fit f64 exactly enough
+        let oldest_dirty_age_seconds = oldest.map(|since| (now as f64 / 1e6 - since).max(0.0));
+        CacheStats {
+            hits,
+            misses,
+            fallbacks: self.fallbacks.load(Ordering::Relaxed),
+            redis_available: usable && !self.health.degraded.load(Ordering::Acquire),
+            dirty_count,
+            oldest_dirty_age_seconds,
+            flushes: self.flusher.flushes.load(Ordering::Relaxed),
+            conversations_flushed: self.flusher.conversations_flushed.load(Ordering::Relaxed),
+            flush_failures: self.flusher.flush_failures.load(Ordering::Relaxed),
+            stuck: self.flusher.stuck(),
+            memory: if usable { self.redis.memory().unwrap_or_default() } else { MemoryInfo::default() },
+            redis_url: self.redis.redacted_url().to_owned(),
+        }
+    }
+}
+
+impl Flush for CachedTier {
+    fn background_flush(&self) {
+        match self.flush(None) {
+            Ok(_) => {}
+            Err(e) if e.is_unavailable() => log::debug!("background flush skipped: {e}"),
+            Err(e) => log::warn!("background flush failed: {e}"),
+        }
+    }
+}
+
+fn ownership(conversation_id: &str) -> Error {
+    Error::new(ErrorKind::Ownership, format!("conversation {conversation_id:?} belongs to another user"))
 }
 
 /// Closes every manager still alive: the body of the Python package's `atexit` hook. Failures
@@ -281,7 +688,7 @@ mod tests {
     use crate::model::{Message, Role, Timestamp};
 
     fn local(dir: &std::path::Path) -> Arc<ChatHistory> {
-        ChatHistory::open(Settings { mode: Mode::Local, base_dir: dir.to_owned(), postgres: None, history_days: 7 }).unwrap()
+        ChatHistory::open(Settings::local(dir.to_owned())).unwrap()
     }
 
     fn sample() -> Conversation {
@@ -319,10 +726,10 @@ mod tests {
     }
 
     #[test]
-    fn redis_mode_is_refused_until_the_cache_tier_lands() {
-        let err = ChatHistory::open(Settings { mode: Mode::Redis, base_dir: ".".into(), postgres: None, history_days: 7 })
-            .unwrap_err();
+    fn redis_mode_needs_redis_settings() {
+        let mut settings = Settings::local(".".into());
+        settings.mode = Mode::Redis;
+        let err = ChatHistory::open(settings).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Config);
-        assert!(err.to_string().contains("Redis"));
     }
 }

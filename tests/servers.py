@@ -46,6 +46,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def scratch_dir() -> Optional[str]:
+    """Where server data lives: $CHR_TEST_TMPDIR, else /dev/shm when usable (a tmpfs makes
+    CREATE DATABASE ~10x faster than an ext4 disk), else the default temp dir."""
+    env = os.environ.get("CHR_TEST_TMPDIR")
+    if env:
+        return env
+    shm = "/dev/shm"
+    try:
+        if os.path.isdir(shm) and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 1 << 30:
+            return shm
+    except OSError:
+        pass
+    return None
+
+
 def closed_port() -> int:
     """A loopback port with nothing behind it: connecting there is refused at once."""
     return free_port()
@@ -178,7 +193,7 @@ class PostgresServer:
         self.superuser_password = superuser_password
         self.settings = dict(settings or {})
         self.port = free_port()
-        self.root = Path(tempfile.mkdtemp(prefix="chr-pg-"))
+        self.root = Path(tempfile.mkdtemp(prefix="chr-pg-", dir=scratch_dir()))
         _chown_to_postgres(self.root)
         self.datadir = self.root / "data"
         self.logfile = self.root / "postgres.log"
@@ -372,7 +387,7 @@ class RedisServer:
             raise ServerError("redis-server not found on PATH; set CHR_REDIS_SERVER or CHR_TEST_REDIS_URL")
         self.extra_args = list(extra_args or [])
         self.port = free_port()
-        self.root = Path(tempfile.mkdtemp(prefix="chr-redis-"))
+        self.root = Path(tempfile.mkdtemp(prefix="chr-redis-", dir=scratch_dir()))
         self.logfile = self.root / "redis.log"
         self.proc: Optional[subprocess.Popen] = None
         self._removed = False

@@ -251,8 +251,15 @@ def test_version_is_the_cargo_version():
     assert importlib.metadata.version("chat-history-rs") == match.group(1)
 
 
-def _stub_names(path: Path) -> dict[str, set[str] | None]:
-    """Top-level names in a .pyi: classes map to their member names, everything else to None."""
+TYPING_ONLY_BASES = {"TypedDict", "Protocol"}
+
+
+def _stub_names(path: Path) -> tuple[dict[str, set[str] | None], set[str]]:
+    """Top-level names in a .pyi: classes map to their member names, everything else to None.
+
+    Also returns the names that exist for type checkers only (TypedDict and Protocol classes, type
+    aliases), which need not exist at runtime.
+    """
     tree = ast.parse(path.read_text(encoding="utf-8"))
 
     def names_in(body) -> set[str]:
@@ -268,14 +275,26 @@ def _stub_names(path: Path) -> dict[str, set[str] | None]:
                 out |= names_in(node.body) | names_in(node.orelse)
         return out
 
+    def base_name(node) -> str:
+        return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+
     result: dict[str, set[str] | None] = {}
+    typing_only: set[str] = set()
     for node in tree.body:
         if isinstance(node, ast.ClassDef):
             result[node.name] = names_in(node.body)
+            if {base_name(b) for b in node.bases} & TYPING_ONLY_BASES:
+                typing_only.add(node.name)
         else:
-            for name in names_in([node]):
+            names = names_in([node])
+            for name in names:
                 result[name] = None
-    return result
+            is_alias = isinstance(node, ast.Assign) or (
+                isinstance(node, ast.AnnAssign) and base_name(node.annotation) == "TypeAlias"
+            )
+            if is_alias:
+                typing_only |= names
+    return result, typing_only
 
 
 STUB = ROOT / "python" / "chat_history_rs" / "_core.pyi"
@@ -289,7 +308,7 @@ def test_stub_file_and_py_typed_exist():
 def test_every_runtime_name_is_in_the_stub():
     from chat_history_rs import _core
 
-    stub = _stub_names(STUB)
+    stub, _ = _stub_names(STUB)
     runtime_public = sorted(n for n in dir(_core) if not n.startswith("_"))
     assert runtime_public, "the compiled module exports nothing"
     assert [n for n in runtime_public if n not in stub] == []
@@ -306,8 +325,8 @@ def test_every_runtime_name_is_in_the_stub():
 def test_every_stub_name_exists_at_runtime():
     from chat_history_rs import _core
 
-    stub = _stub_names(STUB)
-    public = {n: members for n, members in stub.items() if not n.startswith("_")}
+    stub, typing_only = _stub_names(STUB)
+    public = {n: members for n, members in stub.items() if not n.startswith("_") and n not in typing_only}
     assert [n for n in public if not hasattr(_core, n)] == []
     for name, members in public.items():
         if members is None:

@@ -772,8 +772,13 @@ def test_manager_shared_by_eight_threads(make_manager, pg_url, pg_conn, user_id,
         try:
             barrier.wait(timeout=30)
             cid = f"{t:02x}00beef"
+            created_at = sample_conversation(0)["created_at"]  # a re-save keeps the first created_at
             for r in range(rounds):
-                conv = sample_conversation(r + 1, title=f"thread {t} round {r}", contents=[f"t{t}r{r}m{i}" for i in range(r + 1)])
+                conv = sample_conversation(
+                    title=f"thread {t} round {r}",
+                    contents=[f"t{t}r{r}m{i}" for i in range(r + 1)],
+                    created_at=created_at,
+                )
                 manager.save_conversation(cid, conv, user_id)
                 got = manager.get_conversation(cid, user_id)
                 assert got == conv, (t, r)

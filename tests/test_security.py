@@ -178,7 +178,7 @@ def _log_texts(caplog) -> str:
 def _fail_with_bad_login(make_manager, connection_string, user_id, conv_id):
     """Construction raises, or construction succeeds and the first call raises. Returns the exception."""
     try:
-        manager = make_manager(mode="postgres", connection_string=connection_string, postgres_connect_timeout=5.0)
+        manager = make_manager(mode="postgres", connection_string=connection_string, postgres_connect_timeout=2.0)
     except ChatHistoryError as exc:
         return exc
     with pytest.raises(ChatHistoryError) as info:

@@ -11,7 +11,8 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::config::PostgresSettings;
+use crate::cache::redis::{split_member, RedisCache};
+use crate::config::{PostgresSettings, RedisSettings};
 use crate::error::Error;
 use crate::manager::{self, ChatHistory, Mode, Settings};
 use crate::store::postgres::PostgresStore;
@@ -41,7 +42,56 @@ pub struct PyChatHistoryManager {
     inner: Arc<ChatHistory>,
     redis_enabled: bool,
     postgres_backend: Option<Py<PyPostgresBackend>>,
+    redis_backend: Option<Py<PyRedisBackend>>,
     repr: String,
+}
+
+/// The Redis keyword arguments, resolved against the environment (keyword arguments win).
+struct RedisArgs {
+    connection_string: Option<String>,
+    host: Option<String>,
+    password: Option<String>,
+    port: Option<u16>,
+    ssl: Option<bool>,
+    ttl: Option<u64>,
+    pool_size: u32,
+    timeout: f64,
+    ca_file: Option<PathBuf>,
+}
+
+impl RedisArgs {
+    fn resolve(self) -> Result<RedisSettings, Error> {
+        let timeout = seconds("redis_timeout", self.timeout)?;
+        let ttl = match self.ttl {
+            Some(ttl) => ttl,
+            None => match env("REDIS_TTL_SECONDS").or_else(|| env("REDIS_CACHE_TTL")) {
+                Some(v) => v.trim().parse().map_err(|_| Error::config(format!("REDIS_CACHE_TTL must be a number of seconds, got {v:?}")))?,
+                None => 1800,
+            },
+        };
+        let ca_file = self.ca_file.or_else(|| env("REDIS_CA_FILE").map(PathBuf::from));
+        if let Some(url) = self.connection_string {
+            return RedisSettings::from_url(&url, ca_file, self.pool_size, timeout, ttl);
+        }
+        if let Some(host) = self.host.or_else(|| env("REDIS_HOST")) {
+            let port = match self.port {
+                Some(port) => port,
+                None => env("REDIS_PORT").map_or(Ok(6380), |v| v.trim().parse().map_err(|_| Error::config(format!("REDIS_PORT must be a port number, got {v:?}"))))?,
+            };
+            let ssl = match self.ssl {
+                Some(ssl) => ssl,
+                None => env_flag("REDIS_SSL")?.unwrap_or(true),
+            };
+            let password = self.password.or_else(|| env("REDIS_PASSWORD"));
+            return RedisSettings::from_parts(&host, port, password.as_deref(), ssl, ca_file, self.pool_size, timeout, ttl);
+        }
+        match env("REDIS_CONNECTION_STRING") {
+            Some(url) => RedisSettings::from_url(&url, ca_file, self.pool_size, timeout, ttl),
+            None => Err(Error::config(
+                "redis mode needs Redis: pass redis_connection_string=... or redis_host=..., or set REDIS_CONNECTION_STRING",
+            )),
+        }
+    }
 }
 
 #[pymethods]
@@ -57,6 +107,19 @@ impl PyChatHistoryManager {
         postgres_pool_size = 4,
         postgres_connect_timeout = 5.0,
         postgres_ca_file = None,
+        redis_connection_string = None,
+        redis_host = None,
+        redis_password = None,
+        redis_port = None,
+        redis_ssl = None,
+        redis_ttl = None,
+        redis_pool_size = 8,
+        redis_timeout = 0.5,
+        redis_ca_file = None,
+        flush_interval = 10.0,
+        background_flush = true,
+        flush_batch_size = 500,
+        close_timeout = 30.0,
     ))]
     fn new(
         py: Python<'_>,
@@ -68,6 +131,19 @@ impl PyChatHistoryManager {
         postgres_pool_size: u32,
         postgres_connect_timeout: f64,
         postgres_ca_file: Option<PathBuf>,
+        redis_connection_string: Option<String>,
+        redis_host: Option<String>,
+        redis_password: Option<String>,
+        redis_port: Option<u16>,
+        redis_ssl: Option<bool>,
+        redis_ttl: Option<u64>,
+        redis_pool_size: u32,
+        redis_timeout: f64,
+        redis_ca_file: Option<PathBuf>,
+        flush_interval: f64,
+        background_flush: bool,
+        flush_batch_size: usize,
+        close_timeout: f64,
     ) -> PyResult<Self> {
         let mut mode = Mode::parse(mode)?;
         // Keyword arguments win over the environment (SPEC section 2, "Configuration").
@@ -100,17 +176,51 @@ impl PyChatHistoryManager {
             Some(dir) => dir,
             None => std::env::current_dir().map_err(|e| Error::config("cannot read the current directory").with_source(e))?,
         };
-        let repr = match &postgres {
-            Some(pg) => format!("ChatHistoryManager(mode={:?}, postgres={:?})", mode.as_str(), pg.redacted()),
-            None => format!("ChatHistoryManager(mode=\"local\", base_dir={:?})", base_dir.display().to_string()),
+        let redis = match mode {
+            Mode::Redis => Some(
+                RedisArgs {
+                    connection_string: redis_connection_string,
+                    host: redis_host,
+                    password: redis_password,
+                    port: redis_port,
+                    ssl: redis_ssl,
+                    ttl: redis_ttl,
+                    pool_size: redis_pool_size,
+                    timeout: redis_timeout,
+                    ca_file: redis_ca_file,
+                }
+                .resolve()?,
+            ),
+            _ => None,
         };
-        let settings = Settings { mode, base_dir, postgres, history_days };
+        let repr = match (&postgres, &redis) {
+            (Some(pg), Some(r)) => format!("ChatHistoryManager(mode=\"postgres\", postgres={:?}, redis={:?})", pg.redacted(), r.redacted()),
+            (Some(pg), None) => format!("ChatHistoryManager(mode={:?}, postgres={:?})", mode.as_str(), pg.redacted()),
+            _ => format!("ChatHistoryManager(mode=\"local\", base_dir={:?})", base_dir.display().to_string()),
+        };
+        let settings = Settings {
+            mode,
+            base_dir,
+            postgres,
+            history_days,
+            redis,
+            flush_interval: if background_flush { Some(seconds("flush_interval", flush_interval)?) } else { None },
+            flush_batch_size,
+            close_timeout: seconds("close_timeout", close_timeout)?,
+        };
+        if settings.flush_interval.is_some_and(|i| i.is_zero()) {
+            return Err(Error::config("flush_interval must be more than 0 seconds").into());
+        }
         let inner = py.detach(|| ChatHistory::open(settings))?;
         let postgres_backend = match mode {
             Mode::Local => None,
             _ => Some(Py::new(py, PyPostgresBackend { inner: Arc::clone(&inner), history_days })?),
         };
-        Ok(PyChatHistoryManager { inner, redis_enabled: mode == Mode::Redis, postgres_backend, repr })
+        let redis_backend = match mode {
+            Mode::Redis => Some(Py::new(py, PyRedisBackend { inner: Arc::clone(&inner) })?),
+            _ => None,
+        };
+        Ok(PyChatHistoryManager { inner, redis_enabled: mode == Mode::Redis, postgres_backend, redis_backend, repr })
     }
 
     /// `"local"`, `"postgres"` or `"redis"`.
@@ -136,8 +246,8 @@ impl PyChatHistoryManager {
 
     /// The Redis cache with the seed's method names, or None without Redis.
     #[getter]
-    fn redis_backend(&self) -> Option<()> {
-        None
+    fn redis_backend(&self, py: Python<'_>) -> Option<Py<PyRedisBackend>> {
+        self.redis_backend.as_ref().map(|b| b.clone_ref(py))
     }
 
     #[pyo3(signature = (user_id = None))]
@@ -174,7 +284,7 @@ impl PyChatHistoryManager {
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.inner.stats();
+        let s = py.detach(|| self.inner.stats());
         let dict = PyDict::new(py);
         dict.set_item("mode", s.mode)?;
         dict.set_item("reads", s.reads)?;
@@ -183,6 +293,27 @@ impl PyChatHistoryManager {
         dict.set_item("deletes", s.deletes)?;
         dict.set_item("errors", s.errors)?;
         dict.set_item("closed", s.closed)?;
+        dict.set_item("redis_enabled", s.cache.is_some())?;
+        if let Some(c) = s.cache {
+            let total = c.hits + c.misses;
+            #[allow(clippy::cast_precision_loss)] // a ratio of counters
+            let hit_rate = if total == 0 { None } else { Some(c.hits as f64 / total as f64) };
+            dict.set_item("cache_hits", c.hits)?;
+            dict.set_item("cache_misses", c.misses)?;
+            dict.set_item("hit_rate", hit_rate)?;
+            dict.set_item("dirty_count", c.dirty_count)?;
+            dict.set_item("oldest_dirty_age_seconds", c.oldest_dirty_age_seconds)?;
+            dict.set_item("flushes", c.flushes)?;
+            dict.set_item("conversations_flushed", c.conversations_flushed)?;
+            dict.set_item("flush_failures", c.flush_failures)?;
+            dict.set_item("stuck_conversations", c.stuck)?;
+            dict.set_item("postgres_fallbacks", c.fallbacks)?;
+            dict.set_item("redis_available", c.redis_available)?;
+            dict.set_item("redis_used_memory", c.memory.used)?;
+            dict.set_item("redis_maxmemory", c.memory.max)?;
+            dict.set_item("redis_maxmemory_policy", c.memory.policy)?;
+            dict.set_item("redis_url", c.redis_url)?;
+        }
         Ok(dict)
     }
 
@@ -252,6 +383,66 @@ impl PyPostgresBackend {
     }
 }
 
+/// Redis with the seed's `RedisBackend` method names and argument orders.
+#[pyclass(name = "RedisBackend", module = "chat_history_rs", frozen)]
+pub struct PyRedisBackend {
+    inner: Arc<ChatHistory>,
+}
+
+impl PyRedisBackend {
+    fn cache(&self) -> Result<Arc<RedisCache>, Error> {
+        self.inner.redis()?.ok_or_else(|| Error::config("this manager has no Redis cache"))
+    }
+}
+
+fn cache_error(e: crate::cache::redis::CacheError) -> PyErr {
+    e.into_error().into()
+}
+
+#[pymethods]
+impl PyRedisBackend {
+    fn get_conversation<'py>(&self, py: Python<'py>, user_id: &str, conversation_id: &str) -> PyResult<Option<Bound<'py, PyDict>>> {
+        crate::validate::user_id(user_id)?;
+        crate::validate::conversation_id(conversation_id)?;
+        let cache = self.cache()?;
+        let cached = py.detach(|| cache.get(user_id, conversation_id)).map_err(cache_error)?;
+        cached.map(|c| conversation_to_py(py, &c.conversation)).transpose()
+    }
+
+    /// Stores the conversation. `dirty=True` (the seed's default) marks it for write-back, exactly
+    /// as `ChatHistoryManager.save_conversation` does; `dirty=False` caches it clean with a TTL.
+    #[pyo3(signature = (user_id, conversation_id, conversation, dirty = true))]
+    fn set_conversation(&self, py: Python<'_>, user_id: &str, conversation_id: &str, conversation: &Bound<'_, PyAny>, dirty: bool) -> PyResult<()> {
+        crate::validate::user_id(user_id)?;
+        crate::validate::conversation_id(conversation_id)?;
+        let conv = conversation_from_py(conversation_id, conversation)?;
+        crate::validate::conversation(conversation_id, &conv)?;
+        if dirty {
+            py.detach(|| self.inner.save(conversation_id, Some(user_id), &conv))?;
+        } else {
+            let cache = self.cache()?;
+            py.detach(|| cache.backfill(user_id, conversation_id, &conv, None)).map_err(cache_error)?;
+        }
+        Ok(())
+    }
+
+    fn get_dirty_conversations(&self, py: Python<'_>) -> PyResult<Vec<(String, String)>> {
+        let cache = self.cache()?;
+        let members = py.detach(|| cache.all_dirty()).map_err(cache_error)?;
+        Ok(members.iter().filter_map(|m| split_member(m)).map(|(u, c)| (u.to_owned(), c.to_owned())).collect())
+    }
+
+    /// Marks the conversation clean, unless a newer save came in since it was read.
+    fn clear_dirty_flag(&self, py: Python<'_>, user_id: &str, conversation_id: &str) -> PyResult<()> {
+        let cache = self.cache()?;
+        py.detach(|| cache.clear_dirty(user_id, conversation_id)).map_err(cache_error)
+    }
+
+    fn __repr__(&self) -> PyResult<String> {
+        Ok(format!("RedisBackend({:?})", self.cache()?.redacted_url()))
+    }
+}
+
 /// Closes every live manager, flushing what is dirty: the package's `atexit` hook.
 #[pyfunction]
 fn _close_all(py: Python<'_>) {
@@ -270,6 +461,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<PyChatHistoryManager>()?;
     m.add_class::<PyPostgresBackend>()?;
+    m.add_class::<PyRedisBackend>()?;
     m.add_function(wrap_pyfunction!(_close_all, m)?)?;
     let e = error::exceptions(py)?;
     m.add("ChatHistoryError", e.base.bind(py))?;

@@ -2,6 +2,7 @@
 //! schema (SPEC section 3), and one statement per operation so every save is atomic and costs one
 //! round trip.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -41,11 +42,26 @@ CREATE TABLE IF NOT EXISTS messages (
     UNIQUE (conversation_id, sequence_number)
 );
 CREATE INDEX IF NOT EXISTS idx_messages_conversation_seq ON messages (conversation_id, sequence_number);
+-- Write-back ordering (README, \"Why nothing is lost\"): additions only, so Phase 1 rows and Phase 1
+-- writers keep working. A nullable column without a default is a catalog-only change.
+ALTER TABLE conversations ADD COLUMN IF NOT EXISTS cache_version BIGINT;
+CREATE TABLE IF NOT EXISTS conversation_tombstones (
+    conversation_id VARCHAR(50) PRIMARY KEY,
+    user_client_id VARCHAR(255) NOT NULL,
+    deleted_version BIGINT NOT NULL,
+    deleted_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
+);
+DELETE FROM conversation_tombstones WHERE deleted_at < NOW() - INTERVAL '30 days';
 ";
+
+/// Microseconds since the epoch on PostgreSQL's clock: the version of a write that did not come
+/// through Redis. Versions from Redis use Redis's clock (`TIME`), so the two tiers order writes
+/// by wall-clock time, each bumped past the version it replaces.
+const NOW_MICROS: &str = "(extract(epoch from clock_timestamp()) * 1000000)::int8";
 
 /// One round trip: the conversation row and its messages in sequence order.
 const GET: &str = "
-SELECT c.title, c.model, c.created_at, c.last_modified, m.role, m.content, m.timestamp
+SELECT c.title, c.model, c.created_at, c.last_modified, m.role, m.content, m.timestamp, c.cache_version
 FROM conversations c
 LEFT JOIN messages m ON m.conversation_id = c.conversation_id
 WHERE c.conversation_id = $1 AND c.user_client_id = $2
@@ -64,30 +80,107 @@ ORDER BY last_modified DESC, conversation_id";
 /// - upsert messages 0..n-1, rewriting only rows whose values changed, so a conversation that
 ///   gained two messages costs two row writes.
 ///
-/// The foreign key sees the new conversation row: constraint triggers fire at the end of the
-/// statement, after every CTE ran.
-const SAVE: &str = "
+/// A direct save is the newest write by definition: its version is bumped past whatever the row
+/// had. The foreign key sees the new conversation row: constraint triggers fire at the end of
+/// the statement, after every CTE ran.
+fn save_sql() -> String {
+    format!(
+        "
 WITH conv AS (
-    INSERT INTO conversations AS c (conversation_id, user_client_id, title, model, created_at, last_modified)
-    VALUES ($1, $2, $3, $4, $5, $6)
+    INSERT INTO conversations AS c (conversation_id, user_client_id, title, model, created_at, last_modified, cache_version)
+    VALUES ($1, $2, $3, $4, $5, $6, {NOW_MICROS})
     ON CONFLICT (conversation_id) DO UPDATE
-        SET title = EXCLUDED.title, model = EXCLUDED.model, last_modified = EXCLUDED.last_modified
+        SET title = EXCLUDED.title, model = EXCLUDED.model, last_modified = EXCLUDED.last_modified,
+            cache_version = GREATEST(COALESCE(c.cache_version, 0) + 1, EXCLUDED.cache_version)
         WHERE c.user_client_id = EXCLUDED.user_client_id
-    RETURNING c.conversation_id
+    RETURNING c.conversation_id, c.cache_version
 ), trimmed AS (
     DELETE FROM messages
     WHERE conversation_id IN (SELECT conversation_id FROM conv) AND sequence_number >= $7
 ), written AS (
-    INSERT INTO messages AS m (conversation_id, sequence_number, role, content, timestamp)
-    SELECT conv.conversation_id, new.seq, new.role, new.content, new.ts
+    {WRITE_MESSAGES}
     FROM conv, unnest($8::int4[], $9::text[], $10::text[], $11::timestamptz[]) AS new(seq, role, content, ts)
-    ON CONFLICT (conversation_id, sequence_number) DO UPDATE
-        SET role = EXCLUDED.role, content = EXCLUDED.content, timestamp = EXCLUDED.timestamp
-        WHERE (m.role, m.content, m.timestamp) IS DISTINCT FROM (EXCLUDED.role, EXCLUDED.content, EXCLUDED.timestamp)
+    {UPSERT_MESSAGES}
 )
-SELECT count(*) FROM conv";
+SELECT cache_version FROM conv"
+    )
+}
 
-const DELETE: &str = "DELETE FROM conversations WHERE conversation_id = $1 AND user_client_id = $2";
+const WRITE_MESSAGES: &str = "INSERT INTO messages AS m (conversation_id, sequence_number, role, content, timestamp)
+    SELECT conv.conversation_id, new.seq, new.role, new.content, new.ts";
+
+const UPSERT_MESSAGES: &str = "ON CONFLICT (conversation_id, sequence_number) DO UPDATE
+        SET role = EXCLUDED.role, content = EXCLUDED.content, timestamp = EXCLUDED.timestamp
+        WHERE (m.role, m.content, m.timestamp) IS DISTINCT FROM (EXCLUDED.role, EXCLUDED.content, EXCLUDED.timestamp)";
+
+/// A batch of write-backs in one statement. A conversation is written only when its version is
+/// newer than the row's and no tombstone at least as new exists (a delete that raced the flush
+/// wins). The last SELECT says, per input, what happened; `conversations` there is the snapshot
+/// from before the statement.
+fn flush_sql() -> String {
+    format!(
+        "
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::int8[], $8::int4[])
+        AS i(id, user_id, title, model, created_at, last_modified, version, n)
+), allowed AS (
+    SELECT i.* FROM input i
+    WHERE NOT EXISTS (
+        SELECT 1 FROM conversation_tombstones t
+        WHERE t.conversation_id = i.id AND t.user_client_id = i.user_id AND t.deleted_version >= i.version)
+), conv AS (
+    INSERT INTO conversations AS c (conversation_id, user_client_id, title, model, created_at, last_modified, cache_version)
+    SELECT id, user_id, title, model, created_at, last_modified, version FROM allowed
+    ON CONFLICT (conversation_id) DO UPDATE
+        SET title = EXCLUDED.title, model = EXCLUDED.model, last_modified = EXCLUDED.last_modified,
+            cache_version = EXCLUDED.cache_version
+        WHERE c.user_client_id = EXCLUDED.user_client_id
+          AND (c.cache_version IS NULL OR c.cache_version < EXCLUDED.cache_version)
+    RETURNING c.conversation_id
+), trimmed AS (
+    DELETE FROM messages m USING conv, input i
+    WHERE m.conversation_id = conv.conversation_id AND i.id = conv.conversation_id AND m.sequence_number >= i.n
+), written AS (
+    {WRITE_MESSAGES}
+    FROM unnest($9::text[], $10::int4[], $11::text[], $12::text[], $13::timestamptz[]) AS new(id, seq, role, content, ts)
+    JOIN conv ON conv.conversation_id = new.id
+    {UPSERT_MESSAGES}
+)
+SELECT i.id,
+    CASE
+        WHEN EXISTS (SELECT 1 FROM conv WHERE conv.conversation_id = i.id) THEN 'written'
+        WHEN c.conversation_id IS NOT NULL AND c.user_client_id <> i.user_id THEN 'owner'
+        WHEN NOT EXISTS (SELECT 1 FROM allowed a WHERE a.id = i.id) THEN 'deleted'
+        WHEN c.cache_version = i.version THEN 'current'
+        ELSE 'stale'
+    END
+FROM input i LEFT JOIN conversations c ON c.conversation_id = i.id"
+    )
+}
+
+/// Deletes the user's row (messages go by cascade) and leaves a tombstone, so a flush that read
+/// the conversation before the delete can never bring it back. No tombstone for an id that is
+/// another user's: their conversation must stay writable.
+fn delete_sql() -> String {
+    format!(
+        "
+WITH gone AS (
+    DELETE FROM conversations WHERE conversation_id = $1 AND user_client_id = $2 RETURNING cache_version
+), tomb AS (
+    INSERT INTO conversation_tombstones AS t (conversation_id, user_client_id, deleted_version)
+    SELECT $1, $2, GREATEST({NOW_MICROS}, COALESCE((SELECT max(cache_version) FROM gone), 0) + 1, $3)
+    WHERE NOT EXISTS (SELECT 1 FROM conversations WHERE conversation_id = $1 AND user_client_id <> $2)
+    ON CONFLICT (conversation_id) DO UPDATE
+        SET user_client_id = EXCLUDED.user_client_id, deleted_at = NOW(),
+            deleted_version = GREATEST(t.deleted_version, EXCLUDED.deleted_version)
+    RETURNING deleted_version
+)
+SELECT (SELECT count(*) FROM gone), (SELECT deleted_version FROM tomb)"
+    )
+}
+
+const OWNER: &str = "SELECT user_client_id FROM conversations WHERE conversation_id = $1";
+
 
 /// The PostgreSQL store. Cheap to share: the pool is reference-counted inside.
 pub struct PostgresStore {
@@ -175,6 +268,11 @@ impl PostgresStore {
     /// The user's conversation with its messages, or `None` when there is none of that id for
     /// that user (another user's id reads as missing).
     pub fn get(&self, conversation_id: &str, user_id: &str) -> Result<Option<Conversation>> {
+        Ok(self.get_versioned(conversation_id, user_id)?.map(|(conv, _)| conv))
+    }
+
+    /// [`PostgresStore::get`] with the row's write-back version (`None` for rows written by Phase 1).
+    pub fn get_versioned(&self, conversation_id: &str, user_id: &str) -> Result<Option<(Conversation, Option<i64>)>> {
         let rows = self.run(|client| client.query_typed(GET, &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR)]))?;
         let Some(first) = rows.first() else { return Ok(None) };
         let mut conv = Conversation {
@@ -191,7 +289,7 @@ impl PostgresStore {
             })?;
             conv.messages.push(Message { role, content: row.get(5), time: row.get::<_, DateTime<Utc>>(6).into() });
         }
-        Ok(Some(conv))
+        Ok(Some((conv, first.get(7))))
     }
 
     /// The user's conversations created in the last `days` days, newest `last_modified` first,
@@ -213,13 +311,20 @@ impl PostgresStore {
             .collect())
     }
 
-    /// Writes the whole conversation atomically. Fails with [`ErrorKind::Ownership`], changing
-    /// nothing, when the id belongs to another user.
-    pub fn save(&self, conversation_id: &str, user_id: &str, conv: &Conversation) -> Result<()> {
-        let columns = MessageColumns::new(conv);
+    /// The user who owns the id, if any row has it.
+    pub fn owner(&self, conversation_id: &str) -> Result<Option<String>> {
+        let rows = self.run(|client| client.query_typed(OWNER, &[(&conversation_id, Type::VARCHAR)]))?;
+        Ok(rows.first().map(|row| row.get(0)))
+    }
+
+    /// Writes the whole conversation atomically and returns the version it was stored under.
+    /// Fails with [`ErrorKind::Ownership`], changing nothing, when the id belongs to another user.
+    pub fn save(&self, conversation_id: &str, user_id: &str, conv: &Conversation) -> Result<i64> {
+        static SQL: LazyLock<String> = LazyLock::new(save_sql);
+        let columns = MessageColumns::new(std::slice::from_ref(&conv), |_| conversation_id);
         let created_at = conv.created_at.as_datetime();
         let last_modified = conv.last_modified.as_datetime();
-        let count = i32::try_from(conv.messages.len()).map_err(|_| Error::validation("too many messages"))?;
+        let count = message_count(conv)?;
         let params: [(&(dyn ToSql + Sync), Type); 11] = [
             (&conversation_id, Type::VARCHAR),
             (&user_id, Type::VARCHAR),
@@ -233,26 +338,115 @@ impl PostgresStore {
             (&columns.content, Type::TEXT_ARRAY),
             (&columns.time, Type::TIMESTAMPTZ_ARRAY),
         ];
-        let saved: i64 = self.run(|client| client.query_typed(SAVE, &params)?[0].try_get(0))?;
-        if saved == 0 {
-            return Err(Error::new(
-                ErrorKind::Ownership,
-                format!("conversation {conversation_id:?} belongs to another user"),
-            ));
+        let rows = self.run(|client| client.query_typed(&SQL, &params))?;
+        match rows.first() {
+            Some(row) => Ok(row.get(0)),
+            None => Err(Error::new(ErrorKind::Ownership, format!("conversation {conversation_id:?} belongs to another user"))),
         }
-        Ok(())
+    }
+
+    /// Deletes the conversation and its messages when it is the user's, and records a tombstone
+    /// at least `min_version` (the newest version the cache saw) so no older write-back lands
+    /// after it. Returns whether a row was deleted and the tombstone's version.
+    pub fn delete_versioned(&self, conversation_id: &str, user_id: &str, min_version: i64) -> Result<(bool, Option<i64>)> {
+        static SQL: LazyLock<String> = LazyLock::new(delete_sql);
+        let row = self.run(|client| {
+            client.query_typed_one(
+                &SQL,
+                &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR), (&min_version, Type::INT8)],
+            )
+        })?;
+        Ok((row.get::<_, i64>(0) > 0, row.get(1)))
     }
 
     /// Deletes the conversation and its messages when it is the user's; returns whether it was.
     pub fn delete(&self, conversation_id: &str, user_id: &str) -> Result<bool> {
-        let deleted =
-            self.run(|client| client.execute_typed(DELETE, &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR)]))?;
-        Ok(deleted > 0)
+        Ok(self.delete_versioned(conversation_id, user_id, 0)?.0)
+    }
+
+    /// Writes a batch of dirty conversations in one statement (one transaction) and says what
+    /// happened to each. Ids must be unique within the batch.
+    pub fn flush_batch(&self, batch: &[WriteBack<'_>]) -> Result<Vec<FlushOutcome>> {
+        static SQL: LazyLock<String> = LazyLock::new(flush_sql);
+        let ids: Vec<&str> = batch.iter().map(|w| w.conversation_id).collect();
+        let users: Vec<&str> = batch.iter().map(|w| w.user_id).collect();
+        let titles: Vec<&str> = batch.iter().map(|w| w.conversation.title.as_str()).collect();
+        let models: Vec<&str> = batch.iter().map(|w| w.conversation.model.as_str()).collect();
+        let created: Vec<DateTime<Utc>> = batch.iter().map(|w| w.conversation.created_at.as_datetime()).collect();
+        let modified: Vec<DateTime<Utc>> = batch.iter().map(|w| w.conversation.last_modified.as_datetime()).collect();
+        let versions: Vec<i64> = batch.iter().map(|w| w.version).collect();
+        let counts = batch.iter().map(|w| message_count(w.conversation)).collect::<Result<Vec<i32>>>()?;
+        let conversations: Vec<&Conversation> = batch.iter().map(|w| w.conversation).collect();
+        let columns = MessageColumns::new(&conversations, |i| batch[i].conversation_id);
+        let params: [(&(dyn ToSql + Sync), Type); 13] = [
+            (&ids, Type::TEXT_ARRAY),
+            (&users, Type::TEXT_ARRAY),
+            (&titles, Type::TEXT_ARRAY),
+            (&models, Type::TEXT_ARRAY),
+            (&created, Type::TIMESTAMPTZ_ARRAY),
+            (&modified, Type::TIMESTAMPTZ_ARRAY),
+            (&versions, Type::INT8_ARRAY),
+            (&counts, Type::INT4_ARRAY),
+            (&columns.id, Type::TEXT_ARRAY),
+            (&columns.sequence, Type::INT4_ARRAY),
+            (&columns.role, Type::TEXT_ARRAY),
+            (&columns.content, Type::TEXT_ARRAY),
+            (&columns.time, Type::TIMESTAMPTZ_ARRAY),
+        ];
+        let rows = self.run(|client| client.query_typed(&SQL, &params))?;
+        let mut outcomes = vec![FlushOutcome::Stale; batch.len()];
+        for row in rows {
+            let id: &str = row.get(0);
+            let outcome = match row.get::<_, &str>(1) {
+                "written" => FlushOutcome::Written,
+                "current" => FlushOutcome::Current,
+                "owner" => FlushOutcome::OtherOwner,
+                "deleted" => FlushOutcome::Deleted,
+                _ => FlushOutcome::Stale,
+            };
+            if let Some(i) = ids.iter().position(|candidate| *candidate == id) {
+                outcomes[i] = outcome;
+            }
+        }
+        Ok(outcomes)
     }
 }
 
-/// The messages as the column arrays `unnest` takes.
+/// One dirty conversation to write back, at the version Redis gave its last save.
+#[derive(Debug)]
+pub struct WriteBack<'a> {
+    /// The conversation id.
+    pub conversation_id: &'a str,
+    /// Its owner.
+    pub user_id: &'a str,
+    /// The content.
+    pub conversation: &'a Conversation,
+    /// Redis's version of this content; PostgreSQL keeps the newest.
+    pub version: i64,
+}
+
+/// What a write-back did to one conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushOutcome {
+    /// Written now.
+    Written,
+    /// PostgreSQL already had exactly this version (an earlier or concurrent flush wrote it).
+    Current,
+    /// PostgreSQL has a newer version (written while Redis was unreachable): the cached copy is stale.
+    Stale,
+    /// Deleted after this version was saved: must not come back.
+    Deleted,
+    /// The id belongs to another user in PostgreSQL.
+    OtherOwner,
+}
+
+fn message_count(conv: &Conversation) -> Result<i32> {
+    i32::try_from(conv.messages.len()).map_err(|_| Error::validation("too many messages"))
+}
+
+/// The messages of one or more conversations as the column arrays `unnest` takes.
 struct MessageColumns<'a> {
+    id: Vec<&'a str>,
     sequence: Vec<i32>,
     role: Vec<&'static str>,
     content: Vec<&'a str>,
@@ -260,15 +454,24 @@ struct MessageColumns<'a> {
 }
 
 impl<'a> MessageColumns<'a> {
-    fn new(conv: &'a Conversation) -> Self {
-        let n = conv.messages.len();
-        let mut columns =
-            MessageColumns { sequence: Vec::with_capacity(n), role: Vec::with_capacity(n), content: Vec::with_capacity(n), time: Vec::with_capacity(n) };
-        for (seq, message) in (0..).zip(&conv.messages) {
-            columns.sequence.push(seq);
-            columns.role.push(message.role.as_str());
-            columns.content.push(&message.content);
-            columns.time.push(message.time.as_datetime());
+    fn new(conversations: &[&'a Conversation], id_of: impl Fn(usize) -> &'a str) -> Self {
+        let n = conversations.iter().map(|c| c.messages.len()).sum();
+        let mut columns = MessageColumns {
+            id: Vec::with_capacity(n),
+            sequence: Vec::with_capacity(n),
+            role: Vec::with_capacity(n),
+            content: Vec::with_capacity(n),
+            time: Vec::with_capacity(n),
+        };
+        for (i, conv) in conversations.iter().enumerate() {
+            let id = id_of(i);
+            for (seq, message) in (0..).zip(&conv.messages) {
+                columns.id.push(id);
+                columns.sequence.push(seq);
+                columns.role.push(message.role.as_str());
+                columns.content.push(&message.content);
+                columns.time.push(message.time.as_datetime());
+            }
         }
         columns
     }

@@ -1,0 +1,3 @@
+//! The Redis tier: the seed's key layout, and Lua scripts that make every multi-key change atomic.
+
+pub mod redis;

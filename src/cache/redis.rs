@@ -1,0 +1,879 @@
+//! Redis: an r2d2 pool of connections with short timeouts, the seed's key layout (SPEC section 3)
+//! and the scripts that make write-back safe.
+//!
+//! Keys (the first three are the seed's, so a Python instance of the seed can share the Redis):
+//! - `conv:<user>:<id>` hash: title, model, messages (JSON), created_at, last_modified, dirty,
+//!   plus `ver` (the write-back version), `meta` (the list entry as JSON) and `score`.
+//! - `user:<user>:convlist` sorted set of ids by last_modified (TTL 300 s), with
+//!   `user:<user>:convmeta` (hash id -> list entry JSON) beside it.
+//! - `dirty:convs` set of `<user>:<id>`; `dirty:since` sorted set (when each became dirty);
+//!   `user:<user>:dirty` set of the user's dirty ids, so a list rebuild finds them without a scan.
+//! - `owner:<id>` the user who owns an id (SPEC section 7), `deleted:<user>:<id>` a short-lived
+//!   tombstone that keeps a read racing a delete from caching the deleted copy again.
+//!
+//! A dirty hash has no TTL, so with a `volatile-*` eviction policy it is never evicted; it gets
+//! its TTL back only when a flush has written exactly its version (compare-and-clear).
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::{Cmd, Connection, ConnectionLike as _, RedisError, Script, Value};
+
+use crate::config::RedisSettings;
+use crate::error::{Backend, Error, ErrorKind};
+use crate::model::{Conversation, Message, Timestamp};
+
+/// The list cache's TTL, the seed's 5 minutes.
+pub const LIST_TTL_SECONDS: u64 = 300;
+/// How long a delete keeps reads from re-caching the deleted conversation.
+const DELETE_TOMBSTONE_SECONDS: u64 = 60;
+const DIRTY_SET: &str = "dirty:convs";
+const DIRTY_SINCE: &str = "dirty:since";
+
+/// Why a Redis call failed, in the terms the manager acts on.
+#[derive(Debug)]
+pub enum CacheError {
+    /// No usable connection: fall back to PostgreSQL and back off.
+    Unavailable(String),
+    /// Redis refuses writes for lack of memory: this write goes to PostgreSQL.
+    OutOfMemory(String),
+    /// Anything else Redis refused.
+    Other(String),
+}
+
+impl CacheError {
+    fn from_redis(e: &RedisError) -> Self {
+        if e.code() == Some("OOM") {
+            CacheError::OutOfMemory(e.to_string())
+        } else if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_unrecoverable_error() {
+            CacheError::Unavailable(e.to_string())
+        } else {
+            CacheError::Other(e.to_string())
+        }
+    }
+
+    /// As a core error.
+    #[must_use]
+    pub fn into_error(self) -> Error {
+        match self {
+            CacheError::Unavailable(why) => {
+                Error::new(ErrorKind::Unavailable(Backend::Redis), "Redis is unavailable").with_source(why)
+            }
+            CacheError::OutOfMemory(why) => {
+                Error::new(ErrorKind::Database(Backend::Redis), "Redis is out of memory").with_source(why)
+            }
+            CacheError::Other(why) => Error::new(ErrorKind::Database(Backend::Redis), "Redis refused the command").with_source(why),
+        }
+    }
+}
+
+/// Result of a Redis call.
+pub type CacheResult<T> = std::result::Result<T, CacheError>;
+
+/// A pooled connection that remembers a failed call: a timed-out connection may still receive the
+/// late reply, so it is never handed out again.
+pub struct RedisConnection {
+    con: Connection,
+    broken: bool,
+}
+
+/// Opens connections with the configured timeouts.
+#[derive(Debug)]
+struct Connector {
+    client: redis::Client,
+    timeout: Duration,
+}
+
+impl r2d2::ManageConnection for Connector {
+    type Connection = RedisConnection;
+    type Error = RedisError;
+
+    fn connect(&self) -> Result<RedisConnection, RedisError> {
+        let con = self.client.get_connection_with_timeout(self.timeout)?;
+        con.set_read_timeout(Some(self.timeout))?;
+        con.set_write_timeout(Some(self.timeout))?;
+        Ok(RedisConnection { con, broken: false })
+    }
+
+    fn is_valid(&self, conn: &mut RedisConnection) -> Result<(), RedisError> {
+        redis::cmd("PING").query(&mut conn.con)
+    }
+
+    fn has_broken(&self, conn: &mut RedisConnection) -> bool {
+        conn.broken || !conn.con.is_open()
+    }
+}
+
+#[derive(Debug)]
+struct PoolErrorLog;
+
+impl r2d2::HandleError<RedisError> for PoolErrorLog {
+    fn handle_error(&self, error: RedisError) {
+        log::debug!("Redis connection failed: {error}");
+    }
+}
+
+/// A conversation as the cache holds it.
+#[derive(Debug, Clone)]
+pub struct Cached {
+    /// The content.
+    pub conversation: Conversation,
+    /// Not yet written back.
+    pub dirty: bool,
+    /// The write-back version (`None` for hashes written by the Python seed).
+    pub version: Option<i64>,
+}
+
+/// What a save did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveOutcome {
+    /// Stored and marked dirty under this version.
+    Saved(i64),
+    /// Redis does not know who owns the id: ask PostgreSQL, then save again with `claim`.
+    OwnerUnknown,
+    /// Another user owns the id.
+    OtherOwner,
+}
+
+/// The list entry of a conversation: everything but the messages.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ListEntry<'a> {
+    title: std::borrow::Cow<'a, str>,
+    model: std::borrow::Cow<'a, str>,
+    created_at: Timestamp,
+    last_modified: Timestamp,
+}
+
+impl ListEntry<'_> {
+    fn of(conv: &Conversation) -> ListEntry<'_> {
+        ListEntry {
+            title: conv.title.as_str().into(),
+            model: conv.model.as_str().into(),
+            created_at: conv.created_at,
+            last_modified: conv.last_modified,
+        }
+    }
+
+    fn to_json(conv: &Conversation) -> String {
+        serde_json::to_string(&ListEntry::of(conv)).expect("a list entry always serialises")
+    }
+
+    fn parse(text: &[u8]) -> Option<Conversation> {
+        let entry: ListEntry<'_> = serde_json::from_slice(text).ok()?;
+        Some(Conversation {
+            title: entry.title.into_owned(),
+            model: entry.model.into_owned(),
+            messages: Vec::new(),
+            created_at: entry.created_at,
+            last_modified: entry.last_modified,
+        })
+    }
+}
+
+/// KEYS: conv, dirty set, list, list meta, user dirty, owner, dirty since, delete tombstone.
+/// ARGV: member, user, title, model, messages, created_at, last_modified, score, meta, claim, id.
+/// The version is Redis's clock in microseconds, bumped past the hash's current version.
+static SAVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local owner = redis.call('GET', KEYS[6])
+if owner and owner ~= ARGV[2] then return {-1} end
+if not owner and ARGV[10] ~= '1' and redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local old = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0') or 0
+local ver = string.format('%.0f', math.max(now, old + 1))
+local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[6]
+local meta = ARGV[9]
+if created ~= ARGV[6] then
+  local entry = cjson.decode(meta)
+  entry['created_at'] = created
+  meta = cjson.encode(entry)
+end
+redis.call('HSET', KEYS[1], 'title', ARGV[3], 'model', ARGV[4], 'messages', ARGV[5], 'created_at', created,
+  'last_modified', ARGV[7], 'dirty', '1', 'ver', ver, 'meta', meta, 'score', ARGV[8])
+redis.call('PERSIST', KEYS[1])
+redis.call('SET', KEYS[6], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[5], ARGV[11])
+redis.call('ZADD', KEYS[7], 'NX', t[1], ARGV[1])
+redis.call('DEL', KEYS[8])
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('ZADD', KEYS[3], ARGV[8], ARGV[11])
+  redis.call('HSET', KEYS[4], ARGV[11], meta)
+end
+return {1, ver, created}
+",
+    )
+});
+
+/// KEYS: conv, owner. ARGV: ttl. A hit refreshes the TTL of a clean conversation.
+static GET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local h = redis.call('HGETALL', KEYS[1])
+if #h > 0 and redis.call('HGET', KEYS[1], 'dirty') ~= '1' then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
+return h
+",
+    )
+});
+
+/// KEYS: conv, owner, delete tombstone. ARGV: user, ttl, title, model, messages, created_at,
+/// last_modified, ver, meta, score. Caches a clean copy read from PostgreSQL unless something
+/// newer is there or the conversation was just deleted.
+static BACKFILL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'title', ARGV[3], 'model', ARGV[4], 'messages', ARGV[5], 'created_at', ARGV[6],
+  'last_modified', ARGV[7], 'dirty', '0', 'ver', ARGV[8], 'meta', ARGV[9], 'score', ARGV[10])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+return 1
+",
+    )
+});
+
+/// KEYS: conv, dirty set, list, list meta, user dirty, owner, dirty since, delete tombstone.
+/// ARGV: member, id, user, tombstone ttl. Returns {-1} for another user's id, else {1, version}.
+static DELETE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local owner = redis.call('GET', KEYS[6])
+if owner and owner ~= ARGV[3] then return {-1} end
+local ver = redis.call('HGET', KEYS[1], 'ver') or '0'
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('HDEL', KEYS[4], ARGV[2])
+redis.call('SREM', KEYS[5], ARGV[2])
+redis.call('ZREM', KEYS[7], ARGV[1])
+if owner then redis.call('DEL', KEYS[6]) end
+redis.call('SET', KEYS[8], ver, 'EX', ARGV[4])
+return {1, ver}
+",
+    )
+});
+
+/// KEYS: list, list meta. The cached list: ids newest first, each followed by its entry, or nil
+/// when the list is not cached or an entry is missing.
+static LIST: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local ids = redis.call('ZREVRANGE', KEYS[1], 0, -1)
+local out = {}
+for _, id in ipairs(ids) do
+  local entry = redis.call('HGET', KEYS[2], id)
+  if not entry then return false end
+  out[#out + 1] = id
+  out[#out + 1] = entry
+end
+return out
+",
+    )
+});
+
+/// KEYS: list, list meta, user dirty. ARGV: list ttl, conv key prefix, deleted key prefix, then
+/// (id, score, entry) triples from PostgreSQL. Rebuilds the list from PostgreSQL's rows plus the
+/// user's dirty conversations, atomically, so a save that finished before it is included and one
+/// after it updates the rebuilt list. Returns what LIST returns.
+static REBUILD_LIST: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('DEL', KEYS[1], KEYS[2])
+for i = 4, #ARGV, 3 do
+  if redis.call('EXISTS', ARGV[3] .. ARGV[i]) == 0 then
+    redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+  end
+end
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local h = redis.call('HMGET', ARGV[2] .. id, 'meta', 'score')
+  if h[1] and h[2] then
+    redis.call('ZADD', KEYS[1], h[2], id)
+    redis.call('HSET', KEYS[2], id, h[1])
+  end
+end
+local ids = redis.call('ZREVRANGE', KEYS[1], 0, -1)
+local out = {}
+for _, id in ipairs(ids) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', KEYS[2], id)
+end
+if #ids > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
+return out
+",
+    )
+});
+
+/// KEYS: conv, dirty set, user dirty, dirty since, owner, list, list meta. ARGV: member, id,
+/// version written, ttl, action ('clean' or 'drop'). Compare-and-clear: only when the hash still
+/// holds the version the flush wrote does it become clean (or, when PostgreSQL had something newer,
+/// get dropped). A save that raced the flush changed the version, so it stays dirty.
+static SETTLE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+local ver = redis.call('HGET', KEYS[1], 'ver') or ''
+if exists and ver ~= ARGV[3] then return 0 end
+if exists and ARGV[5] == 'clean' then
+  redis.call('HSET', KEYS[1], 'dirty', '0')
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  if redis.call('GET', KEYS[5]) then redis.call('EXPIRE', KEYS[5], ARGV[4]) end
+elseif exists then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[6], ARGV[2])
+  redis.call('HDEL', KEYS[7], ARGV[2])
+end
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[2])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return 1
+",
+    )
+});
+
+/// KEYS: conv, dirty set, user dirty, dirty since, list, list meta. ARGV: member, id, version.
+/// After a write went straight to PostgreSQL, drops a cached copy older than it.
+static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local ver = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0') or 0
+if redis.call('EXISTS', KEYS[1]) == 1 and ver >= tonumber(ARGV[3]) then return 0 end
+redis.call('DEL', KEYS[1], KEYS[5], KEYS[6])
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[2])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return 1
+",
+    )
+});
+
+fn conv_key(user_id: &str, conversation_id: &str) -> String {
+    format!("conv:{user_id}:{conversation_id}")
+}
+fn member(user_id: &str, conversation_id: &str) -> String {
+    format!("{user_id}:{conversation_id}")
+}
+fn list_key(user_id: &str) -> String {
+    format!("user:{user_id}:convlist")
+}
+fn list_meta_key(user_id: &str) -> String {
+    format!("user:{user_id}:convmeta")
+}
+fn user_dirty_key(user_id: &str) -> String {
+    format!("user:{user_id}:dirty")
+}
+fn owner_key(conversation_id: &str) -> String {
+    format!("owner:{conversation_id}")
+}
+fn deleted_key(user_id: &str, conversation_id: &str) -> String {
+    format!("deleted:{user_id}:{conversation_id}")
+}
+
+/// Splits a `dirty:convs` member into (user, conversation id). User ids never hold ':'.
+#[must_use]
+pub fn split_member(member: &str) -> Option<(&str, &str)> {
+    member.split_once(':').filter(|(user, id)| !user.is_empty() && !id.is_empty())
+}
+
+/// Parses a conversation hash (ours or the Python seed's).
+fn parse_hash(fields: &[(Vec<u8>, Vec<u8>)]) -> Option<Cached> {
+    let get = |name: &str| fields.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| v.as_slice());
+    let text = |name: &str| get(name).and_then(|v| std::str::from_utf8(v).ok());
+    let messages: Vec<Message> = serde_json::from_slice(get("messages").unwrap_or(b"[]")).ok()?;
+    Some(Cached {
+        conversation: Conversation {
+            title: text("title")?.to_owned(),
+            model: text("model")?.to_owned(),
+            messages,
+            created_at: Timestamp::parse(text("created_at")?).ok()?,
+            last_modified: Timestamp::parse(text("last_modified")?).ok()?,
+        },
+        dirty: text("dirty") == Some("1"),
+        version: text("ver").and_then(|v| v.parse().ok()),
+    })
+}
+
+fn pairs(value: Value) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let Value::Array(items) = value else { return Vec::new() };
+    let mut out = Vec::with_capacity(items.len() / 2);
+    let mut iter = items.into_iter();
+    while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
+        if let (Value::BulkString(k), Value::BulkString(v)) = (k, v) {
+            out.push((k, v));
+        }
+    }
+    out
+}
+
+/// A fetched dirty conversation, for a flush.
+#[derive(Debug)]
+pub struct DirtyEntry {
+    /// `<user>:<id>`.
+    pub member: String,
+    /// What the hash holds: `None` when it is gone, `Some(Err)` when it cannot be parsed.
+    pub content: Option<Result<Cached, String>>,
+}
+
+/// How a flush settles one conversation in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// PostgreSQL holds this version: mark clean, give the TTL back.
+    Clean,
+    /// PostgreSQL holds something newer, or it was deleted: drop the cached copy.
+    Drop,
+}
+
+/// Redis memory as `INFO memory` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryInfo {
+    /// `used_memory`.
+    pub used: Option<u64>,
+    /// `maxmemory` (0 = no limit).
+    pub max: Option<u64>,
+    /// `maxmemory_policy`.
+    pub policy: Option<String>,
+}
+
+/// The Redis cache.
+pub struct RedisCache {
+    pool: r2d2::Pool<Connector>,
+    settings: RedisSettings,
+}
+
+impl std::fmt::Debug for RedisCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCache").field("url", &self.settings.redacted()).finish_non_exhaustive()
+    }
+}
+
+impl RedisCache {
+    /// Builds the pool without connecting.
+    pub fn new(settings: &RedisSettings) -> crate::error::Result<Self> {
+        let client = match &settings.ca_file {
+            None => redis::Client::open(settings.url()),
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| Error::config(format!("cannot read the CA file {}", path.display())).with_source(e))?;
+                redis::Client::build_with_tls(settings.url(), redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })
+            }
+        }
+        .map_err(|e| Error::config("the Redis connection string is not valid").with_source(e.to_string()))?;
+        let pool = r2d2::Pool::builder()
+            .max_size(settings.pool_size)
+            .min_idle(Some(0))
+            .connection_timeout(settings.timeout)
+            .test_on_check_out(false)
+            .idle_timeout(Some(Duration::from_secs(300)))
+            .error_handler(Box::new(PoolErrorLog))
+            .build_unchecked(Connector { client, timeout: settings.timeout });
+        Ok(RedisCache { pool, settings: settings.clone() })
+    }
+
+    /// The URL without the password.
+    #[must_use]
+    pub fn redacted_url(&self) -> &str {
+        self.settings.redacted()
+    }
+
+    /// Seconds a clean conversation stays cached.
+    #[must_use]
+    pub fn ttl(&self) -> u64 {
+        self.settings.ttl_seconds
+    }
+
+    /// Runs `op` on a pooled connection. A connection that a restart or a dropped socket killed
+    /// while idle is replaced and the call run again (every script here is safe to repeat);
+    /// a timeout is not retried, so a dead Redis costs one timeout, not several.
+    fn run<T>(&self, mut op: impl FnMut(&mut Connection) -> redis::RedisResult<T>) -> CacheResult<T> {
+        let attempts = self.pool.max_size() + 1;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut conn = self.pool.get().map_err(|e| CacheError::Unavailable(e.to_string()))?;
+            match op(&mut conn.con) {
+                Ok(value) => return Ok(value),
+                Err(e) => {
+                    let error = CacheError::from_redis(&e);
+                    if matches!(error, CacheError::Unavailable(_)) {
+                        conn.broken = true;
+                        if (e.is_connection_dropped() || !conn.con.is_open()) && !e.is_timeout() && attempt < attempts {
+                            continue;
+                        }
+                    }
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    /// The cached conversation; a clean hit gets its TTL back.
+    pub fn get(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<Cached>> {
+        let key = conv_key(user_id, conversation_id);
+        let owner = owner_key(conversation_id);
+        let ttl = self.ttl();
+        let value: Value = self.run(|con| GET.key(&key).key(&owner).arg(ttl).invoke(con))?;
+        let fields = pairs(value);
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let cached = parse_hash(&fields);
+        if cached.is_none() {
+            log::warn!("ignoring the unreadable cached conversation {key}");
+        }
+        Ok(cached)
+    }
+
+    /// Stores the conversation as dirty, without a TTL, and updates the user's cached list: one
+    /// round trip. Returns the stored `created_at` too (an existing one is kept, as PostgreSQL does).
+    pub fn save(&self, user_id: &str, conversation_id: &str, conv: &Conversation, claim: bool) -> CacheResult<(SaveOutcome, Option<String>)> {
+        let messages = serde_json::to_string(&conv.messages).expect("messages always serialise");
+        let meta = ListEntry::to_json(conv);
+        let keys = [
+            conv_key(user_id, conversation_id),
+            DIRTY_SET.to_owned(),
+            list_key(user_id),
+            list_meta_key(user_id),
+            user_dirty_key(user_id),
+            owner_key(conversation_id),
+            DIRTY_SINCE.to_owned(),
+            deleted_key(user_id, conversation_id),
+        ];
+        let (created_at, last_modified) = (conv.created_at.to_string(), conv.last_modified.to_string());
+        let score = conv.last_modified.unix_seconds();
+        let member = member(user_id, conversation_id);
+        let reply: Vec<Value> = self.run(|con| {
+            let mut invocation = SAVE.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            invocation
+                .arg(&member)
+                .arg(user_id)
+                .arg(&conv.title)
+                .arg(&conv.model)
+                .arg(&messages)
+                .arg(&created_at)
+                .arg(&last_modified)
+                .arg(score)
+                .arg(&meta)
+                .arg(if claim { "1" } else { "0" })
+                .arg(conversation_id)
+                .invoke(con)
+        })?;
+        let status = reply.first().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(-2);
+        Ok(match status {
+            1 => {
+                let version = reply.get(1).and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).and_then(|v| v.parse().ok());
+                let created = reply.get(2).and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+                (SaveOutcome::Saved(version.unwrap_or(0)), created)
+            }
+            0 => (SaveOutcome::OwnerUnknown, None),
+            -1 => (SaveOutcome::OtherOwner, None),
+            _ => return Err(CacheError::Other(format!("unexpected reply to the save script: {reply:?}"))),
+        })
+    }
+
+    /// Caches a clean copy read from PostgreSQL (with its TTL), unless Redis has something newer.
+    pub fn backfill(&self, user_id: &str, conversation_id: &str, conv: &Conversation, version: Option<i64>) -> CacheResult<()> {
+        let messages = serde_json::to_string(&conv.messages).expect("messages always serialise");
+        let meta = ListEntry::to_json(conv);
+        let (key, owner, deleted) = (conv_key(user_id, conversation_id), owner_key(conversation_id), deleted_key(user_id, conversation_id));
+        let ttl = self.ttl();
+        let (created_at, last_modified) = (conv.created_at.to_string(), conv.last_modified.to_string());
+        let score = conv.last_modified.unix_seconds();
+        let version = version.unwrap_or(0);
+        self.run(|con| {
+            BACKFILL
+                .key(&key)
+                .key(&owner)
+                .key(&deleted)
+                .arg(user_id)
+                .arg(ttl)
+                .arg(&conv.title)
+                .arg(&conv.model)
+                .arg(&messages)
+                .arg(&created_at)
+                .arg(&last_modified)
+                .arg(version)
+                .arg(&meta)
+                .arg(score)
+                .invoke::<i64>(con)
+        })?;
+        Ok(())
+    }
+
+    /// Removes the conversation from every key. `Ok(None)` when the id is another user's;
+    /// otherwise the version Redis had (0 when none), for PostgreSQL's tombstone.
+    pub fn delete(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<i64>> {
+        let keys = [
+            conv_key(user_id, conversation_id),
+            DIRTY_SET.to_owned(),
+            list_key(user_id),
+            list_meta_key(user_id),
+            user_dirty_key(user_id),
+            owner_key(conversation_id),
+            DIRTY_SINCE.to_owned(),
+            deleted_key(user_id, conversation_id),
+        ];
+        let member = member(user_id, conversation_id);
+        let reply: Vec<Value> = self.run(|con| {
+            let mut invocation = DELETE.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            invocation.arg(&member).arg(conversation_id).arg(user_id).arg(DELETE_TOMBSTONE_SECONDS).invoke(con)
+        })?;
+        let status = reply.first().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(-2);
+        if status == -1 {
+            return Ok(None);
+        }
+        let version = reply.get(1).and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).and_then(|v| v.parse().ok());
+        Ok(Some(version.unwrap_or(0)))
+    }
+
+    /// The user's cached list (ids with metadata, newest first), or `None` when not cached.
+    pub fn list(&self, user_id: &str) -> CacheResult<Option<Vec<(String, Conversation)>>> {
+        let (list, meta) = (list_key(user_id), list_meta_key(user_id));
+        let value: Value = self.run(|con| LIST.key(&list).key(&meta).invoke(con))?;
+        match value {
+            Value::Nil => Ok(None),
+            other => Ok(parse_listing(other)),
+        }
+    }
+
+    /// Rebuilds the user's list from PostgreSQL's rows plus the user's dirty conversations and
+    /// returns it.
+    pub fn rebuild_list(&self, user_id: &str, from_postgres: &[(String, Conversation)]) -> CacheResult<Vec<(String, Conversation)>> {
+        let keys = [list_key(user_id), list_meta_key(user_id), user_dirty_key(user_id)];
+        let conv_prefix = format!("conv:{user_id}:");
+        let deleted_prefix = format!("deleted:{user_id}:");
+        let entries: Vec<(f64, String)> = from_postgres.iter().map(|(_, c)| (c.last_modified.unix_seconds(), ListEntry::to_json(c))).collect();
+        let value: Value = self.run(|con| {
+            let mut invocation = REBUILD_LIST.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            invocation.arg(LIST_TTL_SECONDS).arg(&conv_prefix).arg(&deleted_prefix);
+            for ((id, _), (score, entry)) in from_postgres.iter().zip(&entries) {
+                invocation.arg(id).arg(*score).arg(entry);
+            }
+            invocation.invoke(con)
+        })?;
+        Ok(parse_listing(value).unwrap_or_default())
+    }
+
+    /// Drops cached copies older than writes that went straight to PostgreSQL while Redis was
+    /// unreachable. `items` are (user, id, PostgreSQL version).
+    pub fn invalidate(&self, items: &[(String, String, i64)]) -> CacheResult<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.run(|con| {
+            let mut pipe = redis::pipe();
+            for (user_id, conversation_id, version) in items {
+                let mut cmd = evalsha(
+                    &INVALIDATE,
+                    &[
+                        &conv_key(user_id, conversation_id),
+                        DIRTY_SET,
+                        &user_dirty_key(user_id),
+                        DIRTY_SINCE,
+                        &list_key(user_id),
+                        &list_meta_key(user_id),
+                    ],
+                );
+                cmd.arg(member(user_id, conversation_id)).arg(conversation_id).arg(*version);
+                pipe.add_command(cmd).ignore();
+            }
+            load_scripts(con, &[&INVALIDATE])?;
+            pipe.query::<()>(con)
+        })
+    }
+
+    /// One step of a scan of the dirty set: the next cursor (0 at the end) and some members.
+    pub fn scan_dirty(&self, cursor: u64, count: usize) -> CacheResult<(u64, Vec<String>)> {
+        self.run(|con| redis::cmd("SSCAN").arg(DIRTY_SET).arg(cursor).arg("COUNT").arg(count).query(con))
+    }
+
+    /// Every dirty member (the seed's `get_dirty_conversations`).
+    pub fn all_dirty(&self) -> CacheResult<Vec<String>> {
+        self.run(|con| redis::cmd("SMEMBERS").arg(DIRTY_SET).query(con))
+    }
+
+    /// The hashes of dirty members, in one round trip.
+    pub fn fetch_dirty(&self, members: &[String], timeout: Duration) -> CacheResult<Vec<DirtyEntry>> {
+        let values: Vec<Value> = self.run(|con| {
+            con.set_read_timeout(Some(timeout))?;
+            let mut pipe = redis::pipe();
+            for m in members {
+                let key = split_member(m).map_or_else(|| format!("conv:{m}"), |(u, c)| conv_key(u, c));
+                pipe.cmd("HGETALL").arg(key);
+            }
+            let result = pipe.query(con);
+            con.set_read_timeout(Some(self.settings.timeout))?;
+            result
+        })?;
+        Ok(members
+            .iter()
+            .zip(values)
+            .map(|(member, value)| {
+                let fields = pairs(value);
+                let content = if fields.is_empty() {
+                    None
+                } else {
+                    Some(parse_hash(&fields).ok_or_else(|| "the cached hash is not a readable conversation".to_owned()))
+                };
+                DirtyEntry { member: member.clone(), content }
+            })
+            .collect())
+    }
+
+    /// Compare-and-clear for a batch of flushed conversations: (member, version written, action).
+    pub fn settle(&self, items: &[(String, String, Settle)]) -> CacheResult<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let ttl = self.ttl();
+        self.run(|con| {
+            let mut pipe = redis::pipe();
+            for (member, version, action) in items {
+                let (user_id, conversation_id) = split_member(member).unwrap_or(("", member.as_str()));
+                let mut cmd = evalsha(
+                    &SETTLE,
+                    &[
+                        &conv_key(user_id, conversation_id),
+                        DIRTY_SET,
+                        &user_dirty_key(user_id),
+                        DIRTY_SINCE,
+                        &owner_key(conversation_id),
+                        &list_key(user_id),
+                        &list_meta_key(user_id),
+                    ],
+                );
+                let action = match action {
+                    Settle::Clean => "clean",
+                    Settle::Drop => "drop",
+                };
+                cmd.arg(member).arg(conversation_id).arg(version).arg(ttl).arg(action);
+                pipe.add_command(cmd).ignore();
+            }
+            load_scripts(con, &[&SETTLE])?;
+            pipe.query::<()>(con)
+        })
+    }
+
+    /// The seed's `clear_dirty_flag`, made safe: clean only if no newer save came in.
+    pub fn clear_dirty(&self, user_id: &str, conversation_id: &str) -> CacheResult<()> {
+        let key = conv_key(user_id, conversation_id);
+        let version: Option<String> = self.run(|con| redis::cmd("HGET").arg(&key).arg("ver").query(con))?;
+        self.settle(&[(member(user_id, conversation_id), version.unwrap_or_default(), Settle::Clean)])
+    }
+
+    /// `SCARD dirty:convs` and the oldest entry of `dirty:since` (Unix seconds), in one round trip.
+    pub fn dirty_summary(&self) -> CacheResult<(u64, Option<f64>)> {
+        let (count, oldest): (u64, Vec<(String, f64)>) = self.run(|con| {
+            redis::pipe().cmd("SCARD").arg(DIRTY_SET).cmd("ZRANGE").arg(DIRTY_SINCE).arg(0).arg(0).arg("WITHSCORES").query(con)
+        })?;
+        Ok((count, oldest.first().map(|(_, score)| *score)))
+    }
+
+    /// `INFO memory`, where the server allows it.
+    pub fn memory(&self) -> CacheResult<MemoryInfo> {
+        let info: String = self.run(|con| redis::cmd("INFO").arg("memory").query(con))?;
+        let field = |name: &str| {
+            info.lines().find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(':')).map(str::trim).map(str::to_owned))
+        };
+        Ok(MemoryInfo {
+            used: field("used_memory").and_then(|v| v.parse().ok()),
+            max: field("maxmemory").and_then(|v| v.parse().ok()),
+            policy: field("maxmemory_policy"),
+        })
+    }
+
+    /// A round trip, to see whether Redis is back.
+    pub fn ping(&self) -> CacheResult<()> {
+        self.run(|con| redis::cmd("PING").query::<()>(con))
+    }
+}
+
+/// `EVALSHA` of a script with its keys, for pipelines; the caller appends the arguments.
+fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len());
+    for key in keys {
+        cmd.arg(*key);
+    }
+    cmd
+}
+
+/// Loads scripts that are about to be used by EVALSHA in a pipeline (single invocations load
+/// themselves on NOSCRIPT).
+fn load_scripts(con: &mut Connection, scripts: &[&Script]) -> redis::RedisResult<()> {
+    for script in scripts {
+        let exists: Vec<bool> = redis::cmd("SCRIPT").arg("EXISTS").arg(script.get_hash()).query(con)?;
+        if exists.first() != Some(&true) {
+            script.prepare_invoke().load(con)?;
+        }
+    }
+    Ok(())
+}
+
+fn parse_listing(value: Value) -> Option<Vec<(String, Conversation)>> {
+    let Value::Array(items) = value else { return None };
+    let mut out = Vec::with_capacity(items.len() / 2);
+    let mut iter = items.into_iter();
+    while let (Some(id), Some(entry)) = (iter.next(), iter.next()) {
+        let (Value::BulkString(id), Value::BulkString(entry)) = (id, entry) else { return None };
+        out.push((String::from_utf8(id).ok()?, ListEntry::parse(&entry)?));
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_split_at_the_first_colon() {
+        assert_eq!(split_member("u-1:a1b2c3d4"), Some(("u-1", "a1b2c3d4")));
+        assert_eq!(split_member(":x"), None);
+        assert_eq!(split_member("nocolon"), None);
+    }
+
+    #[test]
+    fn seed_hashes_parse() {
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = [
+            ("title", "t"),
+            ("model", "m"),
+            ("messages", r#"[{"role": "user", "content": "hi", "time": "2025-01-01T00:00:00+00:00"}]"#),
+            ("created_at", "2025-01-01T00:00:00+00:00"),
+            ("last_modified", "2025-01-01T00:00:00+00:00"),
+            ("dirty", "1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect();
+        let cached = parse_hash(&fields).unwrap();
+        assert!(cached.dirty);
+        assert_eq!(cached.version, None);
+        assert_eq!(cached.conversation.messages.len(), 1);
+    }
+
+    #[test]
+    fn list_entries_round_trip() {
+        let t = Timestamp::parse("2025-01-01T00:00:00+00:00").unwrap();
+        let conv = Conversation { title: "Grüße".into(), model: "m".into(), messages: vec![], created_at: t, last_modified: t };
+        assert_eq!(ListEntry::parse(ListEntry::to_json(&conv).as_bytes()), Some(conv));
+    }
+}

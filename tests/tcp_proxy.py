@@ -1,0 +1,177 @@
+"""A small threaded TCP proxy on a free loopback port, for fault tests (STYLE.md, "Tests").
+
+Put it in front of Redis or PostgreSQL and point the product at `proxy.port`; then
+
+    proxy.cut()        drop every open connection (the client sees a reset / EOF)
+    proxy.refuse()     stop listening: new connections are refused at once
+    proxy.partition()  refuse() + cut(): the server is unreachable
+    proxy.stall()      accept and keep connections but forward nothing, either way (a hung server)
+    proxy.heal()       undo all of the above: listen again (same port) and forward
+
+Use it as a context manager or call close().
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import threading
+from typing import Optional
+
+
+def _hard_close(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0), as a dropped network path or a crashed peer looks to the client."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+class _Link:
+    """One client connection and its upstream connection."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.closed = threading.Event()
+
+    def close(self) -> None:
+        if not self.closed.is_set():
+            self.closed.set()
+            _hard_close(self.client)
+            _hard_close(self.upstream)
+
+
+class TcpProxy:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1", listen_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.listen_host = listen_host
+        self._lock = threading.Lock()
+        self._links: set[_Link] = set()
+        self._stalled = threading.Event()
+        self._closing = threading.Event()
+        self._listener: Optional[socket.socket] = None
+        self._accept_thread: Optional[threading.Thread] = None
+        self.port = 0
+        self.connections_accepted = 0
+        self._listen()
+
+    # -- public --------------------------------------------------------------------------------------
+
+    def url(self, scheme: str = "redis", path: str = "/0", auth: str = "") -> str:
+        return f"{scheme}://{auth}127.0.0.1:{self.port}{path}"
+
+    def cut(self) -> None:
+        """Drop every open connection (new ones are still accepted unless refuse() was called)."""
+        with self._lock:
+            links = list(self._links)
+            self._links.clear()
+        for link in links:
+            link.close()
+
+    def refuse(self) -> None:
+        """Stop listening: connecting to the port is refused. Open connections are left alone."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            _hard_close(listener)
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout=5)
+            self._accept_thread = None
+
+    def partition(self) -> None:
+        self.refuse()
+        self.cut()
+
+    def stall(self) -> None:
+        """Forward nothing, either way, on open and new connections, until heal()."""
+        self._stalled.set()
+
+    def heal(self) -> None:
+        self._stalled.clear()
+        if self._listener is None and not self._closing.is_set():
+            self._listen()
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._links)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._stalled.clear()
+        self.refuse()
+        self.cut()
+
+    def __enter__(self) -> "TcpProxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<TcpProxy 127.0.0.1:{self.port} -> {self.target[0]}:{self.target[1]}>"
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.listen_host, self.port))  # port 0 the first time; the same port after refuse()
+        listener.listen(128)
+        listener.settimeout(0.1)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        self._accept_thread = threading.Thread(target=self._accept_loop, args=(listener,), daemon=True)
+        self._accept_thread.start()
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                _hard_close(client)  # the server behind is down: so is the proxy's connection
+                continue
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            link = _Link(client, upstream)
+            with self._lock:
+                self._links.add(link)
+                self.connections_accepted += 1
+            threading.Thread(target=self._pump, args=(link,), daemon=True).start()
+
+    def _pump(self, link: _Link) -> None:
+        peers = {link.client: link.upstream, link.upstream: link.client}
+        try:
+            while not link.closed.is_set():
+                if self._stalled.is_set():
+                    # Leave the bytes in the kernel buffers: the peer sees a server that never answers.
+                    link.closed.wait(0.02)
+                    continue
+                readable, _, _ = select.select(list(peers), [], [], 0.05)
+                for sock in readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    peers[sock].sendall(data)
+        except (OSError, ValueError):
+            return
+        finally:
+            with self._lock:
+                self._links.discard(link)
+            link.close()

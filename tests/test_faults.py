@@ -1,0 +1,632 @@
+"""Faults and races of the Redis tier (SPEC sections 4 and 5), with real servers that are killed, stopped,
+restarted, filled up, or cut off behind a TCP proxy. Each test ends by checking the data row by row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+pytest.register_assert_rewrite("redis_support")
+
+from chat_history_rs import ChatHistoryError, UnavailableError  # noqa: E402
+from redis_support import (  # noqa: E402, F401 - fixtures are used by name
+    assert_cached,
+    conv_key,
+    dirty_member,
+    dirty_set,
+    grown,
+    make_conversation,
+    make_redis_manager,
+    make_redis_server,
+    pg_conversation_ids,
+    pg_message_count,
+    python_script,
+    rdb,
+    redis_client,
+    script_env,
+    seed_fields,
+    wait_until,
+    write_seed_hash,
+)
+from servers import assert_row_matches, create_database, create_phase1_schema, fetch_conversation_row  # noqa: E402
+from tcp_proxy import TcpProxy  # noqa: E402
+
+
+def _controllable(server) -> None:
+    if not getattr(server, "controllable", False):
+        pytest.skip("an external server cannot be stopped or cut off")
+
+
+def _assert_postgres_unavailable(exc: BaseException) -> None:
+    assert isinstance(exc, ConnectionError), f"{type(exc).__name__}: {exc}"
+    assert isinstance(exc, UnavailableError), f"{type(exc).__name__}: {exc}"
+    assert "PostgreSQL" in str(exc), str(exc)
+
+
+def _flush_while_postgres_is_down(manager) -> None:
+    """SPEC 5: flushes keep the data dirty and retry later. Returning 0 or raising UnavailableError
+    (naming PostgreSQL) are both accepted: the contract does not pin which."""
+    try:
+        assert manager.flush_dirty_conversations() == 0
+    except UnavailableError as exc:
+        _assert_postgres_unavailable(exc)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. A save racing flushes is never marked clean without being written (SPEC 4.2)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_save_flush_race_loses_nothing(make_redis_manager, rdb, pg_conn, user_id, conv_id):
+    saver = make_redis_manager()
+    flusher = make_redis_manager()  # another app instance (or the standalone flusher) on the same Redis
+    conversation = make_conversation(1, prefix="race ")
+    saver.save_conversation(conv_id, conversation, user_id=user_id)
+
+    done = threading.Event()
+    errors: list[BaseException] = []
+    flushed = [0]
+
+    def flush_loop() -> None:
+        try:
+            while not done.is_set():
+                flushed[0] += flusher.flush_dirty_conversations()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=flush_loop)
+    thread.start()
+    deadline = time.monotonic() + 20
+    rounds = 0
+    try:
+        while rounds < 2000 and time.monotonic() < deadline:
+            conversation = grown(conversation, 1, text=f"round {rounds}")
+            saver.save_conversation(conv_id, conversation, user_id=user_id)
+            rounds += 1
+    finally:
+        done.set()
+        thread.join(timeout=30)
+    assert errors == []
+    assert rounds >= 100 and flushed[0] >= 10, (rounds, flushed[0])  # there really was a race
+
+    saver.flush_dirty_conversations()
+    assert_row_matches(pg_conn, conv_id, user_id, conversation)
+    assert dirty_set(rdb.client) == set()
+    assert_cached(rdb.client, user_id, conv_id, conversation, dirty=False)
+    assert saver.get_conversation(conv_id, user_id=user_id) == conversation
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. A delete racing a flush: the conversation never comes back (SPEC 4.3)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_delete_flush_race_never_resurrects(make_redis_manager, rdb, pg_conn, user_id):
+    app = make_redis_manager()
+    flusher = make_redis_manager()
+    keeper = make_conversation(2, title="survivor")
+    app.save_conversation("5a5a5a5a", keeper, user_id=user_id)
+    deleted: list[str] = []
+    errors: list[BaseException] = []
+    rng = random.Random(7)
+
+    for n in range(300):
+        cid = f"de1e{n:04d}"
+        conversation = make_conversation(3, prefix=f"{n} ")
+        app.save_conversation(cid, conversation, user_id=user_id)
+        if n % 2:  # half of them already exist in PostgreSQL and are dirty again
+            app.flush_dirty_conversations()
+            app.save_conversation(cid, grown(conversation, 1), user_id=user_id)
+        barrier = threading.Barrier(2)
+
+        def flush() -> None:
+            try:
+                barrier.wait()
+                time.sleep(rng.random() * 0.002)
+                flusher.flush_dirty_conversations()
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        thread = threading.Thread(target=flush)
+        thread.start()
+        barrier.wait()
+        time.sleep(rng.random() * 0.002)
+        app.delete_conversation(cid, user_id=user_id)
+        deleted.append(cid)
+        thread.join()
+    assert errors == []
+
+    app.flush_dirty_conversations()
+    flusher.flush_dirty_conversations()
+    assert pg_conversation_ids(pg_conn) == {"5a5a5a5a"}
+    assert pg_message_count(pg_conn) == 2
+    assert_row_matches(pg_conn, "5a5a5a5a", user_id, keeper)
+    resurrected = [cid for cid in deleted if rdb.client.exists(conv_key(user_id, cid))]
+    assert resurrected == []
+    assert dirty_set(rdb.client) == set()
+    assert [cid for cid in deleted if app.get_conversation(cid, user_id=user_id) is not None] == []
+    assert [cid for cid, _ in app.list_conversations(user_id)] == ["5a5a5a5a"]
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Two flusher processes: no older version overwrites a newer one (SPEC 4.3)
+# --------------------------------------------------------------------------------------------------
+
+FLUSHER_LOOP = """
+    import os, sys
+    from chat_history_rs import ChatHistoryManager
+    manager = ChatHistoryManager(
+        mode="postgres", connection_string=os.environ["T_PG"], redis_enabled=True,
+        redis_connection_string=os.environ["T_REDIS"], background_flush=False, flush_batch_size=20,
+    )
+    print("ready", flush=True)
+    written = 0
+    while not os.path.exists(os.environ["T_STOP"]):
+        written += manager.flush_dirty_conversations()
+    manager.close()
+    print(written, flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_two_flusher_processes_keep_the_newest_version(make_redis_manager, rdb, pg_url, pg_conn, user_id, tmp_path):
+    stop = tmp_path / "stop"
+    env = script_env(T_PG=pg_url, T_REDIS=rdb.url, T_STOP=str(stop))
+    procs = [
+        subprocess.Popen(python_script(FLUSHER_LOOP), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        manager = make_redis_manager()
+        finals: dict[str, dict] = {}
+        for cid in (f"2f{n:06d}" for n in range(200)):
+            finals[cid] = make_conversation(1, title="v0", prefix=f"{cid} ")
+            manager.save_conversation(cid, finals[cid], user_id=user_id)
+        for version in range(1, 4):
+            for cid in finals:
+                finals[cid] = grown({**finals[cid], "title": f"v{version}"}, 2, text=f"v{version}")
+                manager.save_conversation(cid, finals[cid], user_id=user_id)
+    finally:
+        stop.touch()
+        outputs = [proc.communicate(timeout=60) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err, err
+    written = [int(out.split()[-1]) for out, _ in outputs]
+    assert sum(written) > 0, "the flusher processes wrote nothing: no race was tested"
+
+    manager.flush_dirty_conversations()
+    assert pg_conversation_ids(pg_conn) == set(finals)
+    for cid, conv in finals.items():
+        assert_row_matches(pg_conn, cid, user_id, conv)
+    assert pg_message_count(pg_conn) == 200 * 7
+    assert dirty_set(rdb.client) == set()
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Redis down: straight to PostgreSQL, then caching resumes by itself (SPEC 5)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_redis_down_falls_back_to_postgres_and_recovers(make_redis_manager, make_redis_server, pg_conn, user_id):
+    server = make_redis_server()
+    client = redis_client(server.url)
+    manager = make_redis_manager(redis_url=server.url, redis_timeout=0.5)
+    cached = make_conversation(2, title="cached before the outage")
+    manager.save_conversation("0a000001", cached, user_id=user_id)
+    assert manager.flush_dirty_conversations() == 1
+    fallbacks = manager.stats()["postgres_fallbacks"]
+
+    server.kill()
+
+    during = make_conversation(3, title="saved during the outage")
+    manager.save_conversation("0a000002", during, user_id=user_id)
+    assert_row_matches(pg_conn, "0a000002", user_id, during)  # straight to PostgreSQL, nothing lost
+    cached = grown(cached, 2)
+    manager.save_conversation("0a000001", cached, user_id=user_id)
+    assert_row_matches(pg_conn, "0a000001", user_id, cached)
+    doomed = make_conversation(1, title="deleted during the outage")
+    manager.save_conversation("0a000003", doomed, user_id=user_id)
+    assert_row_matches(pg_conn, "0a000003", user_id, doomed)
+    manager.delete_conversation("0a000003", user_id=user_id)
+    assert "0a000003" not in pg_conversation_ids(pg_conn)
+
+    assert manager.get_conversation("0a000001", user_id=user_id) == cached
+    assert manager.get_conversation("0a000002", user_id=user_id) == during
+    assert manager.get_conversation("0a000003", user_id=user_id) is None
+    assert [cid for cid, _ in manager.list_conversations(user_id)] == ["0a000001", "0a000002"]
+    assert manager.flush_dirty_conversations() == 0
+    stats = manager.stats()
+    assert stats["redis_available"] is False
+    assert stats["postgres_fallbacks"] > fallbacks
+
+    server.start()  # same port, empty
+
+    latest = {"v": during}
+
+    def cached_again() -> bool:
+        latest["v"] = grown(latest["v"], 1)
+        manager.save_conversation("0a000002", latest["v"], user_id=user_id)
+        return seed_fields(client, user_id, "0a000002") is not None
+
+    wait_until(cached_again, timeout=30, interval=0.2, what="caching resumed after Redis came back")
+    assert_cached(client, user_id, "0a000002", latest["v"], dirty=True)
+    assert manager.stats()["redis_available"] is True
+    assert manager.get_conversation("0a000002", user_id=user_id) == latest["v"]
+    assert manager.flush_dirty_conversations() == 1
+    assert_row_matches(pg_conn, "0a000002", user_id, latest["v"])
+    assert_row_matches(pg_conn, "0a000001", user_id, cached)
+    assert manager.get_conversation("0a000001", user_id=user_id) == cached
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Partition, then heal: the stale dirty copy never overwrites the newer save (SPEC 4.3)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("fault", ["partition", "stall"])
+def test_partition_then_heal_keeps_the_newer_version(make_redis_manager, rdb, pg_conn, user_id, conv_id, fault):
+    _controllable(rdb.server)
+    with TcpProxy(rdb.server.port) as proxy:
+        manager = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5)
+        v1 = make_conversation(2, title="v1")
+        manager.save_conversation(conv_id, v1, user_id=user_id)
+        assert_cached(rdb.client, user_id, conv_id, v1, dirty=True)
+
+        proxy.partition() if fault == "partition" else proxy.stall()
+        v2 = grown({**v1, "title": "v2"}, 2)
+        manager.save_conversation(conv_id, v2, user_id=user_id)  # Redis unreachable: straight to PostgreSQL
+        assert_row_matches(pg_conn, conv_id, user_id, v2)
+        assert manager.get_conversation(conv_id, user_id=user_id) == v2
+        proxy.heal()
+
+        # Keep flushing while the manager notices Redis is back; v1 (still dirty in Redis) must never win.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            manager.flush_dirty_conversations()
+            assert_row_matches(pg_conn, conv_id, user_id, v2)
+            assert manager.get_conversation(conv_id, user_id=user_id) == v2
+            if manager.stats()["redis_available"] and not dirty_set(rdb.client):
+                break
+            time.sleep(0.2)
+        assert manager.stats()["redis_available"] is True
+        assert manager.get_conversation(conv_id, user_id=user_id) == v2
+        assert [(cid, c["title"]) for cid, c in manager.list_conversations(user_id)] == [(conv_id, "v2")]
+
+        # And a later save goes through Redis again and is flushed normally.
+        v3 = grown({**v2, "title": "v3"}, 1)
+        manager.save_conversation(conv_id, v3, user_id=user_id)
+        assert manager.flush_dirty_conversations() >= 1
+        assert_row_matches(pg_conn, conv_id, user_id, v3)
+        assert dirty_set(rdb.client) == set()
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. PostgreSQL down: saves into Redis, flushes keep them dirty, uncached reads raise (SPEC 5)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_postgres_down_keeps_saving_into_redis(make_redis_manager, rdb, own_pg_server, user_id):
+    params = create_database(own_pg_server.params)
+    conn = params.connect()
+    manager = make_redis_manager(connection_string=params.url, postgres_connect_timeout=2.0)
+    before = make_conversation(2, title="flushed before the outage")
+    manager.save_conversation("b0000001", before, user_id=user_id)
+    uncached = make_conversation(2, title="only in PostgreSQL")
+    manager.save_conversation("b0000003", uncached, user_id=user_id)
+    assert manager.flush_dirty_conversations() == 2
+    rdb.client.delete(conv_key(user_id, "b0000003"))
+    conn.close()
+
+    own_pg_server.stop()
+
+    before = grown(before, 2)
+    manager.save_conversation("b0000001", before, user_id=user_id)
+    during = make_conversation(3, title="saved during the outage")
+    manager.save_conversation("b0000002", during, user_id=user_id)
+    assert_cached(rdb.client, user_id, "b0000001", before, dirty=True)
+    assert_cached(rdb.client, user_id, "b0000002", during, dirty=True)
+
+    _flush_while_postgres_is_down(manager)
+    assert dirty_set(rdb.client) == {dirty_member(user_id, "b0000001"), dirty_member(user_id, "b0000002")}
+    assert_cached(rdb.client, user_id, "b0000001", before, dirty=True)
+
+    assert manager.get_conversation("b0000001", user_id=user_id) == before  # cached: no PostgreSQL needed
+    assert manager.get_conversation("b0000002", user_id=user_id) == during
+    for missing in ("b0000003", "b000ffff"):  # in PostgreSQL only / nowhere: only PostgreSQL can tell
+        with pytest.raises(ConnectionError) as info:
+            manager.get_conversation(missing, user_id=user_id)
+        _assert_postgres_unavailable(info.value)
+    with pytest.raises(ConnectionError) as info:
+        manager.list_conversations(user_id)
+    _assert_postgres_unavailable(info.value)
+    _flush_while_postgres_is_down(manager)
+    assert manager.stats()["dirty_count"] == 2
+
+    own_pg_server.start()
+
+    assert manager.flush_dirty_conversations() == 2
+    conn = params.connect()
+    try:
+        assert_row_matches(conn, "b0000001", user_id, before)
+        assert_row_matches(conn, "b0000002", user_id, during)
+        assert_row_matches(conn, "b0000003", user_id, uncached)
+    finally:
+        conn.close()
+    assert dirty_set(rdb.client) == set()
+    assert manager.get_conversation("b0000003", user_id=user_id) == uncached
+    assert [cid for cid, _ in manager.list_conversations(user_id)] == ["b0000002", "b0000001", "b0000003"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_postgres_connections_cut_then_healed(make_redis_manager, rdb, pg_server, pg_params, user_id):
+    """Dropped PostgreSQL connections in the pool (SPEC 5): the pool replaces them, nothing is lost."""
+    _controllable(pg_server)
+    with TcpProxy(pg_params.port) as proxy:
+        url = f"postgresql://{pg_params.user}@127.0.0.1:{proxy.port}/{pg_params.dbname}"
+        manager = make_redis_manager(connection_string=url, postgres_connect_timeout=2.0)
+        conn = pg_params.connect()
+        first = make_conversation(2, title="first")
+        manager.save_conversation("c0000001", first, user_id=user_id)
+        assert manager.flush_dirty_conversations() == 1
+
+        proxy.partition()
+        second = make_conversation(2, title="second")
+        manager.save_conversation("c0000002", second, user_id=user_id)
+        _flush_while_postgres_is_down(manager)
+        assert dirty_set(rdb.client) == {dirty_member(user_id, "c0000002")}
+        with pytest.raises(ConnectionError) as info:
+            manager.get_conversation("c000ffff", user_id=user_id)
+        _assert_postgres_unavailable(info.value)
+
+        proxy.heal()  # the pool's old connections are dead; new ones work
+        assert wait_until(lambda: _try_flush(manager) == 1, timeout=15, interval=0.2, what="flush after heal")
+        assert_row_matches(conn, "c0000001", user_id, first)
+        assert_row_matches(conn, "c0000002", user_id, second)
+        assert dirty_set(rdb.client) == set()
+        conn.close()
+
+
+def _try_flush(manager) -> int:
+    try:
+        return manager.flush_dirty_conversations()
+    except UnavailableError:
+        return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Redis out of memory (noeviction): the save reaches PostgreSQL (SPEC 5)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_redis_out_of_memory_saves_reach_postgres(make_redis_manager, make_redis_server, pg_conn, user_id, conv_id):
+    server = make_redis_server("--maxmemory", "3mb", "--maxmemory-policy", "noeviction")
+    client = redis_client(server.url)
+    manager = make_redis_manager(redis_url=server.url)
+    v1 = make_conversation(2, title="v1, cached clean")
+    manager.save_conversation(conv_id, v1, user_id=user_id)
+    assert manager.flush_dirty_conversations() == 1
+    assert_cached(client, user_id, conv_id, v1, dirty=False)
+
+    import redis as redis_py
+
+    filled = 0
+    with pytest.raises(redis_py.exceptions.ResponseError, match="OOM"):
+        for filled in range(10_000):  # noqa: B007
+            client.set(f"filler:{filled}", "f" * 10_000)
+    assert filled > 0
+
+    v2 = grown({**v1, "title": "v2, during OOM"}, 2)
+    manager.save_conversation(conv_id, v2, user_id=user_id)
+    assert_row_matches(pg_conn, conv_id, user_id, v2)
+    new = make_conversation(3, title="new during OOM")
+    manager.save_conversation("00e00001", new, user_id=user_id)
+    assert_row_matches(pg_conn, "00e00001", user_id, new)
+
+    # The stale clean v1 in Redis must not be served.
+    assert manager.get_conversation(conv_id, user_id=user_id) == v2
+    assert manager.get_conversation("00e00001", user_id=user_id) == new
+    assert [cid for cid, _ in manager.list_conversations(user_id)] == ["00e00001", conv_id]
+    assert manager.flush_dirty_conversations() == 0
+    assert_row_matches(pg_conn, conv_id, user_id, v2)
+
+    client.flushdb()  # memory back: caching resumes
+    latest = {"v": new}
+
+    def cached_again() -> bool:
+        latest["v"] = grown(latest["v"], 1)
+        manager.save_conversation("00e00001", latest["v"], user_id=user_id)
+        return seed_fields(client, user_id, "00e00001") is not None
+
+    wait_until(cached_again, timeout=30, interval=0.2, what="caching resumed after memory was freed")
+    assert manager.flush_dirty_conversations() == 1
+    assert_row_matches(pg_conn, "00e00001", user_id, latest["v"])
+    assert manager.get_conversation(conv_id, user_id=user_id) == v2
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. A flusher killed half-way, run again: exactly one clean copy (SPEC 4.7)
+# --------------------------------------------------------------------------------------------------
+
+FLUSH_ONCE = """
+    import os
+    from chat_history_rs import ChatHistoryManager
+    manager = ChatHistoryManager(
+        mode="postgres", connection_string=os.environ["T_PG"], redis_enabled=True,
+        redis_connection_string=os.environ["T_REDIS"], background_flush=False, flush_batch_size=50,
+    )
+    print("flushing", flush=True)
+    print(manager.flush_dirty_conversations(), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_flusher_killed_half_way_then_run_again(make_redis_manager, rdb, pg_url, pg_conn, user_id):
+    manager = make_redis_manager()
+    conversations = {f"9f{n:06d}": make_conversation(3 + n % 4, prefix=f"{n} ") for n in range(1000)}
+    for cid, conv in conversations.items():
+        manager.save_conversation(cid, conv, user_id=user_id)
+    env = script_env(T_PG=pg_url, T_REDIS=rdb.url)
+
+    for delay in (0.0, 0.05, 0.2):
+        proc = subprocess.Popen(python_script(FLUSH_ONCE), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert proc.stdout.readline().strip() == b"flushing", proc.stderr.read()
+            time.sleep(delay)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=30)
+        # Whatever the killed flusher committed is complete: no conversation with part of its messages.
+        for cid in pg_conversation_ids(pg_conn):
+            assert_row_matches(pg_conn, cid, user_id, conversations[cid])
+
+    written_before = len(pg_conversation_ids(pg_conn))
+    count = manager.flush_dirty_conversations()
+    assert 1000 - written_before <= count <= 1000
+    assert pg_conversation_ids(pg_conn) == set(conversations)
+    for cid, conv in conversations.items():
+        assert_row_matches(pg_conn, cid, user_id, conv)
+    assert pg_message_count(pg_conn) == sum(len(c["messages"]) for c in conversations.values())
+    assert dirty_set(rdb.client) == set()
+    assert manager.flush_dirty_conversations() == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. A conversation PostgreSQL refuses does not block the others (SPEC 4.6)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_poison_conversation_is_kept_and_does_not_block(make_redis_manager, rdb, pg_conn, user_id, other_user_id):
+    manager = make_redis_manager()
+    owned = make_conversation(2, title="A owns this id")
+    manager.save_conversation("a11ce000", owned, user_id=user_id)
+    assert manager.flush_dirty_conversations() == 1
+
+    bad_role = make_conversation(2, title="bad role")
+    bad_role["messages"][1]["role"] = "system"
+    write_seed_hash(rdb.client, user_id, "0b0150e1", bad_role, ttl=None)
+    # Another user's id (e.g. written by an old seed-design instance, which never checked ownership).
+    write_seed_hash(rdb.client, other_user_id, "a11ce000", make_conversation(1, title="B's"), ttl=None)
+    poison = {dirty_member(user_id, "0b0150e1"), dirty_member(other_user_id, "a11ce000")}
+
+    good = {f"600d{n:04d}": make_conversation(2, prefix=f"{n} ") for n in range(10)}
+    for cid, conv in good.items():
+        manager.save_conversation(cid, conv, user_id=user_id)
+
+    assert manager.flush_dirty_conversations() == 10
+    for cid, conv in good.items():
+        assert_row_matches(pg_conn, cid, user_id, conv)
+    assert_row_matches(pg_conn, "a11ce000", user_id, owned)  # A's row untouched
+    assert "0b0150e1" not in pg_conversation_ids(pg_conn)
+    assert dirty_set(rdb.client) == poison  # recorded, never silently dropped
+    assert rdb.client.exists(conv_key(user_id, "0b0150e1")) and rdb.client.exists(conv_key(other_user_id, "a11ce000"))
+    stats = manager.stats()
+    assert stats["flush_failures"] >= 1
+    assert poison <= set(stats["stuck_conversations"]), stats["stuck_conversations"]
+
+    # The next flush still writes the good ones (the poison is retried with backoff, not in their way).
+    later = make_conversation(3, title="later")
+    manager.save_conversation("600dffff", later, user_id=user_id)
+    updated = grown(good["600d0000"], 1)
+    manager.save_conversation("600d0000", updated, user_id=user_id)
+    assert manager.flush_dirty_conversations() == 2
+    assert_row_matches(pg_conn, "600dffff", user_id, later)
+    assert_row_matches(pg_conn, "600d0000", user_id, updated)
+    assert_row_matches(pg_conn, "a11ce000", user_id, owned)
+    assert dirty_set(rdb.client) == poison
+    assert poison <= set(manager.stats()["stuck_conversations"])
+    assert fetch_conversation_row(pg_conn, "0b0150e1") is None
+
+
+# --------------------------------------------------------------------------------------------------
+# 10. Redis restarts (data lost): the same manager keeps working (SPEC 5)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_redis_restart_manager_keeps_working(make_redis_manager, make_redis_server, pg_conn, user_id):
+    server = make_redis_server()
+    client = redis_client(server.url)
+    manager = make_redis_manager(redis_url=server.url, redis_timeout=0.5)
+    flushed = make_conversation(2, title="flushed")
+    manager.save_conversation("1e000001", flushed, user_id=user_id)
+    manager.flush_dirty_conversations()
+    for n in range(5):  # warm the pool: several connections that the restart will break
+        assert manager.get_conversation("1e000001", user_id=user_id) == flushed
+
+    server.restart()  # --save '': everything in Redis is gone
+    assert client.dbsize() == 0
+
+    # No call raises: Redis errors fall back to PostgreSQL or reconnect.
+    assert manager.get_conversation("1e000001", user_id=user_id) == flushed
+    assert [cid for cid, _ in manager.list_conversations(user_id)] == ["1e000001"]
+    latest = {"v": make_conversation(1, title="after restart")}
+    manager.save_conversation("1e000002", latest["v"], user_id=user_id)
+
+    def cached_again() -> bool:
+        latest["v"] = grown(latest["v"], 1)
+        manager.save_conversation("1e000002", latest["v"], user_id=user_id)
+        return seed_fields(client, user_id, "1e000002") is not None
+
+    wait_until(cached_again, timeout=30, interval=0.2, what="caching after the Redis restart")
+    assert_cached(client, user_id, "1e000002", latest["v"], dirty=True)
+    assert manager.get_conversation("1e000002", user_id=user_id) == latest["v"]
+    assert manager.flush_dirty_conversations() == 1
+    assert_row_matches(pg_conn, "1e000002", user_id, latest["v"])
+    assert_row_matches(pg_conn, "1e000001", user_id, flushed)
+    assert manager.stats()["redis_available"] is True
+
+
+# --------------------------------------------------------------------------------------------------
+# The tools themselves
+# --------------------------------------------------------------------------------------------------
+
+
+def test_tcp_proxy_forwards_cuts_refuses_stalls_and_heals(rdb):
+    _controllable(rdb.server)
+    import redis as redis_py
+
+    with TcpProxy(rdb.server.port) as proxy:
+        client = redis_py.Redis(port=proxy.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        assert client.ping()
+        proxy.cut()
+        assert client.ping()  # redis-py reconnects on a dropped connection
+        proxy.partition()
+        with pytest.raises(redis_py.exceptions.ConnectionError):
+            client.ping()
+        proxy.heal()
+        assert client.ping()
+        proxy.stall()
+        with pytest.raises((redis_py.exceptions.TimeoutError, redis_py.exceptions.ConnectionError)):
+            client.ping()
+        proxy.heal()
+        client.connection_pool.disconnect()
+        assert client.ping()
+        client.close()
