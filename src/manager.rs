@@ -606,9 +606,11 @@ impl CachedTier {
             None => None,
         };
         let (_, tombstone) = self.pg()?.delete_versioned(conversation_id, user_id, seen_version.unwrap_or(0))?;
-        if seen_version.is_none() {
-            if let Some(version) = tombstone {
+        if let Some(version) = tombstone {
+            if seen_version.is_none() {
                 self.health.remember(user_id, conversation_id, version);
+            } else if let Some(Err(e)) = self.cache(|r| r.mark_deleted(user_id, conversation_id, version)) {
+                log::debug!("could not record the delete of {conversation_id:?} in Redis: {}", e.into_error());
             }
         }
         Ok(())
@@ -660,7 +662,8 @@ impl Flush for CachedTier {
     fn background_flush(&self) {
         match self.flush(None) {
             Ok(_) => {}
-            Err(e) if e.is_unavailable() => log::debug!("background flush skipped: {e}"),
+            Err(e) if e.kind() == ErrorKind::Unavailable(Backend::Redis) => log::debug!("background flush skipped: {e}"),
+            Err(e) if e.is_unavailable() => log::warn!("background flush: dirty conversations stay in Redis until PostgreSQL is back ({e})"),
             Err(e) => log::warn!("background flush failed: {e}"),
         }
     }

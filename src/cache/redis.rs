@@ -172,7 +172,9 @@ impl ListEntry<'_> {
 
 /// KEYS: conv, dirty set, list, list meta, user dirty, owner, dirty since, delete tombstone.
 /// ARGV: member, user, title, model, messages, created_at, last_modified, score, meta, claim, id.
-/// The version is Redis's clock in microseconds, bumped past the hash's current version.
+/// The version is Redis's clock in microseconds, bumped past the hash's current version and past
+/// a delete's tombstone, so a conversation saved again right after its delete is never mistaken
+/// for an older copy even if PostgreSQL's clock runs ahead of Redis's.
 static SAVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -182,7 +184,8 @@ if not owner and ARGV[10] ~= '1' and redis.call('EXISTS', KEYS[1]) == 0 then ret
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local old = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0') or 0
-local ver = string.format('%.0f', math.max(now, old + 1))
+local deleted = tonumber(redis.call('GET', KEYS[8]) or '0') or 0
+local ver = string.format('%.0f', math.max(now, old + 1, deleted + 1))
 local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[6]
 local meta = ARGV[9]
 if created ~= ARGV[6] then
@@ -640,6 +643,13 @@ impl RedisCache {
         }
         let version = reply.get(1).and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).and_then(|v| v.parse().ok());
         Ok(Some(version.unwrap_or(0)))
+    }
+
+    /// Records PostgreSQL's tombstone version for a just-deleted conversation, so a save of the
+    /// same id soon after gets a newer version whatever the clocks say.
+    pub fn mark_deleted(&self, user_id: &str, conversation_id: &str, version: i64) -> CacheResult<()> {
+        let key = deleted_key(user_id, conversation_id);
+        self.run(|con| redis::cmd("SET").arg(&key).arg(version).arg("EX").arg(DELETE_TOMBSTONE_SECONDS).query::<()>(con))
     }
 
     /// The user's cached list (ids with metadata, newest first), or `None` when not cached.
