@@ -9,26 +9,45 @@ use crate::error::{Error, Result};
 use crate::model::{Conversation, Message, Role, Timestamp};
 
 fn type_name(value: &Bound<'_, PyAny>) -> String {
-    value.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string())
+    value
+        .get_type()
+        .name()
+        .map_or_else(|_| "?".to_owned(), |n| n.to_string())
 }
 
 fn string(conversation_id: &str, field: &str, value: &Bound<'_, PyAny>) -> Result<String> {
     let text = value.cast::<PyString>().map_err(|_| {
-        Error::invalid_type(format!("conversation {conversation_id:?}: {field} must be a str, got {}", type_name(value)))
+        Error::invalid_type(format!(
+            "conversation {conversation_id:?}: {field} must be a str, got {}",
+            type_name(value)
+        ))
     })?;
     text.to_cow()
         .map(std::borrow::Cow::into_owned)
-        .map_err(|_| Error::validation(format!("conversation {conversation_id:?}: {field} is not valid Unicode")))
+        .map_err(|_| {
+            Error::validation(format!(
+                "conversation {conversation_id:?}: {field} is not valid Unicode"
+            ))
+        })
 }
 
 /// A timestamp field: an ISO 8601 string or a `datetime` (naive taken as UTC); absent or `None`
 /// means now (SPEC section 2).
-fn timestamp(conversation_id: &str, field: &str, value: Option<Bound<'_, PyAny>>) -> Result<Timestamp> {
-    let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(Timestamp::now()) };
+fn timestamp(
+    conversation_id: &str,
+    field: &str,
+    value: Option<Bound<'_, PyAny>>,
+) -> Result<Timestamp> {
+    let Some(value) = value.filter(|v| !v.is_none()) else {
+        return Ok(Timestamp::now());
+    };
     let prefix = || format!("conversation {conversation_id:?}: {field}");
     if let Ok(text) = value.cast::<PyString>() {
-        let text = text.to_cow().map_err(|_| Error::validation(format!("{} is not valid Unicode", prefix())))?;
-        return Timestamp::parse(&text).map_err(|e| Error::validation(format!("{}: {e}", prefix())));
+        let text = text
+            .to_cow()
+            .map_err(|_| Error::validation(format!("{} is not valid Unicode", prefix())))?;
+        return Timestamp::parse(&text)
+            .map_err(|e| Error::validation(format!("{}: {e}", prefix())));
     }
     let is_datetime = value
         .py()
@@ -50,11 +69,17 @@ fn timestamp(conversation_id: &str, field: &str, value: Option<Bound<'_, PyAny>>
     Timestamp::parse(&text).map_err(|e| Error::validation(format!("{}: {e}", prefix())))
 }
 
-fn required<'py>(conversation_id: &str, dict: &Bound<'py, PyDict>, key: &Bound<'py, PyString>, field: &str) -> Result<Bound<'py, PyAny>> {
-    dict.get_item(key)
-        .ok()
-        .flatten()
-        .ok_or_else(|| Error::validation(format!("conversation {conversation_id:?}: {field} is required")))
+fn required<'py>(
+    conversation_id: &str,
+    dict: &Bound<'py, PyDict>,
+    key: &Bound<'py, PyString>,
+    field: &str,
+) -> Result<Bound<'py, PyAny>> {
+    dict.get_item(key).ok().flatten().ok_or_else(|| {
+        Error::validation(format!(
+            "conversation {conversation_id:?}: {field} is required"
+        ))
+    })
 }
 
 fn message(conversation_id: &str, index: usize, value: &Bound<'_, PyAny>) -> Result<Message> {
@@ -66,32 +91,69 @@ fn message(conversation_id: &str, index: usize, value: &Bound<'_, PyAny>) -> Res
             type_name(value)
         ))
     })?;
-    let role_text = string(conversation_id, &field("role"), &required(conversation_id, dict, intern!(py, "role"), &field("role"))?)?;
+    let role_text = string(
+        conversation_id,
+        &field("role"),
+        &required(conversation_id, dict, intern!(py, "role"), &field("role"))?,
+    )?;
     let role = Role::parse(&role_text).ok_or_else(|| {
         Error::validation(format!(
             "conversation {conversation_id:?}: {} must be 'user' or 'assistant', got {role_text:?}",
             field("role")
         ))
     })?;
-    let content =
-        string(conversation_id, &field("content"), &required(conversation_id, dict, intern!(py, "content"), &field("content"))?)?;
-    let time = timestamp(conversation_id, &field("time"), dict.get_item(intern!(py, "time")).ok().flatten())?;
-    Ok(Message { role, content, time })
+    let content = string(
+        conversation_id,
+        &field("content"),
+        &required(
+            conversation_id,
+            dict,
+            intern!(py, "content"),
+            &field("content"),
+        )?,
+    )?;
+    let time = timestamp(
+        conversation_id,
+        &field("time"),
+        dict.get_item(intern!(py, "time")).ok().flatten(),
+    )?;
+    Ok(Message {
+        role,
+        content,
+        time,
+    })
 }
 
 /// The app's conversation dict as a [`Conversation`], with defaults for missing timestamps.
-pub(crate) fn conversation_from_py(conversation_id: &str, value: &Bound<'_, PyAny>) -> Result<Conversation> {
+pub(crate) fn conversation_from_py(
+    conversation_id: &str,
+    value: &Bound<'_, PyAny>,
+) -> Result<Conversation> {
     let py = value.py();
     let dict = value.cast::<PyDict>().map_err(|_| {
-        Error::invalid_type(format!("conversation {conversation_id:?}: the conversation must be a dict, got {}", type_name(value)))
+        Error::invalid_type(format!(
+            "conversation {conversation_id:?}: the conversation must be a dict, got {}",
+            type_name(value)
+        ))
     })?;
-    let title = string(conversation_id, "title", &required(conversation_id, dict, intern!(py, "title"), "title")?)?;
-    let model = string(conversation_id, "model", &required(conversation_id, dict, intern!(py, "model"), "model")?)?;
+    let title = string(
+        conversation_id,
+        "title",
+        &required(conversation_id, dict, intern!(py, "title"), "title")?,
+    )?;
+    let model = string(
+        conversation_id,
+        "model",
+        &required(conversation_id, dict, intern!(py, "model"), "model")?,
+    )?;
     let messages = match dict.get_item(intern!(py, "messages")).ok().flatten() {
         None => Vec::new(),
         Some(list) => {
             let list = list.cast::<PyList>().map_err(|_| {
-                Error::invalid_type(format!("conversation {conversation_id:?}: messages must be a list, got {}", type_name(&list)))
+                Error::invalid_type(format!(
+                    "conversation {conversation_id:?}: messages must be a list, got {}",
+                    type_name(&list)
+                ))
             })?;
             let mut messages = Vec::with_capacity(list.len());
             for (index, item) in list.iter().enumerate() {
@@ -100,13 +162,30 @@ pub(crate) fn conversation_from_py(conversation_id: &str, value: &Bound<'_, PyAn
             messages
         }
     };
-    let created_at = timestamp(conversation_id, "created_at", dict.get_item(intern!(py, "created_at")).ok().flatten())?;
-    let last_modified = timestamp(conversation_id, "last_modified", dict.get_item(intern!(py, "last_modified")).ok().flatten())?;
-    Ok(Conversation { title, model, messages, created_at, last_modified })
+    let created_at = timestamp(
+        conversation_id,
+        "created_at",
+        dict.get_item(intern!(py, "created_at")).ok().flatten(),
+    )?;
+    let last_modified = timestamp(
+        conversation_id,
+        "last_modified",
+        dict.get_item(intern!(py, "last_modified")).ok().flatten(),
+    )?;
+    Ok(Conversation {
+        title,
+        model,
+        messages,
+        created_at,
+        last_modified,
+    })
 }
 
 /// A [`Conversation`] as the app's dict, keys in the app's order.
-pub(crate) fn conversation_to_py<'py>(py: Python<'py>, conv: &Conversation) -> PyResult<Bound<'py, PyDict>> {
+pub(crate) fn conversation_to_py<'py>(
+    py: Python<'py>,
+    conv: &Conversation,
+) -> PyResult<Bound<'py, PyDict>> {
     let messages = PyList::empty(py);
     for m in &conv.messages {
         let item = PyDict::new(py);
@@ -125,7 +204,10 @@ pub(crate) fn conversation_to_py<'py>(py: Python<'py>, conv: &Conversation) -> P
 }
 
 /// `list_conversations`' result: `[(conversation_id, conversation), ...]`.
-pub(crate) fn listing_to_py<'py>(py: Python<'py>, items: &[(String, Conversation)]) -> PyResult<Bound<'py, PyList>> {
+pub(crate) fn listing_to_py<'py>(
+    py: Python<'py>,
+    items: &[(String, Conversation)],
+) -> PyResult<Bound<'py, PyList>> {
     let list = PyList::empty(py);
     for (id, conv) in items {
         list.append((id, conversation_to_py(py, conv)?))?;

@@ -4,7 +4,10 @@
 //! so `except ValueError:` around a Phase 1 call keeps working. pyo3's `create_exception!` takes a
 //! single base, so the classes are made with `type(name, bases, namespace)` at import.
 
-use pyo3::exceptions::{PyConnectionError, PyException, PyOSError, PyPermissionError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{
+    PyConnectionError, PyException, PyOSError, PyPermissionError, PyRuntimeError, PyTypeError,
+    PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
@@ -26,7 +29,12 @@ pub(crate) struct Exceptions {
 
 static EXCEPTIONS: PyOnceLock<Exceptions> = PyOnceLock::new();
 
-fn make(py: Python<'_>, name: &str, bases: &[Bound<'_, PyType>], doc: &str) -> PyResult<Py<PyType>> {
+fn make(
+    py: Python<'_>,
+    name: &str,
+    bases: &[Bound<'_, PyType>],
+    doc: &str,
+) -> PyResult<Py<PyType>> {
     let namespace = PyDict::new(py);
     namespace.set_item("__module__", "chat_history_rs")?;
     namespace.set_item("__doc__", doc)?;
@@ -70,7 +78,7 @@ pub(crate) fn exceptions(py: Python<'_>) -> PyResult<&Exceptions> {
                 &[b.clone(), py.get_type::<PyConnectionError>()],
                 "PostgreSQL or Redis could not be reached; the message names which.",
             )?,
-            database: make(py, "DatabaseError", &[b.clone()], "The database was reached and refused the operation.")?,
+            database: make(py, "DatabaseError", std::slice::from_ref(&b), "The database was reached and refused the operation.")?,
             local_storage: make(
                 py,
                 "LocalStorageError",
