@@ -54,9 +54,7 @@ impl SslMode {
         match self {
             SslMode::Disable => postgres::config::SslMode::Disable,
             SslMode::Allow | SslMode::Prefer => postgres::config::SslMode::Prefer,
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
-                postgres::config::SslMode::Require
-            }
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => postgres::config::SslMode::Require,
         }
     }
 }
@@ -124,19 +122,13 @@ impl PostgresSettings {
         })?;
         let mut config = postgres::Config::from_str(&stripped)
             // The driver's parse errors name the bad option, never echo the string itself.
-            .map_err(|e| {
-                Error::config("the PostgreSQL connection string is not valid").with_source(e)
-            })?;
-        let ssl_mode = ssl_mode
-            .as_deref()
-            .map_or(Ok(SslMode::Prefer), SslMode::parse)?;
+            .map_err(|e| Error::config("the PostgreSQL connection string is not valid").with_source(e))?;
+        let ssl_mode = ssl_mode.as_deref().map_or(Ok(SslMode::Prefer), SslMode::parse)?;
         config.ssl_mode(ssl_mode.wire());
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(connect_timeout);
         }
-        config
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(30));
+        config.keepalives(true).keepalives_idle(Duration::from_secs(30));
         if config.get_application_name().is_none() {
             config.application_name("chat_history_rs");
         }
@@ -145,13 +137,7 @@ impl PostgresSettings {
         }
         // An explicit argument wins over the string's sslrootcert, as keyword arguments win elsewhere.
         let ca_file = ca_file.or_else(|| root_cert.filter(|p| p != "system").map(PathBuf::from));
-        Ok(PostgresSettings {
-            config,
-            ssl_mode,
-            ca_file,
-            pool_size,
-            connect_timeout,
-        })
+        Ok(PostgresSettings { config, ssl_mode, ca_file, pool_size, connect_timeout })
     }
 
     /// What is checked of the server's certificate. libpq: `require` with a root CA file verifies
@@ -188,12 +174,7 @@ impl PostgresSettings {
                     postgres::config::Host::Tcp(name) => name.clone(),
                     postgres::config::Host::Unix(path) => path.display().to_string(),
                 };
-                match self
-                    .config
-                    .get_ports()
-                    .get(i)
-                    .or_else(|| self.config.get_ports().first())
-                {
+                match self.config.get_ports().get(i).or_else(|| self.config.get_ports().first()) {
                     Some(port) => format!("{name}:{port}"),
                     None => name,
                 }
@@ -221,10 +202,7 @@ fn ssl_mode_name(mode: SslMode) -> &'static str {
 
 /// Removes the parameters `take` claims (it sees each key and decoded value) from a connection
 /// string in either form, returning the rest in a form `postgres::Config` parses.
-fn strip_params(
-    connection_string: &str,
-    take: &mut dyn FnMut(&str, &str) -> bool,
-) -> Result<String> {
+fn strip_params(connection_string: &str, take: &mut dyn FnMut(&str, &str) -> bool) -> Result<String> {
     let trimmed = connection_string.trim();
     if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
         let Some((base, query)) = trimmed.split_once('?') else {
@@ -237,11 +215,7 @@ fn strip_params(
                 !take(&percent_decode(key), &percent_decode(value))
             })
             .collect();
-        return Ok(if kept.is_empty() {
-            base.to_owned()
-        } else {
-            format!("{base}?{}", kept.join("&"))
-        });
+        return Ok(if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) });
     }
     let mut kept = String::new();
     for (key, value) in parse_key_values(trimmed)? {
@@ -342,29 +316,20 @@ pub(crate) fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| {
-                Error::config(format!("cannot read the CA file {}", path.display())).with_source(e)
-            })?;
+            let pem = std::fs::read(path)
+                .map_err(|e| Error::config(format!("cannot read the CA file {}", path.display())).with_source(e))?;
             let mut found = 0;
             for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
                 let cert = cert.map_err(|e| {
-                    Error::config(format!("the CA file {} is not valid PEM", path.display()))
-                        .with_source(e)
+                    Error::config(format!("the CA file {} is not valid PEM", path.display())).with_source(e)
                 })?;
                 roots.add(cert).map_err(|e| {
-                    Error::config(format!(
-                        "the CA file {} holds a bad certificate",
-                        path.display()
-                    ))
-                    .with_source(e)
+                    Error::config(format!("the CA file {} holds a bad certificate", path.display())).with_source(e)
                 })?;
                 found += 1;
             }
             if found == 0 {
-                return Err(Error::config(format!(
-                    "the CA file {} holds no certificate",
-                    path.display()
-                )));
+                return Err(Error::config(format!("the CA file {} holds no certificate", path.display())));
             }
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -373,33 +338,19 @@ pub(crate) fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore> {
 }
 
 /// A rustls client config that checks as much of the server's certificate as `verification` asks.
-pub(crate) fn client_tls_config(
-    verification: Verification,
-    ca_file: Option<&Path>,
-) -> Result<ClientConfig> {
+pub(crate) fn client_tls_config(verification: Verification, ca_file: Option<&Path>) -> Result<ClientConfig> {
     let provider = crypto_provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::config("TLS setup failed").with_source(e))?;
     let config = match verification {
-        Verification::Full => builder
-            .with_root_certificates(root_store(ca_file)?)
-            .with_no_client_auth(),
+        Verification::Full => builder.with_root_certificates(root_store(ca_file)?).with_no_client_auth(),
         Verification::Chain | Verification::None => {
-            let webpki = WebPkiServerVerifier::builder_with_provider(
-                Arc::new(root_store(ca_file)?),
-                provider.clone(),
-            )
-            .build()
-            .map_err(|e| Error::config("TLS setup failed").with_source(e))?;
-            let verifier = RelaxedVerifier {
-                inner: webpki,
-                check_chain: verification == Verification::Chain,
-            };
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(verifier))
-                .with_no_client_auth()
+            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(ca_file)?), provider.clone())
+                .build()
+                .map_err(|e| Error::config("TLS setup failed").with_source(e))?;
+            let verifier = RelaxedVerifier { inner: webpki, check_chain: verification == Verification::Chain };
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
         }
     };
     Ok(config)
@@ -425,16 +376,9 @@ impl ServerCertVerifier for RelaxedVerifier {
         if !self.check_chain {
             return Ok(ServerCertVerified::assertion());
         }
-        match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForName
-                | rustls::CertificateError::NotValidForNameContext { .. },
+                rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
             other => other,
         }
@@ -473,21 +417,20 @@ mod tests {
 
     #[test]
     fn url_form_with_libpq_sslmodes() {
-        let s = parse("postgresql://app:s3cret@db.example.com:6432/chat?sslmode=verify-full&application_name=x").unwrap();
+        let s =
+            parse("postgresql://app:s3cret@db.example.com:6432/chat?sslmode=verify-full&application_name=x").unwrap();
         assert_eq!(s.ssl_mode, SslMode::VerifyFull);
         assert_eq!(s.verification(), Verification::Full);
         assert_eq!(s.config.get_ssl_mode(), postgres::config::SslMode::Require);
         assert_eq!(s.config.get_dbname(), Some("chat"));
         assert_eq!(s.config.get_ports(), &[6432]);
-        assert_eq!(
-            s.redacted(),
-            "postgresql://app@db.example.com:6432/chat?sslmode=verify-full"
-        );
+        assert_eq!(s.redacted(), "postgresql://app@db.example.com:6432/chat?sslmode=verify-full");
     }
 
     #[test]
     fn key_value_form_with_quotes() {
-        let s = parse("host=localhost port=5433 user=app password='it\\'s pw' dbname=chat sslmode = verify-ca").unwrap();
+        let s =
+            parse("host=localhost port=5433 user=app password='it\\'s pw' dbname=chat sslmode = verify-ca").unwrap();
         assert_eq!(s.ssl_mode, SslMode::VerifyCa);
         assert_eq!(s.verification(), Verification::Chain);
         assert_eq!(s.config.get_user(), Some("app"));
@@ -516,10 +459,7 @@ mod tests {
 
     #[test]
     fn percent_decoding() {
-        assert_eq!(
-            percent_decode("-c%20TimeZone%3DAsia/Tokyo"),
-            "-c TimeZone=Asia/Tokyo"
-        );
+        assert_eq!(percent_decode("-c%20TimeZone%3DAsia/Tokyo"), "-c TimeZone=Asia/Tokyo");
         assert_eq!(percent_decode("100%"), "100%");
     }
 }
@@ -567,11 +507,8 @@ impl RedisSettings {
         ttl_seconds: u64,
     ) -> Result<Self> {
         let url = url.trim();
-        let invalid =
-            |why: &str| Error::config(format!("the Redis connection string is not valid: {why}"));
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| invalid("expected redis:// or rediss://"))?;
+        let invalid = |why: &str| Error::config(format!("the Redis connection string is not valid: {why}"));
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| invalid("expected redis:// or rediss://"))?;
         let mut tls = match scheme {
             "redis" => false,
             "rediss" => true,
@@ -600,12 +537,8 @@ impl RedisSettings {
         if authority.is_empty() {
             return Err(invalid("missing host name"));
         }
-        let db = if db.is_empty() {
-            0
-        } else {
-            db.parse::<u32>()
-                .map_err(|_| invalid("the database must be a number"))?
-        };
+        let db =
+            if db.is_empty() { 0 } else { db.parse::<u32>().map_err(|_| invalid("the database must be a number"))? };
         let (user, password) = match userinfo {
             None => (None, None),
             Some(info) => match info.split_once(':') {
@@ -613,18 +546,7 @@ impl RedisSettings {
                 None => (Some(info), None),
             },
         };
-        Self::build(
-            tls,
-            insecure,
-            authority,
-            db,
-            user,
-            password,
-            ca_file,
-            pool_size,
-            timeout,
-            ttl_seconds,
-        )
+        Self::build(tls, insecure, authority, db, user, password, ca_file, pool_size, timeout, ttl_seconds)
     }
 
     /// Redis by parts (`redis_host`, `redis_port`, `redis_password`, `redis_ssl`), as the app's
@@ -639,18 +561,7 @@ impl RedisSettings {
         timeout: Duration,
         ttl_seconds: u64,
     ) -> Result<Self> {
-        Self::build(
-            ssl,
-            false,
-            &format!("{host}:{port}"),
-            0,
-            None,
-            password,
-            ca_file,
-            pool_size,
-            timeout,
-            ttl_seconds,
-        )
+        Self::build(ssl, false, &format!("{host}:{port}"), 0, None, password, ca_file, pool_size, timeout, ttl_seconds)
     }
 
     fn build(
@@ -685,18 +596,8 @@ impl RedisSettings {
         if insecure {
             url.push_str("#insecure");
         }
-        let redacted = format!(
-            "{scheme}://{hostport}/{db}{}",
-            if insecure { "#insecure" } else { "" }
-        );
-        Ok(RedisSettings {
-            url,
-            redacted,
-            ca_file,
-            pool_size,
-            timeout,
-            ttl_seconds,
-        })
+        let redacted = format!("{scheme}://{hostport}/{db}{}", if insecure { "#insecure" } else { "" });
+        Ok(RedisSettings { url, redacted, ca_file, pool_size, timeout, ttl_seconds })
     }
 
     /// The URL for the driver. Holds the password: never log or show it.
@@ -736,45 +637,23 @@ mod redis_tests {
     #[test]
     fn azure_form_with_a_raw_base64_key() {
         let s = parse("rediss://:ab/cd+ef==@name.redis.cache.windows.net:6380/0?ssl=true");
-        assert_eq!(
-            s.url(),
-            "rediss://:ab%2Fcd%2Bef%3D%3D@name.redis.cache.windows.net:6380/0"
-        );
+        assert_eq!(s.url(), "rediss://:ab%2Fcd%2Bef%3D%3D@name.redis.cache.windows.net:6380/0");
         assert_eq!(s.redacted(), "rediss://name.redis.cache.windows.net:6380/0");
     }
 
     #[test]
     fn plain_and_opt_out_forms() {
-        assert_eq!(
-            parse("redis://127.0.0.1:6379").url(),
-            "redis://127.0.0.1:6379/0"
-        );
-        assert_eq!(
-            parse("redis://user:pw@h:1/2").url(),
-            "redis://user:pw@h:1/2"
-        );
-        assert!(parse("rediss://h:6380/0#insecure")
-            .url()
-            .ends_with("#insecure"));
-        assert!(parse("rediss://h:6380/0?ssl_cert_reqs=none")
-            .url()
-            .ends_with("#insecure"));
+        assert_eq!(parse("redis://127.0.0.1:6379").url(), "redis://127.0.0.1:6379/0");
+        assert_eq!(parse("redis://user:pw@h:1/2").url(), "redis://user:pw@h:1/2");
+        assert!(parse("rediss://h:6380/0#insecure").url().ends_with("#insecure"));
+        assert!(parse("rediss://h:6380/0?ssl_cert_reqs=none").url().ends_with("#insecure"));
         assert!(RedisSettings::from_url("http://h", None, 4, Duration::from_secs(1), 1).is_err());
     }
 
     #[test]
     fn by_parts() {
-        let s = RedisSettings::from_parts(
-            "h.example",
-            6380,
-            Some("k/ey"),
-            true,
-            None,
-            4,
-            Duration::from_secs(1),
-            1800,
-        )
-        .unwrap();
+        let s = RedisSettings::from_parts("h.example", 6380, Some("k/ey"), true, None, 4, Duration::from_secs(1), 1800)
+            .unwrap();
         assert_eq!(s.url(), "rediss://:k%2Fey@h.example:6380/0");
         assert!(!format!("{s:?}").contains("k/ey"));
     }

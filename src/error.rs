@@ -58,19 +58,12 @@ struct Inner {
 impl Error {
     /// An error of `kind` with a message for humans.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error(Box::new(Inner {
-            kind,
-            message: message.into(),
-            source: None,
-        }))
+        Error(Box::new(Inner { kind, message: message.into(), source: None }))
     }
 
     /// Attaches the lower-level cause (kept for `source()`, shown after the message).
     #[must_use]
-    pub fn with_source(
-        mut self,
-        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-    ) -> Self {
+    pub fn with_source(mut self, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         self.0.source = Some(source.into());
         self
     }
@@ -134,10 +127,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.0
-            .source
-            .as_deref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
+        self.0.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -151,15 +141,8 @@ mod tests {
     #[test]
     fn display_appends_the_source() {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
-        let err = Error::new(
-            ErrorKind::Unavailable(Backend::Postgres),
-            "PostgreSQL is unavailable",
-        )
-        .with_source(io);
-        assert_eq!(
-            err.to_string(),
-            "PostgreSQL is unavailable: connection refused"
-        );
+        let err = Error::new(ErrorKind::Unavailable(Backend::Postgres), "PostgreSQL is unavailable").with_source(io);
+        assert_eq!(err.to_string(), "PostgreSQL is unavailable: connection refused");
         assert!(err.is_unavailable());
         assert!(std::error::Error::source(&err).is_some());
     }

@@ -33,9 +33,7 @@ impl Mode {
             "local" => Ok(Mode::Local),
             "postgres" => Ok(Mode::Postgres),
             "redis" => Ok(Mode::Redis),
-            other => Err(Error::config(format!(
-                "mode must be 'local', 'postgres' or 'redis', got {other:?}"
-            ))),
+            other => Err(Error::config(format!("mode must be 'local', 'postgres' or 'redis', got {other:?}"))),
         }
     }
 
@@ -176,14 +174,13 @@ impl ChatHistory {
     /// missing, so a bad connection string fails here rather than at the first call.
     pub fn open(settings: &Settings) -> Result<Arc<Self>> {
         if settings.history_days < 0 {
-            return Err(Error::config(format!(
-                "history_days must be 0 or more, got {}",
-                settings.history_days
-            )));
+            return Err(Error::config(format!("history_days must be 0 or more, got {}", settings.history_days)));
         }
         let postgres = || -> Result<Arc<PostgresStore>> {
             let pg = settings.postgres.as_ref().ok_or_else(|| {
-                Error::config("this mode needs a PostgreSQL connection string (the connection_string argument or DATABASE_URL)")
+                Error::config(
+                    "this mode needs a PostgreSQL connection string (the connection_string argument or DATABASE_URL)",
+                )
             })?;
             Ok(Arc::new(PostgresStore::new(pg)?))
         };
@@ -211,14 +208,14 @@ impl ChatHistory {
                 };
                 let cache = Arc::new(RedisCache::new(redis)?);
                 if let Err(e) = cache.ping() {
-                    log::warn!("Redis is unavailable at {} at start; using PostgreSQL until it is back ({})", cache.redacted_url(), e.into_error());
+                    log::warn!(
+                        "Redis is unavailable at {} at start; using PostgreSQL until it is back ({})",
+                        cache.redacted_url(),
+                        e.into_error()
+                    );
                 }
                 Tier::Cached(Arc::new(CachedTier {
-                    flusher: Flusher::new(
-                        Arc::clone(&cache),
-                        Arc::clone(&store),
-                        settings.flush_batch_size,
-                    ),
+                    flusher: Flusher::new(Arc::clone(&cache), Arc::clone(&store), settings.flush_batch_size),
                     redis: cache,
                     postgres: store,
                     schema_ready: AtomicBool::new(schema_ready),
@@ -283,12 +280,8 @@ impl ChatHistory {
     }
 
     fn require_user<'a>(&self, user_id: Option<&'a str>) -> Result<&'a str> {
-        let user_id = user_id.ok_or_else(|| {
-            Error::validation(format!(
-                "user_id is required in {} mode",
-                self.mode.as_str()
-            ))
-        })?;
+        let user_id =
+            user_id.ok_or_else(|| Error::validation(format!("user_id is required in {} mode", self.mode.as_str())))?;
         validate::user_id(user_id)?;
         Ok(user_id)
     }
@@ -317,11 +310,7 @@ impl ChatHistory {
     }
 
     /// The conversation, or `None` when there is none of that id (for that user).
-    pub fn get(
-        &self,
-        conversation_id: &str,
-        user_id: Option<&str>,
-    ) -> Result<Option<Conversation>> {
+    pub fn get(&self, conversation_id: &str, user_id: Option<&str>) -> Result<Option<Conversation>> {
         validate::conversation_id(conversation_id)?;
         let result = match &*self.tier()? {
             Tier::Local(store) => store.get(conversation_id),
@@ -332,19 +321,12 @@ impl ChatHistory {
     }
 
     /// Stores the conversation. Refuses bad input and other users' ids before anything is written.
-    pub fn save(
-        &self,
-        conversation_id: &str,
-        user_id: Option<&str>,
-        conv: &Conversation,
-    ) -> Result<()> {
+    pub fn save(&self, conversation_id: &str, user_id: Option<&str>, conv: &Conversation) -> Result<()> {
         validate::conversation_id(conversation_id)?;
         validate::conversation(conversation_id, conv)?;
         let result = match &*self.tier()? {
             Tier::Local(store) => store.save(conversation_id, conv),
-            Tier::Postgres(store) => store
-                .save(conversation_id, self.require_user(user_id)?, conv)
-                .map(|_| ()),
+            Tier::Postgres(store) => store.save(conversation_id, self.require_user(user_id)?, conv).map(|_| ()),
             Tier::Cached(cached) => cached.save(conversation_id, self.require_user(user_id)?, conv),
         };
         self.count(&self.counters.saves, result)
@@ -359,9 +341,7 @@ impl ChatHistory {
                 let user_id = self.require_user(user_id)?;
                 store.delete(conversation_id, user_id).map(|deleted| {
                     if !deleted {
-                        log::debug!(
-                            "delete of {conversation_id:?}: no such conversation for this user"
-                        );
+                        log::debug!("delete of {conversation_id:?}: no such conversation for this user");
                     }
                 })
             }
@@ -382,19 +362,10 @@ impl ChatHistory {
     /// Stops the background flusher, flushes what is dirty (for at most the close timeout,
     /// logging what it could not write), then releases the pools. Idempotent; never fails.
     pub fn close(&self) -> Result<()> {
-        if let Some(mut background) = self
-            .background
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
+        if let Some(mut background) = self.background.lock().unwrap_or_else(PoisonError::into_inner).take() {
             background.stop();
         }
-        let tier = self
-            .tier
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let tier = self.tier.write().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(tier) = tier {
             if let Tier::Cached(cached) = &*tier {
                 match cached.flush(Some(Instant::now() + self.close_timeout)) {
@@ -405,7 +376,9 @@ impl ChatHistory {
                         report.failed
                     ),
                     Ok(report) => log::debug!("close: {} conversations written back", report.written),
-                    Err(e) => log::error!("close: dirty conversations could not be written back and stay in Redis: {e}"),
+                    Err(e) => {
+                        log::error!("close: dirty conversations could not be written back and stay in Redis: {e}")
+                    }
                 }
             }
             log::debug!("{} ChatHistoryManager closed", self.mode.as_str());
@@ -424,11 +397,7 @@ impl ChatHistory {
             saves: c.saves.load(Ordering::Relaxed),
             deletes: c.deletes.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
-            closed: self
-                .tier
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_none(),
+            closed: self.tier.read().unwrap_or_else(PoisonError::into_inner).is_none(),
             cache: match self.tier().as_deref() {
                 Ok(Tier::Cached(cached)) => Some(cached.stats()),
                 _ => None,
@@ -465,8 +434,7 @@ impl Health {
 
     /// False while backing off: the call goes to PostgreSQL without waiting on Redis.
     fn usable(&self) -> bool {
-        !self.degraded.load(Ordering::Acquire)
-            || self.lock().retry_at.is_none_or(|t| Instant::now() >= t)
+        !self.degraded.load(Ordering::Acquire) || self.lock().retry_at.is_none_or(|t| Instant::now() >= t)
     }
 
     fn failed(&self, why: &str) {
@@ -481,9 +449,7 @@ impl Health {
     }
 
     fn remember(&self, user_id: &str, conversation_id: &str, version: i64) {
-        self.lock()
-            .pending
-            .push((user_id.to_owned(), conversation_id.to_owned(), version));
+        self.lock().pending.push((user_id.to_owned(), conversation_id.to_owned(), version));
     }
 
     fn succeeded(&self, redis: &RedisCache) {
@@ -498,10 +464,7 @@ impl Health {
         };
         self.degraded.store(false, Ordering::Release);
         match redis.invalidate(&pending) {
-            Ok(()) => log::info!(
-                "Redis is back; caching resumed ({} stale entries checked)",
-                pending.len()
-            ),
+            Ok(()) => log::info!("Redis is back; caching resumed ({} stale entries checked)", pending.len()),
             Err(e) => {
                 self.lock().pending.extend(pending);
                 self.failed(&e.into_error().to_string());
@@ -526,10 +489,7 @@ struct CachedTier {
 
 impl CachedTier {
     /// Runs a Redis call unless Redis is backing off; `None` means "use PostgreSQL".
-    fn cache<T>(
-        &self,
-        op: impl FnOnce(&RedisCache) -> Result<T, CacheError>,
-    ) -> Option<Result<T, CacheError>> {
+    fn cache<T>(&self, op: impl FnOnce(&RedisCache) -> Result<T, CacheError>) -> Option<Result<T, CacheError>> {
         if !self.health.usable() {
             self.fallbacks.fetch_add(1, Ordering::Relaxed);
             return None;
@@ -574,9 +534,7 @@ impl CachedTier {
             return Ok(None);
         };
         if cache_up {
-            if let Some(Err(e)) =
-                self.cache(|r| r.backfill(user_id, conversation_id, &conv, version))
-            {
+            if let Some(Err(e)) = self.cache(|r| r.backfill(user_id, conversation_id, &conv, version)) {
                 log::debug!("could not cache {conversation_id:?}: {}", e.into_error());
             }
         }
@@ -599,15 +557,9 @@ impl CachedTier {
             }
             _ => return self.pg()?.list(user_id, self.history_days),
         };
-        let horizon = Timestamp::from(
-            chrono::Utc::now() - chrono::Duration::days(i64::from(self.history_days)),
-        );
+        let horizon = Timestamp::from(chrono::Utc::now() - chrono::Duration::days(i64::from(self.history_days)));
         items.retain(|(_, c)| c.created_at >= horizon);
-        items.sort_by(|(a_id, a), (b_id, b)| {
-            b.last_modified
-                .cmp(&a.last_modified)
-                .then_with(|| a_id.cmp(b_id))
-        });
+        items.sort_by(|(a_id, a), (b_id, b)| b.last_modified.cmp(&a.last_modified).then_with(|| a_id.cmp(b_id)));
         Ok(items)
     }
 
@@ -630,9 +582,7 @@ impl CachedTier {
         };
         match outcome {
             Some(Ok((SaveOutcome::Saved(_), _))) => Ok(()),
-            Some(Ok((SaveOutcome::OtherOwner | SaveOutcome::OwnerUnknown, _))) => {
-                Err(ownership(conversation_id))
-            }
+            Some(Ok((SaveOutcome::OtherOwner | SaveOutcome::OwnerUnknown, _))) => Err(ownership(conversation_id)),
             Some(Err(CacheError::Unavailable(_))) | None => {
                 let version = self.pg()?.save(conversation_id, user_id, conv)?;
                 self.health.remember(user_id, conversation_id, version);
@@ -641,10 +591,7 @@ impl CachedTier {
             // Out of memory (or another refusal): the save goes to PostgreSQL, and the now older
             // cached copy is dropped (deleting is allowed even when Redis is out of memory).
             Some(Err(e)) => {
-                log::warn!(
-                    "Redis refused a save, writing it to PostgreSQL: {}",
-                    e.into_error()
-                );
+                log::warn!("Redis refused a save, writing it to PostgreSQL: {}", e.into_error());
                 self.fallbacks.fetch_add(1, Ordering::Relaxed);
                 let version = self.pg()?.save(conversation_id, user_id, conv)?;
                 let item = [(user_id.to_owned(), conversation_id.to_owned(), version)];
@@ -659,9 +606,7 @@ impl CachedTier {
     fn delete(&self, conversation_id: &str, user_id: &str) -> Result<()> {
         let seen_version = match self.cache(|r| r.delete(user_id, conversation_id)) {
             Some(Ok(None)) => {
-                log::debug!(
-                    "delete of {conversation_id:?}: it belongs to another user; nothing deleted"
-                );
+                log::debug!("delete of {conversation_id:?}: it belongs to another user; nothing deleted");
                 return Ok(());
             }
             Some(Ok(Some(version))) => Some(version),
@@ -671,19 +616,12 @@ impl CachedTier {
             }
             None => None,
         };
-        let (_, tombstone) =
-            self.pg()?
-                .delete_versioned(conversation_id, user_id, seen_version.unwrap_or(0))?;
+        let (_, tombstone) = self.pg()?.delete_versioned(conversation_id, user_id, seen_version.unwrap_or(0))?;
         if let Some(version) = tombstone {
             if seen_version.is_none() {
                 self.health.remember(user_id, conversation_id, version);
-            } else if let Some(Err(e)) =
-                self.cache(|r| r.mark_deleted(user_id, conversation_id, version))
-            {
-                log::debug!(
-                    "could not record the delete of {conversation_id:?} in Redis: {}",
-                    e.into_error()
-                );
+            } else if let Some(Err(e)) = self.cache(|r| r.mark_deleted(user_id, conversation_id, version)) {
+                log::debug!("could not record the delete of {conversation_id:?} in Redis: {}", e.into_error());
             }
         }
         Ok(())
@@ -699,9 +637,7 @@ impl CachedTier {
         self.pg()?;
         let result = self.flusher.flush(deadline);
         match &result {
-            Err(e) if e.kind() == ErrorKind::Unavailable(Backend::Redis) => {
-                self.health.failed(&e.to_string())
-            }
+            Err(e) if e.kind() == ErrorKind::Unavailable(Backend::Redis) => self.health.failed(&e.to_string()),
             Ok(_) => self.health.succeeded(&self.redis),
             Err(_) => {}
         }
@@ -730,11 +666,7 @@ impl CachedTier {
             conversations_flushed: self.flusher.conversations_flushed.load(Ordering::Relaxed),
             flush_failures: self.flusher.flush_failures.load(Ordering::Relaxed),
             stuck: self.flusher.stuck(),
-            memory: if usable {
-                self.redis.memory().unwrap_or_default()
-            } else {
-                MemoryInfo::default()
-            },
+            memory: if usable { self.redis.memory().unwrap_or_default() } else { MemoryInfo::default() },
             redis_url: self.redis.redacted_url().to_owned(),
         }
     }
@@ -744,35 +676,29 @@ impl Flush for CachedTier {
     fn background_flush(&self) {
         match self.flush(None) {
             Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::Unavailable(Backend::Redis) => log::debug!("background flush skipped: {e}"),
-            Err(e) if e.is_unavailable() => log::warn!("background flush: dirty conversations stay in Redis until PostgreSQL is back ({e})"),
+            Err(e) if e.kind() == ErrorKind::Unavailable(Backend::Redis) => {
+                log::debug!("background flush skipped: {e}")
+            }
+            Err(e) if e.is_unavailable() => {
+                log::warn!("background flush: dirty conversations stay in Redis until PostgreSQL is back ({e})")
+            }
             Err(e) => log::warn!("background flush failed: {e}"),
         }
     }
 }
 
 fn ownership(conversation_id: &str) -> Error {
-    Error::new(
-        ErrorKind::Ownership,
-        format!("conversation {conversation_id:?} belongs to another user"),
-    )
+    Error::new(ErrorKind::Ownership, format!("conversation {conversation_id:?} belongs to another user"))
 }
 
 /// Closes every manager still alive: the body of the Python package's `atexit` hook. Failures
 /// are logged, never raised, since the interpreter is going away.
 pub fn close_all() {
-    let live: Vec<Arc<ChatHistory>> = LIVE
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .drain(..)
-        .filter_map(|weak| weak.upgrade())
-        .collect();
+    let live: Vec<Arc<ChatHistory>> =
+        LIVE.lock().unwrap_or_else(PoisonError::into_inner).drain(..).filter_map(|weak| weak.upgrade()).collect();
     for history in live {
         if let Err(e) = history.close() {
-            log::error!(
-                "closing a {} ChatHistoryManager at exit failed: {e}",
-                history.mode.as_str()
-            );
+            log::error!("closing a {} ChatHistoryManager at exit failed: {e}", history.mode.as_str());
         }
     }
 }
@@ -791,11 +717,7 @@ mod tests {
         Conversation {
             title: "t".into(),
             model: "m".into(),
-            messages: vec![Message {
-                role: Role::User,
-                content: "hi".into(),
-                time: now,
-            }],
+            messages: vec![Message { role: Role::User, content: "hi".into(), time: now }],
             created_at: now,
             last_modified: now,
         }
@@ -809,10 +731,7 @@ mod tests {
         let before = history.get("c1", None).unwrap();
         let mut bad = sample();
         bad.model = "x".repeat(101);
-        assert_eq!(
-            history.save("c1", None, &bad).unwrap_err().kind(),
-            ErrorKind::Validation
-        );
+        assert_eq!(history.save("c1", None, &bad).unwrap_err().kind(), ErrorKind::Validation);
         assert_eq!(history.get("c1", None).unwrap(), before);
         assert_eq!(history.stats().saves, 1);
     }
@@ -823,10 +742,7 @@ mod tests {
         let history = local(dir.path());
         history.close().unwrap();
         history.close().unwrap();
-        assert_eq!(
-            history.get("c1", None).unwrap_err().kind(),
-            ErrorKind::Closed
-        );
+        assert_eq!(history.get("c1", None).unwrap_err().kind(), ErrorKind::Closed);
         assert!(history.stats().closed);
     }
 

@@ -28,9 +28,7 @@ impl Timestamp {
     pub fn parse(text: &str) -> Result<Self> {
         parse_iso8601(text.trim())
             .map(|dt| Timestamp(dt.trunc_subsecs(6)))
-            .ok_or_else(|| {
-                Error::validation(format!("expected an ISO 8601 timestamp, got {text:?}"))
-            })
+            .ok_or_else(|| Error::validation(format!("expected an ISO 8601 timestamp, got {text:?}")))
     }
 
     /// The instant.
@@ -59,11 +57,7 @@ impl fmt::Display for Timestamp {
         if micros == 0 {
             write!(f, "{}+00:00", self.0.format("%Y-%m-%dT%H:%M:%S"))
         } else {
-            write!(
-                f,
-                "{}.{micros:06}+00:00",
-                self.0.format("%Y-%m-%dT%H:%M:%S")
-            )
+            write!(f, "{}.{micros:06}+00:00", self.0.format("%Y-%m-%dT%H:%M:%S"))
         }
     }
 }
@@ -92,9 +86,7 @@ fn parse_iso8601(text: &str) -> Option<DateTime<Utc>> {
     }
     // Split off the offset: the first '+', '-' or 'Z' after the time of day starts it.
     let time_start = 11;
-    let offset_at = text[time_start..]
-        .find(['+', '-', 'Z', 'z'])
-        .map(|i| i + time_start);
+    let offset_at = text[time_start..].find(['+', '-', 'Z', 'z']).map(|i| i + time_start);
     let (local, offset) = match offset_at {
         Some(i) => (&text[..i], &text[i..]),
         None => (text, ""),
@@ -121,9 +113,7 @@ fn parse_offset(offset: &str) -> Option<i32> {
     if !digits.bytes().all(|b| b.is_ascii_digit()) || !matches!(digits.len(), 2 | 4 | 6) {
         return None;
     }
-    let field = |range: std::ops::Range<usize>| {
-        digits.get(range).map_or(Some(0), |s| s.parse::<i32>().ok())
-    };
+    let field = |range: std::ops::Range<usize>| digits.get(range).map_or(Some(0), |s| s.parse::<i32>().ok());
     let (hours, minutes, seconds) = (field(0..2)?, field(2..4)?, field(4..6)?);
     if hours > 23 || minutes > 59 || seconds > 59 {
         return None;
@@ -213,65 +203,29 @@ mod tests {
 
     #[test]
     fn canonical_form_matches_python_isoformat() {
-        assert_eq!(
-            canonical("2025-11-26T00:35:21.123456+00:00"),
-            "2025-11-26T00:35:21.123456+00:00"
-        );
-        assert_eq!(
-            canonical("2025-11-26T00:35:21+00:00"),
-            "2025-11-26T00:35:21+00:00"
-        );
-        assert_eq!(
-            canonical("2025-11-26T00:35:21.000000+00:00"),
-            "2025-11-26T00:35:21+00:00"
-        );
-        assert_eq!(
-            canonical("2025-11-26T00:35:21.5+00:00"),
-            "2025-11-26T00:35:21.500000+00:00"
-        );
+        assert_eq!(canonical("2025-11-26T00:35:21.123456+00:00"), "2025-11-26T00:35:21.123456+00:00");
+        assert_eq!(canonical("2025-11-26T00:35:21+00:00"), "2025-11-26T00:35:21+00:00");
+        assert_eq!(canonical("2025-11-26T00:35:21.000000+00:00"), "2025-11-26T00:35:21+00:00");
+        assert_eq!(canonical("2025-11-26T00:35:21.5+00:00"), "2025-11-26T00:35:21.500000+00:00");
     }
 
     #[test]
     fn other_forms_are_normalised_to_utc() {
-        assert_eq!(
-            canonical("2025-11-26T00:35:21Z"),
-            "2025-11-26T00:35:21+00:00"
-        );
-        assert_eq!(
-            canonical("2025-11-26T02:35:21+02:00"),
-            "2025-11-26T00:35:21+00:00"
-        );
-        assert_eq!(
-            canonical("2025-11-25T19:35:21-0500"),
-            "2025-11-26T00:35:21+00:00"
-        );
-        assert_eq!(
-            canonical("2025-11-26T05:35:21+05"),
-            "2025-11-26T00:35:21+00:00"
-        );
-        assert_eq!(
-            canonical("2025-11-26 00:35:21.123"),
-            "2025-11-26T00:35:21.123000+00:00"
-        );
+        assert_eq!(canonical("2025-11-26T00:35:21Z"), "2025-11-26T00:35:21+00:00");
+        assert_eq!(canonical("2025-11-26T02:35:21+02:00"), "2025-11-26T00:35:21+00:00");
+        assert_eq!(canonical("2025-11-25T19:35:21-0500"), "2025-11-26T00:35:21+00:00");
+        assert_eq!(canonical("2025-11-26T05:35:21+05"), "2025-11-26T00:35:21+00:00");
+        assert_eq!(canonical("2025-11-26 00:35:21.123"), "2025-11-26T00:35:21.123000+00:00");
         assert_eq!(canonical("2025-11-26T00:35"), "2025-11-26T00:35:00+00:00");
         assert_eq!(canonical("2025-11-26"), "2025-11-26T00:00:00+00:00");
         // Nanoseconds are truncated to PostgreSQL's microseconds.
-        assert_eq!(
-            canonical("2025-11-26T00:35:21.123456789Z"),
-            "2025-11-26T00:35:21.123456+00:00"
-        );
+        assert_eq!(canonical("2025-11-26T00:35:21.123456789Z"), "2025-11-26T00:35:21.123456+00:00");
     }
 
     #[test]
     fn garbage_is_refused() {
-        for bad in [
-            "",
-            "yesterday",
-            "12345",
-            "2025-13-01T00:00:00",
-            "2025-11-26T25:00:00",
-            "2025-11-26T00:00:00+99:00",
-        ] {
+        for bad in ["", "yesterday", "12345", "2025-13-01T00:00:00", "2025-11-26T25:00:00", "2025-11-26T00:00:00+99:00"]
+        {
             assert!(Timestamp::parse(bad).is_err(), "{bad:?} should be refused");
         }
     }
@@ -287,11 +241,7 @@ mod tests {
         let conv = Conversation {
             title: "Grüße".into(),
             model: "gpt-4o".into(),
-            messages: vec![Message {
-                role: Role::User,
-                content: "hi".into(),
-                time: Timestamp::now(),
-            }],
+            messages: vec![Message { role: Role::User, content: "hi".into(), time: Timestamp::now() }],
             created_at: Timestamp::now(),
             last_modified: Timestamp::now(),
         };

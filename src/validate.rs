@@ -19,17 +19,10 @@ fn id(what: &str, value: &str, max_chars: usize) -> Result<()> {
     }
     let chars = value.chars().count();
     if chars > max_chars {
-        return Err(Error::validation(format!(
-            "{what} must be at most {max_chars} characters, got {chars}"
-        )));
+        return Err(Error::validation(format!("{what} must be at most {max_chars} characters, got {chars}")));
     }
-    if let Some(bad) = value
-        .chars()
-        .find(|c| matches!(c, ':' | '{' | '}') || c.is_control())
-    {
-        return Err(Error::validation(format!(
-            "{what} must not contain {bad:?}, got {value:?}"
-        )));
+    if let Some(bad) = value.chars().find(|c| matches!(c, ':' | '{' | '}') || c.is_control()) {
+        return Err(Error::validation(format!("{what} must not contain {bad:?}, got {value:?}")));
     }
     Ok(())
 }
@@ -76,16 +69,10 @@ pub fn conversation(conversation_id: &str, conv: &Conversation) -> Result<()> {
         )));
     }
     if i32::try_from(conv.messages.len()).is_err() {
-        return Err(Error::validation(format!(
-            "conversation {conversation_id:?}: too many messages"
-        )));
+        return Err(Error::validation(format!("conversation {conversation_id:?}: too many messages")));
     }
     for (index, message) in conv.messages.iter().enumerate() {
-        text(
-            conversation_id,
-            &format!("messages[{index}].content"),
-            &message.content,
-        )?;
+        text(conversation_id, &format!("messages[{index}].content"), &message.content)?;
     }
     Ok(())
 }
@@ -119,10 +106,7 @@ mod tests {
         for bad in ["../x", "a/b", "/etc/passwd", "..\\x"] {
             assert!(local_file_id(bad).is_err(), "{bad:?}");
         }
-        assert!(
-            local_file_id("..").is_ok(),
-            "'...json' is a plain file name inside the folder"
-        );
+        assert!(local_file_id("..").is_ok(), "'...json' is a plain file name inside the folder");
     }
 
     #[test]
@@ -131,29 +115,15 @@ mod tests {
         let mut conv = Conversation {
             title: "t".into(),
             model: "m".repeat(100),
-            messages: vec![Message {
-                role: Role::User,
-                content: "ok".into(),
-                time: now,
-            }],
+            messages: vec![Message { role: Role::User, content: "ok".into(), time: now }],
             created_at: now,
             last_modified: now,
         };
         assert!(conversation("c", &conv).is_ok());
         conv.model.push('m');
-        assert!(conversation("c", &conv)
-            .unwrap_err()
-            .to_string()
-            .contains("model"));
+        assert!(conversation("c", &conv).unwrap_err().to_string().contains("model"));
         conv.model = "m".into();
-        conv.messages.push(Message {
-            role: Role::Assistant,
-            content: "a\0b".into(),
-            time: now,
-        });
-        assert!(conversation("c", &conv)
-            .unwrap_err()
-            .to_string()
-            .contains("messages[1].content"));
+        conv.messages.push(Message { role: Role::Assistant, content: "a\0b".into(), time: now });
+        assert!(conversation("c", &conv).unwrap_err().to_string().contains("messages[1].content"));
     }
 }

@@ -81,13 +81,8 @@ impl Flusher {
     /// The `<user>:<id>` members stuck in retry, sorted.
     #[must_use]
     pub fn stuck(&self) -> Vec<String> {
-        let mut stuck: Vec<String> = self
-            .failures
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .keys()
-            .cloned()
-            .collect();
+        let mut stuck: Vec<String> =
+            self.failures.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect();
         stuck.sort();
         stuck
     }
@@ -103,14 +98,8 @@ impl Flusher {
         let mut cursor = 0;
         let mut batches = 0u64;
         loop {
-            let (next, members) = self
-                .redis
-                .scan_dirty(cursor, self.batch_size)
-                .map_err(CacheError::into_error)?;
-            let fresh: Vec<String> = members
-                .into_iter()
-                .filter(|m| seen.insert(m.clone()))
-                .collect();
+            let (next, members) = self.redis.scan_dirty(cursor, self.batch_size).map_err(CacheError::into_error)?;
+            let fresh: Vec<String> = members.into_iter().filter(|m| seen.insert(m.clone())).collect();
             for chunk in fresh.chunks(self.batch_size) {
                 self.flush_batch(chunk, &mut report)?;
                 batches += 1;
@@ -148,19 +137,12 @@ impl Flusher {
         let now = Instant::now();
         let due: Vec<String> = {
             let failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-            members
-                .iter()
-                .filter(|m| failures.get(*m).is_none_or(|f| f.next_attempt <= now))
-                .cloned()
-                .collect()
+            members.iter().filter(|m| failures.get(*m).is_none_or(|f| f.next_attempt <= now)).cloned().collect()
         };
         if due.is_empty() {
             return Ok(());
         }
-        let entries = self
-            .redis
-            .fetch_dirty(&due, FLUSH_READ_TIMEOUT)
-            .map_err(CacheError::into_error)?;
+        let entries = self.redis.fetch_dirty(&due, FLUSH_READ_TIMEOUT).map_err(CacheError::into_error)?;
         let mut settle: Vec<(String, String, Settle)> = Vec::new();
         let mut ready: Vec<(String, Cached)> = Vec::new();
         for DirtyEntry { member, content } in entries {
@@ -178,9 +160,8 @@ impl Flusher {
         // goes into a later round.
         while !ready.is_empty() {
             let mut ids = HashSet::new();
-            let (round, later): (Vec<_>, Vec<_>) = ready.into_iter().partition(|(m, _)| {
-                ids.insert(split_member(m).map_or("", |(_, id)| id).to_owned())
-            });
+            let (round, later): (Vec<_>, Vec<_>) =
+                ready.into_iter().partition(|(m, _)| ids.insert(split_member(m).map_or("", |(_, id)| id).to_owned()));
             ready = later;
             self.write_round(&round, &mut settle, report)?;
         }
@@ -196,14 +177,8 @@ impl Flusher {
         let writes: Vec<WriteBack<'_>> = round
             .iter()
             .map(|(member, cached)| {
-                let (user_id, conversation_id) =
-                    split_member(member).expect("checked members split");
-                WriteBack {
-                    conversation_id,
-                    user_id,
-                    conversation: &cached.conversation,
-                    version: version_of(cached),
-                }
+                let (user_id, conversation_id) = split_member(member).expect("checked members split");
+                WriteBack { conversation_id, user_id, conversation: &cached.conversation, version: version_of(cached) }
             })
             .collect();
         let outcomes = match self.postgres.flush_batch(&writes) {
@@ -211,16 +186,11 @@ impl Flusher {
             Err(e) if e.is_unavailable() => return Err(e),
             // One bad conversation must not block the others: write them one by one to find it.
             Err(batch_error) => {
-                log::warn!(
-                    "a write-back batch of {} failed ({batch_error}); retrying one by one",
-                    writes.len()
-                );
+                log::warn!("a write-back batch of {} failed ({batch_error}); retrying one by one", writes.len());
                 let mut outcomes = Vec::with_capacity(writes.len());
                 for write in &writes {
                     match self.postgres.flush_batch(std::slice::from_ref(write)) {
-                        Ok(mut single) => {
-                            outcomes.push(Ok(single.pop().unwrap_or(FlushOutcome::Stale)))
-                        }
+                        Ok(mut single) => outcomes.push(Ok(single.pop().unwrap_or(FlushOutcome::Stale))),
                         Err(e) if e.is_unavailable() => return Err(e),
                         Err(e) => outcomes.push(Err(e)),
                     }
@@ -248,30 +218,16 @@ impl Flusher {
                     settle.push((member.clone(), stored, Settle::Drop));
                 }
                 Ok(FlushOutcome::OtherOwner) => {
-                    self.fail(
-                        member,
-                        "the conversation id belongs to another user in PostgreSQL".to_owned(),
-                        report,
-                    );
+                    self.fail(member, "the conversation id belongs to another user in PostgreSQL".to_owned(), report);
                 }
-                Err(e) => self.fail(
-                    member,
-                    format!("PostgreSQL refused version {version}: {e}"),
-                    report,
-                ),
+                Err(e) => self.fail(member, format!("PostgreSQL refused version {version}: {e}"), report),
             }
         }
         Ok(())
     }
 
     fn succeeded(&self, member: &str) {
-        if self
-            .failures
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(member)
-            .is_some()
-        {
+        if self.failures.lock().unwrap_or_else(PoisonError::into_inner).remove(member).is_some() {
             log::info!("write-back of {member} succeeded after earlier failures");
         }
     }
@@ -288,7 +244,10 @@ impl Flusher {
         failure.attempts += 1;
         let backoff = Duration::from_secs(1u64 << failure.attempts.min(9)).min(MAX_RETRY_BACKOFF);
         failure.next_attempt = Instant::now() + backoff;
-        log::error!("write-back of {member} failed (attempt {}; kept dirty, retried in {backoff:?}): {error}", failure.attempts);
+        log::error!(
+            "write-back of {member} failed (attempt {}; kept dirty, retried in {backoff:?}): {error}",
+            failure.attempts
+        );
         failure.error = error;
     }
 }
@@ -296,13 +255,7 @@ impl Flusher {
 /// The version a flush writes: Redis's, or for a hash the Python seed wrote (no version), the
 /// instant of its `last_modified`.
 fn version_of(cached: &Cached) -> i64 {
-    cached.version.unwrap_or_else(|| {
-        cached
-            .conversation
-            .last_modified
-            .as_datetime()
-            .timestamp_micros()
-    })
+    cached.version.unwrap_or_else(|| cached.conversation.last_modified.as_datetime().timestamp_micros())
 }
 
 /// What PostgreSQL would refuse, found before a batch is sent (a hash the seed's Python wrote is
@@ -333,9 +286,8 @@ impl BackgroundFlusher {
                 let (lock, condvar) = &*signal;
                 loop {
                     let stopped = lock.lock().unwrap_or_else(PoisonError::into_inner);
-                    let (stopped, _) = condvar
-                        .wait_timeout_while(stopped, interval, |s| !*s)
-                        .unwrap_or_else(PoisonError::into_inner);
+                    let (stopped, _) =
+                        condvar.wait_timeout_while(stopped, interval, |s| !*s).unwrap_or_else(PoisonError::into_inner);
                     if *stopped {
                         return;
                     }
@@ -346,13 +298,8 @@ impl BackgroundFlusher {
                     target.background_flush();
                 }
             })
-            .map_err(|e| {
-                Error::config("cannot start the background flusher thread").with_source(e)
-            })?;
-        Ok(BackgroundFlusher {
-            stop,
-            handle: Some(handle),
-        })
+            .map_err(|e| Error::config("cannot start the background flusher thread").with_source(e))?;
+        Ok(BackgroundFlusher { stop, handle: Some(handle) })
     }
 
     /// Stops the thread and waits for a flush in progress to finish.

@@ -9,10 +9,7 @@ use crate::error::{Error, Result};
 use crate::model::{Conversation, Message, Role, Timestamp};
 
 fn type_name(value: &Bound<'_, PyAny>) -> String {
-    value
-        .get_type()
-        .name()
-        .map_or_else(|_| "?".to_owned(), |n| n.to_string())
+    value.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string())
 }
 
 fn string(conversation_id: &str, field: &str, value: &Bound<'_, PyAny>) -> Result<String> {
@@ -24,30 +21,19 @@ fn string(conversation_id: &str, field: &str, value: &Bound<'_, PyAny>) -> Resul
     })?;
     text.to_cow()
         .map(std::borrow::Cow::into_owned)
-        .map_err(|_| {
-            Error::validation(format!(
-                "conversation {conversation_id:?}: {field} is not valid Unicode"
-            ))
-        })
+        .map_err(|_| Error::validation(format!("conversation {conversation_id:?}: {field} is not valid Unicode")))
 }
 
 /// A timestamp field: an ISO 8601 string or a `datetime` (naive taken as UTC); absent or `None`
 /// means now (SPEC section 2).
-fn timestamp(
-    conversation_id: &str,
-    field: &str,
-    value: Option<Bound<'_, PyAny>>,
-) -> Result<Timestamp> {
+fn timestamp(conversation_id: &str, field: &str, value: Option<Bound<'_, PyAny>>) -> Result<Timestamp> {
     let Some(value) = value.filter(|v| !v.is_none()) else {
         return Ok(Timestamp::now());
     };
     let prefix = || format!("conversation {conversation_id:?}: {field}");
     if let Ok(text) = value.cast::<PyString>() {
-        let text = text
-            .to_cow()
-            .map_err(|_| Error::validation(format!("{} is not valid Unicode", prefix())))?;
-        return Timestamp::parse(&text)
-            .map_err(|e| Error::validation(format!("{}: {e}", prefix())));
+        let text = text.to_cow().map_err(|_| Error::validation(format!("{} is not valid Unicode", prefix())))?;
+        return Timestamp::parse(&text).map_err(|e| Error::validation(format!("{}: {e}", prefix())));
     }
     let is_datetime = value
         .py()
@@ -75,11 +61,10 @@ fn required<'py>(
     key: &Bound<'py, PyString>,
     field: &str,
 ) -> Result<Bound<'py, PyAny>> {
-    dict.get_item(key).ok().flatten().ok_or_else(|| {
-        Error::validation(format!(
-            "conversation {conversation_id:?}: {field} is required"
-        ))
-    })
+    dict.get_item(key)
+        .ok()
+        .flatten()
+        .ok_or_else(|| Error::validation(format!("conversation {conversation_id:?}: {field} is required")))
 }
 
 fn message(conversation_id: &str, index: usize, value: &Bound<'_, PyAny>) -> Result<Message> {
@@ -105,30 +90,14 @@ fn message(conversation_id: &str, index: usize, value: &Bound<'_, PyAny>) -> Res
     let content = string(
         conversation_id,
         &field("content"),
-        &required(
-            conversation_id,
-            dict,
-            intern!(py, "content"),
-            &field("content"),
-        )?,
+        &required(conversation_id, dict, intern!(py, "content"), &field("content"))?,
     )?;
-    let time = timestamp(
-        conversation_id,
-        &field("time"),
-        dict.get_item(intern!(py, "time")).ok().flatten(),
-    )?;
-    Ok(Message {
-        role,
-        content,
-        time,
-    })
+    let time = timestamp(conversation_id, &field("time"), dict.get_item(intern!(py, "time")).ok().flatten())?;
+    Ok(Message { role, content, time })
 }
 
 /// The app's conversation dict as a [`Conversation`], with defaults for missing timestamps.
-pub(crate) fn conversation_from_py(
-    conversation_id: &str,
-    value: &Bound<'_, PyAny>,
-) -> Result<Conversation> {
+pub(crate) fn conversation_from_py(conversation_id: &str, value: &Bound<'_, PyAny>) -> Result<Conversation> {
     let py = value.py();
     let dict = value.cast::<PyDict>().map_err(|_| {
         Error::invalid_type(format!(
@@ -136,16 +105,8 @@ pub(crate) fn conversation_from_py(
             type_name(value)
         ))
     })?;
-    let title = string(
-        conversation_id,
-        "title",
-        &required(conversation_id, dict, intern!(py, "title"), "title")?,
-    )?;
-    let model = string(
-        conversation_id,
-        "model",
-        &required(conversation_id, dict, intern!(py, "model"), "model")?,
-    )?;
+    let title = string(conversation_id, "title", &required(conversation_id, dict, intern!(py, "title"), "title")?)?;
+    let model = string(conversation_id, "model", &required(conversation_id, dict, intern!(py, "model"), "model")?)?;
     let messages = match dict.get_item(intern!(py, "messages")).ok().flatten() {
         None => Vec::new(),
         Some(list) => {
@@ -162,30 +123,14 @@ pub(crate) fn conversation_from_py(
             messages
         }
     };
-    let created_at = timestamp(
-        conversation_id,
-        "created_at",
-        dict.get_item(intern!(py, "created_at")).ok().flatten(),
-    )?;
-    let last_modified = timestamp(
-        conversation_id,
-        "last_modified",
-        dict.get_item(intern!(py, "last_modified")).ok().flatten(),
-    )?;
-    Ok(Conversation {
-        title,
-        model,
-        messages,
-        created_at,
-        last_modified,
-    })
+    let created_at = timestamp(conversation_id, "created_at", dict.get_item(intern!(py, "created_at")).ok().flatten())?;
+    let last_modified =
+        timestamp(conversation_id, "last_modified", dict.get_item(intern!(py, "last_modified")).ok().flatten())?;
+    Ok(Conversation { title, model, messages, created_at, last_modified })
 }
 
 /// A [`Conversation`] as the app's dict, keys in the app's order.
-pub(crate) fn conversation_to_py<'py>(
-    py: Python<'py>,
-    conv: &Conversation,
-) -> PyResult<Bound<'py, PyDict>> {
+pub(crate) fn conversation_to_py<'py>(py: Python<'py>, conv: &Conversation) -> PyResult<Bound<'py, PyDict>> {
     let messages = PyList::empty(py);
     for m in &conv.messages {
         let item = PyDict::new(py);
@@ -204,10 +149,7 @@ pub(crate) fn conversation_to_py<'py>(
 }
 
 /// `list_conversations`' result: `[(conversation_id, conversation), ...]`.
-pub(crate) fn listing_to_py<'py>(
-    py: Python<'py>,
-    items: &[(String, Conversation)],
-) -> PyResult<Bound<'py, PyList>> {
+pub(crate) fn listing_to_py<'py>(py: Python<'py>, items: &[(String, Conversation)]) -> PyResult<Bound<'py, PyList>> {
     let list = PyList::empty(py);
     for (id, conv) in items {
         list.append((id, conversation_to_py(py, conv)?))?;

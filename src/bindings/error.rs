@@ -5,8 +5,7 @@
 //! single base, so the classes are made with `type(name, bases, namespace)` at import.
 
 use pyo3::exceptions::{
-    PyConnectionError, PyException, PyOSError, PyPermissionError, PyRuntimeError, PyTypeError,
-    PyValueError,
+    PyConnectionError, PyException, PyOSError, PyPermissionError, PyRuntimeError, PyTypeError, PyValueError,
 };
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -29,12 +28,7 @@ pub(crate) struct Exceptions {
 
 static EXCEPTIONS: PyOnceLock<Exceptions> = PyOnceLock::new();
 
-fn make(
-    py: Python<'_>,
-    name: &str,
-    bases: &[Bound<'_, PyType>],
-    doc: &str,
-) -> PyResult<Py<PyType>> {
+fn make(py: Python<'_>, name: &str, bases: &[Bound<'_, PyType>], doc: &str) -> PyResult<Py<PyType>> {
     let namespace = PyDict::new(py);
     namespace.set_item("__module__", "chat_history_rs")?;
     namespace.set_item("__doc__", doc)?;
@@ -45,7 +39,12 @@ fn make(
 
 pub(crate) fn exceptions(py: Python<'_>) -> PyResult<&Exceptions> {
     EXCEPTIONS.get_or_try_init(py, || {
-        let base = make(py, "ChatHistoryError", &[py.get_type::<PyException>()], "Base class of every error chat_history_rs raises.")?;
+        let base = make(
+            py,
+            "ChatHistoryError",
+            &[py.get_type::<PyException>()],
+            "Base class of every error chat_history_rs raises.",
+        )?;
         let b = base.bind(py).clone();
         Ok(Exceptions {
             configuration: make(
@@ -78,7 +77,12 @@ pub(crate) fn exceptions(py: Python<'_>) -> PyResult<&Exceptions> {
                 &[b.clone(), py.get_type::<PyConnectionError>()],
                 "PostgreSQL or Redis could not be reached; the message names which.",
             )?,
-            database: make(py, "DatabaseError", std::slice::from_ref(&b), "The database was reached and refused the operation.")?,
+            database: make(
+                py,
+                "DatabaseError",
+                std::slice::from_ref(&b),
+                "The database was reached and refused the operation.",
+            )?,
             local_storage: make(
                 py,
                 "LocalStorageError",

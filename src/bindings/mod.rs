@@ -27,19 +27,14 @@ fn env_flag(name: &str) -> Result<Option<bool>, Error> {
         .map(|v| match v.trim().to_ascii_lowercase().as_str() {
             "1" | "true" | "yes" | "on" => Ok(true),
             "0" | "false" | "no" | "off" => Ok(false),
-            _ => Err(Error::config(format!(
-                "{name} must be true or false, got {v:?}"
-            ))),
+            _ => Err(Error::config(format!("{name} must be true or false, got {v:?}"))),
         })
         .transpose()
 }
 
 fn seconds(name: &str, value: f64) -> Result<Duration, Error> {
-    Duration::try_from_secs_f64(value).map_err(|_| {
-        Error::config(format!(
-            "{name} must be a positive number of seconds, got {value}"
-        ))
-    })
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| Error::config(format!("{name} must be a positive number of seconds, got {value}")))
 }
 
 /// Stores LLM chat conversations as local JSON files, in PostgreSQL, or in Redis over PostgreSQL.
@@ -71,17 +66,14 @@ impl RedisArgs {
         let ttl = match self.ttl {
             Some(ttl) => ttl,
             None => match env("REDIS_TTL_SECONDS").or_else(|| env("REDIS_CACHE_TTL")) {
-                Some(v) => v.trim().parse().map_err(|_| {
-                    Error::config(format!(
-                        "REDIS_CACHE_TTL must be a number of seconds, got {v:?}"
-                    ))
-                })?,
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .map_err(|_| Error::config(format!("REDIS_CACHE_TTL must be a number of seconds, got {v:?}")))?,
                 None => 1800,
             },
         };
-        let ca_file = self
-            .ca_file
-            .or_else(|| env("REDIS_CA_FILE").map(PathBuf::from));
+        let ca_file = self.ca_file.or_else(|| env("REDIS_CA_FILE").map(PathBuf::from));
         if let Some(url) = self.connection_string {
             return RedisSettings::from_url(&url, ca_file, self.pool_size, timeout, ttl);
         }
@@ -89,9 +81,7 @@ impl RedisArgs {
             let port = match self.port {
                 Some(port) => port,
                 None => env("REDIS_PORT").map_or(Ok(6380), |v| {
-                    v.trim().parse().map_err(|_| {
-                        Error::config(format!("REDIS_PORT must be a port number, got {v:?}"))
-                    })
+                    v.trim().parse().map_err(|_| Error::config(format!("REDIS_PORT must be a port number, got {v:?}")))
                 })?,
             };
             let ssl = match self.ssl {
@@ -179,7 +169,10 @@ impl PyChatHistoryManager {
         match (mode, redis_requested) {
             (Mode::Postgres, true) => mode = Mode::Redis,
             (Mode::Local, true) if redis_enabled == Some(true) => {
-                return Err(Error::config("redis_enabled=True needs mode='postgres': Redis caches PostgreSQL, not local files").into())
+                return Err(Error::config(
+                    "redis_enabled=True needs mode='postgres': Redis caches PostgreSQL, not local files",
+                )
+                .into())
             }
             (Mode::Local, true) => log::warn!("REDIS_ENABLED is set but mode is 'local': Redis is not used"),
             _ => {}
@@ -194,12 +187,7 @@ impl PyChatHistoryManager {
                     ))
                 })?;
                 let timeout = seconds("postgres_connect_timeout", postgres_connect_timeout)?;
-                Some(PostgresSettings::parse(
-                    &url,
-                    postgres_ca_file,
-                    postgres_pool_size,
-                    timeout,
-                )?)
+                Some(PostgresSettings::parse(&url, postgres_ca_file, postgres_pool_size, timeout)?)
             }
         };
         let base_dir = match base_dir {
@@ -225,20 +213,11 @@ impl PyChatHistoryManager {
             _ => None,
         };
         let repr = match (&postgres, &redis) {
-            (Some(pg), Some(r)) => format!(
-                "ChatHistoryManager(mode=\"postgres\", postgres={:?}, redis={:?})",
-                pg.redacted(),
-                r.redacted()
-            ),
-            (Some(pg), None) => format!(
-                "ChatHistoryManager(mode={:?}, postgres={:?})",
-                mode.as_str(),
-                pg.redacted()
-            ),
-            _ => format!(
-                "ChatHistoryManager(mode=\"local\", base_dir={:?})",
-                base_dir.display().to_string()
-            ),
+            (Some(pg), Some(r)) => {
+                format!("ChatHistoryManager(mode=\"postgres\", postgres={:?}, redis={:?})", pg.redacted(), r.redacted())
+            }
+            (Some(pg), None) => format!("ChatHistoryManager(mode={:?}, postgres={:?})", mode.as_str(), pg.redacted()),
+            _ => format!("ChatHistoryManager(mode=\"local\", base_dir={:?})", base_dir.display().to_string()),
         };
         let settings = Settings {
             mode,
@@ -246,11 +225,7 @@ impl PyChatHistoryManager {
             postgres,
             history_days,
             redis,
-            flush_interval: if background_flush {
-                Some(seconds("flush_interval", flush_interval)?)
-            } else {
-                None
-            },
+            flush_interval: if background_flush { Some(seconds("flush_interval", flush_interval)?) } else { None },
             flush_batch_size,
             close_timeout: seconds("close_timeout", close_timeout)?,
         };
@@ -260,30 +235,13 @@ impl PyChatHistoryManager {
         let inner = py.detach(|| ChatHistory::open(&settings))?;
         let postgres_backend = match mode {
             Mode::Local => None,
-            _ => Some(Py::new(
-                py,
-                PyPostgresBackend {
-                    inner: Arc::clone(&inner),
-                    history_days,
-                },
-            )?),
+            _ => Some(Py::new(py, PyPostgresBackend { inner: Arc::clone(&inner), history_days })?),
         };
         let redis_backend = match mode {
-            Mode::Redis => Some(Py::new(
-                py,
-                PyRedisBackend {
-                    inner: Arc::clone(&inner),
-                },
-            )?),
+            Mode::Redis => Some(Py::new(py, PyRedisBackend { inner: Arc::clone(&inner) })?),
             _ => None,
         };
-        Ok(PyChatHistoryManager {
-            inner,
-            redis_enabled: mode == Mode::Redis,
-            postgres_backend,
-            redis_backend,
-            repr,
-        })
+        Ok(PyChatHistoryManager { inner, redis_enabled: mode == Mode::Redis, postgres_backend, redis_backend, repr })
     }
 
     /// `"local"`, `"postgres"` or `"redis"`.
@@ -314,11 +272,7 @@ impl PyChatHistoryManager {
     }
 
     #[pyo3(signature = (user_id = None))]
-    fn list_conversations<'py>(
-        &self,
-        py: Python<'py>,
-        user_id: Option<&str>,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    fn list_conversations<'py>(&self, py: Python<'py>, user_id: Option<&str>) -> PyResult<Bound<'py, PyAny>> {
         let items = py.detach(|| self.inner.list(user_id))?;
         Ok(listing_to_py(py, &items)?.into_any())
     }
@@ -348,12 +302,7 @@ impl PyChatHistoryManager {
     }
 
     #[pyo3(signature = (conversation_id, user_id = None))]
-    fn delete_conversation(
-        &self,
-        py: Python<'_>,
-        conversation_id: &str,
-        user_id: Option<&str>,
-    ) -> PyResult<()> {
+    fn delete_conversation(&self, py: Python<'_>, conversation_id: &str, user_id: Option<&str>) -> PyResult<()> {
         py.detach(|| self.inner.delete(conversation_id, user_id))?;
         Ok(())
     }
@@ -380,11 +329,7 @@ impl PyChatHistoryManager {
         if let Some(c) = s.cache {
             let total = c.hits + c.misses;
             #[allow(clippy::cast_precision_loss)] // a ratio of counters
-            let hit_rate = if total == 0 {
-                None
-            } else {
-                Some(c.hits as f64 / total as f64)
-            };
+            let hit_rate = if total == 0 { None } else { Some(c.hits as f64 / total as f64) };
             dict.set_item("cache_hits", c.hits)?;
             dict.set_item("cache_misses", c.misses)?;
             dict.set_item("hit_rate", hit_rate)?;
@@ -428,9 +373,7 @@ pub struct PyPostgresBackend {
 
 impl PyPostgresBackend {
     fn store(&self) -> Result<Arc<PostgresStore>, Error> {
-        self.inner
-            .postgres()?
-            .ok_or_else(|| Error::config("this manager has no PostgreSQL store"))
+        self.inner.postgres()?.ok_or_else(|| Error::config("this manager has no PostgreSQL store"))
     }
 }
 
@@ -476,12 +419,7 @@ impl PyPostgresBackend {
         Ok(listing_to_py(py, &items)?.into_any())
     }
 
-    fn delete_conversation(
-        &self,
-        py: Python<'_>,
-        conversation_id: &str,
-        user_id: &str,
-    ) -> PyResult<()> {
+    fn delete_conversation(&self, py: Python<'_>, conversation_id: &str, user_id: &str) -> PyResult<()> {
         crate::validate::conversation_id(conversation_id)?;
         crate::validate::user_id(user_id)?;
         py.detach(|| self.store()?.delete(conversation_id, user_id))?;
@@ -489,10 +427,7 @@ impl PyPostgresBackend {
     }
 
     fn __repr__(&self) -> PyResult<String> {
-        Ok(format!(
-            "PostgresBackend({:?})",
-            self.store()?.redacted_url()
-        ))
+        Ok(format!("PostgresBackend({:?})", self.store()?.redacted_url()))
     }
 }
 
@@ -504,9 +439,7 @@ pub struct PyRedisBackend {
 
 impl PyRedisBackend {
     fn cache(&self) -> Result<Arc<RedisCache>, Error> {
-        self.inner
-            .redis()?
-            .ok_or_else(|| Error::config("this manager has no Redis cache"))
+        self.inner.redis()?.ok_or_else(|| Error::config("this manager has no Redis cache"))
     }
 }
 
@@ -525,12 +458,8 @@ impl PyRedisBackend {
         crate::validate::user_id(user_id)?;
         crate::validate::conversation_id(conversation_id)?;
         let cache = self.cache()?;
-        let cached = py
-            .detach(|| cache.get(user_id, conversation_id))
-            .map_err(cache_error)?;
-        cached
-            .map(|c| conversation_to_py(py, &c.conversation))
-            .transpose()
+        let cached = py.detach(|| cache.get(user_id, conversation_id)).map_err(cache_error)?;
+        cached.map(|c| conversation_to_py(py, &c.conversation)).transpose()
     }
 
     /// Stores the conversation. `dirty=True` (the seed's default) marks it for write-back, exactly
@@ -552,8 +481,7 @@ impl PyRedisBackend {
             py.detach(|| self.inner.save(conversation_id, Some(user_id), &conv))?;
         } else {
             let cache = self.cache()?;
-            py.detach(|| cache.backfill(user_id, conversation_id, &conv, None))
-                .map_err(cache_error)?;
+            py.detach(|| cache.backfill(user_id, conversation_id, &conv, None)).map_err(cache_error)?;
         }
         Ok(())
     }
@@ -561,23 +489,13 @@ impl PyRedisBackend {
     fn get_dirty_conversations(&self, py: Python<'_>) -> PyResult<Vec<(String, String)>> {
         let cache = self.cache()?;
         let members = py.detach(|| cache.all_dirty()).map_err(cache_error)?;
-        Ok(members
-            .iter()
-            .filter_map(|m| split_member(m))
-            .map(|(u, c)| (u.to_owned(), c.to_owned()))
-            .collect())
+        Ok(members.iter().filter_map(|m| split_member(m)).map(|(u, c)| (u.to_owned(), c.to_owned())).collect())
     }
 
     /// Marks the conversation clean, unless a newer save came in since it was read.
-    fn clear_dirty_flag(
-        &self,
-        py: Python<'_>,
-        user_id: &str,
-        conversation_id: &str,
-    ) -> PyResult<()> {
+    fn clear_dirty_flag(&self, py: Python<'_>, user_id: &str, conversation_id: &str) -> PyResult<()> {
         let cache = self.cache()?;
-        py.detach(|| cache.clear_dirty(user_id, conversation_id))
-            .map_err(cache_error)
+        py.detach(|| cache.clear_dirty(user_id, conversation_id)).map_err(cache_error)
     }
 
     fn __repr__(&self) -> PyResult<String> {

@@ -61,21 +61,15 @@ impl CacheError {
     #[must_use]
     pub fn into_error(self) -> Error {
         match self {
-            CacheError::Unavailable(why) => Error::new(
-                ErrorKind::Unavailable(Backend::Redis),
-                "Redis is unavailable",
-            )
-            .with_source(why),
-            CacheError::OutOfMemory(why) => Error::new(
-                ErrorKind::Database(Backend::Redis),
-                "Redis is out of memory",
-            )
-            .with_source(why),
-            CacheError::Other(why) => Error::new(
-                ErrorKind::Database(Backend::Redis),
-                "Redis refused the command",
-            )
-            .with_source(why),
+            CacheError::Unavailable(why) => {
+                Error::new(ErrorKind::Unavailable(Backend::Redis), "Redis is unavailable").with_source(why)
+            }
+            CacheError::OutOfMemory(why) => {
+                Error::new(ErrorKind::Database(Backend::Redis), "Redis is out of memory").with_source(why)
+            }
+            CacheError::Other(why) => {
+                Error::new(ErrorKind::Database(Backend::Redis), "Redis refused the command").with_source(why)
+            }
         }
     }
 }
@@ -399,19 +393,12 @@ fn deleted_key(user_id: &str, conversation_id: &str) -> String {
 /// Splits a `dirty:convs` member into (user, conversation id). User ids never hold ':'.
 #[must_use]
 pub fn split_member(member: &str) -> Option<(&str, &str)> {
-    member
-        .split_once(':')
-        .filter(|(user, id)| !user.is_empty() && !id.is_empty())
+    member.split_once(':').filter(|(user, id)| !user.is_empty() && !id.is_empty())
 }
 
 /// Parses a conversation hash (ours or the Python seed's).
 fn parse_hash(fields: &[(Vec<u8>, Vec<u8>)]) -> Option<Cached> {
-    let get = |name: &str| {
-        fields
-            .iter()
-            .find(|(k, _)| k == name.as_bytes())
-            .map(|(_, v)| v.as_slice())
-    };
+    let get = |name: &str| fields.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| v.as_slice());
     let text = |name: &str| get(name).and_then(|v| std::str::from_utf8(v).ok());
     let messages: Vec<Message> = serde_json::from_slice(get("messages").unwrap_or(b"[]")).ok()?;
     Some(Cached {
@@ -478,9 +465,7 @@ pub struct RedisCache {
 
 impl std::fmt::Debug for RedisCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisCache")
-            .field("url", &self.settings.redacted())
-            .finish_non_exhaustive()
+        f.debug_struct("RedisCache").field("url", &self.settings.redacted()).finish_non_exhaustive()
     }
 }
 
@@ -490,22 +475,15 @@ impl RedisCache {
         let client = match &settings.ca_file {
             None => redis::Client::open(settings.url()),
             Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    Error::config(format!("cannot read the CA file {}", path.display()))
-                        .with_source(e)
-                })?;
+                let pem = std::fs::read(path)
+                    .map_err(|e| Error::config(format!("cannot read the CA file {}", path.display())).with_source(e))?;
                 redis::Client::build_with_tls(
                     settings.url(),
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(pem),
-                    },
+                    redis::TlsCertificates { client_tls: None, root_cert: Some(pem) },
                 )
             }
         }
-        .map_err(|e| {
-            Error::config("the Redis connection string is not valid").with_source(e.to_string())
-        })?;
+        .map_err(|e| Error::config("the Redis connection string is not valid").with_source(e.to_string()))?;
         let pool = r2d2::Pool::builder()
             .max_size(settings.pool_size)
             .min_idle(Some(0))
@@ -513,14 +491,8 @@ impl RedisCache {
             .test_on_check_out(false)
             .idle_timeout(Some(Duration::from_secs(300)))
             .error_handler(Box::new(PoolErrorLog))
-            .build_unchecked(Connector {
-                client,
-                timeout: settings.timeout,
-            });
-        Ok(RedisCache {
-            pool,
-            settings: settings.clone(),
-        })
+            .build_unchecked(Connector { client, timeout: settings.timeout });
+        Ok(RedisCache { pool, settings: settings.clone() })
     }
 
     /// The URL without the password.
@@ -538,28 +510,19 @@ impl RedisCache {
     /// Runs `op` on a pooled connection. A connection that a restart or a dropped socket killed
     /// while idle is replaced and the call run again (every script here is safe to repeat);
     /// a timeout is not retried, so a dead Redis costs one timeout, not several.
-    fn run<T>(
-        &self,
-        mut op: impl FnMut(&mut Connection) -> redis::RedisResult<T>,
-    ) -> CacheResult<T> {
+    fn run<T>(&self, mut op: impl FnMut(&mut Connection) -> redis::RedisResult<T>) -> CacheResult<T> {
         let attempts = self.pool.max_size() + 1;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut conn = self
-                .pool
-                .get()
-                .map_err(|e| CacheError::Unavailable(e.to_string()))?;
+            let mut conn = self.pool.get().map_err(|e| CacheError::Unavailable(e.to_string()))?;
             match op(&mut conn.con) {
                 Ok(value) => return Ok(value),
                 Err(e) => {
                     let error = CacheError::from_redis(&e);
                     if matches!(error, CacheError::Unavailable(_)) {
                         conn.broken = true;
-                        if (e.is_connection_dropped() || !conn.con.is_open())
-                            && !e.is_timeout()
-                            && attempt < attempts
-                        {
+                        if (e.is_connection_dropped() || !conn.con.is_open()) && !e.is_timeout() && attempt < attempts {
                             continue;
                         }
                     }
@@ -607,8 +570,7 @@ impl RedisCache {
             DIRTY_SINCE.to_owned(),
             deleted_key(user_id, conversation_id),
         ];
-        let (created_at, last_modified) =
-            (conv.created_at.to_string(), conv.last_modified.to_string());
+        let (created_at, last_modified) = (conv.created_at.to_string(), conv.last_modified.to_string());
         let score = conv.last_modified.unix_seconds();
         let member = member(user_id, conversation_id);
         let reply: Vec<Value> = self.run(|con| {
@@ -630,28 +592,19 @@ impl RedisCache {
                 .arg(conversation_id)
                 .invoke(con)
         })?;
-        let status = reply
-            .first()
-            .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
-            .unwrap_or(-2);
+        let status = reply.first().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(-2);
         Ok(match status {
             1 => {
                 let version = reply
                     .get(1)
                     .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
                     .and_then(|v| v.parse().ok());
-                let created = reply
-                    .get(2)
-                    .and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+                let created = reply.get(2).and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
                 (SaveOutcome::Saved(version.unwrap_or(0)), created)
             }
             0 => (SaveOutcome::OwnerUnknown, None),
             -1 => (SaveOutcome::OtherOwner, None),
-            _ => {
-                return Err(CacheError::Other(format!(
-                    "unexpected reply to the save script: {reply:?}"
-                )))
-            }
+            _ => return Err(CacheError::Other(format!("unexpected reply to the save script: {reply:?}"))),
         })
     }
 
@@ -665,14 +618,10 @@ impl RedisCache {
     ) -> CacheResult<()> {
         let messages = serde_json::to_string(&conv.messages).expect("messages always serialise");
         let meta = ListEntry::to_json(conv);
-        let (key, owner, deleted) = (
-            conv_key(user_id, conversation_id),
-            owner_key(conversation_id),
-            deleted_key(user_id, conversation_id),
-        );
+        let (key, owner, deleted) =
+            (conv_key(user_id, conversation_id), owner_key(conversation_id), deleted_key(user_id, conversation_id));
         let ttl = self.ttl();
-        let (created_at, last_modified) =
-            (conv.created_at.to_string(), conv.last_modified.to_string());
+        let (created_at, last_modified) = (conv.created_at.to_string(), conv.last_modified.to_string());
         let score = conv.last_modified.unix_seconds();
         let version = version.unwrap_or(0);
         self.run(|con| {
@@ -714,43 +663,23 @@ impl RedisCache {
             for key in &keys {
                 invocation.key(key);
             }
-            invocation
-                .arg(&member)
-                .arg(conversation_id)
-                .arg(user_id)
-                .arg(DELETE_TOMBSTONE_SECONDS)
-                .invoke(con)
+            invocation.arg(&member).arg(conversation_id).arg(user_id).arg(DELETE_TOMBSTONE_SECONDS).invoke(con)
         })?;
-        let status = reply
-            .first()
-            .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
-            .unwrap_or(-2);
+        let status = reply.first().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(-2);
         if status == -1 {
             return Ok(None);
         }
-        let version = reply
-            .get(1)
-            .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
-            .and_then(|v| v.parse().ok());
+        let version =
+            reply.get(1).and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).and_then(|v| v.parse().ok());
         Ok(Some(version.unwrap_or(0)))
     }
 
     /// Records PostgreSQL's tombstone version for a just-deleted conversation, so a save of the
     /// same id soon after gets a newer version whatever the clocks say.
-    pub fn mark_deleted(
-        &self,
-        user_id: &str,
-        conversation_id: &str,
-        version: i64,
-    ) -> CacheResult<()> {
+    pub fn mark_deleted(&self, user_id: &str, conversation_id: &str, version: i64) -> CacheResult<()> {
         let key = deleted_key(user_id, conversation_id);
         self.run(|con| {
-            redis::cmd("SET")
-                .arg(&key)
-                .arg(version)
-                .arg("EX")
-                .arg(DELETE_TOMBSTONE_SECONDS)
-                .query::<()>(con)
+            redis::cmd("SET").arg(&key).arg(version).arg("EX").arg(DELETE_TOMBSTONE_SECONDS).query::<()>(con)
         })
     }
 
@@ -771,26 +700,17 @@ impl RedisCache {
         user_id: &str,
         from_postgres: &[(String, Conversation)],
     ) -> CacheResult<Vec<(String, Conversation)>> {
-        let keys = [
-            list_key(user_id),
-            list_meta_key(user_id),
-            user_dirty_key(user_id),
-        ];
+        let keys = [list_key(user_id), list_meta_key(user_id), user_dirty_key(user_id)];
         let conv_prefix = format!("conv:{user_id}:");
         let deleted_prefix = format!("deleted:{user_id}:");
-        let entries: Vec<(f64, String)> = from_postgres
-            .iter()
-            .map(|(_, c)| (c.last_modified.unix_seconds(), ListEntry::to_json(c)))
-            .collect();
+        let entries: Vec<(f64, String)> =
+            from_postgres.iter().map(|(_, c)| (c.last_modified.unix_seconds(), ListEntry::to_json(c))).collect();
         let value: Value = self.run(|con| {
             let mut invocation = REBUILD_LIST.prepare_invoke();
             for key in &keys {
                 invocation.key(key);
             }
-            invocation
-                .arg(LIST_TTL_SECONDS)
-                .arg(&conv_prefix)
-                .arg(&deleted_prefix);
+            invocation.arg(LIST_TTL_SECONDS).arg(&conv_prefix).arg(&deleted_prefix);
             for ((id, _), (score, entry)) in from_postgres.iter().zip(&entries) {
                 invocation.arg(id).arg(*score).arg(entry);
             }
@@ -819,9 +739,7 @@ impl RedisCache {
                         &list_meta_key(user_id),
                     ],
                 );
-                cmd.arg(member(user_id, conversation_id))
-                    .arg(conversation_id)
-                    .arg(*version);
+                cmd.arg(member(user_id, conversation_id)).arg(conversation_id).arg(*version);
                 pipe.add_command(cmd).ignore();
             }
             load_scripts(con, &[&INVALIDATE])?;
@@ -831,14 +749,7 @@ impl RedisCache {
 
     /// One step of a scan of the dirty set: the next cursor (0 at the end) and some members.
     pub fn scan_dirty(&self, cursor: u64, count: usize) -> CacheResult<(u64, Vec<String>)> {
-        self.run(|con| {
-            redis::cmd("SSCAN")
-                .arg(DIRTY_SET)
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(count)
-                .query(con)
-        })
+        self.run(|con| redis::cmd("SSCAN").arg(DIRTY_SET).arg(cursor).arg("COUNT").arg(count).query(con))
     }
 
     /// Every dirty member (the seed's `get_dirty_conversations`).
@@ -847,17 +758,12 @@ impl RedisCache {
     }
 
     /// The hashes of dirty members, in one round trip.
-    pub fn fetch_dirty(
-        &self,
-        members: &[String],
-        timeout: Duration,
-    ) -> CacheResult<Vec<DirtyEntry>> {
+    pub fn fetch_dirty(&self, members: &[String], timeout: Duration) -> CacheResult<Vec<DirtyEntry>> {
         let values: Vec<Value> = self.run(|con| {
             con.set_read_timeout(Some(timeout))?;
             let mut pipe = redis::pipe();
             for m in members {
-                let key =
-                    split_member(m).map_or_else(|| format!("conv:{m}"), |(u, c)| conv_key(u, c));
+                let key = split_member(m).map_or_else(|| format!("conv:{m}"), |(u, c)| conv_key(u, c));
                 pipe.cmd("HGETALL").arg(key);
             }
             let result = pipe.query(con);
@@ -869,18 +775,12 @@ impl RedisCache {
             .zip(values)
             .map(|(member, value)| {
                 let fields = pairs(value);
-                let content =
-                    if fields.is_empty() {
-                        None
-                    } else {
-                        Some(parse_hash(&fields).ok_or_else(|| {
-                            "the cached hash is not a readable conversation".to_owned()
-                        }))
-                    };
-                DirtyEntry {
-                    member: member.clone(),
-                    content,
-                }
+                let content = if fields.is_empty() {
+                    None
+                } else {
+                    Some(parse_hash(&fields).ok_or_else(|| "the cached hash is not a readable conversation".to_owned()))
+                };
+                DirtyEntry { member: member.clone(), content }
             })
             .collect())
     }
@@ -894,8 +794,7 @@ impl RedisCache {
         self.run(|con| {
             let mut pipe = redis::pipe();
             for (member, version, action) in items {
-                let (user_id, conversation_id) =
-                    split_member(member).unwrap_or(("", member.as_str()));
+                let (user_id, conversation_id) = split_member(member).unwrap_or(("", member.as_str()));
                 let mut cmd = evalsha(
                     &SETTLE,
                     &[
@@ -912,11 +811,7 @@ impl RedisCache {
                     Settle::Clean => "clean",
                     Settle::Drop => "drop",
                 };
-                cmd.arg(member)
-                    .arg(conversation_id)
-                    .arg(version)
-                    .arg(ttl)
-                    .arg(action);
+                cmd.arg(member).arg(conversation_id).arg(version).arg(ttl).arg(action);
                 pipe.add_command(cmd).ignore();
             }
             load_scripts(con, &[&SETTLE])?;
@@ -927,13 +822,8 @@ impl RedisCache {
     /// The seed's `clear_dirty_flag`, made safe: clean only if no newer save came in.
     pub fn clear_dirty(&self, user_id: &str, conversation_id: &str) -> CacheResult<()> {
         let key = conv_key(user_id, conversation_id);
-        let version: Option<String> =
-            self.run(|con| redis::cmd("HGET").arg(&key).arg("ver").query(con))?;
-        self.settle(&[(
-            member(user_id, conversation_id),
-            version.unwrap_or_default(),
-            Settle::Clean,
-        )])
+        let version: Option<String> = self.run(|con| redis::cmd("HGET").arg(&key).arg("ver").query(con))?;
+        self.settle(&[(member(user_id, conversation_id), version.unwrap_or_default(), Settle::Clean)])
     }
 
     /// `SCARD dirty:convs` and the oldest entry of `dirty:since` (Unix seconds), in one round trip.
@@ -957,10 +847,7 @@ impl RedisCache {
         let info: String = self.run(|con| redis::cmd("INFO").arg("memory").query(con))?;
         let field = |name: &str| {
             info.lines().find_map(|line| {
-                line.strip_prefix(name)
-                    .and_then(|rest| rest.strip_prefix(':'))
-                    .map(str::trim)
-                    .map(str::to_owned)
+                line.strip_prefix(name).and_then(|rest| rest.strip_prefix(':')).map(str::trim).map(str::to_owned)
             })
         };
         Ok(MemoryInfo {
@@ -990,10 +877,7 @@ fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
 /// themselves on NOSCRIPT).
 fn load_scripts(con: &mut Connection, scripts: &[&Script]) -> redis::RedisResult<()> {
     for script in scripts {
-        let exists: Vec<bool> = redis::cmd("SCRIPT")
-            .arg("EXISTS")
-            .arg(script.get_hash())
-            .query(con)?;
+        let exists: Vec<bool> = redis::cmd("SCRIPT").arg("EXISTS").arg(script.get_hash()).query(con)?;
         if exists.first() != Some(&true) {
             script.prepare_invoke().load(con)?;
         }
@@ -1032,10 +916,7 @@ mod tests {
         let fields: Vec<(Vec<u8>, Vec<u8>)> = [
             ("title", "t"),
             ("model", "m"),
-            (
-                "messages",
-                r#"[{"role": "user", "content": "hi", "time": "2025-01-01T00:00:00+00:00"}]"#,
-            ),
+            ("messages", r#"[{"role": "user", "content": "hi", "time": "2025-01-01T00:00:00+00:00"}]"#),
             ("created_at", "2025-01-01T00:00:00+00:00"),
             ("last_modified", "2025-01-01T00:00:00+00:00"),
             ("dirty", "1"),
@@ -1059,9 +940,6 @@ mod tests {
             created_at: t,
             last_modified: t,
         };
-        assert_eq!(
-            ListEntry::parse(ListEntry::to_json(&conv).as_bytes()),
-            Some(conv)
-        );
+        assert_eq!(ListEntry::parse(ListEntry::to_json(&conv).as_bytes()), Some(conv));
     }
 }

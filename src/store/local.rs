@@ -23,9 +23,8 @@ impl LocalStore {
     /// Uses `<base_dir>/.chat_history`, creating it when missing.
     pub fn open(base_dir: &Path) -> Result<Self> {
         let dir = base_dir.join(".chat_history");
-        fs::create_dir_all(&dir).map_err(|e| {
-            Error::new(ErrorKind::Io, format!("cannot create {}", dir.display())).with_source(e)
-        })?;
+        fs::create_dir_all(&dir)
+            .map_err(|e| Error::new(ErrorKind::Io, format!("cannot create {}", dir.display())).with_source(e))?;
         Ok(LocalStore { dir })
     }
 
@@ -49,9 +48,8 @@ impl LocalStore {
 
     /// Every readable conversation, sorted by file name.
     pub fn list(&self) -> Result<Vec<(String, Conversation)>> {
-        let entries = fs::read_dir(&self.dir).map_err(|e| {
-            Error::new(ErrorKind::Io, format!("cannot list {}", self.dir.display())).with_source(e)
-        })?;
+        let entries = fs::read_dir(&self.dir)
+            .map_err(|e| Error::new(ErrorKind::Io, format!("cannot list {}", self.dir.display())).with_source(e))?;
         #[allow(clippy::case_sensitive_file_extension_comparisons)]
         // Phase 1 listed exactly `*.json`
         let mut names: Vec<String> = entries
@@ -93,11 +91,9 @@ impl LocalStore {
     pub fn delete(&self, conversation_id: &str) -> Result<()> {
         let path = self.path(conversation_id)?;
         match fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::new(
-                ErrorKind::Io,
-                format!("cannot delete {}", path.display()),
-            )
-            .with_source(e)),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(Error::new(ErrorKind::Io, format!("cannot delete {}", path.display())).with_source(e))
+            }
             _ => Ok(()),
         }
     }
@@ -108,10 +104,7 @@ fn read_conversation(path: &Path) -> Option<Conversation> {
     match serde_json::from_slice(&bytes) {
         Ok(conv) => Some(conv),
         Err(e) => {
-            log::warn!(
-                "skipping {}: not a readable conversation ({e})",
-                path.display()
-            );
+            log::warn!("skipping {}: not a readable conversation ({e})", path.display());
             None
         }
     }
@@ -121,13 +114,7 @@ fn read_conversation(path: &Path) -> Option<Conversation> {
 /// item separators at line ends, `": "` after keys, non-ASCII written as is.
 #[must_use]
 pub fn to_phase1_json(conv: &Conversation) -> String {
-    let mut out = Vec::with_capacity(
-        256 + conv
-            .messages
-            .iter()
-            .map(|m| m.content.len() + 96)
-            .sum::<usize>(),
-    );
+    let mut out = Vec::with_capacity(256 + conv.messages.iter().map(|m| m.content.len() + 96).sum::<usize>());
     let formatter = serde_json::ser::PrettyFormatter::with_indent(b"  ");
     let mut serializer = serde_json::Serializer::with_formatter(&mut out, formatter);
     serde::Serialize::serialize(conv, &mut serializer).expect("serialising to a Vec cannot fail");
@@ -144,11 +131,7 @@ mod tests {
         Conversation {
             title: "Café ☕".into(),
             model: "gpt-4o".into(),
-            messages: vec![Message {
-                role: Role::User,
-                content: "line\n\"quoted\"".into(),
-                time: t,
-            }],
+            messages: vec![Message { role: Role::User, content: "line\n\"quoted\"".into(), time: t }],
             created_at: t,
             last_modified: t,
         }
@@ -184,23 +167,14 @@ mod tests {
         fs::write(store.dir().join("corrupt.json"), "{not json").unwrap();
         assert_eq!(store.get("a").unwrap(), Some(sample()));
         assert_eq!(store.get("corrupt").unwrap(), None);
-        let ids: Vec<String> = store
-            .list()
-            .unwrap()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
+        let ids: Vec<String> = store.list().unwrap().into_iter().map(|(id, _)| id).collect();
         assert_eq!(ids, ["a", "b"]);
         store.delete("a").unwrap();
         store.delete("a").unwrap();
         assert_eq!(store.get("a").unwrap(), None);
-        let leftovers = fs::read_dir(store.dir()).unwrap().filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".tmp")
-        });
+        let leftovers = fs::read_dir(store.dir())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".tmp"));
         assert_eq!(leftovers.count(), 0);
     }
 }

@@ -106,8 +106,7 @@ SELECT cache_version FROM conv"
     )
 }
 
-const WRITE_MESSAGES: &str =
-    "INSERT INTO messages AS m (conversation_id, sequence_number, role, content, timestamp)
+const WRITE_MESSAGES: &str = "INSERT INTO messages AS m (conversation_id, sequence_number, role, content, timestamp)
     SELECT conv.conversation_id, new.seq, new.role, new.content, new.ts";
 
 const UPSERT_MESSAGES: &str = "ON CONFLICT (conversation_id, sequence_number) DO UPDATE
@@ -190,9 +189,7 @@ pub struct PostgresStore {
 
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresStore")
-            .field("url", &self.redacted)
-            .finish_non_exhaustive()
+        f.debug_struct("PostgresStore").field("url", &self.redacted).finish_non_exhaustive()
     }
 }
 
@@ -221,10 +218,7 @@ impl PostgresStore {
             .idle_timeout(Some(Duration::from_secs(300)))
             .error_handler(Box::new(PoolErrorLog))
             .build_unchecked(manager);
-        Ok(PostgresStore {
-            pool,
-            redacted: settings.redacted(),
-        })
+        Ok(PostgresStore { pool, redacted: settings.redacted() })
     }
 
     /// The connection string without its password.
@@ -247,10 +241,7 @@ impl PostgresStore {
     /// Runs `op` on a pooled client. A statement that fails because its connection died (a server
     /// restart, a dropped socket) is run again on a fresh connection: every operation here is
     /// idempotent, so a retry after an unacknowledged commit lands in the same state.
-    fn run<T>(
-        &self,
-        mut op: impl FnMut(&mut postgres::Client) -> Result<T, postgres::Error>,
-    ) -> Result<T> {
+    fn run<T>(&self, mut op: impl FnMut(&mut postgres::Client) -> Result<T, postgres::Error>) -> Result<T> {
         let attempts = self.pool.max_size() + 1;
         let mut attempt = 0;
         loop {
@@ -279,23 +270,13 @@ impl PostgresStore {
     /// The user's conversation with its messages, or `None` when there is none of that id for
     /// that user (another user's id reads as missing).
     pub fn get(&self, conversation_id: &str, user_id: &str) -> Result<Option<Conversation>> {
-        Ok(self
-            .get_versioned(conversation_id, user_id)?
-            .map(|(conv, _)| conv))
+        Ok(self.get_versioned(conversation_id, user_id)?.map(|(conv, _)| conv))
     }
 
     /// [`PostgresStore::get`] with the row's write-back version (`None` for rows written by Phase 1).
-    pub fn get_versioned(
-        &self,
-        conversation_id: &str,
-        user_id: &str,
-    ) -> Result<Option<(Conversation, Option<i64>)>> {
-        let rows = self.run(|client| {
-            client.query_typed(
-                GET,
-                &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR)],
-            )
-        })?;
+    pub fn get_versioned(&self, conversation_id: &str, user_id: &str) -> Result<Option<(Conversation, Option<i64>)>> {
+        let rows = self
+            .run(|client| client.query_typed(GET, &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR)]))?;
         let Some(first) = rows.first() else {
             return Ok(None);
         };
@@ -311,16 +292,9 @@ impl PostgresStore {
                 continue;
             };
             let role = Role::parse(role).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Database(Backend::Postgres),
-                    format!("message with unknown role {role:?}"),
-                )
+                Error::new(ErrorKind::Database(Backend::Postgres), format!("message with unknown role {role:?}"))
             })?;
-            conv.messages.push(Message {
-                role,
-                content: row.get(5),
-                time: row.get::<_, DateTime<Utc>>(6).into(),
-            });
+            conv.messages.push(Message { role, content: row.get(5), time: row.get::<_, DateTime<Utc>>(6).into() });
         }
         Ok(Some((conv, first.get(7))))
     }
@@ -328,9 +302,7 @@ impl PostgresStore {
     /// The user's conversations created in the last `days` days, newest `last_modified` first,
     /// without messages.
     pub fn list(&self, user_id: &str, days: i32) -> Result<Vec<(String, Conversation)>> {
-        let rows = self.run(|client| {
-            client.query_typed(LIST, &[(&user_id, Type::VARCHAR), (&days, Type::INT4)])
-        })?;
+        let rows = self.run(|client| client.query_typed(LIST, &[(&user_id, Type::VARCHAR), (&days, Type::INT4)]))?;
         Ok(rows
             .iter()
             .map(|row| {
@@ -348,8 +320,7 @@ impl PostgresStore {
 
     /// The user who owns the id, if any row has it.
     pub fn owner(&self, conversation_id: &str) -> Result<Option<String>> {
-        let rows =
-            self.run(|client| client.query_typed(OWNER, &[(&conversation_id, Type::VARCHAR)]))?;
+        let rows = self.run(|client| client.query_typed(OWNER, &[(&conversation_id, Type::VARCHAR)]))?;
         Ok(rows.first().map(|row| row.get(0)))
     }
 
@@ -397,11 +368,7 @@ impl PostgresStore {
         let row = self.run(|client| {
             client.query_typed_one(
                 &SQL,
-                &[
-                    (&conversation_id, Type::VARCHAR),
-                    (&user_id, Type::VARCHAR),
-                    (&min_version, Type::INT8),
-                ],
+                &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR), (&min_version, Type::INT8)],
             )
         })?;
         Ok((row.get::<_, i64>(0) > 0, row.get(1)))
@@ -418,27 +385,12 @@ impl PostgresStore {
         static SQL: LazyLock<String> = LazyLock::new(flush_sql);
         let ids: Vec<&str> = batch.iter().map(|w| w.conversation_id).collect();
         let users: Vec<&str> = batch.iter().map(|w| w.user_id).collect();
-        let titles: Vec<&str> = batch
-            .iter()
-            .map(|w| w.conversation.title.as_str())
-            .collect();
-        let models: Vec<&str> = batch
-            .iter()
-            .map(|w| w.conversation.model.as_str())
-            .collect();
-        let created: Vec<DateTime<Utc>> = batch
-            .iter()
-            .map(|w| w.conversation.created_at.as_datetime())
-            .collect();
-        let modified: Vec<DateTime<Utc>> = batch
-            .iter()
-            .map(|w| w.conversation.last_modified.as_datetime())
-            .collect();
+        let titles: Vec<&str> = batch.iter().map(|w| w.conversation.title.as_str()).collect();
+        let models: Vec<&str> = batch.iter().map(|w| w.conversation.model.as_str()).collect();
+        let created: Vec<DateTime<Utc>> = batch.iter().map(|w| w.conversation.created_at.as_datetime()).collect();
+        let modified: Vec<DateTime<Utc>> = batch.iter().map(|w| w.conversation.last_modified.as_datetime()).collect();
         let versions: Vec<i64> = batch.iter().map(|w| w.version).collect();
-        let counts = batch
-            .iter()
-            .map(|w| message_count(w.conversation))
-            .collect::<Result<Vec<i32>>>()?;
+        let counts = batch.iter().map(|w| message_count(w.conversation)).collect::<Result<Vec<i32>>>()?;
         let conversations: Vec<&Conversation> = batch.iter().map(|w| w.conversation).collect();
         let columns = MessageColumns::new(&conversations, |i| batch[i].conversation_id);
         let params: [(&(dyn ToSql + Sync), Type); 13] = [
@@ -548,10 +500,8 @@ fn pg_error(error: &postgres::Error) -> Error {
         let code = db.code().code();
         // 08: connection exception; 57P0x: shutdown / cannot connect now; 53300: too many
         // connections; 28: authentication failed.
-        let unavailable = code.starts_with("08")
-            || code.starts_with("57P")
-            || code == "53300"
-            || code.starts_with("28");
+        let unavailable =
+            code.starts_with("08") || code.starts_with("57P") || code == "53300" || code.starts_with("28");
         if !unavailable {
             return Error::new(
                 ErrorKind::Database(Backend::Postgres),
@@ -560,11 +510,7 @@ fn pg_error(error: &postgres::Error) -> Error {
             .with_source(error_chain(error));
         }
     }
-    Error::new(
-        ErrorKind::Unavailable(Backend::Postgres),
-        "PostgreSQL is unavailable",
-    )
-    .with_source(error_chain(error))
+    Error::new(ErrorKind::Unavailable(Backend::Postgres), "PostgreSQL is unavailable").with_source(error_chain(error))
 }
 
 /// The error and its causes on one line: rust-postgres puts the useful part ("Connection refused")
