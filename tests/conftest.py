@@ -91,7 +91,10 @@ def pg_scram_server():
 
 @pytest.fixture
 def own_pg_server():
-    """A private throwaway PostgreSQL for one test, free to stop, kill and restart."""
+    """A private throwaway PostgreSQL for one test, free to stop, kill and restart.
+
+    Request it before `make_manager` in the test's arguments, so it is torn down after the managers.
+    """
     if find_pg_bindir() is None:
         pytest.skip("PostgreSQL binaries not found: cannot start a private cluster")
     server = PostgresServer()
@@ -263,8 +266,14 @@ def make_manager():
         return manager
 
     yield make
+    errors = []
     for manager in reversed(managers):
-        manager.close()
+        try:
+            manager.close()
+        except Exception as exc:  # noqa: BLE001 - close them all, then report the first failure
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture

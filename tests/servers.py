@@ -262,10 +262,14 @@ class PostgresServer:
                 str(self.bindir / "pg_ctl"),
                 "start",
                 "-w",
-                "-t", "60",
-                "-D", str(self.datadir),
-                "-l", str(self.logfile),
-                "-o", " ".join(options),
+                "-t",
+                "60",
+                "-D",
+                str(self.datadir),
+                "-l",
+                str(self.logfile),
+                "-o",
+                " ".join(options),
             ]  # fmt: skip
         )
         self.wait_ready()
@@ -355,7 +359,7 @@ def create_database(server_params: PgParams, prefix: str = "test") -> PgParams:
     conn = server_params.connect()
     try:
         with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}" TEMPLATE template0 ENCODING \'UTF8\'')
+            cur.execute(f"CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8'")
     finally:
         conn.close()
     return server_params.with_db(name)
@@ -411,7 +415,9 @@ class RedisServer:
             "--logfile", str(self.logfile),
             *self.extra_args,
         ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 15) -> None:

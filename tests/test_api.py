@@ -76,17 +76,6 @@ def test_postgres_without_connection_string_or_database_url(monkeypatch):
     assert re.search(r"(?i)connection|DATABASE_URL", str(info.value)), str(info.value)
 
 
-# Phase 2 placeholder: delete this test when the Redis tier lands (its own suite replaces it).
-@pytest.mark.parametrize("kwargs", [{"mode": "redis"}, {"mode": "postgres", "redis_enabled": True}], ids=["mode", "flag"])
-def test_redis_tier_not_available_yet__DELETE_WHEN_REDIS_LANDS(kwargs, pg_url):
-    with pytest.raises(ConfigurationError) as info:
-        ChatHistoryManager(connection_string=pg_url, **kwargs)
-    assert isinstance(info.value, ValueError)
-    message = str(info.value)
-    assert re.search(r"(?i)redis", message), message
-    assert re.search(r"(?i)not (yet )?(available|supported|implemented)", message), message
-
-
 def test_positional_arguments_in_phase1_order(pg_url, pg_conn, user_id, conv_id, sample_conversation, tmp_path):
     local = ChatHistoryManager("local", str(tmp_path))
     conv = sample_conversation(1)
@@ -356,21 +345,48 @@ def test_manager_methods_exist_with_seed_names():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_redis_fixture_serves_and_restarts(redis_server):
+def test_redis_fixture_serves(redis_server):
     import redis
 
     client = redis.Redis.from_url(redis_server.url, socket_timeout=5)
     try:
         assert client.ping()
-        client.set("chr-smoke", "1")
-        assert client.get("chr-smoke") == b"1"
-        if redis_server.controllable:
-            port = redis_server.port
-            redis_server.restart()
-            assert redis_server.port == port
-            assert client.get("chr-smoke") is None  # no persistence: a restart forgets everything
+        key = f"chr-smoke-{time.monotonic_ns()}"
+        client.set(key, "1", ex=60)
+        assert client.get(key) == b"1"
+        client.delete(key)
     finally:
         client.close()
+
+
+def test_redis_server_helper_kills_and_restarts_on_the_same_port():
+    # A private server: restarting the session's shared one would cut other tests' connections.
+    import redis
+
+    from servers import RedisServer, ServerError
+
+    try:
+        server = RedisServer()
+    except ServerError as exc:
+        pytest.skip(str(exc))
+    try:
+        server.start()
+        client = redis.Redis.from_url(server.url, socket_timeout=5)
+        try:
+            client.set("k", "v")
+            port = server.port
+            server.kill()
+            assert not server.is_running()
+            with pytest.raises(redis.ConnectionError):
+                client.ping()
+            server.start()
+            assert server.port == port
+            assert client.ping()
+            assert client.get("k") is None  # no persistence: a restart forgets everything
+        finally:
+            client.close()
+    finally:
+        server.remove()
 
 
 def test_own_pg_server_stops_and_restarts(own_pg_server):

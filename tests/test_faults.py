@@ -148,13 +148,15 @@ def test_delete_flush_race_never_resurrects(make_redis_manager, rdb, pg_conn, us
         thread.join()
     assert errors == []
 
+    in_postgres = sorted(pg_conversation_ids(pg_conn) - {"5a5a5a5a"})
+    in_redis = [cid for cid in deleted if rdb.client.exists(conv_key(user_id, cid))]
+    assert (in_postgres, in_redis) == ([], []), "deleted conversations came back right after the race"
     app.flush_dirty_conversations()
     flusher.flush_dirty_conversations()
     assert pg_conversation_ids(pg_conn) == {"5a5a5a5a"}
     assert pg_message_count(pg_conn) == 2
     assert_row_matches(pg_conn, "5a5a5a5a", user_id, keeper)
-    resurrected = [cid for cid in deleted if rdb.client.exists(conv_key(user_id, cid))]
-    assert resurrected == []
+    assert [cid for cid in deleted if rdb.client.exists(conv_key(user_id, cid))] == []
     assert dirty_set(rdb.client) == set()
     assert [cid for cid in deleted if app.get_conversation(cid, user_id=user_id) is not None] == []
     assert [cid for cid, _ in app.list_conversations(user_id)] == ["5a5a5a5a"]
@@ -225,7 +227,9 @@ def test_two_flusher_processes_keep_the_newest_version(make_redis_manager, rdb, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-def test_redis_down_falls_back_to_postgres_and_recovers(make_redis_manager, make_redis_server, pg_conn, user_id):
+def test_redis_down_falls_back_to_postgres_and_recovers(
+    make_redis_server, make_redis_manager, pg_conn, user_id, other_user_id
+):
     server = make_redis_server()
     client = redis_client(server.url)
     manager = make_redis_manager(redis_url=server.url, redis_timeout=0.5)
@@ -247,12 +251,19 @@ def test_redis_down_falls_back_to_postgres_and_recovers(make_redis_manager, make
     assert_row_matches(pg_conn, "0a000003", user_id, doomed)
     manager.delete_conversation("0a000003", user_id=user_id)
     assert "0a000003" not in pg_conversation_ids(pg_conn)
+    with pytest.raises(PermissionError):  # ownership holds on the fallback path too
+        manager.save_conversation("0a000001", make_conversation(1, title="intruder"), user_id=other_user_id)
+    manager.delete_conversation("0a000001", user_id=other_user_id)
+    assert_row_matches(pg_conn, "0a000001", user_id, cached)
 
     assert manager.get_conversation("0a000001", user_id=user_id) == cached
     assert manager.get_conversation("0a000002", user_id=user_id) == during
     assert manager.get_conversation("0a000003", user_id=user_id) is None
     assert [cid for cid, _ in manager.list_conversations(user_id)] == ["0a000001", "0a000002"]
-    assert manager.flush_dirty_conversations() == 0
+    try:  # nothing can be read from a dead Redis: 0, or UnavailableError naming Redis (SPEC does not pin it)
+        assert manager.flush_dirty_conversations() == 0
+    except UnavailableError as exc:
+        assert "Redis" in str(exc), str(exc)
     stats = manager.stats()
     assert stats["redis_available"] is False
     assert stats["postgres_fallbacks"] > fallbacks
@@ -292,17 +303,28 @@ def test_partition_then_heal_keeps_the_newer_version(make_redis_manager, rdb, pg
         manager.save_conversation(conv_id, v1, user_id=user_id)
         assert_cached(rdb.client, user_id, conv_id, v1, dirty=True)
 
-        proxy.partition() if fault == "partition" else proxy.stall()
+        if fault == "partition":
+            proxy.partition()
+        else:
+            proxy.stall()
         v2 = grown({**v1, "title": "v2"}, 2)
         manager.save_conversation(conv_id, v2, user_id=user_id)  # Redis unreachable: straight to PostgreSQL
         assert_row_matches(pg_conn, conv_id, user_id, v2)
         assert manager.get_conversation(conv_id, user_id=user_id) == v2
+
+        # Another instance never lost Redis and flushes the stale v1 it finds dirty there: v2 must stay.
+        other_instance = make_redis_manager()
+        other_instance.flush_dirty_conversations()
+        assert_row_matches(pg_conn, conv_id, user_id, v2)
         proxy.heal()
 
         # Keep flushing while the manager notices Redis is back; v1 (still dirty in Redis) must never win.
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            manager.flush_dirty_conversations()
+            try:
+                manager.flush_dirty_conversations()
+            except UnavailableError as exc:  # still backing off from Redis: allowed, it says so
+                assert "Redis" in str(exc), str(exc)
             assert_row_matches(pg_conn, conv_id, user_id, v2)
             assert manager.get_conversation(conv_id, user_id=user_id) == v2
             if manager.stats()["redis_available"] and not dirty_set(rdb.client):
@@ -312,12 +334,55 @@ def test_partition_then_heal_keeps_the_newer_version(make_redis_manager, rdb, pg
         assert manager.get_conversation(conv_id, user_id=user_id) == v2
         assert [(cid, c["title"]) for cid, c in manager.list_conversations(user_id)] == [(conv_id, "v2")]
 
+        assert other_instance.get_conversation(conv_id, user_id=user_id) == v2
+
         # And a later save goes through Redis again and is flushed normally.
         v3 = grown({**v2, "title": "v3"}, 1)
         manager.save_conversation(conv_id, v3, user_id=user_id)
         assert manager.flush_dirty_conversations() >= 1
         assert_row_matches(pg_conn, conv_id, user_id, v3)
         assert dirty_set(rdb.client) == set()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_delete_during_partition_is_not_undone_by_the_stale_copy(make_redis_manager, rdb, pg_conn, user_id):
+    """SPEC 4.3: a delete made while Redis was unreachable; the dirty copy left in Redis never comes back."""
+    _controllable(rdb.server)
+    with TcpProxy(rdb.server.port) as proxy:
+        manager = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5)
+        flushed = make_conversation(2, title="flushed, then changed, then deleted")
+        manager.save_conversation("de100001", flushed, user_id=user_id)
+        manager.flush_dirty_conversations()
+        manager.save_conversation("de100001", grown(flushed, 1), user_id=user_id)  # dirty again
+        never_flushed = make_conversation(2, title="never flushed, then deleted")
+        manager.save_conversation("de100002", never_flushed, user_id=user_id)
+        assert dirty_set(rdb.client) == {dirty_member(user_id, "de100001"), dirty_member(user_id, "de100002")}
+
+        proxy.partition()
+        manager.delete_conversation("de100001", user_id=user_id)
+        manager.delete_conversation("de100002", user_id=user_id)
+        assert pg_conversation_ids(pg_conn) == set()
+        assert manager.get_conversation("de100001", user_id=user_id) is None
+        assert manager.list_conversations(user_id) == []
+
+        other_instance = make_redis_manager()  # never lost Redis; finds both dirty there
+        other_instance.flush_dirty_conversations()
+        assert pg_conversation_ids(pg_conn) == set()
+
+        proxy.heal()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            _try_flush(manager)
+            assert pg_conversation_ids(pg_conn) == set()
+            if manager.stats()["redis_available"] and not dirty_set(rdb.client):
+                break
+            time.sleep(0.2)
+        for app in (manager, other_instance):
+            assert app.get_conversation("de100001", user_id=user_id) is None
+            assert app.get_conversation("de100002", user_id=user_id) is None
+            assert app.list_conversations(user_id) == []
+        assert pg_conversation_ids(pg_conn) == set()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,7 +392,7 @@ def test_partition_then_heal_keeps_the_newer_version(make_redis_manager, rdb, pg
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_postgres_down_keeps_saving_into_redis(make_redis_manager, rdb, own_pg_server, user_id):
+def test_postgres_down_keeps_saving_into_redis(own_pg_server, make_redis_manager, rdb, user_id):
     params = create_database(own_pg_server.params)
     conn = params.connect()
     manager = make_redis_manager(connection_string=params.url, postgres_connect_timeout=2.0)
@@ -409,6 +474,69 @@ def test_postgres_connections_cut_then_healed(make_redis_manager, rdb, pg_server
         conn.close()
 
 
+@pytest.mark.timeout(60)
+def test_close_with_postgres_down_logs_and_keeps_data_dirty(make_redis_manager, rdb, pg_server, pg_params, caplog, user_id):
+    """SPEC 4.8: close() drains within a bounded time and says what it could not write; the data stays dirty."""
+    _controllable(pg_server)
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="chat_history_rs")
+    with TcpProxy(pg_params.port) as proxy:
+        url = f"postgresql://{pg_params.user}@127.0.0.1:{proxy.port}/{pg_params.dbname}"
+        manager = make_redis_manager(connection_string=url, postgres_connect_timeout=1.0)
+        conversation = make_conversation(2)
+        manager.save_conversation("c1050001", conversation, user_id=user_id)
+        proxy.partition()
+        caplog.clear()
+        manager.close()
+        complaints = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("chat_history_rs")]
+        assert complaints, "close() could not write a dirty conversation and logged nothing"
+        assert_cached(rdb.client, user_id, "c1050001", conversation, dirty=True)  # kept for a later flush
+
+        proxy.heal()
+        later = make_redis_manager(connection_string=url)
+        assert later.flush_dirty_conversations() == 1
+        conn = pg_params.connect()
+        try:
+            assert_row_matches(conn, "c1050001", user_id, conversation)
+        finally:
+            conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_other_users_save_while_postgres_is_down_never_overwrites(
+    make_redis_manager, rdb, pg_server, pg_params, user_id, other_user_id
+):  # fmt: skip
+    """SPEC 7 when ownership cannot be checked: A's conversation (in PostgreSQL only) survives B's save."""
+    _controllable(pg_server)
+    with TcpProxy(pg_params.port) as proxy:
+        url = f"postgresql://{pg_params.user}@127.0.0.1:{proxy.port}/{pg_params.dbname}"
+        manager = make_redis_manager(connection_string=url, postgres_connect_timeout=1.0)
+        mine = make_conversation(2, title="A's")
+        manager.save_conversation("0c000001", mine, user_id=user_id)
+        manager.flush_dirty_conversations()
+        rdb.client.delete(conv_key(user_id, "0c000001"))
+
+        proxy.partition()
+        try:
+            manager.save_conversation("0c000001", make_conversation(1, title="B's"), user_id=other_user_id)
+        except (PermissionError, UnavailableError):
+            pass  # refusing is fine; accepting into Redis is what SPEC 5 asks of saves while PostgreSQL is down
+        proxy.heal()
+
+        wait_until(lambda: _try_flush(manager) is not None and manager.stats()["redis_available"], timeout=15)
+        _try_flush(manager)
+        conn = pg_params.connect()
+        try:
+            assert_row_matches(conn, "0c000001", user_id, mine)
+        finally:
+            conn.close()
+        assert manager.get_conversation("0c000001", user_id=user_id) == mine
+        b_member = dirty_member(other_user_id, "0c000001")
+        if b_member in dirty_set(rdb.client):  # accepted, then refused by PostgreSQL: kept and reported
+            assert b_member in manager.stats()["stuck_conversations"]
+
+
 def _try_flush(manager) -> int:
     try:
         return manager.flush_dirty_conversations()
@@ -423,7 +551,7 @@ def _try_flush(manager) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-def test_redis_out_of_memory_saves_reach_postgres(make_redis_manager, make_redis_server, pg_conn, user_id, conv_id):
+def test_redis_out_of_memory_saves_reach_postgres(make_redis_server, make_redis_manager, pg_conn, user_id, conv_id):
     server = make_redis_server("--maxmemory", "3mb", "--maxmemory-policy", "noeviction")
     client = redis_client(server.url)
     manager = make_redis_manager(redis_url=server.url)
@@ -435,24 +563,28 @@ def test_redis_out_of_memory_saves_reach_postgres(make_redis_manager, make_redis
     import redis as redis_py
 
     filled = 0
-    with pytest.raises(redis_py.exceptions.ResponseError, match="OOM"):
+    with pytest.raises(redis_py.exceptions.ResponseError, match="maxmemory"):  # redis-py strips the "OOM" code
         for filled in range(10_000):  # noqa: B007
             client.set(f"filler:{filled}", "f" * 10_000)
     assert filled > 0
 
     v2 = grown({**v1, "title": "v2, during OOM"}, 2)
     manager.save_conversation(conv_id, v2, user_id=user_id)
-    assert_row_matches(pg_conn, conv_id, user_id, v2)
     new = make_conversation(3, title="new during OOM")
     manager.save_conversation("00e00001", new, user_id=user_id)
+    # Redis refusing the write sends the save straight to PostgreSQL. Redis may also let a script's write in
+    # over maxmemory, leaving the save dirty in Redis: then a flush, still under OOM, must write it back.
+    try:
+        manager.flush_dirty_conversations()
+    except ChatHistoryError:
+        pass
+    assert_row_matches(pg_conn, conv_id, user_id, v2)
     assert_row_matches(pg_conn, "00e00001", user_id, new)
 
-    # The stale clean v1 in Redis must not be served.
+    # Never the stale clean v1 that is still in Redis.
     assert manager.get_conversation(conv_id, user_id=user_id) == v2
     assert manager.get_conversation("00e00001", user_id=user_id) == new
     assert [cid for cid, _ in manager.list_conversations(user_id)] == ["00e00001", conv_id]
-    assert manager.flush_dirty_conversations() == 0
-    assert_row_matches(pg_conn, conv_id, user_id, v2)
 
     client.flushdb()  # memory back: caching resumes
     latest = {"v": new}
@@ -571,7 +703,7 @@ def test_poison_conversation_is_kept_and_does_not_block(make_redis_manager, rdb,
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-def test_redis_restart_manager_keeps_working(make_redis_manager, make_redis_server, pg_conn, user_id):
+def test_redis_restart_manager_keeps_working(make_redis_server, make_redis_manager, pg_conn, user_id):
     server = make_redis_server()
     client = redis_client(server.url)
     manager = make_redis_manager(redis_url=server.url, redis_timeout=0.5)
@@ -612,9 +744,12 @@ def test_redis_restart_manager_keeps_working(make_redis_manager, make_redis_serv
 def test_tcp_proxy_forwards_cuts_refuses_stalls_and_heals(rdb):
     _controllable(rdb.server)
     import redis as redis_py
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     with TcpProxy(rdb.server.port) as proxy:
-        client = redis_py.Redis(port=proxy.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        no_retry = Retry(NoBackoff(), 0)
+        client = redis_py.Redis(port=proxy.port, socket_timeout=0.5, socket_connect_timeout=0.5, retry=no_retry)
         assert client.ping()
         proxy.cut()
         assert client.ping()  # redis-py reconnects on a dropped connection

@@ -218,7 +218,9 @@ def test_positional_arguments_match_phase1(local_manager, conv_id, user_id, samp
     assert local_manager.get_conversation(conv_id, user_id) is None
 
 
-def test_default_base_dir_is_current_working_directory(make_manager, tmp_path, monkeypatch, conv_id, sample_conversation):
+def test_default_base_dir_is_current_working_directory(
+    make_manager, tmp_path, monkeypatch, conv_id, sample_conversation
+):
     monkeypatch.chdir(tmp_path)
     manager = make_manager()  # mode="local" is the default
     conv = sample_conversation(2)
@@ -353,4 +355,3 @@ def test_refused_save_leaves_file_byte_identical(local_manager, tmp_path, conv_i
 
     assert path.read_bytes() == before
     assert sorted(os.listdir(history_dir(tmp_path))) == [f"{conv_id}.json"]
-

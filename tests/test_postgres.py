@@ -299,6 +299,34 @@ def test_resave_moves_conversation_to_top_of_list(pg_manager, user_id, sample_co
     assert listed[0][1] == dict(first_again, messages=[])
 
 
+def test_phase1_writer_after_the_product_is_read_back(pg_manager, pg_conn, user_id, conv_id, sample_conversation):
+    # An old (Phase 1) process still running during a rolling upgrade re-saves and deletes with plain SQL.
+    pg_manager.save_conversation(conv_id, sample_conversation(3), user_id)
+    with pg_conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO conversations (conversation_id, user_client_id, title, model, created_at, last_modified)"
+            " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (conversation_id) DO UPDATE SET"
+            " title = EXCLUDED.title, model = EXCLUDED.model, last_modified = EXCLUDED.last_modified",
+            (conv_id, user_id, "edited by phase 1", "gpt-35-turbo", utc(2020, 1, 1), utc(2030, 1, 1, 12)),
+        )
+        cur.execute("DELETE FROM messages WHERE conversation_id = %s", (conv_id,))
+        cur.execute(
+            "INSERT INTO messages (conversation_id, sequence_number, role, content, timestamp)"
+            " VALUES (%s, 0, 'user', 'only one now', %s)",
+            (conv_id, utc(2030, 1, 1, 11, 59, 59, 999999)),
+        )
+    got = pg_manager.get_conversation(conv_id, user_id)
+    assert got["title"] == "edited by phase 1"
+    assert got["model"] == "gpt-35-turbo"
+    assert got["last_modified"] == "2030-01-01T12:00:00+00:00"
+    assert got["messages"] == [{"role": "user", "content": "only one now", "time": "2030-01-01T11:59:59.999999+00:00"}]
+
+    with pg_conn.cursor() as cur:
+        cur.execute("DELETE FROM conversations WHERE conversation_id = %s", (conv_id,))
+    assert pg_manager.get_conversation(conv_id, user_id) is None
+    assert pg_manager.list_conversations(user_id) == []
+
+
 # --------------------------------------------------------------------------------------------------
 # Saving through the product
 # --------------------------------------------------------------------------------------------------
@@ -370,9 +398,7 @@ def test_timestamps_are_normalised_to_canonical_utc(pg_manager, pg_conn, user_id
     assert fetch_message_rows(pg_conn, conv_id) == [(0, "user", "hi", instant)]
 
 
-def test_naive_timestamps_are_utc_even_when_process_tz_is_not(
-    pg_manager, user_id, conv_id, monkeypatch
-):  # fmt: skip
+def test_naive_timestamps_are_utc_even_when_process_tz_is_not(pg_manager, user_id, conv_id, monkeypatch):
     # SPEC section 2: naive = UTC. A product that used the machine's local zone would shift it.
     monkeypatch.setenv("TZ", "Asia/Kolkata")
     time.tzset()
@@ -438,7 +464,7 @@ def test_resave_keeps_created_at_and_updates_the_rest(pg_manager, pg_conn, user_
 
 def test_resave_shrinking_messages_leaves_exactly_the_new_rows(
     pg_manager, pg_conn, user_id, conv_id, sample_conversation
-):  # fmt: skip
+):
     five = sample_conversation(5, contents=["m0", "m1", "m2", "m3", "m4"])
     pg_manager.save_conversation(conv_id, five, user_id)
     assert [r[0] for r in fetch_message_rows(pg_conn, conv_id)] == [0, 1, 2, 3, 4]
@@ -501,7 +527,7 @@ def test_get_unknown_id_is_none(pg_manager, user_id):
 
 def test_delete_removes_row_and_messages_only_of_that_conversation(
     pg_manager, pg_conn, user_id, conv_id, sample_conversation
-):  # fmt: skip
+):
     doomed = sample_conversation(3)
     kept = sample_conversation(2, title="kept")
     pg_manager.save_conversation(conv_id, doomed, user_id)
@@ -593,7 +619,7 @@ def _check_tz_independence(manager, params, user_id, conv_id, sample_conversatio
 
 def test_server_timezone_new_york_still_gives_utc(
     make_manager, pg_params_new_york, user_id, conv_id, sample_conversation
-):  # fmt: skip
+):
     manager = make_manager(mode="postgres", connection_string=pg_params_new_york.url)
     _check_tz_independence(manager, pg_params_new_york, user_id, conv_id, sample_conversation)
 
@@ -625,7 +651,7 @@ def _round_trip(manager, pg_conn, user_id, conv_id, conv):
 @pytest.mark.parametrize("sslmode", [None, "disable", "prefer", "allow"])
 def test_connection_string_forms_and_sslmodes(
     make_manager, pg_params, pg_conn, user_id, conv_id, sample_conversation, form, sslmode
-):  # fmt: skip
+):
     if form == "url":
         cs = pg_params.url + (f"?sslmode={sslmode}" if sslmode else "")
     else:
@@ -642,7 +668,7 @@ def test_postgres_scheme_alias(make_manager, pg_params, pg_conn, user_id, conv_i
 
 def test_database_url_env_is_used_without_connection_string(
     make_manager, pg_url, pg_conn, user_id, conv_id, sample_conversation, monkeypatch
-):  # fmt: skip
+):
     monkeypatch.setenv("DATABASE_URL", pg_url)
     manager = make_manager(mode="postgres")
     _round_trip(manager, pg_conn, user_id, conv_id, sample_conversation(2))
@@ -650,7 +676,7 @@ def test_database_url_env_is_used_without_connection_string(
 
 def test_connection_string_argument_wins_over_database_url(
     make_manager, pg_url, pg_conn, user_id, conv_id, sample_conversation, monkeypatch
-):  # fmt: skip
+):
     monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{closed_port()}/nowhere")
     manager = make_manager(mode="postgres", connection_string=pg_url)
     _round_trip(manager, pg_conn, user_id, conv_id, sample_conversation(1))
@@ -683,7 +709,7 @@ def _check_unavailable(exc: BaseException) -> None:
 
 def test_sslmode_require_against_plain_server_raises_connection_error(
     make_manager, pg_params, user_id, conv_id, sample_conversation
-):  # fmt: skip
+):
     started = time.monotonic()
     _expect_unavailable_everywhere(
         make_manager, pg_params.url + "?sslmode=require", user_id, conv_id, sample_conversation(1),

@@ -147,6 +147,29 @@ def test_flush_of_shrunk_conversation_removes_rows(make_redis_manager, rdb, pg_c
     assert_row_matches(pg_conn, conv_id, user_id, shorter)
 
 
+def test_flush_batches_conversations_per_transaction(make_redis_manager, rdb, pg_conn, user_id):
+    # SPEC 4.7: many conversations per transaction, each conversation whole in one. Rows written by one
+    # transaction share its xmin, so the distinct xmins count the transactions.
+    manager = make_redis_manager(flush_batch_size=25)
+    conversations = {f"ba7c{n:04d}": make_conversation(1 + n % 3, prefix=f"{n} ") for n in range(100)}
+    for cid, conv in conversations.items():
+        manager.save_conversation(cid, conv, user_id=user_id)
+    assert manager.flush_dirty_conversations() == 100
+    for cid, conv in conversations.items():
+        assert_row_matches(pg_conn, cid, user_id, conv)
+    with pg_conn.cursor() as cur:
+        cur.execute("SELECT conversation_id, xmin::text FROM conversations")
+        conversation_xmin = dict(cur.fetchall())
+        cur.execute("SELECT conversation_id, xmin::text FROM messages")
+        message_xmin = cur.fetchall()
+    transactions = set(conversation_xmin.values())
+    # flush_batch_size is an upper bound (batches follow SSCAN's uneven pages), so allow up to 10 transactions:
+    # one transaction per conversation (100) is what this rules out.
+    assert len(transactions) <= 10, f"100 conversations in {len(transactions)} transactions with flush_batch_size=25"
+    torn = [(cid, x) for cid, x in message_xmin if x != conversation_xmin[cid]]
+    assert torn == [], "message rows written in another transaction than their conversation"
+
+
 # --------------------------------------------------------------------------------------------------
 # Read path: cache miss, backfill
 # --------------------------------------------------------------------------------------------------
@@ -326,6 +349,29 @@ def test_list_merges_dirty_redis_and_postgres_newest_first(
     newest = make_conversation(1, title="Newest", last_modified=iso(now + timedelta(hours=1)))
     manager.save_conversation("aaaa0005", newest, user_id=user_id)
     assert manager.list_conversations(user_id) == [("aaaa0005", metadata(newest))] + expected
+
+
+def test_list_and_get_see_another_instances_writes_at_once(make_redis_manager, rdb, user_id):
+    # Two app instances on one Redis (SPEC 4.4): a cached list in one never hides the other's saves and deletes.
+    app_a, app_b = make_redis_manager(), make_redis_manager()
+    first = make_conversation(1, title="first")
+    app_a.save_conversation("aaaa1001", first, user_id=user_id)
+    app_a.flush_dirty_conversations()
+    assert app_a.list_conversations(user_id) == [("aaaa1001", metadata(first))]
+
+    second = make_conversation(2, title="second")
+    app_b.save_conversation("aaaa1002", second, user_id=user_id)
+    assert app_a.list_conversations(user_id) == [("aaaa1002", metadata(second)), ("aaaa1001", metadata(first))]
+    assert app_a.get_conversation("aaaa1002", user_id=user_id) == second
+
+    renamed = {**first, "title": "first, renamed by B", "last_modified": now_iso()}
+    app_b.save_conversation("aaaa1001", renamed, user_id=user_id)
+    assert app_a.get_conversation("aaaa1001", user_id=user_id) == renamed
+    assert app_a.list_conversations(user_id) == [("aaaa1001", metadata(renamed)), ("aaaa1002", metadata(second))]
+
+    app_b.delete_conversation("aaaa1002", user_id=user_id)
+    assert app_a.list_conversations(user_id) == [("aaaa1001", metadata(renamed))]
+    assert app_a.get_conversation("aaaa1002", user_id=user_id) is None
 
 
 def _assert_convlist_consistent(client, user_id, conversations: dict) -> None:
@@ -601,8 +647,11 @@ def test_close_flushes(make_redis_manager, rdb, pg_conn, user_id):
     manager.close()  # idempotent
 
 
-def test_background_flusher_writes_without_explicit_flush(make_redis_manager, rdb, pg_conn, user_id, conv_id):
-    manager = make_redis_manager(background_flush=True, flush_interval=0.5)
+@pytest.mark.parametrize("switch", ["explicit", "default"])
+def test_background_flusher_writes_without_explicit_flush(make_redis_manager, rdb, pg_conn, user_id, conv_id, switch):
+    # SPEC 4.5: on by default in redis mode.
+    background_flush = True if switch == "explicit" else None  # None: leave the product's default
+    manager = make_redis_manager(flush_interval=0.5, background_flush=background_flush)
     conversation = make_conversation(2)
     manager.save_conversation(conv_id, conversation, user_id=user_id)
     wait_until(lambda: conv_id in pg_conversation_ids(pg_conn), timeout=10, what="background flush")
@@ -675,7 +724,7 @@ def test_clean_keys_expire_and_dirty_keys_do_not(make_redis_manager, rdb, pg_con
 
 
 @pytest.mark.slow
-def test_dirty_keys_survive_eviction_pressure(make_redis_manager, make_redis_server, pg_conn, user_id):
+def test_dirty_keys_survive_eviction_pressure(make_redis_server, make_redis_manager, pg_conn, user_id):
     server = make_redis_server("--maxmemory", "2mb", "--maxmemory-policy", "volatile-lru")
     client = redis_client(server.url)
     manager = make_redis_manager(redis_url=server.url)
@@ -763,8 +812,9 @@ def test_stats_counts(make_redis_manager, rdb, user_id):
 # Secrets (SPEC section 7)
 # --------------------------------------------------------------------------------------------------
 
-REDIS_PASSWORD = "Rdx-secret:key@42/pw"
-WRONG_REDIS_PASSWORD = "Wrong-redis:key@99/pw"
+REDIS_PASSWORD = "Rdx-secret:key@42/pw+="  # Azure keys are base64: '+', '/', '=' are common
+REDIS_PLAIN_PASSWORD = "RdxPlainSecretKey42"
+WRONG_REDIS_PASSWORD = "Wrong-redis:key@99/pw+="
 
 
 def _secret_forms(secret: str) -> list[str]:
@@ -791,7 +841,7 @@ def _log_texts(caplog) -> str:
 
 
 def test_wrong_redis_password_names_redis_and_hides_the_password(
-    make_manager, make_redis_server, pg_url, caplog, capfd, user_id, conv_id
+    make_redis_server, make_manager, pg_url, caplog, capfd, user_id, conv_id
 ):  # fmt: skip
     caplog.set_level(logging.DEBUG, logger="chat_history_rs")
     server = make_redis_server("--requirepass", REDIS_PASSWORD)
@@ -827,12 +877,14 @@ def test_wrong_redis_password_names_redis_and_hides_the_password(
     _assert_no_secret("\n".join(texts), WRONG_REDIS_PASSWORD, "errors, repr, stats or logs")
 
 
+@pytest.mark.parametrize("password", [REDIS_PLAIN_PASSWORD, REDIS_PASSWORD], ids=["plain", "percent-encoded"])
 def test_correct_redis_password_works_and_never_shows(
-    make_redis_manager, make_redis_server, pg_conn, caplog, capfd, user_id, conv_id
+    make_redis_server, make_redis_manager, pg_conn, caplog, capfd, user_id, conv_id, password
 ):  # fmt: skip
     caplog.set_level(logging.DEBUG, logger="chat_history_rs")
-    server = make_redis_server("--requirepass", REDIS_PASSWORD)
-    url = f"redis://:{quote(REDIS_PASSWORD, safe='')}@127.0.0.1:{server.port}/0"
+    server = make_redis_server("--requirepass", password)
+    # URL userinfo is percent-encoded (RFC 3986), as redis-py and redis-rs read it.
+    url = f"redis://:{quote(password, safe='')}@127.0.0.1:{server.port}/0"
     manager = make_redis_manager(redis_url=url)
     conversation = make_conversation(2)
     manager.save_conversation(conv_id, conversation, user_id=user_id)
@@ -849,7 +901,87 @@ def test_correct_redis_password_works_and_never_shows(
     manager.close()
     out, err = capfd.readouterr()
     texts += [repr(manager), out, err, _log_texts(caplog)]
-    _assert_no_secret("\n".join(texts), REDIS_PASSWORD, "repr, stats or logs")
+    _assert_no_secret("\n".join(texts), password, "repr, stats or logs")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration (SPEC section 2): the seed's URL form, the later by-parts form, env vs keywords
+# --------------------------------------------------------------------------------------------------
+
+REDIS_ENV = ("REDIS_ENABLED", "REDIS_CONNECTION_STRING", "REDIS_CACHE_TTL", "REDIS_TTL_SECONDS", "REDIS_HOST",
+             "REDIS_PASSWORD", "REDIS_PORT", "REDIS_SSL", "REDIS_CA_FILE")  # fmt: skip
+
+
+@pytest.fixture
+def clean_redis_env(monkeypatch):
+    for name in REDIS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_seed_environment_turns_the_tier_on(clean_redis_env, make_manager, rdb, pg_url, pg_conn, user_id, conv_id):
+    clean_redis_env.setenv("DATABASE_URL", pg_url)
+    clean_redis_env.setenv("REDIS_ENABLED", "true")
+    clean_redis_env.setenv("REDIS_CONNECTION_STRING", rdb.url)
+    clean_redis_env.setenv("REDIS_CACHE_TTL", "120")
+    manager = make_manager(mode="postgres", background_flush=False)
+    assert manager.redis_enabled is True
+    conversation = make_conversation(2)
+    manager.save_conversation(conv_id, conversation, user_id=user_id)
+    assert_cached(rdb.client, user_id, conv_id, conversation, dirty=True)
+    assert manager.flush_dirty_conversations() == 1
+    assert_cached(rdb.client, user_id, conv_id, conversation, dirty=False, ttl=120)
+    assert_row_matches(pg_conn, conv_id, user_id, conversation)
+
+
+def test_keywords_win_over_the_environment(clean_redis_env, make_manager, rdb, pg_url, pg_conn, user_id):
+    clean_redis_env.setenv("REDIS_ENABLED", "true")
+    clean_redis_env.setenv("REDIS_CONNECTION_STRING", "redis://127.0.0.1:1/0")  # nothing there
+    clean_redis_env.setenv("REDIS_CACHE_TTL", "120")
+
+    plain = make_manager(mode="postgres", connection_string=pg_url, redis_enabled=False)
+    assert plain.redis_enabled is False
+    conversation = make_conversation(1)
+    plain.save_conversation("0e000001", conversation, user_id=user_id)
+    assert_row_matches(pg_conn, "0e000001", user_id, conversation)  # straight to PostgreSQL
+    assert seed_view(rdb.client) == {DIRTY_SET: set()}
+
+    cached = make_manager(
+        mode="postgres", connection_string=pg_url, redis_connection_string=rdb.url, redis_ttl=60,
+        background_flush=False,
+    )  # fmt: skip
+    assert cached.redis_enabled is True
+    cached.save_conversation("0e000002", conversation, user_id=user_id)
+    assert_cached(rdb.client, user_id, "0e000002", conversation, dirty=True)
+    cached.flush_dirty_conversations()
+    assert_cached(rdb.client, user_id, "0e000002", conversation, dirty=False, ttl=60)
+
+
+@pytest.mark.parametrize("how", ["keywords", "environment"])
+def test_mode_redis_by_parts(clean_redis_env, make_redis_server, make_manager, pg_url, pg_conn, user_id, conv_id, how):
+    import redis as redis_py
+
+    password = "Azure+base64/key=="  # given as is: no URL, so no percent-encoding
+    server = make_redis_server("--requirepass", password)
+    if how == "keywords":
+        manager = make_manager(
+            mode="redis", connection_string=pg_url, redis_host="127.0.0.1", redis_port=server.port,
+            redis_password=password, redis_ssl=False, redis_ttl=90, background_flush=False,
+        )  # fmt: skip
+    else:
+        for name, value in {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(server.port), "REDIS_PASSWORD": password,
+                            "REDIS_SSL": "false", "REDIS_TTL_SECONDS": "90", "DATABASE_URL": pg_url}.items():  # fmt: skip
+            clean_redis_env.setenv(name, value)
+        manager = make_manager(mode="redis", background_flush=False)
+    client = redis_py.Redis(host="127.0.0.1", port=server.port, password=password, decode_responses=True)
+    conversation = make_conversation(2)
+    manager.save_conversation(conv_id, conversation, user_id=user_id)
+    assert_cached(client, user_id, conv_id, conversation, dirty=True)
+    assert manager.flush_dirty_conversations() == 1
+    assert_cached(client, user_id, conv_id, conversation, dirty=False, ttl=90)
+    assert_row_matches(pg_conn, conv_id, user_id, conversation)
+    assert password not in repr(manager) and password not in repr(manager.stats())
+    client.close()
 
 
 # --------------------------------------------------------------------------------------------------

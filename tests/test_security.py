@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import traceback
 from urllib.parse import quote
@@ -40,7 +41,7 @@ def test_other_user_cannot_overwrite(pg_manager, pg_conn, user_id, other_user_id
 
 def test_other_user_cannot_overwrite_through_seed_backend(
     pg_manager, pg_conn, user_id, other_user_id, conv_id, sample_conversation
-):  # fmt: skip
+):
     mine = sample_conversation(2)
     pg_manager.save_conversation(conv_id, mine, user_id)
     with pytest.raises(PermissionError):
@@ -202,6 +203,14 @@ def test_wrong_password_is_not_in_errors_or_logs(make_manager, pg_scram_params, 
     _assert_no_secret(_log_texts(caplog), secret, "logs")
 
 
+def test_wrong_password_error_says_authentication_failed(make_manager, pg_scram_params, user_id, conv_id):
+    # STYLE "Errors": the message says what was wrong. A bad password is not an outage to wait out.
+    params = pg_scram_params.with_login("postgres", WRONG_PASSWORD)
+    exc = _fail_with_bad_login(make_manager, params.url, user_id, conv_id)
+    assert re.search(r"(?i)authenticat", str(exc)), str(exc)
+    _assert_no_secret(str(exc), WRONG_PASSWORD, "str")
+
+
 def test_password_not_in_unavailable_error(make_manager, caplog, user_id, conv_id, sample_conversation):
     caplog.set_level(logging.DEBUG, logger="chat_history_rs")
     url = f"postgresql://postgres:{quote(WRONG_PASSWORD_SPECIAL, safe='')}@127.0.0.1:{closed_port()}/postgres"
@@ -229,7 +238,7 @@ def _deep_text(value) -> str:
 @pytest.mark.parametrize("form", ["url", "key-value", "DATABASE_URL"])
 def test_correct_password_not_in_repr_stats_or_logs(
     make_manager, pg_scram_params, caplog, monkeypatch, user_id, conv_id, sample_conversation, form
-):  # fmt: skip
+):
     caplog.set_level(logging.DEBUG, logger="chat_history_rs")
     password = pg_scram_params.password
     assert password

@@ -257,9 +257,7 @@ def test_messages_without_time_and_empty_content_are_accepted(store, conv_id, sa
     store.save(conv_id, conv)
     got = store.get(conv_id)
     assert got["messages"][0] == conv["messages"][0]
-    assert [(m["role"], m["content"]) for m in got["messages"]] == [
-        (m["role"], m["content"]) for m in conv["messages"]
-    ]
+    assert [(m["role"], m["content"]) for m in got["messages"]] == [(m["role"], m["content"]) for m in conv["messages"]]
     if store.mode == "postgres":
         assert datetime.fromisoformat(got["messages"][1]["time"]).tzinfo is not None
 

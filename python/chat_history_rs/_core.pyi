@@ -30,7 +30,8 @@ class ChatHistoryManager:
     (``mode="postgres"``), or in Redis over PostgreSQL with write-back (``redis_enabled=True``).
 
     Keyword arguments win over environment variables: ``connection_string`` over ``DATABASE_URL``,
-    ``redis_enabled`` over ``REDIS_ENABLED``. One manager may be shared between threads; every
+    ``redis_enabled`` over ``REDIS_ENABLED``, ``redis_connection_string`` over
+    ``REDIS_CONNECTION_STRING``; the README's configuration table lists them all. One manager may be shared between threads; every
     network or disk call releases the GIL.
 
     Raises ``ConfigurationError`` (a ``ValueError``) for an unknown mode or a missing connection
@@ -48,6 +49,19 @@ class ChatHistoryManager:
         postgres_pool_size: int = 4,
         postgres_connect_timeout: float = 5.0,
         postgres_ca_file: Optional[Union[str, os.PathLike[str]]] = None,
+        redis_connection_string: Optional[str] = None,
+        redis_host: Optional[str] = None,
+        redis_password: Optional[str] = None,
+        redis_port: Optional[int] = None,
+        redis_ssl: Optional[bool] = None,
+        redis_ttl: Optional[int] = None,
+        redis_pool_size: int = 8,
+        redis_timeout: float = 0.5,
+        redis_ca_file: Optional[Union[str, os.PathLike[str]]] = None,
+        flush_interval: float = 10.0,
+        background_flush: bool = True,
+        flush_batch_size: int = 500,
+        close_timeout: float = 30.0,
     ) -> None: ...
     @property
     def mode(self) -> str:
@@ -59,7 +73,7 @@ class ChatHistoryManager:
     def postgres_backend(self) -> Optional[PostgresBackend]:
         """PostgreSQL with the seed's method names; None in local mode."""
     @property
-    def redis_backend(self) -> None:
+    def redis_backend(self) -> Optional[RedisBackend]:
         """The Redis cache with the seed's method names; None without Redis."""
     def list_conversations(self, user_id: Optional[str] = None) -> List[Tuple[str, Conversation]]:
         """Local mode: every readable conversation, sorted by file name, with messages.
@@ -95,6 +109,20 @@ class PostgresBackend:
     def save_conversation(self, conversation_id: str, user_id: str, conversation: ConversationInput) -> None: ...
     def list_conversations(self, user_id: str, days: Optional[int] = None) -> List[Tuple[str, Conversation]]: ...
     def delete_conversation(self, conversation_id: str, user_id: str) -> None: ...
+
+class RedisBackend:
+    """Redis with the seed's ``RedisBackend`` method names and argument orders."""
+
+    def get_conversation(self, user_id: str, conversation_id: str) -> Optional[Conversation]: ...
+    def set_conversation(
+        self, user_id: str, conversation_id: str, conversation: ConversationInput, dirty: bool = True
+    ) -> None:
+        """``dirty=True`` saves as ``ChatHistoryManager.save_conversation`` does; ``dirty=False``
+        caches a clean copy with the TTL."""
+    def get_dirty_conversations(self) -> List[Tuple[str, str]]:
+        """``(user_id, conversation_id)`` of every conversation awaiting write-back."""
+    def clear_dirty_flag(self, user_id: str, conversation_id: str) -> None:
+        """Marks the conversation clean, unless a newer save came in since."""
 
 class ChatHistoryError(Exception):
     """Base class of every error chat_history_rs raises."""

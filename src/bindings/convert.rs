@@ -24,6 +24,29 @@ fn string(conversation_id: &str, field: &str, value: &Bound<'_, PyAny>) -> Resul
         .map_err(|_| Error::validation(format!("conversation {conversation_id:?}: {field} is not valid Unicode")))
 }
 
+/// An id argument (`conversation_id`, `user_id`): a `str`, else our `InvalidTypeError` (pyo3's own
+/// extraction would raise a plain `TypeError`, outside the `ChatHistoryError` hierarchy).
+pub(crate) struct Id(pub String);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Id {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        match obj.cast::<PyString>() {
+            Ok(text) => Ok(Id(text.to_cow()?.into_owned())),
+            Err(_) => Err(Error::invalid_type(format!("ids must be str, got {}", type_name(&obj))).into()),
+        }
+    }
+}
+
+impl std::ops::Deref for Id {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A timestamp field: an ISO 8601 string or a `datetime` (naive taken as UTC); absent or `None`
 /// means now (SPEC section 2).
 fn timestamp(conversation_id: &str, field: &str, value: Option<Bound<'_, PyAny>>) -> Result<Timestamp> {

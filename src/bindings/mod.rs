@@ -16,7 +16,7 @@ use crate::config::{PostgresSettings, RedisSettings};
 use crate::error::Error;
 use crate::manager::{self, ChatHistory, Mode, Settings};
 use crate::store::postgres::PostgresStore;
-use convert::{conversation_from_py, conversation_to_py, listing_to_py};
+use convert::{conversation_from_py, conversation_to_py, listing_to_py, Id};
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
@@ -272,7 +272,8 @@ impl PyChatHistoryManager {
     }
 
     #[pyo3(signature = (user_id = None))]
-    fn list_conversations<'py>(&self, py: Python<'py>, user_id: Option<&str>) -> PyResult<Bound<'py, PyAny>> {
+    fn list_conversations<'py>(&self, py: Python<'py>, user_id: Option<Id>) -> PyResult<Bound<'py, PyAny>> {
+        let user_id = user_id.as_deref();
         let items = py.detach(|| self.inner.list(user_id))?;
         Ok(listing_to_py(py, &items)?.into_any())
     }
@@ -281,9 +282,11 @@ impl PyChatHistoryManager {
     fn get_conversation<'py>(
         &self,
         py: Python<'py>,
-        conversation_id: &str,
-        user_id: Option<&str>,
+        conversation_id: Id,
+        user_id: Option<Id>,
     ) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let conversation_id: &str = &conversation_id;
+        let user_id = user_id.as_deref();
         let conv = py.detach(|| self.inner.get(conversation_id, user_id))?;
         conv.map(|c| conversation_to_py(py, &c)).transpose()
     }
@@ -292,17 +295,21 @@ impl PyChatHistoryManager {
     fn save_conversation(
         &self,
         py: Python<'_>,
-        conversation_id: &str,
+        conversation_id: Id,
         conversation: &Bound<'_, PyAny>,
-        user_id: Option<&str>,
+        user_id: Option<Id>,
     ) -> PyResult<()> {
+        let conversation_id: &str = &conversation_id;
+        let user_id = user_id.as_deref();
         let conv = conversation_from_py(conversation_id, conversation)?;
         py.detach(|| self.inner.save(conversation_id, user_id, &conv))?;
         Ok(())
     }
 
     #[pyo3(signature = (conversation_id, user_id = None))]
-    fn delete_conversation(&self, py: Python<'_>, conversation_id: &str, user_id: Option<&str>) -> PyResult<()> {
+    fn delete_conversation(&self, py: Python<'_>, conversation_id: Id, user_id: Option<Id>) -> PyResult<()> {
+        let conversation_id: &str = &conversation_id;
+        let user_id = user_id.as_deref();
         py.detach(|| self.inner.delete(conversation_id, user_id))?;
         Ok(())
     }
@@ -382,9 +389,10 @@ impl PyPostgresBackend {
     fn get_conversation<'py>(
         &self,
         py: Python<'py>,
-        conversation_id: &str,
+        conversation_id: Id,
         user_id: &str,
     ) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let conversation_id: &str = &conversation_id;
         crate::validate::conversation_id(conversation_id)?;
         crate::validate::user_id(user_id)?;
         let conv = py.detach(|| self.store()?.get(conversation_id, user_id))?;
@@ -394,10 +402,11 @@ impl PyPostgresBackend {
     fn save_conversation(
         &self,
         py: Python<'_>,
-        conversation_id: &str,
+        conversation_id: Id,
         user_id: &str,
         conversation: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
+        let conversation_id: &str = &conversation_id;
         crate::validate::conversation_id(conversation_id)?;
         crate::validate::user_id(user_id)?;
         let conv = conversation_from_py(conversation_id, conversation)?;
@@ -419,7 +428,9 @@ impl PyPostgresBackend {
         Ok(listing_to_py(py, &items)?.into_any())
     }
 
-    fn delete_conversation(&self, py: Python<'_>, conversation_id: &str, user_id: &str) -> PyResult<()> {
+    fn delete_conversation(&self, py: Python<'_>, conversation_id: Id, user_id: Id) -> PyResult<()> {
+        let conversation_id: &str = &conversation_id;
+        let user_id: &str = &user_id;
         crate::validate::conversation_id(conversation_id)?;
         crate::validate::user_id(user_id)?;
         py.detach(|| self.store()?.delete(conversation_id, user_id))?;
@@ -453,8 +464,9 @@ impl PyRedisBackend {
         &self,
         py: Python<'py>,
         user_id: &str,
-        conversation_id: &str,
+        conversation_id: Id,
     ) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let conversation_id: &str = &conversation_id;
         crate::validate::user_id(user_id)?;
         crate::validate::conversation_id(conversation_id)?;
         let cache = self.cache()?;
@@ -469,10 +481,11 @@ impl PyRedisBackend {
         &self,
         py: Python<'_>,
         user_id: &str,
-        conversation_id: &str,
+        conversation_id: Id,
         conversation: &Bound<'_, PyAny>,
         dirty: bool,
     ) -> PyResult<()> {
+        let conversation_id: &str = &conversation_id;
         crate::validate::user_id(user_id)?;
         crate::validate::conversation_id(conversation_id)?;
         let conv = conversation_from_py(conversation_id, conversation)?;
@@ -493,7 +506,9 @@ impl PyRedisBackend {
     }
 
     /// Marks the conversation clean, unless a newer save came in since it was read.
-    fn clear_dirty_flag(&self, py: Python<'_>, user_id: &str, conversation_id: &str) -> PyResult<()> {
+    fn clear_dirty_flag(&self, py: Python<'_>, user_id: Id, conversation_id: Id) -> PyResult<()> {
+        let conversation_id: &str = &conversation_id;
+        let user_id: &str = &user_id;
         let cache = self.cache()?;
         py.detach(|| cache.clear_dirty(user_id, conversation_id)).map_err(cache_error)
     }

@@ -2,7 +2,7 @@
 //! schema (SPEC section 3), and one statement per operation so every save is atomic and costs one
 //! round trip.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -185,6 +185,7 @@ const OWNER: &str = "SELECT user_client_id FROM conversations WHERE conversation
 pub struct PostgresStore {
     pool: Pool,
     redacted: String,
+    connect_errors: PoolErrorLog,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -193,13 +194,18 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-/// Routes r2d2's connection errors to our logger instead of its own `error!` lines.
-#[derive(Debug)]
-struct PoolErrorLog;
+/// Routes r2d2's connection errors to our logger instead of its own `error!` lines, and keeps the
+/// last one: r2d2's own timeout error says only "db error", not why (a refused login, say).
+#[derive(Debug, Default, Clone)]
+struct PoolErrorLog {
+    last: Arc<Mutex<Option<String>>>,
+}
 
 impl r2d2::HandleError<postgres::Error> for PoolErrorLog {
     fn handle_error(&self, error: postgres::Error) {
-        log::warn!("PostgreSQL connection failed: {}", error_chain(&error));
+        let text = error_chain(&error);
+        log::warn!("PostgreSQL connection failed: {text}");
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(text);
     }
 }
 
@@ -207,6 +213,7 @@ impl PostgresStore {
     /// Builds the pool without connecting; [`PostgresStore::ensure_schema`] is the first contact.
     pub fn new(settings: &PostgresSettings) -> Result<Self> {
         let tls = MakeRustlsConnect::new(settings.tls_config()?);
+        let connect_errors = PoolErrorLog::default();
         let manager = PostgresConnectionManager::new(settings.config.clone(), tls);
         let pool = r2d2::Pool::builder()
             .max_size(settings.pool_size)
@@ -216,9 +223,9 @@ impl PostgresStore {
             // detected by the failed statement and replaced (see `run`).
             .test_on_check_out(false)
             .idle_timeout(Some(Duration::from_secs(300)))
-            .error_handler(Box::new(PoolErrorLog))
+            .error_handler(Box::new(connect_errors.clone()))
             .build_unchecked(manager);
-        Ok(PostgresStore { pool, redacted: settings.redacted() })
+        Ok(PostgresStore { pool, redacted: settings.redacted(), connect_errors })
     }
 
     /// The connection string without its password.
@@ -259,11 +266,13 @@ impl PostgresStore {
 
     fn checkout(&self) -> Result<PooledClient> {
         self.pool.get().map_err(|e| {
+            // r2d2's own error says only "db error"; the last connect error says why.
+            let why = self.connect_errors.last.lock().unwrap_or_else(PoisonError::into_inner).take();
             Error::new(
                 ErrorKind::Unavailable(Backend::Postgres),
                 format!("PostgreSQL is unavailable at {}", self.redacted),
             )
-            .with_source(error_chain(&e))
+            .with_source(why.unwrap_or_else(|| error_chain(&e)))
         })
     }
 
