@@ -539,14 +539,26 @@ impl RedisSettings {
         }
         let db =
             if db.is_empty() { 0 } else { db.parse::<u32>().map_err(|_| invalid("the database must be a number"))? };
+        // Percent-escapes are decoded, as redis-py does; a raw base64 key has no '%' to decode.
         let (user, password) = match userinfo {
             None => (None, None),
             Some(info) => match info.split_once(':') {
-                Some((user, password)) => ((!user.is_empty()).then_some(user), Some(password)),
-                None => (Some(info), None),
+                Some((user, password)) => ((!user.is_empty()).then(|| percent_decode(user)), Some(percent_decode(password))),
+                None => (Some(percent_decode(info)), None),
             },
         };
-        Self::build(tls, insecure, authority, db, user, password, ca_file, pool_size, timeout, ttl_seconds)
+        Self::build(
+            tls,
+            insecure,
+            authority,
+            db,
+            user.as_deref(),
+            password.as_deref(),
+            ca_file,
+            pool_size,
+            timeout,
+            ttl_seconds,
+        )
     }
 
     /// Redis by parts (`redis_host`, `redis_port`, `redis_password`, `redis_ssl`), as the app's
@@ -645,6 +657,8 @@ mod redis_tests {
     fn plain_and_opt_out_forms() {
         assert_eq!(parse("redis://127.0.0.1:6379").url(), "redis://127.0.0.1:6379/0");
         assert_eq!(parse("redis://user:pw@h:1/2").url(), "redis://user:pw@h:1/2");
+        assert_eq!(parse("redis://:a%3Ab%40c@h:1/0").url(), "redis://:a%3Ab%40c@h:1/0");
+        assert_eq!(parse("redis://:a%2Fb@h:1/0").url(), parse("redis://:a/b@h:1/0").url());
         assert!(parse("rediss://h:6380/0#insecure").url().ends_with("#insecure"));
         assert!(parse("rediss://h:6380/0?ssl_cert_reqs=none").url().ends_with("#insecure"));
         assert!(RedisSettings::from_url("http://h", None, 4, Duration::from_secs(1), 1).is_err());

@@ -386,6 +386,12 @@ impl ChatHistory {
         Ok(())
     }
 
+    /// Whether `close()` was called.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.tier.read().unwrap_or_else(PoisonError::into_inner).is_none()
+    }
+
     /// The numbers of SPEC section 8 that this mode has.
     #[must_use]
     pub fn stats(&self) -> Stats {
@@ -397,7 +403,7 @@ impl ChatHistory {
             saves: c.saves.load(Ordering::Relaxed),
             deletes: c.deletes.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
-            closed: self.tier.read().unwrap_or_else(PoisonError::into_inner).is_none(),
+            closed: self.is_closed(),
             cache: match self.tier().as_deref() {
                 Ok(Tier::Cached(cached)) => Some(cached.stats()),
                 _ => None,

@@ -45,7 +45,12 @@ from redis_support import (  # noqa: E402, F401 - fixtures are used by name
     wait_until,
     write_seed_hash,
 )
-from servers import assert_row_matches, create_phase1_schema, fetch_conversation_row, insert_phase1_conversation  # noqa: E402
+from servers import (  # noqa: E402
+    assert_row_matches,
+    create_phase1_schema,
+    fetch_conversation_row,
+    insert_phase1_conversation,
+)
 
 UTC = timezone.utc
 
@@ -131,7 +136,8 @@ def test_flush_of_grown_conversation_writes_only_the_new_rows(make_redis_manager
     assert len(new_rows) == 6
     # SPEC 4.7: two new messages cost two rows; the old rows keep their message_id (not deleted and
     # re-inserted) and their row version (not updated).
-    assert [(seq, mid) for seq, mid, _ in new_rows[:4]] == [(seq, mid) for seq, mid, _ in old_rows], "old rows re-inserted"
+    kept_ids = [(seq, mid) for seq, mid, _ in new_rows[:4]]
+    assert kept_ids == [(seq, mid) for seq, mid, _ in old_rows], "old message rows were deleted and re-inserted"
     assert new_rows[:4] == old_rows, "old message rows were rewritten (UPDATE)"
 
 
@@ -315,7 +321,8 @@ def test_list_merges_dirty_redis_and_postgres_newest_first(
     for cid, conv in (("aaaa0001", only_pg_old), ("aaaa0002", only_pg_new)):
         insert_phase1_conversation(
             pg_conn, cid, user_id, title=conv["title"], model=conv["model"], created_at=conv["created_at"],
-            last_modified=conv["last_modified"], messages=[(m["role"], m["content"], m["time"]) for m in conv["messages"]],
+            last_modified=conv["last_modified"],
+            messages=[(m["role"], m["content"], m["time"]) for m in conv["messages"]],
         )  # fmt: skip
     insert_phase1_conversation(
         pg_conn, "bbbb0001", other_user_id, title="not mine", model="m", created_at=iso(now),
@@ -330,7 +337,9 @@ def test_list_merges_dirty_redis_and_postgres_newest_first(
     manager.flush_dirty_conversations()
     renamed = {**renamed, "title": "After rename", "last_modified": iso(now + timedelta(minutes=30))}
     manager.save_conversation("aaaa0003", renamed, user_id=user_id)
-    brand_new = make_conversation(1, title="Brand new", created_at=iso(now - timedelta(minutes=1)), last_modified=iso(now))
+    brand_new = make_conversation(
+        1, title="Brand new", created_at=iso(now - timedelta(minutes=1)), last_modified=iso(now)
+    )
     manager.save_conversation("aaaa0004", brand_new, user_id=user_id)
     manager.save_conversation("bbbb0002", make_conversation(1, title="also not mine"), user_id=other_user_id)
     assert "aaaa0004" not in pg_conversation_ids(pg_conn)
@@ -969,8 +978,11 @@ def test_mode_redis_by_parts(clean_redis_env, make_redis_server, make_manager, p
             redis_password=password, redis_ssl=False, redis_ttl=90, background_flush=False,
         )  # fmt: skip
     else:
-        for name, value in {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(server.port), "REDIS_PASSWORD": password,
-                            "REDIS_SSL": "false", "REDIS_TTL_SECONDS": "90", "DATABASE_URL": pg_url}.items():  # fmt: skip
+        environment = {
+            "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(server.port), "REDIS_PASSWORD": password,
+            "REDIS_SSL": "false", "REDIS_TTL_SECONDS": "90", "DATABASE_URL": pg_url,
+        }  # fmt: skip
+        for name, value in environment.items():
             clean_redis_env.setenv(name, value)
         manager = make_manager(mode="redis", background_flush=False)
     client = redis_py.Redis(host="127.0.0.1", port=server.port, password=password, decode_responses=True)

@@ -371,6 +371,16 @@ impl PyChatHistoryManager {
     }
 }
 
+impl Drop for PyChatHistoryManager {
+    /// A manager dropped without `close()` still writes back what is dirty (SPEC section 4: nothing
+    /// saved is lost), with the GIL released so other threads run meanwhile.
+    fn drop(&mut self) {
+        if !self.inner.is_closed() {
+            Python::attach(|py| py.detach(|| self.inner.close()).ok());
+        }
+    }
+}
+
 /// PostgreSQL with the seed's `PostgreSQLBackend` method names and argument orders.
 #[pyclass(name = "PostgresBackend", module = "chat_history_rs", frozen)]
 pub struct PyPostgresBackend {

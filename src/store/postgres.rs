@@ -2,8 +2,9 @@
 //! schema (SPEC section 3), and one statement per operation so every save is atomic and costs one
 //! round trip.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use postgres::types::{ToSql, Type};
@@ -179,6 +180,15 @@ SELECT (SELECT count(*) FROM gone), (SELECT deleted_version FROM tomb)"
     )
 }
 
+/// Serialises a delete and a flush of the same id. The lock is taken in its own statement, so the
+/// statement after it runs on a snapshot taken once the other side committed: a flush then sees the
+/// tombstone of a delete that raced it, and a delete sees the row a racing flush wrote. Ids are
+/// locked in sorted order, so two flushers never deadlock. The first key names this library's
+/// lock space.
+const LOCK_IDS: &str = "
+SELECT pg_advisory_xact_lock(1667786866, k)
+FROM (SELECT DISTINCT hashtext(id) AS k FROM unnest($1::text[]) AS id ORDER BY 1) AS keys";
+
 const OWNER: &str = "SELECT user_client_id FROM conversations WHERE conversation_id = $1";
 
 /// The PostgreSQL store. Cheap to share: the pool is reference-counted inside.
@@ -186,6 +196,7 @@ pub struct PostgresStore {
     pool: Pool,
     redacted: String,
     connect_errors: PoolErrorLog,
+    connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -199,6 +210,7 @@ impl std::fmt::Debug for PostgresStore {
 #[derive(Debug, Default, Clone)]
 struct PoolErrorLog {
     last: Arc<Mutex<Option<String>>>,
+    failures: Arc<AtomicU64>,
 }
 
 impl r2d2::HandleError<postgres::Error> for PoolErrorLog {
@@ -206,6 +218,7 @@ impl r2d2::HandleError<postgres::Error> for PoolErrorLog {
         let text = error_chain(&error);
         log::warn!("PostgreSQL connection failed: {text}");
         *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(text);
+        self.failures.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -225,7 +238,7 @@ impl PostgresStore {
             .idle_timeout(Some(Duration::from_secs(300)))
             .error_handler(Box::new(connect_errors.clone()))
             .build_unchecked(manager);
-        Ok(PostgresStore { pool, redacted: settings.redacted(), connect_errors })
+        Ok(PostgresStore { pool, redacted: settings.redacted(), connect_errors, connect_timeout: settings.connect_timeout })
     }
 
     /// The connection string without its password.
@@ -264,16 +277,29 @@ impl PostgresStore {
         }
     }
 
+    /// A pooled connection. Waits at most the connect timeout, and less when a connection attempt
+    /// fails meanwhile (refused, login rejected): r2d2 alone would retry until its timeout.
     fn checkout(&self) -> Result<PooledClient> {
-        self.pool.get().map_err(|e| {
-            // r2d2's own error says only "db error"; the last connect error says why.
-            let why = self.connect_errors.last.lock().unwrap_or_else(PoisonError::into_inner).take();
-            Error::new(
-                ErrorKind::Unavailable(Backend::Postgres),
-                format!("PostgreSQL is unavailable at {}", self.redacted),
-            )
-            .with_source(why.unwrap_or_else(|| error_chain(&e)))
-        })
+        const POLL: Duration = Duration::from_millis(25);
+        let failures_before = self.connect_errors.failures.load(Ordering::Acquire);
+        let deadline = Instant::now() + self.connect_timeout;
+        loop {
+            let wait = deadline.saturating_duration_since(Instant::now()).min(POLL);
+            let error = match self.pool.get_timeout(wait) {
+                Ok(client) => return Ok(client),
+                Err(e) => e,
+            };
+            let failed = self.connect_errors.failures.load(Ordering::Acquire) != failures_before;
+            if failed || Instant::now() >= deadline {
+                // r2d2's own error says only "db error"; the last connect error says why.
+                let why = self.connect_errors.last.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                return Err(Error::new(
+                    ErrorKind::Unavailable(Backend::Postgres),
+                    format!("PostgreSQL is unavailable at {}", self.redacted),
+                )
+                .with_source(why.filter(|_| failed).unwrap_or_else(|| error_chain(&error))));
+            }
+        }
     }
 
     /// The user's conversation with its messages, or `None` when there is none of that id for
@@ -374,11 +400,16 @@ impl PostgresStore {
         min_version: i64,
     ) -> Result<(bool, Option<i64>)> {
         static SQL: LazyLock<String> = LazyLock::new(delete_sql);
+        let ids = [conversation_id];
         let row = self.run(|client| {
-            client.query_typed_one(
+            let mut tx = client.transaction()?;
+            tx.execute_typed(LOCK_IDS, &[(&ids.as_slice(), Type::TEXT_ARRAY)])?;
+            let row = tx.query_typed_one(
                 &SQL,
                 &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR), (&min_version, Type::INT8)],
-            )
+            )?;
+            tx.commit()?;
+            Ok(row)
         })?;
         Ok((row.get::<_, i64>(0) > 0, row.get(1)))
     }
@@ -417,7 +448,13 @@ impl PostgresStore {
             (&columns.content, Type::TEXT_ARRAY),
             (&columns.time, Type::TIMESTAMPTZ_ARRAY),
         ];
-        let rows = self.run(|client| client.query_typed(&SQL, &params))?;
+        let rows = self.run(|client| {
+            let mut tx = client.transaction()?;
+            tx.execute_typed(LOCK_IDS, &[(&ids, Type::TEXT_ARRAY)])?;
+            let rows = tx.query_typed(&SQL, &params)?;
+            tx.commit()?;
+            Ok(rows)
+        })?;
         let mut outcomes = vec![FlushOutcome::Stale; batch.len()];
         for row in rows {
             let id: &str = row.get(0);
