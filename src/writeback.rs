@@ -94,13 +94,13 @@ impl Flusher {
         let _running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         let started = Instant::now();
         let mut report = FlushReport::default();
-        let mut seen: HashSet<String> = HashSet::new();
         let mut cursor = 0;
         let mut batches = 0u64;
         loop {
+            // SSCAN may return a member twice; the second write finds PostgreSQL current and only
+            // settles Redis, so no set of seen members (memory growing with the dirty count) is kept.
             let (next, members) = self.redis.scan_dirty(cursor, self.batch_size).map_err(CacheError::into_error)?;
-            let fresh: Vec<String> = members.into_iter().filter(|m| seen.insert(m.clone())).collect();
-            for chunk in fresh.chunks(self.batch_size) {
+            for chunk in members.chunks(self.batch_size) {
                 self.flush_batch(chunk, &mut report)?;
                 batches += 1;
                 if batches % 20 == 0 {
