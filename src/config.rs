@@ -543,7 +543,9 @@ impl RedisSettings {
         let (user, password) = match userinfo {
             None => (None, None),
             Some(info) => match info.split_once(':') {
-                Some((user, password)) => ((!user.is_empty()).then(|| percent_decode(user)), Some(percent_decode(password))),
+                Some((user, password)) => {
+                    ((!user.is_empty()).then(|| percent_decode(user)), Some(percent_decode(password)))
+                }
                 None => (Some(percent_decode(info)), None),
             },
         };

@@ -26,5 +26,5 @@ pub mod writeback;
 mod bindings;
 
 pub use error::{Backend, Error, ErrorKind, Result};
-pub use manager::{ChatHistory, Mode, Settings, Stats};
+pub use manager::{ChatHistory, Fetched, Mode, Settings, Stats};
 pub use model::{Conversation, Message, Role, Timestamp};

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use crate::cache::redis::{CacheError, MemoryInfo, RedisCache, SaveOutcome};
+use crate::cache::redis::{CacheError, CachedConversation, MemoryInfo, RedisCache, SaveOutcome};
 use crate::config::{PostgresSettings, RedisSettings};
 use crate::error::{Backend, Error, ErrorKind, Result};
 use crate::model::{Conversation, Timestamp};
@@ -310,11 +310,13 @@ impl ChatHistory {
     }
 
     /// The conversation, or `None` when there is none of that id (for that user).
-    pub fn get(&self, conversation_id: &str, user_id: Option<&str>) -> Result<Option<Conversation>> {
+    pub fn get(&self, conversation_id: &str, user_id: Option<&str>) -> Result<Option<Fetched>> {
         validate::conversation_id(conversation_id)?;
         let result = match &*self.tier()? {
-            Tier::Local(store) => store.get(conversation_id),
-            Tier::Postgres(store) => store.get(conversation_id, self.require_user(user_id)?),
+            Tier::Local(store) => store.get(conversation_id).map(|c| c.map(Fetched::Stored)),
+            Tier::Postgres(store) => {
+                store.get(conversation_id, self.require_user(user_id)?).map(|c| c.map(Fetched::Stored))
+            }
             Tier::Cached(cached) => cached.get(conversation_id, self.require_user(user_id)?),
         };
         self.count(&self.counters.reads, result)
@@ -377,7 +379,7 @@ impl ChatHistory {
                     ),
                     Ok(report) => log::debug!("close: {} conversations written back", report.written),
                     Err(e) => {
-                        log::error!("close: dirty conversations could not be written back and stay in Redis: {e}")
+                        log::error!("close: dirty conversations could not be written back and stay in Redis: {e}");
                     }
                 }
             }
@@ -520,11 +522,11 @@ impl CachedTier {
         Ok(&self.postgres)
     }
 
-    fn get(&self, conversation_id: &str, user_id: &str) -> Result<Option<Conversation>> {
+    fn get(&self, conversation_id: &str, user_id: &str) -> Result<Option<Fetched>> {
         let cache_up = match self.cache(|r| r.get(user_id, conversation_id)) {
             Some(Ok(Some(cached))) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(Some(cached.conversation));
+                return Ok(Some(Fetched::Cached(cached)));
             }
             Some(Ok(None)) => {
                 self.misses.fetch_add(1, Ordering::Relaxed);
@@ -544,7 +546,7 @@ impl CachedTier {
                 log::debug!("could not cache {conversation_id:?}: {}", e.into_error());
             }
         }
-        Ok(Some(conv))
+        Ok(Some(Fetched::Stored(conv)))
     }
 
     fn list(&self, user_id: &str) -> Result<Vec<(String, Conversation)>> {
@@ -578,7 +580,7 @@ impl CachedTier {
                     Ok(Some(owner)) if owner != user_id => return Err(ownership(conversation_id)),
                     Ok(_) => {}
                     Err(e) if e.is_unavailable() => {
-                        log::debug!("claiming {conversation_id:?} while PostgreSQL is unavailable")
+                        log::debug!("claiming {conversation_id:?} while PostgreSQL is unavailable");
                     }
                     Err(e) => return Err(e),
                 }
@@ -683,10 +685,10 @@ impl Flush for CachedTier {
         match self.flush(None) {
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::Unavailable(Backend::Redis) => {
-                log::debug!("background flush skipped: {e}")
+                log::debug!("background flush skipped: {e}");
             }
             Err(e) if e.is_unavailable() => {
-                log::warn!("background flush: dirty conversations stay in Redis until PostgreSQL is back ({e})")
+                log::warn!("background flush: dirty conversations stay in Redis until PostgreSQL is back ({e})");
             }
             Err(e) => log::warn!("background flush failed: {e}"),
         }
@@ -695,6 +697,26 @@ impl Flush for CachedTier {
 
 fn ownership(conversation_id: &str) -> Error {
     Error::new(ErrorKind::Ownership, format!("conversation {conversation_id:?} belongs to another user"))
+}
+
+/// A conversation as a read found it: still in Redis's form (no copy made yet), or owned.
+#[derive(Debug, Clone)]
+pub enum Fetched {
+    /// Served by Redis.
+    Cached(CachedConversation),
+    /// Read from PostgreSQL or a local file.
+    Stored(Conversation),
+}
+
+impl Fetched {
+    /// As an owned [`Conversation`].
+    #[must_use]
+    pub fn into_conversation(self) -> Conversation {
+        match self {
+            Fetched::Cached(cached) => cached.to_conversation(),
+            Fetched::Stored(conv) => conv,
+        }
+    }
 }
 
 /// Closes every manager still alive: the body of the Python package's `atexit` hook. Failures
@@ -734,11 +756,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let history = local(dir.path());
         history.save("c1", None, &sample()).unwrap();
-        let before = history.get("c1", None).unwrap();
+        let before = history.get("c1", None).unwrap().map(Fetched::into_conversation);
         let mut bad = sample();
         bad.model = "x".repeat(101);
         assert_eq!(history.save("c1", None, &bad).unwrap_err().kind(), ErrorKind::Validation);
-        assert_eq!(history.get("c1", None).unwrap(), before);
+        assert_eq!(history.get("c1", None).unwrap().map(Fetched::into_conversation), before);
         assert_eq!(history.stats().saves, 1);
     }
 

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, SubsecRound, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, SubsecRound, Timelike, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
@@ -26,9 +26,27 @@ impl Timestamp {
     /// space between date and time, optional seconds and fraction, an offset (`Z`, `+HH:MM`,
     /// `+HHMM`, `+HH`) or none (naive, taken as UTC), or a bare date (midnight UTC).
     pub fn parse(text: &str) -> Result<Self> {
+        if let Some(ts) = parse_canonical(text.as_bytes()) {
+            return Ok(ts);
+        }
         parse_iso8601(text.trim())
             .map(|dt| Timestamp(dt.trunc_subsecs(6)))
             .ok_or_else(|| Error::validation(format!("expected an ISO 8601 timestamp, got {text:?}")))
+    }
+
+    /// `text` in the canonical form: borrowed when it already is (the common case, checked
+    /// without allocating), normalised when it is another ISO 8601 form, `None` when it is none.
+    #[must_use]
+    pub fn canonical_text(text: &str) -> Option<std::borrow::Cow<'_, str>> {
+        if let Some(ts) = parse_canonical(text.as_bytes()) {
+            // "Z", or a ".000000" fraction, parse on the fast path but print differently.
+            let zero_fraction = text.len() == 32 && ts.0.timestamp_subsec_micros() == 0;
+            if text.ends_with("+00:00") && !zero_fraction {
+                return Some(std::borrow::Cow::Borrowed(text));
+            }
+            return Some(std::borrow::Cow::Owned(ts.to_string()));
+        }
+        Timestamp::parse(text).ok().map(|ts| std::borrow::Cow::Owned(ts.to_string()))
     }
 
     /// The instant.
@@ -51,14 +69,49 @@ impl From<DateTime<Utc>> for Timestamp {
     }
 }
 
+impl Timestamp {
+    /// The canonical form into a stack buffer; returns the used length. Hand-written because
+    /// every message of every read and save goes through it, and chrono's formatter interprets a
+    /// format string each time.
+    fn write_canonical(&self, out: &mut [u8; 32]) -> usize {
+        fn put(out: &mut [u8], at: usize, value: u32, digits: usize) {
+            let mut v = value;
+            for i in (0..digits).rev() {
+                out[at + i] = b'0' + u8::try_from(v % 10).unwrap_or(0);
+                v /= 10;
+            }
+        }
+        let dt = self.0.naive_utc();
+        let (date, time) = (dt.date(), dt.time());
+        put(out, 0, u32::try_from(date.year()).unwrap_or(0), 4);
+        out[4] = b'-';
+        put(out, 5, date.month(), 2);
+        out[7] = b'-';
+        put(out, 8, date.day(), 2);
+        out[10] = b'T';
+        put(out, 11, time.hour(), 2);
+        out[13] = b':';
+        put(out, 14, time.minute(), 2);
+        out[16] = b':';
+        put(out, 17, time.second(), 2);
+        let mut len = 19;
+        let micros = time.nanosecond() / 1000;
+        if micros != 0 {
+            out[19] = b'.';
+            put(out, 20, micros, 6);
+            len = 26;
+        }
+        out[len..len + 6].copy_from_slice(b"+00:00");
+        len + 6
+    }
+}
+
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let micros = self.0.timestamp_subsec_micros();
-        if micros == 0 {
-            write!(f, "{}+00:00", self.0.format("%Y-%m-%dT%H:%M:%S"))
-        } else {
-            write!(f, "{}.{micros:06}+00:00", self.0.format("%Y-%m-%dT%H:%M:%S"))
-        }
+        let mut buf = [0u8; 32];
+        let len = self.write_canonical(&mut buf);
+        // Only ASCII digits and separators were written.
+        f.write_str(std::str::from_utf8(&buf[..len]).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -73,6 +126,31 @@ impl<'de> Deserialize<'de> for Timestamp {
         let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
         Timestamp::parse(&text).map_err(serde::de::Error::custom)
     }
+}
+
+/// The fast path: `YYYY-MM-DDTHH:MM:SS[.ffffff](+00:00|Z)`, the form this library and the app write.
+fn parse_canonical(b: &[u8]) -> Option<Timestamp> {
+    fn num(b: &[u8]) -> Option<u32> {
+        b.iter().try_fold(0u32, |acc, &c| c.is_ascii_digit().then(|| acc * 10 + u32::from(c - b'0')))
+    }
+    let (body, ()) = match b.len() {
+        25 | 32 if b.ends_with(b"+00:00") => (&b[..b.len() - 6], ()),
+        20 | 27 if b.ends_with(b"Z") => (&b[..b.len() - 1], ()),
+        _ => return None,
+    };
+    if body[4] != b'-' || body[7] != b'-' || body[10] != b'T' || body[13] != b':' || body[16] != b':' {
+        return None;
+    }
+    let micros = match body.len() {
+        19 => 0,
+        26 if body[19] == b'.' => num(&body[20..26])?,
+        _ => return None,
+    };
+    let year = i32::try_from(num(&body[0..4])?).ok()?;
+    let date = NaiveDate::from_ymd_opt(year, num(&body[5..7])?, num(&body[8..10])?)?;
+    let time =
+        chrono::NaiveTime::from_hms_micro_opt(num(&body[11..13])?, num(&body[14..16])?, num(&body[17..19])?, micros)?;
+    Some(Timestamp(date.and_time(time).and_utc()))
 }
 
 fn parse_iso8601(text: &str) -> Option<DateTime<Utc>> {
@@ -220,6 +298,41 @@ mod tests {
         assert_eq!(canonical("2025-11-26"), "2025-11-26T00:00:00+00:00");
         // Nanoseconds are truncated to PostgreSQL's microseconds.
         assert_eq!(canonical("2025-11-26T00:35:21.123456789Z"), "2025-11-26T00:35:21.123456+00:00");
+    }
+
+    #[test]
+    fn fast_path_agrees_with_the_general_parser() {
+        for text in [
+            "2025-11-26T00:35:21.123456+00:00",
+            "2025-11-26T00:35:21+00:00",
+            "2025-11-26T00:35:21Z",
+            "2025-11-26T00:35:21.000001Z",
+            "0001-01-01T00:00:00+00:00",
+            "9999-12-31T23:59:59.999999+00:00",
+        ] {
+            let fast = parse_canonical(text.as_bytes()).unwrap();
+            assert_eq!(Timestamp(parse_iso8601(text).unwrap()), fast, "{text}");
+            assert_eq!(fast.to_string(), canonical(text));
+        }
+        for text in ["2025-02-30T00:00:00+00:00", "2025-11-26T24:00:00+00:00", "2025-11-26T00:35:2x+00:00"] {
+            assert!(parse_canonical(text.as_bytes()).is_none(), "{text}");
+        }
+    }
+
+    #[test]
+    fn canonical_text_borrows_only_the_canonical_form() {
+        use std::borrow::Cow;
+        let same = "2025-11-26T00:35:21.123456+00:00";
+        assert!(matches!(Timestamp::canonical_text(same), Some(Cow::Borrowed(t)) if t == same));
+        assert!(matches!(Timestamp::canonical_text("2025-11-26T00:35:21+00:00"), Some(Cow::Borrowed(_))));
+        for (input, expected) in [
+            ("2025-11-26T00:35:21Z", "2025-11-26T00:35:21+00:00"),
+            ("2025-11-26T00:35:21.000000+00:00", "2025-11-26T00:35:21+00:00"),
+            ("2025-11-26T02:35:21+02:00", "2025-11-26T00:35:21+00:00"),
+        ] {
+            assert!(matches!(Timestamp::canonical_text(input), Some(Cow::Owned(t)) if t == expected), "{input}");
+        }
+        assert!(Timestamp::canonical_text("yesterday").is_none());
     }
 
     #[test]

@@ -5,7 +5,9 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 
+use crate::cache::redis::CachedConversation;
 use crate::error::{Error, Result};
+use crate::manager::Fetched;
 use crate::model::{Conversation, Message, Role, Timestamp};
 
 fn type_name(value: &Bound<'_, PyAny>) -> String {
@@ -169,6 +171,34 @@ pub(crate) fn conversation_to_py<'py>(py: Python<'py>, conv: &Conversation) -> P
     dict.set_item(intern!(py, "created_at"), conv.created_at.to_string())?;
     dict.set_item(intern!(py, "last_modified"), conv.last_modified.to_string())?;
     Ok(dict)
+}
+
+/// A conversation read from Redis as the app's dict, its strings going to Python straight from
+/// the JSON Redis returned.
+pub(crate) fn cached_to_py<'py>(py: Python<'py>, conv: &CachedConversation) -> PyResult<Bound<'py, PyDict>> {
+    let messages = PyList::empty(py);
+    for m in conv.messages() {
+        let item = PyDict::new(py);
+        item.set_item(intern!(py, "role"), m.role.as_str())?;
+        item.set_item(intern!(py, "content"), m.content)?;
+        item.set_item(intern!(py, "time"), m.time)?;
+        messages.append(item)?;
+    }
+    let dict = PyDict::new(py);
+    dict.set_item(intern!(py, "title"), &conv.title)?;
+    dict.set_item(intern!(py, "model"), &conv.model)?;
+    dict.set_item(intern!(py, "messages"), messages)?;
+    dict.set_item(intern!(py, "created_at"), conv.created_at.to_string())?;
+    dict.set_item(intern!(py, "last_modified"), conv.last_modified.to_string())?;
+    Ok(dict)
+}
+
+/// Either kind of read result as the app's dict.
+pub(crate) fn fetched_to_py<'py>(py: Python<'py>, fetched: &Fetched) -> PyResult<Bound<'py, PyDict>> {
+    match fetched {
+        Fetched::Cached(cached) => cached_to_py(py, cached),
+        Fetched::Stored(conv) => conversation_to_py(py, conv),
+    }
 }
 
 /// `list_conversations`' result: `[(conversation_id, conversation), ...]`.

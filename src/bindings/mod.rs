@@ -16,7 +16,7 @@ use crate::config::{PostgresSettings, RedisSettings};
 use crate::error::Error;
 use crate::manager::{self, ChatHistory, Mode, Settings};
 use crate::store::postgres::PostgresStore;
-use convert::{conversation_from_py, conversation_to_py, listing_to_py, Id};
+use convert::{cached_to_py, conversation_from_py, conversation_to_py, fetched_to_py, listing_to_py, Id};
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
@@ -287,8 +287,8 @@ impl PyChatHistoryManager {
     ) -> PyResult<Option<Bound<'py, PyDict>>> {
         let conversation_id: &str = &conversation_id;
         let user_id = user_id.as_deref();
-        let conv = py.detach(|| self.inner.get(conversation_id, user_id))?;
-        conv.map(|c| conversation_to_py(py, &c)).transpose()
+        let fetched = py.detach(|| self.inner.get(conversation_id, user_id))?;
+        fetched.map(|f| fetched_to_py(py, &f)).transpose()
     }
 
     #[pyo3(signature = (conversation_id, conversation, user_id = None))]
@@ -481,7 +481,7 @@ impl PyRedisBackend {
         crate::validate::conversation_id(conversation_id)?;
         let cache = self.cache()?;
         let cached = py.detach(|| cache.get(user_id, conversation_id)).map_err(cache_error)?;
-        cached.map(|c| conversation_to_py(py, &c.conversation)).transpose()
+        cached.map(|c| cached_to_py(py, &c)).transpose()
     }
 
     /// Stores the conversation. `dirty=True` (the seed's default) marks it for write-back, exactly

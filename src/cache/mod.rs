@@ -1,3 +1,4 @@
 //! The Redis tier: the seed's key layout, and Lua scripts that make every multi-key change atomic.
 
+pub mod messages_json;
 pub mod redis;

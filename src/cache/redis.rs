@@ -19,9 +19,10 @@ use std::time::Duration;
 
 use redis::{Cmd, Connection, ConnectionLike as _, RedisError, Script, Value};
 
+use crate::cache::messages_json::{self, Text};
 use crate::config::RedisSettings;
 use crate::error::{Backend, Error, ErrorKind};
-use crate::model::{Conversation, Message, Timestamp};
+use crate::model::{Conversation, Message, Role, Timestamp};
 
 /// The list cache's TTL, the seed's 5 minutes.
 pub const LIST_TTL_SECONDS: u64 = 300;
@@ -96,9 +97,12 @@ impl r2d2::ManageConnection for Connector {
     type Error = RedisError;
 
     fn connect(&self) -> Result<RedisConnection, RedisError> {
-        let con = self.client.get_connection_with_timeout(self.timeout)?;
+        let mut con = self.client.get_connection_with_timeout(self.timeout)?;
         con.set_read_timeout(Some(self.timeout))?;
         con.set_write_timeout(Some(self.timeout))?;
+        // Scripts sent by EVALSHA inside pipelines are loaded up front (one round trip per new
+        // connection); a NOSCRIPT later (SCRIPT FLUSH, a failover) loads them again.
+        load_scripts(&mut con, &[&REFRESH_TTL, &SAVE, &BACKFILL])?;
         Ok(RedisConnection { con, broken: false })
     }
 
@@ -129,6 +133,150 @@ pub struct Cached {
     pub dirty: bool,
     /// The write-back version (`None` for hashes written by the Python seed).
     pub version: Option<i64>,
+}
+
+/// One message of a [`CachedConversation`].
+#[derive(Debug, Clone, Copy)]
+pub struct MessageRef<'a> {
+    /// Who wrote it.
+    pub role: Role,
+    /// The text.
+    pub content: &'a str,
+    /// When, in the canonical form.
+    pub time: &'a str,
+}
+
+/// A conversation read from Redis, kept as the JSON Redis returned, with the messages located
+/// but not copied: a read hands the strings to Python once, without building a [`Conversation`]
+/// first. (That copy and the timestamp round trip were most of a cache hit's cost.)
+#[derive(Debug, Clone)]
+pub struct CachedConversation {
+    /// The title.
+    pub title: String,
+    /// The model.
+    pub model: String,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When it was last modified.
+    pub last_modified: Timestamp,
+    json: String,
+    messages: Vec<(Role, Text, Text)>,
+}
+
+impl CachedConversation {
+    fn parse(fields: Vec<(Vec<u8>, Vec<u8>)>) -> Option<Self> {
+        let mut title = None;
+        let mut model = None;
+        let mut json = None;
+        let mut created_at = None;
+        let mut last_modified = None;
+        for (key, value) in fields {
+            match key.as_slice() {
+                b"title" => title = String::from_utf8(value).ok(),
+                b"model" => model = String::from_utf8(value).ok(),
+                b"messages" => json = String::from_utf8(value).ok(),
+                b"created_at" => created_at = std::str::from_utf8(&value).ok().and_then(|t| Timestamp::parse(t).ok()),
+                b"last_modified" => {
+                    last_modified = std::str::from_utf8(&value).ok().and_then(|t| Timestamp::parse(t).ok());
+                }
+                _ => {}
+            }
+        }
+        let json = json.unwrap_or_else(|| "[]".to_owned());
+        let messages = match messages_json::scan(&json) {
+            Some(scanned) => {
+                let mut messages = Vec::with_capacity(scanned.len());
+                for (role, content, time) in scanned {
+                    let role = Role::parse(text_of(&json, &role))?;
+                    let time = match Timestamp::canonical_text(text_of(&json, &time))? {
+                        std::borrow::Cow::Borrowed(_) => time,
+                        std::borrow::Cow::Owned(normalised) => Text::Owned(normalised),
+                    };
+                    messages.push((role, content, time));
+                }
+                messages
+            }
+            None => Self::parse_with_serde(&json)?,
+        };
+        Some(CachedConversation {
+            title: title?,
+            model: model?,
+            created_at: created_at?,
+            last_modified: last_modified?,
+            json,
+            messages,
+        })
+    }
+
+    /// The general path, for JSON the scanner does not take.
+    fn parse_with_serde(json: &str) -> Option<Vec<(Role, Text, Text)>> {
+        #[derive(serde::Deserialize)]
+        struct Raw<'a> {
+            role: Role,
+            #[serde(borrow)]
+            content: std::borrow::Cow<'a, str>,
+            #[serde(borrow)]
+            time: std::borrow::Cow<'a, str>,
+        }
+        let base = json.as_ptr() as usize;
+        let locate = |text: std::borrow::Cow<'_, str>| match text {
+            std::borrow::Cow::Borrowed(t) => {
+                let start = t.as_ptr() as usize - base;
+                Text::Span(start..start + t.len())
+            }
+            std::borrow::Cow::Owned(t) => Text::Owned(t),
+        };
+        let raw: Vec<Raw<'_>> = serde_json::from_str(json).ok()?;
+        let mut messages = Vec::with_capacity(raw.len());
+        for m in raw {
+            let time = match Timestamp::canonical_text(&m.time)? {
+                std::borrow::Cow::Borrowed(_) => locate(m.time),
+                std::borrow::Cow::Owned(normalised) => Text::Owned(normalised),
+            };
+            messages.push((m.role, locate(m.content), time));
+        }
+        Some(messages)
+    }
+
+    fn text<'a>(&'a self, text: &'a Text) -> &'a str {
+        text_of(&self.json, text)
+    }
+
+    /// The messages in order.
+    #[must_use]
+    pub fn messages(&self) -> impl ExactSizeIterator<Item = MessageRef<'_>> {
+        self.messages.iter().map(|(role, content, time)| MessageRef {
+            role: *role,
+            content: self.text(content),
+            time: self.text(time),
+        })
+    }
+
+    /// As an owned [`Conversation`].
+    #[must_use]
+    pub fn to_conversation(&self) -> Conversation {
+        Conversation {
+            title: self.title.clone(),
+            model: self.model.clone(),
+            messages: self
+                .messages()
+                .map(|m| Message {
+                    role: m.role,
+                    content: m.content.to_owned(),
+                    time: Timestamp::parse(m.time).unwrap_or_else(|_| Timestamp::now()),
+                })
+                .collect(),
+            created_at: self.created_at,
+            last_modified: self.last_modified,
+        }
+    }
+}
+
+fn text_of<'a>(json: &'a str, text: &'a Text) -> &'a str {
+    match text {
+        Text::Span(range) => &json[range.clone()],
+        Text::Owned(owned) => owned,
+    }
 }
 
 /// What a save did.
@@ -177,8 +325,14 @@ impl ListEntry<'_> {
     }
 }
 
-/// KEYS: conv, dirty set, list, list meta, user dirty, owner, dirty since, delete tombstone.
-/// ARGV: member, user, title, model, messages, created_at, last_modified, score, meta, claim, id.
+/// KEYS: conv, dirty set, list, list meta, user dirty, owner, dirty since, delete tombstone, staged.
+/// ARGV: member, user, created_at, meta, claim, id.
+///
+/// The conversation arrives staged in its own hash (written by the `HSET` before this script in
+/// the same MULTI/EXEC): Redis copies every script argument into Lua, and for a long transcript
+/// that copy cost more than everything else in a save. The script checks ownership, stamps the
+/// version and renames the staged hash over the conversation, all atomically.
+///
 /// The version is Redis's clock in microseconds, bumped past the hash's current version and past
 /// a delete's tombstone, so a conversation saved again right after its delete is never mistaken
 /// for an older copy even if PostgreSQL's clock runs ahead of Redis's.
@@ -186,62 +340,67 @@ static SAVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local owner = redis.call('GET', KEYS[6])
-if owner and owner ~= ARGV[2] then return {-1} end
-if not owner and ARGV[10] ~= '1' and redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+if owner and owner ~= ARGV[2] then redis.call('DEL', KEYS[9]) return {-1} end
+if not owner and ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[9])
+  return {0}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local old = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0') or 0
 local deleted = tonumber(redis.call('GET', KEYS[8]) or '0') or 0
 local ver = string.format('%.0f', math.max(now, old + 1, deleted + 1))
-local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[6]
-local meta = ARGV[9]
-if created ~= ARGV[6] then
+local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[3]
+local meta = ARGV[4]
+if created ~= ARGV[3] then
   local entry = cjson.decode(meta)
   entry['created_at'] = created
   meta = cjson.encode(entry)
+  redis.call('HSET', KEYS[9], 'created_at', created)
 end
-redis.call('HSET', KEYS[1], 'title', ARGV[3], 'model', ARGV[4], 'messages', ARGV[5], 'created_at', created,
-  'last_modified', ARGV[7], 'dirty', '1', 'ver', ver, 'meta', meta, 'score', ARGV[8])
+redis.call('HSET', KEYS[9], 'dirty', '1', 'ver', ver, 'meta', meta)
+redis.call('RENAME', KEYS[9], KEYS[1])
 redis.call('PERSIST', KEYS[1])
 redis.call('SET', KEYS[6], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('SADD', KEYS[5], ARGV[11])
+redis.call('SADD', KEYS[5], ARGV[6])
 redis.call('ZADD', KEYS[7], 'NX', t[1], ARGV[1])
 redis.call('DEL', KEYS[8])
 if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('ZADD', KEYS[3], ARGV[8], ARGV[11])
-  redis.call('HSET', KEYS[4], ARGV[11], meta)
+  redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[1], 'score'), ARGV[6])
+  redis.call('HSET', KEYS[4], ARGV[6], meta)
 end
 return {1, ver, created}
 ",
     )
 });
 
-/// KEYS: conv, owner. ARGV: ttl. A hit refreshes the TTL of a clean conversation.
-static GET: LazyLock<Script> = LazyLock::new(|| {
+/// KEYS: conv, owner. ARGV: ttl. Gives a clean conversation (one with a TTL) its TTL back; a dirty
+/// one has none and keeps none. Sent in a pipeline after a plain `HGETALL`: a script that returned
+/// the hash itself would copy every message through Lua, which cost Redis 20 times the `HGETALL`.
+static REFRESH_TTL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local h = redis.call('HGETALL', KEYS[1])
-if #h > 0 and redis.call('HGET', KEYS[1], 'dirty') ~= '1' then
+if redis.call('TTL', KEYS[1]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[1])
   redis.call('EXPIRE', KEYS[2], ARGV[1])
 end
-return h
+return 0
 ",
     )
 });
 
-/// KEYS: conv, owner, delete tombstone. ARGV: user, ttl, title, model, messages, created_at,
-/// last_modified, ver, meta, score. Caches a clean copy read from PostgreSQL unless something
-/// newer is there or the conversation was just deleted.
+/// KEYS: conv, owner, delete tombstone, staged. ARGV: user, ttl. Caches a clean copy read from
+/// PostgreSQL (staged like a save's) unless something newer is there or it was just deleted.
 static BACKFILL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local owner = redis.call('GET', KEYS[2])
-if owner and owner ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'title', ARGV[3], 'model', ARGV[4], 'messages', ARGV[5], 'created_at', ARGV[6],
-  'last_modified', ARGV[7], 'dirty', '0', 'ver', ARGV[8], 'meta', ARGV[9], 'score', ARGV[10])
+if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[1]) == 1 or (owner and owner ~= ARGV[1]) then
+  redis.call('DEL', KEYS[4])
+  return 0
+end
+redis.call('RENAME', KEYS[4], KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 return 1
@@ -367,6 +526,20 @@ return 1
 ",
     )
 });
+
+/// Seconds a staged hash may outlive a save that never reached its script.
+const STAGED_TTL_SECONDS: u64 = 60;
+
+/// A fresh key to stage a conversation in before the script renames it into place.
+fn staged_key(conv_key: &str) -> String {
+    static NONCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static PROCESS: LazyLock<u128> = LazyLock::new(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+            ^ u128::from(std::process::id())
+    });
+    let n = NONCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("staged:{conv_key}:{:x}:{n}", *PROCESS)
+}
 
 fn conv_key(user_id: &str, conversation_id: &str) -> String {
     format!("conv:{user_id}:{conversation_id}")
@@ -532,17 +705,28 @@ impl RedisCache {
         }
     }
 
-    /// The cached conversation; a clean hit gets its TTL back.
-    pub fn get(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<Cached>> {
+    /// The cached conversation; a clean hit gets its TTL back. An unreadable hash reads as a miss.
+    pub fn get(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<CachedConversation>> {
         let key = conv_key(user_id, conversation_id);
         let owner = owner_key(conversation_id);
         let ttl = self.ttl();
-        let value: Value = self.run(|con| GET.key(&key).key(&owner).arg(ttl).invoke(con))?;
+        let (value, _): (Value, Value) = self.run(|con| {
+            let mut refresh = evalsha(&REFRESH_TTL, &[&key, &owner]);
+            refresh.arg(ttl);
+            let result = redis::pipe().cmd("HGETALL").arg(&key).add_command(refresh.clone()).query(con);
+            match result {
+                Err(e) if e.kind() == redis::ServerErrorKind::NoScript.into() => {
+                    load_scripts(con, &[&REFRESH_TTL])?;
+                    redis::pipe().cmd("HGETALL").arg(&key).add_command(refresh).query(con)
+                }
+                other => other,
+            }
+        })?;
         let fields = pairs(value);
         if fields.is_empty() {
             return Ok(None);
         }
-        let cached = parse_hash(&fields);
+        let cached = CachedConversation::parse(fields);
         if cached.is_none() {
             log::warn!("ignoring the unreadable cached conversation {key}");
         }
@@ -550,7 +734,8 @@ impl RedisCache {
     }
 
     /// Stores the conversation as dirty, without a TTL, and updates the user's cached list: one
-    /// round trip. Returns the stored `created_at` too (an existing one is kept, as PostgreSQL does).
+    /// round trip (a MULTI/EXEC of the staged fields and the script). Returns the stored
+    /// `created_at` too (an existing one is kept, as PostgreSQL does).
     pub fn save(
         &self,
         user_id: &str,
@@ -560,38 +745,54 @@ impl RedisCache {
     ) -> CacheResult<(SaveOutcome, Option<String>)> {
         let messages = serde_json::to_string(&conv.messages).expect("messages always serialise");
         let meta = ListEntry::to_json(conv);
+        let conv_key = conv_key(user_id, conversation_id);
+        let staged = staged_key(&conv_key);
         let keys = [
-            conv_key(user_id, conversation_id),
-            DIRTY_SET.to_owned(),
-            list_key(user_id),
-            list_meta_key(user_id),
-            user_dirty_key(user_id),
-            owner_key(conversation_id),
-            DIRTY_SINCE.to_owned(),
-            deleted_key(user_id, conversation_id),
+            conv_key.as_str(),
+            DIRTY_SET,
+            &list_key(user_id),
+            &list_meta_key(user_id),
+            &user_dirty_key(user_id),
+            &owner_key(conversation_id),
+            DIRTY_SINCE,
+            &deleted_key(user_id, conversation_id),
+            &staged,
         ];
         let (created_at, last_modified) = (conv.created_at.to_string(), conv.last_modified.to_string());
         let score = conv.last_modified.unix_seconds();
         let member = member(user_id, conversation_id);
-        let reply: Vec<Value> = self.run(|con| {
-            let mut invocation = SAVE.prepare_invoke();
-            for key in &keys {
-                invocation.key(key);
-            }
-            invocation
-                .arg(&member)
-                .arg(user_id)
-                .arg(&conv.title)
-                .arg(&conv.model)
-                .arg(&messages)
-                .arg(&created_at)
-                .arg(&last_modified)
-                .arg(score)
-                .arg(&meta)
-                .arg(if claim { "1" } else { "0" })
-                .arg(conversation_id)
-                .invoke(con)
-        })?;
+        let mut script = evalsha(&SAVE, &keys);
+        script
+            .arg(&member)
+            .arg(user_id)
+            .arg(&created_at)
+            .arg(&meta)
+            .arg(if claim { "1" } else { "0" })
+            .arg(conversation_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HSET")
+            .arg(&staged)
+            .arg("title")
+            .arg(&conv.title)
+            .arg("model")
+            .arg(&conv.model)
+            .arg("messages")
+            .arg(&messages)
+            .arg("created_at")
+            .arg(&created_at)
+            .arg("last_modified")
+            .arg(&last_modified)
+            .arg("score")
+            .arg(score)
+            .ignore()
+            // Should the script be missing (NOSCRIPT), the staged hash must not linger.
+            .cmd("EXPIRE")
+            .arg(&staged)
+            .arg(STAGED_TTL_SECONDS)
+            .ignore()
+            .add_command(script);
+        let (reply,): (Vec<Value>,) = self.run(|con| query_loading(con, &pipe, &[&SAVE]))?;
         let status = reply.first().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(-2);
         Ok(match status {
             1 => {
@@ -618,29 +819,40 @@ impl RedisCache {
     ) -> CacheResult<()> {
         let messages = serde_json::to_string(&conv.messages).expect("messages always serialise");
         let meta = ListEntry::to_json(conv);
-        let (key, owner, deleted) =
-            (conv_key(user_id, conversation_id), owner_key(conversation_id), deleted_key(user_id, conversation_id));
-        let ttl = self.ttl();
-        let (created_at, last_modified) = (conv.created_at.to_string(), conv.last_modified.to_string());
-        let score = conv.last_modified.unix_seconds();
-        let version = version.unwrap_or(0);
-        self.run(|con| {
-            BACKFILL
-                .key(&key)
-                .key(&owner)
-                .key(&deleted)
-                .arg(user_id)
-                .arg(ttl)
-                .arg(&conv.title)
-                .arg(&conv.model)
-                .arg(&messages)
-                .arg(&created_at)
-                .arg(&last_modified)
-                .arg(version)
-                .arg(&meta)
-                .arg(score)
-                .invoke::<i64>(con)
-        })?;
+        let conv_key = conv_key(user_id, conversation_id);
+        let staged = staged_key(&conv_key);
+        let (owner, deleted) = (owner_key(conversation_id), deleted_key(user_id, conversation_id));
+        let mut script = evalsha(&BACKFILL, &[&conv_key, &owner, &deleted, &staged]);
+        script.arg(user_id).arg(self.ttl());
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HSET")
+            .arg(&staged)
+            .arg("title")
+            .arg(&conv.title)
+            .arg("model")
+            .arg(&conv.model)
+            .arg("messages")
+            .arg(&messages)
+            .arg("created_at")
+            .arg(conv.created_at.to_string())
+            .arg("last_modified")
+            .arg(conv.last_modified.to_string())
+            .arg("dirty")
+            .arg("0")
+            .arg("ver")
+            .arg(version.unwrap_or(0))
+            .arg("meta")
+            .arg(&meta)
+            .arg("score")
+            .arg(conv.last_modified.unix_seconds())
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&staged)
+            .arg(STAGED_TTL_SECONDS)
+            .ignore()
+            .add_command(script);
+        let _: (i64,) = self.run(|con| query_loading(con, &pipe, &[&BACKFILL]))?;
         Ok(())
     }
 
@@ -871,6 +1083,22 @@ fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
         cmd.arg(*key);
     }
     cmd
+}
+
+/// Runs a pipeline that uses EVALSHA, loading the scripts and running it again on NOSCRIPT (the
+/// scripts are loaded when a connection opens, so this is for a SCRIPT FLUSH or a failover).
+fn query_loading<T: redis::FromRedisValue>(
+    con: &mut Connection,
+    pipe: &redis::Pipeline,
+    scripts: &[&Script],
+) -> redis::RedisResult<T> {
+    match pipe.query(con) {
+        Err(e) if e.kind() == redis::ServerErrorKind::NoScript.into() || e.to_string().contains("NOSCRIPT") => {
+            load_scripts(con, scripts)?;
+            pipe.query(con)
+        }
+        other => other,
+    }
 }
 
 /// Loads scripts that are about to be used by EVALSHA in a pipeline (single invocations load

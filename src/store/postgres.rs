@@ -238,7 +238,12 @@ impl PostgresStore {
             .idle_timeout(Some(Duration::from_secs(300)))
             .error_handler(Box::new(connect_errors.clone()))
             .build_unchecked(manager);
-        Ok(PostgresStore { pool, redacted: settings.redacted(), connect_errors, connect_timeout: settings.connect_timeout })
+        Ok(PostgresStore {
+            pool,
+            redacted: settings.redacted(),
+            connect_errors,
+            connect_timeout: settings.connect_timeout,
+        })
     }
 
     /// The connection string without its password.

@@ -1,0 +1,225 @@
+//! A scanner for the one JSON shape a cached conversation's `messages` field has: an array of
+//! objects whose values are strings. It finds each string with `memchr` (SIMD) instead of
+//! serde_json's byte loop, and leaves strings without escapes in place. Anything else (numbers,
+//! nesting, bad escapes) returns `None` and the caller parses with serde_json instead.
+
+use std::ops::Range;
+
+/// A string of the input: a range of it when it had no escapes, else the unescaped text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Text {
+    /// `&input[range]`, verbatim.
+    Span(Range<usize>),
+    /// Unescaped.
+    Owned(String),
+}
+
+struct Scanner<'a> {
+    s: &'a str,
+    b: &'a [u8],
+    i: usize,
+}
+
+impl Scanner<'_> {
+    fn ws(&mut self) {
+        while self.i < self.b.len() && matches!(self.b[self.i], b' ' | b'\n' | b'\r' | b'\t') {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        self.ws();
+        (self.b.get(self.i) == Some(&c)).then(|| self.i += 1)
+    }
+
+    fn peek(&mut self) -> Option<u8> {
+        self.ws();
+        self.b.get(self.i).copied()
+    }
+
+    /// A string starting at the current `"`.
+    fn string(&mut self) -> Option<Text> {
+        self.eat(b'"')?;
+        let start = self.i;
+        let end = start + memchr::memchr2(b'"', b'\\', &self.b[start..])?;
+        if self.b[end] == b'"' {
+            self.i = end + 1;
+            return Some(Text::Span(start..end));
+        }
+        let mut out = String::with_capacity(end - start + 16);
+        out.push_str(&self.s[start..end]);
+        self.i = end;
+        loop {
+            match self.b[self.i] {
+                b'"' => {
+                    self.i += 1;
+                    return Some(Text::Owned(out));
+                }
+                b'\\' => {
+                    let escape = *self.b.get(self.i + 1)?;
+                    self.i += 2;
+                    match escape {
+                        b'"' => out.push('"'),
+                        b'\\' => out.push('\\'),
+                        b'/' => out.push('/'),
+                        b'b' => out.push('\u{8}'),
+                        b'f' => out.push('\u{c}'),
+                        b'n' => out.push('\n'),
+                        b'r' => out.push('\r'),
+                        b't' => out.push('\t'),
+                        b'u' => out.push(self.unicode_escape()?),
+                        _ => return None,
+                    }
+                }
+                _ => {
+                    let run = self.i + memchr::memchr2(b'"', b'\\', &self.b[self.i..])?;
+                    out.push_str(&self.s[self.i..run]);
+                    self.i = run;
+                }
+            }
+        }
+    }
+
+    fn hex4(&mut self) -> Option<u32> {
+        let digits = self.s.get(self.i..self.i + 4)?;
+        self.i += 4;
+        u32::from_str_radix(digits, 16).ok()
+    }
+
+    /// After `\u`: one code point, from a surrogate pair when it takes two escapes.
+    fn unicode_escape(&mut self) -> Option<char> {
+        let first = self.hex4()?;
+        if (0xD800..0xDC00).contains(&first) {
+            if self.b.get(self.i..self.i + 2)? != b"\\u" {
+                return None;
+            }
+            self.i += 2;
+            let second = self.hex4()?;
+            if !(0xDC00..0xE000).contains(&second) {
+                return None;
+            }
+            return char::from_u32(0x10000 + ((first - 0xD800) << 10) + (second - 0xDC00));
+        }
+        char::from_u32(first)
+    }
+
+    fn text<'t>(&'t self, text: &'t Text) -> &'t str {
+        match text {
+            Text::Span(range) => &self.s[range.clone()],
+            Text::Owned(owned) => owned,
+        }
+    }
+}
+
+/// The messages as (role, content, time) texts, or `None` when the input is not an array of
+/// objects with string values holding those three keys (the caller then uses serde_json).
+#[must_use]
+pub fn scan(json: &str) -> Option<Vec<(Text, Text, Text)>> {
+    let mut sc = Scanner { s: json, b: json.as_bytes(), i: 0 };
+    sc.eat(b'[')?;
+    let mut out = Vec::new();
+    if sc.peek()? == b']' {
+        sc.i += 1;
+    } else {
+        loop {
+            sc.eat(b'{')?;
+            let (mut role, mut content, mut time) = (None, None, None);
+            if sc.peek()? != b'}' {
+                loop {
+                    let key = sc.string()?;
+                    sc.eat(b':')?;
+                    let value = sc.string()?;
+                    match sc.text(&key) {
+                        "role" => role = Some(value),
+                        "content" => content = Some(value),
+                        "time" => time = Some(value),
+                        _ => {}
+                    }
+                    if sc.peek()? == b',' {
+                        sc.i += 1;
+                    } else {
+                        break;
+                    }
+                }
+            }
+            sc.eat(b'}')?;
+            out.push((role?, content?, time?));
+            match sc.peek()? {
+                b',' => sc.i += 1,
+                b']' => {
+                    sc.i += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    sc.ws();
+    (sc.i == sc.b.len()).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(json: &str) -> Vec<[String; 3]> {
+        let resolve = |t: &Text| match t {
+            Text::Span(r) => json[r.clone()].to_owned(),
+            Text::Owned(s) => s.clone(),
+        };
+        scan(json).unwrap().iter().map(|(a, b, c)| [resolve(a), resolve(b), resolve(c)]).collect()
+    }
+
+    #[test]
+    fn agrees_with_serde_json_on_what_both_write() {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct M {
+            role: String,
+            content: String,
+            time: String,
+        }
+        let contents =
+            ["plain", "line\nbreak \"quoted\" back\\slash\ttab", "émoji 🎉 and \u{1} control", "</script> /", ""];
+        let messages: Vec<M> =
+            contents.iter().map(|c| M { role: "user".into(), content: (*c).into(), time: "t".into() }).collect();
+        // serde_json's compact form (ours) and Python's json.dumps form (the seed's), which
+        // escapes non-ASCII as \\uXXXX, surrogate pairs included.
+        let compact = serde_json::to_string(&messages).unwrap();
+        let python_style = compact
+            .replace("\",\"", "\", \"")
+            .replace("\":\"", "\": \"")
+            .replace('🎉', "\\ud83c\\udf89")
+            .replace('é', "\\u00e9");
+        for json in [compact, python_style] {
+            let got = texts(&json);
+            let want: Vec<M> = serde_json::from_str(&json).unwrap();
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g, &[w.role.clone(), w.content.clone(), w.time.clone()], "{json}");
+            }
+        }
+    }
+
+    #[test]
+    fn key_order_and_extra_keys_do_not_matter() {
+        assert_eq!(
+            texts(r#"[{"time": "t", "x": "y", "content": "c", "role": "assistant"}]"#),
+            vec![["assistant", "c", "t"].map(String::from)]
+        );
+        assert_eq!(texts(" [ ] "), Vec::<[String; 3]>::new());
+    }
+
+    #[test]
+    fn other_shapes_are_left_to_serde_json() {
+        for json in [
+            r#"[{"role": 1, "content": "c", "time": "t"}]"#,
+            r#"[{"role": "user"}]"#,
+            r#"{"a": "b"}"#,
+            r#"[{"role": "u", "content": "\x", "time": "t"}]"#,
+            "[",
+            r#"[{"role": "u", "content": "c", "time": "t"}] x"#,
+        ] {
+            assert!(scan(json).is_none(), "{json}");
+        }
+    }
+}
