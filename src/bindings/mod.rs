@@ -109,6 +109,8 @@ impl RedisArgs {
     }
 }
 
+// pyo3 extracts arguments by value; `Id`s are read, not consumed.
+#[allow(clippy::needless_pass_by_value)]
 #[pymethods]
 impl PyChatHistoryManager {
     #[new]
@@ -394,6 +396,8 @@ impl PyPostgresBackend {
     }
 }
 
+// pyo3 extracts arguments by value; `Id`s are read, not consumed.
+#[allow(clippy::needless_pass_by_value)]
 #[pymethods]
 impl PyPostgresBackend {
     fn get_conversation<'py>(
@@ -468,6 +472,8 @@ fn cache_error(e: crate::cache::redis::CacheError) -> PyErr {
     e.into_error().into()
 }
 
+// pyo3 extracts arguments by value; `Id`s are read, not consumed.
+#[allow(clippy::needless_pass_by_value)]
 #[pymethods]
 impl PyRedisBackend {
     fn get_conversation<'py>(
