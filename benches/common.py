@@ -1,0 +1,264 @@
+"""What `run.py` and `scale.py` share: CPU pinning, throwaway servers, app-shaped data, percentiles.
+
+The servers are the test suite's (`tests/servers.py`, imported through sys.path and used as is):
+a PostgreSQL cluster and a redis-server on free loopback ports in temporary directories, removed at
+exit. PostgreSQL runs with fsync and synchronous_commit off there, for both implementations alike.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import secrets
+import shutil
+import sys
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Optional
+
+BENCHES = Path(__file__).resolve().parent
+ROOT = BENCHES.parent
+RESULTS = BENCHES / "results"
+sys.path.insert(0, str(ROOT / "tests"))
+
+from servers import PostgresServer, RedisServer, create_database  # noqa: E402 - after the sys.path above
+
+PINNED_ENV = "CHR_BENCH_PINNED"
+PIN_CPU = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU pinning
+# --------------------------------------------------------------------------------------------------
+
+
+def pin_or_reexec(argv: List[str], enabled: bool) -> None:
+    """Runs the rest of this process on CPU 0 only, so the servers it starts (which inherit the
+    affinity) share that CPU with it: on a 2-core machine, loopback round trips are otherwise
+    dominated by cross-CPU wake-ups. Re-execs under `taskset -c 0` (the whole process, every
+    thread); without taskset, sets the affinity directly before any thread exists."""
+    if not enabled or os.environ.get(PINNED_ENV) == "1":
+        return
+    if os.cpu_count() == 1 or PIN_CPU not in os.sched_getaffinity(0):
+        return
+    env = dict(os.environ, **{PINNED_ENV: "1"})
+    taskset = shutil.which("taskset")
+    if taskset:
+        sys.stdout.flush()
+        os.execve(taskset, [taskset, "-c", str(PIN_CPU), sys.executable, *argv], env)
+    os.environ[PINNED_ENV] = "1"
+    os.sched_setaffinity(0, {PIN_CPU})
+
+
+def cpus_allowed(pid: int) -> str:
+    """`Cpus_allowed_list` of a process (e.g. "0" or "0-1"), or "?" when it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+def pinning_report(stack: "Stack", enabled: bool) -> Dict[str, str]:
+    """Which CPUs the harness and each server may run on, read back from /proc."""
+    report = {"harness": cpus_allowed(os.getpid()), "redis": cpus_allowed(stack.redis.proc.pid)}
+    try:
+        postmaster = int((stack.pg.datadir / "postmaster.pid").read_text().split()[0])
+        report["postgres"] = cpus_allowed(postmaster)
+    except (OSError, ValueError, IndexError):
+        report["postgres"] = "?"
+    report["requested"] = f"taskset -c {PIN_CPU}" if enabled else "none (--no-pin)"
+    return report
+
+
+def pinning_line(report: Dict[str, str]) -> str:
+    where = f"harness on CPU {report['harness']}, PostgreSQL on {report['postgres']}, Redis on {report['redis']}"
+    if report["requested"].startswith("taskset"):
+        return f"Pinning: benchmark process and servers pinned with `{report['requested']}` ({where})"
+    return f"Pinning: off ({where}); timings include cross-CPU wake-ups"
+
+
+# --------------------------------------------------------------------------------------------------
+# Machine and versions
+# --------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> Dict[str, object]:
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Servers
+# --------------------------------------------------------------------------------------------------
+
+
+class Stack:
+    """A throwaway PostgreSQL and Redis, started in this (pinned) process so they inherit its CPU."""
+
+    def __init__(self) -> None:
+        self.pg = PostgresServer()
+        self.redis = RedisServer()
+
+    def start(self) -> "Stack":
+        self.pg.start()
+        self.redis.start()
+        return self
+
+    def database_url(self, prefix: str) -> str:
+        """A fresh, empty database: `postgresql://postgres@127.0.0.1:<port>/<prefix>_<random>`."""
+        return create_database(self.pg.params, prefix=prefix).url
+
+    def redis_url(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.redis.port}/{db}"
+
+    def versions(self) -> Dict[str, str]:
+        import redis
+
+        conn = self.pg.params.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SHOW server_version")
+                pg_version = cur.fetchone()[0]
+        finally:
+            conn.close()
+        client = redis.Redis(host="127.0.0.1", port=self.redis.port)
+        try:
+            redis_version = client.info("server")["redis_version"]
+        finally:
+            client.close()
+        return {"postgresql": pg_version, "redis": redis_version}
+
+    def remove(self) -> None:
+        self.redis.remove()
+        self.pg.remove()
+
+
+# --------------------------------------------------------------------------------------------------
+# App-shaped data
+# --------------------------------------------------------------------------------------------------
+
+
+def now_iso() -> str:
+    """What the app writes: `datetime.now(timezone.utc).isoformat()`."""
+    return datetime.now(timezone.utc).isoformat()
+
+
+def new_user_id() -> str:
+    return str(uuid.uuid4())
+
+
+_issued_ids: set = set()
+
+
+def new_conversation_id() -> str:
+    """8 hex characters, like the app's ids, never the same twice in this process: at a few
+    thousand random ids a collision (which the product rightly refuses as another user's id)
+    would otherwise be likely enough to break a run."""
+    while True:
+        cid = secrets.token_hex(4)
+        if cid not in _issued_ids:
+            _issued_ids.add(cid)
+            return cid
+
+
+class Corpus:
+    """Random words, messages of about 300 characters, conversations of alternating turns."""
+
+    def __init__(self, seed: int = 42, message_chars: int = 300, pool_size: int = 512) -> None:
+        self.rng = random.Random(seed)
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        self.words = ["".join(self.rng.choices(letters, k=self.rng.randint(2, 10))) for _ in range(2000)]
+        self.contents = [self._sentence(message_chars) for _ in range(pool_size)]
+        self._next = 0
+
+    def _sentence(self, chars: int) -> str:
+        words: List[str] = []
+        length = -1
+        while length < chars:
+            word = self.rng.choice(self.words)
+            words.append(word)
+            length += len(word) + 1
+        text = " ".join(words)
+        return text[0].upper() + text[1:] + "."
+
+    def content(self) -> str:
+        self._next = (self._next + 1) % len(self.contents)
+        return self.contents[self._next]
+
+    def message(self, index: int) -> Dict[str, str]:
+        """The message at position `index`: user turns at even positions, assistant at odd."""
+        return {"role": "user" if index % 2 == 0 else "assistant", "content": self.content(), "time": now_iso()}
+
+    def messages(self, count: int, start: int = 0) -> List[Dict[str, str]]:
+        return [self.message(i) for i in range(start, start + count)]
+
+    def conversation(self, message_count: int, title: Optional[str] = None) -> Dict[str, object]:
+        now = now_iso()
+        return {
+            "title": title or " ".join(self.rng.choices(self.words, k=4)).capitalize(),
+            "model": "gpt-4o",
+            "messages": self.messages(message_count),
+            "created_at": now,
+            "last_modified": now,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def percentile(samples: List[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of a non-empty list."""
+    ordered = sorted(samples)
+    rank = max(1, -(-len(ordered) * p // 100))  # ceil(n * p / 100), at least 1
+    return ordered[int(rank) - 1]
+
+
+def summary_us(samples_ns: List[int]) -> Dict[str, float]:
+    """p50 and p95 in microseconds, and the sample count."""
+    return {
+        "p50_us": percentile(samples_ns, 50) / 1000,
+        "p95_us": percentile(samples_ns, 95) / 1000,
+        "n": len(samples_ns),
+    }
+
+
+def peak_rss_reset() -> bool:
+    """Resets the process's peak RSS (Linux: `echo 5 > /proc/self/clear_refs`), so the next
+    getrusage's ru_maxrss is the peak since now. False when the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_rss_kib() -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
