@@ -207,12 +207,9 @@ impl ChatHistory {
                     Err(e) => return Err(e),
                 };
                 let cache = Arc::new(RedisCache::new(redis)?);
+                let health = Health::default();
                 if let Err(e) = cache.ping() {
-                    log::warn!(
-                        "Redis is unavailable at {} at start; using PostgreSQL until it is back ({})",
-                        cache.redacted_url(),
-                        e.into_error()
-                    );
+                    health.failed(&format!("at start, {}", e.into_error()));
                 }
                 Tier::Cached(Arc::new(CachedTier {
                     flusher: Flusher::new(Arc::clone(&cache), Arc::clone(&store), settings.flush_batch_size),
@@ -220,7 +217,7 @@ impl ChatHistory {
                     postgres: store,
                     schema_ready: AtomicBool::new(schema_ready),
                     history_days: settings.history_days,
-                    health: Health::default(),
+                    health,
                     hits: AtomicU64::new(0),
                     misses: AtomicU64::new(0),
                     fallbacks: AtomicU64::new(0),

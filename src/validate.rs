@@ -72,7 +72,10 @@ pub fn conversation(conversation_id: &str, conv: &Conversation) -> Result<()> {
         return Err(Error::validation(format!("conversation {conversation_id:?}: too many messages")));
     }
     for (index, message) in conv.messages.iter().enumerate() {
-        text(conversation_id, &format!("messages[{index}].content"), &message.content)?;
+        // The field name is built only for the error: this loop runs for every message of every save.
+        if message.content.contains('\0') {
+            return text(conversation_id, &format!("messages[{index}].content"), &message.content);
+        }
     }
     Ok(())
 }

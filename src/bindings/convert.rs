@@ -14,12 +14,25 @@ fn type_name(value: &Bound<'_, PyAny>) -> String {
     value.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string())
 }
 
-fn string(conversation_id: &str, field: &str, value: &Bound<'_, PyAny>) -> Result<String> {
+/// A field's name for messages; built only when there is an error to report.
+#[derive(Clone, Copy)]
+enum Field<'a> {
+    Top(&'a str),
+    Message(usize, &'a str),
+}
+
+impl std::fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Field::Top(name) => f.write_str(name),
+            Field::Message(index, name) => write!(f, "messages[{index}].{name}"),
+        }
+    }
+}
+
+fn string(conversation_id: &str, field: Field<'_>, value: &Bound<'_, PyAny>) -> Result<String> {
     let text = value.cast::<PyString>().map_err(|_| {
-        Error::invalid_type(format!(
-            "conversation {conversation_id:?}: {field} must be a str, got {}",
-            type_name(value)
-        ))
+        Error::invalid_type(format!("conversation {conversation_id:?}: {field} must be a str, got {}", type_name(value)))
     })?;
     text.to_cow()
         .map(std::borrow::Cow::into_owned)
@@ -51,7 +64,7 @@ impl std::ops::Deref for Id {
 
 /// A timestamp field: an ISO 8601 string or a `datetime` (naive taken as UTC); absent or `None`
 /// means now (SPEC section 2).
-fn timestamp(conversation_id: &str, field: &str, value: Option<Bound<'_, PyAny>>) -> Result<Timestamp> {
+fn timestamp(conversation_id: &str, field: Field<'_>, value: Option<Bound<'_, PyAny>>) -> Result<Timestamp> {
     let Some(value) = value.filter(|v| !v.is_none()) else {
         return Ok(Timestamp::now());
     };
@@ -84,7 +97,7 @@ fn required<'py>(
     conversation_id: &str,
     dict: &Bound<'py, PyDict>,
     key: &Bound<'py, PyString>,
-    field: &str,
+    field: Field<'_>,
 ) -> Result<Bound<'py, PyAny>> {
     dict.get_item(key)
         .ok()
@@ -94,7 +107,7 @@ fn required<'py>(
 
 fn message(conversation_id: &str, index: usize, value: &Bound<'_, PyAny>) -> Result<Message> {
     let py = value.py();
-    let field = |name: &str| format!("messages[{index}].{name}");
+    let field = |name| Field::Message(index, name);
     let dict = value.cast::<PyDict>().map_err(|_| {
         Error::invalid_type(format!(
             "conversation {conversation_id:?}: messages[{index}] must be a dict, got {}",
@@ -103,8 +116,8 @@ fn message(conversation_id: &str, index: usize, value: &Bound<'_, PyAny>) -> Res
     })?;
     let role_text = string(
         conversation_id,
-        &field("role"),
-        &required(conversation_id, dict, intern!(py, "role"), &field("role"))?,
+        field("role"),
+        &required(conversation_id, dict, intern!(py, "role"), field("role"))?,
     )?;
     let role = Role::parse(&role_text).ok_or_else(|| {
         Error::validation(format!(
@@ -114,10 +127,10 @@ fn message(conversation_id: &str, index: usize, value: &Bound<'_, PyAny>) -> Res
     })?;
     let content = string(
         conversation_id,
-        &field("content"),
-        &required(conversation_id, dict, intern!(py, "content"), &field("content"))?,
+        field("content"),
+        &required(conversation_id, dict, intern!(py, "content"), field("content"))?,
     )?;
-    let time = timestamp(conversation_id, &field("time"), dict.get_item(intern!(py, "time")).ok().flatten())?;
+    let time = timestamp(conversation_id, field("time"), dict.get_item(intern!(py, "time")).ok().flatten())?;
     Ok(Message { role, content, time })
 }
 
@@ -130,8 +143,8 @@ pub(crate) fn conversation_from_py(conversation_id: &str, value: &Bound<'_, PyAn
             type_name(value)
         ))
     })?;
-    let title = string(conversation_id, "title", &required(conversation_id, dict, intern!(py, "title"), "title")?)?;
-    let model = string(conversation_id, "model", &required(conversation_id, dict, intern!(py, "model"), "model")?)?;
+    let title = string(conversation_id, Field::Top("title"), &required(conversation_id, dict, intern!(py, "title"), Field::Top("title"))?)?;
+    let model = string(conversation_id, Field::Top("model"), &required(conversation_id, dict, intern!(py, "model"), Field::Top("model"))?)?;
     let messages = match dict.get_item(intern!(py, "messages")).ok().flatten() {
         None => Vec::new(),
         Some(list) => {
@@ -148,9 +161,9 @@ pub(crate) fn conversation_from_py(conversation_id: &str, value: &Bound<'_, PyAn
             messages
         }
     };
-    let created_at = timestamp(conversation_id, "created_at", dict.get_item(intern!(py, "created_at")).ok().flatten())?;
+    let created_at = timestamp(conversation_id, Field::Top("created_at"), dict.get_item(intern!(py, "created_at")).ok().flatten())?;
     let last_modified =
-        timestamp(conversation_id, "last_modified", dict.get_item(intern!(py, "last_modified")).ok().flatten())?;
+        timestamp(conversation_id, Field::Top("last_modified"), dict.get_item(intern!(py, "last_modified")).ok().flatten())?;
     Ok(Conversation { title, model, messages, created_at, last_modified })
 }
 
