@@ -34,8 +34,14 @@ test: servers dev ## Run everything: cargo tests, then pytest against throwaway 
 	$(PY) -m pytest tests
 
 .PHONY: demo
-demo: servers dev ## Run the example against a throwaway PostgreSQL (or local JSON files)
+demo: dev ## Run the example chat app on a throwaway Redis and PostgreSQL (or local JSON files); Ctrl-C stops it
+	@./scripts/ensure-servers.sh || echo "demo: redis-server or PostgreSQL could not be installed; the app will use local JSON files"
+	@$(PY) -c "import streamlit" 2>/dev/null || $(PIP) install --quiet -r requirements-dev.txt
 	$(PY) examples/demo.py
+
+.PHONY: bench
+bench: servers dev ## Benchmarks beside the seed's Python design, then the scale check (BENCH_ARGS="--quick")
+	$(PY) benches/run.py --scale $(BENCH_ARGS)
 
 .PHONY: lint
 lint: venv ## rustfmt, clippy (pedantic)

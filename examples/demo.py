@@ -1,66 +1,141 @@
-"""A small tour of chat_history_rs: a chat saved, read, listed and written back.
+"""`make demo`: the example chat app (examples/streamlit_app) on a full local stack.
 
-Uses DATABASE_URL and REDIS_CONNECTION_STRING when set; otherwise starts a throwaway PostgreSQL and
-Redis under ./.demo, or, when those servers are not installed, falls back to local JSON files.
-Run it with `make demo`.
+- DATABASE_URL set: the app uses that PostgreSQL, with the Redis of REDIS_CONNECTION_STRING when
+  that is set too (local_redis), else without (local_psql).
+- Otherwise a throwaway PostgreSQL and Redis are started under ./.demo (examples/local_stack.py;
+  their data stays there for the next run) and the app runs in local_redis mode on them.
+- When the server binaries are missing, the app runs in local mode on JSON files in ./.chat_history.
+
+The app listens on 127.0.0.1, port DEMO_PORT, else 8501 when free, else a free one; the URL is
+printed. Ctrl-C stops the app (which writes back what is still dirty), then the servers.
 """
 
 from __future__ import annotations
 
-import logging
 import os
+import signal
+import socket
+import subprocess
 import sys
-import uuid
-from datetime import datetime, timezone
+import time
+import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+APP = HERE / "streamlit_app" / "app.py"
+sys.path.insert(0, str(HERE))
 
-from chat_history_rs import ChatHistoryManager  # noqa: E402
-from local_stack import LocalStack, StackUnavailable  # noqa: E402
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+from local_stack import LocalStack, StackUnavailable, free_port  # noqa: E402
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    stack = None
-    pg_url, redis_url = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_CONNECTION_STRING")
-    if not (pg_url and redis_url):
+def say(text: str) -> None:
+    print(f"demo: {text}", flush=True)
+
+
+def pick_port() -> int:
+    if os.environ.get("DEMO_PORT"):
+        return int(os.environ["DEMO_PORT"])
+    with socket.socket() as sock:
         try:
-            stack = LocalStack(Path(".demo"))
-            pg_url, redis_url = stack.start()
-            print(f"started a throwaway PostgreSQL and Redis under {stack.root}")
-        except StackUnavailable as why:
-            print(f"{why}: using local JSON files in ./.chat_history instead")
-            stack = None
+            sock.bind(("127.0.0.1", 8501))
+            return 8501
+        except OSError:
+            return free_port()
+
+
+def app_environment(stack_urls: tuple[str, str] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("LOCAL_TEST_CLIENT_ID", "00000000-0000-0000-0000-000000000001")
+    env.setdefault("LOCAL_TEST_USERNAME", "Demo user")
+    env.setdefault("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")
+    if stack_urls is not None:
+        env["DATABASE_URL"], env["REDIS_CONNECTION_STRING"] = stack_urls
+        env["CHAT_HISTORY_MODE"] = "local_redis"
+    elif env.get("DATABASE_URL"):
+        env.setdefault("CHAT_HISTORY_MODE", "local_redis" if env.get("REDIS_CONNECTION_STRING") else "local_psql")
+    else:
+        env["CHAT_HISTORY_MODE"] = "local"
+    return env
+
+
+def wait_until_serving(proc: subprocess.Popen, url: str, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}_stcore/health", timeout=2) as response:
+                if response.read() == b"ok":
+                    return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    """Ctrl-C in a terminal already reached Streamlit (same process group); otherwise send it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
     try:
-        if stack is None and not (pg_url and redis_url):
-            history = ChatHistoryManager(mode="local")
-        else:
-            history = ChatHistoryManager(
-                mode="postgres", connection_string=pg_url, redis_enabled=True, redis_connection_string=redis_url
-            )
-        with history:
-            user = str(uuid.uuid4())
-            conversation_id = uuid.uuid4().hex[:8]
-            chat = {"title": "Trip to Lisbon", "model": "gpt-4o", "messages": [], "created_at": now(), "last_modified": now()}
-            for role, text in [("user", "Plan two days in Lisbon."), ("assistant", "Day 1: Alfama and Belém. Day 2: Sintra.")]:
-                chat["messages"].append({"role": role, "content": text, "time": now()})
-                chat["last_modified"] = now()
-                history.save_conversation(conversation_id, chat, user_id=user)
-            print(f"saved {conversation_id} for user {user}")
-            print("read back equal:", history.get_conversation(conversation_id, user_id=user) == chat)
-            print("listed:", [(cid, c["title"]) for cid, c in history.list_conversations(user_id=user)])
-            print("written back to PostgreSQL:", history.flush_dirty_conversations())
-            stats = history.stats()
-            print("stats:", {k: stats.get(k) for k in ("mode", "cache_hits", "cache_misses", "hit_rate", "dirty_count")})
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    # Ctrl-C even when started from a script's background job (which ignores SIGINT), and `kill <pid>`,
+    # end the demo the same way: the app, then the servers.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
+    stack = None
+    stack_urls = None
+    if not os.environ.get("DATABASE_URL"):
+        try:
+            stack = LocalStack(ROOT / ".demo")
+            stack_urls = stack.start()
+            say(f"started a throwaway PostgreSQL ({stack_urls[0]}) and Redis ({stack_urls[1]}) under {stack.root}")
+        except StackUnavailable as why:
+            if stack is not None:
+                stack.stop()
+            stack = None
+            say(f"{why}: the app keeps chats in local JSON files (./.chat_history) instead")
+            say("(`make servers` installs redis-server and PostgreSQL from Debian's packages)")
+    env = app_environment(stack_urls)
+    port = pick_port()
+    url = f"http://127.0.0.1:{port}/"
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(APP),
+        "--server.headless", "true", "--server.address", "127.0.0.1", "--server.port", str(port),
+        "--client.toolbarMode", "minimal",
+    ]  # fmt: skip
+    proc = None
+    try:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env)
+        if not wait_until_serving(proc, url):
+            say(f"the app did not start (exit code {proc.poll()})")
+            return 1
+        print(flush=True)
+        say(f"the chat app is running in {env['CHAT_HISTORY_MODE']} mode: open {url}")
+        say("press Ctrl-C to stop it" + (" and the servers" if stack else ""))
+        print(flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        say("stopping the app")
+        return 0
     finally:
+        # A second Ctrl-C must not cut the cleanup short and leave the servers running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if proc is not None:
+            stop_app(proc)
         if stack is not None:
+            say("stopping PostgreSQL and Redis (their data stays in .demo/)")
             stack.stop()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
