@@ -1,7 +1,9 @@
-//! A scanner for the one JSON shape a cached conversation's `messages` field has: an array of
-//! objects whose values are strings. It finds each string with `memchr` (SIMD) instead of
-//! serde_json's byte loop, and leaves strings without escapes in place. Anything else (numbers,
-//! nesting, bad escapes) returns `None` and the caller parses with serde_json instead.
+//! The one JSON shape a cached conversation's `messages` field has: an array of objects whose
+//! values are strings. [`scan`] finds each string with `memchr` (SIMD) instead of serde_json's
+//! byte loop, and leaves strings without escapes in place; anything else (numbers, nesting, bad
+//! escapes) returns `None` and the caller parses with serde_json instead. [`write`] produces the
+//! same bytes `serde_json::to_string` would, checking eight bytes at a time for what needs an
+//! escape. Both run for every message of every cached read and save.
 
 use std::ops::Range;
 
@@ -158,6 +160,87 @@ pub fn scan(json: &str) -> Option<Vec<(Text, Text, Text)>> {
     (sc.i == sc.b.len()).then_some(out)
 }
 
+/// `[{"role":"...","content":"...","time":"..."},...]`, byte for byte what serde_json writes.
+#[must_use]
+pub fn write(messages: &[crate::model::Message]) -> String {
+    let size: usize = messages.iter().map(|m| m.content.len() + 80).sum();
+    let mut out = String::with_capacity(size + 2);
+    out.push('[');
+    let mut time = String::with_capacity(32);
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(r#"{"role":""#);
+        out.push_str(m.role.as_str());
+        out.push_str(r#"","content":""#);
+        escape_into(&mut out, &m.content);
+        out.push_str(r#"","time":""#);
+        time.clear();
+        std::fmt::Write::write_fmt(&mut time, format_args!("{}", m.time)).expect("writing to a String cannot fail");
+        out.push_str(&time);
+        out.push_str(r#""}"#);
+    }
+    out.push(']');
+    out
+}
+
+/// Whether any of the eight bytes is `"`, `\` or a control character below 0x20.
+fn needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
+    let quote = word ^ (ONES * u64::from(b'"'));
+    let backslash = word ^ (ONES * u64::from(b'\\'));
+    let has_quote = quote.wrapping_sub(ONES) & !quote & HIGH;
+    let has_backslash = backslash.wrapping_sub(ONES) & !backslash & HIGH;
+    (below_space | has_quote | has_backslash) != 0
+}
+
+fn escape_into(out: &mut String, text: &str) {
+    let bytes = text.as_bytes();
+    let mut start = 0; // first byte not yet copied
+    let mut i = 0;
+    while i < bytes.len() {
+        if i + 8 <= bytes.len() {
+            let word = u64::from_le_bytes(bytes[i..i + 8].try_into().expect("eight bytes"));
+            if !needs_escape(word) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
+        let escape: Option<&str> = match b {
+            b'"' => Some("\\\""),
+            b'\\' => Some("\\\\"),
+            b'\n' => Some("\\n"),
+            b'\r' => Some("\\r"),
+            b'\t' => Some("\\t"),
+            0x08 => Some("\\b"),
+            0x0c => Some("\\f"),
+            0..=0x1f => None,
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        // Only ASCII bytes are escaped, so `start..i` always ends on a character boundary.
+        out.push_str(&text[start..i]);
+        match escape {
+            Some(e) => out.push_str(e),
+            None => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.push_str("\\u00");
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0xf)]));
+            }
+        }
+        i += 1;
+        start = i;
+    }
+    out.push_str(&text[start..]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +281,27 @@ mod tests {
                 assert_eq!(g, &[w.role.clone(), w.content.clone(), w.time.clone()], "{json}");
             }
         }
+    }
+
+    #[test]
+    fn write_matches_serde_json_byte_for_byte() {
+        use crate::model::{Message, Role, Timestamp};
+        let t = Timestamp::parse("2025-11-26T00:35:21.123456+00:00").unwrap();
+        let mut contents: Vec<String> = ["", "plain words", "exactly8", "quote\" and \\ back", "tab\tnew\nline\r", "ctl \u{1}\u{8}\u{c}\u{1f}\u{7f}", "Grüße 🎉 日本語 with \"quotes\" late in a long string"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        for n in 0..40 {
+            // every position of an escape relative to the eight-byte words
+            contents.push(format!("{}\"{}", "a".repeat(n), "é".repeat(n % 5)));
+        }
+        let messages: Vec<Message> = contents
+            .into_iter()
+            .enumerate()
+            .map(|(i, content)| Message { role: if i % 2 == 0 { Role::User } else { Role::Assistant }, content, time: t })
+            .collect();
+        assert_eq!(write(&messages), serde_json::to_string(&messages).unwrap());
+        assert_eq!(write(&[]), "[]");
     }
 
     #[test]

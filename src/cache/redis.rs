@@ -743,7 +743,7 @@ impl RedisCache {
         conv: &Conversation,
         claim: bool,
     ) -> CacheResult<(SaveOutcome, Option<String>)> {
-        let messages = serde_json::to_string(&conv.messages).expect("messages always serialise");
+        let messages = messages_json::write(&conv.messages);
         let meta = ListEntry::to_json(conv);
         let conv_key = conv_key(user_id, conversation_id);
         let staged = staged_key(&conv_key);
@@ -817,7 +817,7 @@ impl RedisCache {
         conv: &Conversation,
         version: Option<i64>,
     ) -> CacheResult<()> {
-        let messages = serde_json::to_string(&conv.messages).expect("messages always serialise");
+        let messages = messages_json::write(&conv.messages);
         let meta = ListEntry::to_json(conv);
         let conv_key = conv_key(user_id, conversation_id);
         let staged = staged_key(&conv_key);

@@ -2,21 +2,90 @@
 //! schema (SPEC section 3), and one statement per operation so every save is atomic and costs one
 //! round trip.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use postgres::types::{ToSql, Type};
-use r2d2_postgres::PostgresConnectionManager;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::PostgresSettings;
 use crate::error::{Backend, Error, ErrorKind, Result};
 use crate::model::{Conversation, Message, Role};
 
-type Pool = r2d2::Pool<PostgresConnectionManager<MakeRustlsConnect>>;
-type PooledClient = r2d2::PooledConnection<PostgresConnectionManager<MakeRustlsConnect>>;
+type Pool = r2d2::Pool<Connector>;
+type PooledClient = r2d2::PooledConnection<Connector>;
+
+/// Opens connections for the pool. Our own rather than r2d2_postgres's, for the statement cache.
+struct Connector {
+    config: postgres::Config,
+    tls: MakeRustlsConnect,
+}
+
+impl r2d2::ManageConnection for Connector {
+    type Connection = Connection;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> Result<Connection, postgres::Error> {
+        Ok(Connection { client: self.config.connect(self.tls.clone())?, statements: HashMap::new() })
+    }
+
+    fn is_valid(&self, conn: &mut Connection) -> Result<(), postgres::Error> {
+        conn.client.simple_query("").map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut Connection) -> bool {
+        conn.client.is_closed()
+    }
+}
+
+/// A client and the statements prepared on it. Every statement here is a fixed string, prepared
+/// once per connection: a statement sent unprepared is parsed and planned again on every call,
+/// which was most of a PostgreSQL read's time.
+pub(crate) struct Connection {
+    client: postgres::Client,
+    /// Keyed by the address of the `'static` SQL text: hashing the text itself (up to 2 KB) on
+    /// every call would cost more than the lookup saves.
+    statements: HashMap<usize, postgres::Statement>,
+}
+
+impl Connection {
+    fn statement(&mut self, sql: &'static str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<postgres::Statement, postgres::Error> {
+        let key = sql.as_ptr() as usize;
+        if let Some(statement) = self.statements.get(&key) {
+            return Ok(statement.clone());
+        }
+        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+        let statement = self.client.prepare_typed(sql, &types)?;
+        self.statements.insert(key, statement.clone());
+        Ok(statement)
+    }
+
+    fn query(&mut self, sql: &'static str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Vec<postgres::Row>, postgres::Error> {
+        let statement = self.statement(sql, params)?;
+        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+        self.client.query(&statement, &values)
+    }
+
+    /// `lock` then `sql` in one transaction (see [`LOCK_IDS`]).
+    fn locked_query(
+        &mut self,
+        ids: &(dyn ToSql + Sync),
+        sql: &'static str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<postgres::Row>, postgres::Error> {
+        let lock = self.statement(LOCK_IDS, &[(ids, Type::TEXT_ARRAY)])?;
+        let statement = self.statement(sql, params)?;
+        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+        let mut tx = self.client.transaction()?;
+        tx.execute(&lock, &[ids])?;
+        let rows = tx.query(&statement, &values)?;
+        tx.commit()?;
+        Ok(rows)
+    }
+}
 
 /// The Phase 1 schema, created only when missing; existing tables and rows are never altered.
 /// Serialised by an advisory lock: concurrent `CREATE TABLE IF NOT EXISTS` can otherwise fail
@@ -139,8 +208,15 @@ WITH input AS (
           AND (c.cache_version IS NULL OR c.cache_version < EXCLUDED.cache_version)
     RETURNING c.conversation_id
 ), trimmed AS (
-    DELETE FROM messages m USING conv, input i
-    WHERE m.conversation_id = conv.conversation_id AND i.id = conv.conversation_id AND m.sequence_number >= i.n
+    -- By id through the index: a join here let the planner scan the whole messages table.
+    DELETE FROM messages WHERE message_id = ANY (ARRAY(
+        SELECT old.message_id
+        FROM conv JOIN input i ON i.id = conv.conversation_id
+        CROSS JOIN LATERAL (
+            SELECT message_id FROM messages m
+            WHERE m.conversation_id = conv.conversation_id AND m.sequence_number >= i.n
+        ) AS old
+    ))
 ), written AS (
     {WRITE_MESSAGES}
     FROM unnest($9::text[], $10::int4[], $11::text[], $12::text[], $13::timestamptz[]) AS new(id, seq, role, content, ts)
@@ -155,7 +231,10 @@ SELECT i.id,
         WHEN c.cache_version = i.version THEN 'current'
         ELSE 'stale'
     END
-FROM input i LEFT JOIN conversations c ON c.conversation_id = i.id"
+FROM input i
+LEFT JOIN LATERAL (
+    SELECT conversation_id, user_client_id, cache_version FROM conversations WHERE conversation_id = i.id
+) AS c ON true"
     )
 }
 
@@ -227,7 +306,7 @@ impl PostgresStore {
     pub fn new(settings: &PostgresSettings) -> Result<Self> {
         let tls = MakeRustlsConnect::new(settings.tls_config()?);
         let connect_errors = PoolErrorLog::default();
-        let manager = PostgresConnectionManager::new(settings.config.clone(), tls);
+        let manager = Connector { config: settings.config.clone(), tls };
         let pool = r2d2::Pool::builder()
             .max_size(settings.pool_size)
             .min_idle(Some(0))
@@ -254,8 +333,8 @@ impl PostgresStore {
 
     /// Creates the tables and indexes when missing.
     pub fn ensure_schema(&self) -> Result<()> {
-        self.run(|client| {
-            let mut tx = client.transaction()?;
+        self.run(|conn| {
+            let mut tx = conn.client.transaction()?;
             tx.batch_execute(SCHEMA)?;
             tx.commit()
         })?;
@@ -266,7 +345,7 @@ impl PostgresStore {
     /// Runs `op` on a pooled client. A statement that fails because its connection died (a server
     /// restart, a dropped socket) is run again on a fresh connection: every operation here is
     /// idempotent, so a retry after an unacknowledged commit lands in the same state.
-    fn run<T>(&self, mut op: impl FnMut(&mut postgres::Client) -> Result<T, postgres::Error>) -> Result<T> {
+    fn run<T>(&self, mut op: impl FnMut(&mut Connection) -> Result<T, postgres::Error>) -> Result<T> {
         let attempts = self.pool.max_size() + 1;
         let mut attempt = 0;
         loop {
@@ -274,7 +353,7 @@ impl PostgresStore {
             let mut client = self.checkout()?;
             match op(&mut client) {
                 Ok(value) => return Ok(value),
-                Err(e) if client.is_closed() && attempt < attempts => {
+                Err(e) if client.client.is_closed() && attempt < attempts => {
                     log::info!("PostgreSQL connection lost ({e}); retrying on a fresh connection");
                 }
                 Err(e) => return Err(pg_error(&e)),
@@ -316,7 +395,7 @@ impl PostgresStore {
     /// [`PostgresStore::get`] with the row's write-back version (`None` for rows written by Phase 1).
     pub fn get_versioned(&self, conversation_id: &str, user_id: &str) -> Result<Option<(Conversation, Option<i64>)>> {
         let rows = self
-            .run(|client| client.query_typed(GET, &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR)]))?;
+            .run(|conn| conn.query(GET, &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR)]))?;
         let Some(first) = rows.first() else {
             return Ok(None);
         };
@@ -342,7 +421,7 @@ impl PostgresStore {
     /// The user's conversations created in the last `days` days, newest `last_modified` first,
     /// without messages.
     pub fn list(&self, user_id: &str, days: i32) -> Result<Vec<(String, Conversation)>> {
-        let rows = self.run(|client| client.query_typed(LIST, &[(&user_id, Type::VARCHAR), (&days, Type::INT4)]))?;
+        let rows = self.run(|conn| conn.query(LIST, &[(&user_id, Type::VARCHAR), (&days, Type::INT4)]))?;
         Ok(rows
             .iter()
             .map(|row| {
@@ -360,7 +439,7 @@ impl PostgresStore {
 
     /// The user who owns the id, if any row has it.
     pub fn owner(&self, conversation_id: &str) -> Result<Option<String>> {
-        let rows = self.run(|client| client.query_typed(OWNER, &[(&conversation_id, Type::VARCHAR)]))?;
+        let rows = self.run(|conn| conn.query(OWNER, &[(&conversation_id, Type::VARCHAR)]))?;
         Ok(rows.first().map(|row| row.get(0)))
     }
 
@@ -385,7 +464,7 @@ impl PostgresStore {
             (&columns.content, Type::TEXT_ARRAY),
             (&columns.time, Type::TIMESTAMPTZ_ARRAY),
         ];
-        let rows = self.run(|client| client.query_typed(&SQL, &params))?;
+        let rows = self.run(|conn| conn.query(&SQL, &params))?;
         match rows.first() {
             Some(row) => Ok(row.get(0)),
             None => Err(Error::new(
@@ -406,15 +485,16 @@ impl PostgresStore {
     ) -> Result<(bool, Option<i64>)> {
         static SQL: LazyLock<String> = LazyLock::new(delete_sql);
         let ids = [conversation_id];
-        let row = self.run(|client| {
-            let mut tx = client.transaction()?;
-            tx.execute_typed(LOCK_IDS, &[(&ids.as_slice(), Type::TEXT_ARRAY)])?;
-            let row = tx.query_typed_one(
+        let ids = ids.as_slice();
+        let rows = self.run(|conn| {
+            conn.locked_query(
+                &ids,
                 &SQL,
                 &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR), (&min_version, Type::INT8)],
-            )?;
-            tx.commit()?;
-            Ok(row)
+            )
+        })?;
+        let row = rows.first().ok_or_else(|| {
+            Error::new(ErrorKind::Database(Backend::Postgres), "the delete statement returned no row")
         })?;
         Ok((row.get::<_, i64>(0) > 0, row.get(1)))
     }
@@ -453,13 +533,7 @@ impl PostgresStore {
             (&columns.content, Type::TEXT_ARRAY),
             (&columns.time, Type::TIMESTAMPTZ_ARRAY),
         ];
-        let rows = self.run(|client| {
-            let mut tx = client.transaction()?;
-            tx.execute_typed(LOCK_IDS, &[(&ids, Type::TEXT_ARRAY)])?;
-            let rows = tx.query_typed(&SQL, &params)?;
-            tx.commit()?;
-            Ok(rows)
-        })?;
+        let rows = self.run(|conn| conn.locked_query(&ids, &SQL, &params))?;
         let mut outcomes = vec![FlushOutcome::Stale; batch.len()];
         for row in rows {
             let id: &str = row.get(0);
