@@ -1,0 +1,199 @@
+"""The example chat app's settings, read from its environment variables, and who the user is.
+
+CHAT_HISTORY_MODE picks where conversations live and where the user's identity comes from:
+
+    local        JSON files in ./.chat_history          a single local user
+    local_psql   PostgreSQL                             LOCAL_TEST_CLIENT_ID / LOCAL_TEST_USERNAME
+    local_redis  Redis over PostgreSQL, write-back      LOCAL_TEST_CLIENT_ID / LOCAL_TEST_USERNAME
+    postgres     PostgreSQL                             App Service's X-MS-CLIENT-PRINCIPAL-* headers
+    redis        Redis over PostgreSQL, write-back      App Service's X-MS-CLIENT-PRINCIPAL-* headers
+
+README.md beside this file has the full table of variables.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+MODES = ("local", "local_psql", "postgres", "local_redis", "redis")
+# The seed's example user id: what local_psql / local_redis use when LOCAL_TEST_CLIENT_ID is unset.
+DEFAULT_TEST_CLIENT_ID = "00000000-0000-0000-0000-000000000001"
+PRINCIPAL_ID_HEADER = "X-MS-CLIENT-PRINCIPAL-ID"
+PRINCIPAL_NAME_HEADER = "X-MS-CLIENT-PRINCIPAL-NAME"
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
+
+
+class SettingsError(ValueError):
+    """An environment variable of the app holds something it cannot use; the message names it."""
+
+
+@dataclass(frozen=True)
+class User:
+    """Who is chatting. `id` is None in local mode, which is single-user by design."""
+
+    id: Optional[str]
+    name: str
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """Everything the app needs to open its ChatHistoryManager (hashable: it keys Streamlit's cache)."""
+
+    mode: str
+    # Both may hold a password: kept out of repr(), so no log line or error message can show it.
+    connection_string: Optional[str] = field(default=None, repr=False)
+    redis_enabled: bool = False
+    redis_connection_string: Optional[str] = field(default=None, repr=False)
+    redis_ttl: Optional[int] = None
+    history_days: int = 7
+    flush_interval: float = 10.0
+
+    @property
+    def description(self) -> str:
+        """`mode: where conversations live`, for the sidebar."""
+        store = "PostgreSQL"
+        if self.mode == "local":
+            store = "JSON files in ./.chat_history"
+        elif self.redis_enabled:
+            store = "Redis over PostgreSQL, write-back"
+        return f"{self.mode}: {store}"
+
+    @property
+    def users_from_headers(self) -> bool:
+        """Production modes: App Service's authentication (Easy Auth) names the user in request headers."""
+        return self.mode in ("postgres", "redis")
+
+    def manager_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ChatHistoryManager. Every switch is passed explicitly, so the app's
+        variables decide, not whatever else the library would read from the environment."""
+        if self.mode == "local":
+            return {"mode": "local", "history_days": self.history_days}
+        kwargs: dict[str, Any] = {
+            "mode": "postgres",
+            "connection_string": self.connection_string,
+            "history_days": self.history_days,
+            "redis_enabled": self.redis_enabled,
+        }
+        if self.redis_enabled:
+            kwargs["flush_interval"] = self.flush_interval
+            if self.redis_connection_string:
+                kwargs["redis_connection_string"] = self.redis_connection_string
+            if self.redis_ttl is not None:
+                kwargs["redis_ttl"] = self.redis_ttl
+        return kwargs
+
+
+def load_settings(environ: Mapping[str, str] = os.environ) -> AppSettings:
+    """Reads the app's variables. Raises SettingsError naming the variable that is wrong or missing."""
+    mode = environ.get("CHAT_HISTORY_MODE", "local").strip().lower() or "local"
+    if mode not in MODES:
+        raise SettingsError(f"CHAT_HISTORY_MODE must be one of {', '.join(MODES)}; got {mode!r}")
+    history_days = _int(environ, "CONVERSATION_HISTORY_DAYS", 7)
+    if mode == "local":
+        return AppSettings(mode=mode, history_days=history_days)
+    connection_string = postgres_connection_string(environ)
+    if connection_string is None:
+        raise SettingsError(
+            f"CHAT_HISTORY_MODE={mode} needs PostgreSQL: set POSTGRES_HOST (with POSTGRES_ADMIN_LOGIN, "
+            "POSTGRES_ADMIN_PASSWORD, POSTGRES_DATABASE...) or DATABASE_URL"
+        )
+    # The seed's rollback switch: REDIS_ENABLED=false turns a redis mode back into plain PostgreSQL,
+    # and REDIS_ENABLED=true adds Redis to a postgres mode. Unset, the mode decides.
+    redis_enabled = _bool(environ, "REDIS_ENABLED", default=mode.endswith("redis"))
+    ttl = environ.get("REDIS_CACHE_TTL", "").strip()
+    return AppSettings(
+        mode=mode,
+        connection_string=connection_string,
+        redis_enabled=redis_enabled,
+        redis_connection_string=environ.get("REDIS_CONNECTION_STRING") or None,
+        redis_ttl=_int(environ, "REDIS_CACHE_TTL", 0) if ttl else None,
+        history_days=history_days,
+        flush_interval=_float(environ, "CHAT_HISTORY_FLUSH_INTERVAL", 10.0),
+    )
+
+
+def postgres_connection_string(environ: Mapping[str, str] = os.environ) -> Optional[str]:
+    """DATABASE_URL when set; otherwise a libpq key=value string built from the POSTGRES_* parts
+    (None when POSTGRES_HOST is unset too). POSTGRES_SSLMODE defaults to `require`, as Azure's
+    PostgreSQL demands, except for a server on this machine (`prefer`)."""
+    url = environ.get("DATABASE_URL", "").strip()
+    if url:
+        return url
+    host = environ.get("POSTGRES_HOST", "").strip()
+    if not host:
+        return None
+    local = host in ("localhost", "127.0.0.1", "::1") or host.startswith("/")
+    parts = {
+        "host": host,
+        "port": str(_int(environ, "POSTGRES_PORT", 5432)),
+        "dbname": environ.get("POSTGRES_DATABASE") or "postgres",
+        "user": environ.get("POSTGRES_ADMIN_LOGIN") or "postgres",
+        "password": environ.get("POSTGRES_ADMIN_PASSWORD") or None,
+        "sslmode": environ.get("POSTGRES_SSLMODE") or ("prefer" if local else "require"),
+    }
+    return " ".join(f"{key}={_libpq_quote(value)}" for key, value in parts.items() if value is not None)
+
+
+def current_user(
+    settings: AppSettings, headers: Mapping[str, str], environ: Mapping[str, str] = os.environ
+) -> Optional[User]:
+    """The user of this session, or None when a production mode got no identity headers (the app is
+    not behind App Service authentication, which sets them and strips any a client sends)."""
+    if settings.mode == "local":
+        return User(id=None, name=environ.get("LOCAL_TEST_USERNAME") or "Local user")
+    if not settings.users_from_headers:
+        client_id = environ.get("LOCAL_TEST_CLIENT_ID") or DEFAULT_TEST_CLIENT_ID
+        return User(id=client_id, name=environ.get("LOCAL_TEST_USERNAME") or "Local test user")
+    lowered = {key.lower(): value for key, value in headers.items()}
+    client_id = lowered.get(PRINCIPAL_ID_HEADER.lower(), "").strip()
+    if not client_id:
+        return None
+    return User(id=client_id, name=lowered.get(PRINCIPAL_NAME_HEADER.lower(), "").strip() or client_id)
+
+
+def _libpq_quote(value: str) -> str:
+    # libpq's key=value grammar: a value with spaces, quotes or backslashes goes in single quotes,
+    # with backslash escapes.
+    if value and not any(c in value for c in " '\\"):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number; got {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be positive; got {raw!r}")
+    return value
+
+
+def _float(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number of seconds; got {raw!r}") from None
+    if not value > 0:
+        raise SettingsError(f"{name} must be positive; got {raw!r}")
+    return value
+
+
+def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    if name not in environ:
+        return default
+    raw = environ[name].strip().lower()
+    if raw in TRUE_WORDS:
+        return True
+    if raw in FALSE_WORDS:
+        return False
+    raise SettingsError(f"{name} must be true or false; got {environ[name]!r}")
