@@ -379,8 +379,11 @@ impl ChatHistory {
                         log::warn!("close: no write-back ({e}); whatever is dirty stays in Redis for the next flush");
                     }
                     Err(e) => {
-                        let dirty = cached.redis.dirty_summary().map_or_else(|_| "the".to_owned(), |(n, _)| n.to_string());
-                        log::error!("close: {dirty} dirty conversations could not be written back and stay in Redis: {e}");
+                        let dirty =
+                            cached.redis.dirty_summary().map_or_else(|_| "the".to_owned(), |(n, _)| n.to_string());
+                        log::error!(
+                            "close: {dirty} dirty conversations could not be written back and stay in Redis: {e}"
+                        );
                     }
                 }
             }

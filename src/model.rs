@@ -257,6 +257,21 @@ pub struct Conversation {
     pub last_modified: Timestamp,
 }
 
+/// A fingerprint of a run of messages (role, content, time of each, in order), so a flush can tell
+/// whether the messages PostgreSQL already holds are still the first ones of the conversation.
+/// A mismatch (also between builds whose hasher differs) only costs a full rewrite.
+#[must_use]
+pub fn messages_fingerprint(messages: &[Message]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    for m in messages {
+        m.role.as_str().hash(&mut hasher);
+        m.content.hash(&mut hasher);
+        m.time.as_datetime().timestamp_micros().hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
 impl Conversation {
     /// The same conversation without its messages: what `list_conversations` returns.
     #[must_use]

@@ -11,8 +11,9 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::cache::redis::{split_member, CacheError, Cached, DirtyEntry, RedisCache, Settle};
+use crate::cache::redis::{split_member, CacheError, Cached, DirtyEntry, RedisCache, Settle, StoredPrefix};
 use crate::error::{Error, Result};
+use crate::model::messages_fingerprint;
 use crate::store::postgres::{FlushOutcome, PostgresStore, WriteBack};
 use crate::validate;
 
@@ -143,42 +144,51 @@ impl Flusher {
             return Ok(());
         }
         let entries = self.redis.fetch_dirty(&due, FLUSH_READ_TIMEOUT).map_err(CacheError::into_error)?;
-        let mut settle: Vec<(String, String, Settle)> = Vec::new();
-        let mut ready: Vec<(String, Cached)> = Vec::new();
+        let mut settle: Vec<SettleItem> = Vec::new();
+        let mut ready: Vec<(String, Cached, bool)> = Vec::new();
         for DirtyEntry { member, content } in entries {
             match content {
                 // Deleted (or never there): only the dirty-set entry is left to remove.
-                None => settle.push((member, String::new(), Settle::Drop)),
+                None => settle.push((member, String::new(), Settle::Drop, None)),
                 Some(Err(why)) => self.fail(&member, why, report),
                 Some(Ok(cached)) => match check(&member, &cached) {
-                    Ok(()) => ready.push((member, cached)),
+                    Ok(()) => ready.push((member, cached, false)),
                     Err(why) => self.fail(&member, why, report),
                 },
             }
         }
         // PostgreSQL cannot upsert one row twice in a statement: a second user with the same id
-        // goes into a later round.
+        // goes into a later round, as does a conversation to send again in full.
         while !ready.is_empty() {
             let mut ids = HashSet::new();
-            let (round, later): (Vec<_>, Vec<_>) =
-                ready.into_iter().partition(|(m, _)| ids.insert(split_member(m).map_or("", |(_, id)| id).to_owned()));
+            let (round, mut later): (Vec<_>, Vec<_>) = ready
+                .into_iter()
+                .partition(|(m, _, _)| ids.insert(split_member(m).map_or("", |(_, id)| id).to_owned()));
+            later.extend(self.write_round(round, &mut settle, report)?);
             ready = later;
-            self.write_round(&round, &mut settle, report)?;
         }
         self.redis.settle(&settle).map_err(CacheError::into_error)
     }
 
+    /// Writes one round; returns the conversations to send again in full.
     fn write_round(
         &self,
-        round: &[(String, Cached)],
-        settle: &mut Vec<(String, String, Settle)>,
+        round: Vec<(String, Cached, bool)>,
+        settle: &mut Vec<SettleItem>,
         report: &mut FlushReport,
-    ) -> Result<()> {
+    ) -> Result<Vec<(String, Cached, bool)>> {
         let writes: Vec<WriteBack<'_>> = round
             .iter()
-            .map(|(member, cached)| {
+            .map(|(member, cached, full)| {
                 let (user_id, conversation_id) = split_member(member).expect("checked members split");
-                WriteBack { conversation_id, user_id, conversation: &cached.conversation, version: version_of(cached) }
+                let extends = if *full { None } else { stored_prefix(cached) };
+                WriteBack {
+                    conversation_id,
+                    user_id,
+                    conversation: &cached.conversation,
+                    version: version_of(cached),
+                    extends,
+                }
             })
             .collect();
         let outcomes = match self.postgres.flush_batch(&writes) {
@@ -198,32 +208,44 @@ impl Flusher {
                 outcomes
             }
         };
-        for ((member, cached), outcome) in round.iter().zip(outcomes) {
-            let version = version_of(cached).to_string();
+        drop(writes);
+        let mut again = Vec::new();
+        for ((member, cached, full), outcome) in round.into_iter().zip(outcomes) {
+            let version = version_of(&cached);
             let stored = cached.version.map(|v| v.to_string()).unwrap_or_default();
+            // What PostgreSQL holds once this version is there: recorded so the next flush of
+            // this conversation sends only the messages added after these.
+            let holds = || {
+                Some(StoredPrefix {
+                    messages: cached.conversation.messages.len(),
+                    version,
+                    fingerprint: messages_fingerprint(&cached.conversation.messages),
+                })
+            };
             match outcome {
                 Ok(FlushOutcome::Written) => {
                     report.written += 1;
                     self.conversations_flushed.fetch_add(1, Ordering::Relaxed);
-                    self.succeeded(member);
-                    settle.push((member.clone(), stored, Settle::Clean));
+                    self.succeeded(&member);
+                    settle.push((member, stored, Settle::Clean, holds()));
                 }
                 Ok(FlushOutcome::Current) => {
-                    self.succeeded(member);
-                    settle.push((member.clone(), stored, Settle::Clean));
+                    self.succeeded(&member);
+                    settle.push((member, stored, Settle::Clean, holds()));
                 }
-                Ok(FlushOutcome::Stale | FlushOutcome::Deleted) => {
+                Ok(FlushOutcome::Rebase) if !full => again.push((member, cached, true)),
+                Ok(FlushOutcome::Stale | FlushOutcome::Deleted | FlushOutcome::Rebase) => {
                     report.dropped += 1;
-                    self.succeeded(member);
-                    settle.push((member.clone(), stored, Settle::Drop));
+                    self.succeeded(&member);
+                    settle.push((member, stored, Settle::Drop, None));
                 }
                 Ok(FlushOutcome::OtherOwner) => {
-                    self.fail(member, "the conversation id belongs to another user in PostgreSQL".to_owned(), report);
+                    self.fail(&member, "the conversation id belongs to another user in PostgreSQL".to_owned(), report);
                 }
-                Err(e) => self.fail(member, format!("PostgreSQL refused version {version}: {e}"), report),
+                Err(e) => self.fail(&member, format!("PostgreSQL refused version {version}: {e}"), report),
             }
         }
-        Ok(())
+        Ok(again)
     }
 
     fn succeeded(&self, member: &str) {
@@ -250,6 +272,18 @@ impl Flusher {
         );
         failure.error = error;
     }
+}
+
+/// A settle instruction: member, the version the flush read, what to do, what PostgreSQL holds.
+type SettleItem = (String, String, Settle, Option<StoredPrefix>);
+
+/// `Some((n, version))` when PostgreSQL is known to hold this conversation's first `n` messages
+/// (the fingerprint of the current first `n` still matches), so only the rest need sending.
+fn stored_prefix(cached: &Cached) -> Option<(usize, i64)> {
+    let p = cached.stored?;
+    let messages = &cached.conversation.messages;
+    (p.messages > 0 && p.messages <= messages.len() && messages_fingerprint(&messages[..p.messages]) == p.fingerprint)
+        .then_some((p.messages, p.version))
 }
 
 /// The version a flush writes: Redis's, or for a hash the Python seed wrote (no version), the

@@ -32,7 +32,10 @@ impl std::fmt::Display for Field<'_> {
 
 fn string(conversation_id: &str, field: Field<'_>, value: &Bound<'_, PyAny>) -> Result<String> {
     let text = value.cast::<PyString>().map_err(|_| {
-        Error::invalid_type(format!("conversation {conversation_id:?}: {field} must be a str, got {}", type_name(value)))
+        Error::invalid_type(format!(
+            "conversation {conversation_id:?}: {field} must be a str, got {}",
+            type_name(value)
+        ))
     })?;
     text.to_cow()
         .map(std::borrow::Cow::into_owned)
@@ -114,11 +117,8 @@ fn message(conversation_id: &str, index: usize, value: &Bound<'_, PyAny>) -> Res
             type_name(value)
         ))
     })?;
-    let role_text = string(
-        conversation_id,
-        field("role"),
-        &required(conversation_id, dict, intern!(py, "role"), field("role"))?,
-    )?;
+    let role_text =
+        string(conversation_id, field("role"), &required(conversation_id, dict, intern!(py, "role"), field("role"))?)?;
     let role = Role::parse(&role_text).ok_or_else(|| {
         Error::validation(format!(
             "conversation {conversation_id:?}: {} must be 'user' or 'assistant', got {role_text:?}",
@@ -143,8 +143,16 @@ pub(crate) fn conversation_from_py(conversation_id: &str, value: &Bound<'_, PyAn
             type_name(value)
         ))
     })?;
-    let title = string(conversation_id, Field::Top("title"), &required(conversation_id, dict, intern!(py, "title"), Field::Top("title"))?)?;
-    let model = string(conversation_id, Field::Top("model"), &required(conversation_id, dict, intern!(py, "model"), Field::Top("model"))?)?;
+    let title = string(
+        conversation_id,
+        Field::Top("title"),
+        &required(conversation_id, dict, intern!(py, "title"), Field::Top("title"))?,
+    )?;
+    let model = string(
+        conversation_id,
+        Field::Top("model"),
+        &required(conversation_id, dict, intern!(py, "model"), Field::Top("model"))?,
+    )?;
     let messages = match dict.get_item(intern!(py, "messages")).ok().flatten() {
         None => Vec::new(),
         Some(list) => {
@@ -161,10 +169,22 @@ pub(crate) fn conversation_from_py(conversation_id: &str, value: &Bound<'_, PyAn
             messages
         }
     };
-    let created_at = timestamp(conversation_id, Field::Top("created_at"), dict.get_item(intern!(py, "created_at")).ok().flatten())?;
-    let last_modified =
-        timestamp(conversation_id, Field::Top("last_modified"), dict.get_item(intern!(py, "last_modified")).ok().flatten())?;
+    let created_at =
+        timestamp(conversation_id, Field::Top("created_at"), dict.get_item(intern!(py, "created_at")).ok().flatten())?;
+    let last_modified = timestamp(
+        conversation_id,
+        Field::Top("last_modified"),
+        dict.get_item(intern!(py, "last_modified")).ok().flatten(),
+    )?;
     Ok(Conversation { title, model, messages, created_at, last_modified })
+}
+
+/// The role as an interned Python string: one object for every message, not one each.
+fn role_str(py: Python<'_>, role: Role) -> &Bound<'_, PyString> {
+    match role {
+        Role::User => intern!(py, "user"),
+        Role::Assistant => intern!(py, "assistant"),
+    }
 }
 
 /// A [`Conversation`] as the app's dict, keys in the app's order.
@@ -172,7 +192,7 @@ pub(crate) fn conversation_to_py<'py>(py: Python<'py>, conv: &Conversation) -> P
     let messages = PyList::empty(py);
     for m in &conv.messages {
         let item = PyDict::new(py);
-        item.set_item(intern!(py, "role"), m.role.as_str())?;
+        item.set_item(intern!(py, "role"), role_str(py, m.role))?;
         item.set_item(intern!(py, "content"), &m.content)?;
         item.set_item(intern!(py, "time"), m.time.to_string())?;
         messages.append(item)?;
@@ -192,7 +212,7 @@ pub(crate) fn cached_to_py<'py>(py: Python<'py>, conv: &CachedConversation) -> P
     let messages = PyList::empty(py);
     for m in conv.messages() {
         let item = PyDict::new(py);
-        item.set_item(intern!(py, "role"), m.role.as_str())?;
+        item.set_item(intern!(py, "role"), role_str(py, m.role))?;
         item.set_item(intern!(py, "content"), m.content)?;
         item.set_item(intern!(py, "time"), m.time)?;
         messages.append(item)?;

@@ -287,10 +287,18 @@ mod tests {
     fn write_matches_serde_json_byte_for_byte() {
         use crate::model::{Message, Role, Timestamp};
         let t = Timestamp::parse("2025-11-26T00:35:21.123456+00:00").unwrap();
-        let mut contents: Vec<String> = ["", "plain words", "exactly8", "quote\" and \\ back", "tab\tnew\nline\r", "ctl \u{1}\u{8}\u{c}\u{1f}\u{7f}", "Grüße 🎉 日本語 with \"quotes\" late in a long string"]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
+        let mut contents: Vec<String> = [
+            "",
+            "plain words",
+            "exactly8",
+            "quote\" and \\ back",
+            "tab\tnew\nline\r",
+            "ctl \u{1}\u{8}\u{c}\u{1f}\u{7f}",
+            "Grüße 🎉 日本語 with \"quotes\" late in a long string",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
         for n in 0..40 {
             // every position of an escape relative to the eight-byte words
             contents.push(format!("{}\"{}", "a".repeat(n), "é".repeat(n % 5)));
@@ -298,7 +306,11 @@ mod tests {
         let messages: Vec<Message> = contents
             .into_iter()
             .enumerate()
-            .map(|(i, content)| Message { role: if i % 2 == 0 { Role::User } else { Role::Assistant }, content, time: t })
+            .map(|(i, content)| Message {
+                role: if i % 2 == 0 { Role::User } else { Role::Assistant },
+                content,
+                time: t,
+            })
             .collect();
         assert_eq!(write(&messages), serde_json::to_string(&messages).unwrap());
         assert_eq!(write(&[]), "[]");

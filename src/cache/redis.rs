@@ -102,7 +102,7 @@ impl r2d2::ManageConnection for Connector {
         con.set_write_timeout(Some(self.timeout))?;
         // Scripts sent by EVALSHA inside pipelines are loaded up front (one round trip per new
         // connection); a NOSCRIPT later (SCRIPT FLUSH, a failover) loads them again.
-        load_scripts(&mut con, &[&REFRESH_TTL, &SAVE, &BACKFILL])?;
+        load_scripts(&mut con, &[&REFRESH_TTL, &SAVE, &BACKFILL, &SETTLE])?;
         Ok(RedisConnection { con, broken: false })
     }
 
@@ -133,6 +133,21 @@ pub struct Cached {
     pub dirty: bool,
     /// The write-back version (`None` for hashes written by the Python seed).
     pub version: Option<i64>,
+    /// What PostgreSQL is known to hold: (messages, version, fingerprint of those messages).
+    pub stored: Option<StoredPrefix>,
+}
+
+/// What a flush or a read from PostgreSQL established that PostgreSQL holds for a conversation:
+/// its first `messages` messages, at `version`, with this fingerprint. Kept in the hash (fields
+/// `pgn`, `pgv`, `pgh`) so the next flush can send only the messages added since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredPrefix {
+    /// How many messages PostgreSQL holds.
+    pub messages: usize,
+    /// At which version.
+    pub version: i64,
+    /// [`crate::model::messages_fingerprint`] of them.
+    pub fingerprint: u64,
 }
 
 /// One message of a [`CachedConversation`].
@@ -359,6 +374,10 @@ if created ~= ARGV[3] then
   redis.call('HSET', KEYS[9], 'created_at', created)
 end
 redis.call('HSET', KEYS[9], 'dirty', '1', 'ver', ver, 'meta', meta)
+local stored = redis.call('HMGET', KEYS[1], 'pgn', 'pgv', 'pgh')
+if stored[1] and stored[2] and stored[3] then
+  redis.call('HSET', KEYS[9], 'pgn', stored[1], 'pgv', stored[2], 'pgh', stored[3])
+end
 redis.call('RENAME', KEYS[9], KEYS[1])
 redis.call('PERSIST', KEYS[1])
 redis.call('SET', KEYS[6], ARGV[2])
@@ -485,7 +504,8 @@ return out
 });
 
 /// KEYS: conv, dirty set, user dirty, dirty since, owner, list, list meta. ARGV: member, id,
-/// version written, ttl, action ('clean' or 'drop'). Compare-and-clear: only when the hash still
+/// version written, ttl, action ('clean' or 'drop'), and what PostgreSQL now holds (messages,
+/// version, fingerprint; empty when unknown), recorded even when a newer save raced the flush. Compare-and-clear: only when the hash still
 /// holds the version the flush wrote does it become clean (or, when PostgreSQL had something newer,
 /// get dropped). A save that raced the flush changed the version, so it stays dirty.
 static SETTLE: LazyLock<Script> = LazyLock::new(|| {
@@ -493,6 +513,9 @@ static SETTLE: LazyLock<Script> = LazyLock::new(|| {
         r"
 local exists = redis.call('EXISTS', KEYS[1]) == 1
 local ver = redis.call('HGET', KEYS[1], 'ver') or ''
+if exists and ARGV[7] ~= '' and (tonumber(redis.call('HGET', KEYS[1], 'pgv') or '0') or 0) < tonumber(ARGV[7]) then
+  redis.call('HSET', KEYS[1], 'pgn', ARGV[6], 'pgv', ARGV[7], 'pgh', ARGV[8])
+end
 if exists and ver ~= ARGV[3] then return 0 end
 if exists and ARGV[5] == 'clean' then
   redis.call('HSET', KEYS[1], 'dirty', '0')
@@ -584,6 +607,13 @@ fn parse_hash(fields: &[(Vec<u8>, Vec<u8>)]) -> Option<Cached> {
         },
         dirty: text("dirty") == Some("1"),
         version: text("ver").and_then(|v| v.parse().ok()),
+        stored: (|| {
+            Some(StoredPrefix {
+                messages: text("pgn")?.parse().ok()?,
+                version: text("pgv")?.parse().ok()?,
+                fingerprint: text("pgh")?.parse().ok()?,
+            })
+        })(),
     })
 }
 
@@ -846,12 +876,20 @@ impl RedisCache {
             .arg(&meta)
             .arg("score")
             .arg(conv.last_modified.unix_seconds())
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&staged)
-            .arg(STAGED_TTL_SECONDS)
-            .ignore()
-            .add_command(script);
+            .ignore();
+        if let Some(version) = version {
+            // PostgreSQL holds exactly these messages at this version.
+            pipe.cmd("HSET")
+                .arg(&staged)
+                .arg("pgn")
+                .arg(conv.messages.len())
+                .arg("pgv")
+                .arg(version)
+                .arg("pgh")
+                .arg(crate::model::messages_fingerprint(&conv.messages).to_string())
+                .ignore();
+        }
+        pipe.cmd("EXPIRE").arg(&staged).arg(STAGED_TTL_SECONDS).ignore().add_command(script);
         let _: (i64,) = self.run(|con| query_loading(con, &pipe, &[&BACKFILL]))?;
         Ok(())
     }
@@ -954,8 +992,7 @@ impl RedisCache {
                 cmd.arg(member(user_id, conversation_id)).arg(conversation_id).arg(*version);
                 pipe.add_command(cmd).ignore();
             }
-            load_scripts(con, &[&INVALIDATE])?;
-            pipe.query::<()>(con)
+            query_loading::<()>(con, &pipe, &[&INVALIDATE])
         })
     }
 
@@ -997,15 +1034,16 @@ impl RedisCache {
             .collect())
     }
 
-    /// Compare-and-clear for a batch of flushed conversations: (member, version written, action).
-    pub fn settle(&self, items: &[(String, String, Settle)]) -> CacheResult<()> {
+    /// Compare-and-clear for a batch of flushed conversations: (member, version written, action,
+    /// what PostgreSQL now holds).
+    pub fn settle(&self, items: &[(String, String, Settle, Option<StoredPrefix>)]) -> CacheResult<()> {
         if items.is_empty() {
             return Ok(());
         }
         let ttl = self.ttl();
         self.run(|con| {
             let mut pipe = redis::pipe();
-            for (member, version, action) in items {
+            for (member, version, action, stored) in items {
                 let (user_id, conversation_id) = split_member(member).unwrap_or(("", member.as_str()));
                 let mut cmd = evalsha(
                     &SETTLE,
@@ -1024,10 +1062,13 @@ impl RedisCache {
                     Settle::Drop => "drop",
                 };
                 cmd.arg(member).arg(conversation_id).arg(version).arg(ttl).arg(action);
+                match stored {
+                    Some(p) => cmd.arg(p.messages).arg(p.version).arg(p.fingerprint.to_string()),
+                    None => cmd.arg("").arg("").arg(""),
+                };
                 pipe.add_command(cmd).ignore();
             }
-            load_scripts(con, &[&SETTLE])?;
-            pipe.query::<()>(con)
+            query_loading::<()>(con, &pipe, &[&SETTLE])
         })
     }
 
@@ -1035,7 +1076,7 @@ impl RedisCache {
     pub fn clear_dirty(&self, user_id: &str, conversation_id: &str) -> CacheResult<()> {
         let key = conv_key(user_id, conversation_id);
         let version: Option<String> = self.run(|con| redis::cmd("HGET").arg(&key).arg("ver").query(con))?;
-        self.settle(&[(member(user_id, conversation_id), version.unwrap_or_default(), Settle::Clean)])
+        self.settle(&[(member(user_id, conversation_id), version.unwrap_or_default(), Settle::Clean, None)])
     }
 
     /// `SCARD dirty:convs` and the oldest entry of `dirty:since` (Unix seconds), in one round trip.

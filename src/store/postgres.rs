@@ -52,7 +52,11 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    fn statement(&mut self, sql: &'static str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<postgres::Statement, postgres::Error> {
+    fn statement(
+        &mut self,
+        sql: &'static str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<postgres::Statement, postgres::Error> {
         let key = sql.as_ptr() as usize;
         if let Some(statement) = self.statements.get(&key) {
             return Ok(statement.clone());
@@ -63,7 +67,11 @@ impl Connection {
         Ok(statement)
     }
 
-    fn query(&mut self, sql: &'static str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Vec<postgres::Row>, postgres::Error> {
+    fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<postgres::Row>, postgres::Error> {
         let statement = self.statement(sql, params)?;
         let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
         self.client.query(&statement, &values)
@@ -191,13 +199,18 @@ fn flush_sql() -> String {
     format!(
         "
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::int8[], $8::int4[])
-        AS i(id, user_id, title, model, created_at, last_modified, version, n)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
+                         $7::int8[], $8::int4[], $9::int8[], $10::int4[])
+        AS i(id, user_id, title, model, created_at, last_modified, version, n, base, first)
 ), allowed AS (
+    -- Not deleted since this version; and when only new messages were sent (first > 0), only if
+    -- PostgreSQL still holds the version they extend.
     SELECT i.* FROM input i
     WHERE NOT EXISTS (
         SELECT 1 FROM conversation_tombstones t
         WHERE t.conversation_id = i.id AND t.user_client_id = i.user_id AND t.deleted_version >= i.version)
+    AND (i.first = 0 OR EXISTS (
+        SELECT 1 FROM conversations c WHERE c.conversation_id = i.id AND c.cache_version = i.base))
 ), conv AS (
     INSERT INTO conversations AS c (conversation_id, user_client_id, title, model, created_at, last_modified, cache_version)
     SELECT id, user_id, title, model, created_at, last_modified, version FROM allowed
@@ -219,7 +232,7 @@ WITH input AS (
     ))
 ), written AS (
     {WRITE_MESSAGES}
-    FROM unnest($9::text[], $10::int4[], $11::text[], $12::text[], $13::timestamptz[]) AS new(id, seq, role, content, ts)
+    FROM unnest($11::text[], $12::int4[], $13::text[], $14::text[], $15::timestamptz[]) AS new(id, seq, role, content, ts)
     JOIN conv ON conv.conversation_id = new.id
     {UPSERT_MESSAGES}
 )
@@ -227,8 +240,13 @@ SELECT i.id,
     CASE
         WHEN EXISTS (SELECT 1 FROM conv WHERE conv.conversation_id = i.id) THEN 'written'
         WHEN c.conversation_id IS NOT NULL AND c.user_client_id <> i.user_id THEN 'owner'
-        WHEN NOT EXISTS (SELECT 1 FROM allowed a WHERE a.id = i.id) THEN 'deleted'
+        WHEN EXISTS (
+            SELECT 1 FROM conversation_tombstones t
+            WHERE t.conversation_id = i.id AND t.user_client_id = i.user_id AND t.deleted_version >= i.version)
+            THEN 'deleted'
         WHEN c.cache_version = i.version THEN 'current'
+        WHEN c.cache_version > i.version THEN 'stale'
+        WHEN i.first > 0 THEN 'rebase'
         ELSE 'stale'
     END
 FROM input i
@@ -394,8 +412,7 @@ impl PostgresStore {
 
     /// [`PostgresStore::get`] with the row's write-back version (`None` for rows written by Phase 1).
     pub fn get_versioned(&self, conversation_id: &str, user_id: &str) -> Result<Option<(Conversation, Option<i64>)>> {
-        let rows = self
-            .run(|conn| conn.query(GET, &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR)]))?;
+        let rows = self.run(|conn| conn.query(GET, &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR)]))?;
         let Some(first) = rows.first() else {
             return Ok(None);
         };
@@ -516,9 +533,11 @@ impl PostgresStore {
         let modified: Vec<DateTime<Utc>> = batch.iter().map(|w| w.conversation.last_modified.as_datetime()).collect();
         let versions: Vec<i64> = batch.iter().map(|w| w.version).collect();
         let counts = batch.iter().map(|w| message_count(w.conversation)).collect::<Result<Vec<i32>>>()?;
-        let conversations: Vec<&Conversation> = batch.iter().map(|w| w.conversation).collect();
-        let columns = MessageColumns::new(&conversations, |i| batch[i].conversation_id);
-        let params: [(&(dyn ToSql + Sync), Type); 13] = [
+        let bases: Vec<Option<i64>> = batch.iter().map(|w| w.extends.map(|(_, version)| version)).collect();
+        let firsts: Vec<i32> =
+            batch.iter().map(|w| w.extends.map_or(0, |(n, _)| i32::try_from(n).unwrap_or(i32::MAX))).collect();
+        let columns = MessageColumns::tails(batch);
+        let params: [(&(dyn ToSql + Sync), Type); 15] = [
             (&ids, Type::TEXT_ARRAY),
             (&users, Type::TEXT_ARRAY),
             (&titles, Type::TEXT_ARRAY),
@@ -527,6 +546,8 @@ impl PostgresStore {
             (&modified, Type::TIMESTAMPTZ_ARRAY),
             (&versions, Type::INT8_ARRAY),
             (&counts, Type::INT4_ARRAY),
+            (&bases, Type::INT8_ARRAY),
+            (&firsts, Type::INT4_ARRAY),
             (&columns.id, Type::TEXT_ARRAY),
             (&columns.sequence, Type::INT4_ARRAY),
             (&columns.role, Type::TEXT_ARRAY),
@@ -542,6 +563,7 @@ impl PostgresStore {
                 "current" => FlushOutcome::Current,
                 "owner" => FlushOutcome::OtherOwner,
                 "deleted" => FlushOutcome::Deleted,
+                "rebase" => FlushOutcome::Rebase,
                 _ => FlushOutcome::Stale,
             };
             if let Some(i) = ids.iter().position(|candidate| *candidate == id) {
@@ -563,6 +585,9 @@ pub struct WriteBack<'a> {
     pub conversation: &'a Conversation,
     /// Redis's version of this content; PostgreSQL keeps the newest.
     pub version: i64,
+    /// `Some((n, version))`: PostgreSQL holds the first `n` messages at `version`, so only the
+    /// messages after them are sent (written only if PostgreSQL is still at that version).
+    pub extends: Option<(usize, i64)>,
 }
 
 /// What a write-back did to one conversation.
@@ -578,6 +603,9 @@ pub enum FlushOutcome {
     Deleted,
     /// The id belongs to another user in PostgreSQL.
     OtherOwner,
+    /// Only new messages were sent, but PostgreSQL no longer holds the version they extend:
+    /// send the whole conversation.
+    Rebase,
 }
 
 fn message_count(conv: &Conversation) -> Result<i32> {
@@ -594,6 +622,28 @@ struct MessageColumns<'a> {
 }
 
 impl<'a> MessageColumns<'a> {
+    /// The messages a batch of write-backs sends: each one's messages after those PostgreSQL holds.
+    fn tails(batch: &[WriteBack<'a>]) -> Self {
+        let mut columns = MessageColumns {
+            id: Vec::new(),
+            sequence: Vec::new(),
+            role: Vec::new(),
+            content: Vec::new(),
+            time: Vec::new(),
+        };
+        for w in batch {
+            let first = w.extends.map_or(0, |(n, _)| n);
+            for (seq, message) in (0..).zip(&w.conversation.messages).skip(first) {
+                columns.id.push(w.conversation_id);
+                columns.sequence.push(seq);
+                columns.role.push(message.role.as_str());
+                columns.content.push(&message.content);
+                columns.time.push(message.time.as_datetime());
+            }
+        }
+        columns
+    }
+
     fn new(conversations: &[&'a Conversation], id_of: impl Fn(usize) -> &'a str) -> Self {
         let n = conversations.iter().map(|c| c.messages.len()).sum();
         let mut columns = MessageColumns {
