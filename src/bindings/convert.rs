@@ -209,14 +209,27 @@ pub(crate) fn conversation_to_py<'py>(py: Python<'py>, conv: &Conversation) -> P
 /// A conversation read from Redis as the app's dict, its strings going to Python straight from
 /// the JSON Redis returned.
 pub(crate) fn cached_to_py<'py>(py: Python<'py>, conv: &CachedConversation) -> PyResult<Bound<'py, PyDict>> {
-    let messages = PyList::empty(py);
+    // Each message dict is a copy of a template with its keys already in place: copying a small
+    // dict reuses its key table, where building one inserts (and may resize) key by key.
+    let template = |role| -> PyResult<Bound<'py, PyDict>> {
+        let t = PyDict::new(py);
+        t.set_item(intern!(py, "role"), role_str(py, role))?;
+        t.set_item(intern!(py, "content"), intern!(py, ""))?;
+        t.set_item(intern!(py, "time"), intern!(py, ""))?;
+        Ok(t)
+    };
+    let (user, assistant) = (template(Role::User)?, template(Role::Assistant)?);
+    let mut items = Vec::with_capacity(conv.messages().len());
     for m in conv.messages() {
-        let item = PyDict::new(py);
-        item.set_item(intern!(py, "role"), role_str(py, m.role))?;
+        let item = match m.role {
+            Role::User => user.copy()?,
+            Role::Assistant => assistant.copy()?,
+        };
         item.set_item(intern!(py, "content"), m.content)?;
         item.set_item(intern!(py, "time"), m.time)?;
-        messages.append(item)?;
+        items.push(item);
     }
+    let messages = PyList::new(py, items)?;
     let dict = PyDict::new(py);
     dict.set_item(intern!(py, "title"), &conv.title)?;
     dict.set_item(intern!(py, "model"), &conv.model)?;
