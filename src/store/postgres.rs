@@ -209,8 +209,9 @@ WITH input AS (
     WHERE NOT EXISTS (
         SELECT 1 FROM conversation_tombstones t
         WHERE t.conversation_id = i.id AND t.user_client_id = i.user_id AND t.deleted_version >= i.version)
-    AND (i.first = 0 OR EXISTS (
-        SELECT 1 FROM conversations c WHERE c.conversation_id = i.id AND c.cache_version = i.base))
+    -- A scalar subquery, so each row is one primary-key lookup; as EXISTS the planner turned it
+    -- into a scan of the whole table per batch.
+    AND (i.first = 0 OR (SELECT c.cache_version FROM conversations c WHERE c.conversation_id = i.id) = i.base)
 ), conv AS (
     INSERT INTO conversations AS c (conversation_id, user_client_id, title, model, created_at, last_modified, cache_version)
     SELECT id, user_id, title, model, created_at, last_modified, version FROM allowed
@@ -251,7 +252,8 @@ SELECT i.id,
     END
 FROM input i
 LEFT JOIN LATERAL (
-    SELECT conversation_id, user_client_id, cache_version FROM conversations WHERE conversation_id = i.id
+    -- LIMIT keeps the planner from flattening this into a hash join over the whole table.
+    SELECT conversation_id, user_client_id, cache_version FROM conversations WHERE conversation_id = i.id LIMIT 1
 ) AS c ON true"
     )
 }
