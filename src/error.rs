@@ -76,7 +76,9 @@ impl Error {
         Self::new(ErrorKind::Validation, message)
     }
 
-    pub(crate) fn invalid_type(message: impl Into<String>) -> Self {
+    /// A value of the wrong type (the binding layer's type checks).
+    #[must_use]
+    pub fn invalid_type(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidType, message)
     }
 

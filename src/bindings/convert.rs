@@ -179,6 +179,24 @@ pub(crate) fn conversation_from_py(conversation_id: &str, value: &Bound<'_, PyAn
     Ok(Conversation { title, model, messages, created_at, last_modified })
 }
 
+/// The app's conversation dict around an already built messages list, keys in the app's order.
+fn conversation_dict<'py>(
+    py: Python<'py>,
+    title: &str,
+    model: &str,
+    messages: Bound<'py, PyList>,
+    created_at: Timestamp,
+    last_modified: Timestamp,
+) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item(intern!(py, "title"), title)?;
+    dict.set_item(intern!(py, "model"), model)?;
+    dict.set_item(intern!(py, "messages"), messages)?;
+    dict.set_item(intern!(py, "created_at"), created_at.to_string())?;
+    dict.set_item(intern!(py, "last_modified"), last_modified.to_string())?;
+    Ok(dict)
+}
+
 /// The role as an interned Python string: one object for every message, not one each.
 fn role_str(py: Python<'_>, role: Role) -> &Bound<'_, PyString> {
     match role {
@@ -197,13 +215,7 @@ pub(crate) fn conversation_to_py<'py>(py: Python<'py>, conv: &Conversation) -> P
         item.set_item(intern!(py, "time"), m.time.to_string())?;
         messages.append(item)?;
     }
-    let dict = PyDict::new(py);
-    dict.set_item(intern!(py, "title"), &conv.title)?;
-    dict.set_item(intern!(py, "model"), &conv.model)?;
-    dict.set_item(intern!(py, "messages"), messages)?;
-    dict.set_item(intern!(py, "created_at"), conv.created_at.to_string())?;
-    dict.set_item(intern!(py, "last_modified"), conv.last_modified.to_string())?;
-    Ok(dict)
+    conversation_dict(py, &conv.title, &conv.model, messages, conv.created_at, conv.last_modified)
 }
 
 /// A conversation read from Redis as the app's dict, its strings going to Python straight from
@@ -230,13 +242,7 @@ pub(crate) fn cached_to_py<'py>(py: Python<'py>, conv: &CachedConversation) -> P
         items.push(item);
     }
     let messages = PyList::new(py, items)?;
-    let dict = PyDict::new(py);
-    dict.set_item(intern!(py, "title"), &conv.title)?;
-    dict.set_item(intern!(py, "model"), &conv.model)?;
-    dict.set_item(intern!(py, "messages"), messages)?;
-    dict.set_item(intern!(py, "created_at"), conv.created_at.to_string())?;
-    dict.set_item(intern!(py, "last_modified"), conv.last_modified.to_string())?;
-    Ok(dict)
+    conversation_dict(py, &conv.title, &conv.model, messages, conv.created_at, conv.last_modified)
 }
 
 /// Either kind of read result as the app's dict.

@@ -226,7 +226,9 @@ fn escape_into(out: &mut String, text: &str) {
         };
         // Only ASCII bytes are escaped, so `start..i` always ends on a character boundary.
         out.push_str(&text[start..i]);
-        if let Some(e) = escape { out.push_str(e) } else {
+        if let Some(e) = escape {
+            out.push_str(e)
+        } else {
             const HEX: &[u8; 16] = b"0123456789abcdef";
             out.push_str("\\u00");
             out.push(char::from(HEX[usize::from(b >> 4)]));

@@ -773,7 +773,6 @@ impl RedisCache {
         conv: &Conversation,
         claim: bool,
     ) -> CacheResult<(SaveOutcome, Option<String>)> {
-        let messages = messages_json::write(&conv.messages);
         let meta = ListEntry::to_json(conv);
         let conv_key = conv_key(user_id, conversation_id);
         let staged = staged_key(&conv_key);
@@ -789,7 +788,6 @@ impl RedisCache {
             &staged,
         ];
         let (created_at, last_modified) = (conv.created_at.to_string(), conv.last_modified.to_string());
-        let score = conv.last_modified.unix_seconds();
         let member = member(user_id, conversation_id);
         let mut script = evalsha(&SAVE, &keys);
         script
@@ -800,28 +798,9 @@ impl RedisCache {
             .arg(if claim { "1" } else { "0" })
             .arg(conversation_id);
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HSET")
-            .arg(&staged)
-            .arg("title")
-            .arg(&conv.title)
-            .arg("model")
-            .arg(&conv.model)
-            .arg("messages")
-            .arg(&messages)
-            .arg("created_at")
-            .arg(&created_at)
-            .arg("last_modified")
-            .arg(&last_modified)
-            .arg("score")
-            .arg(score)
-            .ignore()
-            // Should the script be missing (NOSCRIPT), the staged hash must not linger.
-            .cmd("EXPIRE")
-            .arg(&staged)
-            .arg(STAGED_TTL_SECONDS)
-            .ignore()
-            .add_command(script);
+        pipe.atomic();
+        stage(&mut pipe, &staged, conv, &created_at, &last_modified);
+        pipe.add_command(script);
         let (reply,): (Vec<Value>,) = self.run(|con| query_loading(con, &pipe, &[&SAVE]))?;
         let status = reply.first().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(-2);
         Ok(match status {
@@ -847,35 +826,22 @@ impl RedisCache {
         conv: &Conversation,
         version: Option<i64>,
     ) -> CacheResult<()> {
-        let messages = messages_json::write(&conv.messages);
-        let meta = ListEntry::to_json(conv);
         let conv_key = conv_key(user_id, conversation_id);
         let staged = staged_key(&conv_key);
         let (owner, deleted) = (owner_key(conversation_id), deleted_key(user_id, conversation_id));
         let mut script = evalsha(&BACKFILL, &[&conv_key, &owner, &deleted, &staged]);
         script.arg(user_id).arg(self.ttl());
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HSET")
+        pipe.atomic();
+        stage(&mut pipe, &staged, conv, &conv.created_at.to_string(), &conv.last_modified.to_string());
+        pipe.cmd("HSET")
             .arg(&staged)
-            .arg("title")
-            .arg(&conv.title)
-            .arg("model")
-            .arg(&conv.model)
-            .arg("messages")
-            .arg(&messages)
-            .arg("created_at")
-            .arg(conv.created_at.to_string())
-            .arg("last_modified")
-            .arg(conv.last_modified.to_string())
             .arg("dirty")
             .arg("0")
             .arg("ver")
             .arg(version.unwrap_or(0))
             .arg("meta")
-            .arg(&meta)
-            .arg("score")
-            .arg(conv.last_modified.unix_seconds())
+            .arg(ListEntry::to_json(conv))
             .ignore();
         if let Some(version) = version {
             // PostgreSQL holds exactly these messages at this version.
@@ -889,7 +855,7 @@ impl RedisCache {
                 .arg(crate::model::messages_fingerprint(&conv.messages).to_string())
                 .ignore();
         }
-        pipe.cmd("EXPIRE").arg(&staged).arg(STAGED_TTL_SECONDS).ignore().add_command(script);
+        pipe.add_command(script);
         let _: (i64,) = self.run(|con| query_loading(con, &pipe, &[&BACKFILL]))?;
         Ok(())
     }
@@ -1124,6 +1090,31 @@ fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
         cmd.arg(*key);
     }
     cmd
+}
+
+/// Stages a conversation's fields in `staged` (with a TTL, so a save whose script never ran, say on
+/// NOSCRIPT, leaves nothing behind); the script that follows in the same MULTI/EXEC renames it
+/// into place.
+fn stage(pipe: &mut redis::Pipeline, staged: &str, conv: &Conversation, created_at: &str, last_modified: &str) {
+    pipe.cmd("HSET")
+        .arg(staged)
+        .arg("title")
+        .arg(&conv.title)
+        .arg("model")
+        .arg(&conv.model)
+        .arg("messages")
+        .arg(messages_json::write(&conv.messages))
+        .arg("created_at")
+        .arg(created_at)
+        .arg("last_modified")
+        .arg(last_modified)
+        .arg("score")
+        .arg(conv.last_modified.unix_seconds())
+        .ignore()
+        .cmd("EXPIRE")
+        .arg(staged)
+        .arg(STAGED_TTL_SECONDS)
+        .ignore();
 }
 
 /// Runs a pipeline that uses EVALSHA, loading the scripts and running it again on NOSCRIPT (the
