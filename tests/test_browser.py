@@ -2,8 +2,8 @@
 
 Chromium and chromedriver are Debian's (`chromium`, `chromium-driver`), driven through selenium; the
 session fixture installs them with apt-get when they are missing and we are root, and skips
-otherwise. Nothing here downloads a browser of its own. The test leaves a screenshot of the app in
-docs/screenshots/chat.png.
+otherwise. Nothing here downloads a browser of its own. The test takes a screenshot of the app; with
+CHR_UPDATE_SCREENSHOT=1 it replaces docs/screenshots/chat.png (a test run leaves the tree clean).
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def wait_until(condition, timeout: float = 20, what: str = "condition"):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def test_chat_in_a_real_browser_survives_a_reload(streamlit_app, browser, rdb, pg_conn, user_id):  # noqa: F811
+def test_chat_in_a_real_browser_survives_a_reload(streamlit_app, browser, rdb, pg_conn, user_id, tmp_path):  # noqa: F811
     browser.get(streamlit_app.url)
     wait_for_text(browser, "Signed in as Ada Lovelace", "New chat")
 
@@ -202,8 +202,10 @@ def test_chat_in_a_real_browser_survives_a_reload(streamlit_app, browser, rdb, p
 
     send(browser, "And a third day?")
     wait_for_text(browser, "[gpt-4o stub, turn 2] You said: And a third day?")
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    assert browser.save_screenshot(str(SCREENSHOT))
+    shot = SCREENSHOT if os.environ.get("CHR_UPDATE_SCREENSHOT") == "1" else tmp_path / "chat.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000, "the screenshot is not a blank page"
 
     # Stopping the app writes back what is still dirty (session shutdown, then the exit hook).
     assert streamlit_app.stop() == 0, streamlit_app.output()
