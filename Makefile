@@ -44,9 +44,11 @@ bench: servers dev ## Benchmarks beside the seed's Python design, then the scale
 	$(PY) benches/run.py --scale $(BENCH_ARGS)
 
 .PHONY: lint
-lint: venv ## rustfmt, clippy (pedantic)
+lint: venv ## rustfmt, clippy (pedantic), ruff
 	cargo fmt --check
 	cargo clippy --all-targets --features python -- -D warnings
+	$(PIP) install --quiet "ruff==0.15.*"
+	$(VENV)/bin/ruff check .
 
 .PHONY: clean
 clean: ## Remove build outputs and the venv

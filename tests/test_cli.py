@@ -266,7 +266,8 @@ def test_init_db_in_process_is_idempotent_and_keeps_rows(pg_url, pg_conn, clean_
     assert main(["init-db", "--database-url", pg_url]) == 0
     with pg_conn.cursor() as cur:
         cur.execute(
-            "INSERT INTO conversations (conversation_id, user_client_id, title, model) VALUES ('keepme01', 'u', 't', 'm')"
+            "INSERT INTO conversations (conversation_id, user_client_id, title, model)"
+            " VALUES ('keepme01', 'u', 't', 'm')"
         )
     assert main(["--database-url", pg_url, "init-db"]) == 0  # the option before the command works too
     assert pg_conversation_ids(pg_conn) == {"keepme01"}

@@ -129,7 +129,7 @@ def test_delete_flush_race_never_resurrects(make_redis_manager, rdb, pg_conn, us
             app.save_conversation(cid, grown(conversation, 1), user_id=user_id)
         barrier = threading.Barrier(2)
 
-        def flush() -> None:
+        def flush(barrier: threading.Barrier = barrier) -> None:
             try:
                 barrier.wait()
                 time.sleep(rng.random() * 0.002)
@@ -206,7 +206,7 @@ def test_two_flusher_processes_keep_the_newest_version(make_redis_manager, rdb, 
     finally:
         stop.touch()
         outputs = [proc.communicate(timeout=60) for proc in procs]
-    for proc, (out, err) in zip(procs, outputs):
+    for proc, (_out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err
         assert "Traceback" not in err, err
     written = [int(out.split()[-1]) for out, _ in outputs]
@@ -721,7 +721,7 @@ def test_redis_restart_manager_keeps_working(make_redis_server, make_redis_manag
     flushed = make_conversation(2, title="flushed")
     manager.save_conversation("1e000001", flushed, user_id=user_id)
     manager.flush_dirty_conversations()
-    for n in range(5):  # warm the pool: several connections that the restart will break
+    for _ in range(5):  # warm the pool: several connections that the restart will break
         assert manager.get_conversation("1e000001", user_id=user_id) == flushed
 
     server.restart()  # --save '': everything in Redis is gone

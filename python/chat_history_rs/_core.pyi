@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime
 from types import TracebackType
 from typing import Any, Dict, List, Literal, Optional, Tuple, Type, TypedDict, Union
 
@@ -31,8 +30,8 @@ class ChatHistoryManager:
 
     Keyword arguments win over environment variables: ``connection_string`` over ``DATABASE_URL``,
     ``redis_enabled`` over ``REDIS_ENABLED``, ``redis_connection_string`` over
-    ``REDIS_CONNECTION_STRING``; the README's configuration table lists them all. One manager may be shared between threads; every
-    network or disk call releases the GIL.
+    ``REDIS_CONNECTION_STRING``; the README's configuration table lists them all. One manager may
+    be shared between threads; every network or disk call releases the GIL.
 
     Raises ``ConfigurationError`` (a ``ValueError``) for an unknown mode or a missing connection
     string, and ``UnavailableError`` (a ``ConnectionError``) when PostgreSQL cannot be reached.

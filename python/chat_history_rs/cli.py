@@ -320,8 +320,8 @@ def format_human(stats: dict[str, Any], postgres: str) -> str:
                 else ""
             ),
             (
-                f"  flushes                  {stats.get('flushes')} ({stats.get('conversations_flushed')} conversations,"
-                f" {stats.get('flush_failures')} failures)"
+                f"  flushes                  {stats.get('flushes')}"
+                f" ({stats.get('conversations_flushed')} conversations, {stats.get('flush_failures')} failures)"
             ),
             f"  stuck conversations      {len(stats.get('stuck_conversations') or [])}",
             f"  PostgreSQL fallbacks     {stats.get('postgres_fallbacks')}",

@@ -227,7 +227,7 @@ fn escape_into(out: &mut String, text: &str) {
         // Only ASCII bytes are escaped, so `start..i` always ends on a character boundary.
         out.push_str(&text[start..i]);
         if let Some(e) = escape {
-            out.push_str(e)
+            out.push_str(e);
         } else {
             const HEX: &[u8; 16] = b"0123456789abcdef";
             out.push_str("\\u00");
