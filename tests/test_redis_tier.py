@@ -18,6 +18,7 @@ import pytest
 pytest.register_assert_rewrite("redis_support")
 
 from chat_history_rs import ChatHistoryError, InvalidTypeError, OwnershipError, ValidationError  # noqa: E402
+from leaks import assert_no_secret, exception_texts, log_texts  # noqa: E402
 from redis_support import (  # noqa: E402, F401 - fixtures are used by name
     DIRTY_SET,
     assert_cached,
@@ -826,29 +827,6 @@ REDIS_PLAIN_PASSWORD = "RdxPlainSecretKey42"
 WRONG_REDIS_PASSWORD = "Wrong-redis:key@99/pw+="
 
 
-def _secret_forms(secret: str) -> list[str]:
-    return [secret, quote(secret, safe=""), quote(secret)]
-
-
-def _assert_no_secret(text: str, secret: str, where: str) -> None:
-    for form in _secret_forms(secret):
-        assert form not in text, f"the password appears in {where}: {text!r}"
-
-
-def _exception_texts(exc: BaseException) -> str:
-    texts = []
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        texts += [str(exc), repr(exc), repr(exc.args)]
-        exc = exc.__cause__ or exc.__context__
-    return "\n".join(texts)
-
-
-def _log_texts(caplog) -> str:
-    return "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
-
-
 def test_wrong_redis_password_names_redis_and_hides_the_password(
     make_redis_server, make_manager, pg_url, caplog, capfd, user_id, conv_id
 ):  # fmt: skip
@@ -864,7 +842,7 @@ def test_wrong_redis_password_names_redis_and_hides_the_password(
     except ChatHistoryError as exc:
         # Refusing to start with a wrong password is the clearest report.
         assert "Redis" in str(exc), str(exc)
-        texts.append(_exception_texts(exc))
+        texts.append("\n".join(exception_texts(exc).values()))
     else:
         # Or it runs on PostgreSQL alone (Redis unavailable), and says so in the log and stats().
         texts += [repr(manager), str(manager)]
@@ -873,7 +851,7 @@ def test_wrong_redis_password_names_redis_and_hides_the_password(
             manager.save_conversation(conv_id, conversation, user_id=user_id)
         except ChatHistoryError as exc:
             assert "Redis" in str(exc), str(exc)
-            texts.append(_exception_texts(exc))
+            texts.append("\n".join(exception_texts(exc).values()))
         else:
             assert manager.get_conversation(conv_id, user_id=user_id) == conversation
             stats = manager.stats()
@@ -882,8 +860,8 @@ def test_wrong_redis_password_names_redis_and_hides_the_password(
             assert any("redis" in r.getMessage().lower() for r in caplog.records), "the Redis failure is not logged"
         manager.close()
     out, err = capfd.readouterr()
-    texts += [out, err, _log_texts(caplog)]
-    _assert_no_secret("\n".join(texts), WRONG_REDIS_PASSWORD, "errors, repr, stats or logs")
+    texts += [out, err, log_texts(caplog)]
+    assert_no_secret("\n".join(texts), WRONG_REDIS_PASSWORD, "errors, repr, stats or logs")
 
 
 @pytest.mark.parametrize("password", [REDIS_PLAIN_PASSWORD, REDIS_PASSWORD], ids=["plain", "percent-encoded"])
@@ -909,8 +887,8 @@ def test_correct_redis_password_works_and_never_shows(
     texts = [repr(manager), str(manager), repr(stats), repr(manager.stats()), repr(manager.redis_backend)]
     manager.close()
     out, err = capfd.readouterr()
-    texts += [repr(manager), out, err, _log_texts(caplog)]
-    _assert_no_secret("\n".join(texts), password, "repr, stats or logs")
+    texts += [repr(manager), out, err, log_texts(caplog)]
+    assert_no_secret("\n".join(texts), password, "repr, stats or logs")
 
 
 # --------------------------------------------------------------------------------------------------

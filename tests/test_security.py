@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import re
 import time
-import traceback
 from urllib.parse import quote
 
 import pytest
 
 from chat_history_rs import ChatHistoryError, OwnershipError, UnavailableError
+from leaks import assert_no_secret, deep_text, exception_texts, log_texts
 from servers import assert_row_matches, closed_port, fetch_conversation_row, fetch_message_rows
 
 WRONG_PASSWORD = "s3cr3t-DO-NOT-LEAK"
@@ -141,41 +141,6 @@ def test_sql_looking_text_in_local_mode(local_manager, sample_conversation):
 # --------------------------------------------------------------------------------------------------
 
 
-def _forms(secret: str) -> list[str]:
-    return sorted({secret, quote(secret, safe=""), quote(secret)})
-
-
-def _assert_no_secret(text: str, secret: str, where: str) -> None:
-    for form in _forms(secret):
-        assert form not in text, f"password leaked in {where}: {text!r}"
-
-
-def _exception_texts(exc: BaseException) -> dict[str, str]:
-    texts = {
-        "str": str(exc),
-        "repr": repr(exc),
-        "args": repr(exc.args),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-        "attributes": repr(getattr(exc, "__dict__", {})),
-    }
-    cause = exc.__cause__ or exc.__context__
-    while cause is not None:
-        texts[f"cause {type(cause).__name__}"] = f"{cause!s} {cause!r}"
-        cause = cause.__cause__ or cause.__context__
-    return texts
-
-
-def _log_texts(caplog) -> str:
-    parts = []
-    for record in caplog.records:
-        parts.append(record.getMessage())
-        parts.append(repr(record.args))
-        if record.exc_info:
-            parts.append("".join(traceback.format_exception(*record.exc_info)))
-    parts.append(caplog.text)
-    return "\n".join(parts)
-
-
 def _fail_with_bad_login(make_manager, connection_string, user_id, conv_id):
     """Construction raises, or construction succeeds and the first call raises. Returns the exception."""
     try:
@@ -198,9 +163,9 @@ def test_wrong_password_is_not_in_errors_or_logs(make_manager, pg_scram_params, 
     exc = _fail_with_bad_login(make_manager, connection_string, user_id, conv_id)
     assert time.monotonic() - started < 30
     assert isinstance(exc, ChatHistoryError)
-    for where, text in _exception_texts(exc).items():
-        _assert_no_secret(text, secret, where)
-    _assert_no_secret(_log_texts(caplog), secret, "logs")
+    for where, text in exception_texts(exc).items():
+        assert_no_secret(text, secret, where)
+    assert_no_secret(log_texts(caplog), secret, "logs")
 
 
 def test_wrong_password_error_says_authentication_failed(make_manager, pg_scram_params, user_id, conv_id):
@@ -208,7 +173,7 @@ def test_wrong_password_error_says_authentication_failed(make_manager, pg_scram_
     params = pg_scram_params.with_login("postgres", WRONG_PASSWORD)
     exc = _fail_with_bad_login(make_manager, params.url, user_id, conv_id)
     assert re.search(r"(?i)authenticat", str(exc)), str(exc)
-    _assert_no_secret(str(exc), WRONG_PASSWORD, "str")
+    assert_no_secret(str(exc), WRONG_PASSWORD, "str")
 
 
 def test_password_not_in_unavailable_error(make_manager, caplog, user_id, conv_id, sample_conversation):
@@ -221,18 +186,9 @@ def test_password_not_in_unavailable_error(make_manager, caplog, user_id, conv_i
         exc = info.value
     except UnavailableError as construction_error:
         exc = construction_error
-    for where, text in _exception_texts(exc).items():
-        _assert_no_secret(text, WRONG_PASSWORD_SPECIAL, where)
-    _assert_no_secret(_log_texts(caplog), WRONG_PASSWORD_SPECIAL, "logs")
-
-
-def _deep_text(value) -> str:
-    """Every key and value of a nested stats() dict as text."""
-    if isinstance(value, dict):
-        return " ".join(f"{_deep_text(k)}={_deep_text(v)}" for k, v in value.items())
-    if isinstance(value, (list, tuple, set)):
-        return " ".join(_deep_text(v) for v in value)
-    return f"{value!s} {value!r}"
+    for where, text in exception_texts(exc).items():
+        assert_no_secret(text, WRONG_PASSWORD_SPECIAL, where)
+    assert_no_secret(log_texts(caplog), WRONG_PASSWORD_SPECIAL, "logs")
 
 
 @pytest.mark.parametrize("form", ["url", "key-value", "DATABASE_URL"])
@@ -255,14 +211,14 @@ def test_correct_password_not_in_repr_stats_or_logs(
 
     stats = manager.stats()
     assert isinstance(stats, dict)
-    _assert_no_secret(_deep_text(stats), password, "stats()")
-    _assert_no_secret(repr(manager), password, "repr(manager)")
-    _assert_no_secret(str(manager), password, "str(manager)")
-    _assert_no_secret(repr(manager.postgres_backend), password, "repr(postgres_backend)")
-    _assert_no_secret(_log_texts(caplog), password, "logs")
+    assert_no_secret(deep_text(stats), password, "stats()")
+    assert_no_secret(repr(manager), password, "repr(manager)")
+    assert_no_secret(str(manager), password, "str(manager)")
+    assert_no_secret(repr(manager.postgres_backend), password, "repr(postgres_backend)")
+    assert_no_secret(log_texts(caplog), password, "logs")
     manager.close()
-    _assert_no_secret(repr(manager), password, "repr(closed manager)")
-    _assert_no_secret(_log_texts(caplog), password, "logs after close")
+    assert_no_secret(repr(manager), password, "repr(closed manager)")
+    assert_no_secret(log_texts(caplog), password, "logs after close")
 
 
 def test_scram_fixture_rejects_wrong_password(pg_scram_params):

@@ -26,7 +26,6 @@ import ssl
 import subprocess
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -34,6 +33,7 @@ from urllib.parse import quote
 import pytest
 import redis
 
+from leaks import assert_no_secret, deep_text, exception_texts, log_texts  # noqa: F401 - re-exported
 from servers import (
     POSTGRES_OS_USER,
     PgParams,
@@ -406,46 +406,3 @@ def wrong_name_redis_server(pki):
     server = _start_redis(pki.wrong_name, pki.ca)
     yield server
     server.remove()
-
-
-# --------------------------------------------------------------------------------------------------
-# Where a secret could leak
-# --------------------------------------------------------------------------------------------------
-
-
-def exception_texts(exc: BaseException) -> dict[str, str]:
-    """str(), repr(), args and the whole cause chain of an exception, by where they come from."""
-    texts = {"str": str(exc), "repr": repr(exc), "args": repr(exc.args)}
-    texts["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    cause = exc.__cause__ or exc.__context__
-    while cause is not None:
-        texts[f"cause {type(cause).__name__}"] = f"{cause!s} {cause!r}"
-        cause = cause.__cause__ or cause.__context__
-    return texts
-
-
-def log_texts(caplog) -> str:
-    """Every captured record's message, arguments and traceback, and the formatted log."""
-    parts = []
-    for record in caplog.records:
-        parts.append(record.getMessage())
-        parts.append(repr(record.args))
-        if record.exc_info:
-            parts.append("".join(traceback.format_exception(*record.exc_info)))
-    parts.append(caplog.text)
-    return "\n".join(parts)
-
-
-def deep_text(value) -> str:
-    """Every key and value of a nested stats() dict as text."""
-    if isinstance(value, dict):
-        return " ".join(f"{deep_text(k)}={deep_text(v)}" for k, v in value.items())
-    if isinstance(value, (list, tuple, set)):
-        return " ".join(deep_text(v) for v in value)
-    return f"{value!s} {value!r}"
-
-
-def assert_no_secret(text: str, secret: str, where: str) -> None:
-    """Neither the secret nor its percent-encoded form appears in `text`."""
-    for form in {secret, quote(secret, safe=""), quote(secret, safe="/")}:
-        assert form not in text, f"the password leaks in {where}: {text!r}"
