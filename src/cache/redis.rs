@@ -592,29 +592,23 @@ pub fn split_member(member: &str) -> Option<(&str, &str)> {
     member.split_once(':').filter(|(user, id)| !user.is_empty() && !id.is_empty())
 }
 
-/// Parses a conversation hash (ours or the Python seed's).
-fn parse_hash(fields: &[(Vec<u8>, Vec<u8>)]) -> Option<Cached> {
-    let get = |name: &str| fields.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| v.as_slice());
-    let text = |name: &str| get(name).and_then(|v| std::str::from_utf8(v).ok());
-    let messages: Vec<Message> = serde_json::from_slice(get("messages").unwrap_or(b"[]")).ok()?;
-    Some(Cached {
-        conversation: Conversation {
-            title: text("title")?.to_owned(),
-            model: text("model")?.to_owned(),
-            messages,
-            created_at: Timestamp::parse(text("created_at")?).ok()?,
-            last_modified: Timestamp::parse(text("last_modified")?).ok()?,
-        },
-        dirty: text("dirty") == Some("1"),
-        version: text("ver").and_then(|v| v.parse().ok()),
-        stored: (|| {
-            Some(StoredPrefix {
-                messages: text("pgn")?.parse().ok()?,
-                version: text("pgv")?.parse().ok()?,
-                fingerprint: text("pgh")?.parse().ok()?,
-            })
-        })(),
-    })
+/// Parses a conversation hash (ours or the Python seed's) for a flush: the content as
+/// [`CachedConversation::parse`] reads it for a cache hit (one parser for both), plus the
+/// write-back fields.
+fn parse_hash(fields: Vec<(Vec<u8>, Vec<u8>)>) -> Option<Cached> {
+    let text =
+        |name: &str| fields.iter().find(|(k, _)| k == name.as_bytes()).and_then(|(_, v)| std::str::from_utf8(v).ok());
+    let dirty = text("dirty") == Some("1");
+    let version = text("ver").and_then(|v| v.parse().ok());
+    let stored = (|| {
+        Some(StoredPrefix {
+            messages: text("pgn")?.parse().ok()?,
+            version: text("pgv")?.parse().ok()?,
+            fingerprint: text("pgh")?.parse().ok()?,
+        })
+    })();
+    let conversation = CachedConversation::parse(fields)?.to_conversation();
+    Some(Cached { conversation, dirty, version, stored })
 }
 
 fn pairs(value: Value) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -993,7 +987,7 @@ impl RedisCache {
                 let content = if fields.is_empty() {
                     None
                 } else {
-                    Some(parse_hash(&fields).ok_or_else(|| "the cached hash is not a readable conversation".to_owned()))
+                    Some(parse_hash(fields).ok_or_else(|| "the cached hash is not a readable conversation".to_owned()))
                 };
                 DirtyEntry { member: member.clone(), content }
             })
@@ -1184,7 +1178,7 @@ mod tests {
         .iter()
         .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
         .collect();
-        let cached = parse_hash(&fields).unwrap();
+        let cached = parse_hash(fields).unwrap();
         assert!(cached.dirty);
         assert_eq!(cached.version, None);
         assert_eq!(cached.conversation.messages.len(), 1);
