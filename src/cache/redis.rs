@@ -1130,9 +1130,15 @@ fn query_loading<T: redis::FromRedisValue>(
 /// Loads scripts that are about to be used by EVALSHA in a pipeline (single invocations load
 /// themselves on NOSCRIPT).
 fn load_scripts(con: &mut Connection, scripts: &[&Script]) -> redis::RedisResult<()> {
+    // One SCRIPT EXISTS for all of them: this runs for every new pooled connection.
+    let mut exists_cmd = redis::cmd("SCRIPT");
+    exists_cmd.arg("EXISTS");
     for script in scripts {
-        let exists: Vec<bool> = redis::cmd("SCRIPT").arg("EXISTS").arg(script.get_hash()).query(con)?;
-        if exists.first() != Some(&true) {
+        exists_cmd.arg(script.get_hash());
+    }
+    let exists: Vec<bool> = exists_cmd.query(con)?;
+    for (script, loaded) in scripts.iter().zip(exists) {
+        if !loaded {
             script.prepare_invoke().load(con)?;
         }
     }
