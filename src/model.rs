@@ -70,6 +70,14 @@ impl From<DateTime<Utc>> for Timestamp {
 }
 
 impl Timestamp {
+    /// Appends the canonical form (what `to_string` gives) without going through `fmt`.
+    pub fn push_to(&self, out: &mut String) {
+        let mut buf = [0u8; 32];
+        let len = self.write_canonical(&mut buf);
+        // Only ASCII digits and separators were written.
+        out.push_str(std::str::from_utf8(&buf[..len]).unwrap_or_default());
+    }
+
     /// The canonical form into a stack buffer; returns the used length. Hand-written because
     /// every message of every read and save goes through it, and chrono's formatter interprets a
     /// format string each time.
@@ -259,17 +267,19 @@ pub struct Conversation {
 
 /// A fingerprint of a run of messages (role, content, time of each, in order), so a flush can tell
 /// whether the messages PostgreSQL already holds are still the first ones of the conversation.
-/// A mismatch (also between builds whose hasher differs) only costs a full rewrite.
+/// XXH3, a published algorithm, so every build and every process computes the same value (the
+/// fingerprint is stored in Redis); each content is length-prefixed, so no two runs of messages
+/// feed it the same bytes.
 #[must_use]
 pub fn messages_fingerprint(messages: &[Message]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::hash::DefaultHasher::new();
+    let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
     for m in messages {
-        m.role.as_str().hash(&mut hasher);
-        m.content.hash(&mut hasher);
-        m.time.as_datetime().timestamp_micros().hash(&mut hasher);
+        hasher.update(m.role.as_str().as_bytes());
+        hasher.update(&(m.content.len() as u64).to_le_bytes());
+        hasher.update(m.content.as_bytes());
+        hasher.update(&m.time.as_datetime().timestamp_micros().to_le_bytes());
     }
-    hasher.finish()
+    hasher.digest()
 }
 
 impl Conversation {

@@ -7,6 +7,10 @@ Put it in front of Redis or PostgreSQL and point the product at `proxy.port`; th
     proxy.partition()  refuse() + cut(): the server is unreachable
     proxy.stall()      accept and keep connections but forward nothing, either way (a hung server)
     proxy.heal()       undo all of the above: listen again (same port) and forward
+    proxy.answer(request, reply)
+                       reply to a request that arrives alone and is exactly `request` bytes
+                       instead of forwarding it (an older server's answer to a newer command);
+                       proxy.answered counts those replies
 
 Use it as a context manager or call close().
 """
@@ -58,6 +62,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._links: set[_Link] = set()
         self._stalled = threading.Event()
+        self._answers: dict[bytes, bytes] = {}
+        self.answered = 0
         self._closing = threading.Event()
         self._listener: Optional[socket.socket] = None
         self._accept_thread: Optional[threading.Thread] = None
@@ -100,6 +106,11 @@ class TcpProxy:
         self._stalled.clear()
         if self._listener is None and not self._closing.is_set():
             self._listen()
+
+    def answer(self, request: bytes, reply: bytes) -> None:
+        """From now on, reply `reply` to a client read that is exactly `request`, without forwarding it."""
+        with self._lock:
+            self._answers[request] = reply
 
     @property
     def open_connections(self) -> int:
@@ -168,7 +179,14 @@ class TcpProxy:
                     data = sock.recv(65536)
                     if not data:
                         return
-                    peers[sock].sendall(data)
+                    with self._lock:
+                        reply = self._answers.get(data) if sock is link.client else None
+                        if reply is not None:
+                            self.answered += 1
+                    if reply is not None:
+                        link.client.sendall(reply)
+                    else:
+                        peers[sock].sendall(data)
         except (OSError, ValueError):
             return
         finally:

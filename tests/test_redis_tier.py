@@ -19,6 +19,7 @@ pytest.register_assert_rewrite("redis_support")
 
 from chat_history_rs import ChatHistoryError, InvalidTypeError, OwnershipError, ValidationError  # noqa: E402
 from leaks import assert_no_secret, exception_texts, log_texts  # noqa: E402
+from tcp_proxy import TcpProxy  # noqa: E402
 from redis_support import (  # noqa: E402, F401 - fixtures are used by name
     DIRTY_SET,
     assert_cached,
@@ -1006,3 +1007,44 @@ def test_threads_share_one_manager(make_redis_manager, rdb, pg_conn, user_id):
     for cid, conv in finals.items():
         assert_row_matches(pg_conn, cid, user_id, conv)
     assert fetch_conversation_row(pg_conn, "7b7b0000")["user_client_id"] == user_id
+
+
+# What a server without `EXPIRE ... GT` (Redis 6, still Azure Cache for Redis's default) answers to
+# the probe every new connection sends; a proxy gives that answer and forwards everything else.
+EXPIRE_GT_PROBE = b"*4\r\n$6\r\nEXPIRE\r\n$28\r\nchat-history:expire-gt-probe\r\n$1\r\n1\r\n$2\r\nGT\r\n"
+REDIS6_ANSWER = b"-ERR wrong number of arguments for 'expire' command\r\n"
+
+
+@pytest.mark.parametrize("server", ["with EXPIRE GT", "without EXPIRE GT"])
+def test_a_hit_gives_a_clean_conversation_its_ttl_back_and_a_dirty_one_none(server, make_redis_manager, rdb, user_id):
+    with TcpProxy(rdb.server.port) as proxy:
+        if server == "without EXPIRE GT":
+            proxy.answer(EXPIRE_GT_PROBE, REDIS6_ANSWER)
+        manager = make_redis_manager(redis_url=proxy.url(), redis_ttl=600)
+        clean, dirty = make_conversation(2, title="clean"), make_conversation(2, title="dirty")
+        manager.save_conversation("c1ea0002", clean, user_id=user_id)
+        assert manager.flush_dirty_conversations() == 1
+        manager.save_conversation("d1a70002", dirty, user_id=user_id)
+        clean_keys = (conv_key(user_id, "c1ea0002"), "owner:c1ea0002")
+        dirty_keys = (conv_key(user_id, "d1a70002"), "owner:d1a70002")
+        for key in clean_keys:
+            assert rdb.client.expire(key, 5), key
+
+        scripts_before = evalsha_calls(rdb.client)
+        assert manager.get_conversation("c1ea0002", user_id=user_id) == clean
+        assert manager.get_conversation("d1a70002", user_id=user_id) == dirty
+        scripts_run = evalsha_calls(rdb.client) - scripts_before
+
+        for key in clean_keys:
+            assert 500 < rdb.client.ttl(key) <= 600, f"{key} TTL {rdb.client.ttl(key)}"
+        for key in dirty_keys:
+            assert rdb.client.ttl(key) == -1, f"dirty {key} was given a TTL"
+        assert manager.stats()["cache_hits"] == 2
+        # Without EXPIRE GT (the probe answered as an older server answers it) a script refreshes
+        # the TTLs; with it, no script runs on a hit.
+        assert (proxy.answered > 0) == (server == "without EXPIRE GT")
+        assert scripts_run == (2 if server == "without EXPIRE GT" else 0)
+
+
+def evalsha_calls(client) -> int:
+    return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))

@@ -166,7 +166,6 @@ pub fn write(messages: &[crate::model::Message]) -> String {
     let size: usize = messages.iter().map(|m| m.content.len() + 80).sum();
     let mut out = String::with_capacity(size + 2);
     out.push('[');
-    let mut time = String::with_capacity(32);
     for (i, m) in messages.iter().enumerate() {
         if i > 0 {
             out.push(',');
@@ -176,25 +175,20 @@ pub fn write(messages: &[crate::model::Message]) -> String {
         out.push_str(r#"","content":""#);
         escape_into(&mut out, &m.content);
         out.push_str(r#"","time":""#);
-        time.clear();
-        std::fmt::Write::write_fmt(&mut time, format_args!("{}", m.time)).expect("writing to a String cannot fail");
-        out.push_str(&time);
+        m.time.push_to(&mut out);
         out.push_str(r#""}"#);
     }
     out.push(']');
     out
 }
 
-/// Whether any of the eight bytes is `"`, `\` or a control character below 0x20.
-fn needs_escape(word: u64) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
-    let quote = word ^ (ONES * u64::from(b'"'));
-    let backslash = word ^ (ONES * u64::from(b'\\'));
-    let has_quote = quote.wrapping_sub(ONES) & !quote & HIGH;
-    let has_backslash = backslash.wrapping_sub(ONES) & !backslash & HIGH;
-    (below_space | has_quote | has_backslash) != 0
+/// Bytes checked at once for something to escape: a fixed-size, branch-free check that the compiler
+/// turns into a few vector compares (the transcript is most of what a save writes).
+const CHUNK: usize = 32;
+
+/// Whether any byte is `"`, `\` or a control character below 0x20.
+fn needs_escape(chunk: &[u8; CHUNK]) -> bool {
+    chunk.iter().fold(false, |any, &b| any | (b < 0x20) | (b == b'"') | (b == b'\\'))
 }
 
 fn escape_into(out: &mut String, text: &str) {
@@ -202,40 +196,39 @@ fn escape_into(out: &mut String, text: &str) {
     let mut start = 0; // first byte not yet copied
     let mut i = 0;
     while i < bytes.len() {
-        if i + 8 <= bytes.len() {
-            let word = u64::from_le_bytes(bytes[i..i + 8].try_into().expect("eight bytes"));
-            if !needs_escape(word) {
-                i += 8;
+        // A clean chunk is skipped whole; one with something to escape (or the tail) byte by byte.
+        let end = match bytes.get(i..i + CHUNK) {
+            Some(chunk) if !needs_escape(chunk.try_into().expect("CHUNK bytes")) => {
+                i += CHUNK;
                 continue;
             }
-        }
-        let b = bytes[i];
-        let escape: Option<&str> = match b {
-            b'"' => Some("\\\""),
-            b'\\' => Some("\\\\"),
-            b'\n' => Some("\\n"),
-            b'\r' => Some("\\r"),
-            b'\t' => Some("\\t"),
-            0x08 => Some("\\b"),
-            0x0c => Some("\\f"),
-            0..=0x1f => None,
-            _ => {
-                i += 1;
-                continue;
-            }
+            Some(_) => i + CHUNK,
+            None => bytes.len(),
         };
-        // Only ASCII bytes are escaped, so `start..i` always ends on a character boundary.
-        out.push_str(&text[start..i]);
-        if let Some(e) = escape {
-            out.push_str(e);
-        } else {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.push_str("\\u00");
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        for (at, &b) in bytes.iter().enumerate().take(end).skip(i) {
+            let escape: Option<&str> = match b {
+                b'"' => Some("\\\""),
+                b'\\' => Some("\\\\"),
+                b'\n' => Some("\\n"),
+                b'\r' => Some("\\r"),
+                b'\t' => Some("\\t"),
+                0x08 => Some("\\b"),
+                0x0c => Some("\\f"),
+                0..=0x1f => None,
+                _ => continue,
+            };
+            out.push_str(&text[start..at]);
+            if let Some(e) = escape {
+                out.push_str(e);
+            } else {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.push_str("\\u00");
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0xf)]));
+            }
+            start = at + 1;
         }
-        i += 1;
-        start = i;
+        i = end;
     }
     out.push_str(&text[start..]);
 }
@@ -298,9 +291,10 @@ mod tests {
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
-        for n in 0..40 {
-            // every position of an escape relative to the eight-byte words
+        for n in 0..80 {
+            // every position of an escape relative to the chunks, and several escapes in one
             contents.push(format!("{}\"{}", "a".repeat(n), "é".repeat(n % 5)));
+            contents.push(format!("{}\n\\{}\t\"", "b".repeat(n), "ü".repeat(n % 7)));
         }
         let messages: Vec<Message> = contents
             .into_iter()

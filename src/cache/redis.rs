@@ -83,6 +83,9 @@ pub type CacheResult<T> = std::result::Result<T, CacheError>;
 pub struct RedisConnection {
     con: Connection,
     broken: bool,
+    /// The server takes `EXPIRE ... GT` (Redis 7.0 and later), so a clean hit's TTL is refreshed
+    /// by two plain commands instead of a script.
+    expire_gt: bool,
 }
 
 /// Opens connections with the configured timeouts.
@@ -103,7 +106,15 @@ impl r2d2::ManageConnection for Connector {
         // Scripts sent by EVALSHA inside pipelines are loaded up front (one round trip per new
         // connection); a NOSCRIPT later (SCRIPT FLUSH, a failover) loads them again.
         load_scripts(&mut con, &[&REFRESH_TTL, &SAVE, &BACKFILL, &SETTLE])?;
-        Ok(RedisConnection { con, broken: false })
+        // On a key that never exists, so it changes nothing; older servers reply with an error.
+        let probe: redis::RedisResult<i64> =
+            redis::cmd("EXPIRE").arg("chat-history:expire-gt-probe").arg(1).arg("GT").query(&mut con);
+        let expire_gt = match probe {
+            Ok(_) => true,
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => false,
+            Err(e) => return Err(e),
+        };
+        Ok(RedisConnection { con, broken: false, expire_gt })
     }
 
     fn is_valid(&self, conn: &mut RedisConnection) -> Result<(), RedisError> {
@@ -707,13 +718,13 @@ impl RedisCache {
     /// Runs `op` on a pooled connection. A connection that a restart or a dropped socket killed
     /// while idle is replaced and the call run again (every script here is safe to repeat);
     /// a timeout is not retried, so a dead Redis costs one timeout, not several.
-    fn run<T>(&self, mut op: impl FnMut(&mut Connection) -> redis::RedisResult<T>) -> CacheResult<T> {
+    fn run_on<T>(&self, mut op: impl FnMut(&mut RedisConnection) -> redis::RedisResult<T>) -> CacheResult<T> {
         let attempts = self.pool.max_size() + 1;
         let mut attempt = 0;
         loop {
             attempt += 1;
             let mut conn = self.pool.get().map_err(|e| CacheError::Unavailable(e.to_string()))?;
-            match op(&mut conn.con) {
+            match op(&mut conn) {
                 Ok(value) => return Ok(value),
                 Err(e) => {
                     let error = CacheError::from_redis(&e);
@@ -729,21 +740,48 @@ impl RedisCache {
         }
     }
 
+    /// [`RedisCache::run_on`] for calls that need only the connection.
+    fn run<T>(&self, mut op: impl FnMut(&mut Connection) -> redis::RedisResult<T>) -> CacheResult<T> {
+        self.run_on(|conn| op(&mut conn.con))
+    }
+
     /// The cached conversation; a clean hit gets its TTL back. An unreadable hash reads as a miss.
     pub fn get(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<CachedConversation>> {
         let key = conv_key(user_id, conversation_id);
         let owner = owner_key(conversation_id);
         let ttl = self.ttl();
-        let (value, _): (Value, Value) = self.run(|con| {
+        let value: Value = self.run_on(|conn| {
+            if conn.expire_gt {
+                // GT leaves a key without a TTL (a dirty conversation, its owner) without one.
+                let (value,): (Value,) = redis::pipe()
+                    .cmd("HGETALL")
+                    .arg(&key)
+                    .cmd("EXPIRE")
+                    .arg(&key)
+                    .arg(ttl)
+                    .arg("GT")
+                    .ignore()
+                    .cmd("EXPIRE")
+                    .arg(&owner)
+                    .arg(ttl)
+                    .arg("GT")
+                    .ignore()
+                    .query(&mut conn.con)?;
+                return Ok(value);
+            }
             let mut refresh = evalsha(&REFRESH_TTL, &[&key, &owner]);
             refresh.arg(ttl);
-            let result = redis::pipe().cmd("HGETALL").arg(&key).add_command(refresh.clone()).query(con);
-            match result {
+            let pipe = || {
+                let mut pipe = redis::pipe();
+                pipe.cmd("HGETALL").arg(&key).add_command(refresh.clone()).ignore();
+                pipe
+            };
+            match pipe().query::<(Value,)>(&mut conn.con) {
                 Err(e) if e.kind() == redis::ServerErrorKind::NoScript.into() => {
-                    load_scripts(con, &[&REFRESH_TTL])?;
-                    redis::pipe().cmd("HGETALL").arg(&key).add_command(refresh).query(con)
+                    load_scripts(&mut conn.con, &[&REFRESH_TTL])?;
+                    pipe().query::<(Value,)>(&mut conn.con).map(|(v,)| v)
                 }
-                other => other,
+                other => other.map(|(v,)| v),
             }
         })?;
         let fields = pairs(value);
@@ -781,7 +819,7 @@ impl RedisCache {
             &deleted_key(user_id, conversation_id),
             &staged,
         ];
-        let (created_at, last_modified) = (conv.created_at.to_string(), conv.last_modified.to_string());
+        let created_at = conv.created_at.to_string();
         let member = member(user_id, conversation_id);
         let mut script = evalsha(&SAVE, &keys);
         script
@@ -793,7 +831,7 @@ impl RedisCache {
             .arg(conversation_id);
         let mut pipe = redis::pipe();
         pipe.atomic();
-        stage(&mut pipe, &staged, conv, &created_at, &last_modified);
+        stage(&mut pipe, &staged, conv, &[]);
         pipe.add_command(script);
         let (reply,): (Vec<Value>,) = self.run(|con| query_loading(con, &pipe, &[&SAVE]))?;
         let status = reply.first().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(-2);
@@ -825,30 +863,19 @@ impl RedisCache {
         let (owner, deleted) = (owner_key(conversation_id), deleted_key(user_id, conversation_id));
         let mut script = evalsha(&BACKFILL, &[&conv_key, &owner, &deleted, &staged]);
         script.arg(user_id).arg(self.ttl());
+        let meta = ListEntry::to_json(conv);
+        // With a version, PostgreSQL holds exactly these messages at it.
+        let stored = version.map(|v| {
+            (conv.messages.len().to_string(), v.to_string(), crate::model::messages_fingerprint(&conv.messages).to_string())
+        });
+        let ver = version.unwrap_or(0).to_string();
+        let mut fields = vec![("dirty", "0"), ("ver", ver.as_str()), ("meta", meta.as_str())];
+        if let Some((n, v, h)) = &stored {
+            fields.extend([("pgn", n.as_str()), ("pgv", v.as_str()), ("pgh", h.as_str())]);
+        }
         let mut pipe = redis::pipe();
         pipe.atomic();
-        stage(&mut pipe, &staged, conv, &conv.created_at.to_string(), &conv.last_modified.to_string());
-        pipe.cmd("HSET")
-            .arg(&staged)
-            .arg("dirty")
-            .arg("0")
-            .arg("ver")
-            .arg(version.unwrap_or(0))
-            .arg("meta")
-            .arg(ListEntry::to_json(conv))
-            .ignore();
-        if let Some(version) = version {
-            // PostgreSQL holds exactly these messages at this version.
-            pipe.cmd("HSET")
-                .arg(&staged)
-                .arg("pgn")
-                .arg(conv.messages.len())
-                .arg("pgv")
-                .arg(version)
-                .arg("pgh")
-                .arg(crate::model::messages_fingerprint(&conv.messages).to_string())
-                .ignore();
-        }
+        stage(&mut pipe, &staged, conv, &fields);
         pipe.add_command(script);
         let _: (i64,) = self.run(|con| query_loading(con, &pipe, &[&BACKFILL]))?;
         Ok(())
@@ -1086,29 +1113,40 @@ fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
     cmd
 }
 
-/// Stages a conversation's fields in `staged` (with a TTL, so a save whose script never ran, say on
-/// NOSCRIPT, leaves nothing behind); the script that follows in the same MULTI/EXEC renames it
-/// into place.
-fn stage(pipe: &mut redis::Pipeline, staged: &str, conv: &Conversation, created_at: &str, last_modified: &str) {
-    pipe.cmd("HSET")
+/// Stages a conversation's fields, and `extra` ones, in `staged` with one `HSET` (with a TTL, so a
+/// save whose script never ran, say on NOSCRIPT, leaves nothing behind); the script that follows
+/// in the same MULTI/EXEC renames it into place. The command is sized up front: the transcript is
+/// most of its bytes, and growing the buffer for it cost more than writing it.
+fn stage(pipe: &mut redis::Pipeline, staged: &str, conv: &Conversation, extra: &[(&str, &str)]) {
+    let messages = messages_json::write(&conv.messages);
+    let mut times = String::with_capacity(64);
+    conv.created_at.push_to(&mut times);
+    let created_len = times.len();
+    conv.last_modified.push_to(&mut times);
+    let (created_at, last_modified) = times.split_at(created_len);
+    let extra_bytes: usize = extra.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let mut hset = redis::Cmd::with_capacity(
+        14 + 2 * extra.len(),
+        staged.len() + conv.title.len() + conv.model.len() + messages.len() + extra_bytes + 160,
+    );
+    hset.arg("HSET")
         .arg(staged)
         .arg("title")
         .arg(&conv.title)
         .arg("model")
         .arg(&conv.model)
         .arg("messages")
-        .arg(messages_json::write(&conv.messages))
+        .arg(messages)
         .arg("created_at")
         .arg(created_at)
         .arg("last_modified")
         .arg(last_modified)
         .arg("score")
-        .arg(conv.last_modified.unix_seconds())
-        .ignore()
-        .cmd("EXPIRE")
-        .arg(staged)
-        .arg(STAGED_TTL_SECONDS)
-        .ignore();
+        .arg(conv.last_modified.unix_seconds());
+    for (field, value) in extra {
+        hset.arg(*field).arg(*value);
+    }
+    pipe.add_command(hset).ignore().cmd("EXPIRE").arg(staged).arg(STAGED_TTL_SECONDS).ignore();
 }
 
 /// Runs a pipeline that uses EVALSHA, loading the scripts and running it again on NOSCRIPT (the
