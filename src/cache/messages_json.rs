@@ -188,7 +188,9 @@ const CHUNK: usize = 32;
 
 /// Whether any byte is `"`, `\` or a control character below 0x20.
 fn needs_escape(chunk: &[u8; CHUNK]) -> bool {
-    chunk.iter().fold(false, |any, &b| any | (b < 0x20) | (b == b'"') | (b == b'\\'))
+    let found =
+        chunk.iter().fold(0u8, |found, &b| found | u8::from(b < 0x20) | u8::from(b == b'"') | u8::from(b == b'\\'));
+    found != 0
 }
 
 fn escape_into(out: &mut String, text: &str) {

@@ -866,7 +866,11 @@ impl RedisCache {
         let meta = ListEntry::to_json(conv);
         // With a version, PostgreSQL holds exactly these messages at it.
         let stored = version.map(|v| {
-            (conv.messages.len().to_string(), v.to_string(), crate::model::messages_fingerprint(&conv.messages).to_string())
+            (
+                conv.messages.len().to_string(),
+                v.to_string(),
+                crate::model::messages_fingerprint(&conv.messages).to_string(),
+            )
         });
         let ver = version.unwrap_or(0).to_string();
         let mut fields = vec![("dirty", "0"), ("ver", ver.as_str()), ("meta", meta.as_str())];
