@@ -137,13 +137,19 @@ DELETE FROM conversation_tombstones WHERE deleted_at < NOW() - INTERVAL '30 days
 /// by wall-clock time, each bumped past the version it replaces.
 const NOW_MICROS: &str = "(extract(epoch from clock_timestamp()) * 1000000)::int8";
 
-/// One round trip: the conversation row and its messages in sequence order.
+/// One round trip, one row: the conversation and its messages as three arrays in sequence order.
+/// One row rather than one per message: each row repeated the conversation's columns and cost the
+/// client a row's decoding, and a 20-message reply no longer overflows PostgreSQL's 8 KB send buffer.
 const GET: &str = "
-SELECT c.title, c.model, c.created_at, c.last_modified, m.role, m.content, m.timestamp, c.cache_version
+SELECT c.title, c.model, c.created_at, c.last_modified, c.cache_version, m.roles, m.contents, m.times
 FROM conversations c
-LEFT JOIN messages m ON m.conversation_id = c.conversation_id
-WHERE c.conversation_id = $1 AND c.user_client_id = $2
-ORDER BY m.sequence_number";
+CROSS JOIN LATERAL (
+    SELECT array_agg(role ORDER BY sequence_number) AS roles,
+           array_agg(content ORDER BY sequence_number) AS contents,
+           array_agg(timestamp ORDER BY sequence_number) AS times
+    FROM messages WHERE conversation_id = c.conversation_id
+) m
+WHERE c.conversation_id = $1 AND c.user_client_id = $2";
 
 const LIST: &str = "
 SELECT conversation_id, title, model, created_at, last_modified
@@ -415,26 +421,27 @@ impl PostgresStore {
     /// [`PostgresStore::get`] with the row's write-back version (`None` for rows written by Phase 1).
     pub fn get_versioned(&self, conversation_id: &str, user_id: &str) -> Result<Option<(Conversation, Option<i64>)>> {
         let rows = self.run(|conn| conn.query(GET, &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR)]))?;
-        let Some(first) = rows.first() else {
+        let Some(row) = rows.first() else {
             return Ok(None);
         };
-        let mut conv = Conversation {
-            title: first.get(0),
-            model: first.get(1),
-            messages: Vec::with_capacity(rows.len()),
-            created_at: first.get::<_, DateTime<Utc>>(2).into(),
-            last_modified: first.get::<_, DateTime<Utc>>(3).into(),
-        };
-        for row in &rows {
-            let Some(role) = row.get::<_, Option<&str>>(4) else {
-                continue;
-            };
+        let roles: Vec<&str> = row.get::<_, Option<_>>(5).unwrap_or_default();
+        let contents: Vec<String> = row.get::<_, Option<_>>(6).unwrap_or_default();
+        let times: Vec<DateTime<Utc>> = row.get::<_, Option<_>>(7).unwrap_or_default();
+        let mut messages = Vec::with_capacity(roles.len());
+        for ((role, content), time) in roles.into_iter().zip(contents).zip(times) {
             let role = Role::parse(role).ok_or_else(|| {
                 Error::new(ErrorKind::Database(Backend::Postgres), format!("message with unknown role {role:?}"))
             })?;
-            conv.messages.push(Message { role, content: row.get(5), time: row.get::<_, DateTime<Utc>>(6).into() });
+            messages.push(Message { role, content, time: time.into() });
         }
-        Ok(Some((conv, first.get(7))))
+        let conv = Conversation {
+            title: row.get(0),
+            model: row.get(1),
+            messages,
+            created_at: row.get::<_, DateTime<Utc>>(2).into(),
+            last_modified: row.get::<_, DateTime<Utc>>(3).into(),
+        };
+        Ok(Some((conv, row.get(4))))
     }
 
     /// The user's conversations created in the last `days` days, newest `last_modified` first,
