@@ -137,6 +137,10 @@ pub struct CacheStats {
     pub fallbacks: u64,
     /// Whether the last Redis call succeeded (and no backoff is in force).
     pub redis_available: bool,
+    /// Round trips that cache reads took.
+    pub read_round_trips: u64,
+    /// Reads that shared their round trip with another thread's (see `cache::combine`).
+    pub reads_shared: u64,
     /// `SCARD dirty:convs`, when Redis answered.
     pub dirty_count: Option<u64>,
     /// Seconds since the oldest dirty conversation became dirty (the write-back lag).
@@ -667,9 +671,12 @@ impl CachedTier {
         let now = chrono::Utc::now().timestamp_micros();
         #[allow(clippy::cast_precision_loss)] // seconds since 1970 fit f64 exactly enough
         let oldest_dirty_age_seconds = oldest.map(|since| (now as f64 / 1e6 - since).max(0.0));
+        let (reads_shared, read_round_trips) = self.redis.read_batching();
         CacheStats {
             hits,
             misses,
+            read_round_trips,
+            reads_shared,
             fallbacks: self.fallbacks.load(Ordering::Relaxed),
             redis_available: usable && !self.health.degraded.load(Ordering::Acquire),
             dirty_count,

@@ -1048,3 +1048,37 @@ def test_a_hit_gives_a_clean_conversation_its_ttl_back_and_a_dirty_one_none(serv
 
 def evalsha_calls(client) -> int:
     return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_concurrent_reads_share_a_round_trip_and_each_thread_gets_its_own(make_redis_manager, rdb, user_id):
+    with TcpProxy(rdb.server.port) as proxy:
+        manager = make_redis_manager(redis_url=proxy.url(), redis_timeout=10)
+        conversations = {f"5a4e{n:04d}": make_conversation(3, prefix=f"thread {n} ") for n in range(8)}
+        for cid, conv in conversations.items():
+            manager.save_conversation(cid, conv, user_id=user_id)
+        before = manager.stats()
+        got: dict[str, dict] = {}
+        errors: list[BaseException] = []
+
+        def read(cid: str) -> None:
+            try:
+                got[cid] = manager.get_conversation(cid, user_id=user_id)
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+
+        proxy.stall()  # the first read's round trip hangs, so the other seven queue behind it
+        threads = [threading.Thread(target=read, args=(cid,)) for cid in conversations]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        proxy.heal()
+        for thread in threads:
+            thread.join(timeout=30)
+
+        assert errors == []
+        assert got == conversations, "a reply went to the wrong thread"
+        stats = manager.stats()
+        assert stats["cache_hits"] - before["cache_hits"] == 8
+        # The stalled read, then one round trip for the seven queued behind it.
+        assert stats["redis_read_round_trips"] - before["redis_read_round_trips"] == 2
+        assert stats["redis_reads_shared"] - before["redis_reads_shared"] == 7

@@ -350,6 +350,8 @@ impl PyChatHistoryManager {
             dict.set_item("stuck_conversations", c.stuck)?;
             dict.set_item("postgres_fallbacks", c.fallbacks)?;
             dict.set_item("redis_available", c.redis_available)?;
+            dict.set_item("redis_read_round_trips", c.read_round_trips)?;
+            dict.set_item("redis_reads_shared", c.reads_shared)?;
             dict.set_item("redis_used_memory", c.memory.used)?;
             dict.set_item("redis_maxmemory", c.memory.max)?;
             dict.set_item("redis_maxmemory_policy", c.memory.policy)?;

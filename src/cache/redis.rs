@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use redis::{Cmd, Connection, ConnectionLike as _, RedisError, Script, Value};
 
+use crate::cache::combine::Combiner;
 use crate::cache::messages_json::{self, Text};
 use crate::config::RedisSettings;
 use crate::error::{Backend, Error, ErrorKind};
@@ -32,7 +33,7 @@ const DIRTY_SET: &str = "dirty:convs";
 const DIRTY_SINCE: &str = "dirty:since";
 
 /// Why a Redis call failed, in the terms the manager acts on.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum CacheError {
     /// No usable connection: fall back to PostgreSQL and back off.
     Unavailable(String),
@@ -622,6 +623,26 @@ fn parse_hash(fields: Vec<(Vec<u8>, Vec<u8>)>) -> Option<Cached> {
     Some(Cached { conversation, dirty, version, stored })
 }
 
+/// The fields a read needs: `HMGET` of these replies with a fifth of `HGETALL`'s values to parse
+/// (the hash also keeps the list entry, the version and the flush's bookkeeping).
+const READ_FIELDS: [&str; 5] = ["title", "model", "messages", "created_at", "last_modified"];
+
+/// An `HMGET` of [`READ_FIELDS`] as (name, value) pairs, without the missing ones: none for a
+/// missing hash.
+fn read_fields(value: Value) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let Value::Array(items) = value else {
+        return Vec::new();
+    };
+    READ_FIELDS
+        .iter()
+        .zip(items)
+        .filter_map(|(name, v)| match v {
+            Value::BulkString(v) => Some((name.as_bytes().to_vec(), v)),
+            _ => None,
+        })
+        .collect()
+}
+
 fn pairs(value: Value) -> Vec<(Vec<u8>, Vec<u8>)> {
     let Value::Array(items) = value else {
         return Vec::new();
@@ -669,6 +690,8 @@ pub struct MemoryInfo {
 pub struct RedisCache {
     pool: r2d2::Pool<Connector>,
     settings: RedisSettings,
+    /// Concurrent reads share round trips (see [`Combiner`]).
+    reads: Combiner<(String, String), CacheResult<Value>>,
 }
 
 impl std::fmt::Debug for RedisCache {
@@ -700,7 +723,11 @@ impl RedisCache {
             .idle_timeout(Some(Duration::from_secs(300)))
             .error_handler(Box::new(PoolErrorLog))
             .build_unchecked(Connector { client, timeout: settings.timeout });
-        Ok(RedisCache { pool, settings: settings.clone() })
+        let reads = Combiner::new(
+            || Err(CacheError::Other("the batch carrying this read failed".into())),
+            |reply| matches!(reply, Err(CacheError::Unavailable(_))),
+        );
+        Ok(RedisCache { pool, settings: settings.clone(), reads })
     }
 
     /// The URL without the password.
@@ -748,51 +775,66 @@ impl RedisCache {
     /// The cached conversation; a clean hit gets its TTL back. An unreadable hash reads as a miss.
     pub fn get(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<CachedConversation>> {
         let key = conv_key(user_id, conversation_id);
-        let owner = owner_key(conversation_id);
-        let ttl = self.ttl();
-        let value: Value = self.run_on(|conn| {
-            if conn.expire_gt {
-                // GT leaves a key without a TTL (a dirty conversation, its owner) without one.
-                let (value,): (Value,) = redis::pipe()
-                    .cmd("HGETALL")
-                    .arg(&key)
-                    .cmd("EXPIRE")
-                    .arg(&key)
-                    .arg(ttl)
-                    .arg("GT")
-                    .ignore()
-                    .cmd("EXPIRE")
-                    .arg(&owner)
-                    .arg(ttl)
-                    .arg("GT")
-                    .ignore()
-                    .query(&mut conn.con)?;
-                return Ok(value);
-            }
-            let mut refresh = evalsha(&REFRESH_TTL, &[&key, &owner]);
-            refresh.arg(ttl);
-            let pipe = || {
-                let mut pipe = redis::pipe();
-                pipe.cmd("HGETALL").arg(&key).add_command(refresh.clone()).ignore();
-                pipe
-            };
-            match pipe().query::<(Value,)>(&mut conn.con) {
-                Err(e) if e.kind() == redis::ServerErrorKind::NoScript.into() => {
-                    load_scripts(&mut conn.con, &[&REFRESH_TTL])?;
-                    pipe().query::<(Value,)>(&mut conn.con).map(|(v,)| v)
-                }
-                other => other.map(|(v,)| v),
-            }
-        })?;
-        let fields = pairs(value);
+        let value = self.reads.run((key, owner_key(conversation_id)), |batch| self.read_batch(batch))?;
+        let fields = read_fields(value);
         if fields.is_empty() {
             return Ok(None);
         }
         let cached = CachedConversation::parse(fields);
         if cached.is_none() {
-            log::warn!("ignoring the unreadable cached conversation {key}");
+            log::warn!("ignoring the unreadable cached conversation {}", conv_key(user_id, conversation_id));
         }
         Ok(cached)
+    }
+
+    /// The hashes of a batch of `(conversation key, owner key)` in one round trip, each clean one
+    /// given its TTL back.
+    fn read_batch(&self, batch: &[&(String, String)]) -> Vec<CacheResult<Value>> {
+        let ttl = self.ttl();
+        let result = self.run_on(|conn| {
+            let pipe = |script: bool| {
+                let mut pipe = redis::pipe();
+                for (key, owner) in batch {
+                    pipe.cmd("HMGET").arg(key).arg(&READ_FIELDS);
+                    if script {
+                        let mut refresh = evalsha(&REFRESH_TTL, &[key, owner]);
+                        refresh.arg(ttl);
+                        pipe.add_command(refresh).ignore();
+                    } else {
+                        // GT leaves a key without a TTL (a dirty conversation, its owner) without one.
+                        for k in [key, owner] {
+                            pipe.cmd("EXPIRE").arg(k).arg(ttl).arg("GT").ignore();
+                        }
+                    }
+                }
+                pipe
+            };
+            if conn.expire_gt {
+                return pipe(false).query::<Vec<Value>>(&mut conn.con);
+            }
+            match pipe(true).query::<Vec<Value>>(&mut conn.con) {
+                Err(e) if e.kind() == redis::ServerErrorKind::NoScript.into() => {
+                    load_scripts(&mut conn.con, &[&REFRESH_TTL])?;
+                    pipe(true).query(&mut conn.con)
+                }
+                other => other,
+            }
+        });
+        match result {
+            Ok(values) if values.len() == batch.len() => values.into_iter().map(Ok).collect(),
+            Ok(values) => {
+                let why = format!("{} replies to a pipeline of {} reads", values.len(), batch.len());
+                vec![Err(CacheError::Other(why)); batch.len()]
+            }
+            Err(e) => vec![Err(e); batch.len()],
+        }
+    }
+
+    /// Reads that shared a round trip with another thread's, and the round trips reads took.
+    #[must_use]
+    pub fn read_batching(&self) -> (u64, u64) {
+        let (batches, shared) = self.reads.counts();
+        (shared, batches)
     }
 
     /// Stores the conversation as dirty, without a TTL, and updates the user's cached list: one

@@ -1,0 +1,269 @@
+//! Flat combining: threads that call the same operation at the same time share one round trip.
+//!
+//! A caller that finds no round trip in flight leads: it sends its request and every request
+//! queued meanwhile as one pipeline, hands each waiter its reply, and passes the lead to the first
+//! caller that queued while it was busy. A caller alone pays nothing but two uncontended locks;
+//! eight Python threads reading at once cost Redis one read and one write per batch instead of
+//! one each, which is what lets reads scale when the client, Redis and PostgreSQL share a CPU.
+//! Each caller leads at most one batch, so no caller waits for more than the batch in flight and
+//! its own; and when a batch finds the server gone, the callers queued behind it get the same
+//! answer at once instead of each waiting out another timeout.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, Thread};
+
+enum State<R> {
+    Waiting,
+    /// This caller sends the next batch.
+    Lead,
+    Done(R),
+}
+
+struct Pending<Q, R> {
+    request: Q,
+    thread: Thread,
+    state: Mutex<State<R>>,
+}
+
+struct Queue<Q, R> {
+    /// A batch is in flight (or a caller has been handed the lead and is about to send one).
+    busy: bool,
+    waiting: Vec<Arc<Pending<Q, R>>>,
+}
+
+/// Combines concurrent requests of type `Q` into batches; each gets its own `R`.
+pub struct Combiner<Q, R> {
+    queue: Mutex<Queue<Q, R>>,
+    /// What a request gets when the batch carrying it could not produce its reply (a panic).
+    abandoned: fn() -> R,
+    /// Whether a reply says the server is gone; the callers queued meanwhile then get it too.
+    outage: fn(&R) -> bool,
+    batches: AtomicU64,
+    shared: AtomicU64,
+}
+
+impl<Q, R> std::fmt::Debug for Combiner<Q, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Combiner")
+            .field("batches", &self.batches.load(Ordering::Relaxed))
+            .field("shared", &self.shared.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<Q, R: Clone> Combiner<Q, R> {
+    pub fn new(abandoned: fn() -> R, outage: fn(&R) -> bool) -> Self {
+        Combiner {
+            queue: Mutex::new(Queue { busy: false, waiting: Vec::new() }),
+            abandoned,
+            outage,
+            batches: AtomicU64::new(0),
+            shared: AtomicU64::new(0),
+        }
+    }
+
+    /// Batches sent so far, and requests that shared theirs with another caller's.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.batches.load(Ordering::Relaxed), self.shared.load(Ordering::Relaxed))
+    }
+
+    /// Runs `request` in the next batch. `execute` gets the batch's requests in order and returns
+    /// one reply each; whichever caller leads runs its own `execute`, so every caller must pass
+    /// the same operation.
+    pub fn run(&self, request: Q, execute: impl FnOnce(&[&Q]) -> Vec<R>) -> R {
+        let me = Arc::new(Pending { request, thread: thread::current(), state: Mutex::new(State::Waiting) });
+        let lead = {
+            let mut queue = lock(&self.queue);
+            queue.waiting.push(Arc::clone(&me));
+            !std::mem::replace(&mut queue.busy, true)
+        };
+        if !lead {
+            loop {
+                let mut state = lock(&me.state);
+                match std::mem::replace(&mut *state, State::Waiting) {
+                    State::Waiting => {
+                        drop(state);
+                        thread::park();
+                    }
+                    State::Lead => break,
+                    State::Done(reply) => return reply,
+                }
+            }
+        }
+        let batch = std::mem::take(&mut lock(&self.queue).waiting);
+        let mut lead = Lead { combiner: self, batch, me: &me, mine: None, outage: None };
+        let requests: Vec<&Q> = lead.batch.iter().map(|p| &p.request).collect();
+        let replies = execute(&requests);
+        lead.deliver(replies);
+        lead.mine.take().unwrap_or_else(self.abandoned)
+    }
+}
+
+/// The leader's batch. Dropping it (also by a panic in `execute`) answers every waiter in it and
+/// passes the lead on, so no caller is left parked.
+struct Lead<'a, Q, R: Clone> {
+    combiner: &'a Combiner<Q, R>,
+    batch: Vec<Arc<Pending<Q, R>>>,
+    me: &'a Arc<Pending<Q, R>>,
+    mine: Option<R>,
+    /// The batch found the server gone: the reply for everyone queued behind it.
+    outage: Option<R>,
+}
+
+impl<Q, R: Clone> Lead<'_, Q, R> {
+    fn deliver(&mut self, replies: Vec<R>) {
+        self.combiner.batches.fetch_add(1, Ordering::Relaxed);
+        if self.batch.len() > 1 {
+            self.combiner.shared.fetch_add(self.batch.len() as u64, Ordering::Relaxed);
+        }
+        let mut replies = replies.into_iter();
+        for pending in std::mem::take(&mut self.batch) {
+            let reply = replies.next().unwrap_or_else(self.combiner.abandoned);
+            if self.outage.is_none() && (self.combiner.outage)(&reply) {
+                self.outage = Some(reply.clone());
+            }
+            if Arc::ptr_eq(&pending, self.me) {
+                self.mine = Some(reply);
+            } else {
+                *lock(&pending.state) = State::Done(reply);
+                pending.thread.unpark();
+            }
+        }
+    }
+}
+
+impl<Q, R: Clone> Drop for Lead<'_, Q, R> {
+    fn drop(&mut self) {
+        for pending in std::mem::take(&mut self.batch) {
+            if !Arc::ptr_eq(&pending, self.me) {
+                *lock(&pending.state) = State::Done((self.combiner.abandoned)());
+                pending.thread.unpark();
+            }
+        }
+        let mut queue = lock(&self.combiner.queue);
+        if let Some(outage) = &self.outage {
+            for pending in queue.waiting.drain(..) {
+                *lock(&pending.state) = State::Done(outage.clone());
+                pending.thread.unpark();
+            }
+        }
+        if let Some(next) = queue.waiting.first() {
+            *lock(&next.state) = State::Lead;
+            next.thread.unpark();
+        } else {
+            queue.busy = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Barrier;
+    use std::time::Duration;
+
+    #[test]
+    fn a_caller_alone_runs_its_own_batch() {
+        let combiner: Combiner<u32, u32> = Combiner::new(|| 0, |_| false);
+        assert_eq!(combiner.run(7, |qs| qs.iter().map(|q| **q * 2).collect()), 14);
+        assert_eq!(combiner.counts(), (1, 0));
+    }
+
+    #[test]
+    fn concurrent_callers_share_batches_and_each_gets_its_own_reply() {
+        let combiner: Arc<Combiner<u32, u32>> = Arc::new(Combiner::new(|| u32::MAX, |r| *r == 0));
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let threads = 8;
+        let start = Arc::new(Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (combiner, sizes, start) = (Arc::clone(&combiner), Arc::clone(&sizes), Arc::clone(&start));
+                thread::spawn(move || {
+                    start.wait();
+                    for i in 0..200 {
+                        let request = u32::try_from(t * 1000 + i).unwrap();
+                        let reply = combiner.run(request, |qs| {
+                            lock(&sizes).push(qs.len());
+                            // A round trip's worth of waiting, so others queue meanwhile.
+                            thread::sleep(Duration::from_micros(200));
+                            qs.iter().map(|q| **q + 1).collect()
+                        });
+                        assert_eq!(reply, request + 1, "a reply went to the wrong caller");
+                    }
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().unwrap();
+        }
+        let sizes = lock(&sizes);
+        assert_eq!(sizes.iter().sum::<usize>(), threads * 200, "every request ran exactly once");
+        assert!(sizes.iter().any(|&n| n > 1), "no batch was shared: {sizes:?}");
+        let (batches, shared) = combiner.counts();
+        assert_eq!(batches, sizes.len() as u64);
+        assert_eq!(shared, sizes.iter().filter(|&&n| n > 1).sum::<usize>() as u64);
+    }
+
+    #[test]
+    fn a_panicking_batch_answers_its_waiters_and_passes_the_lead_on() {
+        let combiner: Arc<Combiner<u32, u32>> = Arc::new(Combiner::new(|| u32::MAX, |r| *r == 0));
+        let entered = Arc::new(Barrier::new(2));
+        let leader = {
+            let (combiner, entered) = (Arc::clone(&combiner), Arc::clone(&entered));
+            thread::spawn(move || {
+                combiner.run(1, |_| {
+                    entered.wait();
+                    thread::sleep(Duration::from_millis(100)); // the waiter queues meanwhile
+                    panic!("the batch failed");
+                })
+            })
+        };
+        entered.wait();
+        let waiter = {
+            let combiner = Arc::clone(&combiner);
+            thread::spawn(move || combiner.run(2, |qs| qs.iter().map(|q| **q + 1).collect()))
+        };
+        assert!(leader.join().is_err(), "the leader's panic reaches its caller");
+        // Queued behind the failed batch, so it leads the next one and gets its real reply.
+        assert_eq!(waiter.join().unwrap(), 3);
+        // And the combiner still works.
+        assert_eq!(combiner.run(5, |qs| qs.iter().map(|q| **q + 1).collect()), 6);
+    }
+
+    #[test]
+    fn callers_queued_behind_an_outage_get_it_at_once() {
+        // Reply 0 means "the server is gone".
+        let combiner: Arc<Combiner<u32, u32>> = Arc::new(Combiner::new(|| u32::MAX, |r| *r == 0));
+        let entered = Arc::new(Barrier::new(2));
+        let leader = {
+            let (combiner, entered) = (Arc::clone(&combiner), Arc::clone(&entered));
+            thread::spawn(move || {
+                combiner.run(1, |qs| {
+                    entered.wait();
+                    thread::sleep(Duration::from_millis(100)); // a timeout; the waiter queues meanwhile
+                    vec![0; qs.len()]
+                })
+            })
+        };
+        entered.wait();
+        let ran = Arc::new(AtomicU64::new(0));
+        let waiter = {
+            let (combiner, ran) = (Arc::clone(&combiner), Arc::clone(&ran));
+            thread::spawn(move || {
+                combiner.run(2, |qs| {
+                    ran.fetch_add(1, Ordering::Relaxed);
+                    qs.iter().map(|q| **q + 1).collect()
+                })
+            })
+        };
+        assert_eq!(leader.join().unwrap(), 0);
+        assert_eq!(waiter.join().unwrap(), 0, "the queued caller shares the outage");
+        assert_eq!(ran.load(Ordering::Relaxed), 0, "and sends nothing to the gone server");
+        assert_eq!(combiner.run(5, |qs| qs.iter().map(|q| **q + 1).collect()), 6);
+    }
+}
