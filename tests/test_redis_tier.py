@@ -1052,7 +1052,8 @@ def evalsha_calls(client) -> int:
 
 def test_concurrent_reads_share_a_round_trip_and_each_thread_gets_its_own(make_redis_manager, rdb, user_id):
     with TcpProxy(rdb.server.port) as proxy:
-        manager = make_redis_manager(redis_url=proxy.url(), redis_timeout=10)
+        # One connection, so one round trip in flight at a time whatever the number of CPUs.
+        manager = make_redis_manager(redis_url=proxy.url(), redis_timeout=10, redis_pool_size=1)
         conversations = {f"5a4e{n:04d}": make_conversation(3, prefix=f"thread {n} ") for n in range(8)}
         for cid, conv in conversations.items():
             manager.save_conversation(cid, conv, user_id=user_id)

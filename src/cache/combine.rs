@@ -1,14 +1,17 @@
 //! Flat combining: threads that call the same operation at the same time share one round trip.
 //!
-//! A caller that finds no round trip in flight leads: it sends its request and every request
-//! queued meanwhile as one pipeline, hands each waiter its reply, and passes the lead to the first
-//! caller that queued while it was busy. A caller alone pays nothing but two uncontended locks;
-//! eight Python threads reading at once cost Redis one read and one write per batch instead of
-//! one each, which is what lets reads scale when the client, Redis and PostgreSQL share a CPU.
+//! Up to `max_in_flight` round trips run at once (one per CPU the process may use, so reads still
+//! run in parallel on several cores). A caller that finds fewer in flight leads: it sends its
+//! request and every request queued meanwhile as one pipeline, hands each waiter its reply, and
+//! passes the lead to the first caller that queued while it was busy. A caller alone pays nothing
+//! but two uncontended locks; eight Python threads reading at once through one CPU cost Redis one
+//! read and one write per batch instead of one each, which is what lets reads scale when the
+//! client, Redis and PostgreSQL share a CPU.
 //! Each caller leads at most one batch, so no caller waits for more than the batch in flight and
 //! its own; and when a batch finds the server gone, the callers queued behind it get the same
 //! answer at once instead of each waiting out another timeout.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, Thread};
@@ -27,14 +30,15 @@ struct Pending<Q, R> {
 }
 
 struct Queue<Q, R> {
-    /// A batch is in flight (or a caller has been handed the lead and is about to send one).
-    busy: bool,
-    waiting: Vec<Arc<Pending<Q, R>>>,
+    /// Batches in flight, counting callers handed the lead and about to send one.
+    in_flight: usize,
+    waiting: VecDeque<Arc<Pending<Q, R>>>,
 }
 
 /// Combines concurrent requests of type `Q` into batches; each gets its own `R`.
 pub struct Combiner<Q, R> {
     queue: Mutex<Queue<Q, R>>,
+    max_in_flight: usize,
     /// What a request gets when the batch carrying it could not produce its reply (a panic).
     abandoned: fn() -> R,
     /// Whether a reply says the server is gone; the callers queued meanwhile then get it too.
@@ -57,9 +61,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl<Q, R: Clone> Combiner<Q, R> {
-    pub fn new(abandoned: fn() -> R, outage: fn(&R) -> bool) -> Self {
+    /// `max_in_flight` is at least 1.
+    pub fn new(max_in_flight: usize, abandoned: fn() -> R, outage: fn(&R) -> bool) -> Self {
         Combiner {
-            queue: Mutex::new(Queue { busy: false, waiting: Vec::new() }),
+            queue: Mutex::new(Queue { in_flight: 0, waiting: VecDeque::new() }),
+            max_in_flight: max_in_flight.max(1),
             abandoned,
             outage,
             batches: AtomicU64::new(0),
@@ -79,8 +85,13 @@ impl<Q, R: Clone> Combiner<Q, R> {
         let me = Arc::new(Pending { request, thread: thread::current(), state: Mutex::new(State::Waiting) });
         let lead = {
             let mut queue = lock(&self.queue);
-            queue.waiting.push(Arc::clone(&me));
-            !std::mem::replace(&mut queue.busy, true)
+            if queue.in_flight < self.max_in_flight {
+                queue.in_flight += 1;
+                true
+            } else {
+                queue.waiting.push_back(Arc::clone(&me));
+                false
+            }
         };
         if !lead {
             loop {
@@ -95,7 +106,9 @@ impl<Q, R: Clone> Combiner<Q, R> {
                 }
             }
         }
-        let batch = std::mem::take(&mut lock(&self.queue).waiting);
+        // The caller handed the lead was taken off the queue by the one that handed it.
+        let mut batch = vec![Arc::clone(&me)];
+        batch.extend(lock(&self.queue).waiting.drain(..));
         let mut lead = Lead { combiner: self, batch, me: &me, mine: None, outage: None };
         let requests: Vec<&Q> = lead.batch.iter().map(|p| &p.request).collect();
         let replies = execute(&requests);
@@ -152,11 +165,11 @@ impl<Q, R: Clone> Drop for Lead<'_, Q, R> {
                 pending.thread.unpark();
             }
         }
-        if let Some(next) = queue.waiting.first() {
+        if let Some(next) = queue.waiting.pop_front() {
             *lock(&next.state) = State::Lead;
             next.thread.unpark();
         } else {
-            queue.busy = false;
+            queue.in_flight -= 1;
         }
     }
 }
@@ -169,14 +182,14 @@ mod tests {
 
     #[test]
     fn a_caller_alone_runs_its_own_batch() {
-        let combiner: Combiner<u32, u32> = Combiner::new(|| 0, |_| false);
+        let combiner: Combiner<u32, u32> = Combiner::new(1, || 0, |_| false);
         assert_eq!(combiner.run(7, |qs| qs.iter().map(|q| **q * 2).collect()), 14);
         assert_eq!(combiner.counts(), (1, 0));
     }
 
     #[test]
     fn concurrent_callers_share_batches_and_each_gets_its_own_reply() {
-        let combiner: Arc<Combiner<u32, u32>> = Arc::new(Combiner::new(|| u32::MAX, |r| *r == 0));
+        let combiner: Arc<Combiner<u32, u32>> = Arc::new(Combiner::new(1, || u32::MAX, |r| *r == 0));
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let threads = 8;
         let start = Arc::new(Barrier::new(threads));
@@ -211,7 +224,7 @@ mod tests {
 
     #[test]
     fn a_panicking_batch_answers_its_waiters_and_passes_the_lead_on() {
-        let combiner: Arc<Combiner<u32, u32>> = Arc::new(Combiner::new(|| u32::MAX, |r| *r == 0));
+        let combiner: Arc<Combiner<u32, u32>> = Arc::new(Combiner::new(1, || u32::MAX, |r| *r == 0));
         let entered = Arc::new(Barrier::new(2));
         let leader = {
             let (combiner, entered) = (Arc::clone(&combiner), Arc::clone(&entered));
@@ -238,7 +251,7 @@ mod tests {
     #[test]
     fn callers_queued_behind_an_outage_get_it_at_once() {
         // Reply 0 means "the server is gone".
-        let combiner: Arc<Combiner<u32, u32>> = Arc::new(Combiner::new(|| u32::MAX, |r| *r == 0));
+        let combiner: Arc<Combiner<u32, u32>> = Arc::new(Combiner::new(1, || u32::MAX, |r| *r == 0));
         let entered = Arc::new(Barrier::new(2));
         let leader = {
             let (combiner, entered) = (Arc::clone(&combiner), Arc::clone(&entered));
@@ -265,5 +278,35 @@ mod tests {
         assert_eq!(waiter.join().unwrap(), 0, "the queued caller shares the outage");
         assert_eq!(ran.load(Ordering::Relaxed), 0, "and sends nothing to the gone server");
         assert_eq!(combiner.run(5, |qs| qs.iter().map(|q| **q + 1).collect()), 6);
+    }
+
+    #[test]
+    fn up_to_max_in_flight_batches_run_at_once() {
+        let combiner: Arc<Combiner<u32, u32>> = Arc::new(Combiner::new(2, || u32::MAX, |_| false));
+        let (running, most) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let handles: Vec<_> = (0..8u32)
+            .map(|t| {
+                let (combiner, running, most) = (Arc::clone(&combiner), Arc::clone(&running), Arc::clone(&most));
+                thread::spawn(move || {
+                    for i in 0..50 {
+                        let request = t * 100 + i;
+                        let reply = combiner.run(request, |qs| {
+                            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            thread::sleep(Duration::from_micros(300));
+                            running.fetch_sub(1, Ordering::SeqCst);
+                            qs.iter().map(|q| **q + 1).collect()
+                        });
+                        assert_eq!(reply, request + 1);
+                    }
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 2, "two batches overlap, never three");
+        let (batches, shared) = combiner.counts();
+        assert!(shared > 0 && batches < 400, "batches {batches}, shared {shared}");
     }
 }

@@ -723,7 +723,11 @@ impl RedisCache {
             .idle_timeout(Some(Duration::from_secs(300)))
             .error_handler(Box::new(PoolErrorLog))
             .build_unchecked(Connector { client, timeout: settings.timeout });
+        // One round trip in flight per CPU this process may run on (taskset and cgroup limits
+        // count), and never more than the pool's connections.
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let reads = Combiner::new(
+            cpus.min(settings.pool_size as usize),
             || Err(CacheError::Other("the batch carrying this read failed".into())),
             |reply| matches!(reply, Err(CacheError::Unavailable(_))),
         );
