@@ -107,13 +107,17 @@ impl r2d2::ManageConnection for Connector {
         // Scripts sent by EVALSHA inside pipelines are loaded up front (one round trip per new
         // connection); a NOSCRIPT later (SCRIPT FLUSH, a failover) loads them again.
         load_scripts(&mut con, &[&REFRESH_TTL, &SAVE, &BACKFILL, &SETTLE])?;
-        // On a key that never exists, so it changes nothing; older servers reply with an error.
+        // On a key that never exists, so it changes nothing. Older servers reply with an error, and
+        // so may an ACL that does not cover the key: either way the script does the refresh.
         let probe: redis::RedisResult<i64> =
             redis::cmd("EXPIRE").arg("chat-history:expire-gt-probe").arg(1).arg("GT").query(&mut con);
         let expire_gt = match probe {
             Ok(_) => true,
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => false,
-            Err(e) => return Err(e),
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => return Err(e),
+            Err(e) => {
+                log::debug!("Redis refused EXPIRE ... GT ({e}); a script refreshes TTLs on this connection");
+                false
+            }
         };
         Ok(RedisConnection { con, broken: false, expire_gt })
     }
