@@ -9,10 +9,11 @@
 //! client, Redis and PostgreSQL share a CPU.
 //! Each caller leads at most one batch, so no caller waits for more than the batch in flight and
 //! its own; and when a batch finds the server gone, the callers queued behind it get the same
-//! answer at once instead of each waiting out another timeout.
+//! answer at once instead of each waiting out another timeout. A process forked while a batch was
+//! in flight starts over: the batch's leader is not in the child, so nothing would hand it on.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, Thread};
 
@@ -39,6 +40,9 @@ struct Queue<Q, R> {
 pub struct Combiner<Q, R> {
     queue: Mutex<Queue<Q, R>>,
     max_in_flight: usize,
+    /// The process the queue's state belongs to, and how to ask which process this is.
+    pid: AtomicU32,
+    current_pid: fn() -> u32,
     /// What a request gets when the batch carrying it could not produce its reply (a panic).
     abandoned: fn() -> R,
     /// Whether a reply says the server is gone; the callers queued meanwhile then get it too.
@@ -66,6 +70,8 @@ impl<Q, R: Clone> Combiner<Q, R> {
         Combiner {
             queue: Mutex::new(Queue { in_flight: 0, waiting: VecDeque::new() }),
             max_in_flight: max_in_flight.max(1),
+            pid: AtomicU32::new(std::process::id()),
+            current_pid: std::process::id,
             abandoned,
             outage,
             batches: AtomicU64::new(0),
@@ -85,6 +91,13 @@ impl<Q, R: Clone> Combiner<Q, R> {
         let me = Arc::new(Pending { request, thread: thread::current(), state: Mutex::new(State::Waiting) });
         let lead = {
             let mut queue = lock(&self.queue);
+            let pid = (self.current_pid)();
+            if self.pid.load(Ordering::Relaxed) != pid {
+                // Forked: the batches in flight and the callers waiting are the parent's.
+                queue.in_flight = 0;
+                queue.waiting.clear();
+                self.pid.store(pid, Ordering::Relaxed);
+            }
             if queue.in_flight < self.max_in_flight {
                 queue.in_flight += 1;
                 true
@@ -169,7 +182,8 @@ impl<Q, R: Clone> Drop for Lead<'_, Q, R> {
             *lock(&next.state) = State::Lead;
             next.thread.unpark();
         } else {
-            queue.in_flight -= 1;
+            // Saturating: after a fork reset the count, a batch of the old process may end here.
+            queue.in_flight = queue.in_flight.saturating_sub(1);
         }
     }
 }
@@ -308,5 +322,37 @@ mod tests {
         assert_eq!(most.load(Ordering::SeqCst), 2, "two batches overlap, never three");
         let (batches, shared) = combiner.counts();
         assert!(shared > 0 && batches < 400, "batches {batches}, shared {shared}");
+    }
+
+    #[test]
+    fn a_forked_process_does_not_wait_for_the_parents_batch() {
+        // A fork, seen from the combiner: the process id changes while a batch is in flight.
+        static PID: AtomicU32 = AtomicU32::new(1);
+        let mut combiner: Combiner<u32, u32> = Combiner::new(1, || u32::MAX, |_| false);
+        combiner.current_pid = || PID.load(Ordering::SeqCst);
+        combiner.pid.store(1, Ordering::SeqCst);
+        let combiner = Arc::new(combiner);
+        let (entered, release) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+        let parent = {
+            let (combiner, entered, release) = (Arc::clone(&combiner), Arc::clone(&entered), Arc::clone(&release));
+            thread::spawn(move || {
+                combiner.run(1, |qs| {
+                    entered.wait();
+                    release.wait(); // in flight until the "child" has read
+                    qs.iter().map(|q| **q + 1).collect()
+                })
+            })
+        };
+        entered.wait();
+        PID.store(2, Ordering::SeqCst);
+        let (done, got) = std::sync::mpsc::channel();
+        {
+            let combiner = Arc::clone(&combiner);
+            thread::spawn(move || done.send(combiner.run(5, |qs| qs.iter().map(|q| **q + 1).collect())).unwrap());
+        }
+        let reply = got.recv_timeout(Duration::from_secs(10));
+        release.wait();
+        assert_eq!(reply, Ok(6), "the child's read waited for a batch that only the parent had");
+        assert_eq!(parent.join().unwrap(), 2);
     }
 }
