@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -79,25 +78,6 @@ def rdb(redis_server):
     client.close()
 
 
-class PrivateRedisServer(RedisServer):
-    """servers.RedisServer that also counts a password-protected server as ready (PING -> -NOAUTH)."""
-
-    def wait_ready(self, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise ServerError(f"redis-server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith((b"+PONG", b"-NOAUTH")):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise ServerError(f"redis-server on port {self.port} not ready after {timeout}s:\n{self.log_tail()}")
-
-
 @pytest.fixture
 def make_redis_server():
     """Factory: `make_redis_server(*extra_args)` starts a private redis-server; all are removed after the test."""
@@ -105,7 +85,7 @@ def make_redis_server():
 
     def make(*extra_args: str) -> RedisServer:
         try:
-            server = PrivateRedisServer(extra_args=list(extra_args))
+            server = RedisServer(extra_args=list(extra_args))
         except ServerError as exc:
             pytest.skip(str(exc))
         servers.append(server)
