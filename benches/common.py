@@ -7,6 +7,7 @@ exit. PostgreSQL runs with fsync and synchronous_commit off there, for both impl
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
@@ -262,3 +263,12 @@ def current_rss_kib() -> Optional[int]:
     except (OSError, ValueError):
         pass
     return None
+
+
+def write_report(path: str, report: Dict[str, object]) -> None:
+    """The results as indented JSON at `path` (its folder made when missing), and a line saying where."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    print(f"Results written to {os.path.relpath(path)}")

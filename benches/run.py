@@ -16,7 +16,6 @@ nothing here asserts a timing. See benches/README.md for what each row measures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -44,6 +43,7 @@ from common import (
     pinning_line,
     pinning_report,
     summary_us,
+    write_report,
 )
 
 perf_ns = time.perf_counter_ns
@@ -628,11 +628,7 @@ def main(argv: List[str]) -> int:
         "network_floor": results.floor,
         "duration_seconds": round(elapsed, 1),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    print(f"Results written to {os.path.relpath(args.json)}")
+    write_report(args.json, report)
 
     if args.scale:
         print(flush=True)

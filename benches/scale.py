@@ -22,7 +22,6 @@ printed as a table and written to benches/results/scale.json. No timing is asser
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -49,6 +48,7 @@ from common import (
     pinning_line,
     pinning_report,
     summary_us,
+    write_report,
 )
 
 perf_ns = time.perf_counter_ns
@@ -259,11 +259,7 @@ def main(argv: List[str]) -> int:
         "notes": notes,
         "duration_seconds": round(elapsed, 1),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    print(f"Results written to {os.path.relpath(args.json)}")
+    write_report(args.json, report)
     return 0
 
 
