@@ -671,7 +671,7 @@ impl CachedTier {
         let now = chrono::Utc::now().timestamp_micros();
         #[allow(clippy::cast_precision_loss)] // seconds since 1970 fit f64 exactly enough
         let oldest_dirty_age_seconds = oldest.map(|since| (now as f64 / 1e6 - since).max(0.0));
-        let (reads_shared, read_round_trips) = self.redis.read_batching();
+        let (read_round_trips, reads_shared) = self.redis.read_batching();
         CacheStats {
             hits,
             misses,

@@ -838,11 +838,10 @@ impl RedisCache {
         }
     }
 
-    /// Reads that shared a round trip with another thread's, and the round trips reads took.
+    /// The round trips reads took, and the reads that shared theirs with another thread's.
     #[must_use]
     pub fn read_batching(&self) -> (u64, u64) {
-        let (batches, shared) = self.reads.counts();
-        (shared, batches)
+        self.reads.counts()
     }
 
     /// Stores the conversation as dirty, without a TTL, and updates the user's cached list: one
