@@ -488,7 +488,7 @@ def test_saving_again_after_delete_creates_a_new_conversation(make_redis_manager
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("state", ["dirty-in-redis-only", "clean-in-both", "postgres-only"])
+@pytest.mark.parametrize("state", ["dirty-in-redis-only", "clean-in-both", "postgres-only", "owner-record-lapsed"])
 def test_other_user_cannot_overwrite_read_or_delete(
     make_redis_manager, rdb, pg_conn, user_id, other_user_id, conv_id, state
 ):  # fmt: skip
@@ -499,6 +499,9 @@ def test_other_user_cannot_overwrite_read_or_delete(
         assert manager.flush_dirty_conversations() == 1
     if state == "postgres-only":
         rdb.client.delete(conv_key(user_id, conv_id))
+    if state == "owner-record-lapsed":
+        # Hits give the conversation its TTL back but not its owner record, which may lapse first.
+        assert rdb.client.delete(f"owner:{conv_id}") == 1
     redis_before = seed_view(rdb.client)
     pg_before = pg_snapshot(pg_conn)
 
@@ -519,6 +522,11 @@ def test_other_user_cannot_overwrite_read_or_delete(
 
     assert manager.get_conversation(conv_id, user_id=user_id) == mine
     manager.flush_dirty_conversations()
+    assert_row_matches(pg_conn, conv_id, user_id, mine)
+    # The owner's own saves go on as before, whatever Redis remembers of the claim.
+    mine = grown(mine, 2, "A again")
+    manager.save_conversation(conv_id, mine, user_id=user_id)
+    assert manager.flush_dirty_conversations() == 1
     assert_row_matches(pg_conn, conv_id, user_id, mine)
 
 
@@ -1029,14 +1037,17 @@ def test_a_hit_gives_a_clean_conversation_its_ttl_back_and_a_dirty_one_none(serv
         dirty_keys = (conv_key(user_id, "d1a70002"), "owner:d1a70002")
         for key in clean_keys:
             assert rdb.client.expire(key, 5), key
+        clean_key = clean_keys[0]
 
         scripts_before = evalsha_calls(rdb.client)
         assert manager.get_conversation("c1ea0002", user_id=user_id) == clean
         assert manager.get_conversation("d1a70002", user_id=user_id) == dirty
         scripts_run = evalsha_calls(rdb.client) - scripts_before
 
-        for key in clean_keys:
-            assert 500 < rdb.client.ttl(key) <= 600, f"{key} TTL {rdb.client.ttl(key)}"
+        assert 500 < rdb.client.ttl(clean_key) <= 600, f"{clean_key} TTL {rdb.client.ttl(clean_key)}"
+        # The owner record keeps the TTL it had (see test_other_user_cannot_overwrite_read_or_delete
+        # for when it lapses first).
+        assert 0 < rdb.client.ttl("owner:c1ea0002") <= 5
         for key in dirty_keys:
             assert rdb.client.ttl(key) == -1, f"dirty {key} was given a TTL"
         assert manager.stats()["cache_hits"] == 2
