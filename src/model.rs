@@ -38,6 +38,9 @@ impl Timestamp {
     /// without allocating), normalised when it is another ISO 8601 form, `None` when it is none.
     #[must_use]
     pub fn canonical_text(text: &str) -> Option<std::borrow::Cow<'_, str>> {
+        if is_canonical(text.as_bytes()) {
+            return Some(std::borrow::Cow::Borrowed(text));
+        }
         if let Some(ts) = parse_canonical(text.as_bytes()) {
             // "Z", or a ".000000" fraction, parse on the fast path but print differently.
             let zero_fraction = text.len() == 32 && ts.0.timestamp_subsec_micros() == 0;
@@ -134,6 +137,35 @@ impl<'de> Deserialize<'de> for Timestamp {
         let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
         Timestamp::parse(&text).map_err(serde::de::Error::custom)
     }
+}
+
+/// Whether `b` is exactly how a timestamp prints: `YYYY-MM-DDTHH:MM:SS.ffffff+00:00` (the fraction
+/// not zero) or `YYYY-MM-DDTHH:MM:SS+00:00`, a real date and time. Checked digit by digit, without
+/// building a date: every message of every cache hit goes through here.
+fn is_canonical(b: &[u8]) -> bool {
+    const SEPARATORS: [(usize, u8); 5] = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+    const DIGITS: [usize; 14] = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18];
+    if !matches!(b.len(), 25 | 32)
+        || !b.ends_with(b"+00:00")
+        || SEPARATORS.iter().any(|&(i, c)| b[i] != c)
+        || DIGITS.iter().any(|&i| !b[i].is_ascii_digit())
+    {
+        return false;
+    }
+    // A zero fraction prints as none.
+    let fraction =
+        b.len() == 25 || (b[19] == b'.' && b[20..26].iter().all(u8::is_ascii_digit) && b[20..26] != *b"000000");
+    let two = |i: usize| u32::from(b[i] - b'0') * 10 + u32::from(b[i + 1] - b'0');
+    let (year, month, day) = (two(0) * 100 + two(2), two(5), two(8));
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return false,
+    };
+    fraction && (1..=days).contains(&day) && two(11) < 24 && two(14) < 60 && two(17) < 60
 }
 
 /// The fast path: `YYYY-MM-DDTHH:MM:SS[.ffffff](+00:00|Z)`, the form this library and the app write.
@@ -299,6 +331,54 @@ impl Conversation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn is_canonical_says_yes_exactly_when_parsing_and_printing_gives_the_same_text() {
+        let mut texts = Vec::new();
+        for year in ["0000", "0001", "1900", "1999", "2000", "2023", "2024", "2100", "9999", "20x4"] {
+            for month in ["00", "01", "02", "04", "09", "10", "12", "13", "1a"] {
+                for day in ["00", "01", "28", "29", "30", "31", "32"] {
+                    texts.push(format!("{year}-{month}-{day}T12:34:56.789012+00:00"));
+                }
+            }
+        }
+        for time in [
+            "00:00:00.000001",
+            "23:59:59.999999",
+            "24:00:00.100000",
+            "12:60:00.100000",
+            "12:00:60.100000",
+            "12:00:59.000000",
+            "12:00:59.0000001",
+            "12:00:59.00000",
+            "12:00:59,000001",
+            "12:00:59.00000x",
+        ] {
+            texts.push(format!("2024-02-29T{time}+00:00"));
+        }
+        for other in [
+            "2024-02-29T12:00:59.000001Z",
+            "2024-02-29T12:00:59.000001+01:00",
+            "2024-02-29T12:00:59+00:00",
+            "2023-02-29T12:00:59+00:00",
+            "2024-02-29T12:00:60+00:00",
+            "2024-02-29T12:00:59.+00:00",
+            "2024-02-29 12:00:59.000001+00:00",
+            "2024/02/29T12:00:59.000001+00:00",
+            "2024-02-29T12:00:59.000001+00:00 ",
+            "",
+        ] {
+            texts.push(other.to_owned());
+        }
+        let mut accepted = 0;
+        for text in &texts {
+            let round_trip = parse_canonical(text.as_bytes()).is_some_and(|ts| ts.to_string() == *text);
+            assert_eq!(is_canonical(text.as_bytes()), round_trip, "{text}");
+            accepted += usize::from(round_trip);
+        }
+        // Both answers occur: leap days, month lengths and every field's range are exercised.
+        assert!(accepted > 100 && accepted < texts.len() - 100, "{accepted} of {}", texts.len());
+    }
 
     fn canonical(text: &str) -> String {
         Timestamp::parse(text).unwrap().to_string()

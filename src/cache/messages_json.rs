@@ -105,6 +105,72 @@ impl Scanner<'_> {
         char::from_u32(first)
     }
 
+    /// `lit` at the current position, consumed.
+    fn literal(&mut self, lit: &[u8]) -> Option<()> {
+        self.b[self.i..].starts_with(lit).then(|| self.i += lit.len())
+    }
+
+    /// A string value whose opening `"` was just consumed.
+    fn rest_of_string(&mut self) -> Option<Text> {
+        let start = self.i;
+        let end = start + memchr::memchr2(b'"', b'\\', &self.b[start..])?;
+        if self.b[end] == b'"' {
+            self.i = end + 1;
+            return Some(Text::Span(start..end));
+        }
+        self.i = start - 1;
+        self.string()
+    }
+
+    /// The fast path for one message: exactly `{"role":"..","content":"..","time":".."}`, which is
+    /// what this library writes. Each key is compared in place instead of being scanned for as a
+    /// string of its own, which was most of a read's scanning. Anything else (spaces, another key
+    /// order, extra keys) leaves the position where it was, for the general path.
+    fn compact_message(&mut self) -> Option<(Text, Text, Text)> {
+        let start = self.i;
+        let message = (|| {
+            self.literal(br#"{"role":""#)?;
+            let role = self.rest_of_string()?;
+            self.literal(br#","content":""#)?;
+            let content = self.rest_of_string()?;
+            self.literal(br#","time":""#)?;
+            let time = self.rest_of_string()?;
+            self.literal(b"}")?;
+            Some((role, content, time))
+        })();
+        if message.is_none() {
+            self.i = start;
+        }
+        message
+    }
+
+    /// The general path for one message: an object of string values, in any order and spacing,
+    /// holding at least the three keys (the last of a repeated key wins, as in serde_json).
+    fn message(&mut self) -> Option<(Text, Text, Text)> {
+        self.eat(b'{')?;
+        let (mut role, mut content, mut time) = (None, None, None);
+        if self.peek()? != b'}' {
+            loop {
+                let key = self.string()?;
+                self.eat(b':')?;
+                let value = self.string()?;
+                match self.text(&key) {
+                    "role" => role = Some(value),
+                    "content" => content = Some(value),
+                    "time" => time = Some(value),
+                    _ => {}
+                }
+                if self.peek()? == b',' {
+                    self.i += 1;
+                } else {
+                    break;
+                }
+            }
+        }
+        self.eat(b'}')?;
+        Some((role?, content?, time?))
+    }
+
     fn text<'t>(&'t self, text: &'t Text) -> &'t str {
         match text {
             Text::Span(range) => &self.s[range.clone()],
@@ -124,28 +190,12 @@ pub fn scan(json: &str) -> Option<Vec<(Text, Text, Text)>> {
         sc.i += 1;
     } else {
         loop {
-            sc.eat(b'{')?;
-            let (mut role, mut content, mut time) = (None, None, None);
-            if sc.peek()? != b'}' {
-                loop {
-                    let key = sc.string()?;
-                    sc.eat(b':')?;
-                    let value = sc.string()?;
-                    match sc.text(&key) {
-                        "role" => role = Some(value),
-                        "content" => content = Some(value),
-                        "time" => time = Some(value),
-                        _ => {}
-                    }
-                    if sc.peek()? == b',' {
-                        sc.i += 1;
-                    } else {
-                        break;
-                    }
-                }
-            }
-            sc.eat(b'}')?;
-            out.push((role?, content?, time?));
+            sc.ws();
+            let message = match sc.compact_message() {
+                Some(message) => message,
+                None => sc.message()?,
+            };
+            out.push(message);
             match sc.peek()? {
                 b',' => sc.i += 1,
                 b']' => {
@@ -318,6 +368,37 @@ mod tests {
             vec![["assistant", "c", "t"].map(String::from)]
         );
         assert_eq!(texts(" [ ] "), Vec::<[String; 3]>::new());
+    }
+
+    #[test]
+    fn the_compact_fast_path_falls_back_message_by_message() {
+        // Each message in the shape this library writes, or one step away from it.
+        let json = concat!(
+            r#"[{"role":"user","content":"plain","time":"t1"},"#,
+            r#"{"role":"assistant","content":"esc \"q\" \n done","time":"t2"},"#,
+            r#"{"role":"user","content":"c","time":"t\u00e93"},"#,
+            r#"{"role":"user","content":"c","time":"t4","extra":"x"},"#,
+            r#"{"role":"user","content":"first","time":"t5","content":"second"},"#,
+            r#"{"content":"c","role":"assistant","time":"t6"},"#,
+            r#"{"role":"user", "content":"c","time":"t7"},"#,
+            r#"{"role":"user","content":"last","time":"t8"}]"#,
+        );
+        let want: Vec<[String; 3]> = match serde_json::from_str::<serde_json::Value>(json).unwrap() {
+            serde_json::Value::Array(items) => {
+                items.iter().map(|m| ["role", "content", "time"].map(|k| m[k].as_str().unwrap().to_owned())).collect()
+            }
+            other => panic!("{other}"),
+        };
+        assert_eq!(want[4][1], "second", "serde_json keeps the last of a repeated key");
+        assert_eq!(texts(json), want);
+        for broken in [
+            r#"[{"role":"user","content":"c","time":"t"]"#,
+            r#"[{"role":"user","content":"\x","time":"t"}]"#,
+            r#"[{"role":"user","content":"c","time":"t"}"#,
+            r#"[{"role":"user","content":"c","time":"t"},]"#,
+        ] {
+            assert!(scan(broken).is_none(), "{broken}");
+        }
     }
 
     #[test]
