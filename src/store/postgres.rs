@@ -137,19 +137,36 @@ DELETE FROM conversation_tombstones WHERE deleted_at < NOW() - INTERVAL '30 days
 /// by wall-clock time, each bumped past the version it replaces.
 const NOW_MICROS: &str = "(extract(epoch from clock_timestamp()) * 1000000)::int8";
 
-/// One round trip, one row: the conversation and its messages as three arrays in sequence order.
+/// One round trip, one row: the conversation and its messages as arrays in sequence order.
 /// One row rather than one per message: each row repeated the conversation's columns and cost the
 /// client a row's decoding, and a 20-message reply no longer overflows PostgreSQL's 8 KB send buffer.
+/// The messages are sorted once in the subquery and aggregated in that order, rather than by an
+/// `ORDER BY` in each aggregate (PostgreSQL 15 sorts once per such aggregate); the sequence numbers
+/// come along so the order is checked, not assumed (see [`in_sequence`]).
 const GET: &str = "
-SELECT c.title, c.model, c.created_at, c.last_modified, c.cache_version, m.roles, m.contents, m.times
+SELECT c.title, c.model, c.created_at, c.last_modified, c.cache_version, m.seqs, m.roles, m.contents, m.times
 FROM conversations c
 CROSS JOIN LATERAL (
-    SELECT array_agg(role ORDER BY sequence_number) AS roles,
-           array_agg(content ORDER BY sequence_number) AS contents,
-           array_agg(timestamp ORDER BY sequence_number) AS times
-    FROM messages WHERE conversation_id = c.conversation_id
+    SELECT array_agg(sequence_number) AS seqs, array_agg(role) AS roles,
+           array_agg(content) AS contents, array_agg(timestamp) AS times
+    FROM (
+        SELECT sequence_number, role, content, timestamp FROM messages
+        WHERE conversation_id = c.conversation_id ORDER BY sequence_number
+    ) ordered
 ) m
 WHERE c.conversation_id = $1 AND c.user_client_id = $2";
+
+/// Puts `messages` in the order of their sequence numbers `seqs`. PostgreSQL aggregates rows in the
+/// order its sorted subquery returns them, which its docs say "will usually work" rather than
+/// promise; when it did not, this sorts.
+fn in_sequence(seqs: &[i32], messages: &mut Vec<Message>) {
+    if seqs.len() != messages.len() || seqs.is_sorted() {
+        return;
+    }
+    let mut numbered: Vec<(i32, Message)> = seqs.iter().copied().zip(messages.drain(..)).collect();
+    numbered.sort_by_key(|(seq, _)| *seq);
+    messages.extend(numbered.into_iter().map(|(_, m)| m));
+}
 
 const LIST: &str = "
 SELECT conversation_id, title, model, created_at, last_modified
@@ -424,9 +441,10 @@ impl PostgresStore {
         let Some(row) = rows.first() else {
             return Ok(None);
         };
-        let roles: Vec<&str> = row.get::<_, Option<_>>(5).unwrap_or_default();
-        let contents: Vec<String> = row.get::<_, Option<_>>(6).unwrap_or_default();
-        let times: Vec<DateTime<Utc>> = row.get::<_, Option<_>>(7).unwrap_or_default();
+        let seqs: Vec<i32> = row.get::<_, Option<_>>(5).unwrap_or_default();
+        let roles: Vec<&str> = row.get::<_, Option<_>>(6).unwrap_or_default();
+        let contents: Vec<String> = row.get::<_, Option<_>>(7).unwrap_or_default();
+        let times: Vec<DateTime<Utc>> = row.get::<_, Option<_>>(8).unwrap_or_default();
         let mut messages = Vec::with_capacity(roles.len());
         for ((role, content), time) in roles.into_iter().zip(contents).zip(times) {
             let role = Role::parse(role).ok_or_else(|| {
@@ -434,6 +452,7 @@ impl PostgresStore {
             })?;
             messages.push(Message { role, content, time: time.into() });
         }
+        in_sequence(&seqs, &mut messages);
         let conv = Conversation {
             title: row.get(0),
             model: row.get(1),
@@ -711,4 +730,25 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Timestamp;
+
+    #[test]
+    fn in_sequence_puts_messages_in_sequence_order_and_leaves_ordered_ones_alone() {
+        let t = Timestamp::now();
+        let message = |content: &str| Message { role: Role::User, content: content.to_owned(), time: t };
+        let contents = |messages: &[Message]| messages.iter().map(|m| m.content.clone()).collect::<Vec<_>>();
+
+        let mut shuffled = vec![message("c"), message("a"), message("b")];
+        in_sequence(&[2, 0, 1], &mut shuffled);
+        assert_eq!(contents(&shuffled), ["a", "b", "c"]);
+
+        let mut ordered = vec![message("a"), message("b")];
+        in_sequence(&[0, 5], &mut ordered);
+        assert_eq!(contents(&ordered), ["a", "b"]);
+    }
 }
