@@ -75,10 +75,15 @@ impl From<DateTime<Utc>> for Timestamp {
 impl Timestamp {
     /// Appends the canonical form (what `to_string` gives) without going through `fmt`.
     pub fn push_to(&self, out: &mut String) {
+        self.with_text(|text| out.push_str(text));
+    }
+
+    /// Lends the canonical form from a stack buffer, for callers that only read it.
+    pub fn with_text<R>(&self, f: impl FnOnce(&str) -> R) -> R {
         let mut buf = [0u8; 32];
         let len = self.write_canonical(&mut buf);
         // Only ASCII digits and separators were written.
-        out.push_str(std::str::from_utf8(&buf[..len]).unwrap_or_default());
+        f(std::str::from_utf8(&buf[..len]).unwrap_or_default())
     }
 
     /// The canonical form into a stack buffer; returns the used length. Hand-written because
@@ -119,10 +124,7 @@ impl Timestamp {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut buf = [0u8; 32];
-        let len = self.write_canonical(&mut buf);
-        // Only ASCII digits and separators were written.
-        f.write_str(std::str::from_utf8(&buf[..len]).map_err(|_| fmt::Error)?)
+        self.with_text(|text| f.write_str(text))
     }
 }
 

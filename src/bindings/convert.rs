@@ -192,9 +192,40 @@ fn conversation_dict<'py>(
     dict.set_item(intern!(py, "title"), title)?;
     dict.set_item(intern!(py, "model"), model)?;
     dict.set_item(intern!(py, "messages"), messages)?;
-    dict.set_item(intern!(py, "created_at"), created_at.to_string())?;
-    dict.set_item(intern!(py, "last_modified"), last_modified.to_string())?;
+    created_at.with_text(|t| dict.set_item(intern!(py, "created_at"), t))?;
+    last_modified.with_text(|t| dict.set_item(intern!(py, "last_modified"), t))?;
     Ok(dict)
+}
+
+/// Builds message dicts by copying a template per role with its keys already in place: copying a
+/// small dict reuses its key table, where building one inserts (and may resize) key by key.
+struct MessageDicts<'py> {
+    py: Python<'py>,
+    user: Bound<'py, PyDict>,
+    assistant: Bound<'py, PyDict>,
+}
+
+impl<'py> MessageDicts<'py> {
+    fn new(py: Python<'py>) -> PyResult<Self> {
+        let template = |role| -> PyResult<Bound<'py, PyDict>> {
+            let t = PyDict::new(py);
+            t.set_item(intern!(py, "role"), role_str(py, role))?;
+            t.set_item(intern!(py, "content"), intern!(py, ""))?;
+            t.set_item(intern!(py, "time"), intern!(py, ""))?;
+            Ok(t)
+        };
+        Ok(MessageDicts { py, user: template(Role::User)?, assistant: template(Role::Assistant)? })
+    }
+
+    fn dict(&self, role: Role, content: &str, time: &str) -> PyResult<Bound<'py, PyDict>> {
+        let item = match role {
+            Role::User => self.user.copy()?,
+            Role::Assistant => self.assistant.copy()?,
+        };
+        item.set_item(intern!(self.py, "content"), content)?;
+        item.set_item(intern!(self.py, "time"), time)?;
+        Ok(item)
+    }
 }
 
 /// The role as an interned Python string: one object for every message, not one each.
@@ -207,39 +238,22 @@ fn role_str(py: Python<'_>, role: Role) -> &Bound<'_, PyString> {
 
 /// A [`Conversation`] as the app's dict, keys in the app's order.
 pub(crate) fn conversation_to_py<'py>(py: Python<'py>, conv: &Conversation) -> PyResult<Bound<'py, PyDict>> {
-    let messages = PyList::empty(py);
+    let dicts = MessageDicts::new(py)?;
+    let mut items = Vec::with_capacity(conv.messages.len());
     for m in &conv.messages {
-        let item = PyDict::new(py);
-        item.set_item(intern!(py, "role"), role_str(py, m.role))?;
-        item.set_item(intern!(py, "content"), &m.content)?;
-        item.set_item(intern!(py, "time"), m.time.to_string())?;
-        messages.append(item)?;
+        items.push(m.time.with_text(|time| dicts.dict(m.role, &m.content, time))?);
     }
+    let messages = PyList::new(py, items)?;
     conversation_dict(py, &conv.title, &conv.model, messages, conv.created_at, conv.last_modified)
 }
 
 /// A conversation read from Redis as the app's dict, its strings going to Python straight from
 /// the JSON Redis returned.
 pub(crate) fn cached_to_py<'py>(py: Python<'py>, conv: &CachedConversation) -> PyResult<Bound<'py, PyDict>> {
-    // Each message dict is a copy of a template with its keys already in place: copying a small
-    // dict reuses its key table, where building one inserts (and may resize) key by key.
-    let template = |role| -> PyResult<Bound<'py, PyDict>> {
-        let t = PyDict::new(py);
-        t.set_item(intern!(py, "role"), role_str(py, role))?;
-        t.set_item(intern!(py, "content"), intern!(py, ""))?;
-        t.set_item(intern!(py, "time"), intern!(py, ""))?;
-        Ok(t)
-    };
-    let (user, assistant) = (template(Role::User)?, template(Role::Assistant)?);
+    let dicts = MessageDicts::new(py)?;
     let mut items = Vec::with_capacity(conv.messages().len());
     for m in conv.messages() {
-        let item = match m.role {
-            Role::User => user.copy()?,
-            Role::Assistant => assistant.copy()?,
-        };
-        item.set_item(intern!(py, "content"), m.content)?;
-        item.set_item(intern!(py, "time"), m.time)?;
-        items.push(item);
+        items.push(dicts.dict(m.role, m.content, m.time)?);
     }
     let messages = PyList::new(py, items)?;
     conversation_dict(py, &conv.title, &conv.model, messages, conv.created_at, conv.last_modified)
