@@ -188,10 +188,12 @@ def test_cache_miss_reads_postgres_and_backfills_clean(make_redis_manager, rdb, 
     conversation = make_conversation(3)
     manager.save_conversation(conv_id, conversation, user_id=user_id)
     manager.flush_dirty_conversations()
-    assert rdb.client.delete(conv_key(user_id, conv_id)) == 1
+    assert rdb.client.delete(conv_key(user_id, conv_id), f"owner:{conv_id}") == 2
     stats = manager.stats()
 
     assert manager.get_conversation(conv_id, user_id=user_id) == conversation
+    # PostgreSQL stays the record of who owns a clean conversation: a miss writes no owner key.
+    assert not rdb.client.exists(f"owner:{conv_id}")
     after_miss = manager.stats()
     assert after_miss["cache_misses"] == stats["cache_misses"] + 1
     assert after_miss["cache_hits"] == stats["cache_hits"]

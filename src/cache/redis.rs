@@ -426,7 +426,9 @@ return 0
 });
 
 /// KEYS: conv, owner, delete tombstone, staged. ARGV: user, ttl. Caches a clean copy read from
-/// PostgreSQL (staged like a save's) unless something newer is there or it was just deleted.
+/// PostgreSQL (staged like a save's) unless something newer is there, it was just deleted, or
+/// another user has a claim on the id in Redis. It writes no owner record: PostgreSQL, which
+/// just answered for this user, is the record for a clean conversation (see [`RedisCache::get`]).
 static BACKFILL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -437,7 +439,6 @@ if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[1]) == 1 or (
 end
 redis.call('RENAME', KEYS[4], KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 return 1
 ",
     )
