@@ -88,6 +88,41 @@ def test_get_is_a_cache_hit_equal_to_the_input(make_redis_manager, rdb, pg_conn,
     assert manager.stats()["cache_hits"] == hits + 2
 
 
+def test_a_flush_settles_each_conversation_of_a_large_batch_by_its_own_outcome(
+    make_redis_manager, make_manager, pg_url, rdb, pg_conn
+):  # fmt: skip
+    # More conversations than one settle script takes (100), so several calls, each with
+    # conversations to mark clean and, at positions across the calls, ones PostgreSQL already has
+    # a newer version of, which must be dropped from Redis rather than marked clean.
+    manager = make_redis_manager(redis_ttl=600)
+    direct = make_manager(mode="postgres", connection_string=pg_url)  # Redis unreachable, say
+    users = [f"{n:08x}-0000-4000-8000-000000000000" for n in range(3)]
+    items = [(users[n % 3], f"b{n:07x}", make_conversation(2, prefix=f"batch {n} ")) for n in range(230)]
+    for user, cid, conv in items:
+        manager.save_conversation(cid, conv, user_id=user)
+    newer_at = {0, 99, 100, 101, 157, 229}
+    newer = {}
+    for n in newer_at:
+        user, cid, conv = items[n]
+        newer[n] = grown({**conv, "title": "newer in PostgreSQL"}, 1)
+        direct.save_conversation(cid, newer[n], user_id=user)
+
+    assert manager.flush_dirty_conversations() == len(items) - len(newer_at)
+
+    assert dirty_set(rdb.client) == set()
+    for n, (user, cid, conv) in enumerate(items):
+        if n in newer_at:
+            assert not rdb.client.exists(conv_key(user, cid)), n
+            assert_row_matches(pg_conn, cid, user, newer[n])
+            assert manager.get_conversation(cid, user_id=user) == newer[n]
+        else:
+            assert_cached(rdb.client, user, cid, conv, dirty=False, ttl=600)
+            assert 0 < rdb.client.ttl(f"owner:{cid}") <= 600, n
+            assert_row_matches(pg_conn, cid, user, conv)
+    for user in users:
+        assert rdb.client.scard(f"user:{user}:dirty") == 0
+
+
 def test_flush_writes_rows_and_marks_clean(make_redis_manager, rdb, pg_conn, user_id, other_user_id, conv_id):
     manager = make_redis_manager(redis_ttl=600)
     first = make_conversation(3, title="Mine")

@@ -520,33 +520,53 @@ return out
     )
 });
 
-/// KEYS: conv, dirty set, user dirty, dirty since, owner, list, list meta. ARGV: member, id,
-/// version written, ttl, action ('clean' or 'drop'), and what PostgreSQL now holds (messages,
-/// version, fingerprint; empty when unknown), recorded even when a newer save raced the flush. Compare-and-clear: only when the hash still
-/// holds the version the flush wrote does it become clean (or, when PostgreSQL had something newer,
-/// get dropped). A save that raced the flush changed the version, so it stays dirty.
+/// Conversations settled per `SETTLE` call: one script call per conversation cost Redis more in
+/// the call than in the work, and a hundred keep each call well under a millisecond.
+const SETTLE_PER_CALL: usize = 100;
+
+/// KEYS: dirty set, dirty since, then per conversation: conv, user dirty, owner, list, list meta.
+/// ARGV: ttl, then per conversation: member, id, version written, action ('clean' or 'drop'), and
+/// what PostgreSQL now holds (messages, version, fingerprint; empty when unknown), recorded even
+/// when a newer save raced the flush. Compare-and-clear: only when the hash still holds the
+/// version the flush wrote does it become clean (or, when PostgreSQL had something newer, get
+/// dropped). A save that raced the flush changed the version, so it stays dirty.
 static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local exists = redis.call('EXISTS', KEYS[1]) == 1
-local ver = redis.call('HGET', KEYS[1], 'ver') or ''
-if exists and ARGV[7] ~= '' and (tonumber(redis.call('HGET', KEYS[1], 'pgv') or '0') or 0) < tonumber(ARGV[7]) then
-  redis.call('HSET', KEYS[1], 'pgn', ARGV[6], 'pgv', ARGV[7], 'pgh', ARGV[8])
+for i = 0, (#KEYS - 2) / 5 - 1 do
+  local conv, user_dirty, owner, list, meta = KEYS[3 + 5 * i], KEYS[4 + 5 * i], KEYS[5 + 5 * i], KEYS[6 + 5 * i], KEYS[7 + 5 * i]
+  local a = 1 + 7 * i
+  local member, id, version, action = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local pgn, pgv, pgh = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+  local settled = true
+  if redis.call('EXISTS', conv) == 1 then
+    local h = redis.call('HMGET', conv, 'ver', 'pgv')
+    local set = {}
+    if pgv ~= '' and (tonumber(h[2] or '0') or 0) < tonumber(pgv) then
+      set = {'pgn', pgn, 'pgv', pgv, 'pgh', pgh}
+    end
+    settled = (h[1] or '') == version
+    if settled and action == 'clean' then
+      set[#set + 1] = 'dirty'
+      set[#set + 1] = '0'
+    end
+    if #set > 0 then redis.call('HSET', conv, unpack(set)) end
+    if settled and action == 'clean' then
+      redis.call('EXPIRE', conv, ARGV[1])
+      redis.call('EXPIRE', owner, ARGV[1])
+    elseif settled then
+      redis.call('DEL', conv)
+      redis.call('ZREM', list, id)
+      redis.call('HDEL', meta, id)
+    end
+  end
+  if settled then
+    redis.call('SREM', KEYS[1], member)
+    redis.call('SREM', user_dirty, id)
+    redis.call('ZREM', KEYS[2], member)
+  end
 end
-if exists and ver ~= ARGV[3] then return 0 end
-if exists and ARGV[5] == 'clean' then
-  redis.call('HSET', KEYS[1], 'dirty', '0')
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  if redis.call('GET', KEYS[5]) then redis.call('EXPIRE', KEYS[5], ARGV[4]) end
-elseif exists then
-  redis.call('DEL', KEYS[1])
-  redis.call('ZREM', KEYS[6], ARGV[2])
-  redis.call('HDEL', KEYS[7], ARGV[2])
-end
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('SREM', KEYS[3], ARGV[2])
-redis.call('ZREM', KEYS[4], ARGV[1])
-return 1
+return 0
 ",
     )
 });
@@ -1087,29 +1107,34 @@ impl RedisCache {
         let ttl = self.ttl();
         self.run(|con| {
             let mut pipe = redis::pipe();
-            for (member, version, action, stored) in items {
-                let (user_id, conversation_id) = split_member(member).unwrap_or(("", member.as_str()));
-                let mut cmd = evalsha(
-                    &SETTLE,
-                    &[
-                        &conv_key(user_id, conversation_id),
-                        DIRTY_SET,
-                        &user_dirty_key(user_id),
-                        DIRTY_SINCE,
-                        &owner_key(conversation_id),
-                        &list_key(user_id),
-                        &list_meta_key(user_id),
-                    ],
-                );
-                let action = match action {
-                    Settle::Clean => "clean",
-                    Settle::Drop => "drop",
-                };
-                cmd.arg(member).arg(conversation_id).arg(version).arg(ttl).arg(action);
-                match stored {
-                    Some(p) => cmd.arg(p.messages).arg(p.version).arg(p.fingerprint.to_string()),
-                    None => cmd.arg("").arg("").arg(""),
-                };
+            for chunk in items.chunks(SETTLE_PER_CALL) {
+                let mut keys = Vec::with_capacity(2 + 5 * chunk.len());
+                let mut args: Vec<String> = Vec::with_capacity(1 + 7 * chunk.len());
+                keys.extend([DIRTY_SET.to_owned(), DIRTY_SINCE.to_owned()]);
+                args.push(ttl.to_string());
+                for (member, version, action, stored) in chunk {
+                    let (user_id, conversation_id) = split_member(member).unwrap_or(("", member.as_str()));
+                    keys.extend([
+                        conv_key(user_id, conversation_id),
+                        user_dirty_key(user_id),
+                        owner_key(conversation_id),
+                        list_key(user_id),
+                        list_meta_key(user_id),
+                    ]);
+                    let action = match action {
+                        Settle::Clean => "clean",
+                        Settle::Drop => "drop",
+                    };
+                    args.extend([member.clone(), conversation_id.to_owned(), version.clone(), action.to_owned()]);
+                    let stored = stored.as_ref().map_or_else(
+                        || [String::new(), String::new(), String::new()],
+                        |p| [p.messages.to_string(), p.version.to_string(), p.fingerprint.to_string()],
+                    );
+                    args.extend(stored);
+                }
+                let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+                let mut cmd = evalsha(&SETTLE, &key_refs);
+                cmd.arg(&args);
                 pipe.add_command(cmd).ignore();
             }
             query_loading::<()>(con, &pipe, &[&SETTLE])
