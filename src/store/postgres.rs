@@ -261,23 +261,27 @@ WITH input AS (
     {UPSERT_MESSAGES}
 )
 SELECT i.id,
-    CASE
-        WHEN EXISTS (SELECT 1 FROM conv WHERE conv.conversation_id = i.id) THEN 'written'
-        WHEN c.conversation_id IS NOT NULL AND c.user_client_id <> i.user_id THEN 'owner'
-        WHEN EXISTS (
-            SELECT 1 FROM conversation_tombstones t
-            WHERE t.conversation_id = i.id AND t.user_client_id = i.user_id AND t.deleted_version >= i.version)
-            THEN 'deleted'
-        WHEN c.cache_version = i.version THEN 'current'
-        WHEN c.cache_version > i.version THEN 'stale'
-        WHEN i.first > 0 THEN 'rebase'
-        ELSE 'stale'
-    END
-FROM input i
-LEFT JOIN LATERAL (
-    -- LIMIT keeps the planner from flattening this into a hash join over the whole table.
-    SELECT conversation_id, user_client_id, cache_version FROM conversations WHERE conversation_id = i.id LIMIT 1
-) AS c ON true"
+    CASE WHEN EXISTS (SELECT 1 FROM conv WHERE conv.conversation_id = i.id) THEN 'written'
+    -- Why not, looked up only for what was not written (the row as it was before the statement).
+    ELSE (
+        SELECT CASE
+            WHEN c.conversation_id IS NOT NULL AND c.user_client_id <> i.user_id THEN 'owner'
+            WHEN EXISTS (
+                SELECT 1 FROM conversation_tombstones t
+                WHERE t.conversation_id = i.id AND t.user_client_id = i.user_id AND t.deleted_version >= i.version)
+                THEN 'deleted'
+            WHEN c.cache_version = i.version THEN 'current'
+            WHEN c.cache_version > i.version THEN 'stale'
+            WHEN i.first > 0 THEN 'rebase'
+            ELSE 'stale'
+        END
+        FROM (SELECT) AS one
+        LEFT JOIN LATERAL (
+            -- LIMIT keeps the planner from flattening this into a hash join over the whole table.
+            SELECT conversation_id, user_client_id, cache_version FROM conversations WHERE conversation_id = i.id LIMIT 1
+        ) AS c ON true
+    ) END
+FROM input i"
     )
 }
 
