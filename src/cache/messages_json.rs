@@ -1,8 +1,9 @@
 //! The one JSON shape a cached conversation's `messages` field has: an array of objects whose
 //! values are strings. [`scan`] finds each string with `memchr` (SIMD) instead of serde_json's
-//! byte loop, and leaves strings without escapes in place; anything else (numbers, nesting, bad
-//! escapes) returns `None` and the caller parses with serde_json instead. [`write`] produces the
-//! same bytes `serde_json::to_string` would, checking eight bytes at a time for what needs an
+//! byte loop, and leaves strings without escapes in place; a message in exactly the shape [`write`]
+//! produces has its keys compared in place rather than scanned for. Anything else (numbers,
+//! nesting, bad escapes) returns `None` and the caller parses with serde_json instead. [`write`] produces the
+//! same bytes `serde_json::to_string` would, checking 32 bytes at a time for what needs an
 //! escape. Both run for every message of every cached read and save.
 
 use std::ops::Range;

@@ -262,7 +262,7 @@ WITH input AS (
 )
 SELECT i.id,
     CASE WHEN EXISTS (SELECT 1 FROM conv WHERE conv.conversation_id = i.id) THEN 'written'
-    -- Why not, looked up only for what was not written (the row as it was before the statement).
+    -- The reason, looked up only for what was not written (in the snapshot from before the statement).
     ELSE (
         SELECT CASE
             WHEN c.conversation_id IS NOT NULL AND c.user_client_id <> i.user_id THEN 'owner'
