@@ -123,6 +123,28 @@ def test_a_flush_settles_each_conversation_of_a_large_batch_by_its_own_outcome(
         assert rdb.client.scard(f"user:{user}:dirty") == 0
 
 
+def test_scripts_flushed_from_redis_are_loaded_again(make_redis_manager, rdb, pg_conn, user_id):
+    # SCRIPT FLUSH (an operator, a failover to a replica without the scripts) on live connections:
+    # each pipeline that meets NOSCRIPT loads its scripts and runs again, its staged fields too.
+    manager = make_redis_manager(redis_ttl=600)
+    first, second = make_conversation(2, title="first"), make_conversation(3, title="second")
+    manager.save_conversation("5c000001", first, user_id=user_id)
+    assert manager.flush_dirty_conversations() == 1
+    assert rdb.client.delete(conv_key(user_id, "5c000001")) == 1
+
+    assert rdb.client.script_flush()
+    manager.save_conversation("5c000002", second, user_id=user_id)  # the save script
+    assert_cached(rdb.client, user_id, "5c000002", second, dirty=True)
+    assert rdb.client.script_flush()
+    assert manager.get_conversation("5c000001", user_id=user_id) == first  # a miss's backfill script
+    assert_cached(rdb.client, user_id, "5c000001", first, dirty=False, ttl=600)
+    assert rdb.client.script_flush()
+    assert manager.flush_dirty_conversations() == 1  # the settle script
+    assert_row_matches(pg_conn, "5c000002", user_id, second)
+    assert_cached(rdb.client, user_id, "5c000002", second, dirty=False, ttl=600)
+    assert rdb.client.keys("staged:*") == []
+
+
 def test_flush_writes_rows_and_marks_clean(make_redis_manager, rdb, pg_conn, user_id, other_user_id, conv_id):
     manager = make_redis_manager(redis_ttl=600)
     first = make_conversation(3, title="Mine")
