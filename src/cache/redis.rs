@@ -839,13 +839,7 @@ impl RedisCache {
             if conn.expire_gt {
                 return pipe(false).query::<Vec<Value>>(&mut conn.con);
             }
-            match pipe(true).query::<Vec<Value>>(&mut conn.con) {
-                Err(e) if e.kind() == redis::ServerErrorKind::NoScript.into() => {
-                    load_scripts(&mut conn.con, &[&REFRESH_TTL])?;
-                    pipe(true).query(&mut conn.con)
-                }
-                other => other,
-            }
+            query_loading(&mut conn.con, &pipe(true), &[&REFRESH_TTL])
         });
         match result {
             Ok(values) if values.len() == batch.len() => values.into_iter().map(Ok).collect(),
@@ -1196,8 +1190,9 @@ fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
 /// save whose script never ran, say on NOSCRIPT, leaves nothing behind); the script that follows
 /// in the same pipeline renames it into place. No MULTI/EXEC around them: the staged key's name is
 /// unique to this call, so nothing else can touch it in between, and the script does every check
-/// and the rename atomically; the transaction cost a save or a miss 2-4 us for nothing. The command is sized up front: the transcript is
-/// most of its bytes, and growing the buffer for it cost more than writing it.
+/// and the rename atomically; the transaction cost a save or a miss 2-4 us for nothing. The
+/// command is sized up front: the transcript is most of its bytes, and growing the buffer for it
+/// cost more than writing it.
 fn stage(pipe: &mut redis::Pipeline, staged: &str, conv: &Conversation, extra: &[(&str, &str)]) {
     let messages = messages_json::write(&conv.messages);
     let mut times = String::with_capacity(64);
