@@ -236,21 +236,28 @@ mod tests {
         assert_eq!(shared, sizes.iter().filter(|&&n| n > 1).sum::<usize>() as u64);
     }
 
-    #[test]
-    fn a_panicking_batch_answers_its_waiters_and_passes_the_lead_on() {
-        let combiner: Arc<Combiner<u32, u32>> = Arc::new(Combiner::new(1, || u32::MAX, |r| *r == 0));
+    /// A caller leading a batch that takes 100 ms (a waiter queues meanwhile) and ends with
+    /// `finish` of its size; returns once the batch is in flight.
+    fn slow_leader(combiner: &Arc<Combiner<u32, u32>>, finish: fn(usize) -> Vec<u32>) -> thread::JoinHandle<u32> {
         let entered = Arc::new(Barrier::new(2));
         let leader = {
-            let (combiner, entered) = (Arc::clone(&combiner), Arc::clone(&entered));
+            let (combiner, entered) = (Arc::clone(combiner), Arc::clone(&entered));
             thread::spawn(move || {
-                combiner.run(1, |_| {
+                combiner.run(1, |qs| {
                     entered.wait();
-                    thread::sleep(Duration::from_millis(100)); // the waiter queues meanwhile
-                    panic!("the batch failed");
+                    thread::sleep(Duration::from_millis(100));
+                    finish(qs.len())
                 })
             })
         };
         entered.wait();
+        leader
+    }
+
+    #[test]
+    fn a_panicking_batch_answers_its_waiters_and_passes_the_lead_on() {
+        let combiner: Arc<Combiner<u32, u32>> = Arc::new(Combiner::new(1, || u32::MAX, |r| *r == 0));
+        let leader = slow_leader(&combiner, |_| panic!("the batch failed"));
         let waiter = {
             let combiner = Arc::clone(&combiner);
             thread::spawn(move || combiner.run(2, |qs| qs.iter().map(|q| **q + 1).collect()))
@@ -264,20 +271,9 @@ mod tests {
 
     #[test]
     fn callers_queued_behind_an_outage_get_it_at_once() {
-        // Reply 0 means "the server is gone".
+        // Reply 0 means "the server is gone"; the slow batch is a timeout.
         let combiner: Arc<Combiner<u32, u32>> = Arc::new(Combiner::new(1, || u32::MAX, |r| *r == 0));
-        let entered = Arc::new(Barrier::new(2));
-        let leader = {
-            let (combiner, entered) = (Arc::clone(&combiner), Arc::clone(&entered));
-            thread::spawn(move || {
-                combiner.run(1, |qs| {
-                    entered.wait();
-                    thread::sleep(Duration::from_millis(100)); // a timeout; the waiter queues meanwhile
-                    vec![0; qs.len()]
-                })
-            })
-        };
-        entered.wait();
+        let leader = slow_leader(&combiner, |n| vec![0; n]);
         let ran = Arc::new(AtomicU64::new(0));
         let waiter = {
             let (combiner, ran) = (Arc::clone(&combiner), Arc::clone(&ran));
