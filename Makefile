@@ -28,8 +28,12 @@ servers: ## Install redis-server and PostgreSQL when missing (Debian, needs root
 dev: venv ## Build the extension into .venv (release mode)
 	VIRTUAL_ENV=$(CURDIR)/$(VENV) maturin develop --release --quiet
 
+.PHONY: dev-test
+dev-test: venv ## Build the extension into .venv with the test-only failpoints compiled in
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) maturin develop --release --quiet --features python,failpoints
+
 .PHONY: test
-test: servers dev ## Run everything: cargo tests, then pytest against throwaway Redis and PostgreSQL
+test: servers dev-test ## Run everything: cargo tests, then pytest against throwaway Redis and PostgreSQL
 	cargo test --quiet
 	$(PY) -m pytest tests
 

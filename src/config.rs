@@ -83,7 +83,16 @@ pub struct PostgresSettings {
     pub pool_size: u32,
     /// How long a connect, or a wait for a pooled connection, may take.
     pub connect_timeout: Duration,
+    /// The longest any statement may run (`statement_timeout`, per session).
+    pub statement_timeout: Duration,
+    /// The longest any statement may wait for a lock (`lock_timeout`, per session).
+    pub lock_timeout: Duration,
 }
+
+/// Default [`PostgresSettings::statement_timeout`].
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default [`PostgresSettings::lock_timeout`].
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for PostgresSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -93,6 +102,8 @@ impl std::fmt::Debug for PostgresSettings {
             .field("ca_file", &self.ca_file)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("lock_timeout", &self.lock_timeout)
             // `config` holds the password: shown only through `redacted()` above.
             .finish_non_exhaustive()
     }
@@ -137,7 +148,15 @@ impl PostgresSettings {
         }
         // An explicit argument wins over the string's sslrootcert, as keyword arguments win elsewhere.
         let ca_file = ca_file.or_else(|| root_cert.filter(|p| p != "system").map(PathBuf::from));
-        Ok(PostgresSettings { config, ssl_mode, ca_file, pool_size, connect_timeout })
+        Ok(PostgresSettings {
+            config,
+            ssl_mode,
+            ca_file,
+            pool_size,
+            connect_timeout,
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+        })
     }
 
     /// What is checked of the server's certificate. libpq: `require` with a root CA file verifies

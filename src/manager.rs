@@ -6,7 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use crate::cache::redis::{CacheError, CachedConversation, MemoryInfo, RedisCache, SaveOutcome};
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use crate::cache::redis::{
+    Bypass, CacheError, CachedConversation, DirtyEntry, MemoryInfo, RedisCache, SaveOptions, SaveOutcome,
+};
 use crate::config::{PostgresSettings, RedisSettings};
 use crate::error::{Backend, Error, ErrorKind, Result};
 use crate::model::{Conversation, Timestamp};
@@ -153,6 +157,8 @@ pub struct CacheStats {
     pub flush_failures: u64,
     /// `<user>:<id>` of conversations PostgreSQL refused, kept dirty and retried.
     pub stuck: Vec<String>,
+    /// Copies this manager kept aside in `conversation_conflicts` after a divergence.
+    pub conflicts_kept: u64,
     /// Redis memory, when the server allows `INFO`.
     pub memory: MemoryInfo,
     /// The Redis URL without its password.
@@ -160,7 +166,6 @@ pub struct CacheStats {
 }
 
 /// The chat history of an app: the API of SPEC section 2 over the configured tiers.
-#[derive(Debug)]
 pub struct ChatHistory {
     mode: Mode,
     history_days: i32,
@@ -168,6 +173,27 @@ pub struct ChatHistory {
     counters: Counters,
     background: Mutex<Option<BackgroundFlusher>>,
     close_timeout: Duration,
+    /// Kept so a forked child can open its own pools.
+    settings: Settings,
+    /// The [`FORK_GENERATION`] the tier's pools and threads belong to.
+    generation: AtomicU64,
+}
+
+impl std::fmt::Debug for ChatHistory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatHistory").field("mode", &self.mode).field("tier", &self.tier).finish_non_exhaustive()
+    }
+}
+
+/// Bumped in a forked child (the Python package registers [`after_fork_in_child`] with
+/// `os.register_at_fork`): a manager whose pools belong to an older generation shares its sockets
+/// with the parent, and opens its own before its next call.
+static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Runs in a child process right after a fork. Only bumps a counter: the child has one thread,
+/// and any lock another thread of the parent held at the fork stays held in the child.
+pub fn after_fork_in_child() {
+    FORK_GENERATION.fetch_add(1, Ordering::AcqRel);
 }
 
 /// Every live manager, so the exit hook can close them all (SPEC section 4.5).
@@ -180,61 +206,7 @@ impl ChatHistory {
         if settings.history_days < 0 {
             return Err(Error::config(format!("history_days must be 0 or more, got {}", settings.history_days)));
         }
-        let postgres = || -> Result<Arc<PostgresStore>> {
-            let pg = settings.postgres.as_ref().ok_or_else(|| {
-                Error::config(
-                    "this mode needs a PostgreSQL connection string (the connection_string argument or DATABASE_URL)",
-                )
-            })?;
-            Ok(Arc::new(PostgresStore::new(pg)?))
-        };
-        let tier = match settings.mode {
-            Mode::Local => Tier::Local(LocalStore::open(&settings.base_dir)?),
-            Mode::Postgres => {
-                let store = postgres()?;
-                store.ensure_schema()?;
-                Tier::Postgres(store)
-            }
-            Mode::Redis => {
-                let redis = settings.redis.as_ref().ok_or_else(|| {
-                    Error::config("redis mode needs Redis: pass redis_connection_string=... (or REDIS_CONNECTION_STRING), or redis_host=...")
-                })?;
-                let store = postgres()?;
-                // Saves must work while PostgreSQL is down (SPEC section 5): the schema is made
-                // now if possible, else before the first PostgreSQL call.
-                let schema_ready = match store.ensure_schema() {
-                    Ok(()) => true,
-                    Err(e) if e.is_unavailable() => {
-                        log::warn!("PostgreSQL is unavailable at start; saves go to Redis until it is back ({e})");
-                        false
-                    }
-                    Err(e) => return Err(e),
-                };
-                let cache = Arc::new(RedisCache::new(redis)?);
-                let health = Health::default();
-                if let Err(e) = cache.ping() {
-                    health.failed(&format!("at start, {}", e.into_error()));
-                }
-                Tier::Cached(Arc::new(CachedTier {
-                    flusher: Flusher::new(Arc::clone(&cache), Arc::clone(&store), settings.flush_batch_size),
-                    redis: cache,
-                    postgres: store,
-                    schema_ready: AtomicBool::new(schema_ready),
-                    history_days: settings.history_days,
-                    health,
-                    hits: AtomicU64::new(0),
-                    misses: AtomicU64::new(0),
-                    fallbacks: AtomicU64::new(0),
-                }))
-            }
-        };
-        let background = match (&tier, settings.flush_interval) {
-            (Tier::Cached(cached), Some(interval)) => {
-                let cached: Arc<dyn Flush> = Arc::clone(cached) as Arc<dyn Flush>;
-                Some(BackgroundFlusher::start(Arc::downgrade(&cached), interval)?)
-            }
-            _ => None,
-        };
+        let (tier, background) = open_tier(settings)?;
         let history = Arc::new(ChatHistory {
             mode: settings.mode,
             history_days: settings.history_days,
@@ -242,6 +214,8 @@ impl ChatHistory {
             counters: Counters::default(),
             background: Mutex::new(background),
             close_timeout: settings.close_timeout,
+            settings: settings.clone(),
+            generation: AtomicU64::new(FORK_GENERATION.load(Ordering::Acquire)),
         });
         let mut live = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
         live.retain(|weak| weak.strong_count() > 0);
@@ -256,11 +230,36 @@ impl ChatHistory {
     }
 
     fn tier(&self) -> Result<Arc<Tier>> {
+        if self.generation.load(Ordering::Acquire) != FORK_GENERATION.load(Ordering::Acquire) {
+            self.reopen_after_fork()?;
+        }
         self.tier
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
             .ok_or_else(|| Error::new(ErrorKind::Closed, "this ChatHistoryManager is closed"))
+    }
+
+    /// In a forked child: leaves the parent's pools and threads alone (never closing a socket the
+    /// parent still uses: dropping a PostgreSQL client sends Terminate on it) and opens new ones.
+    fn reopen_after_fork(&self) -> Result<()> {
+        let mut tier = self.tier.write().unwrap_or_else(PoisonError::into_inner);
+        let generation = FORK_GENERATION.load(Ordering::Acquire);
+        if self.generation.load(Ordering::Acquire) == generation {
+            return Ok(());
+        }
+        let Some(inherited) = tier.take() else {
+            self.generation.store(generation, Ordering::Release);
+            return Ok(());
+        };
+        std::mem::forget(inherited);
+        std::mem::forget(self.background.lock().unwrap_or_else(PoisonError::into_inner).take());
+        let (fresh, background) = open_tier(&self.settings)?;
+        *tier = Some(Arc::new(fresh));
+        *self.background.lock().unwrap_or_else(PoisonError::into_inner) = background;
+        self.generation.store(generation, Ordering::Release);
+        log::debug!("forked child: {} ChatHistoryManager opened its own connections", self.mode.as_str());
+        Ok(())
     }
 
     /// The PostgreSQL store, for the seed's `manager.postgres_backend`.
@@ -357,7 +356,7 @@ impl ChatHistory {
     /// are none.
     pub fn flush(&self) -> Result<usize> {
         match &*self.tier()? {
-            Tier::Cached(cached) => Ok(cached.flush(None)?.written),
+            Tier::Cached(cached) => Ok(cached.flush(None, true)?.written),
             _ => Ok(0),
         }
     }
@@ -365,13 +364,28 @@ impl ChatHistory {
     /// Stops the background flusher, flushes what is dirty (for at most the close timeout,
     /// logging what it could not write), then releases the pools. Idempotent; never fails.
     pub fn close(&self) -> Result<()> {
-        if let Some(mut background) = self.background.lock().unwrap_or_else(PoisonError::into_inner).take() {
-            background.stop();
+        if self.generation.load(Ordering::Acquire) != FORK_GENERATION.load(Ordering::Acquire) {
+            // A forked child that never used the manager: the pools and whatever they would flush
+            // are the parent's.
+            let mut tier = self.tier.write().unwrap_or_else(PoisonError::into_inner);
+            std::mem::forget(tier.take());
+            std::mem::forget(self.background.lock().unwrap_or_else(PoisonError::into_inner).take());
+            return Ok(());
         }
+        let deadline = Instant::now() + self.close_timeout;
+        let background = self.background.lock().unwrap_or_else(PoisonError::into_inner).take();
         let tier = self.tier.write().unwrap_or_else(PoisonError::into_inner).take();
+        if let (Some(Tier::Cached(cached)), Some(_)) = (tier.as_deref(), &background) {
+            cached.flusher.cancel();
+        }
+        if let Some(mut background) = background {
+            if !background.stop_until(deadline) {
+                log::warn!("close: the background flush did not stop within close_timeout; leaving it behind");
+            }
+        }
         if let Some(tier) = tier {
             if let Tier::Cached(cached) = &*tier {
-                match cached.flush(Some(Instant::now() + self.close_timeout)) {
+                match cached.flush(Some(deadline), true) {
                     Ok(report) if report.incomplete || report.failed > 0 => log::error!(
                         "close: {} conversations written back; {} failed and some may remain dirty in Redis \
                          (they are kept there and written by the next flush)",
@@ -394,6 +408,38 @@ impl ChatHistory {
             log::debug!("{} ChatHistoryManager closed", self.mode.as_str());
         }
         Ok(())
+    }
+
+    /// Copies kept aside after a divergence (see [`PostgresStore::conflicts`]).
+    pub fn conflicts(
+        &self,
+        user_id: Option<&str>,
+        conflict_id: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<crate::store::postgres::Conflict>> {
+        let store = self.postgres()?.ok_or_else(|| Error::config("local mode keeps no conflict copies"))?;
+        store.conflicts(user_id, conflict_id, limit)
+    }
+
+    /// Makes kept copy `conflict_id` the conversation again, through the normal save path. The
+    /// copy it replaces is kept aside first unless the restored one holds all its messages, so a
+    /// restore loses nothing either.
+    pub fn restore_conflict(&self, conflict_id: i64) -> Result<(String, String)> {
+        let store = self.postgres()?.ok_or_else(|| Error::config("local mode keeps no conflict copies"))?;
+        let conflict = store
+            .conflicts(None, Some(conflict_id), 1)?
+            .pop()
+            .ok_or_else(|| Error::new(ErrorKind::Validation, format!("no kept copy has conflict_id {conflict_id}")))?;
+        let (id, user) = (conflict.conversation_id.as_str(), conflict.user_id.as_str());
+        if let Some(current) = self.get(id, Some(user))?.map(Fetched::into_conversation) {
+            if !crate::writeback::is_prefix(&current.messages, &conflict.conversation.messages) {
+                store.keep_conflict(id, user, &current, None, "was replaced when an operator restored another copy")?;
+            }
+        }
+        self.save(id, Some(user), &conflict.conversation)?;
+        store.mark_restored(conflict_id)?;
+        log::info!("restored kept copy {conflict_id} as conversation {id:?} of user {user:?}");
+        Ok((conflict.conversation_id, conflict.user_id))
     }
 
     /// Whether `close()` was called.
@@ -422,16 +468,86 @@ impl ChatHistory {
     }
 }
 
+/// Opens the stores of `settings` and, in redis mode, starts the background flusher.
+fn open_tier(settings: &Settings) -> Result<(Tier, Option<BackgroundFlusher>)> {
+    let postgres = || -> Result<Arc<PostgresStore>> {
+        let pg = settings.postgres.as_ref().ok_or_else(|| {
+            Error::config(
+                "this mode needs a PostgreSQL connection string (the connection_string argument or DATABASE_URL)",
+            )
+        })?;
+        Ok(Arc::new(PostgresStore::new(pg)?))
+    };
+    let tier = match settings.mode {
+        Mode::Local => Tier::Local(LocalStore::open(&settings.base_dir)?),
+        Mode::Postgres => {
+            let store = postgres()?;
+            store.ensure_schema()?;
+            Tier::Postgres(store)
+        }
+        Mode::Redis => {
+            let redis = settings.redis.as_ref().ok_or_else(|| {
+                Error::config(
+                    "redis mode needs Redis: pass redis_connection_string=... (or REDIS_CONNECTION_STRING), or redis_host=...",
+                )
+            })?;
+            let store = postgres()?;
+            // Saves must work while PostgreSQL is down (docs/design.md, "Faults"): the schema is
+            // made now if possible, else before the first PostgreSQL call.
+            let schema_ready = match store.ensure_schema() {
+                Ok(()) => true,
+                Err(e) if e.is_unavailable() => {
+                    log::warn!("PostgreSQL is unavailable at start; saves go to Redis until it is back ({e})");
+                    false
+                }
+                Err(e) => return Err(e),
+            };
+            let cache = Arc::new(RedisCache::new(redis)?);
+            let health = Health::default();
+            if let Err(e) = cache.ping() {
+                health.failed(&format!("at start, {}", e.into_error()));
+            }
+            Tier::Cached(Arc::new(CachedTier {
+                flusher: Flusher::new(Arc::clone(&cache), Arc::clone(&store), settings.flush_batch_size),
+                redis: cache,
+                postgres: store,
+                schema_ready: AtomicBool::new(schema_ready),
+                history_days: settings.history_days,
+                health,
+                tainted: Tainted::default(),
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
+                fallbacks: AtomicU64::new(0),
+                conflicts_kept: AtomicU64::new(0),
+            }))
+        }
+    };
+    let background = match (&tier, settings.flush_interval) {
+        (Tier::Cached(cached), Some(interval)) => {
+            let cached: Arc<dyn Flush> = Arc::clone(cached) as Arc<dyn Flush>;
+            Some(BackgroundFlusher::start(Arc::downgrade(&cached), interval)?)
+        }
+        _ => None,
+    };
+    Ok((tier, background))
+}
+
 /// Shortest and longest pause before Redis is tried again after it failed (SPEC section 5).
 const MIN_REDIS_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_REDIS_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Writes that went straight to PostgreSQL and are not yet reconciled with Redis, at most this many
+/// (deduplicated by conversation). Past it, further ones are not tracked, and the log says how many.
+const MAX_BYPASSES: usize = 100_000;
+
 /// Redis's health as this process sees it: a circuit breaker with exponential backoff, and the
-/// writes that went straight to PostgreSQL meanwhile, whose older cached copies are dropped as
-/// soon as Redis answers again.
+/// writes that went straight to PostgreSQL meanwhile (or because Redis refused them), which Redis
+/// is brought in line with before it serves anything again.
 #[derive(Debug, Default)]
 struct Health {
     degraded: AtomicBool,
+    /// Whether `bypasses` has entries: checked on every call without taking the lock.
+    pending: AtomicBool,
     state: Mutex<HealthState>,
 }
 
@@ -439,8 +555,10 @@ struct Health {
 struct HealthState {
     retry_at: Option<Instant>,
     backoff: Duration,
-    /// (user, id, PostgreSQL version) written while Redis was unreachable.
-    pending: Vec<(String, String, i64)>,
+    /// By (user, id): the newest write that went straight to PostgreSQL.
+    bypasses: HashMap<(String, String), Bypass>,
+    /// Bypasses not tracked because the map was full.
+    untracked: u64,
 }
 
 impl Health {
@@ -456,7 +574,7 @@ impl Health {
     fn failed(&self, why: &str) {
         let mut state = self.lock();
         state.backoff = if self.degraded.swap(true, Ordering::AcqRel) {
-            (state.backoff * 2).min(MAX_REDIS_BACKOFF)
+            (state.backoff * 2).clamp(MIN_REDIS_BACKOFF, MAX_REDIS_BACKOFF)
         } else {
             log::warn!("Redis is unavailable ({why}); using PostgreSQL directly until it is back");
             MIN_REDIS_BACKOFF
@@ -464,28 +582,82 @@ impl Health {
         state.retry_at = Some(Instant::now() + state.backoff);
     }
 
-    fn remember(&self, user_id: &str, conversation_id: &str, version: i64) {
-        self.lock().pending.push((user_id.to_owned(), conversation_id.to_owned(), version));
+    fn remember(&self, bypass: Bypass) {
+        let mut state = self.lock();
+        let key = (bypass.user_id.clone(), bypass.conversation_id.clone());
+        let full = state.bypasses.len() >= MAX_BYPASSES;
+        match state.bypasses.get_mut(&key) {
+            Some(known) if known.version < bypass.version => *known = bypass,
+            Some(_) => {}
+            None if full => state.untracked += 1,
+            None => {
+                state.bypasses.insert(key, bypass);
+            }
+        }
+        self.pending.store(true, Ordering::Release);
     }
 
-    fn succeeded(&self, redis: &RedisCache) {
-        if !self.degraded.load(Ordering::Acquire) {
-            return;
-        }
-        let pending = {
+    fn succeeded(&self) {
+        if self.degraded.swap(false, Ordering::AcqRel) {
             let mut state = self.lock();
             state.retry_at = None;
             state.backoff = Duration::ZERO;
-            std::mem::take(&mut state.pending)
-        };
-        self.degraded.store(false, Ordering::Release);
-        match redis.invalidate(&pending) {
-            Ok(()) => log::info!("Redis is back; caching resumed ({} stale entries checked)", pending.len()),
-            Err(e) => {
-                self.lock().pending.extend(pending);
-                self.failed(&e.into_error().to_string());
+            log::info!("Redis is back; caching resumed");
+        }
+    }
+}
+
+/// Conversations whose last read this process served from PostgreSQL because Redis did not answer:
+/// Redis may hold a newer dirty copy that the caller did not see, so the caller's next save of them
+/// must not silently replace it. Bounded, oldest forgotten first.
+#[derive(Debug, Default)]
+struct Tainted {
+    count: AtomicU64,
+    state: Mutex<TaintedReads>,
+}
+
+/// (user, id) pairs, as a set and in the order they were added.
+type TaintedReads = (HashSet<(String, String)>, VecDeque<(String, String)>);
+
+/// At most this many tainted reads are remembered.
+const MAX_TAINTED: usize = 100_000;
+
+impl Tainted {
+    fn add(&self, user_id: &str, conversation_id: &str) {
+        let key = (user_id.to_owned(), conversation_id.to_owned());
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let (set, order) = &mut *state;
+        if set.insert(key.clone()) {
+            order.push_back(key);
+            if order.len() > MAX_TAINTED {
+                if let Some(old) = order.pop_front() {
+                    set.remove(&old);
+                }
             }
         }
+        self.count.store(set.len() as u64, Ordering::Release);
+    }
+
+    fn contains(&self, user_id: &str, conversation_id: &str) -> bool {
+        self.count.load(Ordering::Acquire) > 0
+            && self
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .0
+                .contains(&(user_id.to_owned(), conversation_id.to_owned()))
+    }
+
+    fn remove(&self, user_id: &str, conversation_id: &str) {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let (set, order) = &mut *state;
+        if set.remove(&(user_id.to_owned(), conversation_id.to_owned())) {
+            order.retain(|(u, c)| !(u == user_id && c == conversation_id));
+        }
+        self.count.store(set.len() as u64, Ordering::Release);
     }
 }
 
@@ -498,16 +670,26 @@ struct CachedTier {
     schema_ready: AtomicBool,
     history_days: i32,
     health: Health,
+    tainted: Tainted,
     hits: AtomicU64,
     misses: AtomicU64,
     fallbacks: AtomicU64,
+    /// Copies kept aside by saves (a flush's are counted by the flusher).
+    conflicts_kept: AtomicU64,
 }
 
 impl CachedTier {
-    /// Runs a Redis call unless Redis is backing off; `None` means "use PostgreSQL".
+    /// Runs a Redis call unless Redis is backing off; `None` means "use PostgreSQL". Before the
+    /// first call after an outage (or a refused write), Redis is brought in line with what went
+    /// straight to PostgreSQL, so it never serves a copy older than one of those writes.
     fn cache<T>(&self, op: impl FnOnce(&RedisCache) -> Result<T, CacheError>) -> Option<Result<T, CacheError>> {
         if !self.health.usable() {
             self.fallbacks.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        if let Err(e) = self.reconcile() {
+            self.fallbacks.fetch_add(1, Ordering::Relaxed);
+            log::debug!("Redis could not be brought in line after an outage: {e}");
             return None;
         }
         let result = op(&self.redis);
@@ -516,9 +698,57 @@ impl CachedTier {
                 self.fallbacks.fetch_add(1, Ordering::Relaxed);
                 self.health.failed(why);
             }
-            _ => self.health.succeeded(&self.redis),
+            _ => self.health.succeeded(),
         }
         Some(result)
+    }
+
+    /// Replays the bypasses (see [`Health`]), a hundred per round trip; a conversation whose dirty
+    /// copy is older than its bypass is flushed now, which keeps the losing copy aside.
+    fn reconcile(&self) -> Result<(), String> {
+        if !self.health.pending.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let (items, untracked) = {
+            let mut state = self.health.lock();
+            self.health.pending.store(false, Ordering::Release);
+            (state.bypasses.drain().map(|(_, b)| b).collect::<Vec<_>>(), std::mem::take(&mut state.untracked))
+        };
+        if untracked > 0 {
+            log::error!(
+                "{untracked} writes went straight to PostgreSQL beyond the {MAX_BYPASSES} tracked; Redis may serve \
+                 older copies of them until they expire"
+            );
+        }
+        match self.redis.invalidate(&items) {
+            Ok(diverged) => {
+                log::info!("Redis brought in line with {} writes made while it was away", items.len());
+                if !diverged.is_empty() {
+                    if let Err(e) = self
+                        .pg()
+                        .map_err(|e| e.to_string())
+                        .and_then(|_| self.flusher.flush_members(&diverged).map_err(|e| e.to_string()))
+                    {
+                        log::warn!("{} diverged conversations wait for the next flush: {e}", diverged.len());
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let mut state = self.health.lock();
+                for item in items {
+                    let key = (item.user_id.clone(), item.conversation_id.clone());
+                    state.bypasses.entry(key).or_insert(item);
+                }
+                self.health.pending.store(true, Ordering::Release);
+                drop(state);
+                let why = e.clone().into_error().to_string();
+                if matches!(e, CacheError::Unavailable(_)) {
+                    self.health.failed(&why);
+                }
+                Err(why)
+            }
+        }
     }
 
     /// PostgreSQL, with the schema made first if it could not be at start.
@@ -534,10 +764,12 @@ impl CachedTier {
         let cache_up = match self.cache(|r| r.get(user_id, conversation_id)) {
             Some(Ok(Some(cached))) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
+                self.tainted.remove(user_id, conversation_id);
                 return Ok(Some(Fetched::Cached(cached)));
             }
             Some(Ok(None)) => {
                 self.misses.fetch_add(1, Ordering::Relaxed);
+                self.tainted.remove(user_id, conversation_id);
                 true
             }
             Some(Err(e)) => {
@@ -553,6 +785,8 @@ impl CachedTier {
             if let Some(Err(e)) = self.cache(|r| r.backfill(user_id, conversation_id, &conv, version)) {
                 log::debug!("could not cache {conversation_id:?}: {}", e.into_error());
             }
+        } else {
+            self.tainted.add(user_id, conversation_id);
         }
         Ok(Some(Fetched::Stored(conv)))
     }
@@ -580,81 +814,175 @@ impl CachedTier {
     }
 
     fn save(&self, conversation_id: &str, user_id: &str, conv: &Conversation) -> Result<()> {
-        let outcome = match self.cache(|r| r.save(user_id, conversation_id, conv, false)) {
+        let guard = self.tainted.contains(user_id, conversation_id);
+        let first = SaveOptions { guard, ..SaveOptions::default() };
+        let outcome = match self.cache(|r| r.save(user_id, conversation_id, conv, first)) {
             Some(Ok((SaveOutcome::OwnerUnknown, _))) => {
-                // A new id for this cache: PostgreSQL knows whether another user owns it. When
-                // PostgreSQL is down the save is not refused; the flush will catch a conflict.
-                match self.pg().and_then(|pg| pg.owner(conversation_id)) {
-                    Ok(Some(owner)) if owner != user_id => return Err(ownership(conversation_id)),
-                    Ok(_) => {}
+                // Redis does not hold the conversation: PostgreSQL says whether the id is another
+                // user's, and how new its row (or tombstone) is. An id that cannot be checked is
+                // refused rather than claimed blind (docs/design.md, "Ownership").
+                let floor = match self.pg().and_then(|pg| pg.owner(conversation_id)) {
+                    Ok(Some(row)) if row.owner.as_deref().is_some_and(|o| o != user_id) => {
+                        return Err(ownership(conversation_id))
+                    }
+                    Ok(row) => row.and_then(|r| r.version),
                     Err(e) if e.is_unavailable() => {
-                        log::debug!("claiming {conversation_id:?} while PostgreSQL is unavailable");
+                        return Err(Error::new(
+                            ErrorKind::Unavailable(Backend::Postgres),
+                            format!(
+                                "conversation {conversation_id:?} is not in Redis and PostgreSQL is unavailable to say \
+                                 whether it belongs to another user; nothing was saved (save again once PostgreSQL \
+                                 is back)"
+                            ),
+                        )
+                        .with_source(e))
                     }
                     Err(e) => return Err(e),
-                }
-                self.cache(|r| r.save(user_id, conversation_id, conv, true))
+                };
+                self.cache(|r| r.save(user_id, conversation_id, conv, SaveOptions { claim: true, floor, guard }))
+            }
+            other => other,
+        };
+        let outcome = match outcome {
+            Some(Ok((SaveOutcome::Diverged, _))) => {
+                self.keep_overwritten(conversation_id, user_id)?;
+                self.cache(|r| {
+                    r.save(user_id, conversation_id, conv, SaveOptions { claim: true, ..SaveOptions::default() })
+                })
             }
             other => other,
         };
         match outcome {
-            Some(Ok((SaveOutcome::Saved(_), _))) => Ok(()),
-            Some(Ok((SaveOutcome::OtherOwner | SaveOutcome::OwnerUnknown, _))) => Err(ownership(conversation_id)),
-            Some(Err(CacheError::Unavailable(_))) | None => {
-                let version = self.pg()?.save(conversation_id, user_id, conv)?;
-                self.health.remember(user_id, conversation_id, version);
+            Some(Ok((SaveOutcome::Saved(_), _))) => {
+                self.tainted.remove(user_id, conversation_id);
                 Ok(())
             }
-            // Out of memory (or another refusal): the save goes to PostgreSQL, and the now older
-            // cached copy is dropped (deleting is allowed even when Redis is out of memory).
+            Some(Ok((SaveOutcome::OtherOwner | SaveOutcome::OwnerUnknown | SaveOutcome::Diverged, _))) => {
+                Err(ownership(conversation_id))
+            }
+            Some(Err(CacheError::Unavailable(_))) | None => {
+                let version = self.pg()?.save(conversation_id, user_id, conv)?;
+                self.bypassed(user_id, conversation_id, version, false);
+                Ok(())
+            }
+            // Out of memory (or another refusal): the save goes to PostgreSQL, and Redis is
+            // brought in line before its next call (deleting is allowed even when Redis is out of
+            // memory).
             Some(Err(e)) => {
                 log::warn!("Redis refused a save, writing it to PostgreSQL: {}", e.into_error());
                 self.fallbacks.fetch_add(1, Ordering::Relaxed);
                 let version = self.pg()?.save(conversation_id, user_id, conv)?;
-                let item = [(user_id.to_owned(), conversation_id.to_owned(), version)];
-                if let Some(Err(_)) | None = self.cache(|r| r.invalidate(&item)) {
-                    self.health.remember(user_id, conversation_id, version);
-                }
+                self.bypassed(user_id, conversation_id, version, false);
                 Ok(())
             }
         }
     }
 
-    fn delete(&self, conversation_id: &str, user_id: &str) -> Result<()> {
-        let seen_version = match self.cache(|r| r.delete(user_id, conversation_id)) {
-            Some(Ok(None)) => {
-                log::debug!("delete of {conversation_id:?}: it belongs to another user; nothing deleted");
-                return Ok(());
-            }
-            Some(Ok(Some(version))) => Some(version),
-            Some(Err(e)) => {
-                log::debug!("Redis delete failed: {}", e.into_error());
-                None
-            }
-            None => None,
+    /// Records a write that went straight to PostgreSQL; Redis is brought in line before its next
+    /// call, or right now when it answers.
+    fn bypassed(&self, user_id: &str, conversation_id: &str, version: i64, deleted: bool) {
+        self.tainted.remove(user_id, conversation_id);
+        self.health.remember(Bypass {
+            user_id: user_id.to_owned(),
+            conversation_id: conversation_id.to_owned(),
+            version,
+            deleted,
+        });
+    }
+
+    /// A save after a read that Redis did not answer found a dirty copy in Redis that its messages
+    /// do not extend: that copy is kept aside in PostgreSQL before the save replaces it. When
+    /// PostgreSQL cannot take it, the save is refused and nothing changes.
+    fn keep_overwritten(&self, conversation_id: &str, user_id: &str) -> Result<()> {
+        let member = format!("{user_id}:{conversation_id}");
+        let entries = self.redis.fetch_dirty(std::slice::from_ref(&member), Duration::from_secs(5));
+        let Some(DirtyEntry { content: Some(Ok(cached)), .. }) = entries.map_err(CacheError::into_error)?.pop() else {
+            return Ok(());
         };
-        let (_, tombstone) = self.pg()?.delete_versioned(conversation_id, user_id, seen_version.unwrap_or(0))?;
-        if let Some(version) = tombstone {
-            if seen_version.is_none() {
-                self.health.remember(user_id, conversation_id, version);
-            } else if let Some(Err(e)) = self.cache(|r| r.mark_deleted(user_id, conversation_id, version)) {
-                log::debug!("could not record the delete of {conversation_id:?} in Redis: {}", e.into_error());
-            }
+        let kept = self.pg()?.keep_conflict(
+            conversation_id,
+            user_id,
+            &cached.conversation,
+            cached.version,
+            crate::writeback::REASON_OVERWRITTEN,
+        )?;
+        if kept {
+            self.conflicts_kept.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "conversation {conversation_id:?} of user {user_id:?}: a save read from PostgreSQL while Redis did not \
+                 answer replaced a dirty copy with {} messages; that copy is kept in conversation_conflicts",
+                cached.conversation.messages.len()
+            );
         }
         Ok(())
     }
 
-    fn flush(&self, deadline: Option<Instant>) -> Result<FlushReport> {
-        if !self.health.usable() {
+    /// All or nothing: Redis is only asked (ownership, version) until PostgreSQL has deleted the
+    /// row and written a tombstone at least as new as anything Redis held; only then is the copy in
+    /// Redis removed. When PostgreSQL fails the call raises and nothing changed.
+    fn delete(&self, conversation_id: &str, user_id: &str) -> Result<()> {
+        let seen = match self.cache(|r| r.peek_delete(user_id, conversation_id)) {
+            Some(Ok(None)) => {
+                log::debug!("delete of {conversation_id:?}: it belongs to another user; nothing deleted");
+                return Ok(());
+            }
+            Some(Ok(Some(version))) => version,
+            Some(Err(e)) => {
+                log::debug!("Redis delete check failed: {}", e.into_error());
+                0
+            }
+            None => 0,
+        };
+        let (_, tombstone) = self.pg()?.delete_versioned(conversation_id, user_id, seen)?;
+        let Some(mut tombstone) = tombstone else {
+            log::debug!("delete of {conversation_id:?}: PostgreSQL gives the id to another user; nothing deleted");
+            return Ok(());
+        };
+        fail::fail_point!("delete.after_postgres");
+        match self.cache(|r| r.delete(user_id, conversation_id)) {
+            Some(Ok(Some(removed))) => {
+                if removed >= tombstone {
+                    // A save landed in Redis between the two steps; its version must be under the
+                    // tombstone too, so a flush that read it cannot bring it back.
+                    tombstone = self.pg()?.delete_versioned(conversation_id, user_id, removed)?.1.unwrap_or(removed);
+                }
+                if let Some(Err(e)) = self.cache(|r| r.mark_deleted(user_id, conversation_id, tombstone)) {
+                    log::debug!("could not record the delete of {conversation_id:?} in Redis: {}", e.into_error());
+                }
+            }
+            Some(Ok(None)) => {}
+            Some(Err(_)) | None => self.bypassed(user_id, conversation_id, tombstone, true),
+        }
+        Ok(())
+    }
+
+    /// `explicit`: asked for by the caller (`flush_dirty_conversations()`, `close()`, the CLI), so
+    /// Redis is tried now even while this process backs off from it.
+    fn flush(&self, deadline: Option<Instant>, explicit: bool) -> Result<FlushReport> {
+        if !explicit && !self.health.usable() {
             return Err(Error::new(
                 ErrorKind::Unavailable(Backend::Redis),
                 "Redis is unavailable; nothing can be flushed from it now",
             ));
         }
+        if explicit && self.health.degraded.load(Ordering::Acquire) {
+            match self.redis.ping() {
+                Ok(()) => self.health.succeeded(),
+                Err(e) => {
+                    let error = e.into_error();
+                    self.health.failed(&error.to_string());
+                    return Err(error);
+                }
+            }
+        }
         self.pg()?;
-        let result = self.flusher.flush(deadline);
+        self.reconcile().map_err(|why| {
+            Error::new(ErrorKind::Unavailable(Backend::Redis), "Redis is unavailable").with_source(why)
+        })?;
+        let result = if explicit { self.flusher.flush(deadline) } else { self.flusher.flush_cancellable(deadline) };
         match &result {
             Err(e) if e.kind() == ErrorKind::Unavailable(Backend::Redis) => self.health.failed(&e.to_string()),
-            Ok(_) => self.health.succeeded(&self.redis),
+            Ok(_) => self.health.succeeded(),
             Err(_) => {}
         }
         result
@@ -684,6 +1012,8 @@ impl CachedTier {
             flushes: self.flusher.flushes.load(Ordering::Relaxed),
             conversations_flushed: self.flusher.conversations_flushed.load(Ordering::Relaxed),
             flush_failures: self.flusher.flush_failures.load(Ordering::Relaxed),
+            conflicts_kept: self.flusher.conflicts_kept.load(Ordering::Relaxed)
+                + self.conflicts_kept.load(Ordering::Relaxed),
             stuck: self.flusher.stuck(),
             memory: if usable { self.redis.memory().unwrap_or_default() } else { MemoryInfo::default() },
             redis_url: self.redis.redacted_url().to_owned(),
@@ -693,7 +1023,7 @@ impl CachedTier {
 
 impl Flush for CachedTier {
     fn background_flush(&self) {
-        match self.flush(None) {
+        match self.flush(None, false) {
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::Unavailable(Backend::Redis) => {
                 log::debug!("background flush skipped: {e}");

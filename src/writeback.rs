@@ -11,9 +11,9 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::cache::redis::{split_member, CacheError, Cached, DirtyEntry, RedisCache, Settle, StoredPrefix};
-use crate::error::{Error, Result};
-use crate::model::messages_fingerprint;
+use crate::cache::redis::{split_member, CacheError, Cached, DirtyEntry, RedisCache, Settle, SettleItem, StoredPrefix};
+use crate::error::{Backend, Error, ErrorKind, Result};
+use crate::model::{messages_fingerprint, Conversation};
 use crate::store::postgres::{FlushOutcome, PostgresStore, WriteBack};
 use crate::validate;
 
@@ -42,6 +42,8 @@ pub struct FlushReport {
     pub failed: usize,
     /// Conversations whose cached copy was older than PostgreSQL's or deleted, dropped.
     pub dropped: usize,
+    /// Copies kept aside in `conversation_conflicts`.
+    pub conflicts: usize,
     /// Whether the flush stopped at its deadline with work left.
     pub incomplete: bool,
 }
@@ -61,6 +63,10 @@ pub struct Flusher {
     pub conversations_flushed: AtomicU64,
     /// Failed write-back attempts, all runs.
     pub flush_failures: AtomicU64,
+    /// Copies kept aside in `conversation_conflicts`, all runs.
+    pub conflicts_kept: AtomicU64,
+    /// Set by [`Flusher::cancel`]: a flush in progress stops after its batch.
+    cancelled: std::sync::atomic::AtomicBool,
 }
 
 impl Flusher {
@@ -76,6 +82,8 @@ impl Flusher {
             flushes: AtomicU64::new(0),
             conversations_flushed: AtomicU64::new(0),
             flush_failures: AtomicU64::new(0),
+            conflicts_kept: AtomicU64::new(0),
+            cancelled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -89,10 +97,22 @@ impl Flusher {
     }
 
     /// Writes every dirty conversation back, streaming the dirty set in batches. Stops early (and
-    /// says so) at `deadline`. Fails only when Redis or PostgreSQL cannot be reached; what was
-    /// written until then stays written, the rest stays dirty.
+    /// says so) at `deadline`, or when [`Flusher::cancel`] is called. Fails only when Redis or
+    /// PostgreSQL cannot be reached; what was written until then stays written, the rest stays dirty.
     pub fn flush(&self, deadline: Option<Instant>) -> Result<FlushReport> {
-        let _running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        self.run(deadline, false)
+    }
+
+    /// [`Flusher::flush`] that also stops after the batch in progress once [`Flusher::cancel`] is
+    /// called: the background flusher's, so `close()` does not wait for a whole flush.
+    pub fn flush_cancellable(&self, deadline: Option<Instant>) -> Result<FlushReport> {
+        self.run(deadline, true)
+    }
+
+    fn run(&self, deadline: Option<Instant>, cancellable: bool) -> Result<FlushReport> {
+        let Some(_running) = self.wait_turn(deadline) else {
+            return Ok(FlushReport { incomplete: true, ..FlushReport::default() });
+        };
         let started = Instant::now();
         let mut report = FlushReport::default();
         let mut cursor = 0;
@@ -101,9 +121,13 @@ impl Flusher {
             // SSCAN may return a member twice; the second write finds PostgreSQL current and only
             // settles Redis, so no set of seen members (memory growing with the dirty count) is kept.
             let (next, members) = self.redis.scan_dirty(cursor, self.batch_size).map_err(CacheError::into_error)?;
+            let stop = || {
+                deadline.is_some_and(|d| Instant::now() >= d) || (cancellable && self.cancelled.load(Ordering::Acquire))
+            };
             for chunk in members.chunks(self.batch_size) {
                 self.flush_batch(chunk, &mut report)?;
                 batches += 1;
+                fail::fail_point!("flush.between_batches");
                 if batches % 20 == 0 {
                     log::info!(
                         "write-back in progress: {} conversations written, {} failed",
@@ -111,27 +135,66 @@ impl Flusher {
                         report.failed
                     );
                 }
+                if stop() {
+                    report.incomplete = true;
+                    break;
+                }
             }
             cursor = next;
-            if cursor == 0 {
+            if cursor == 0 || report.incomplete {
                 break;
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            if stop() {
                 report.incomplete = true;
                 break;
             }
         }
         self.flushes.fetch_add(1, Ordering::Relaxed);
-        if report.written > 0 || report.failed > 0 {
+        if report.written > 0 || report.failed > 0 || report.conflicts > 0 {
             log::info!(
-                "write-back: {} conversations written to PostgreSQL, {} failed, {} stale copies dropped in {:.0?}",
+                "write-back: {} conversations written to PostgreSQL, {} failed, {} stale copies dropped, {} copies \
+                 kept aside as conflicts in {:.0?}",
                 report.written,
                 report.failed,
                 report.dropped,
+                report.conflicts,
                 started.elapsed()
             );
         }
         Ok(report)
+    }
+
+    /// Flushes the given members now (after Redis came back, the ones whose dirty copy is older
+    /// than a write that went straight to PostgreSQL).
+    pub fn flush_members(&self, members: &[String]) -> Result<FlushReport> {
+        let mut report = FlushReport::default();
+        let Some(_running) = self.wait_turn(None) else {
+            return Ok(report);
+        };
+        for chunk in members.chunks(self.batch_size) {
+            self.flush_batch(chunk, &mut report)?;
+        }
+        Ok(report)
+    }
+
+    /// One flush at a time per process. Waits for the one in progress, until `deadline`.
+    fn wait_turn(&self, deadline: Option<Instant>) -> Option<std::sync::MutexGuard<'_, ()>> {
+        loop {
+            match self.running.try_lock() {
+                Ok(guard) => return Some(guard),
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => return Some(poisoned.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Makes a flush in progress stop after its current batch (`close()` uses it).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
     }
 
     fn flush_batch(&self, members: &[String], report: &mut FlushReport) -> Result<()> {
@@ -144,14 +207,33 @@ impl Flusher {
             return Ok(());
         }
         let entries = self.redis.fetch_dirty(&due, FLUSH_READ_TIMEOUT).map_err(CacheError::into_error)?;
+        fail::fail_point!("flush.after_read");
         let mut settle: Vec<SettleItem> = Vec::new();
         let mut ready: Vec<(String, Cached, bool)> = Vec::new();
         for DirtyEntry { member, content } in entries {
             match content {
                 // Deleted (or never there): only the dirty-set entry is left to remove.
-                None => settle.push((member, String::new(), Settle::Drop, None)),
+                None => settle.push(SettleItem {
+                    member,
+                    version: String::new(),
+                    action: Settle::Drop,
+                    stored: None,
+                    mark: None,
+                }),
                 Some(Err(why)) => self.fail(&member, why, report),
-                Some(Ok(cached)) => match check(&member, &cached) {
+                Some(Ok(mut cached)) => match check(&member, &cached) {
+                    Ok(()) if cached.foreign => {
+                        // Another writer changed the hash: it gets a version of its own first, so
+                        // PostgreSQL can tell it from what it already holds (docs/design.md).
+                        let (user_id, conversation_id) = split_member(&member).expect("checked members split");
+                        match self.redis.adopt(user_id, conversation_id, &cached).map_err(CacheError::into_error)? {
+                            Some(version) => {
+                                cached.version = Some(version);
+                                ready.push((member, cached, true));
+                            }
+                            None => log::debug!("{member} changed while being flushed; the next flush writes it"),
+                        }
+                    }
                     Ok(()) => ready.push((member, cached, false)),
                     Err(why) => self.fail(&member, why, report),
                 },
@@ -167,6 +249,7 @@ impl Flusher {
             later.extend(self.write_round(round, &mut settle, report)?);
             ready = later;
         }
+        fail::fail_point!("flush.before_settle");
         self.redis.settle(&settle).map_err(CacheError::into_error)
     }
 
@@ -179,17 +262,7 @@ impl Flusher {
     ) -> Result<Vec<(String, Cached, bool)>> {
         let writes: Vec<WriteBack<'_>> = round
             .iter()
-            .map(|(member, cached, full)| {
-                let (user_id, conversation_id) = split_member(member).expect("checked members split");
-                let extends = if *full { None } else { stored_prefix(cached) };
-                WriteBack {
-                    conversation_id,
-                    user_id,
-                    conversation: &cached.conversation,
-                    version: version_of(cached),
-                    extends,
-                }
-            })
+            .map(|(member, cached, full)| write_back(member, cached, *full, cached.stored.map(|p| p.version)))
             .collect();
         let outcomes = match self.postgres.flush_batch(&writes) {
             Ok(outcomes) => outcomes.into_iter().map(Ok).collect::<Vec<_>>(),
@@ -211,8 +284,19 @@ impl Flusher {
         drop(writes);
         let mut again = Vec::new();
         for ((member, cached, full), outcome) in round.into_iter().zip(outcomes) {
+            let outcome = match outcome {
+                Ok(FlushOutcome::Diverged | FlushOutcome::Stale) => self.resolve(&member, &cached, report),
+                Ok(FlushOutcome::Rebase) if full => self.resolve(&member, &cached, report),
+                other => other,
+            };
             let version = version_of(&cached);
-            let stored = cached.version.map(|v| v.to_string()).unwrap_or_default();
+            let item = |action, stored| SettleItem {
+                member: member.clone(),
+                version: cached.version.map(|v| v.to_string()).unwrap_or_default(),
+                action,
+                stored,
+                mark: Some(cached.mark.clone()),
+            };
             // What PostgreSQL holds once this version is there: recorded so the next flush of
             // this conversation sends only the messages added after these.
             let holds = || {
@@ -227,25 +311,107 @@ impl Flusher {
                     report.written += 1;
                     self.conversations_flushed.fetch_add(1, Ordering::Relaxed);
                     self.succeeded(&member);
-                    settle.push((member, stored, Settle::Clean, holds()));
+                    settle.push(item(Settle::Clean, holds()));
                 }
                 Ok(FlushOutcome::Current) => {
                     self.succeeded(&member);
-                    settle.push((member, stored, Settle::Clean, holds()));
+                    settle.push(item(Settle::Clean, holds()));
                 }
-                Ok(FlushOutcome::Rebase) if !full => again.push((member, cached, true)),
-                Ok(FlushOutcome::Stale | FlushOutcome::Deleted | FlushOutcome::Rebase) => {
+                Ok(FlushOutcome::Rebase) => again.push((member, cached, true)),
+                Ok(FlushOutcome::Stale | FlushOutcome::Deleted | FlushOutcome::Diverged) => {
                     report.dropped += 1;
                     self.succeeded(&member);
-                    settle.push((member, stored, Settle::Drop, None));
+                    settle.push(item(Settle::Drop, None));
                 }
                 Ok(FlushOutcome::OtherOwner) => {
-                    self.fail(&member, "the conversation id belongs to another user in PostgreSQL".to_owned(), report);
+                    // Kept aside rather than retried forever: PostgreSQL gave the id to another user.
+                    let (user_id, conversation_id) = split_member(&member).expect("checked members split");
+                    match self.keep(conversation_id, user_id, &cached.conversation, Some(version), REASON_OWNER, report)
+                    {
+                        Ok(()) => {
+                            report.dropped += 1;
+                            self.succeeded(&member);
+                            settle.push(item(Settle::Drop, None));
+                        }
+                        Err(e) if e.is_unavailable() => return Err(e),
+                        Err(e) => self.fail(&member, format!("could not keep the copy aside: {e}"), report),
+                    }
                 }
+                Err(e) if e.is_unavailable() => return Err(e),
                 Err(e) => self.fail(&member, format!("PostgreSQL refused version {version}: {e}"), report),
             }
         }
         Ok(again)
+    }
+
+    /// Resolves a copy PostgreSQL would not take as is, against the row PostgreSQL holds: the
+    /// newer version stays the conversation, and the other is kept aside in
+    /// `conversation_conflicts` unless all its messages are the first messages of the one that
+    /// stays (docs/design.md, "Divergence"). Returns what happened to the Redis copy: `Written`,
+    /// `Current`, `Stale` (PostgreSQL's row stays; drop it), `Deleted` or `OtherOwner`.
+    fn resolve(&self, member: &str, cached: &Cached, report: &mut FlushReport) -> Result<FlushOutcome> {
+        let (user_id, conversation_id) = split_member(member).expect("checked members split");
+        let version = version_of(cached);
+        // Optimistic: each write below is conditional on the row read here; a writer that changed
+        // it in between makes the statement say so, and this looks again.
+        for _ in 0..RESOLVE_ATTEMPTS {
+            let row = self.postgres.get_any(conversation_id)?;
+            let known = match &row {
+                None => None,
+                Some((owner, _, _)) if owner != user_id => return Ok(FlushOutcome::OtherOwner),
+                Some((_, _, row_version)) if *row_version == Some(version) => return Ok(FlushOutcome::Current),
+                Some((_, stored, row_version)) => {
+                    if row_version.is_some_and(|v| v > version) {
+                        if !is_prefix(&cached.conversation.messages, &stored.messages) {
+                            self.keep(
+                                conversation_id,
+                                user_id,
+                                &cached.conversation,
+                                Some(version),
+                                REASON_OLDER,
+                                report,
+                            )?;
+                        }
+                        return Ok(FlushOutcome::Stale);
+                    }
+                    if !is_prefix(&stored.messages, &cached.conversation.messages) {
+                        self.keep(conversation_id, user_id, stored, *row_version, REASON_REPLACED, report)?;
+                    }
+                    *row_version
+                }
+            };
+            let write = write_back(member, cached, true, known);
+            match self.postgres.flush_batch(std::slice::from_ref(&write))?.pop() {
+                Some(FlushOutcome::Diverged | FlushOutcome::Stale | FlushOutcome::Rebase) | None => {}
+                Some(outcome) => return Ok(outcome),
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Database(Backend::Postgres),
+            format!("{member} kept changing in PostgreSQL while its divergence was resolved"),
+        ))
+    }
+
+    /// Keeps a losing copy in `conversation_conflicts`, counted and logged.
+    fn keep(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        conv: &Conversation,
+        version: Option<i64>,
+        reason: &str,
+        report: &mut FlushReport,
+    ) -> Result<()> {
+        if self.postgres.keep_conflict(conversation_id, user_id, conv, version, reason)? {
+            report.conflicts += 1;
+            self.conflicts_kept.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "conversation {conversation_id:?} of user {user_id:?}: a copy with {} messages {reason}; kept in \
+                 conversation_conflicts (`chat-history conflicts` lists and restores it)",
+                conv.messages.len()
+            );
+        }
+        Ok(())
     }
 
     fn succeeded(&self, member: &str) {
@@ -274,8 +440,35 @@ impl Flusher {
     }
 }
 
-/// A settle instruction: member, the version the flush read, what to do, what PostgreSQL holds.
-type SettleItem = (String, String, Settle, Option<StoredPrefix>);
+/// Times a divergence is looked at again when PostgreSQL's row keeps changing under it.
+const RESOLVE_ATTEMPTS: usize = 3;
+/// Why a copy was kept aside (the `reason` column).
+pub const REASON_OLDER: &str = "was older than the copy PostgreSQL holds";
+/// See [`REASON_OLDER`].
+pub const REASON_REPLACED: &str = "was replaced by a newer copy from Redis";
+/// See [`REASON_OLDER`].
+pub const REASON_OWNER: &str = "was saved under an id PostgreSQL gives to another user";
+/// See [`REASON_OLDER`].
+pub const REASON_OVERWRITTEN: &str = "was replaced in Redis by a save read from an older copy";
+
+/// The write-back of a cached copy; `full` sends every message, `known` is the row it replaces.
+fn write_back<'a>(member: &'a str, cached: &'a Cached, full: bool, known: Option<i64>) -> WriteBack<'a> {
+    let (user_id, conversation_id) = split_member(member).expect("checked members split");
+    WriteBack {
+        conversation_id,
+        user_id,
+        conversation: &cached.conversation,
+        version: version_of(cached),
+        extends: if full { None } else { stored_prefix(cached) },
+        known,
+    }
+}
+
+/// Whether `prefix`'s messages are the first messages of `messages` (role, content and time).
+#[must_use]
+pub fn is_prefix(prefix: &[crate::model::Message], messages: &[crate::model::Message]) -> bool {
+    prefix.len() <= messages.len() && prefix.iter().zip(messages).all(|(a, b)| a == b)
+}
 
 /// `Some((n, version))` when PostgreSQL is known to hold this conversation's first `n` messages
 /// (the fingerprint of the current first `n` still matches), so only the rest need sending.
@@ -334,6 +527,28 @@ impl BackgroundFlusher {
             })
             .map_err(|e| Error::config("cannot start the background flusher thread").with_source(e))?;
         Ok(BackgroundFlusher { stop, handle: Some(handle) })
+    }
+
+    /// Stops the thread and waits for a flush in progress to finish, until `deadline`; returns
+    /// whether it finished (if not, it is left to end on its own).
+    pub fn stop_until(&mut self, deadline: Instant) -> bool {
+        let (lock, condvar) = &*self.stop;
+        *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        condvar.notify_all();
+        let Some(handle) = self.handle.take() else {
+            return true;
+        };
+        if handle.thread().id() == std::thread::current().id() {
+            return true;
+        }
+        while !handle.is_finished() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = handle.join();
+        true
     }
 
     /// Stops the thread and waits for a flush in progress to finish.

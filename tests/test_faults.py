@@ -408,18 +408,20 @@ def test_postgres_down_keeps_saving_into_redis(own_pg_server, make_redis_manager
 
     before = grown(before, 2)
     manager.save_conversation("b0000001", before, user_id=user_id)
-    during = make_conversation(3, title="saved during the outage")
-    manager.save_conversation("b0000002", during, user_id=user_id)
     assert_cached(rdb.client, user_id, "b0000001", before, dirty=True)
-    assert_cached(rdb.client, user_id, "b0000002", during, dirty=True)
+    # An id Redis does not know cannot be checked against PostgreSQL's owner: refused, nothing stored.
+    during = make_conversation(3, title="saved during the outage")
+    with pytest.raises(ConnectionError) as info:
+        manager.save_conversation("b0000002", during, user_id=user_id)
+    _assert_postgres_unavailable(info.value)
+    assert rdb.client.exists(conv_key(user_id, "b0000002")) == 0
 
     _flush_while_postgres_is_down(manager)
-    assert dirty_set(rdb.client) == {dirty_member(user_id, "b0000001"), dirty_member(user_id, "b0000002")}
+    assert dirty_set(rdb.client) == {dirty_member(user_id, "b0000001")}
     assert_cached(rdb.client, user_id, "b0000001", before, dirty=True)
 
     assert manager.get_conversation("b0000001", user_id=user_id) == before  # cached: no PostgreSQL needed
-    assert manager.get_conversation("b0000002", user_id=user_id) == during
-    for missing in ("b0000003", "b000ffff"):  # in PostgreSQL only / nowhere: only PostgreSQL can tell
+    for missing in ("b0000002", "b0000003", "b000ffff"):  # in PostgreSQL only / nowhere: only PostgreSQL can tell
         with pytest.raises(ConnectionError) as info:
             manager.get_conversation(missing, user_id=user_id)
         _assert_postgres_unavailable(info.value)
@@ -427,10 +429,11 @@ def test_postgres_down_keeps_saving_into_redis(own_pg_server, make_redis_manager
         manager.list_conversations(user_id)
     _assert_postgres_unavailable(info.value)
     _flush_while_postgres_is_down(manager)
-    assert manager.stats()["dirty_count"] == 2
+    assert manager.stats()["dirty_count"] == 1
 
     own_pg_server.start()
 
+    manager.save_conversation("b0000002", during, user_id=user_id)
     assert manager.flush_dirty_conversations() == 2
     conn = params.connect()
     try:
@@ -458,18 +461,17 @@ def test_postgres_connections_cut_then_healed(make_redis_manager, rdb, pg_server
         assert manager.flush_dirty_conversations() == 1
 
         proxy.partition()
-        second = make_conversation(2, title="second")
-        manager.save_conversation("c0000002", second, user_id=user_id)
+        second = grown({**first, "title": "second"}, 2)
+        manager.save_conversation("c0000001", second, user_id=user_id)  # cached: no PostgreSQL needed
         _flush_while_postgres_is_down(manager)
-        assert dirty_set(rdb.client) == {dirty_member(user_id, "c0000002")}
+        assert dirty_set(rdb.client) == {dirty_member(user_id, "c0000001")}
         with pytest.raises(ConnectionError) as info:
             manager.get_conversation("c000ffff", user_id=user_id)
         _assert_postgres_unavailable(info.value)
 
         proxy.heal()  # the pool's old connections are dead; new ones work
         assert wait_until(lambda: _try_flush(manager) == 1, timeout=15, interval=0.2, what="flush after heal")
-        assert_row_matches(conn, "c0000001", user_id, first)
-        assert_row_matches(conn, "c0000002", user_id, second)
+        assert_row_matches(conn, "c0000001", user_id, second)
         assert dirty_set(rdb.client) == set()
         conn.close()
 
@@ -519,25 +521,34 @@ def test_other_users_save_while_postgres_is_down_never_overwrites(
         mine = make_conversation(2, title="A's")
         manager.save_conversation("0c000001", mine, user_id=user_id)
         manager.flush_dirty_conversations()
-        rdb.client.delete(conv_key(user_id, "0c000001"))
+        rdb.client.delete(conv_key(user_id, "0c000001"), "owner:0c000001")  # no longer cached: both lapsed
 
         proxy.partition()
-        try:
+        # Redis does not know the id and PostgreSQL cannot say whose it is: B's claim is refused.
+        with pytest.raises(UnavailableError, match="PostgreSQL"):
             manager.save_conversation("0c000001", make_conversation(1, title="B's"), user_id=other_user_id)
-        except (PermissionError, UnavailableError):
-            pass  # refusing is fine; accepting into Redis is what SPEC 5 asks of saves while PostgreSQL is down
+        assert rdb.client.exists(conv_key(other_user_id, "0c000001")) == 0
+        assert rdb.client.get("owner:0c000001") is None
         proxy.heal()
 
         wait_until(lambda: _flush_succeeds(manager), timeout=15, interval=0.2, what="a flush after PostgreSQL healed")
         conn = pg_params.connect()
         try:
             assert_row_matches(conn, "0c000001", user_id, mine)
+            # A keeps full use of her conversation; B is refused.
+            assert manager.get_conversation("0c000001", user_id=user_id) == mine
+            mine = grown(mine, 1)
+            manager.save_conversation("0c000001", mine, user_id=user_id)
+            with pytest.raises(PermissionError):
+                manager.save_conversation("0c000001", make_conversation(1, title="B's"), user_id=other_user_id)
+            assert manager.flush_dirty_conversations() == 1
+            assert_row_matches(conn, "0c000001", user_id, mine)
+            assert manager.stats()["stuck_conversations"] == []
+            manager.delete_conversation("0c000001", user_id=user_id)
+            assert fetch_conversation_row(conn, "0c000001") is None
+            assert manager.get_conversation("0c000001", user_id=user_id) is None
         finally:
             conn.close()
-        assert manager.get_conversation("0c000001", user_id=user_id) == mine
-        b_member = dirty_member(other_user_id, "0c000001")
-        if b_member in dirty_set(rdb.client):  # accepted, then refused by PostgreSQL: kept and reported
-            assert b_member in manager.stats()["stuck_conversations"]
 
 
 def _flush_succeeds(manager) -> bool:
@@ -675,8 +686,9 @@ def test_poison_conversation_is_kept_and_does_not_block(make_redis_manager, rdb,
     bad_role["messages"][1]["role"] = "system"
     write_seed_hash(rdb.client, user_id, "0b0150e1", bad_role, ttl=None)
     # Another user's id (e.g. written by an old seed-design instance, which never checked ownership).
-    write_seed_hash(rdb.client, other_user_id, "a11ce000", make_conversation(1, title="B's"), ttl=None)
-    poison = {dirty_member(user_id, "0b0150e1"), dirty_member(other_user_id, "a11ce000")}
+    b_copy = make_conversation(1, title="B's")
+    write_seed_hash(rdb.client, other_user_id, "a11ce000", b_copy, ttl=None)
+    poison = {dirty_member(user_id, "0b0150e1")}
 
     good = {f"600d{n:04d}": make_conversation(2, prefix=f"{n} ") for n in range(10)}
     for cid, conv in good.items():
@@ -688,10 +700,15 @@ def test_poison_conversation_is_kept_and_does_not_block(make_redis_manager, rdb,
     assert_row_matches(pg_conn, "a11ce000", user_id, owned)  # A's row untouched
     assert "0b0150e1" not in pg_conversation_ids(pg_conn)
     assert dirty_set(rdb.client) == poison  # recorded, never silently dropped
-    assert rdb.client.exists(conv_key(user_id, "0b0150e1")) and rdb.client.exists(conv_key(other_user_id, "a11ce000"))
+    assert rdb.client.exists(conv_key(user_id, "0b0150e1"))
     stats = manager.stats()
     assert stats["flush_failures"] >= 1
     assert poison <= set(stats["stuck_conversations"]), stats["stuck_conversations"]
+    # B's copy under A's id is not retried forever: it is kept aside, where an operator sees it.
+    kept = manager.list_conflicts(other_user_id)
+    assert [(c["conversation_id"], c["conversation"]) for c in kept] == [("a11ce000", b_copy)]
+    assert not rdb.client.exists(conv_key(other_user_id, "a11ce000"))
+    assert stats["conflicts_kept"] == 1
 
     # The next flush still writes the good ones (the poison is retried with backoff, not in their way).
     later = make_conversation(3, title="later")

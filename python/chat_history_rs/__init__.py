@@ -8,6 +8,7 @@ A drop-in replacement for the Phase 1 ``ChatHistoryManager``::
 from __future__ import annotations
 
 import atexit
+import os
 
 from chat_history_rs._core import (
     ChatHistoryError,
@@ -23,6 +24,7 @@ from chat_history_rs._core import (
     UnavailableError,
     ValidationError,
     __version__,
+    _after_fork_in_child,
     _close_all,
 )
 
@@ -43,5 +45,11 @@ __all__ = [
 ]
 
 # Every manager still open at interpreter exit is closed, which flushes what is dirty
-# (SPEC section 4.5). Failures are logged by the hook, never raised.
+# (docs/design.md, "When data is written back"). Failures are logged by the hook, never raised.
 atexit.register(_close_all)
+
+# A process forked after a manager opened its pools (gunicorn --preload, multiprocessing's fork,
+# Celery prefork) must not share the parent's sockets: managers in the child open their own before
+# their next call, and leave the parent's untouched (docs/design.md, "Processes").
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -3,13 +3,14 @@
 
 mod convert;
 mod error;
+mod failpoints;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 
 use crate::cache::redis::{split_member, RedisCache};
 use crate::config::{PostgresSettings, RedisSettings};
@@ -35,6 +36,15 @@ fn env_flag(name: &str) -> Result<Option<bool>, Error> {
 fn seconds(name: &str, value: f64) -> Result<Duration, Error> {
     Duration::try_from_secs_f64(value)
         .map_err(|_| Error::config(format!("{name} must be a positive number of seconds, got {value}")))
+}
+
+/// A bound that must be more than zero: PostgreSQL reads 0 as "no limit".
+fn positive_seconds(name: &str, value: f64) -> Result<Duration, Error> {
+    let duration = seconds(name, value)?;
+    if duration < Duration::from_millis(1) {
+        return Err(Error::config(format!("{name} must be at least 0.001 seconds, got {value}")));
+    }
+    Ok(duration)
 }
 
 /// Stores LLM chat conversations as local JSON files, in PostgreSQL, or in Redis over PostgreSQL.
@@ -124,6 +134,8 @@ impl PyChatHistoryManager {
         postgres_pool_size = 4,
         postgres_connect_timeout = 5.0,
         postgres_ca_file = None,
+        postgres_statement_timeout = 30.0,
+        postgres_lock_timeout = 5.0,
         redis_connection_string = None,
         redis_host = None,
         redis_password = None,
@@ -148,6 +160,8 @@ impl PyChatHistoryManager {
         postgres_pool_size: u32,
         postgres_connect_timeout: f64,
         postgres_ca_file: Option<PathBuf>,
+        postgres_statement_timeout: f64,
+        postgres_lock_timeout: f64,
         redis_connection_string: Option<String>,
         redis_host: Option<String>,
         redis_password: Option<String>,
@@ -189,7 +203,11 @@ impl PyChatHistoryManager {
                     ))
                 })?;
                 let timeout = seconds("postgres_connect_timeout", postgres_connect_timeout)?;
-                Some(PostgresSettings::parse(&url, postgres_ca_file, postgres_pool_size, timeout)?)
+                let mut settings = PostgresSettings::parse(&url, postgres_ca_file, postgres_pool_size, timeout)?;
+                settings.statement_timeout =
+                    positive_seconds("postgres_statement_timeout", postgres_statement_timeout)?;
+                settings.lock_timeout = positive_seconds("postgres_lock_timeout", postgres_lock_timeout)?;
+                Some(settings)
             }
         };
         let base_dir = match base_dir {
@@ -324,6 +342,40 @@ impl PyChatHistoryManager {
         Ok(py.detach(|| self.inner.close())?)
     }
 
+    /// Copies kept aside in `conversation_conflicts` after Redis and PostgreSQL diverged, newest
+    /// first: all users', one user's, or the one with `conflict_id`.
+    #[pyo3(signature = (user_id = None, *, conflict_id = None, limit = 100))]
+    fn list_conflicts<'py>(
+        &self,
+        py: Python<'py>,
+        user_id: Option<Id>,
+        conflict_id: Option<i64>,
+        limit: i64,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let user_id = user_id.as_deref();
+        let conflicts = py.detach(|| self.inner.conflicts(user_id, conflict_id, limit))?;
+        let list = PyList::empty(py);
+        for c in conflicts {
+            let dict = PyDict::new(py);
+            dict.set_item("conflict_id", c.conflict_id)?;
+            dict.set_item("conversation_id", c.conversation_id)?;
+            dict.set_item("user_id", c.user_id)?;
+            dict.set_item("conversation", conversation_to_py(py, &c.conversation)?)?;
+            dict.set_item("version", c.version)?;
+            dict.set_item("reason", c.reason)?;
+            dict.set_item("kept_at", c.kept_at.to_string())?;
+            dict.set_item("restored_at", c.restored_at.map(|t| t.to_string()))?;
+            list.append(dict)?;
+        }
+        Ok(list)
+    }
+
+    /// Makes a kept copy the conversation again; the copy it replaces is kept aside in turn unless
+    /// the restored one holds all its messages. Returns (conversation_id, user_id).
+    fn restore_conflict(&self, py: Python<'_>, conflict_id: i64) -> PyResult<(String, String)> {
+        Ok(py.detach(|| self.inner.restore_conflict(conflict_id))?)
+    }
+
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = py.detach(|| self.inner.stats());
         let dict = PyDict::new(py);
@@ -348,6 +400,7 @@ impl PyChatHistoryManager {
             dict.set_item("conversations_flushed", c.conversations_flushed)?;
             dict.set_item("flush_failures", c.flush_failures)?;
             dict.set_item("stuck_conversations", c.stuck)?;
+            dict.set_item("conflicts_kept", c.conflicts_kept)?;
             dict.set_item("postgres_fallbacks", c.fallbacks)?;
             dict.set_item("redis_available", c.redis_available)?;
             dict.set_item("redis_read_round_trips", c.read_round_trips)?;
@@ -523,17 +576,33 @@ impl PyRedisBackend {
         Ok(members.iter().filter_map(|m| split_member(m)).map(|(u, c)| (u.to_owned(), c.to_owned())).collect())
     }
 
-    /// Marks the conversation clean, unless a newer save came in since it was read.
+    /// Marks the conversation clean, but only when PostgreSQL holds exactly what the hash holds and
+    /// nothing changed the hash since: a seed-design flusher calls it after its own save, and a
+    /// write that raced that save stays dirty for the next flush.
     fn clear_dirty_flag(&self, py: Python<'_>, user_id: Id, conversation_id: Id) -> PyResult<()> {
         let conversation_id: &str = &conversation_id;
         let user_id: &str = &user_id;
         let cache = self.cache()?;
-        py.detach(|| cache.clear_dirty(user_id, conversation_id)).map_err(cache_error)
+        let postgres = self.inner.postgres()?.ok_or_else(|| Error::config("this manager has no PostgreSQL"))?;
+        py.detach(|| {
+            let in_postgres = |conv: &crate::model::Conversation| {
+                matches!(postgres.get(conversation_id, user_id), Ok(Some(stored)) if stored == *conv)
+            };
+            cache.clear_dirty(user_id, conversation_id, in_postgres)
+        })
+        .map_err(cache_error)?;
+        Ok(())
     }
 
     fn __repr__(&self) -> PyResult<String> {
         Ok(format!("RedisBackend({:?})", self.cache()?.redacted_url()))
     }
+}
+
+/// Runs in a forked child (`os.register_at_fork`): managers open their own connections.
+#[pyfunction]
+fn _after_fork_in_child() {
+    manager::after_fork_in_child();
 }
 
 /// Closes every live manager, flushing what is dirty: the package's `atexit` hook.
@@ -556,6 +625,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPostgresBackend>()?;
     m.add_class::<PyRedisBackend>()?;
     m.add_function(wrap_pyfunction!(_close_all, m)?)?;
+    m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
+    failpoints::register(m)?;
     let e = error::exceptions(py)?;
     m.add("ChatHistoryError", e.base.bind(py))?;
     m.add("ConfigurationError", e.configuration.bind(py))?;

@@ -106,7 +106,7 @@ impl r2d2::ManageConnection for Connector {
         con.set_write_timeout(Some(self.timeout))?;
         // Scripts sent by EVALSHA inside pipelines are loaded up front (one round trip per new
         // connection); a NOSCRIPT later (SCRIPT FLUSH, a failover) loads them again.
-        load_scripts(&mut con, &[&REFRESH_TTL, &SAVE, &BACKFILL, &SETTLE])?;
+        load_scripts(&mut con, &[&REFRESH_TTL, &SAVE, &BACKFILL, &SETTLE, &INVALIDATE])?;
         // On a key that never exists, so it changes nothing. Older servers reply with an error, and
         // so may an ACL that does not cover the key: either way the script does the refresh.
         let probe: redis::RedisResult<i64> =
@@ -151,6 +151,25 @@ pub struct Cached {
     pub version: Option<i64>,
     /// What PostgreSQL is known to hold: (messages, version, fingerprint of those messages).
     pub stored: Option<StoredPrefix>,
+    /// What a settle checks is still there, so a write by another writer keeps the hash dirty.
+    pub mark: ReadMark,
+    /// The content is not what this product's last save stamped (a seed-design writer's HSET, or a
+    /// hash it wrote itself): it needs a version of its own before it is written back.
+    pub foreign: bool,
+}
+
+/// The parts of a hash a flush read that its settle compares, besides the version: the raw
+/// last_modified, the byte lengths of the transcript and the title, and the content signature.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadMark {
+    /// `last_modified` as stored.
+    pub last_modified: String,
+    /// `HSTRLEN messages`.
+    pub messages_len: usize,
+    /// `HSTRLEN title`.
+    pub title_len: usize,
+    /// [`content_sig`] of what was read.
+    pub sig: u64,
 }
 
 /// What a flush or a read from PostgreSQL established that PostgreSQL holds for a conversation:
@@ -319,6 +338,20 @@ pub enum SaveOutcome {
     OwnerUnknown,
     /// Another user owns the id.
     OtherOwner,
+    /// Saved with `guard`: Redis holds a dirty copy that the new messages do not extend; nothing
+    /// was stored.
+    Diverged,
+}
+
+/// A save to make in Redis.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SaveOptions {
+    /// The caller found out from PostgreSQL that the id is free or the user's.
+    pub claim: bool,
+    /// The version of PostgreSQL's row, when known: the save's version goes past it.
+    pub floor: Option<i64>,
+    /// Refuse to replace a dirty copy that the new messages do not extend.
+    pub guard: bool,
 }
 
 /// The list entry of a conversation: everything but the messages.
@@ -357,31 +390,51 @@ impl ListEntry<'_> {
 }
 
 /// KEYS: conv, dirty set, list, list meta, user dirty, owner, dirty since, delete tombstone, staged.
-/// ARGV: member, user, created_at, meta, claim, id.
+/// ARGV: member, user, created_at, meta, claim, id, floor, guard.
 ///
 /// The conversation arrives staged in its own hash (written by the `HSET` pipelined before this
 /// script): Redis copies every script argument into Lua, and for a long transcript
 /// that copy cost more than everything else in a save. The script checks ownership, stamps the
 /// version and renames the staged hash over the conversation, all atomically.
 ///
-/// The version is Redis's clock in microseconds, bumped past the hash's current version and past
-/// a delete's tombstone, so a conversation saved again right after its delete is never mistaken
-/// for an older copy even if PostgreSQL's clock runs ahead of Redis's.
+/// Replies: {1, version, created_at} saved; {0} Redis does not hold the conversation (ask
+/// PostgreSQL who owns it, then save again with `claim` and PostgreSQL's version as `floor`);
+/// {-1} another user's id; {-3} the staged hash is gone (evicted between the two commands): nothing
+/// was stored; {2} with `guard`: the cached copy is dirty and the new messages do not extend it
+/// (the caller read an older copy from PostgreSQL while Redis was unreachable): nothing was stored.
+///
+/// The version is Redis's clock in microseconds, bumped past the hash's current version, past the
+/// PostgreSQL version the copy was derived from, past `floor` and past a delete's tombstone, so a
+/// later save never gets a lower version than a row it replaces, whatever the two clocks say.
 static SAVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+if redis.call('EXISTS', KEYS[9]) == 0 then return {-3} end
 local owner = redis.call('GET', KEYS[6])
 if owner and owner ~= ARGV[2] then redis.call('DEL', KEYS[9]) return {-1} end
-if not owner and ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[1]) == 0 then
+if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[9])
   return {0}
 end
+local h = redis.call('HMGET', KEYS[1], 'ver', 'pgv', 'dirty', 'created_at', 'pgn', 'pgh')
+if ARGV[8] == '1' and h[3] == '1' then
+  local old = redis.call('HGET', KEYS[1], 'messages') or '[]'
+  local new = redis.call('HGET', KEYS[9], 'messages') or '[]'
+  local n = #old - 1
+  local extends = old == '[]' or old == new
+    or (n > 0 and string.sub(new, 1, n) == string.sub(old, 1, n) and string.sub(new, n + 1, n + 1) == ',')
+  if not extends then
+    redis.call('DEL', KEYS[9])
+    return {2}
+  end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local old = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0') or 0
 local deleted = tonumber(redis.call('GET', KEYS[8]) or '0') or 0
-local ver = string.format('%.0f', math.max(now, old + 1, deleted + 1))
-local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[3]
+local ver = math.max(now, (tonumber(h[1] or '0') or 0) + 1, deleted + 1,
+  (tonumber(h[2] or '0') or 0) + 1, (tonumber(ARGV[7]) or 0) + 1)
+ver = string.format('%.0f', ver)
+local created = h[4] or ARGV[3]
 local meta = ARGV[4]
 if created ~= ARGV[3] then
   local entry = cjson.decode(meta)
@@ -390,9 +443,8 @@ if created ~= ARGV[3] then
   redis.call('HSET', KEYS[9], 'created_at', created)
 end
 redis.call('HSET', KEYS[9], 'dirty', '1', 'ver', ver, 'meta', meta)
-local stored = redis.call('HMGET', KEYS[1], 'pgn', 'pgv', 'pgh')
-if stored[1] and stored[2] and stored[3] then
-  redis.call('HSET', KEYS[9], 'pgn', stored[1], 'pgv', stored[2], 'pgh', stored[3])
+if h[5] and h[2] and h[6] then
+  redis.call('HSET', KEYS[9], 'pgn', h[5], 'pgv', h[2], 'pgh', h[6])
 end
 redis.call('RENAME', KEYS[9], KEYS[1])
 redis.call('PERSIST', KEYS[1])
@@ -432,6 +484,7 @@ return 0
 static BACKFILL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+if redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
 local owner = redis.call('GET', KEYS[2])
 if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[1]) == 1 or (owner and owner ~= ARGV[1]) then
   redis.call('DEL', KEYS[4])
@@ -524,28 +577,41 @@ return out
 /// the call than in the work, and a hundred keep each call well under a millisecond.
 const SETTLE_PER_CALL: usize = 100;
 
+/// Values per conversation in `SETTLE`'s ARGV.
+const SETTLE_ARGS: usize = 11;
+
 /// KEYS: dirty set, dirty since, then per conversation: conv, user dirty, owner, list, list meta.
-/// ARGV: ttl, then per conversation: member, id, version written, action ('clean' or 'drop'), and
-/// what PostgreSQL now holds (messages, version, fingerprint; empty when unknown), recorded even
-/// when a newer save raced the flush. Compare-and-clear: only when the hash still holds the
-/// version the flush wrote does it become clean (or, when PostgreSQL had something newer, get
-/// dropped). A save that raced the flush changed the version, so it stays dirty.
+/// ARGV: ttl, then per conversation: member, id, version written, action ('clean' or 'drop'), what
+/// PostgreSQL now holds (messages, version, fingerprint; empty when unknown, recorded even when a
+/// newer save raced the flush), then what the flush read (last_modified, byte lengths of messages
+/// and title; empty to skip the check) and the user.
+///
+/// Compare-and-clear: only when the hash still holds what the flush wrote does it become clean (or,
+/// when PostgreSQL kept something else, get dropped). A save of ours that raced the flush changed
+/// the version; a seed-design writer's HSET leaves our version in place but changes last_modified or
+/// the transcript's length, so either way the hash stays dirty. A dropped copy's owner record goes
+/// with it, so the next save of the id asks PostgreSQL again.
 static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 for i = 0, (#KEYS - 2) / 5 - 1 do
   local conv, user_dirty, owner, list, meta = KEYS[3 + 5 * i], KEYS[4 + 5 * i], KEYS[5 + 5 * i], KEYS[6 + 5 * i], KEYS[7 + 5 * i]
-  local a = 1 + 7 * i
+  local a = 1 + 11 * i
   local member, id, version, action = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local pgn, pgv, pgh = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+  local lm, mlen, tlen, user = ARGV[a + 8], ARGV[a + 9], ARGV[a + 10], ARGV[a + 11]
   local settled = true
   if redis.call('EXISTS', conv) == 1 then
-    local h = redis.call('HMGET', conv, 'ver', 'pgv')
+    local h = redis.call('HMGET', conv, 'ver', 'pgv', 'last_modified')
     local set = {}
     if pgv ~= '' and (tonumber(h[2] or '0') or 0) < tonumber(pgv) then
       set = {'pgn', pgn, 'pgv', pgv, 'pgh', pgh}
     end
     settled = (h[1] or '') == version
+    if settled and lm ~= '' then
+      settled = h[3] == lm and redis.call('HSTRLEN', conv, 'messages') == tonumber(mlen)
+        and redis.call('HSTRLEN', conv, 'title') == tonumber(tlen)
+    end
     if settled and action == 'clean' then
       set[#set + 1] = 'dirty'
       set[#set + 1] = '0'
@@ -560,6 +626,9 @@ for i = 0, (#KEYS - 2) / 5 - 1 do
       redis.call('HDEL', meta, id)
     end
   end
+  if settled and action == 'drop' and redis.call('GET', owner) == user then
+    redis.call('DEL', owner)
+  end
   if settled then
     redis.call('SREM', KEYS[1], member)
     redis.call('SREM', user_dirty, id)
@@ -571,21 +640,81 @@ return 0
     )
 });
 
-/// KEYS: conv, dirty set, user dirty, dirty since, list, list meta. ARGV: member, id, version.
-/// After a write went straight to PostgreSQL, drops a cached copy older than it.
-static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
+/// KEYS: conv, dirty set, dirty since, user dirty. ARGV: version read, last_modified, byte lengths
+/// of messages and title (as read), new sig, member, id.
+///
+/// Adopts a hash that a writer other than this product changed (a seed-design instance's HSET,
+/// which keeps our fields but not our signature): gives it a version of its own, newer than any
+/// it may replace, keeps it dirty and without a TTL (the seed's writer set one). Nothing happens
+/// when the hash changed again since it was read. Returns the new version or nil.
+static ADOPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local ver = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0') or 0
-if redis.call('EXISTS', KEYS[1]) == 1 and ver >= tonumber(ARGV[3]) then return 0 end
-redis.call('DEL', KEYS[1], KEYS[5], KEYS[6])
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('SREM', KEYS[3], ARGV[2])
-redis.call('ZREM', KEYS[4], ARGV[1])
-return 1
+local h = redis.call('HMGET', KEYS[1], 'ver', 'last_modified', 'pgv')
+if (h[1] or '') ~= ARGV[1] or h[2] ~= ARGV[2] or redis.call('HSTRLEN', KEYS[1], 'messages') ~= tonumber(ARGV[3])
+  or redis.call('HSTRLEN', KEYS[1], 'title') ~= tonumber(ARGV[4]) then
+  return false
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local ver = math.max(now, (tonumber(h[1] or '0') or 0) + 1, (tonumber(h[3] or '0') or 0) + 1)
+ver = string.format('%.0f', ver)
+redis.call('HSET', KEYS[1], 'ver', ver, 'sig', ARGV[5], 'dirty', '1')
+redis.call('PERSIST', KEYS[1])
+redis.call('SADD', KEYS[2], ARGV[6])
+redis.call('ZADD', KEYS[3], 'NX', t[1], ARGV[6])
+redis.call('SADD', KEYS[4], ARGV[7])
+return ver
 ",
     )
 });
+
+/// KEYS: conv, dirty set, user dirty, dirty since, list, list meta, owner, delete tombstone.
+/// ARGV: member, id, version, kind ('save' or 'delete'), user, tombstone ttl.
+///
+/// After a write went straight to PostgreSQL (Redis unreachable or refusing), brings Redis in line
+/// with it. A copy at least as new stays. A delete drops the copy, dirty or not (the delete is newer
+/// than anything it held), and leaves the tombstone that keeps reads from caching it again. After a
+/// save, a clean older copy is dropped, with its owner record, so the next save asks PostgreSQL and
+/// gets a version above the row's; a dirty older copy is not dropped here but left to the flush,
+/// which keeps whichever copy loses aside (docs/design.md, "Divergence"). Returns 0 (newer copy
+/// kept or nothing cached), 1 (dropped) or 2 (dirty copy left for the flush).
+static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local h = redis.call('HMGET', KEYS[1], 'ver', 'dirty')
+  if (tonumber(h[1] or '0') or 0) >= tonumber(ARGV[3]) then return 0 end
+  if ARGV[4] == 'save' and h[2] == '1' then return 2 end
+end
+local dropped = redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[5], ARGV[2])
+redis.call('HDEL', KEYS[6], ARGV[2])
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[2])
+redis.call('ZREM', KEYS[4], ARGV[1])
+if redis.call('GET', KEYS[7]) == ARGV[5] then redis.call('DEL', KEYS[7]) end
+if ARGV[4] == 'delete' then redis.call('SET', KEYS[8], ARGV[3], 'EX', ARGV[6]) end
+return dropped
+",
+    )
+});
+
+/// Bypass entries replayed per pipeline, each call well inside the Redis timeout.
+const INVALIDATE_PER_PIPELINE: usize = 100;
+
+/// A write that went straight to PostgreSQL: Redis must not keep serving an older copy of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bypass {
+    /// The owner.
+    pub user_id: String,
+    /// The id.
+    pub conversation_id: String,
+    /// PostgreSQL's version after the write (the tombstone's, for a delete).
+    pub version: i64,
+    /// A delete rather than a save.
+    pub deleted: bool,
+}
 
 /// Seconds a staged hash may outlive a save that never reached its script.
 const STAGED_TTL_SECONDS: u64 = 60;
@@ -633,8 +762,8 @@ pub fn split_member(member: &str) -> Option<(&str, &str)> {
 /// [`CachedConversation::parse`] reads it for a cache hit (one parser for both), plus the
 /// write-back fields.
 fn parse_hash(fields: Vec<(Vec<u8>, Vec<u8>)>) -> Option<Cached> {
-    let text =
-        |name: &str| fields.iter().find(|(k, _)| k == name.as_bytes()).and_then(|(_, v)| std::str::from_utf8(v).ok());
+    let raw = |name: &str| fields.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| v.as_slice());
+    let text = |name: &str| raw(name).and_then(|v| std::str::from_utf8(v).ok());
     let dirty = text("dirty") == Some("1");
     let version = text("ver").and_then(|v| v.parse().ok());
     let stored = (|| {
@@ -644,8 +773,17 @@ fn parse_hash(fields: Vec<(Vec<u8>, Vec<u8>)>) -> Option<Cached> {
             fingerprint: text("pgh")?.parse().ok()?,
         })
     })();
+    let (title, messages, last_modified) = (raw("title")?, raw("messages").unwrap_or(b"[]"), raw("last_modified")?);
+    let sig = content_sig(title, raw("model")?, messages, last_modified);
+    let mark = ReadMark {
+        last_modified: String::from_utf8_lossy(last_modified).into_owned(),
+        messages_len: raw("messages").map_or(0, <[u8]>::len),
+        title_len: title.len(),
+        sig,
+    };
+    let foreign = version.is_none() || text("sig").and_then(|v| v.parse::<u64>().ok()) != Some(sig);
     let conversation = CachedConversation::parse(fields)?.to_conversation();
-    Some(Cached { conversation, dirty, version, stored })
+    Some(Cached { conversation, dirty, version, stored, mark, foreign })
 }
 
 /// The fields a read needs: `HMGET` of these replies with a fifth of `HGETALL`'s values to parse
@@ -654,8 +792,8 @@ const READ_FIELDS: [&str; 5] = ["title", "model", "messages", "created_at", "las
 
 /// The fields a flush needs: the content, the dirty flag and the write-back bookkeeping (not the
 /// list entry or its score).
-const FLUSH_FIELDS: [&str; 10] =
-    ["title", "model", "messages", "created_at", "last_modified", "dirty", "ver", "pgn", "pgv", "pgh"];
+const FLUSH_FIELDS: [&str; 11] =
+    ["title", "model", "messages", "created_at", "last_modified", "dirty", "ver", "pgn", "pgv", "pgh", "sig"];
 
 /// Conversations a flush reads per pipeline. A whole batch in one (500 of 7 KB for 20 messages)
 /// made Redis and this client each buffer megabytes per round trip, and paging that memory in
@@ -684,6 +822,21 @@ pub struct DirtyEntry {
     pub member: String,
     /// What the hash holds: `None` when it is gone, `Some(Err)` when it cannot be parsed.
     pub content: Option<Result<Cached, String>>,
+}
+
+/// One conversation for [`RedisCache::settle`].
+#[derive(Debug, Clone)]
+pub struct SettleItem {
+    /// `<user>:<id>`.
+    pub member: String,
+    /// The version the flush read ("" for none).
+    pub version: String,
+    /// What to do.
+    pub action: Settle,
+    /// What PostgreSQL now holds, when known.
+    pub stored: Option<StoredPrefix>,
+    /// What the flush read, checked again; `None` when the hash was gone.
+    pub mark: Option<ReadMark>,
 }
 
 /// How a flush settles one conversation in Redis.
@@ -865,7 +1018,7 @@ impl RedisCache {
         user_id: &str,
         conversation_id: &str,
         conv: &Conversation,
-        claim: bool,
+        options: SaveOptions,
     ) -> CacheResult<(SaveOutcome, Option<String>)> {
         let meta = ListEntry::to_json(conv);
         let conv_key = conv_key(user_id, conversation_id);
@@ -889,8 +1042,10 @@ impl RedisCache {
             .arg(user_id)
             .arg(&created_at)
             .arg(&meta)
-            .arg(if claim { "1" } else { "0" })
-            .arg(conversation_id);
+            .arg(if options.claim { "1" } else { "0" })
+            .arg(conversation_id)
+            .arg(options.floor.unwrap_or(0))
+            .arg(if options.guard { "1" } else { "0" });
         let mut pipe = redis::pipe();
         stage(&mut pipe, &staged, conv, &[]);
         pipe.add_command(script);
@@ -907,6 +1062,9 @@ impl RedisCache {
             }
             0 => (SaveOutcome::OwnerUnknown, None),
             -1 => (SaveOutcome::OtherOwner, None),
+            2 => (SaveOutcome::Diverged, None),
+            // Refused like a write Redis had no memory for: the caller saves to PostgreSQL.
+            -3 => return Err(CacheError::Other("the staged copy vanished before the save script ran".into())),
             _ => return Err(CacheError::Other(format!("unexpected reply to the save script: {reply:?}"))),
         })
     }
@@ -943,6 +1101,25 @@ impl RedisCache {
         pipe.add_command(script);
         let _: (i64,) = self.run(|con| query_loading(con, &pipe, &[&BACKFILL]))?;
         Ok(())
+    }
+
+    /// Whether the user may delete the id as far as Redis knows, and the version Redis holds (0
+    /// when none): `Ok(None)` when the id is another user's. Changes nothing, so a delete can ask
+    /// PostgreSQL first and leave everything as it was when PostgreSQL refuses.
+    pub fn peek_delete(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<i64>> {
+        let (owner, version): (Option<String>, Option<String>) = self.run(|con| {
+            redis::pipe()
+                .cmd("GET")
+                .arg(owner_key(conversation_id))
+                .cmd("HGET")
+                .arg(conv_key(user_id, conversation_id))
+                .arg("ver")
+                .query(con)
+        })?;
+        if owner.is_some_and(|o| o != user_id) {
+            return Ok(None);
+        }
+        Ok(Some(version.and_then(|v| v.parse().ok()).unwrap_or(0)))
     }
 
     /// Removes the conversation from every key. `Ok(None)` when the id is another user's;
@@ -1020,31 +1197,48 @@ impl RedisCache {
         Ok(parse_listing(value).unwrap_or_default())
     }
 
-    /// Drops cached copies older than writes that went straight to PostgreSQL while Redis was
-    /// unreachable. `items` are (user, id, PostgreSQL version).
-    pub fn invalidate(&self, items: &[(String, String, i64)]) -> CacheResult<()> {
-        if items.is_empty() {
-            return Ok(());
+    /// Brings Redis in line with writes that went straight to PostgreSQL (see [`INVALIDATE`]), in
+    /// pipelines of a hundred. Returns the `<user>:<id>` members whose dirty copy is older than
+    /// PostgreSQL's row: the caller flushes them, which resolves the divergence.
+    pub fn invalidate(&self, items: &[Bypass]) -> CacheResult<Vec<String>> {
+        let mut left = Vec::new();
+        for chunk in items.chunks(INVALIDATE_PER_PIPELINE) {
+            let replies: Vec<i64> = self.run(|con| {
+                let mut pipe = redis::pipe();
+                for item in chunk {
+                    let (user_id, conversation_id) = (item.user_id.as_str(), item.conversation_id.as_str());
+                    let mut cmd = evalsha(
+                        &INVALIDATE,
+                        &[
+                            &conv_key(user_id, conversation_id),
+                            DIRTY_SET,
+                            &user_dirty_key(user_id),
+                            DIRTY_SINCE,
+                            &list_key(user_id),
+                            &list_meta_key(user_id),
+                            &owner_key(conversation_id),
+                            &deleted_key(user_id, conversation_id),
+                        ],
+                    );
+                    cmd.arg(member(user_id, conversation_id))
+                        .arg(conversation_id)
+                        .arg(item.version)
+                        .arg(if item.deleted { "delete" } else { "save" })
+                        .arg(user_id)
+                        .arg(DELETE_TOMBSTONE_SECONDS);
+                    pipe.add_command(cmd);
+                }
+                query_loading(con, &pipe, &[&INVALIDATE])
+            })?;
+            left.extend(
+                chunk
+                    .iter()
+                    .zip(replies)
+                    .filter(|(_, status)| *status == 2)
+                    .map(|(item, _)| member(&item.user_id, &item.conversation_id)),
+            );
         }
-        self.run(|con| {
-            let mut pipe = redis::pipe();
-            for (user_id, conversation_id, version) in items {
-                let mut cmd = evalsha(
-                    &INVALIDATE,
-                    &[
-                        &conv_key(user_id, conversation_id),
-                        DIRTY_SET,
-                        &user_dirty_key(user_id),
-                        DIRTY_SINCE,
-                        &list_key(user_id),
-                        &list_meta_key(user_id),
-                    ],
-                );
-                cmd.arg(member(user_id, conversation_id)).arg(conversation_id).arg(*version);
-                pipe.add_command(cmd).ignore();
-            }
-            query_loading::<()>(con, &pipe, &[&INVALIDATE])
-        })
+        Ok(left)
     }
 
     /// One step of a scan of the dirty set: the next cursor (0 at the end) and some members.
@@ -1089,9 +1283,8 @@ impl RedisCache {
             .collect())
     }
 
-    /// Compare-and-clear for a batch of flushed conversations: (member, version written, action,
-    /// what PostgreSQL now holds).
-    pub fn settle(&self, items: &[(String, String, Settle, Option<StoredPrefix>)]) -> CacheResult<()> {
+    /// Compare-and-clear for a batch of flushed conversations (see [`SETTLE`]).
+    pub fn settle(&self, items: &[SettleItem]) -> CacheResult<()> {
         if items.is_empty() {
             return Ok(());
         }
@@ -1100,10 +1293,10 @@ impl RedisCache {
             let mut pipe = redis::pipe();
             for chunk in items.chunks(SETTLE_PER_CALL) {
                 let mut keys = Vec::with_capacity(2 + 5 * chunk.len());
-                let mut args: Vec<String> = Vec::with_capacity(1 + 7 * chunk.len());
+                let mut args: Vec<String> = Vec::with_capacity(1 + SETTLE_ARGS * chunk.len());
                 keys.extend([DIRTY_SET.to_owned(), DIRTY_SINCE.to_owned()]);
                 args.push(ttl.to_string());
-                for (member, version, action, stored) in chunk {
+                for SettleItem { member, version, action, stored, mark } in chunk {
                     let (user_id, conversation_id) = split_member(member).unwrap_or(("", member.as_str()));
                     keys.extend([
                         conv_key(user_id, conversation_id),
@@ -1122,6 +1315,13 @@ impl RedisCache {
                         |p| [p.messages.to_string(), p.version.to_string(), p.fingerprint.to_string()],
                     );
                     args.extend(stored);
+                    match mark {
+                        Some(m) => {
+                            args.extend([m.last_modified.clone(), m.messages_len.to_string(), m.title_len.to_string()]);
+                        }
+                        None => args.extend([String::new(), String::new(), String::new()]),
+                    }
+                    args.push(user_id.to_owned());
                 }
                 let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
                 let mut cmd = evalsha(&SETTLE, &key_refs);
@@ -1132,11 +1332,55 @@ impl RedisCache {
         })
     }
 
-    /// The seed's `clear_dirty_flag`, made safe: clean only if no newer save came in.
-    pub fn clear_dirty(&self, user_id: &str, conversation_id: &str) -> CacheResult<()> {
-        let key = conv_key(user_id, conversation_id);
-        let version: Option<String> = self.run(|con| redis::cmd("HGET").arg(&key).arg("ver").query(con))?;
-        self.settle(&[(member(user_id, conversation_id), version.unwrap_or_default(), Settle::Clean, None)])
+    /// The seed's `clear_dirty_flag`, made safe: the hash becomes clean only if `in_postgres` says
+    /// PostgreSQL holds what it contains, and only if nothing changed it since it was read.
+    /// Otherwise it stays dirty, for the flush to write.
+    pub fn clear_dirty(
+        &self,
+        user_id: &str,
+        conversation_id: &str,
+        in_postgres: impl FnOnce(&Conversation) -> bool,
+    ) -> CacheResult<bool> {
+        let member = member(user_id, conversation_id);
+        let entry = self.fetch_dirty(std::slice::from_ref(&member), self.settings.timeout)?.pop();
+        let Some(DirtyEntry { content: Some(Ok(cached)), .. }) = entry else {
+            return Ok(false);
+        };
+        if !in_postgres(&cached.conversation) {
+            return Ok(false);
+        }
+        let item = SettleItem {
+            member,
+            version: cached.version.map(|v| v.to_string()).unwrap_or_default(),
+            action: Settle::Clean,
+            stored: None,
+            mark: Some(cached.mark),
+        };
+        self.settle(&[item])?;
+        Ok(true)
+    }
+
+    /// Gives a hash another writer changed a version of its own (see [`ADOPT`]); `None` when it
+    /// changed again since it was read.
+    pub fn adopt(&self, user_id: &str, conversation_id: &str, cached: &Cached) -> CacheResult<Option<i64>> {
+        let keys =
+            [conv_key(user_id, conversation_id), DIRTY_SET.to_owned(), DIRTY_SINCE.to_owned(), user_dirty_key(user_id)];
+        let version: Option<String> = self.run(|con| {
+            let mut invocation = ADOPT.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            invocation
+                .arg(cached.version.map(|v| v.to_string()).unwrap_or_default())
+                .arg(&cached.mark.last_modified)
+                .arg(cached.mark.messages_len)
+                .arg(cached.mark.title_len)
+                .arg(cached.mark.sig)
+                .arg(member(user_id, conversation_id))
+                .arg(conversation_id)
+                .invoke(con)
+        })?;
+        Ok(version.and_then(|v| v.parse().ok()))
     }
 
     /// `SCARD dirty:convs` and the oldest entry of `dirty:since` (Unix seconds), in one round trip.
@@ -1186,6 +1430,18 @@ fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
     cmd
 }
 
+/// A signature of the content fields exactly as stored (XXH3, so every process agrees): a save
+/// stamps it in the `sig` field, and a flush that finds it does not match knows another writer
+/// changed the hash since.
+fn content_sig(title: &[u8], model: &[u8], messages: &[u8], last_modified: &[u8]) -> u64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+    for part in [title, model, messages, last_modified] {
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    hasher.digest()
+}
+
 /// Stages a conversation's fields, and `extra` ones, in `staged` with one `HSET` (with a TTL, so a
 /// save whose script never ran, say on NOSCRIPT, leaves nothing behind); the script that follows
 /// in the same pipeline renames it into place. No MULTI/EXEC around them: the staged key's name is
@@ -1201,9 +1457,10 @@ fn stage(pipe: &mut redis::Pipeline, staged: &str, conv: &Conversation, extra: &
     conv.last_modified.push_to(&mut times);
     let (created_at, last_modified) = times.split_at(created_len);
     let extra_bytes: usize = extra.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let sig = content_sig(conv.title.as_bytes(), conv.model.as_bytes(), messages.as_bytes(), last_modified.as_bytes());
     let mut hset = redis::Cmd::with_capacity(
-        14 + 2 * extra.len(),
-        staged.len() + conv.title.len() + conv.model.len() + messages.len() + extra_bytes + 160,
+        16 + 2 * extra.len(),
+        staged.len() + conv.title.len() + conv.model.len() + messages.len() + extra_bytes + 190,
     );
     hset.arg("HSET")
         .arg(staged)
@@ -1218,7 +1475,9 @@ fn stage(pipe: &mut redis::Pipeline, staged: &str, conv: &Conversation, extra: &
         .arg("last_modified")
         .arg(last_modified)
         .arg("score")
-        .arg(conv.last_modified.unix_seconds());
+        .arg(conv.last_modified.unix_seconds())
+        .arg("sig")
+        .arg(sig);
     for (field, value) in extra {
         hset.arg(*field).arg(*value);
     }

@@ -22,6 +22,8 @@ type PooledClient = r2d2::PooledConnection<Connector>;
 struct Connector {
     config: postgres::Config,
     tls: MakeRustlsConnect,
+    /// `SET`s run on every new connection: the bounds on statements and lock waits.
+    session: String,
 }
 
 impl r2d2::ManageConnection for Connector {
@@ -29,7 +31,10 @@ impl r2d2::ManageConnection for Connector {
     type Error = postgres::Error;
 
     fn connect(&self) -> Result<Connection, postgres::Error> {
-        Ok(Connection { client: self.config.connect(self.tls.clone())?, statements: HashMap::new() })
+        let mut client = self.config.connect(self.tls.clone())?;
+        // Set per session rather than as startup `options`, which poolers such as PgBouncer refuse.
+        client.batch_execute(&self.session)?;
+        Ok(Connection { client, statements: HashMap::new() })
     }
 
     fn is_valid(&self, conn: &mut Connection) -> Result<(), postgres::Error> {
@@ -95,9 +100,26 @@ impl Connection {
     }
 }
 
-/// The Phase 1 schema, created only when missing; existing tables and rows are never altered.
-/// Serialised by an advisory lock: concurrent `CREATE TABLE IF NOT EXISTS` can otherwise fail
-/// on the catalog's unique index when two processes start at once.
+/// What the product needs in the catalog. Read first, so a start on an existing schema takes no
+/// lock stronger than a read: `ALTER TABLE ... ADD COLUMN IF NOT EXISTS` and `CREATE INDEX IF NOT
+/// EXISTS` lock the table even when there is nothing to do, and a DDL lock queued behind one long
+/// reader makes every other client's query queue behind it (docs/design.md, "Faults").
+const SCHEMA_CHECK: &str = "
+SELECT to_regclass('conversations') IS NOT NULL
+   AND to_regclass('messages') IS NOT NULL
+   AND to_regclass('conversation_tombstones') IS NOT NULL
+   AND to_regclass('conversation_conflicts') IS NOT NULL
+   AND to_regclass('idx_conversations_user_modified') IS NOT NULL
+   AND to_regclass('idx_conversations_user_created') IS NOT NULL
+   AND to_regclass('idx_messages_conversation_seq') IS NOT NULL
+   AND to_regclass('idx_conversation_conflicts_user') IS NOT NULL
+   AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('conversations')
+               AND attname = 'cache_version' AND NOT attisdropped)";
+
+/// The Phase 1 schema and this product's additions, run only when [`SCHEMA_CHECK`] finds something
+/// missing; existing tables and rows are never altered. Serialised by an advisory lock: concurrent
+/// `CREATE TABLE IF NOT EXISTS` can otherwise fail on the catalog's unique index when two processes
+/// start at once. The session's `lock_timeout` bounds every lock it waits for.
 const SCHEMA: &str = "
 SELECT pg_advisory_xact_lock(7215864202913520411);
 CREATE TABLE IF NOT EXISTS conversations (
@@ -120,8 +142,8 @@ CREATE TABLE IF NOT EXISTS messages (
     UNIQUE (conversation_id, sequence_number)
 );
 CREATE INDEX IF NOT EXISTS idx_messages_conversation_seq ON messages (conversation_id, sequence_number);
--- Write-back ordering (README, \"Why nothing is lost\"): additions only, so Phase 1 rows and Phase 1
--- writers keep working. A nullable column without a default is a catalog-only change.
+-- Write-back ordering (docs/design.md): additions only, so Phase 1 rows and Phase 1 writers keep
+-- working. A nullable column without a default is a catalog-only change.
 ALTER TABLE conversations ADD COLUMN IF NOT EXISTS cache_version BIGINT;
 CREATE TABLE IF NOT EXISTS conversation_tombstones (
     conversation_id VARCHAR(50) PRIMARY KEY,
@@ -129,8 +151,29 @@ CREATE TABLE IF NOT EXISTS conversation_tombstones (
     deleted_version BIGINT NOT NULL,
     deleted_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
 );
-DELETE FROM conversation_tombstones WHERE deleted_at < NOW() - INTERVAL '30 days';
+-- Copies that lost a divergence between Redis and PostgreSQL, kept for an operator to list and
+-- restore (`chat-history conflicts`). The fingerprint makes keeping the same copy twice a no-op.
+CREATE TABLE IF NOT EXISTS conversation_conflicts (
+    conflict_id BIGSERIAL PRIMARY KEY,
+    conversation_id VARCHAR(50) NOT NULL,
+    user_client_id VARCHAR(255) NOT NULL,
+    title TEXT NOT NULL,
+    model VARCHAR(100) NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL,
+    last_modified TIMESTAMPTZ NOT NULL,
+    messages JSONB NOT NULL,
+    version BIGINT,
+    fingerprint BIGINT NOT NULL,
+    reason TEXT NOT NULL,
+    kept_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    restored_at TIMESTAMPTZ,
+    UNIQUE (conversation_id, user_client_id, fingerprint)
+);
+CREATE INDEX IF NOT EXISTS idx_conversation_conflicts_user ON conversation_conflicts (user_client_id, kept_at DESC);
 ";
+
+/// Old tombstones go; run at start, a plain DELETE that takes no table lock.
+const PRUNE_TOMBSTONES: &str = "DELETE FROM conversation_tombstones WHERE deleted_at < NOW() - INTERVAL '30 days'";
 
 /// Microseconds since the epoch on PostgreSQL's clock: the version of a write that did not come
 /// through Redis. Versions from Redis use Redis's clock (`TIME`), so the two tiers order writes
@@ -155,6 +198,30 @@ CROSS JOIN LATERAL (
     ) ordered
 ) m
 WHERE c.conversation_id = $1 AND c.user_client_id = $2";
+
+/// A [`GET`] row as the conversation and its version.
+fn conversation_of(row: &postgres::Row) -> Result<(Conversation, Option<i64>)> {
+    let seqs: Vec<i32> = row.get::<_, Option<_>>(5).unwrap_or_default();
+    let roles: Vec<&str> = row.get::<_, Option<_>>(6).unwrap_or_default();
+    let contents: Vec<String> = row.get::<_, Option<_>>(7).unwrap_or_default();
+    let times: Vec<DateTime<Utc>> = row.get::<_, Option<_>>(8).unwrap_or_default();
+    let mut messages = Vec::with_capacity(roles.len());
+    for ((role, content), time) in roles.into_iter().zip(contents).zip(times) {
+        let role = Role::parse(role).ok_or_else(|| {
+            Error::new(ErrorKind::Database(Backend::Postgres), format!("message with unknown role {role:?}"))
+        })?;
+        messages.push(Message { role, content, time: time.into() });
+    }
+    in_sequence(&seqs, &mut messages);
+    let conv = Conversation {
+        title: row.get(0),
+        model: row.get(1),
+        messages,
+        created_at: row.get::<_, DateTime<Utc>>(2).into(),
+        last_modified: row.get::<_, DateTime<Utc>>(3).into(),
+    };
+    Ok((conv, row.get(4)))
+}
 
 /// Puts `messages` in the order of their sequence numbers `seqs`. PostgreSQL aggregates rows in the
 /// order its sorted subquery returns them, which its docs say "will usually work" rather than
@@ -223,11 +290,12 @@ fn flush_sql() -> String {
         "
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
-                         $7::int8[], $8::int4[], $9::int8[], $10::int4[])
-        AS i(id, user_id, title, model, created_at, last_modified, version, n, base, first)
+                         $7::int8[], $8::int4[], $9::int8[], $10::int4[], $16::int8[])
+        AS i(id, user_id, title, model, created_at, last_modified, version, n, base, first, known)
 ), allowed AS (
-    -- Not deleted since this version; and when only new messages were sent (first > 0), only if
-    -- PostgreSQL still holds the version they extend.
+    -- Not deleted since this version; when only new messages were sent (first > 0), only if
+    -- PostgreSQL still holds the version they extend; and a whole copy only over the row it was
+    -- derived from (`known`): any other row is a divergence, resolved one by one (docs/design.md).
     SELECT i.* FROM input i
     WHERE NOT EXISTS (
         SELECT 1 FROM conversation_tombstones t
@@ -235,6 +303,9 @@ WITH input AS (
     -- A scalar subquery, so each row is one primary-key lookup; as EXISTS the planner turned it
     -- into a scan of the whole table per batch.
     AND (i.first = 0 OR (SELECT c.cache_version FROM conversations c WHERE c.conversation_id = i.id) = i.base)
+    AND (i.first > 0 OR (
+        SELECT c.cache_version IS DISTINCT FROM i.known FROM conversations c WHERE c.conversation_id = i.id
+    ) IS NOT TRUE)
 ), conv AS (
     INSERT INTO conversations AS c (conversation_id, user_client_id, title, model, created_at, last_modified, cache_version)
     SELECT id, user_id, title, model, created_at, last_modified, version FROM allowed
@@ -271,6 +342,8 @@ SELECT i.id,
                 WHERE t.conversation_id = i.id AND t.user_client_id = i.user_id AND t.deleted_version >= i.version)
                 THEN 'deleted'
             WHEN c.cache_version = i.version THEN 'current'
+            WHEN i.first = 0 AND c.conversation_id IS NOT NULL AND c.cache_version IS DISTINCT FROM i.known
+                THEN 'diverged'
             WHEN c.cache_version > i.version THEN 'stale'
             WHEN i.first > 0 THEN 'rebase'
             ELSE 'stale'
@@ -315,7 +388,44 @@ const LOCK_IDS: &str = "
 SELECT pg_advisory_xact_lock(1667786866, k)
 FROM (SELECT DISTINCT hashtext(id) AS k FROM unnest($1::text[]) AS id ORDER BY 1) AS keys";
 
-const OWNER: &str = "SELECT user_client_id FROM conversations WHERE conversation_id = $1";
+/// Who owns the id, and the newest version its row or its tombstone has.
+const OWNER: &str = "
+SELECT (SELECT user_client_id FROM conversations WHERE conversation_id = $1),
+       GREATEST((SELECT cache_version FROM conversations WHERE conversation_id = $1),
+                (SELECT deleted_version FROM conversation_tombstones WHERE conversation_id = $1))";
+
+/// [`GET`] for whoever owns the id, with the owner: what a divergence is resolved against.
+const GET_ANY: &str = "
+SELECT c.title, c.model, c.created_at, c.last_modified, c.cache_version, m.seqs, m.roles, m.contents, m.times,
+       c.user_client_id
+FROM conversations c
+CROSS JOIN LATERAL (
+    SELECT array_agg(sequence_number) AS seqs, array_agg(role) AS roles,
+           array_agg(content) AS contents, array_agg(timestamp) AS times
+    FROM (
+        SELECT sequence_number, role, content, timestamp FROM messages
+        WHERE conversation_id = c.conversation_id ORDER BY sequence_number
+    ) ordered
+) m
+WHERE c.conversation_id = $1";
+
+/// Keeps a copy that lost a divergence. The same copy kept twice (a flush retried) is one row.
+const KEEP_CONFLICT: &str = "
+INSERT INTO conversation_conflicts
+    (conversation_id, user_client_id, title, model, created_at, last_modified, messages, version, fingerprint, reason)
+VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9, $10)
+ON CONFLICT (conversation_id, user_client_id, fingerprint) DO NOTHING
+RETURNING conflict_id";
+
+const LIST_CONFLICTS: &str = "
+SELECT conflict_id, conversation_id, user_client_id, title, model, created_at, last_modified, messages::text,
+       version, reason, kept_at, restored_at
+FROM conversation_conflicts
+WHERE ($1::text IS NULL OR user_client_id = $1) AND ($2::int8 IS NULL OR conflict_id = $2)
+ORDER BY kept_at DESC, conflict_id DESC
+LIMIT $3";
+
+const MARK_RESTORED: &str = "UPDATE conversation_conflicts SET restored_at = NOW() WHERE conflict_id = $1";
 
 /// The PostgreSQL store. Cheap to share: the pool is reference-counted inside.
 pub struct PostgresStore {
@@ -353,7 +463,14 @@ impl PostgresStore {
     pub fn new(settings: &PostgresSettings) -> Result<Self> {
         let tls = MakeRustlsConnect::new(settings.tls_config()?);
         let connect_errors = PoolErrorLog::default();
-        let manager = Connector { config: settings.config.clone(), tls };
+        let session = format!(
+            "SET statement_timeout = {}; SET lock_timeout = {}; SET idle_in_transaction_session_timeout = {}",
+            settings.statement_timeout.as_millis(),
+            settings.lock_timeout.as_millis(),
+            // A transaction left open by a client that vanished mid-call must not hold its locks.
+            (settings.statement_timeout * 2).as_millis(),
+        );
+        let manager = Connector { config: settings.config.clone(), tls, session };
         let pool = r2d2::Pool::builder()
             .max_size(settings.pool_size)
             .min_idle(Some(0))
@@ -378,14 +495,20 @@ impl PostgresStore {
         &self.redacted
     }
 
-    /// Creates the tables and indexes when missing.
+    /// Creates the tables and indexes when the catalog says something is missing; otherwise reads
+    /// the catalog and takes no lock a reader would wait for.
     pub fn ensure_schema(&self) -> Result<()> {
-        self.run(|conn| {
-            let mut tx = conn.client.transaction()?;
-            tx.batch_execute(SCHEMA)?;
-            tx.commit()
+        let created = self.run(|conn| {
+            let present: bool = conn.client.query_one(SCHEMA_CHECK, &[])?.get(0);
+            if !present {
+                let mut tx = conn.client.transaction()?;
+                tx.batch_execute(SCHEMA)?;
+                tx.commit()?;
+            }
+            conn.client.batch_execute(PRUNE_TOMBSTONES)?;
+            Ok(!present)
         })?;
-        log::info!("PostgreSQL schema ready at {}", self.redacted);
+        log::info!("PostgreSQL schema {} at {}", if created { "created" } else { "ready" }, self.redacted);
         Ok(())
     }
 
@@ -442,29 +565,7 @@ impl PostgresStore {
     /// [`PostgresStore::get`] with the row's write-back version (`None` for rows written by Phase 1).
     pub fn get_versioned(&self, conversation_id: &str, user_id: &str) -> Result<Option<(Conversation, Option<i64>)>> {
         let rows = self.run(|conn| conn.query(GET, &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR)]))?;
-        let Some(row) = rows.first() else {
-            return Ok(None);
-        };
-        let seqs: Vec<i32> = row.get::<_, Option<_>>(5).unwrap_or_default();
-        let roles: Vec<&str> = row.get::<_, Option<_>>(6).unwrap_or_default();
-        let contents: Vec<String> = row.get::<_, Option<_>>(7).unwrap_or_default();
-        let times: Vec<DateTime<Utc>> = row.get::<_, Option<_>>(8).unwrap_or_default();
-        let mut messages = Vec::with_capacity(roles.len());
-        for ((role, content), time) in roles.into_iter().zip(contents).zip(times) {
-            let role = Role::parse(role).ok_or_else(|| {
-                Error::new(ErrorKind::Database(Backend::Postgres), format!("message with unknown role {role:?}"))
-            })?;
-            messages.push(Message { role, content, time: time.into() });
-        }
-        in_sequence(&seqs, &mut messages);
-        let conv = Conversation {
-            title: row.get(0),
-            model: row.get(1),
-            messages,
-            created_at: row.get::<_, DateTime<Utc>>(2).into(),
-            last_modified: row.get::<_, DateTime<Utc>>(3).into(),
-        };
-        Ok(Some((conv, row.get(4))))
+        rows.first().map(conversation_of).transpose()
     }
 
     /// The user's conversations created in the last `days` days, newest `last_modified` first,
@@ -486,10 +587,92 @@ impl PostgresStore {
             .collect())
     }
 
-    /// The user who owns the id, if any row has it.
-    pub fn owner(&self, conversation_id: &str) -> Result<Option<String>> {
+    /// Who owns the id and how new its row or tombstone is; `None` when PostgreSQL has neither.
+    pub fn owner(&self, conversation_id: &str) -> Result<Option<OwnerRow>> {
         let rows = self.run(|conn| conn.query(OWNER, &[(&conversation_id, Type::VARCHAR)]))?;
-        Ok(rows.first().map(|row| row.get(0)))
+        Ok(rows
+            .first()
+            .map(|row| OwnerRow { owner: row.get(0), version: row.get(1) })
+            .filter(|r| r.owner.is_some() || r.version.is_some()))
+    }
+
+    /// The row of the id whoever owns it: (owner, conversation, version).
+    pub fn get_any(&self, conversation_id: &str) -> Result<Option<(String, Conversation, Option<i64>)>> {
+        let rows = self.run(|conn| conn.query(GET_ANY, &[(&conversation_id, Type::VARCHAR)]))?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let (conv, version) = conversation_of(row)?;
+        Ok(Some((row.get(9), conv, version)))
+    }
+
+    /// Keeps `conv` aside as a copy that lost a divergence; returns whether it was new (the same
+    /// messages already kept for this id and user are not kept twice).
+    pub fn keep_conflict(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        conv: &Conversation,
+        version: Option<i64>,
+        reason: &str,
+    ) -> Result<bool> {
+        let messages = serde_json::to_string(&conv.messages).expect("messages always serialise");
+        let created_at = conv.created_at.as_datetime();
+        let last_modified = conv.last_modified.as_datetime();
+        // The fingerprint's bits, as PostgreSQL's signed bigint.
+        #[allow(clippy::cast_possible_wrap)]
+        let fingerprint = crate::model::messages_fingerprint(&conv.messages) as i64;
+        let params: [(&(dyn ToSql + Sync), Type); 10] = [
+            (&conversation_id, Type::VARCHAR),
+            (&user_id, Type::VARCHAR),
+            (&conv.title, Type::TEXT),
+            (&conv.model, Type::VARCHAR),
+            (&created_at, Type::TIMESTAMPTZ),
+            (&last_modified, Type::TIMESTAMPTZ),
+            (&messages, Type::TEXT),
+            (&version, Type::INT8),
+            (&fingerprint, Type::INT8),
+            (&reason, Type::TEXT),
+        ];
+        let rows = self.run(|conn| conn.query(KEEP_CONFLICT, &params))?;
+        Ok(!rows.is_empty())
+    }
+
+    /// Kept conflict copies, newest first: all, one user's, or the one with `conflict_id`.
+    pub fn conflicts(&self, user_id: Option<&str>, conflict_id: Option<i64>, limit: i64) -> Result<Vec<Conflict>> {
+        let rows = self.run(|conn| {
+            conn.query(LIST_CONFLICTS, &[(&user_id, Type::TEXT), (&conflict_id, Type::INT8), (&limit, Type::INT8)])
+        })?;
+        rows.iter()
+            .map(|row| {
+                let messages: Vec<Message> = serde_json::from_str(row.get::<_, &str>(7)).map_err(|e| {
+                    Error::new(ErrorKind::Database(Backend::Postgres), "a kept conflict copy is not readable")
+                        .with_source(e)
+                })?;
+                Ok(Conflict {
+                    conflict_id: row.get(0),
+                    conversation_id: row.get(1),
+                    user_id: row.get(2),
+                    conversation: Conversation {
+                        title: row.get(3),
+                        model: row.get(4),
+                        messages,
+                        created_at: row.get::<_, DateTime<Utc>>(5).into(),
+                        last_modified: row.get::<_, DateTime<Utc>>(6).into(),
+                    },
+                    version: row.get(8),
+                    reason: row.get(9),
+                    kept_at: row.get::<_, DateTime<Utc>>(10).into(),
+                    restored_at: row.get::<_, Option<DateTime<Utc>>>(11).map(Into::into),
+                })
+            })
+            .collect()
+    }
+
+    /// Records that a kept copy was restored.
+    pub fn mark_restored(&self, conflict_id: i64) -> Result<()> {
+        self.run(|conn| conn.query(MARK_RESTORED, &[(&conflict_id, Type::INT8)]))?;
+        Ok(())
     }
 
     /// Writes the whole conversation atomically and returns the version it was stored under.
@@ -568,8 +751,9 @@ impl PostgresStore {
         let bases: Vec<Option<i64>> = batch.iter().map(|w| w.extends.map(|(_, version)| version)).collect();
         let firsts: Vec<i32> =
             batch.iter().map(|w| w.extends.map_or(0, |(n, _)| i32::try_from(n).unwrap_or(i32::MAX))).collect();
+        let known: Vec<Option<i64>> = batch.iter().map(|w| w.known).collect();
         let columns = MessageColumns::tails(batch);
-        let params: [(&(dyn ToSql + Sync), Type); 15] = [
+        let params: [(&(dyn ToSql + Sync), Type); 16] = [
             (&ids, Type::TEXT_ARRAY),
             (&users, Type::TEXT_ARRAY),
             (&titles, Type::TEXT_ARRAY),
@@ -585,6 +769,7 @@ impl PostgresStore {
             (&columns.role, Type::TEXT_ARRAY),
             (&columns.content, Type::TEXT_ARRAY),
             (&columns.time, Type::TIMESTAMPTZ_ARRAY),
+            (&known, Type::INT8_ARRAY),
         ];
         let rows = self.run(|conn| conn.locked_query(&ids, &SQL, &params))?;
         let mut outcomes = vec![FlushOutcome::Stale; batch.len()];
@@ -596,6 +781,7 @@ impl PostgresStore {
                 "owner" => FlushOutcome::OtherOwner,
                 "deleted" => FlushOutcome::Deleted,
                 "rebase" => FlushOutcome::Rebase,
+                "diverged" => FlushOutcome::Diverged,
                 _ => FlushOutcome::Stale,
             };
             if let Some(i) = ids.iter().position(|candidate| *candidate == id) {
@@ -620,6 +806,39 @@ pub struct WriteBack<'a> {
     /// `Some((n, version))`: PostgreSQL holds the first `n` messages at `version`, so only the
     /// messages after them are sent (written only if PostgreSQL is still at that version).
     pub extends: Option<(usize, i64)>,
+    /// The version of the PostgreSQL row this copy was derived from, when the cache knows it. A
+    /// whole copy replaces only that row; any other is a divergence ([`FlushOutcome::Diverged`]).
+    pub known: Option<i64>,
+}
+
+/// What PostgreSQL knows of an id before a cache claims it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerRow {
+    /// The user whose row it is, if a row exists.
+    pub owner: Option<String>,
+    /// The newest write-back version of the row or of a tombstone of the id.
+    pub version: Option<i64>,
+}
+
+/// A copy kept aside after a divergence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conflict {
+    /// Its key in `conversation_conflicts`.
+    pub conflict_id: i64,
+    /// The conversation it is a copy of.
+    pub conversation_id: String,
+    /// The conversation's owner.
+    pub user_id: String,
+    /// The copy.
+    pub conversation: Conversation,
+    /// Its write-back version, when it had one.
+    pub version: Option<i64>,
+    /// Why it was kept.
+    pub reason: String,
+    /// When.
+    pub kept_at: crate::model::Timestamp,
+    /// When an operator restored it, if so.
+    pub restored_at: Option<crate::model::Timestamp>,
 }
 
 /// What a write-back did to one conversation.
@@ -638,6 +857,9 @@ pub enum FlushOutcome {
     /// Only new messages were sent, but PostgreSQL no longer holds the version they extend:
     /// send the whole conversation.
     Rebase,
+    /// PostgreSQL holds a row this copy was not derived from (a write that bypassed the cache, a
+    /// lost settle): nothing was written; the two are compared and resolved one by one.
+    Diverged,
 }
 
 fn message_count(conv: &Conversation) -> Result<i32> {
@@ -707,8 +929,21 @@ fn pg_error(error: &postgres::Error) -> Error {
         let code = db.code().code();
         // 08: connection exception; 57P0x: shutdown / cannot connect now; 53300: too many
         // connections; 28: authentication failed.
-        let unavailable =
-            code.starts_with("08") || code.starts_with("57P") || code == "53300" || code.starts_with("28");
+        // 55P03 / 57014: a lock wait or a statement ran past lock_timeout / statement_timeout, or a
+        // query was cancelled: transient, so a flush keeps the data dirty and a read says why.
+        let unavailable = code.starts_with("08")
+            || code.starts_with("57P")
+            || code == "53300"
+            || code.starts_with("28")
+            || code == "55P03"
+            || code == "57014";
+        if unavailable && (code == "55P03" || code == "57014") {
+            return Error::new(
+                ErrorKind::Unavailable(Backend::Postgres),
+                format!("PostgreSQL is unavailable: {} (lock_timeout / statement_timeout)", db.message()),
+            )
+            .with_source(error_chain(error));
+        }
         if !unavailable {
             return Error::new(
                 ErrorKind::Database(Backend::Postgres),

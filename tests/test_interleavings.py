@@ -1,0 +1,402 @@
+"""Races forced, not hoped for: failpoints compiled into test builds (`make test` builds with the
+`failpoints` feature) stop the product at a named point until the test lets it go, so each test
+below proves its interleaving happened before it checks the outcome.
+
+Points: flush.after_read, flush.before_settle, flush.between_batches, delete.after_postgres.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+pytest.register_assert_rewrite("redis_support")
+
+from chat_history_rs import UnavailableError, _core  # noqa: E402
+from redis_support import (  # noqa: E402, F401 - fixtures are used by name
+    assert_cached,
+    conv_key,
+    dirty_member,
+    dirty_set,
+    grown,
+    make_conversation,
+    make_redis_manager,
+    make_redis_server,
+    pg_conversation_ids,
+    pg_message_count,
+    rdb,
+    write_seed_hash,
+)
+from servers import PostgresServer, assert_row_matches, create_database, find_pg_bindir  # noqa: E402
+
+WAIT = 20.0  # seconds a test waits for a thread to reach a failpoint
+
+
+class Failpoints:
+    """The test build's failpoints; every point is released when the test ends."""
+
+    def pause(self, name: str, count: int | None = None) -> None:
+        if count is None:
+            _core._failpoint_pause(name)
+        else:
+            _core._failpoint_pause(name, count)
+
+    def wait(self, name: str, hits: int = 1) -> None:
+        assert _core._failpoint_wait(name, hits, WAIT), f"nothing reached failpoint {name!r} within {WAIT}s"
+
+    def release(self, name: str) -> None:
+        _core._failpoint_release(name)
+
+    def hits(self, name: str) -> int:
+        return _core._failpoint_hits(name)
+
+
+@pytest.fixture
+def failpoints():
+    if not _core._failpoints_enabled():
+        pytest.fail("this build has no failpoints: build with `make dev-test` (make test does)")
+    _core._failpoints_reset()
+    yield Failpoints()
+    _core._failpoints_reset()
+
+
+class Background:
+    """Runs a call in a thread; `result()` joins it and re-raises what it raised."""
+
+    def __init__(self, fn, *args, **kwargs) -> None:
+        self.value = None
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.value = fn(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def result(self, timeout: float = 60):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the call did not return"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+# --------------------------------------------------------------------------------------------------
+# A flush and the writes that race it
+# --------------------------------------------------------------------------------------------------
+
+
+def test_save_between_a_flushs_write_and_its_settle_stays_dirty(
+    failpoints, make_redis_manager, rdb, pg_conn, user_id, conv_id
+):
+    app = make_redis_manager()
+    v1 = make_conversation(2, title="v1")
+    app.save_conversation(conv_id, v1, user_id=user_id)
+    failpoints.pause("flush.before_settle", count=1)
+    flush = Background(app.flush_dirty_conversations)
+    failpoints.wait("flush.before_settle")
+    assert_row_matches(pg_conn, conv_id, user_id, v1)  # the flush wrote v1 and has not settled yet
+
+    v2 = grown({**v1, "title": "v2"}, 1)
+    app.save_conversation(conv_id, v2, user_id=user_id)
+    failpoints.release("flush.before_settle")
+    assert flush.result() == 1
+
+    assert_cached(rdb.client, user_id, conv_id, v2, dirty=True)  # not marked clean unwritten
+    assert app.flush_dirty_conversations() == 1
+    assert_row_matches(pg_conn, conv_id, user_id, v2)
+    assert_cached(rdb.client, user_id, conv_id, v2, dirty=False)
+
+
+def test_seed_writer_between_a_flushs_read_and_its_settle_is_written_next(
+    failpoints, make_redis_manager, rdb, pg_conn, user_id, conv_id
+):
+    app = make_redis_manager()
+    v1 = make_conversation(2, title="ours")
+    app.save_conversation(conv_id, v1, user_id=user_id)
+    failpoints.pause("flush.after_read", count=1)
+    flush = Background(app.flush_dirty_conversations)
+    failpoints.wait("flush.after_read")
+
+    seed = grown({**v1, "title": "the seed's"}, 1, text="seed")
+    write_seed_hash(rdb.client, user_id, conv_id, seed)  # HSET over our hash, keeping our fields
+    failpoints.release("flush.after_read")
+    assert flush.result() == 1
+    assert_row_matches(pg_conn, conv_id, user_id, v1)  # what the flush read
+    assert dirty_member(user_id, conv_id) in dirty_set(rdb.client)  # but the seed's write stays dirty
+
+    assert app.flush_dirty_conversations() == 1
+    assert_row_matches(pg_conn, conv_id, user_id, seed)
+    assert_cached(rdb.client, user_id, conv_id, seed, dirty=False)
+    assert app.get_conversation(conv_id, user_id=user_id) == seed
+
+
+def test_seed_writer_after_a_flush_is_written_by_the_next(make_redis_manager, rdb, pg_conn, user_id, conv_id):
+    """Scenario 2: the seed's HSET leaves our version fields in place; PostgreSQL must still get its save."""
+    app = make_redis_manager()
+    v1 = make_conversation(2)
+    app.save_conversation(conv_id, v1, user_id=user_id)
+    assert app.flush_dirty_conversations() == 1
+
+    seed = grown(v1, 2, text="seed")
+    write_seed_hash(rdb.client, user_id, conv_id, seed)
+    assert app.flush_dirty_conversations() == 1
+    assert_row_matches(pg_conn, conv_id, user_id, seed)
+    assert_cached(rdb.client, user_id, conv_id, seed, dirty=False)
+
+
+def test_seed_clear_dirty_flag_never_cleans_what_postgres_lacks(make_redis_manager, rdb, pg_conn, user_id, conv_id):
+    app = make_redis_manager()
+    v1 = make_conversation(2)
+    app.save_conversation(conv_id, v1, user_id=user_id)
+    assert app.flush_dirty_conversations() == 1
+    seed = grown(v1, 1, text="seed")
+    write_seed_hash(rdb.client, user_id, conv_id, seed)
+
+    app.redis_backend.clear_dirty_flag(user_id, conv_id)  # PostgreSQL still has v1
+    assert dirty_member(user_id, conv_id) in dirty_set(rdb.client)
+    assert rdb.client.hget(conv_key(user_id, conv_id), "dirty") == "1"
+
+    # The seed's own flush: save to PostgreSQL, then clear: now it may clean.
+    app.postgres_backend.save_conversation(conv_id, user_id, seed)
+    app.redis_backend.clear_dirty_flag(user_id, conv_id)
+    assert dirty_member(user_id, conv_id) not in dirty_set(rdb.client)
+    assert_row_matches(pg_conn, conv_id, user_id, seed)
+
+
+def test_delete_between_a_flushs_read_and_its_write_wins(failpoints, make_redis_manager, rdb, pg_conn, user_id, conv_id):
+    app = make_redis_manager()
+    flusher = make_redis_manager()
+    v1 = make_conversation(2)
+    app.save_conversation(conv_id, v1, user_id=user_id)
+    assert app.flush_dirty_conversations() == 1
+    app.save_conversation(conv_id, grown(v1, 1), user_id=user_id)  # dirty again
+
+    failpoints.pause("flush.after_read", count=1)
+    flush = Background(flusher.flush_dirty_conversations)
+    failpoints.wait("flush.after_read")
+    app.delete_conversation(conv_id, user_id=user_id)
+    failpoints.release("flush.after_read")
+    flush.result()
+
+    assert conv_id not in pg_conversation_ids(pg_conn)
+    for manager in (app, flusher):
+        assert manager.get_conversation(conv_id, user_id=user_id) is None
+        assert manager.list_conversations(user_id) == []
+    assert dirty_set(rdb.client) == set()
+
+
+def test_flush_and_save_between_a_deletes_two_steps_never_resurrect(
+    failpoints, make_redis_manager, rdb, pg_conn, user_id, conv_id
+):
+    app = make_redis_manager()
+    other = make_redis_manager()
+    v1 = make_conversation(2)
+    app.save_conversation(conv_id, v1, user_id=user_id)
+    assert app.flush_dirty_conversations() == 1
+    app.save_conversation(conv_id, grown(v1, 1), user_id=user_id)  # dirty, not yet in PostgreSQL
+
+    failpoints.pause("delete.after_postgres", count=1)
+    delete = Background(app.delete_conversation, conv_id, user_id=user_id)
+    failpoints.wait("delete.after_postgres")
+    assert conv_id not in pg_conversation_ids(pg_conn)  # PostgreSQL deleted; Redis not yet
+
+    # Another instance flushes the dirty copy it still finds in Redis, and saves a newer one.
+    other.flush_dirty_conversations()
+    assert conv_id not in pg_conversation_ids(pg_conn)
+    other.save_conversation(conv_id, grown(v1, 2), user_id=user_id)
+    failpoints.release("delete.after_postgres")
+    delete.result()
+
+    # The delete returned last: it wins over everything before it, in both tiers.
+    other.flush_dirty_conversations()
+    app.flush_dirty_conversations()
+    assert conv_id not in pg_conversation_ids(pg_conn)
+    for manager in (app, other):
+        assert manager.get_conversation(conv_id, user_id=user_id) is None
+    assert rdb.client.exists(conv_key(user_id, conv_id)) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Flushers killed or overlapping, PostgreSQL crashing under a flush
+# --------------------------------------------------------------------------------------------------
+
+PAUSED_FLUSHER = textwrap.dedent(
+    """
+    import sys, threading
+    from chat_history_rs import ChatHistoryManager, _core
+    point = sys.argv[3]
+    m = ChatHistoryManager(mode="postgres", connection_string=sys.argv[1], redis_enabled=True,
+                           redis_connection_string=sys.argv[2], background_flush=False)
+    _core._failpoint_pause(point, 1)
+    done = []
+    t = threading.Thread(target=lambda: done.append(m.flush_dirty_conversations()), daemon=True)
+    t.start()
+    assert _core._failpoint_wait(point, 1, 30.0)
+    print("PAUSED", flush=True)
+    sys.stdin.readline()  # the test says when to go on (or kills this process)
+    _core._failpoint_release(point)
+    t.join()
+    print("FLUSHED", done[0], flush=True)
+    m.close()
+    """
+)
+
+
+def _paused_flusher(pg_url: str, redis_url: str, point: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_FLUSHER, pg_url, redis_url, point],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline().strip()
+    assert line == "PAUSED", f"the flusher process did not reach {point}: {line!r}"
+    return proc
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=30)
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            stream.close()
+
+
+def test_flusher_killed_between_postgres_and_settle_then_run_again(
+    failpoints, make_redis_manager, rdb, pg_url, pg_conn, user_id
+):
+    app = make_redis_manager()
+    conversations = {f"c1a0000{i}": make_conversation(3 + i, prefix=f"{i} ") for i in range(4)}
+    for cid, conv in conversations.items():
+        app.save_conversation(cid, conv, user_id=user_id)
+
+    proc = _paused_flusher(pg_url, rdb.url, "flush.before_settle")
+    try:
+        for cid, conv in conversations.items():  # the kill lands after PostgreSQL has everything ...
+            assert_row_matches(pg_conn, cid, user_id, conv)
+        assert len(dirty_set(rdb.client)) == 4  # ... and before Redis was settled
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        _reap(proc)
+
+    assert app.flush_dirty_conversations() == 0  # PostgreSQL is current: nothing to write again
+    assert dirty_set(rdb.client) == set()
+    for cid, conv in conversations.items():
+        assert_row_matches(pg_conn, cid, user_id, conv)
+        assert_cached(rdb.client, user_id, cid, conv, dirty=False)
+    assert pg_message_count(pg_conn) == sum(len(c["messages"]) for c in conversations.values())
+
+
+def test_two_flushers_that_overlap_keep_the_newest(failpoints, make_redis_manager, rdb, pg_url, pg_conn, user_id, conv_id):
+    app = make_redis_manager()
+    v1 = make_conversation(2, title="v1")
+    app.save_conversation(conv_id, v1, user_id=user_id)
+    slow = _paused_flusher(pg_url, rdb.url, "flush.before_settle")  # wrote v1, holds its settle
+    try:
+        assert_row_matches(pg_conn, conv_id, user_id, v1)
+        v2 = grown({**v1, "title": "v2"}, 2)
+        app.save_conversation(conv_id, v2, user_id=user_id)
+        assert app.flush_dirty_conversations() == 1  # overlaps the paused flush
+        assert_row_matches(pg_conn, conv_id, user_id, v2)
+        slow.stdin.write("go\n")
+        slow.stdin.flush()
+        assert slow.stdout.readline().strip() == "FLUSHED 1"
+        assert slow.wait(timeout=30) == 0
+    finally:
+        _reap(slow)
+    assert_row_matches(pg_conn, conv_id, user_id, v2)
+    assert_cached(rdb.client, user_id, conv_id, v2, dirty=False)
+    assert app.get_conversation(conv_id, user_id=user_id) == v2
+
+
+@pytest.fixture
+def crashable_pg():
+    """A private PostgreSQL that keeps every commit it acknowledged (synchronous_commit=on), so a
+    crash (`pg_ctl -m immediate`) loses nothing the product was told was committed."""
+    if find_pg_bindir() is None:
+        pytest.fail("PostgreSQL binaries not found: cannot start a private cluster")
+    server = PostgresServer(settings={"fsync": "on", "synchronous_commit": "on"})
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+def test_postgres_crash_in_the_middle_of_a_flush_loses_nothing(
+    failpoints, crashable_pg, make_redis_manager, rdb, user_id
+):
+    params = create_database(crashable_pg.params)
+    app = make_redis_manager(connection_string=params.url, postgres_connect_timeout=2.0)
+    conversations = {f"c2a0000{i}": make_conversation(2 + i, prefix=f"{i} ") for i in range(5)}
+    for cid, conv in conversations.items():
+        app.save_conversation(cid, conv, user_id=user_id)
+
+    failpoints.pause("flush.after_read", count=1)
+    flush = Background(app.flush_dirty_conversations)
+    failpoints.wait("flush.after_read")
+    crashable_pg.kill()
+    failpoints.release("flush.after_read")
+    with pytest.raises(UnavailableError, match="PostgreSQL"):
+        flush.result()
+    assert len(dirty_set(rdb.client)) == 5  # nothing was marked clean
+    for cid, conv in conversations.items():
+        assert app.get_conversation(cid, user_id=user_id) == conv
+
+    crashable_pg.start()
+    assert app.flush_dirty_conversations() == 5
+    conn = params.connect()
+    try:
+        for cid, conv in conversations.items():
+            assert_row_matches(conn, cid, user_id, conv)
+    finally:
+        conn.close()
+    assert dirty_set(rdb.client) == set()
+
+
+def test_close_with_a_background_flush_held_returns_within_close_timeout(
+    failpoints, make_redis_manager, rdb, pg_conn, user_id, conv_id
+):
+    app = make_redis_manager(background_flush=True, flush_interval=0.1, close_timeout=1.0)
+    conv = make_conversation(2)
+    failpoints.pause("flush.after_read")
+    app.save_conversation(conv_id, conv, user_id=user_id)
+    failpoints.wait("flush.after_read")  # the background flush holds the data it read
+
+    started = time.monotonic()
+    app.close()
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.0 + 5.0, f"close() took {elapsed:.1f}s with close_timeout=1"
+    failpoints.release("flush.after_read")
+
+    assert dirty_member(user_id, conv_id) in dirty_set(rdb.client) or conv_id in pg_conversation_ids(pg_conn)
+    later = make_redis_manager()
+    later.flush_dirty_conversations()
+    assert_row_matches(pg_conn, conv_id, user_id, conv)
+
+
+def test_flush_between_batches_honours_close_timeout(failpoints, make_redis_manager, rdb, pg_conn, user_id):
+    app = make_redis_manager(flush_batch_size=2, close_timeout=1.0)
+    for i in range(6):
+        app.save_conversation(f"c3a0000{i}", make_conversation(1, prefix=f"{i} "), user_id=user_id)
+    failpoints.pause("flush.between_batches", count=1)
+    closing = Background(app.close)
+    failpoints.wait("flush.between_batches")
+    # close() is stuck behind its own first batch; release after its deadline passed: it stops there.
+    time.sleep(1.2)
+    failpoints.release("flush.between_batches")
+    closing.result()
+    written = pg_conversation_ids(pg_conn)
+    assert 2 <= len(written) < 6, written  # one batch written, then the deadline ended the flush
+    assert len(dirty_set(rdb.client)) == 6 - len(written)
