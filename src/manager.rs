@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use crate::cache::redis::{
     Bypass, CacheError, CachedConversation, DirtyEntry, MemoryInfo, RedisCache, SaveOptions, SaveOutcome,
@@ -616,18 +616,25 @@ struct Tainted {
     state: Mutex<TaintedReads>,
 }
 
-/// (user, id) pairs, as a set and in the order they were added.
-type TaintedReads = (HashSet<(String, String)>, VecDeque<(String, String)>);
+/// (user, id) -> the read, and the pairs in the order they were added.
+type TaintedReads = (HashMap<(String, String), TaintedRead>, VecDeque<(String, String)>);
+
+/// A read PostgreSQL served while Redis did not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TaintedRead {
+    /// The version of the row it served.
+    version: Option<i64>,
+}
 
 /// At most this many tainted reads are remembered.
 const MAX_TAINTED: usize = 100_000;
 
 impl Tainted {
-    fn add(&self, user_id: &str, conversation_id: &str) {
+    fn add(&self, user_id: &str, conversation_id: &str, version: Option<i64>) {
         let key = (user_id.to_owned(), conversation_id.to_owned());
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let (set, order) = &mut *state;
-        if set.insert(key.clone()) {
+        if set.insert(key.clone(), TaintedRead { version }).is_none() {
             order.push_back(key);
             if order.len() > MAX_TAINTED {
                 if let Some(old) = order.pop_front() {
@@ -638,14 +645,13 @@ impl Tainted {
         self.count.store(set.len() as u64, Ordering::Release);
     }
 
-    fn contains(&self, user_id: &str, conversation_id: &str) -> bool {
-        self.count.load(Ordering::Acquire) > 0
-            && self
-                .state
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .0
-                .contains(&(user_id.to_owned(), conversation_id.to_owned()))
+    /// The read, when the last read of the conversation was tainted.
+    fn get(&self, user_id: &str, conversation_id: &str) -> Option<TaintedRead> {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.0.get(&(user_id.to_owned(), conversation_id.to_owned())).copied()
     }
 
     fn remove(&self, user_id: &str, conversation_id: &str) {
@@ -654,7 +660,7 @@ impl Tainted {
         }
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let (set, order) = &mut *state;
-        if set.remove(&(user_id.to_owned(), conversation_id.to_owned())) {
+        if set.remove(&(user_id.to_owned(), conversation_id.to_owned())).is_some() {
             order.retain(|(u, c)| !(u == user_id && c == conversation_id));
         }
         self.count.store(set.len() as u64, Ordering::Release);
@@ -786,7 +792,7 @@ impl CachedTier {
                 log::debug!("could not cache {conversation_id:?}: {}", e.into_error());
             }
         } else {
-            self.tainted.add(user_id, conversation_id);
+            self.tainted.add(user_id, conversation_id, version);
         }
         Ok(Some(Fetched::Stored(conv)))
     }
@@ -814,7 +820,8 @@ impl CachedTier {
     }
 
     fn save(&self, conversation_id: &str, user_id: &str, conv: &Conversation) -> Result<()> {
-        let guard = self.tainted.contains(user_id, conversation_id);
+        let tainted = self.tainted.get(user_id, conversation_id);
+        let guard = tainted.is_some();
         let first = SaveOptions { guard, ..SaveOptions::default() };
         let outcome = match self.cache(|r| r.save(user_id, conversation_id, conv, first)) {
             Some(Ok((SaveOutcome::OwnerUnknown, _))) => {
@@ -861,9 +868,7 @@ impl CachedTier {
                 Err(ownership(conversation_id))
             }
             Some(Err(CacheError::Unavailable(_))) | None => {
-                let version = self.pg()?.save(conversation_id, user_id, conv)?;
-                self.bypassed(user_id, conversation_id, version, false);
-                Ok(())
+                self.save_to_postgres(conversation_id, user_id, conv, tainted)
             }
             // Out of memory (or another refusal): the save goes to PostgreSQL, and Redis is
             // brought in line before its next call (deleting is allowed even when Redis is out of
@@ -871,11 +876,46 @@ impl CachedTier {
             Some(Err(e)) => {
                 log::warn!("Redis refused a save, writing it to PostgreSQL: {}", e.into_error());
                 self.fallbacks.fetch_add(1, Ordering::Relaxed);
-                let version = self.pg()?.save(conversation_id, user_id, conv)?;
-                self.bypassed(user_id, conversation_id, version, false);
-                Ok(())
+                self.save_to_postgres(conversation_id, user_id, conv, tainted)
             }
         }
+    }
+
+    /// A save that cannot go through Redis. After a tainted read (`read` holds the version it
+    /// served), a row that changed since (another instance flushed a copy this caller never saw) is
+    /// kept aside first unless the new messages extend it.
+    fn save_to_postgres(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        conv: &Conversation,
+        read: Option<TaintedRead>,
+    ) -> Result<()> {
+        let pg = self.pg()?;
+        if let Some(read) = read {
+            if let Some((current, version)) = pg.get_versioned(conversation_id, user_id)? {
+                if version != read.version && !crate::writeback::is_prefix(&current.messages, &conv.messages) {
+                    self.keep(conversation_id, user_id, &current, version)?;
+                }
+            }
+        }
+        let version = pg.save(conversation_id, user_id, conv)?;
+        self.bypassed(user_id, conversation_id, version, false);
+        Ok(())
+    }
+
+    fn keep(&self, conversation_id: &str, user_id: &str, conv: &Conversation, version: Option<i64>) -> Result<()> {
+        let kept =
+            self.pg()?.keep_conflict(conversation_id, user_id, conv, version, crate::writeback::REASON_OVERWRITTEN)?;
+        if kept {
+            self.conflicts_kept.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "conversation {conversation_id:?} of user {user_id:?}: a save read from PostgreSQL while Redis did not \
+                 answer replaced a copy with {} messages; that copy is kept in conversation_conflicts",
+                conv.messages.len()
+            );
+        }
+        Ok(())
     }
 
     /// Records a write that went straight to PostgreSQL; Redis is brought in line before its next
@@ -890,8 +930,8 @@ impl CachedTier {
         });
     }
 
-    /// A save after a read that Redis did not answer found a dirty copy in Redis that its messages
-    /// do not extend: that copy is kept aside in PostgreSQL before the save replaces it. When
+    /// A save after a read that Redis did not answer found a copy in Redis that its messages do not
+    /// extend: that copy is kept aside in PostgreSQL before the save replaces it. When
     /// PostgreSQL cannot take it, the save is refused and nothing changes.
     fn keep_overwritten(&self, conversation_id: &str, user_id: &str) -> Result<()> {
         let member = format!("{user_id}:{conversation_id}");
@@ -899,21 +939,7 @@ impl CachedTier {
         let Some(DirtyEntry { content: Some(Ok(cached)), .. }) = entries.map_err(CacheError::into_error)?.pop() else {
             return Ok(());
         };
-        let kept = self.pg()?.keep_conflict(
-            conversation_id,
-            user_id,
-            &cached.conversation,
-            cached.version,
-            crate::writeback::REASON_OVERWRITTEN,
-        )?;
-        if kept {
-            self.conflicts_kept.fetch_add(1, Ordering::Relaxed);
-            log::warn!(
-                "conversation {conversation_id:?} of user {user_id:?}: a save read from PostgreSQL while Redis did not \
-                 answer replaced a dirty copy with {} messages; that copy is kept in conversation_conflicts",
-                cached.conversation.messages.len()
-            );
-        }
+        self.keep(conversation_id, user_id, &cached.conversation, cached.version)?;
         Ok(())
     }
 

@@ -173,7 +173,9 @@ def test_seed_clear_dirty_flag_never_cleans_what_postgres_lacks(make_redis_manag
     assert_row_matches(pg_conn, conv_id, user_id, seed)
 
 
-def test_delete_between_a_flushs_read_and_its_write_wins(failpoints, make_redis_manager, rdb, pg_conn, user_id, conv_id):
+def test_delete_between_a_flushs_read_and_its_write_wins(
+    failpoints, make_redis_manager, rdb, pg_conn, user_id, conv_id
+):
     app = make_redis_manager()
     flusher = make_redis_manager()
     v1 = make_conversation(2)
@@ -298,7 +300,9 @@ def test_flusher_killed_between_postgres_and_settle_then_run_again(
     assert pg_message_count(pg_conn) == sum(len(c["messages"]) for c in conversations.values())
 
 
-def test_two_flushers_that_overlap_keep_the_newest(failpoints, make_redis_manager, rdb, pg_url, pg_conn, user_id, conv_id):
+def test_two_flushers_that_overlap_keep_the_newest(
+    failpoints, make_redis_manager, rdb, pg_url, pg_conn, user_id, conv_id
+):
     app = make_redis_manager()
     v1 = make_conversation(2, title="v1")
     app.save_conversation(conv_id, v1, user_id=user_id)

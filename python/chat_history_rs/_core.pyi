@@ -20,6 +20,16 @@ class Conversation(TypedDict):
     created_at: str
     last_modified: str
 
+class Conflict(TypedDict):
+    conflict_id: int
+    conversation_id: str
+    user_id: str
+    conversation: Conversation
+    version: Optional[int]
+    reason: str
+    kept_at: str
+    restored_at: Optional[str]
+
 ConversationInput = Dict[str, Any]
 """A conversation to save: the keys of ``Conversation``; timestamps may also be ``datetime``
 objects (naive means UTC) or missing (now)."""
@@ -48,6 +58,8 @@ class ChatHistoryManager:
         postgres_pool_size: int = 4,
         postgres_connect_timeout: float = 5.0,
         postgres_ca_file: Optional[Union[str, os.PathLike[str]]] = None,
+        postgres_statement_timeout: float = 30.0,
+        postgres_lock_timeout: float = 5.0,
         redis_connection_string: Optional[str] = None,
         redis_host: Optional[str] = None,
         redis_password: Optional[str] = None,
@@ -90,9 +102,18 @@ class ChatHistoryManager:
     def flush_dirty_conversations(self) -> int:
         """Writes conversations still dirty in Redis back to PostgreSQL; returns how many."""
     def close(self) -> None:
-        """Flushes what is dirty, then releases the pools. Idempotent."""
+        """Flushes what is dirty (for at most ``close_timeout`` seconds), then releases the pools.
+        Idempotent."""
     def stats(self) -> Dict[str, Any]:
-        """Counters and gauges of this manager (SPEC section 8). Never holds a password."""
+        """Counters and gauges of this manager (docs/monitoring.md). Never holds a password."""
+    def list_conflicts(
+        self, user_id: Optional[str] = None, *, conflict_id: Optional[int] = None, limit: int = 100
+    ) -> List[Conflict]:
+        """Copies kept aside in ``conversation_conflicts`` after Redis and PostgreSQL diverged,
+        newest first (docs/design.md, "Divergence")."""
+    def restore_conflict(self, conflict_id: int) -> Tuple[str, str]:
+        """Makes a kept copy the conversation again (the copy it replaces is kept aside in turn
+        unless the restored one holds all its messages); returns ``(conversation_id, user_id)``."""
     def __enter__(self) -> ChatHistoryManager: ...
     def __exit__(
         self,
@@ -121,7 +142,8 @@ class RedisBackend:
     def get_dirty_conversations(self) -> List[Tuple[str, str]]:
         """``(user_id, conversation_id)`` of every conversation awaiting write-back."""
     def clear_dirty_flag(self, user_id: str, conversation_id: str) -> None:
-        """Marks the conversation clean, unless a newer save came in since."""
+        """Marks the conversation clean, but only when PostgreSQL holds exactly what Redis holds and
+        nothing changed it since it was read."""
 
 class ChatHistoryError(Exception):
     """Base class of every error chat_history_rs raises."""
@@ -152,3 +174,9 @@ class ClosedError(ChatHistoryError, RuntimeError):
 
 def _close_all() -> None:
     """Closes every live manager, flushing what is dirty (the package's atexit hook)."""
+
+def _after_fork_in_child() -> None:
+    """Registered with ``os.register_at_fork``: managers open their own connections in the child."""
+
+def _failpoints_enabled() -> bool:
+    """Whether this build has the test-only failpoints (``make dev-test``)."""

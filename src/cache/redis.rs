@@ -338,8 +338,8 @@ pub enum SaveOutcome {
     OwnerUnknown,
     /// Another user owns the id.
     OtherOwner,
-    /// Saved with `guard`: Redis holds a dirty copy that the new messages do not extend; nothing
-    /// was stored.
+    /// Saved with `guard`: Redis holds a copy that the new messages do not extend; nothing was
+    /// stored.
     Diverged,
 }
 
@@ -350,7 +350,7 @@ pub struct SaveOptions {
     pub claim: bool,
     /// The version of PostgreSQL's row, when known: the save's version goes past it.
     pub floor: Option<i64>,
-    /// Refuse to replace a dirty copy that the new messages do not extend.
+    /// Refuse to replace a copy that the new messages do not extend.
     pub guard: bool,
 }
 
@@ -400,8 +400,8 @@ impl ListEntry<'_> {
 /// Replies: {1, version, created_at} saved; {0} Redis does not hold the conversation (ask
 /// PostgreSQL who owns it, then save again with `claim` and PostgreSQL's version as `floor`);
 /// {-1} another user's id; {-3} the staged hash is gone (evicted between the two commands): nothing
-/// was stored; {2} with `guard`: the cached copy is dirty and the new messages do not extend it
-/// (the caller read an older copy from PostgreSQL while Redis was unreachable): nothing was stored.
+/// was stored; {2} with `guard`: the new messages do not extend the cached copy (the caller read an
+/// older copy from PostgreSQL while Redis did not answer): nothing was stored.
 ///
 /// The version is Redis's clock in microseconds, bumped past the hash's current version, past the
 /// PostgreSQL version the copy was derived from, past `floor` and past a delete's tombstone, so a
@@ -417,7 +417,7 @@ if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[1]) == 0 then
   return {0}
 end
 local h = redis.call('HMGET', KEYS[1], 'ver', 'pgv', 'dirty', 'created_at', 'pgn', 'pgh')
-if ARGV[8] == '1' and h[3] == '1' then
+if ARGV[8] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then
   local old = redis.call('HGET', KEYS[1], 'messages') or '[]'
   local new = redis.call('HGET', KEYS[9], 'messages') or '[]'
   local n = #old - 1
