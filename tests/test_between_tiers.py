@@ -297,3 +297,58 @@ def test_multiprocessing_fork_pool_workers_use_their_own_connections(make_redis_
     assert results == [True, True, True]
     assert app.get_conversation("f0000002", user_id=user_id) == mine
     assert app.flush_dirty_conversations() >= 1
+
+
+# --------------------------------------------------------------------------------------------------
+# README claims: the Redis timeout and backoff, an unparseable hash, a stale clean copy
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_a_hung_redis_costs_one_timeout_then_calls_skip_it(make_redis_manager, rdb, pg_conn, user_id, conv_id):
+    with TcpProxy(rdb.server.port) as proxy:
+        app = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5)
+        conv = make_conversation(2)
+        app.save_conversation(conv_id, conv, user_id=user_id)
+        assert app.flush_dirty_conversations() == 1
+        proxy.stall()
+        started = time.monotonic()
+        assert app.get_conversation(conv_id, user_id=user_id) == conv  # PostgreSQL's copy
+        first = time.monotonic() - started
+        started = time.monotonic()
+        for _ in range(5):  # backing off: no call waits on Redis
+            assert app.get_conversation(conv_id, user_id=user_id) == conv
+        following = time.monotonic() - started
+        # Generous bounds: a shared 2-core machine; what matters is one timeout, then none.
+        assert first < 0.5 * 2 + 2.0, f"the first call waited {first:.2f}s with redis_timeout=0.5"
+        assert following < 0.5 * 2, f"five calls in backoff took {following:.2f}s"
+        assert app.stats()["redis_available"] is False
+        proxy.heal()
+
+
+def test_an_unparseable_hash_reads_from_postgres(make_redis_manager, rdb, pg_conn, user_id, conv_id):
+    app = make_redis_manager()
+    conv = make_conversation(2)
+    app.save_conversation(conv_id, conv, user_id=user_id)
+    assert app.flush_dirty_conversations() == 1
+    rdb.client.hset(conv_key(user_id, conv_id), "messages", "[{not json")
+    assert app.get_conversation(conv_id, user_id=user_id) == conv
+
+
+@pytest.mark.timeout(120)
+def test_a_stale_clean_copy_is_dropped_when_redis_returns(make_redis_manager, rdb, pg_conn, user_id, conv_id):
+    with TcpProxy(rdb.server.port) as proxy:
+        app = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5)
+        other = make_redis_manager()  # never loses Redis
+        v1 = make_conversation(2, title="v1")
+        app.save_conversation(conv_id, v1, user_id=user_id)
+        assert app.flush_dirty_conversations() == 1  # clean v1 cached
+        proxy.partition()
+        v2 = grown({**v1, "title": "v2"}, 1)
+        app.save_conversation(conv_id, v2, user_id=user_id)  # straight to PostgreSQL
+        assert other.get_conversation(conv_id, user_id=user_id) == v1  # the older clean copy, still cached
+        proxy.heal()
+        time.sleep(0.6)  # past the first backoff
+        assert app.get_conversation(conv_id, user_id=user_id) == v2
+        assert other.get_conversation(conv_id, user_id=user_id) == v2  # dropped from Redis, for everyone
+        assert app.stats()["conflicts_kept"] == 0

@@ -253,7 +253,7 @@ def test_init_db_creates_the_schema(pg_url, pg_conn):
     result = run_cli("init-db", env=cli_env(DATABASE_URL=pg_url))
     assert result.returncode == 0, result.stderr
     assert "schema ready" in result.stdout
-    assert {"conversations", "messages", "conversation_tombstones"} <= public_tables(pg_conn)
+    assert {"conversations", "messages", "conversation_tombstones", "conversation_conflicts"} <= public_tables(pg_conn)
     with pg_conn.cursor() as cur:
         cur.execute(
             "SELECT column_name FROM information_schema.columns"
@@ -768,3 +768,40 @@ def test_flush_names_what_postgres_refused_and_exits_1(make_redis_manager, rdb, 
     ((conversation_id, conversation),) = saved.items()
     assert_row_matches(pg_conn, conversation_id, user_id, conversation)
     assert dirty_set(rdb.client) == {f"{user_id}:badc0ffe"}
+
+
+def test_conflicts_lists_shows_and_restores_a_kept_copy(make_redis_manager, rdb, pg_url, pg_conn, user_id):
+    """A copy that lost a divergence is listed, shown with its messages, and restored; the copy the
+    restore replaces is kept aside in turn."""
+    manager = make_redis_manager()
+    in_redis = make_conversation(3, prefix="only in redis ")
+    manager.save_conversation("c0f11c70", in_redis, user_id=user_id)
+    # A newer copy reaches PostgreSQL another way (say, while this Redis was unreachable).
+    in_postgres = make_conversation(2, prefix="only in postgres ")
+    manager.postgres_backend.save_conversation("c0f11c70", user_id, in_postgres)
+    manager.flush_dirty_conversations()
+    assert manager.get_conversation("c0f11c70", user_id=user_id) == in_postgres
+    env = cli_env(DATABASE_URL=pg_url, REDIS_CONNECTION_STRING=rdb.url)
+
+    listed = run_cli("conflicts", "--json", "--user", user_id, env=env)
+    assert listed.returncode == 0, listed.stderr
+    kept = json.loads(listed.stdout)
+    assert [(c["conversation_id"], c["conversation"]) for c in kept] == [("c0f11c70", in_redis)]
+    conflict_id = kept[0]["conflict_id"]
+
+    shown = run_cli("conflicts", "--show", str(conflict_id), env=env)
+    assert shown.returncode == 0, shown.stderr
+    for message in in_redis["messages"]:
+        assert message["content"] in shown.stdout
+
+    restored = run_cli("conflicts", "--restore", str(conflict_id), env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert f"restored copy {conflict_id} as conversation c0f11c70 of user {user_id}" in restored.stdout
+    assert manager.get_conversation("c0f11c70", user_id=user_id)["messages"] == in_redis["messages"]
+    after = {c["conversation"]["messages"][0]["content"]: c for c in manager.list_conflicts(user_id)}
+    assert set(after) == {"only in redis message 0", "only in postgres message 0"}  # nothing lost either way
+    assert after["only in redis message 0"]["restored_at"] is not None
+
+    missing = run_cli("conflicts", "--show", "999999", env=env)
+    assert missing.returncode == 1
+    assert "no kept copy has conflict_id 999999" in missing.stderr

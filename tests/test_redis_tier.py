@@ -293,7 +293,7 @@ def test_same_conversation_reads_back_identical_from_both_tiers(make_redis_manag
     manager = make_redis_manager()
     whole_second = datetime(2025, 11, 26, 0, 35, 21, tzinfo=UTC)  # isoformat without a fraction
     conversation = {
-        "title": 'Grüße — "quotes" \'single\' %s $1 ; -- 🚀',
+        "title": "Grüße — \"quotes\" 'single' %s $1 ; -- 🚀",
         "model": "gpt-4o-mini",
         "messages": [
             {"role": "user", "content": "héllo 世界\nsecond line\ttab \\ backslash", "time": iso(whole_second)},
@@ -675,8 +675,17 @@ def test_refused_save_changes_nothing(make_redis_manager, rdb, pg_conn, user_id,
         ("abcd1234", "user{1}"),
         ("abcd1234", ""),
     ],
-    ids=["conv-51", "conv-colon", "conv-braces", "conv-newline", "conv-empty", "user-256", "user-colon",
-         "user-braces", "user-empty"],  # fmt: skip
+    ids=[
+        "conv-51",
+        "conv-colon",
+        "conv-braces",
+        "conv-newline",
+        "conv-empty",
+        "user-256",
+        "user-colon",
+        "user-braces",
+        "user-empty",
+    ],  # fmt: skip
 )
 def test_bad_ids_are_refused_everywhere(make_redis_manager, rdb, pg_conn, conversation_id, user):
     manager = make_redis_manager()

@@ -189,7 +189,14 @@ def test_seed_redis_backend_methods(rdb, pg_conn):
     assert_row_matches(pg_conn, "0a0b0c0d", "user1", conversation)
     assert pg_conversation_ids(pg_conn) == {"0a0b0c0d"}
 
-    backend.set_conversation("user1", "0a0b0c0d", {**conversation, "title": "again"})
+    again = {**conversation, "title": "again"}
+    backend.set_conversation("user1", "0a0b0c0d", again)
+    # Clearing what PostgreSQL does not hold would lose it: the flag stays until it is written.
+    backend.clear_dirty_flag("user1", "0a0b0c0d")
+    assert rdb.client.hget(conv_key("user1", "0a0b0c0d"), "dirty") == "1"
+    assert backend.get_dirty_conversations() == [("user1", "0a0b0c0d")]
+    # The seed's flush: PostgreSQL first, then clear_dirty_flag.
+    manager.postgres_backend.save_conversation("0a0b0c0d", "user1", again)
     backend.clear_dirty_flag("user1", "0a0b0c0d")
     assert rdb.client.hget(conv_key("user1", "0a0b0c0d"), "dirty") == "0"
     assert dirty_member("user1", "0a0b0c0d") not in dirty_set(rdb.client)

@@ -324,6 +324,7 @@ def format_human(stats: dict[str, Any], postgres: str) -> str:
                 f" ({stats.get('conversations_flushed')} conversations, {stats.get('flush_failures')} failures)"
             ),
             f"  stuck conversations      {len(stats.get('stuck_conversations') or [])}",
+            f"  conflict copies kept     {stats.get('conflicts_kept')} (`{PROG} conflicts` lists them)",
             f"  PostgreSQL fallbacks     {stats.get('postgres_fallbacks')}",
         ]
     return "\n".join(lines)
@@ -369,6 +370,12 @@ METRICS = (
         "chat_history_flush_failures_total",
         "counter",
         "Conversations a write-back could not write (kept dirty, retried)" + _THIS_PROCESS,
+    ),
+    Metric(
+        "conflicts_kept",
+        "chat_history_conflicts_kept_total",
+        "counter",
+        "Copies kept aside in conversation_conflicts after Redis and PostgreSQL diverged" + _THIS_PROCESS,
     ),
     Metric(
         "stuck_conversations",
@@ -483,7 +490,10 @@ def cmd_init_db(args: argparse.Namespace) -> int:
         where = describe_postgres(manager)
     finally:
         manager.close()
-    print(f"schema ready at {where}: conversations, messages, conversation_tombstones (created when missing;")
+    print(
+        f"schema ready at {where}: conversations, messages, conversation_tombstones, conversation_conflicts"
+        " (created when missing;"
+    )
     print("existing tables and rows are left as they were)")
     return EXIT_OK
 
@@ -633,6 +643,41 @@ def postgres_probe(manager: ChatHistoryManager) -> ChatHistoryError | None:
     except ChatHistoryError as exc:
         return exc
     return None
+
+
+def cmd_conflicts(args: argparse.Namespace) -> int:
+    """Lists kept conflict copies, shows one with its messages (--show), or restores one (--restore)."""
+    settings = resolve_settings(args, redis="optional")
+    manager = open_manager(args, settings)
+    try:
+        if args.restore is not None:
+            conversation_id, user_id = manager.restore_conflict(args.restore)
+            print(f"restored copy {args.restore} as conversation {conversation_id} of user {user_id}")
+            return EXIT_OK
+        conflict_id = args.show
+        kept = manager.list_conflicts(args.user, conflict_id=conflict_id, limit=args.limit)
+    finally:
+        close_quietly(manager, args.verbose > 0)
+    if conflict_id is not None and not kept:
+        raise CliError(f"no kept copy has conflict_id {conflict_id}", EXIT_FAILED)
+    if args.json:
+        print(json.dumps(kept))
+        return EXIT_OK
+    if not kept:
+        print("no conflict copies kept")
+        return EXIT_OK
+    for c in kept:
+        conv = c["conversation"]
+        restored = f", restored {c['restored_at']}" if c["restored_at"] else ""
+        print(
+            f"{c['conflict_id']}  conversation {c['conversation_id']}  user {c['user_id']}  "
+            f"{len(conv['messages'])} messages  kept {c['kept_at']}{restored}"
+        )
+        print(f"    {c['reason']}; title {conv['title']!r}")
+        if conflict_id is not None:
+            for m in conv["messages"]:
+                print(f"    [{m['time']}] {m['role']}: {m['content']}")
+    return EXIT_OK
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -918,7 +963,8 @@ def build_parser() -> argparse.ArgumentParser:
     init_db = add(
         "init-db",
         "create the PostgreSQL schema when missing",
-        "Create the tables (conversations, messages, conversation_tombstones) and indexes when missing.\n"
+        "Create the tables (conversations, messages, conversation_tombstones, conversation_conflicts) and\n"
+        "indexes when missing.\n"
         "Existing tables and rows are never altered destructively. Redis is not used.",
     )
     init_db.set_defaults(func=cmd_init_db)
@@ -936,6 +982,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the final flush may take (default 30)",
     )
     flush.set_defaults(func=cmd_flush)
+
+    conflicts = add(
+        "conflicts",
+        "list, show or restore copies kept aside when Redis and PostgreSQL diverged",
+        "When a copy in Redis and one in PostgreSQL diverge (a write made while Redis was unreachable,\n"
+        "a seed-design writer, an id PostgreSQL gives to another user), the newer stays the\n"
+        "conversation and the other is kept in the table conversation_conflicts, unless all its\n"
+        'messages are already in the one that stays (docs/design.md, "Divergence"). This lists them,\n'
+        "shows one with its messages, or makes one the conversation again (the copy it replaces is\n"
+        "kept aside in turn, so a restore loses nothing).",
+    )
+    conflicts.add_argument("--user", metavar="USER_ID", default=None, help="only this user's copies")
+    conflicts.add_argument("--limit", metavar="N", type=int, default=100, help="at most N copies (default 100)")
+    conflicts.add_argument("--json", action="store_true", help="as a JSON array")
+    action = conflicts.add_mutually_exclusive_group()
+    action.add_argument("--show", metavar="ID", type=int, default=None, help="one copy, with its messages")
+    action.add_argument("--restore", metavar="ID", type=int, default=None, help="make copy ID the conversation again")
+    conflicts.set_defaults(func=cmd_conflicts, close_timeout=30.0)
 
     stats = add("stats", "print stats(): text, --json or --prometheus", STATS_HELP)
     fmt = stats.add_mutually_exclusive_group()

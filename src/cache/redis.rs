@@ -727,7 +727,9 @@ fn staged_key(conv_key: &str) -> String {
             ^ u128::from(std::process::id())
     });
     let n = NONCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("staged:{conv_key}:{:x}:{n}", *PROCESS)
+    // The pid as well: a forked child inherits PROCESS and NONCE, and its names must not be the
+    // parent's, or one process's save could rename the other's staged copy.
+    format!("staged:{conv_key}:{:x}:{:x}:{n}", *PROCESS, std::process::id())
 }
 
 fn conv_key(user_id: &str, conversation_id: &str) -> String {
