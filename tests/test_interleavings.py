@@ -404,3 +404,22 @@ def test_flush_between_batches_honours_close_timeout(failpoints, make_redis_mana
     written = pg_conversation_ids(pg_conn)
     assert 2 <= len(written) < 6, written  # one batch written, then the deadline ended the flush
     assert len(dirty_set(rdb.client)) == 6 - len(written)
+
+
+def test_a_staged_copy_lost_before_the_script_is_never_stored_empty(
+    failpoints, make_redis_manager, rdb, pg_conn, user_id, conv_id
+):
+    """Scenario 8: the staged hash vanishes (evicted) between the HSET and the script: the script
+    must not rename nothing into place and report success; the save reaches PostgreSQL instead."""
+    app = make_redis_manager()
+    other = make_redis_manager()
+    v1 = make_conversation(2)
+    app.save_conversation(conv_id, v1, user_id=user_id)
+    assert app.flush_dirty_conversations() == 1
+    v2 = grown(v1, 2)
+    _core._failpoint_set("save.lose_staged", "1*return")
+    app.save_conversation(conv_id, v2, user_id=user_id)
+    assert_row_matches(pg_conn, conv_id, user_id, v2)
+    assert rdb.client.hget(conv_key(user_id, conv_id), "messages") != "[]"
+    for manager in (app, other):
+        assert manager.get_conversation(conv_id, user_id=user_id) == v2

@@ -4,7 +4,9 @@
 //!
 //! Points: `flush.after_read` (a flush read the dirty hashes, before PostgreSQL),
 //! `flush.before_settle` (PostgreSQL written, Redis not yet settled), `flush.between_batches`,
-//! `delete.after_postgres` (PostgreSQL deleted, Redis not yet).
+//! `delete.after_postgres` (PostgreSQL deleted, Redis not yet); and `save.lose_staged`, which with
+//! `return` stages a save's fields under another name, as if Redis evicted the staged copy before
+//! the script ran.
 
 use pyo3::prelude::*;
 
@@ -62,6 +64,13 @@ mod enabled {
             }
         })
         .map_err(PyRuntimeError::new_err)
+    }
+
+    /// Configures `name` with the fail crate's own action syntax (`"1*return"`, `"off"`...).
+    #[pyfunction]
+    pub fn _failpoint_set(name: String, actions: &str) -> PyResult<()> {
+        points().entry(name.clone()).or_default();
+        fail::cfg(name, actions).map_err(PyRuntimeError::new_err)
     }
 
     /// Waits (releasing the GIL) until `name` was reached `hits` times; false at the timeout.
@@ -123,6 +132,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     {
         m.add_function(wrap_pyfunction!(enabled::_failpoint_pause, m)?)?;
         m.add_function(wrap_pyfunction!(enabled::_failpoint_wait, m)?)?;
+        m.add_function(wrap_pyfunction!(enabled::_failpoint_set, m)?)?;
         m.add_function(wrap_pyfunction!(enabled::_failpoint_release, m)?)?;
         m.add_function(wrap_pyfunction!(enabled::_failpoint_hits, m)?)?;
         m.add_function(wrap_pyfunction!(enabled::_failpoints_reset, m)?)?;

@@ -719,6 +719,12 @@ pub struct Bypass {
 /// Seconds a staged hash may outlive a save that never reached its script.
 const STAGED_TTL_SECONDS: u64 = 60;
 
+/// True only in a test that turned on the `save.lose_staged` failpoint.
+fn staged_lost() -> bool {
+    fail::fail_point!("save.lose_staged", |_| true);
+    false
+}
+
 /// A fresh key to stage a conversation in before the script renames it into place.
 fn staged_key(conv_key: &str) -> String {
     static NONCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -1049,7 +1055,7 @@ impl RedisCache {
             .arg(options.floor.unwrap_or(0))
             .arg(if options.guard { "1" } else { "0" });
         let mut pipe = redis::pipe();
-        stage(&mut pipe, &staged, conv, &[]);
+        stage(&mut pipe, &if staged_lost() { format!("{staged}:lost") } else { staged.clone() }, conv, &[]);
         pipe.add_command(script);
         let (reply,): (Vec<Value>,) = self.run(|con| query_loading(con, &pipe, &[&SAVE]))?;
         let status = reply.first().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(-2);
