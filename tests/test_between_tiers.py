@@ -237,6 +237,11 @@ def test_owner_record_of_a_dropped_stale_copy_does_not_outlive_it(make_redis_man
 # --------------------------------------------------------------------------------------------------
 
 
+# Python 3.12+ warns that forking a process with threads may deadlock the child; forking a process
+# that has a manager's pool and flusher threads is exactly what these tests check is safe.
+FORK_WITH_THREADS = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+
+
 def _child_round_trips(manager, user_id: str, prefix: str, seconds: float) -> int:
     deadline = time.monotonic() + seconds
     n = 0
@@ -250,6 +255,7 @@ def _child_round_trips(manager, user_id: str, prefix: str, seconds: float) -> in
     return n
 
 
+@FORK_WITH_THREADS
 @pytest.mark.timeout(120)
 def test_forked_child_gets_its_own_connections(make_redis_manager, rdb, pg_conn, user_id, other_user_id):
     """Scenario 7: after os.fork(), parent and child hammer their own users' conversations; every
@@ -282,6 +288,7 @@ def _inherited_worker(args) -> bool:
     return _child_round_trips(_MANAGER, user_id, prefix, 1.0) > 0
 
 
+@FORK_WITH_THREADS
 @pytest.mark.timeout(120)
 def test_multiprocessing_fork_pool_workers_use_their_own_connections(make_redis_manager, rdb, user_id):
     global _MANAGER
