@@ -1,5 +1,13 @@
-//! The Redis tier: the seed's key layout, and Lua scripts that make every multi-key change atomic.
+//! The Redis tier: the key layouts, the Lua scripts that make every multi-key change atomic, and
+//! the cache's reads, writes and write-back side.
 
+mod codec;
 pub mod combine;
+mod error;
+mod flush;
+pub mod keys;
 pub mod messages_json;
+mod pool;
 pub mod redis;
+pub mod scripts;
+mod writes;

@@ -1,0 +1,52 @@
+//! Why a Redis call failed, in the terms the manager acts on.
+
+use redis::RedisError;
+
+use crate::error::{Backend, Error, ErrorKind};
+
+/// Why a Redis call failed, in the terms the manager acts on.
+#[derive(Debug, Clone)]
+pub enum CacheError {
+    /// No usable connection: fall back to PostgreSQL and back off.
+    Unavailable(String),
+    /// Redis refuses writes for lack of memory: this write goes to PostgreSQL.
+    OutOfMemory(String),
+    /// Anything else Redis refused.
+    Other(String),
+}
+
+impl CacheError {
+    pub(crate) fn from_redis(e: &RedisError) -> Self {
+        if e.code() == Some("OOM") {
+            CacheError::OutOfMemory(e.to_string())
+        } else if e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_unrecoverable_error()
+        {
+            CacheError::Unavailable(e.to_string())
+        } else {
+            CacheError::Other(e.to_string())
+        }
+    }
+
+    /// As a core error.
+    #[must_use]
+    pub fn into_error(self) -> Error {
+        match self {
+            CacheError::Unavailable(why) => {
+                Error::new(ErrorKind::Unavailable(Backend::Redis), "Redis is unavailable").with_source(why)
+            }
+            CacheError::OutOfMemory(why) => {
+                Error::new(ErrorKind::Database(Backend::Redis), "Redis is out of memory").with_source(why)
+            }
+            CacheError::Other(why) => {
+                Error::new(ErrorKind::Database(Backend::Redis), "Redis refused the command").with_source(why)
+            }
+        }
+    }
+}
+
+/// Result of a Redis call.
+pub type CacheResult<T> = std::result::Result<T, CacheError>;

@@ -1,0 +1,17 @@
+-- Caches a clean copy read from PostgreSQL (staged like a save's) unless something newer is
+-- there, it was just deleted, or (single node) another user has a claim on the id in Redis. It
+-- writes no owner record: PostgreSQL, which just answered for this user, is the record for a clean
+-- conversation.
+--
+-- KEYS: conv, owner (a placeholder of this slot on a cluster), delete tombstone, staged.
+-- ARGV: user, ttl, local owner ('1' or '0').
+if redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
+local owner = false
+if ARGV[3] == '1' then owner = redis.call('GET', KEYS[2]) end
+if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[1]) == 1 or (owner and owner ~= ARGV[1]) then
+  redis.call('DEL', KEYS[4])
+  return 0
+end
+redis.call('RENAME', KEYS[4], KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1

@@ -1,0 +1,23 @@
+-- Removes a conversation from every key of its slot and leaves a short-lived tombstone that keeps
+-- a read racing the delete from caching it again. Runs after PostgreSQL deleted the row.
+--
+-- KEYS: conv, dirty set, list, list meta, user dirty, owner (a placeholder on a cluster), dirty
+-- since, delete tombstone.
+-- ARGV: member, id, user, tombstone ttl, local owner ('1' or '0').
+-- Returns {-1} for another user's id (single node), else {1, version removed}.
+local local_owner = ARGV[5] == '1'
+local owner = false
+if local_owner then
+  owner = redis.call('GET', KEYS[6])
+  if owner and owner ~= ARGV[3] then return {-1} end
+end
+local ver = redis.call('HGET', KEYS[1], 'ver') or '0'
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('HDEL', KEYS[4], ARGV[2])
+redis.call('SREM', KEYS[5], ARGV[2])
+redis.call('ZREM', KEYS[7], ARGV[1])
+if owner then redis.call('DEL', KEYS[6]) end
+redis.call('SET', KEYS[8], ver, 'EX', ARGV[4])
+return {1, ver}

@@ -1,0 +1,42 @@
+-- Rebuilds the user's list from PostgreSQL's rows plus the user's dirty conversations,
+-- atomically, so a save that finished before it is included and one after it updates the
+-- rebuilt list. The caller read the user's dirty ids just before; if they changed since, nothing
+-- is rebuilt and the caller reads them again (every key touched is declared here).
+--
+-- KEYS: list, list meta, user dirty, then a delete tombstone per PostgreSQL row, then the conv key
+-- of each dirty id.
+-- ARGV: list ttl, number of PostgreSQL rows, then (id, score, entry) per row, then the dirty ids.
+-- Returns what list.lua returns, or false when the dirty ids changed.
+local rows = tonumber(ARGV[2])
+local first_dirty = 3 + rows * 3
+local dirty = #ARGV - first_dirty + 1
+if redis.call('SCARD', KEYS[3]) ~= dirty then return false end
+for i = 1, dirty do
+  if redis.call('SISMEMBER', KEYS[3], ARGV[first_dirty + i - 1]) == 0 then return false end
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+for r = 0, rows - 1 do
+  local a = 3 + r * 3
+  if redis.call('EXISTS', KEYS[4 + r]) == 0 then
+    redis.call('ZADD', KEYS[1], ARGV[a + 1], ARGV[a])
+    redis.call('HSET', KEYS[2], ARGV[a], ARGV[a + 2])
+  end
+end
+for i = 1, dirty do
+  local h = redis.call('HMGET', KEYS[3 + rows + i], 'meta', 'score')
+  if h[1] and h[2] then
+    redis.call('ZADD', KEYS[1], h[2], ARGV[first_dirty + i - 1])
+    redis.call('HSET', KEYS[2], ARGV[first_dirty + i - 1], h[1])
+  end
+end
+local ids = redis.call('ZREVRANGE', KEYS[1], 0, -1)
+local out = {}
+for _, id in ipairs(ids) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', KEYS[2], id)
+end
+if #ids > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
+return out

@@ -1,0 +1,11 @@
+-- On a cluster: after a delete or a dropped copy, removes the id's owner record if it is still the
+-- user's; with a ttl, gives it that TTL instead (the conversation became clean).
+--
+-- KEYS: owner. ARGV: user, ttl (empty to remove).
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 1

@@ -1,0 +1,78 @@
+-- Stores a conversation staged in its own hash (by the HSET pipelined before this script) as the
+-- user's dirty copy, atomically. Redis copies every script argument into Lua, and for a long
+-- transcript that copy cost more than the rest of a save, so the transcript never passes through
+-- here: the staged hash is renamed into place.
+--
+-- KEYS: conv, dirty set, list, list meta, user dirty, owner, dirty since, delete tombstone, staged.
+-- ARGV: member, user, created_at, meta, claim, id, floor, guard, local owner.
+--
+-- With `local owner` ('1': the owner record is in this slot, single node), the record is checked
+-- and set here; on a cluster it lives in the id's own slot and is claimed before this runs (then
+-- KEYS[6] is a placeholder of this slot, never touched).
+--
+-- Replies: {1, version, created_at, first} saved (`first`: 1 when the user had nothing dirty
+-- before); {0} Redis does not hold the conversation (ask PostgreSQL who owns it, then save again
+-- with `claim` and PostgreSQL's version as `floor`); {-1} another user's id; {-3} the staged hash
+-- is gone (evicted between the two commands): nothing stored; {2} with `guard`: the new messages
+-- do not extend the cached copy (the caller read an older copy from PostgreSQL while Redis did
+-- not answer): nothing stored.
+--
+-- The version is Redis's clock in microseconds, bumped past the hash's version, past the
+-- PostgreSQL version the copy was derived from, past `floor` and past a delete's tombstone, so a
+-- later save never gets a lower version than a row it replaces, whatever the two clocks say.
+if redis.call('EXISTS', KEYS[9]) == 0 then return {-3} end
+local local_owner = ARGV[9] == '1'
+if local_owner then
+  local owner = redis.call('GET', KEYS[6])
+  if owner and owner ~= ARGV[2] then
+    redis.call('DEL', KEYS[9])
+    return {-1}
+  end
+end
+if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[9])
+  return {0}
+end
+local h = redis.call('HMGET', KEYS[1], 'ver', 'pgv', 'dirty', 'created_at', 'pgn', 'pgh')
+if ARGV[8] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then
+  local old = redis.call('HGET', KEYS[1], 'messages') or '[]'
+  local new = redis.call('HGET', KEYS[9], 'messages') or '[]'
+  local n = #old - 1
+  local extends = old == '[]' or old == new
+    or (n > 0 and string.sub(new, 1, n) == string.sub(old, 1, n) and string.sub(new, n + 1, n + 1) == ',')
+  if not extends then
+    redis.call('DEL', KEYS[9])
+    return {2}
+  end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local deleted = tonumber(redis.call('GET', KEYS[8]) or '0') or 0
+local ver = math.max(now, (tonumber(h[1] or '0') or 0) + 1, deleted + 1,
+  (tonumber(h[2] or '0') or 0) + 1, (tonumber(ARGV[7]) or 0) + 1)
+ver = string.format('%.0f', ver)
+local created = h[4] or ARGV[3]
+local meta = ARGV[4]
+if created ~= ARGV[3] then
+  local entry = cjson.decode(meta)
+  entry['created_at'] = created
+  meta = cjson.encode(entry)
+  redis.call('HSET', KEYS[9], 'created_at', created)
+end
+redis.call('HSET', KEYS[9], 'dirty', '1', 'ver', ver, 'meta', meta)
+if h[5] and h[2] and h[6] then
+  redis.call('HSET', KEYS[9], 'pgn', h[5], 'pgv', h[2], 'pgh', h[6])
+end
+redis.call('RENAME', KEYS[9], KEYS[1])
+redis.call('PERSIST', KEYS[1])
+if local_owner then redis.call('SET', KEYS[6], ARGV[2]) end
+local first = redis.call('SCARD', KEYS[5]) == 0 and 1 or 0
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[5], ARGV[6])
+redis.call('ZADD', KEYS[7], 'NX', t[1], ARGV[1])
+redis.call('DEL', KEYS[8])
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[1], 'score'), ARGV[6])
+  redis.call('HSET', KEYS[4], ARGV[6], meta)
+end
+return {1, ver, created, first}

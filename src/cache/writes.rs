@@ -1,0 +1,323 @@
+//! The Redis side of saves, reads that fill the cache, deletes and list rebuilds.
+
+use redis::Value;
+
+use crate::cache::codec::{parse_listing, stage, ListEntry};
+use crate::cache::error::{CacheError, CacheResult};
+use crate::cache::keys::{member, KeyLayout};
+use crate::cache::redis::{RedisCache, LIST_TTL_SECONDS};
+use crate::cache::scripts;
+use crate::model::Conversation;
+
+/// How long a delete keeps reads from re-caching the deleted conversation.
+pub(crate) const DELETE_TOMBSTONE_SECONDS: u64 = 60;
+/// Bypass entries replayed per pipeline, each call well inside the Redis timeout.
+const INVALIDATE_PER_PIPELINE: usize = 100;
+/// Times a list rebuild reads the dirty ids again when a save changed them meanwhile.
+const REBUILD_ATTEMPTS: usize = 5;
+
+/// What a save did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveOutcome {
+    /// Stored and marked dirty under this version.
+    Saved(i64),
+    /// Redis does not know who owns the id: ask PostgreSQL, then save again with `claim`.
+    OwnerUnknown,
+    /// Another user owns the id.
+    OtherOwner,
+    /// Saved with `guard`: Redis holds a copy that the new messages do not extend; nothing was
+    /// stored.
+    Diverged,
+}
+
+/// A save to make in Redis.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SaveOptions {
+    /// The caller found out from PostgreSQL that the id is free or the user's.
+    pub claim: bool,
+    /// The version of PostgreSQL's row, when known: the save's version goes past it.
+    pub floor: Option<i64>,
+    /// Refuse to replace a copy that the new messages do not extend.
+    pub guard: bool,
+}
+
+/// A write that went straight to PostgreSQL: Redis must not keep serving an older copy of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bypass {
+    /// The owner.
+    pub user_id: String,
+    /// The id.
+    pub conversation_id: String,
+    /// PostgreSQL's version after the write (the tombstone's, for a delete).
+    pub version: i64,
+    /// A delete rather than a save.
+    pub deleted: bool,
+}
+
+/// True only in a test that turned on the `save.lose_staged` failpoint.
+fn staged_lost() -> bool {
+    fail::fail_point!("save.lose_staged", |_| true);
+    false
+}
+
+impl RedisCache {
+    /// Stores the conversation as dirty, without a TTL, and updates the user's cached list: one
+    /// round trip (a pipeline of the staged fields and the script). Returns the stored
+    /// `created_at` too (an existing one is kept, as PostgreSQL does).
+    pub fn save(
+        &self,
+        user_id: &str,
+        conversation_id: &str,
+        conv: &Conversation,
+        options: SaveOptions,
+    ) -> CacheResult<(SaveOutcome, Option<String>)> {
+        let l = self.layout;
+        let meta = ListEntry::to_json(conv);
+        let staged = l.staged(user_id, conversation_id);
+        let keys = [
+            l.conv(user_id, conversation_id),
+            l.dirty_set(user_id),
+            l.list(user_id),
+            l.list_meta(user_id),
+            l.user_dirty(user_id),
+            l.owner_for_script(user_id, conversation_id),
+            l.dirty_since(user_id),
+            l.deleted(user_id, conversation_id),
+            staged.clone(),
+        ];
+        let created_at = conv.created_at.to_string();
+        let mut script = scripts::call(&scripts::SAVE, &keys);
+        script
+            .arg(member(user_id, conversation_id))
+            .arg(user_id)
+            .arg(&created_at)
+            .arg(&meta)
+            .arg(if options.claim { "1" } else { "0" })
+            .arg(conversation_id)
+            .arg(options.floor.unwrap_or(0))
+            .arg(if options.guard { "1" } else { "0" })
+            .arg(l.owner_in_slot());
+        let mut pipe = redis::pipe();
+        stage(&mut pipe, &if staged_lost() { format!("{staged}:lost") } else { staged }, conv, &[]);
+        pipe.add_command(script);
+        let (reply,): (Vec<Value>,) = self.query(&pipe)?;
+        let status = reply.first().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(-2);
+        Ok(match status {
+            1 => {
+                let version = reply
+                    .get(1)
+                    .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                    .and_then(|v| v.parse().ok());
+                let created = reply.get(2).and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+                (SaveOutcome::Saved(version.unwrap_or(0)), created)
+            }
+            0 => (SaveOutcome::OwnerUnknown, None),
+            -1 => (SaveOutcome::OtherOwner, None),
+            2 => (SaveOutcome::Diverged, None),
+            // Refused like a write Redis had no memory for: the caller saves to PostgreSQL.
+            -3 => return Err(CacheError::Other("the staged copy vanished before the save script ran".into())),
+            _ => return Err(CacheError::Other(format!("unexpected reply to the save script: {reply:?}"))),
+        })
+    }
+
+    /// Caches a clean copy read from PostgreSQL (with its TTL), unless Redis has something newer.
+    pub fn backfill(
+        &self,
+        user_id: &str,
+        conversation_id: &str,
+        conv: &Conversation,
+        version: Option<i64>,
+    ) -> CacheResult<()> {
+        let l = self.layout;
+        let staged = l.staged(user_id, conversation_id);
+        let keys = [
+            l.conv(user_id, conversation_id),
+            l.owner_for_script(user_id, conversation_id),
+            l.deleted(user_id, conversation_id),
+            staged.clone(),
+        ];
+        let mut script = scripts::call(&scripts::BACKFILL, &keys);
+        script.arg(user_id).arg(self.ttl()).arg(l.owner_in_slot());
+        let meta = ListEntry::to_json(conv);
+        // With a version, PostgreSQL holds exactly these messages at it.
+        let stored = version.map(|v| {
+            (
+                conv.messages.len().to_string(),
+                v.to_string(),
+                crate::model::messages_fingerprint(&conv.messages).to_string(),
+            )
+        });
+        let ver = version.unwrap_or(0).to_string();
+        let mut fields = vec![("dirty", "0"), ("ver", ver.as_str()), ("meta", meta.as_str())];
+        if let Some((n, v, h)) = &stored {
+            fields.extend([("pgn", n.as_str()), ("pgv", v.as_str()), ("pgh", h.as_str())]);
+        }
+        let mut pipe = redis::pipe();
+        stage(&mut pipe, &staged, conv, &fields);
+        pipe.add_command(script);
+        let _: (i64,) = self.query(&pipe)?;
+        Ok(())
+    }
+
+    /// Whether the user may delete the id as far as Redis knows, and the version Redis holds (0
+    /// when none): `Ok(None)` when the id is another user's. Changes nothing, so a delete can ask
+    /// PostgreSQL first and leave everything as it was when PostgreSQL refuses.
+    pub fn peek_delete(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<i64>> {
+        let (owner_key, conv_key) = (self.layout.owner(conversation_id), self.layout.conv(user_id, conversation_id));
+        let (owner, version): (Option<String>, Option<String>) = if self.layout == KeyLayout::Seed {
+            let mut pipe = redis::pipe();
+            pipe.cmd("GET").arg(&owner_key).cmd("HGET").arg(&conv_key).arg("ver");
+            self.query(&pipe)?
+        } else {
+            // Two slots on a cluster: two commands.
+            (
+                self.command(redis::cmd("GET").arg(&owner_key))?,
+                self.command(redis::cmd("HGET").arg(&conv_key).arg("ver"))?,
+            )
+        };
+        if owner.is_some_and(|o| o != user_id) {
+            return Ok(None);
+        }
+        Ok(Some(version.and_then(|v| v.parse().ok()).unwrap_or(0)))
+    }
+
+    /// Removes the conversation from every key. `Ok(None)` when the id is another user's;
+    /// otherwise the version Redis had (0 when none), for PostgreSQL's tombstone.
+    pub fn delete(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<i64>> {
+        let l = self.layout;
+        let keys = [
+            l.conv(user_id, conversation_id),
+            l.dirty_set(user_id),
+            l.list(user_id),
+            l.list_meta(user_id),
+            l.user_dirty(user_id),
+            l.owner_for_script(user_id, conversation_id),
+            l.dirty_since(user_id),
+            l.deleted(user_id, conversation_id),
+        ];
+        let mut script = scripts::call(&scripts::DELETE, &keys);
+        script
+            .arg(member(user_id, conversation_id))
+            .arg(conversation_id)
+            .arg(user_id)
+            .arg(DELETE_TOMBSTONE_SECONDS)
+            .arg(l.owner_in_slot());
+        let mut pipe = redis::pipe();
+        pipe.add_command(script);
+        let (reply,): (Vec<Value>,) = self.query(&pipe)?;
+        let status = reply.first().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(-2);
+        if status == -1 {
+            return Ok(None);
+        }
+        if l == KeyLayout::Cluster {
+            self.release_owner(user_id, conversation_id, None)?;
+        }
+        let version =
+            reply.get(1).and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).and_then(|v| v.parse().ok());
+        Ok(Some(version.unwrap_or(0)))
+    }
+
+    /// Records PostgreSQL's tombstone version for a just-deleted conversation, so a save of the
+    /// same id soon after gets a newer version whatever the clocks say.
+    pub fn mark_deleted(&self, user_id: &str, conversation_id: &str, version: i64) -> CacheResult<()> {
+        let key = self.layout.deleted(user_id, conversation_id);
+        self.command(redis::cmd("SET").arg(&key).arg(version).arg("EX").arg(DELETE_TOMBSTONE_SECONDS))
+    }
+
+    /// Cluster: claims the id in its own slot for the user (see docs/design.md, "Ownership");
+    /// false when another user holds it.
+    pub fn claim(&self, user_id: &str, conversation_id: &str) -> CacheResult<bool> {
+        let mut pipe = redis::pipe();
+        let mut cmd = scripts::call(&scripts::CLAIM, &[self.layout.owner(conversation_id)]);
+        cmd.arg(user_id);
+        pipe.add_command(cmd);
+        let (claimed,): (i64,) = self.query(&pipe)?;
+        Ok(claimed == 1)
+    }
+
+    /// Cluster: removes the id's owner record if it is the user's, or (with `ttl`) gives it one.
+    pub(crate) fn release_owner(&self, user_id: &str, conversation_id: &str, ttl: Option<u64>) -> CacheResult<()> {
+        let mut pipe = redis::pipe();
+        let mut cmd = scripts::call(&scripts::RELEASE, &[self.layout.owner(conversation_id)]);
+        cmd.arg(user_id).arg(ttl.map(|t| t.to_string()).unwrap_or_default());
+        pipe.add_command(cmd).ignore();
+        self.query(&pipe)
+    }
+
+    /// Rebuilds the user's list from PostgreSQL's rows plus the user's dirty conversations and
+    /// returns it.
+    pub fn rebuild_list(
+        &self,
+        user_id: &str,
+        from_postgres: &[(String, Conversation)],
+    ) -> CacheResult<Vec<(String, Conversation)>> {
+        let l = self.layout;
+        let entries: Vec<(f64, String)> =
+            from_postgres.iter().map(|(_, c)| (c.last_modified.unix_seconds(), ListEntry::to_json(c))).collect();
+        for _ in 0..REBUILD_ATTEMPTS {
+            // The script may touch only keys it is given: the dirty ids are read first, and the
+            // script refuses (and this reads them again) if a save changed them meanwhile.
+            let dirty: Vec<String> = self.command(redis::cmd("SMEMBERS").arg(l.user_dirty(user_id)))?;
+            let mut keys = vec![l.list(user_id), l.list_meta(user_id), l.user_dirty(user_id)];
+            keys.extend(from_postgres.iter().map(|(id, _)| l.deleted(user_id, id)));
+            keys.extend(dirty.iter().map(|id| l.conv(user_id, id)));
+            let mut script = scripts::call(&scripts::REBUILD_LIST, &keys);
+            script.arg(LIST_TTL_SECONDS).arg(from_postgres.len());
+            for ((id, _), (score, entry)) in from_postgres.iter().zip(&entries) {
+                script.arg(id).arg(*score).arg(entry);
+            }
+            for id in &dirty {
+                script.arg(id);
+            }
+            let mut pipe = redis::pipe();
+            pipe.add_command(script);
+            let (value,): (Value,) = self.query(&pipe)?;
+            if let Some(listing) = parse_listing(value) {
+                return Ok(listing);
+            }
+        }
+        Err(CacheError::Other("the user's dirty conversations kept changing while the list was rebuilt".into()))
+    }
+
+    /// Brings Redis in line with writes that went straight to PostgreSQL (see `invalidate.lua`), in
+    /// pipelines of a hundred. Returns the `<user>:<id>` members whose dirty copy is older than
+    /// PostgreSQL's row: the caller flushes them, which resolves the divergence.
+    pub fn invalidate(&self, items: &[Bypass]) -> CacheResult<Vec<String>> {
+        let l = self.layout;
+        let mut left = Vec::new();
+        for chunk in items.chunks(INVALIDATE_PER_PIPELINE) {
+            let mut pipe = redis::pipe();
+            for item in chunk {
+                let (user_id, conversation_id) = (item.user_id.as_str(), item.conversation_id.as_str());
+                let keys = [
+                    l.conv(user_id, conversation_id),
+                    l.dirty_set(user_id),
+                    l.user_dirty(user_id),
+                    l.dirty_since(user_id),
+                    l.list(user_id),
+                    l.list_meta(user_id),
+                    l.owner_for_script(user_id, conversation_id),
+                    l.deleted(user_id, conversation_id),
+                ];
+                let mut cmd = scripts::call(&scripts::INVALIDATE, &keys);
+                cmd.arg(member(user_id, conversation_id))
+                    .arg(conversation_id)
+                    .arg(item.version)
+                    .arg(if item.deleted { "delete" } else { "save" })
+                    .arg(user_id)
+                    .arg(DELETE_TOMBSTONE_SECONDS)
+                    .arg(l.owner_in_slot());
+                pipe.add_command(cmd);
+            }
+            let replies: Vec<i64> = self.query(&pipe)?;
+            left.extend(
+                chunk
+                    .iter()
+                    .zip(replies)
+                    .filter(|(_, status)| *status == 2)
+                    .map(|(item, _)| member(&item.user_id, &item.conversation_id)),
+            );
+        }
+        Ok(left)
+    }
+}
