@@ -499,6 +499,9 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// Seconds a clean conversation stays cached after its last use.
     pub ttl_seconds: u64,
+    /// `None`: ask the server whether it is a cluster; `Some(true)`: use the cluster layout (and a
+    /// cluster connection when the server is one); `Some(false)`: the seed layout on one node.
+    pub cluster: Option<bool>,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -509,6 +512,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)
             .field("ttl_seconds", &self.ttl_seconds)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -630,7 +634,7 @@ impl RedisSettings {
             url.push_str("#insecure");
         }
         let redacted = format!("{scheme}://{hostport}/{db}{}", if insecure { "#insecure" } else { "" });
-        Ok(RedisSettings { url, redacted, ca_file, pool_size, timeout, ttl_seconds })
+        Ok(RedisSettings { url, redacted, ca_file, pool_size, timeout, ttl_seconds, cluster: None })
     }
 
     /// The URL for the driver. Holds the password: never log or show it.

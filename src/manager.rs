@@ -163,6 +163,8 @@ pub struct CacheStats {
     pub memory: MemoryInfo,
     /// The Redis URL without its password.
     pub redis_url: String,
+    /// `"seed"` or `"cluster"`, once Redis has been reached.
+    pub layout: Option<&'static str>,
 }
 
 /// The chat history of an app: the API of SPEC section 2 over the configured tiers.
@@ -1043,6 +1045,7 @@ impl CachedTier {
             stuck: self.flusher.stuck(),
             memory: if usable { self.redis.memory().unwrap_or_default() } else { MemoryInfo::default() },
             redis_url: self.redis.redacted_url().to_owned(),
+            layout: if usable { self.redis.layout().ok().map(crate::cache::keys::KeyLayout::name) } else { None },
         }
     }
 }

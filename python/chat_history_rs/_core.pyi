@@ -69,6 +69,7 @@ class ChatHistoryManager:
         redis_pool_size: int = 8,
         redis_timeout: float = 0.5,
         redis_ca_file: Optional[Union[str, os.PathLike[str]]] = None,
+        redis_cluster: Optional[bool] = None,
         flush_interval: float = 10.0,
         background_flush: bool = True,
         flush_batch_size: int = 500,

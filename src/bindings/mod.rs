@@ -68,10 +68,21 @@ struct RedisArgs {
     pool_size: u32,
     timeout: f64,
     ca_file: Option<PathBuf>,
+    cluster: Option<bool>,
 }
 
 impl RedisArgs {
     fn resolve(self) -> Result<RedisSettings, Error> {
+        let cluster = match self.cluster {
+            Some(flag) => Some(flag),
+            None => env_flag("REDIS_CLUSTER")?,
+        };
+        let mut settings = self.resolve_connection()?;
+        settings.cluster = cluster;
+        Ok(settings)
+    }
+
+    fn resolve_connection(self) -> Result<RedisSettings, Error> {
         let timeout = seconds("redis_timeout", self.timeout)?;
         let ttl = match self.ttl {
             Some(ttl) => ttl,
@@ -145,6 +156,7 @@ impl PyChatHistoryManager {
         redis_pool_size = 8,
         redis_timeout = 0.5,
         redis_ca_file = None,
+        redis_cluster = None,
         flush_interval = 10.0,
         background_flush = true,
         flush_batch_size = 500,
@@ -171,6 +183,7 @@ impl PyChatHistoryManager {
         redis_pool_size: u32,
         redis_timeout: f64,
         redis_ca_file: Option<PathBuf>,
+        redis_cluster: Option<bool>,
         flush_interval: f64,
         background_flush: bool,
         flush_batch_size: usize,
@@ -227,6 +240,7 @@ impl PyChatHistoryManager {
                     pool_size: redis_pool_size,
                     timeout: redis_timeout,
                     ca_file: redis_ca_file,
+                    cluster: redis_cluster,
                 }
                 .resolve()?,
             ),
@@ -409,6 +423,7 @@ impl PyChatHistoryManager {
             dict.set_item("redis_maxmemory", c.memory.max)?;
             dict.set_item("redis_maxmemory_policy", c.memory.policy)?;
             dict.set_item("redis_url", c.redis_url)?;
+            dict.set_item("redis_layout", c.layout)?;
         }
         Ok(dict)
     }

@@ -6,9 +6,9 @@ use std::time::Duration;
 use redis::Value;
 
 use crate::cache::codec::{named_fields, parse_hash, Cached, ReadMark, StoredPrefix, FLUSH_FIELDS, FLUSH_READ_CHUNK};
-use crate::cache::error::CacheResult;
-use crate::cache::keys::{member, split_member};
-use crate::cache::redis::RedisCache;
+use crate::cache::error::{CacheError, CacheResult};
+use crate::cache::keys::{member, split_member, KeyLayout};
+use crate::cache::redis::{RedisCache, Spread};
 use crate::cache::scripts;
 use crate::model::Conversation;
 
@@ -50,10 +50,32 @@ pub enum Settle {
 }
 
 impl RedisCache {
-    /// One step of a scan of the dirty set: the next cursor (0 at the end) and some members.
+    /// One step of a scan of the dirty conversations: the next cursor (0 at the end) and some
+    /// members. On a cluster a step is one bucket of the index of users with dirty conversations
+    /// (each process starts at its own bucket, so several flushers spread over the buckets; a
+    /// conversation two flushers write is written once, the second finding PostgreSQL current).
     pub fn scan_dirty(&self, cursor: u64, count: usize) -> CacheResult<(u64, Vec<String>)> {
-        let set = self.layout.dirty_set("");
-        self.command(redis::cmd("SSCAN").arg(set).arg(cursor).arg("COUNT").arg(count))
+        let l = self.layout()?;
+        if l == KeyLayout::Seed {
+            return self.command(redis::cmd("SSCAN").arg(l.dirty_set("")).arg(cursor).arg("COUNT").arg(count));
+        }
+        let buckets = l.dirty_buckets();
+        let step = usize::try_from(cursor).unwrap_or(0);
+        let bucket = &buckets[(step + *FIRST_BUCKET) % buckets.len()];
+        let users: Vec<String> = self.command(redis::cmd("ZRANGE").arg(bucket).arg(0).arg(-1))?;
+        let mut spread = Spread::default();
+        for user in &users {
+            let mut cmd = redis::cmd("SMEMBERS");
+            cmd.arg(l.dirty_set(user));
+            spread.add(cmd, true);
+        }
+        let mut members = Vec::new();
+        for value in self.query_spread(&spread)? {
+            members
+                .extend(redis::from_redis_value::<Vec<String>>(value).map_err(|e| CacheError::Other(e.to_string()))?);
+        }
+        let next = if step + 1 >= buckets.len() { 0 } else { cursor + 1 };
+        Ok((next, members))
     }
 
     /// Every dirty member (the seed's `get_dirty_conversations`).
@@ -75,17 +97,19 @@ impl RedisCache {
     /// The hashes of dirty members, a hundred per round trip, under a longer read timeout (a
     /// flush may read more than a call does).
     pub fn fetch_dirty(&self, members: &[String], timeout: Duration) -> CacheResult<Vec<DirtyEntry>> {
-        let l = self.layout;
+        let l = self.layout()?;
         let values: Vec<Value> = self.run_on(|conn| {
             conn.con.set_read_timeout(Some(timeout))?;
             let result =
                 members.chunks(FLUSH_READ_CHUNK).try_fold(Vec::with_capacity(members.len()), |mut values, chunk| {
-                    let mut pipe = redis::pipe();
+                    let mut spread = Spread::default();
                     for m in chunk {
                         let (user_id, conversation_id) = split_member(m).unwrap_or(("", m.as_str()));
-                        pipe.cmd("HMGET").arg(l.conv(user_id, conversation_id)).arg(&FLUSH_FIELDS);
+                        let mut cmd = redis::cmd("HMGET");
+                        cmd.arg(l.conv(user_id, conversation_id)).arg(&FLUSH_FIELDS);
+                        spread.add(cmd, true);
                     }
-                    values.extend(pipe.query::<Vec<Value>>(&mut conn.con)?);
+                    values.extend(spread.query_on_con(&mut conn.con)?);
                     Ok(values)
                 });
             conn.con.set_read_timeout(Some(self.settings.timeout))?;
@@ -112,10 +136,24 @@ impl RedisCache {
         if items.is_empty() {
             return Ok(());
         }
-        let l = self.layout;
+        let l = self.layout()?;
         let ttl = self.ttl();
-        let mut pipe = redis::pipe();
-        for chunk in items.chunks(SETTLE_PER_CALL) {
+        // On a cluster a call settles one user's conversations (its keys are all in the user's
+        // slot); on one node, up to a hundred of anyone's.
+        let mut groups: Vec<Vec<&SettleItem>> = Vec::new();
+        if l == KeyLayout::Seed {
+            groups.extend(items.chunks(SETTLE_PER_CALL).map(|c| c.iter().collect()));
+        } else {
+            let mut by_user: std::collections::BTreeMap<&str, Vec<&SettleItem>> = std::collections::BTreeMap::new();
+            for item in items {
+                by_user.entry(split_member(&item.member).map_or("", |(u, _)| u)).or_default().push(item);
+            }
+            for (_, group) in by_user {
+                groups.extend(group.chunks(SETTLE_PER_CALL).map(<[&SettleItem]>::to_vec));
+            }
+        }
+        let mut spread = Spread::default();
+        for chunk in &groups {
             let first_user = chunk.first().and_then(|i| split_member(&i.member)).map_or("", |(u, _)| u);
             let mut keys = Vec::with_capacity(2 + 5 * chunk.len());
             keys.extend([l.dirty_set(first_user), l.dirty_since(first_user)]);
@@ -150,9 +188,35 @@ impl RedisCache {
             }
             let mut cmd = scripts::call(&scripts::SETTLE, &keys);
             cmd.arg(&args);
-            pipe.add_command(cmd).ignore();
+            spread.add(cmd, l == KeyLayout::Cluster);
         }
-        self.query(&pipe)
+        let replies = self.query_spread(&spread)?;
+        if l == KeyLayout::Seed {
+            return Ok(());
+        }
+        // Cluster: the owner records (in the ids' own slots) follow what the settle did, and
+        // users left with nothing dirty leave the index.
+        let mut owners = Spread::default();
+        let mut clean_users = Vec::new();
+        for (chunk, reply) in groups.iter().zip(replies) {
+            let flags: Vec<i64> = redis::from_redis_value(reply).map_err(|e| CacheError::Other(e.to_string()))?;
+            for (item, settled) in chunk.iter().zip(&flags) {
+                let (user_id, conversation_id) = split_member(&item.member).unwrap_or(("", item.member.as_str()));
+                if *settled == 1 {
+                    let mut cmd = scripts::call(&scripts::RELEASE, &[l.owner(conversation_id)]);
+                    let ttl = if item.action == Settle::Clean { ttl.to_string() } else { String::new() };
+                    cmd.arg(user_id).arg(ttl);
+                    owners.add(cmd, false);
+                }
+            }
+            if flags.last() == Some(&0) {
+                if let Some((user, _)) = chunk.first().and_then(|i| split_member(&i.member)) {
+                    clean_users.push(user);
+                }
+            }
+        }
+        self.query_spread(&owners)?;
+        self.unindex_clean_users(&clean_users)
     }
 
     /// The seed's `clear_dirty_flag`, made safe: the hash becomes clean only if `in_postgres` says
@@ -186,7 +250,7 @@ impl RedisCache {
     /// Gives a hash another writer changed a version of its own (see `adopt.lua`); `None` when it
     /// changed again since it was read.
     pub fn adopt(&self, user_id: &str, conversation_id: &str, cached: &Cached) -> CacheResult<Option<i64>> {
-        let l = self.layout;
+        let l = self.layout()?;
         let keys =
             [l.conv(user_id, conversation_id), l.dirty_set(user_id), l.dirty_since(user_id), l.user_dirty(user_id)];
         let mut cmd = scripts::call(&scripts::ADOPT, &keys);
@@ -200,20 +264,93 @@ impl RedisCache {
         let mut pipe = redis::pipe();
         pipe.add_command(cmd);
         let (version,): (Option<String>,) = self.query(&pipe)?;
+        if version.is_some() {
+            self.index_dirty_user(user_id)?;
+        }
         Ok(version.and_then(|v| v.parse().ok()))
     }
 
     /// How many conversations are dirty and since when the oldest is (Unix seconds).
     pub fn dirty_summary(&self) -> CacheResult<(u64, Option<f64>)> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("SCARD")
-            .arg(self.layout.dirty_set(""))
-            .cmd("ZRANGE")
-            .arg(self.layout.dirty_since(""))
-            .arg(0)
-            .arg(0)
-            .arg("WITHSCORES");
-        let (count, oldest): (u64, Vec<(String, f64)>) = self.query(&pipe)?;
-        Ok((count, oldest.first().map(|(_, score)| *score)))
+        let l = self.layout()?;
+        if l == KeyLayout::Seed {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SCARD").arg(l.dirty_set("")).cmd("ZRANGE").arg(l.dirty_since("")).arg(0).arg(0).arg("WITHSCORES");
+            let (count, oldest): (u64, Vec<(String, f64)>) = self.query(&pipe)?;
+            return Ok((count, oldest.first().map(|(_, score)| *score)));
+        }
+        let mut spread = Spread::default();
+        for bucket in l.dirty_buckets() {
+            let mut cmd = redis::cmd("ZRANGE");
+            cmd.arg(bucket).arg(0).arg(-1);
+            spread.add(cmd, true);
+        }
+        let mut users = Vec::new();
+        for value in self.query_spread(&spread)? {
+            users.extend(redis::from_redis_value::<Vec<String>>(value).map_err(|e| CacheError::Other(e.to_string()))?);
+        }
+        let mut spread = Spread::default();
+        for user in &users {
+            let mut count = redis::cmd("SCARD");
+            count.arg(l.dirty_set(user));
+            spread.add(count, true);
+            let mut oldest = redis::cmd("ZRANGE");
+            oldest.arg(l.dirty_since(user)).arg(0).arg(0).arg("WITHSCORES");
+            spread.add(oldest, true);
+        }
+        let values = self.query_spread(&spread)?;
+        let (mut total, mut first) = (0u64, None::<f64>);
+        for pair in values.chunks(2) {
+            total += redis::from_redis_value::<u64>(pair[0].clone()).unwrap_or(0);
+            let since: Vec<(String, f64)> = redis::from_redis_value(pair[1].clone()).unwrap_or_default();
+            if let Some((_, t)) = since.first() {
+                first = Some(first.map_or(*t, |f: f64| f.min(*t)));
+            }
+        }
+        Ok((total, first))
+    }
+
+    /// Cluster: puts the user in the index of users with dirty conversations.
+    pub(crate) fn index_dirty_user(&self, user_id: &str) -> CacheResult<()> {
+        if let Some(bucket) = self.layout()?.dirty_bucket(user_id) {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            self.command::<()>(redis::cmd("ZADD").arg(bucket).arg("NX").arg(now).arg(user_id))?;
+        }
+        Ok(())
+    }
+
+    /// Cluster: takes users whose dirty sets a settle emptied out of the index, then looks again
+    /// and puts back any a save made dirty meanwhile (a save adds to the index after its script,
+    /// so whichever order the two land in, a user with dirty conversations stays indexed).
+    fn unindex_clean_users(&self, users: &[&str]) -> CacheResult<()> {
+        let l = self.layout()?;
+        let mut spread = Spread::default();
+        for user in users {
+            if let Some(bucket) = l.dirty_bucket(user) {
+                let mut cmd = redis::cmd("ZREM");
+                cmd.arg(bucket).arg(*user);
+                spread.add(cmd, false);
+            }
+        }
+        self.query_spread(&spread)?;
+        let mut spread = Spread::default();
+        for user in users {
+            let mut cmd = redis::cmd("SCARD");
+            cmd.arg(l.dirty_set(user));
+            spread.add(cmd, true);
+        }
+        let counts = self.query_spread(&spread)?;
+        for (user, count) in users.iter().zip(counts) {
+            if redis::from_redis_value::<u64>(count).unwrap_or(1) > 0 {
+                self.index_dirty_user(user)?;
+            }
+        }
+        Ok(())
     }
 }
+
+/// Where this process starts walking the dirty index, so flushers of several processes start apart.
+static FIRST_BUCKET: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    (seed as usize ^ std::process::id() as usize) % crate::cache::keys::DIRTY_BUCKETS as usize
+});

@@ -22,6 +22,15 @@ pub enum KeyLayout {
 }
 
 impl KeyLayout {
+    /// `"seed"` or `"cluster"`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyLayout::Seed => "seed",
+            KeyLayout::Cluster => "cluster",
+        }
+    }
+
     /// The conversation hash.
     #[must_use]
     pub fn conv(self, user_id: &str, conversation_id: &str) -> String {

@@ -1,27 +1,151 @@
 //! The r2d2 pool of Redis connections: short timeouts, scripts loaded once per connection, and a
-//! connection that failed never handed out again.
+//! connection that failed never handed out again. On a Redis Cluster each pooled connection is the
+//! redis crate's cluster connection (it discovers the nodes from the one URL, follows MOVED and
+//! ASK, and reconnects after failovers); whether the server is one is asked once, on the first
+//! connection (docs/design.md, "Keys and rows").
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use redis::{Connection, ConnectionLike as _, RedisError};
+use redis::cluster::{ClusterClient, ClusterConnection};
+use redis::{Connection, ConnectionLike, RedisError, RedisResult, Value};
 
+use crate::cache::keys::KeyLayout;
 use crate::cache::scripts::load_scripts;
+
+/// A connection to one node, or to a cluster through the redis crate's router.
+// Boxing the larger variant would cost an allocation per pooled connection to save bytes on a
+// value that lives in the pool, not on a hot path.
+#[allow(clippy::large_enum_variant)]
+pub enum Con {
+    /// One node.
+    Single(Connection),
+    /// A cluster.
+    Cluster(ClusterConnection),
+}
+
+impl Con {
+    /// How long a reply may take.
+    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) -> RedisResult<()> {
+        match self {
+            Con::Single(con) => con.set_read_timeout(timeout),
+            Con::Cluster(con) => con.set_read_timeout(timeout),
+        }
+    }
+}
+
+impl ConnectionLike for Con {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> RedisResult<Value> {
+        match self {
+            Con::Single(con) => con.req_packed_command(cmd),
+            Con::Cluster(con) => con.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands(&mut self, cmd: &[u8], offset: usize, count: usize) -> RedisResult<Vec<Value>> {
+        match self {
+            Con::Single(con) => con.req_packed_commands(cmd, offset, count),
+            Con::Cluster(con) => con.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Con::Single(con) => con.get_db(),
+            Con::Cluster(con) => con.get_db(),
+        }
+    }
+
+    fn check_connection(&mut self) -> bool {
+        match self {
+            Con::Single(con) => con.check_connection(),
+            Con::Cluster(con) => con.check_connection(),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        match self {
+            Con::Single(con) => con.is_open(),
+            Con::Cluster(con) => con.is_open(),
+        }
+    }
+}
 
 /// A pooled connection that remembers a failed call: a timed-out connection may still receive the
 /// late reply, so it is never handed out again.
 pub struct RedisConnection {
-    pub(crate) con: Connection,
+    pub(crate) con: Con,
     pub(crate) broken: bool,
     /// The server takes `EXPIRE ... GT` (Redis 7.0 and later), so a clean hit's TTL is refreshed
     /// by two plain commands instead of a script.
     pub(crate) expire_gt: bool,
 }
 
+/// What the server turned out to be, and so which connections and key names to use.
+pub(crate) struct Topology {
+    /// The key layout.
+    pub(crate) layout: KeyLayout,
+    /// `Some` when the server is a Redis Cluster: connections go through the cluster router.
+    cluster: Option<ClusterClient>,
+}
+
 /// Opens connections with the configured timeouts.
-#[derive(Debug)]
 pub(crate) struct Connector {
     pub(crate) client: redis::Client,
     pub(crate) timeout: Duration,
+    /// `redis_cluster`: `None` asks the server.
+    pub(crate) requested: Option<bool>,
+    /// For the cluster client: the URL and the CA file's certificates.
+    pub(crate) url: String,
+    pub(crate) root_cert: Option<Vec<u8>>,
+    pub(crate) topology: Arc<OnceLock<Topology>>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector").field("timeout", &self.timeout).finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    /// The server's topology, found out over `con` (a connection to the URL's node) if not yet.
+    fn topology(&self, con: &mut Connection) -> RedisResult<&Topology> {
+        if let Some(topology) = self.topology.get() {
+            return Ok(topology);
+        }
+        let is_cluster = if self.requested == Some(false) {
+            false
+        } else {
+            let info: String = redis::cmd("INFO").arg("cluster").query(con)?;
+            info.lines().any(|line| line.trim() == "cluster_enabled:1")
+        };
+        // `redis_cluster=True` on a server that is not a cluster (Azure's Enterprise policy shows
+        // one endpoint but still wants a script's keys in one slot): the cluster layout over a
+        // plain connection.
+        let layout = if is_cluster || self.requested == Some(true) { KeyLayout::Cluster } else { KeyLayout::Seed };
+        let cluster = if is_cluster { Some(self.cluster_client()?) } else { None };
+        log::info!(
+            "Redis is {}; using the {} key layout",
+            if is_cluster { "a cluster" } else { "a single node" },
+            if layout == KeyLayout::Cluster { "cluster" } else { "seed" }
+        );
+        Ok(self.topology.get_or_init(|| Topology { layout, cluster }))
+    }
+
+    fn cluster_client(&self) -> RedisResult<ClusterClient> {
+        let mut builder = ClusterClient::builder([self.url.as_str()])
+            .connection_timeout(self.timeout)
+            .response_timeout(self.timeout)
+            // A call waits on a dead node at most one timeout, like a single node; MOVED and ASK
+            // are followed, and a failover's new primary is found, within these retries.
+            .retries(3)
+            .min_retry_wait(10)
+            .max_retry_wait(200);
+        if let Some(pem) = &self.root_cert {
+            builder = builder.certs(redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) });
+        }
+        builder.build()
+    }
 }
 
 impl r2d2::ManageConnection for Connector {
@@ -29,11 +153,21 @@ impl r2d2::ManageConnection for Connector {
     type Error = RedisError;
 
     fn connect(&self) -> Result<RedisConnection, RedisError> {
-        let mut con = self.client.get_connection_with_timeout(self.timeout)?;
+        let mut single = self.client.get_connection_with_timeout(self.timeout)?;
+        single.set_read_timeout(Some(self.timeout))?;
+        single.set_write_timeout(Some(self.timeout))?;
+        let mut con = match &self.topology(&mut single)?.cluster {
+            None => Con::Single(single),
+            Some(client) => {
+                let cluster = client.get_connection()?;
+                cluster.set_write_timeout(Some(self.timeout))?;
+                Con::Cluster(cluster)
+            }
+        };
         con.set_read_timeout(Some(self.timeout))?;
-        con.set_write_timeout(Some(self.timeout))?;
         // Scripts sent by EVALSHA inside pipelines are loaded up front (one round trip per new
-        // connection); a NOSCRIPT later (SCRIPT FLUSH, a failover) loads them again.
+        // connection, to every primary on a cluster); a NOSCRIPT later (SCRIPT FLUSH, a failover)
+        // loads them again.
         load_scripts(&mut con)?;
         // On a key that never exists, so it changes nothing. Older servers reply with an error, and
         // so may an ACL that does not cover the key: either way the script does the refresh.

@@ -5,6 +5,7 @@
 //! A dirty hash has no TTL, so with a `volatile-*` eviction policy it is never evicted; it gets
 //! its TTL back only when a flush has written exactly what it holds (docs/design.md, "Write-back").
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use redis::{ConnectionLike as _, Value};
@@ -15,7 +16,7 @@ use crate::cache::combine::Combiner;
 pub use crate::cache::error::{CacheError, CacheResult};
 pub use crate::cache::flush::{DirtyEntry, Settle, SettleItem};
 pub use crate::cache::keys::{split_member, KeyLayout};
-use crate::cache::pool::{Connector, PoolErrorLog, RedisConnection};
+use crate::cache::pool::{Con, Connector, PoolErrorLog, RedisConnection, Topology};
 use crate::cache::scripts::{self, query_loading};
 pub use crate::cache::writes::{Bypass, SaveOptions, SaveOutcome};
 use crate::config::RedisSettings;
@@ -25,11 +26,74 @@ use crate::model::Conversation;
 /// The list cache's TTL, the seed's 5 minutes.
 pub const LIST_TTL_SECONDS: u64 = 300;
 
+/// Times a call is tried again after a cluster redirect (about two seconds in all).
+const MAX_REDIRECTS: u64 = 20;
+
+/// A cluster's answer that a slot is elsewhere or moving: MOVED, ASK, TRYAGAIN, CLUSTERDOWN, as
+/// the redis crate reports them inside a pipeline's failures too.
+fn is_redirect(e: &redis::RedisError) -> bool {
+    let text = e.to_string();
+    ["MOVED", "Moved", "ASK", "Ask", "TRYAGAIN", "TryAgain", "CLUSTERDOWN", "ClusterDown"]
+        .iter()
+        .any(|marker| text.contains(marker))
+}
+
+/// Commands for [`RedisCache::query_spread`].
+#[derive(Default)]
+pub(crate) struct Spread {
+    cmds: Vec<(redis::Cmd, bool)>,
+}
+
+impl Spread {
+    /// Adds a command; `keep`: its reply is returned.
+    pub(crate) fn add(&mut self, cmd: redis::Cmd, keep: bool) {
+        self.cmds.push((cmd, keep));
+    }
+
+    /// Sends the commands on `con` (for callers already holding a pooled connection).
+    pub(crate) fn query_on_con(&self, con: &mut Con) -> redis::RedisResult<Vec<Value>> {
+        self.query_on(con)
+    }
+
+    fn query_on(&self, con: &mut Con) -> redis::RedisResult<Vec<Value>> {
+        let once = |con: &mut Con| match con {
+            Con::Single(single) => {
+                let mut pipe = redis::pipe();
+                for (cmd, keep) in &self.cmds {
+                    pipe.add_command(cmd.clone());
+                    if !keep {
+                        pipe.ignore();
+                    }
+                }
+                pipe.query::<Vec<Value>>(single)
+            }
+            Con::Cluster(cluster) => {
+                let mut pipe = redis::cluster::ClusterPipeline::with_capacity(self.cmds.len());
+                for (cmd, keep) in &self.cmds {
+                    pipe.add_command(cmd.clone());
+                    if !keep {
+                        pipe.ignore();
+                    }
+                }
+                pipe.query::<Vec<Value>>(cluster)
+            }
+        };
+        match once(con) {
+            Err(e) if e.kind() == redis::ServerErrorKind::NoScript.into() || e.to_string().contains("NOSCRIPT") => {
+                scripts::load_scripts(con)?;
+                once(con)
+            }
+            other => other,
+        }
+    }
+}
+
 /// The Redis cache.
 pub struct RedisCache {
     pool: r2d2::Pool<Connector>,
     pub(crate) settings: RedisSettings,
-    pub(crate) layout: KeyLayout,
+    /// Shared with the pool's connector, which finds it out on the first connection.
+    topology: Arc<OnceLock<Topology>>,
     /// Concurrent reads share round trips (see [`Combiner`]).
     reads: Combiner<String, CacheResult<Value>>,
 }
@@ -43,18 +107,22 @@ impl std::fmt::Debug for RedisCache {
 impl RedisCache {
     /// Builds the pool without connecting.
     pub fn new(settings: &RedisSettings) -> crate::error::Result<Self> {
-        let client = match &settings.ca_file {
+        let root_cert = match &settings.ca_file {
+            None => None,
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| Error::config(format!("cannot read the CA file {}", path.display())).with_source(e))?,
+            ),
+        };
+        let client = match &root_cert {
             None => redis::Client::open(settings.url()),
-            Some(path) => {
-                let pem = std::fs::read(path)
-                    .map_err(|e| Error::config(format!("cannot read the CA file {}", path.display())).with_source(e))?;
-                redis::Client::build_with_tls(
-                    settings.url(),
-                    redis::TlsCertificates { client_tls: None, root_cert: Some(pem) },
-                )
-            }
+            Some(pem) => redis::Client::build_with_tls(
+                settings.url(),
+                redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) },
+            ),
         }
         .map_err(|e| Error::config("the Redis connection string is not valid").with_source(e.to_string()))?;
+        let topology = Arc::new(OnceLock::new());
         let pool = r2d2::Pool::builder()
             .max_size(settings.pool_size)
             .min_idle(Some(0))
@@ -62,7 +130,14 @@ impl RedisCache {
             .test_on_check_out(false)
             .idle_timeout(Some(Duration::from_secs(300)))
             .error_handler(Box::new(PoolErrorLog))
-            .build_unchecked(Connector { client, timeout: settings.timeout });
+            .build_unchecked(Connector {
+                client,
+                timeout: settings.timeout,
+                requested: settings.cluster,
+                url: settings.url().to_owned(),
+                root_cert,
+                topology: Arc::clone(&topology),
+            });
         // One round trip in flight per CPU this process may run on (taskset and cgroup limits
         // count), and never more than the pool's connections.
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
@@ -71,7 +146,7 @@ impl RedisCache {
             || Err(CacheError::Other("the batch carrying this read failed".into())),
             |reply| matches!(reply, Err(CacheError::Unavailable(_))),
         );
-        Ok(RedisCache { pool, settings: settings.clone(), layout: KeyLayout::Seed, reads })
+        Ok(RedisCache { pool, settings: settings.clone(), topology, reads })
     }
 
     /// The URL without the password.
@@ -86,10 +161,17 @@ impl RedisCache {
         self.settings.ttl_seconds
     }
 
-    /// The key layout in use.
-    #[must_use]
-    pub fn layout(&self) -> KeyLayout {
-        self.layout
+    /// The key layout in use: decided by the server (or `redis_cluster`) on the first connection,
+    /// so it needs Redis once.
+    pub fn layout(&self) -> CacheResult<KeyLayout> {
+        if let Some(topology) = self.topology.get() {
+            return Ok(topology.layout);
+        }
+        self.run_on(|_| Ok(()))?;
+        self.topology
+            .get()
+            .map(|t| t.layout)
+            .ok_or_else(|| CacheError::Unavailable("Redis's topology is not known yet".into()))
     }
 
     /// Runs `op` on a pooled connection. A connection that a restart or a dropped socket killed
@@ -101,11 +183,23 @@ impl RedisCache {
     ) -> CacheResult<T> {
         let attempts = self.pool.max_size() + 1;
         let mut attempt = 0;
+        let mut redirects = 0;
         loop {
             attempt += 1;
             let mut conn = self.pool.get().map_err(|e| CacheError::Unavailable(e.to_string()))?;
             match op(&mut conn) {
                 Ok(value) => return Ok(value),
+                Err(e) if is_redirect(&e) && redirects < MAX_REDIRECTS => {
+                    // A failover or a resharding moved a slot under a pipeline: the redis crate
+                    // follows MOVED and ASK for single commands, not inside pipelines. A fresh
+                    // cluster connection reads the new slot map; a slot still migrating (ASK,
+                    // TRYAGAIN) is tried again shortly. Every command here is safe to repeat.
+                    redirects += 1;
+                    attempt -= 1;
+                    conn.broken = true;
+                    log::debug!("Redis Cluster moved a slot ({e}); trying again on a fresh connection");
+                    std::thread::sleep(Duration::from_millis(10 * redirects));
+                }
                 Err(e) => {
                     let error = CacheError::from_redis(&e);
                     if matches!(error, CacheError::Unavailable(_)) {
@@ -125,6 +219,17 @@ impl RedisCache {
         self.run_on(|conn| query_loading(&mut conn.con, pipe))
     }
 
+    /// Sends commands that may touch many hash slots, one round trip (per node on a cluster, where
+    /// the redis crate's cluster pipeline routes each command to its slot's primary). Returns the
+    /// replies of the commands added with `keep`, in order. Loads the scripts and sends again on
+    /// NOSCRIPT, as [`scripts::query_loading`] does.
+    pub(crate) fn query_spread(&self, spread: &Spread) -> CacheResult<Vec<Value>> {
+        if spread.cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run_on(|conn| spread.query_on(&mut conn.con))
+    }
+
     /// A single command on a pooled connection.
     pub(crate) fn command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> CacheResult<T> {
         self.run_on(|conn| cmd.query(&mut conn.con))
@@ -137,7 +242,7 @@ impl RedisCache {
     /// conversation hash still proves the claim, while another user's save or delete of the id is
     /// checked in PostgreSQL, as for any id Redis does not know. A hit is one command instead of two.
     pub fn get(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<CachedConversation>> {
-        let key = self.layout.conv(user_id, conversation_id);
+        let key = self.layout()?.conv(user_id, conversation_id);
         let value = self.reads.run(key, |batch| self.read_batch(batch))?;
         let fields = named_fields(&READ_FIELDS, value);
         if fields.is_empty() {
@@ -145,7 +250,7 @@ impl RedisCache {
         }
         let cached = CachedConversation::parse(fields);
         if cached.is_none() {
-            log::warn!("ignoring the unreadable cached conversation {}", self.layout.conv(user_id, conversation_id));
+            log::warn!("ignoring the unreadable cached conversation {}", self.layout()?.conv(user_id, conversation_id));
         }
         Ok(cached)
     }
@@ -155,19 +260,23 @@ impl RedisCache {
     fn read_batch(&self, batch: &[&String]) -> Vec<CacheResult<Value>> {
         let ttl = self.ttl();
         let result = self.run_on(|conn| {
-            let mut pipe = redis::pipe();
+            let mut spread = Spread::default();
             for key in batch {
-                pipe.cmd("HMGET").arg(key).arg(&READ_FIELDS);
+                let mut read = redis::cmd("HMGET");
+                read.arg(key).arg(&READ_FIELDS);
+                spread.add(read, true);
                 if conn.expire_gt {
                     // GT leaves a key without a TTL (a dirty conversation) without one.
-                    pipe.cmd("EXPIRE").arg(key).arg(ttl).arg("GT").ignore();
+                    let mut refresh = redis::cmd("EXPIRE");
+                    refresh.arg(key).arg(ttl).arg("GT");
+                    spread.add(refresh, false);
                 } else {
                     let mut refresh = scripts::call(&scripts::REFRESH_TTL, &[key]);
                     refresh.arg(ttl);
-                    pipe.add_command(refresh).ignore();
+                    spread.add(refresh, false);
                 }
             }
-            query_loading::<Vec<Value>>(&mut conn.con, &pipe)
+            spread.query_on(&mut conn.con)
         });
         match result {
             Ok(values) if values.len() == batch.len() => values.into_iter().map(Ok).collect(),
@@ -187,7 +296,7 @@ impl RedisCache {
 
     /// The user's cached list (ids with metadata, newest first), or `None` when not cached.
     pub fn list(&self, user_id: &str) -> CacheResult<Option<Vec<(String, Conversation)>>> {
-        let keys = [self.layout.list(user_id), self.layout.list_meta(user_id)];
+        let keys = [self.layout()?.list(user_id), self.layout()?.list_meta(user_id)];
         let mut pipe = redis::pipe();
         pipe.add_command(scripts::call(&scripts::LIST, &keys));
         let (value,): (Value,) = self.query(&pipe)?;

@@ -5,7 +5,7 @@ use redis::Value;
 use crate::cache::codec::{parse_listing, stage, ListEntry};
 use crate::cache::error::{CacheError, CacheResult};
 use crate::cache::keys::{member, KeyLayout};
-use crate::cache::redis::{RedisCache, LIST_TTL_SECONDS};
+use crate::cache::redis::{RedisCache, Spread, LIST_TTL_SECONDS};
 use crate::cache::scripts;
 use crate::model::Conversation;
 
@@ -71,7 +71,12 @@ impl RedisCache {
         conv: &Conversation,
         options: SaveOptions,
     ) -> CacheResult<(SaveOutcome, Option<String>)> {
-        let l = self.layout;
+        let l = self.layout()?;
+        // On a cluster the owner record is in the id's own slot: claimed first, then the save
+        // (docs/design.md, "Ownership").
+        if options.claim && l == KeyLayout::Cluster && !self.claim(user_id, conversation_id)? {
+            return Ok((SaveOutcome::OtherOwner, None));
+        }
         let meta = ListEntry::to_json(conv);
         let staged = l.staged(user_id, conversation_id);
         let keys = [
@@ -109,6 +114,12 @@ impl RedisCache {
                     .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
                     .and_then(|v| v.parse().ok());
                 let created = reply.get(2).and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+                let first = reply.get(3).and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()) == Some(1);
+                if first {
+                    // The user had nothing dirty: into the index, after the script (see
+                    // `unindex_clean_users` for why this order).
+                    self.index_dirty_user(user_id)?;
+                }
                 (SaveOutcome::Saved(version.unwrap_or(0)), created)
             }
             0 => (SaveOutcome::OwnerUnknown, None),
@@ -128,7 +139,7 @@ impl RedisCache {
         conv: &Conversation,
         version: Option<i64>,
     ) -> CacheResult<()> {
-        let l = self.layout;
+        let l = self.layout()?;
         let staged = l.staged(user_id, conversation_id);
         let keys = [
             l.conv(user_id, conversation_id),
@@ -163,8 +174,9 @@ impl RedisCache {
     /// when none): `Ok(None)` when the id is another user's. Changes nothing, so a delete can ask
     /// PostgreSQL first and leave everything as it was when PostgreSQL refuses.
     pub fn peek_delete(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<i64>> {
-        let (owner_key, conv_key) = (self.layout.owner(conversation_id), self.layout.conv(user_id, conversation_id));
-        let (owner, version): (Option<String>, Option<String>) = if self.layout == KeyLayout::Seed {
+        let (owner_key, conv_key) =
+            (self.layout()?.owner(conversation_id), self.layout()?.conv(user_id, conversation_id));
+        let (owner, version): (Option<String>, Option<String>) = if self.layout()? == KeyLayout::Seed {
             let mut pipe = redis::pipe();
             pipe.cmd("GET").arg(&owner_key).cmd("HGET").arg(&conv_key).arg("ver");
             self.query(&pipe)?
@@ -184,7 +196,7 @@ impl RedisCache {
     /// Removes the conversation from every key. `Ok(None)` when the id is another user's;
     /// otherwise the version Redis had (0 when none), for PostgreSQL's tombstone.
     pub fn delete(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<i64>> {
-        let l = self.layout;
+        let l = self.layout()?;
         let keys = [
             l.conv(user_id, conversation_id),
             l.dirty_set(user_id),
@@ -220,7 +232,7 @@ impl RedisCache {
     /// Records PostgreSQL's tombstone version for a just-deleted conversation, so a save of the
     /// same id soon after gets a newer version whatever the clocks say.
     pub fn mark_deleted(&self, user_id: &str, conversation_id: &str, version: i64) -> CacheResult<()> {
-        let key = self.layout.deleted(user_id, conversation_id);
+        let key = self.layout()?.deleted(user_id, conversation_id);
         self.command(redis::cmd("SET").arg(&key).arg(version).arg("EX").arg(DELETE_TOMBSTONE_SECONDS))
     }
 
@@ -228,7 +240,7 @@ impl RedisCache {
     /// false when another user holds it.
     pub fn claim(&self, user_id: &str, conversation_id: &str) -> CacheResult<bool> {
         let mut pipe = redis::pipe();
-        let mut cmd = scripts::call(&scripts::CLAIM, &[self.layout.owner(conversation_id)]);
+        let mut cmd = scripts::call(&scripts::CLAIM, &[self.layout()?.owner(conversation_id)]);
         cmd.arg(user_id);
         pipe.add_command(cmd);
         let (claimed,): (i64,) = self.query(&pipe)?;
@@ -238,7 +250,7 @@ impl RedisCache {
     /// Cluster: removes the id's owner record if it is the user's, or (with `ttl`) gives it one.
     pub(crate) fn release_owner(&self, user_id: &str, conversation_id: &str, ttl: Option<u64>) -> CacheResult<()> {
         let mut pipe = redis::pipe();
-        let mut cmd = scripts::call(&scripts::RELEASE, &[self.layout.owner(conversation_id)]);
+        let mut cmd = scripts::call(&scripts::RELEASE, &[self.layout()?.owner(conversation_id)]);
         cmd.arg(user_id).arg(ttl.map(|t| t.to_string()).unwrap_or_default());
         pipe.add_command(cmd).ignore();
         self.query(&pipe)
@@ -251,7 +263,7 @@ impl RedisCache {
         user_id: &str,
         from_postgres: &[(String, Conversation)],
     ) -> CacheResult<Vec<(String, Conversation)>> {
-        let l = self.layout;
+        let l = self.layout()?;
         let entries: Vec<(f64, String)> =
             from_postgres.iter().map(|(_, c)| (c.last_modified.unix_seconds(), ListEntry::to_json(c))).collect();
         for _ in 0..REBUILD_ATTEMPTS {
@@ -283,10 +295,10 @@ impl RedisCache {
     /// pipelines of a hundred. Returns the `<user>:<id>` members whose dirty copy is older than
     /// PostgreSQL's row: the caller flushes them, which resolves the divergence.
     pub fn invalidate(&self, items: &[Bypass]) -> CacheResult<Vec<String>> {
-        let l = self.layout;
+        let l = self.layout()?;
         let mut left = Vec::new();
         for chunk in items.chunks(INVALIDATE_PER_PIPELINE) {
-            let mut pipe = redis::pipe();
+            let mut spread = Spread::default();
             for item in chunk {
                 let (user_id, conversation_id) = (item.user_id.as_str(), item.conversation_id.as_str());
                 let keys = [
@@ -307,16 +319,22 @@ impl RedisCache {
                     .arg(user_id)
                     .arg(DELETE_TOMBSTONE_SECONDS)
                     .arg(l.owner_in_slot());
-                pipe.add_command(cmd);
+                spread.add(cmd, true);
             }
-            let replies: Vec<i64> = self.query(&pipe)?;
-            left.extend(
-                chunk
-                    .iter()
-                    .zip(replies)
-                    .filter(|(_, status)| *status == 2)
-                    .map(|(item, _)| member(&item.user_id, &item.conversation_id)),
-            );
+            let replies = self.query_spread(&spread)?;
+            let mut owners = Spread::default();
+            for (item, reply) in chunk.iter().zip(replies) {
+                match redis::from_redis_value::<i64>(reply).unwrap_or(0) {
+                    2 => left.push(member(&item.user_id, &item.conversation_id)),
+                    1 if l == KeyLayout::Cluster => {
+                        let mut cmd = scripts::call(&scripts::RELEASE, &[l.owner(&item.conversation_id)]);
+                        cmd.arg(&item.user_id).arg("");
+                        owners.add(cmd, false);
+                    }
+                    _ => {}
+                }
+            }
+            self.query_spread(&owners)?;
         }
         Ok(left)
     }

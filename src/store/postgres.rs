@@ -373,6 +373,10 @@ WITH gone AS (
     ON CONFLICT (conversation_id) DO UPDATE
         SET user_client_id = EXCLUDED.user_client_id, deleted_at = NOW(),
             deleted_version = GREATEST(t.deleted_version, EXCLUDED.deleted_version)
+        -- Another user's tombstone is taken over only by a user who had something to delete (a row,
+        -- or a copy in the cache): a delete of an id one never had must not lift its owner's
+        -- tombstone, or the owner's stale cached copy could be flushed back.
+        WHERE t.user_client_id = EXCLUDED.user_client_id OR EXISTS (SELECT 1 FROM gone) OR $4
     RETURNING deleted_version
 )
 SELECT (SELECT count(*) FROM gone), (SELECT deleted_version FROM tomb)"
@@ -715,6 +719,8 @@ impl PostgresStore {
         user_id: &str,
         min_version: i64,
     ) -> Result<(bool, Option<i64>)> {
+        // A version seen in the cache means the user has a copy there to delete.
+        let had_copy = min_version > 0;
         static SQL: LazyLock<String> = LazyLock::new(delete_sql);
         let ids = [conversation_id];
         let ids = ids.as_slice();
@@ -722,7 +728,12 @@ impl PostgresStore {
             conn.locked_query(
                 &ids,
                 &SQL,
-                &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR), (&min_version, Type::INT8)],
+                &[
+                    (&conversation_id, Type::VARCHAR),
+                    (&user_id, Type::VARCHAR),
+                    (&min_version, Type::INT8),
+                    (&had_copy, Type::BOOL),
+                ],
             )
         })?;
         let row = rows.first().ok_or_else(|| {

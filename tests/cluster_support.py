@@ -1,0 +1,265 @@
+"""A throwaway Redis Cluster for tests: 3 primaries with a replica each (`redis-server
+--cluster-enabled yes`, then `redis-cli --cluster create`), on loopback ports low enough that each
+node's cluster bus port (+10000) is valid. Offers failover of a shard and resharding."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import redis
+from redis.cluster import ClusterNode, RedisCluster
+
+from servers import ServerError, scratch_dir
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_node_ports(count: int) -> list[int]:
+    """Ports in 20000-45000 whose bus port (+10000) is free too (a node's port must be at most 55535)."""
+    ports: list[int] = []
+    tries = 0
+    while len(ports) < count:
+        tries += 1
+        if tries > 5000:
+            raise ServerError("no free port pairs for a Redis Cluster")
+        port = random.randint(20000, 45000)
+        if port in ports or port + 10000 in ports or port - 10000 in ports:
+            continue
+        if _port_free(port) and _port_free(port + 10000):
+            ports.append(port)
+    return ports
+
+
+class RedisClusterServers:
+    """Six redis-server processes forming a cluster; `.url` names one node, as Azure hands out one."""
+
+    def __init__(self, *, primaries: int = 3, extra_args: Optional[list[str]] = None) -> None:
+        self.executable = shutil.which("redis-server")
+        self.cli = shutil.which("redis-cli")
+        if not self.executable or not self.cli:
+            raise ServerError("redis-server / redis-cli not found; run `make servers`")
+        self.root = Path(tempfile.mkdtemp(prefix="chr-cluster-", dir=scratch_dir()))
+        self.ports = _free_node_ports(primaries * 2)
+        self.primaries_wanted = primaries
+        self.extra_args = list(extra_args or [])
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for port in self.ports:
+            self._start_node(port)
+        for port in self.ports:
+            self._wait_answering(port)
+        nodes = [f"127.0.0.1:{p}" for p in self.ports]
+        proc = subprocess.run(
+            [self.cli, "--cluster", "create", *nodes, "--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if proc.returncode != 0:
+            raise ServerError(f"redis-cli --cluster create failed:\n{proc.stdout}\n{proc.stderr}")
+        self.wait_healthy()
+
+    def _start_node(self, port: int) -> None:
+        node_dir = self.root / str(port)
+        node_dir.mkdir(exist_ok=True)
+        cmd = [
+            self.executable,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", str(node_dir / "nodes.conf"),
+            "--cluster-node-timeout", "2000",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(node_dir),
+            "--logfile", str(node_dir / "redis.log"),
+            *self.extra_args,
+        ]  # fmt: skip
+        self.procs[port] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+    def _wait_answering(self, port: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis(port=port, socket_timeout=1).ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise ServerError(f"cluster node on port {port} did not start")
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        """Until every node says cluster_state:ok and there are `primaries` primaries, each with a
+        replica attached."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                states = [self.node(p).cluster("info")["cluster_state"] for p in self.ports if self.is_running(p)]
+                nodes = self.nodes()
+                primaries = [n for n in nodes if n["role"] == "master" and n["slots"] > 0 and not n["failed"]]
+                replicated = all(
+                    any(r["role"] == "slave" and r["master_id"] == p["id"] and not r["failed"] for r in nodes)
+                    for p in primaries
+                )
+                if all(s == "ok" for s in states) and len(primaries) == self.primaries_wanted and replicated:
+                    return
+                last = f"states {states}, primaries {primaries}"
+            except redis.RedisError as exc:
+                last = str(exc)
+            time.sleep(0.2)
+        raise ServerError(f"the cluster did not become healthy: {last}")
+
+    def remove(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        self.procs.clear()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- inspection --------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def node(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, decode_responses=True, socket_timeout=5)
+
+    def is_running(self, port: int) -> bool:
+        proc = self.procs.get(port)
+        return proc is not None and proc.poll() is None
+
+    def client(self) -> RedisCluster:
+        return RedisCluster(
+            startup_nodes=[ClusterNode("127.0.0.1", p) for p in self.ports if self.is_running(p)],
+            decode_responses=True,
+        )
+
+    def nodes(self) -> list[dict]:
+        """CLUSTER NODES as dicts: id, port, role ('master'/'slave'), master_id, slots (count)."""
+        for port in self.ports:
+            if not self.is_running(port):
+                continue
+            text = subprocess.run(
+                [self.cli, "-p", str(port), "cluster", "nodes"], capture_output=True, text=True, timeout=10, check=True
+            ).stdout
+            out = []
+            for line in text.strip().splitlines():
+                parts = line.split()
+                addr = parts[1].split("@")[0]
+                slots = 0
+                for rng in parts[8:]:
+                    if rng.startswith("["):
+                        continue
+                    lo, _, hi = rng.partition("-")
+                    slots += int(hi or lo) - int(lo) + 1
+                out.append(
+                    {
+                        "id": parts[0],
+                        "port": int(addr.rsplit(":", 1)[1]),
+                        "role": "master" if "master" in parts[2] else "slave",
+                        "failed": "fail" in parts[2],
+                        "master_id": parts[3],
+                        "slots": slots,
+                    }
+                )
+            return out
+        raise ServerError("no cluster node is running")
+
+    def primaries(self) -> list[dict]:
+        return [n for n in self.nodes() if n["role"] == "master" and n["slots"] > 0 and not n["failed"]]
+
+    def keys_per_primary(self) -> dict[int, int]:
+        return {n["port"]: self.node(n["port"]).dbsize() for n in self.primaries()}
+
+    def flushall(self) -> None:
+        for n in self.primaries():
+            self.node(n["port"]).flushall()
+
+    # -- faults ------------------------------------------------------------------------------------
+
+    def failover(self, primary: dict, timeout: float = 30) -> None:
+        """A manual failover of one shard: its replica takes over (CLUSTER FAILOVER on the replica)."""
+        replicas = [n for n in self.nodes() if n["role"] == "slave" and n["master_id"] == primary["id"]]
+        if not replicas:
+            raise ServerError(f"primary {primary['port']} has no replica")
+        replica = replicas[0]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            # A manual failover waits for the replica to catch up; under load it may time out, so
+            # it is asked again until the two nodes say they swapped roles.
+            self.node(replica["port"]).execute_command("CLUSTER FAILOVER")
+            asked = time.monotonic()
+            while time.monotonic() < min(deadline, asked + 8):
+                if self._role(replica["port"]) == "master" and self._role(primary["port"]) == "slave":
+                    self.wait_healthy()
+                    return
+                time.sleep(0.1)
+        raise ServerError(f"the failover of {primary['port']} to {replica['port']} did not complete")
+
+    def wait_agreed(self, timeout: float = 60) -> None:
+        """Until `redis-cli --cluster check` finds every node agreeing on the slot map (a change
+        takes a moment to propagate)."""
+        deadline = time.monotonic() + timeout
+        out = ""
+        while time.monotonic() < deadline:
+            proc = subprocess.run(
+                [self.cli, "--cluster", "check", f"127.0.0.1:{self.primaries()[0]['port']}"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            out = proc.stdout
+            if proc.returncode == 0 and "[ERR]" not in out:
+                return
+            time.sleep(0.2)
+        raise ServerError(f"the cluster's nodes do not agree on the slot map:\n{out[-2000:]}")
+
+    def _role(self, port: int) -> str:
+        role = self.node(port).execute_command("ROLE")
+        return role[0].decode() if isinstance(role[0], bytes) else role[0]
+
+    def reshard(self, source: dict, target: dict, slots: int, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Moves `slots` slots (and their keys) from one primary to another (`redis-cli --cluster reshard`)."""
+        self.wait_agreed()
+        proc = subprocess.run(
+            [
+                self.cli,
+                "--cluster",
+                "reshard",
+                f"127.0.0.1:{source['port']}",
+                "--cluster-from",
+                source["id"],
+                "--cluster-to",
+                target["id"],
+                "--cluster-slots",
+                str(slots),
+                "--cluster-yes",
+                "--cluster-pipeline",
+                "100",
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if proc.returncode != 0:
+            raise ServerError(f"redis-cli --cluster reshard failed:\n{proc.stdout[-2000:]}\n{proc.stderr}")
+        return proc
