@@ -1,0 +1,645 @@
+"""Partial failures between the tiers (SPEC section 4 items 9 and 10, section 5): one test per scenario of the
+"partial failures" issue, each with real servers, real stops and kills, the TCP proxy, or a real fork.
+
+The pattern is the app's: a read (after a fallback, if that is what the fault causes), an append of a user
+message and an assistant reply, a save; then the fault heals and the test checks, row by row, that every
+message a call acknowledged is still retrievable: in the owner's conversation, or kept aside in
+`conversation_conflicts` (the divergence rule of SPEC 4.9).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import warnings
+
+import pytest
+
+pytest.register_assert_rewrite("redis_support", "chaos_support")
+
+from chat_history_rs import UnavailableError  # noqa: E402
+from chaos_support import call_with_deadline, conflict_copies, conflict_count, missing_messages  # noqa: E402
+from redis_support import (  # noqa: E402, F401 - fixtures are used by name
+    assert_cached,
+    conv_key,
+    dirty_member,
+    dirty_set,
+    grown,
+    make_conversation,
+    make_redis_manager,
+    make_redis_server,
+    pg_conversation_ids,
+    rdb,
+    redis_client,
+    seed_fields,
+    wait_until,
+    write_seed_hash,
+)
+from servers import assert_row_matches, create_database, create_phase1_schema  # noqa: E402
+from tcp_proxy import TcpProxy  # noqa: E402
+
+
+def _controllable(server) -> None:
+    if not getattr(server, "controllable", False):
+        pytest.skip("an external server cannot be stopped or cut off")
+
+
+def owner_key(conversation_id: str) -> str:
+    return f"owner:{conversation_id}"
+
+
+def app_turn(conversation: dict, text: str) -> dict:
+    """What the app does after a read: append the user's message and the assistant's reply (unique content)."""
+    return grown(conversation, 2, text=text)
+
+
+def redis_back(manager, probe_user: str) -> bool:
+    """One call that goes through Redis if the manager is willing to try it (a miss on an unknown id), then
+    whether the manager says Redis is available again."""
+    manager.get_conversation("0000beef", user_id=probe_user)
+    return manager.stats()["redis_available"] is True
+
+
+def flush_until_clean(manager, client, timeout: float = 20) -> None:
+    """Flushes until dirty:convs is empty; fails (AssertionError) if it is not within `timeout`."""
+
+    def clean() -> bool:
+        manager.flush_dirty_conversations()
+        return not dirty_set(client)
+
+    wait_until(clean, timeout=timeout, interval=0.2, what="an empty dirty set after flushing")
+
+
+def assert_every_message_retrievable(manager, conn, conversation_id, user_id, saved_versions) -> dict:
+    """Every message of every acknowledged save is in the owner's conversation or in a conflict copy of that
+    id and user (SPEC 4.9). Returns the current conversation."""
+    current = manager.get_conversation(conversation_id, user_id=user_id)
+    conflicts = conflict_copies(conn, conversation_id, user_id)
+    for label, saved in saved_versions.items():
+        lost = missing_messages(current, conflicts, saved["messages"])
+        assert lost == [], (
+            f"{label}: {len(lost)} acknowledged message(s) of {conversation_id} are gone: {lost}\n"
+            f"current: {json.dumps(current and current['messages'])}\nconflict copies: {json.dumps(conflicts)}"
+        )
+    return current
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. A Redis blip inside the app's read-append-save (SPEC 4.9)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("fault", ["partition", "one_read_times_out"])
+def test_redis_blip_in_read_append_save_keeps_every_message(make_redis_manager, rdb, pg_conn, user_id, conv_id, fault):
+    """Redis holds 4 messages dirty, PostgreSQL 2. The app's read falls back to PostgreSQL (Redis cut off,
+    or a single read timing out), it appends a turn and saves. After Redis returns and everything is flushed,
+    the 2 messages only Redis held must still be retrievable (in the conversation or a conflict copy)."""
+    _controllable(rdb.server)
+    with TcpProxy(rdb.server.port) as proxy:
+        app = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5)
+        flushed = make_conversation(2, prefix="flushed ")
+        app.save_conversation(conv_id, flushed, user_id=user_id)
+        assert app.flush_dirty_conversations() == 1
+        only_in_redis = app_turn(flushed, "only in Redis")
+        app.save_conversation(conv_id, only_in_redis, user_id=user_id)
+        assert_cached(rdb.client, user_id, conv_id, only_in_redis, dirty=True)
+
+        if fault == "partition":
+            proxy.partition()
+        else:
+            proxy.stall()  # the read waits past redis_timeout, as a pool wait under load does
+        seen = app.get_conversation(conv_id, user_id=user_id)  # the app's read
+        if fault == "one_read_times_out":
+            proxy.heal()  # only that one read was affected
+        assert seen is not None
+        after_blip = app_turn(seen, "after the blip")
+        app.save_conversation(conv_id, after_blip, user_id=user_id)  # acknowledged
+        proxy.heal()
+
+        wait_until(lambda: redis_back(app, user_id), timeout=30, interval=0.2, what="Redis in use again")
+        flush_until_clean(app, rdb.client)
+
+        current = assert_every_message_retrievable(
+            app, pg_conn, conv_id, user_id, {"saved before the blip": only_in_redis, "saved after it": after_blip}
+        )
+        assert current in (only_in_redis, after_blip), "the conversation is neither acknowledged version"
+        assert_row_matches(pg_conn, conv_id, user_id, current)
+        # The two versions diverge (neither is a prefix of the other): the loser is kept aside, and counted.
+        kept = conflict_copies(pg_conn, conv_id, user_id)
+        assert len(kept) >= 1, "two diverging acknowledged versions, and no conflict copy was kept"
+        assert app.stats()["conflicts_kept"] == len(kept)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. A seed-design writer during a rolling upgrade (SPEC 4.9, section 3)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_seed_writer_hset_over_our_hash_is_written_back(make_redis_manager, rdb, pg_conn, user_id, conv_id):
+    """A seed instance HSETs the conversation over our clean hash (leaving our ver/pgv fields) and SADDs
+    dirty:convs: our flush must write the seed's content, never mark it clean unwritten."""
+    app = make_redis_manager()
+    ours = make_conversation(2, prefix="ours ")
+    app.save_conversation(conv_id, ours, user_id=user_id)
+    assert app.flush_dirty_conversations() == 1
+
+    seeds = app_turn(ours, "seed instance")
+    write_seed_hash(rdb.client, user_id, conv_id, seeds)
+    assert rdb.client.hget(conv_key(user_id, conv_id), "ver") is not None  # the scenario: our fields remain
+
+    written = app.flush_dirty_conversations()
+    assert_row_matches(pg_conn, conv_id, user_id, seeds)
+    assert written == 1
+    assert dirty_set(rdb.client) == set()
+    assert app.get_conversation(conv_id, user_id=user_id) == seeds
+
+
+@pytest.mark.timeout(60)
+def test_seed_clear_dirty_flag_never_marks_unwritten_content_clean(
+    make_redis_manager, rdb, pg_conn, user_id, conv_id
+):  # fmt: skip
+    """The seed's flusher calls clear_dirty_flag through manager.redis_backend on a hash a seed writer just
+    replaced: a hash whose content is not in PostgreSQL must not become clean (it would never be written)."""
+    app = make_redis_manager()
+    ours = make_conversation(2, prefix="ours ")
+    app.save_conversation(conv_id, ours, user_id=user_id)
+    assert app.flush_dirty_conversations() == 1
+
+    seeds = app_turn(ours, "seed instance")
+    write_seed_hash(rdb.client, user_id, conv_id, seeds)
+    app.redis_backend.clear_dirty_flag(user_id, conv_id)  # content `seeds` is not in PostgreSQL yet
+
+    app.flush_dirty_conversations()
+    assert_row_matches(pg_conn, conv_id, user_id, seeds)
+    assert app.get_conversation(conv_id, user_id=user_id) == seeds
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. A claim while PostgreSQL is down (SPEC 4.9: a claim that cannot be checked is refused)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_claim_while_postgres_is_down_is_refused(own_pg_server, make_redis_manager, rdb, user_id, other_user_id):
+    alice, bob = user_id, other_user_id
+    params = create_database(own_pg_server.params)
+    app = make_redis_manager(connection_string=params.url, postgres_connect_timeout=2.0)
+    hers = make_conversation(2, title="Alice's")
+    app.save_conversation("c1a10001", hers, user_id=alice)
+    cached = make_conversation(2, title="Alice's cached chat")
+    app.save_conversation("c1a10002", cached, user_id=alice)
+    assert app.flush_dirty_conversations() == 2
+    # Her first chat is no longer cached: no hash, no owner record (both expired).
+    rdb.client.delete(conv_key(alice, "c1a10001"), owner_key("c1a10001"))
+
+    own_pg_server.stop()
+
+    with pytest.raises(UnavailableError):
+        app.save_conversation("c1a10001", make_conversation(1, title="Bob's"), user_id=bob)
+    assert rdb.client.exists(conv_key(bob, "c1a10001")) == 0
+    assert rdb.client.get(owner_key("c1a10001")) is None
+    assert dirty_member(bob, "c1a10001") not in dirty_set(rdb.client)
+    cached = app_turn(cached, "while PostgreSQL is down")
+    app.save_conversation("c1a10002", cached, user_id=alice)  # her cached chat still saves (SPEC 5)
+    assert_cached(rdb.client, alice, "c1a10002", cached, dirty=True)
+
+    own_pg_server.start()
+
+    hers = app_turn(hers, "after the outage")
+    app.save_conversation("c1a10001", hers, user_id=alice)
+    assert app.get_conversation("c1a10001", user_id=alice) == hers
+    with pytest.raises(PermissionError):
+        app.save_conversation("c1a10001", make_conversation(1, title="Bob's, again"), user_id=bob)
+    assert app.get_conversation("c1a10001", user_id=bob) is None
+    assert app.flush_dirty_conversations() == 2
+    conn = params.connect()
+    try:
+        assert_row_matches(conn, "c1a10001", alice, hers)
+        assert_row_matches(conn, "c1a10002", alice, cached)
+        assert dirty_set(rdb.client) == set()
+        assert app.stats()["stuck_conversations"] == []
+        app.delete_conversation("c1a10001", user_id=alice)
+        assert app.get_conversation("c1a10001", user_id=alice) is None
+        assert pg_conversation_ids(conn) == {"c1a10002"}
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. A delete while PostgreSQL is down: all or nothing (SPEC 4.9)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_delete_while_postgres_is_down_changes_nothing(own_pg_server, make_redis_manager, rdb, user_id, conv_id):
+    params = create_database(own_pg_server.params)
+    app = make_redis_manager(connection_string=params.url, postgres_connect_timeout=2.0)
+    flushed = make_conversation(2, prefix="flushed ")
+    app.save_conversation(conv_id, flushed, user_id=user_id)
+    assert app.flush_dirty_conversations() == 1
+    edited = app_turn(flushed, "unflushed edit")
+    app.save_conversation(conv_id, edited, user_id=user_id)
+
+    own_pg_server.stop()
+
+    with pytest.raises(UnavailableError):
+        app.delete_conversation(conv_id, user_id=user_id)
+    assert_cached(rdb.client, user_id, conv_id, edited, dirty=True)
+    assert app.get_conversation(conv_id, user_id=user_id) == edited
+
+    own_pg_server.start()
+
+    assert app.get_conversation(conv_id, user_id=user_id) == edited
+    assert app.flush_dirty_conversations() == 1
+    conn = params.connect()
+    try:
+        assert_row_matches(conn, conv_id, user_id, edited)
+        app.delete_conversation(conv_id, user_id=user_id)
+        assert app.get_conversation(conv_id, user_id=user_id) is None
+        app.flush_dirty_conversations()
+        assert pg_conversation_ids(conn) == set()
+        assert app.get_conversation(conv_id, user_id=user_id) is None
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. A flush or close asked for right after Redis returns (SPEC 5: an asked-for flush tries Redis now)
+# --------------------------------------------------------------------------------------------------
+
+
+def _back_off_for_long(manager, user_id: str, seconds: float = 4.5) -> None:
+    """Keeps calling while Redis is unreachable, so the backoff doubles up to a few seconds."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        manager.get_conversation("0000dead", user_id=user_id)  # falls back to PostgreSQL: None
+        time.sleep(0.05)
+    assert manager.stats()["redis_available"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("asked_by", ["flush", "close"])
+def test_flush_asked_for_right_after_redis_returns(make_redis_manager, rdb, pg_conn, user_id, conv_id, asked_by):
+    _controllable(rdb.server)
+    with TcpProxy(rdb.server.port) as proxy:
+        app = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5)
+        conversation = make_conversation(3, prefix="dirty ")
+        app.save_conversation(conv_id, conversation, user_id=user_id)
+        proxy.partition()
+        _back_off_for_long(app, user_id)
+        proxy.heal()  # Redis is back; the process is still in its backoff
+
+        if asked_by == "flush":
+            assert app.flush_dirty_conversations() == 1
+        else:
+            app.close()
+        assert_row_matches(pg_conn, conv_id, user_id, conversation)
+        assert dirty_set(rdb.client) == set()
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Locks and statements without bound (SPEC 4.10)
+# --------------------------------------------------------------------------------------------------
+
+
+def _reader_holding_access_share(params):
+    """A session with a transaction open that has read `conversations` (a report, pg_dump)."""
+    reader = params.connect(autocommit=False)
+    with reader.cursor() as cur:
+        cur.execute("SELECT count(*) FROM conversations")
+        cur.fetchone()
+    return reader
+
+
+def _third_client_query(params) -> int:
+    """Another client's ordinary query; gives up (raises) after 5 s instead of queueing forever."""
+    conn = params.connect(options="-c statement_timeout=5000")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM conversations")
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("redis_tier", [False, True], ids=["postgres", "redis"])
+def test_starting_a_manager_does_not_queue_other_clients_behind_a_reader(
+    make_manager, rdb, pg_params, pg_conn, redis_tier
+):  # fmt: skip
+    from chat_history_rs import ChatHistoryManager
+
+    first = make_manager(mode="postgres", connection_string=pg_params.url)  # the schema exists
+    first.close()
+    reader = _reader_holding_access_share(pg_params)
+    kwargs = {"mode": "postgres", "connection_string": pg_params.url}
+    if redis_tier:
+        kwargs.update(redis_enabled=True, redis_connection_string=rdb.url, background_flush=False)
+    started = []
+    try:
+        outcome, value = call_with_deadline(lambda: started.append(ChatHistoryManager(**kwargs)), 10)
+        third = call_with_deadline(lambda: _third_client_query(pg_params), 10)
+    finally:
+        reader.rollback()  # releases whatever queued behind it
+        reader.close()
+    for manager in started:
+        manager.close()
+    assert outcome != "hung", "a starting manager waited 10 s behind a reader's ACCESS SHARE lock"
+    assert outcome == "returned", value
+    assert third == ("returned", 0), f"another client's query while a manager started: {third}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("configured", [True, False], ids=["lock_timeout_1s", "defaults"])
+def test_a_call_blocked_by_a_lock_raises_instead_of_hanging(make_manager, pg_params, pg_conn, user_id, configured):
+    """`postgres_lock_timeout` (default 5 s) bounds every statement: a call behind an ACCESS EXCLUSIVE lock
+    held elsewhere raises UnavailableError instead of waiting for it (bound checked at 3x the timeout)."""
+    kwargs = {"postgres_lock_timeout": 1.0, "postgres_statement_timeout": 10.0} if configured else {}
+    bound = 3 * (1.0 if configured else 5.0)
+    manager = make_manager(mode="postgres", connection_string=pg_params.url, **kwargs)
+    manager.save_conversation("10c00001", make_conversation(2), user_id=user_id)
+    locker = pg_params.connect(autocommit=False)
+    try:
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLE conversations IN ACCESS EXCLUSIVE MODE")
+        outcomes = {
+            "get": call_with_deadline(lambda: manager.get_conversation("10c00001", user_id=user_id), bound + 5),
+            "save": call_with_deadline(
+                lambda: manager.save_conversation("10c00002", make_conversation(1), user_id=user_id), bound + 5
+            ),
+        }
+    finally:
+        locker.rollback()
+        locker.close()
+    for call, (outcome, value) in outcomes.items():
+        assert outcome == "raised", f"{call} behind a held lock: {outcome} {value!r} (expected UnavailableError)"
+        assert isinstance(value, UnavailableError), f"{call}: {type(value).__name__}: {value}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_close_with_a_background_flush_stuck_on_postgres_returns_within_close_timeout(
+    make_redis_manager, rdb, pg_server, pg_params, user_id
+):  # fmt: skip
+    _controllable(pg_server)
+    with TcpProxy(pg_params.port) as proxy:
+        url = f"postgresql://{pg_params.user}@127.0.0.1:{proxy.port}/{pg_params.dbname}"
+        app = make_redis_manager(
+            connection_string=url, background_flush=True, flush_interval=0.2, close_timeout=2.0,
+            postgres_connect_timeout=1.0,
+        )  # fmt: skip
+        app.save_conversation("c105e001", make_conversation(2), user_id=user_id)
+        wait_until(lambda: not dirty_set(rdb.client), timeout=15, what="the background flusher at work")
+        app.save_conversation("c105e001", make_conversation(4), user_id=user_id)
+        proxy.stall()  # PostgreSQL hangs: the next background flush waits on it
+        time.sleep(1.0)
+        try:
+            outcome, value = call_with_deadline(app.close, 3 * 2.0)
+        finally:
+            proxy.heal()
+        assert outcome != "hung", "close() waited past 3x close_timeout on a background flush stuck on PostgreSQL"
+        assert outcome == "returned", value
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Fork (SPEC 4.10): a forked child gets its own connections; no reply reaches the wrong process
+# --------------------------------------------------------------------------------------------------
+
+HAMMER_SECONDS = 4.0
+
+
+def hammer(manager, user_id: str, label: str, seconds: float = HAMMER_SECONDS) -> dict:
+    """Saves and reads this user's conversations for `seconds`; every read must be what this process wrote.
+    Returns {"calls": n, "wrong": [...]} (wrong: up to 5 descriptions) or {"error": "..."}."""
+    written: dict[str, dict] = {}
+    wrong: list[str] = []
+    calls = 0
+    deadline = time.monotonic() + seconds
+    n = 0
+    try:
+        while time.monotonic() < deadline:
+            cid = f"{label}{n % 4:04x}"[:8]
+            conversation = make_conversation(2, title=f"{label} {n}", prefix=f"{label} {n} ")
+            manager.save_conversation(cid, conversation, user_id=user_id)
+            written[cid] = conversation
+            for check_id, expected in list(written.items()):
+                got = manager.get_conversation(check_id, user_id=user_id)
+                calls += 1
+                if got != expected and len(wrong) < 5:
+                    wrong.append(f"{check_id}: expected title {expected['title']!r}, got {got and got['title']!r}")
+            listed = {cid for cid, _ in manager.list_conversations(user_id)}
+            if listed != set(written) and len(wrong) < 5:
+                wrong.append(f"list: expected {sorted(written)}, got {sorted(listed)}")
+            calls += 2
+            n += 1
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        return {"calls": calls, "wrong": wrong, "error": f"{type(exc).__name__}: {exc}"}
+    return {"calls": calls, "wrong": wrong}
+
+
+def _child_body(manager, user_id: str, write_fd: int) -> None:
+    try:
+        result = hammer(manager, user_id, "c41d")
+    except BaseException as exc:  # noqa: BLE001
+        result = {"error": repr(exc)}
+    os.write(write_fd, json.dumps(result).encode())
+    os.close(write_fd)
+
+
+def _fork_quietly() -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+: fork() of a multi-threaded process
+        return os.fork()
+
+
+def _await_child(pid: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"the forked child did not finish within {timeout}s (hung)")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_forked_child_and_parent_each_get_their_own_data(make_redis_manager, rdb, user_id, other_user_id):
+    app = make_redis_manager(background_flush=True, flush_interval=0.2)
+    warm = make_conversation(2, title="before the fork")
+    app.save_conversation("0f0f0001", warm, user_id=user_id)
+    for _ in range(3):  # pools open, connections in use
+        assert app.get_conversation("0f0f0001", user_id=user_id) == warm
+
+    read_fd, write_fd = os.pipe()
+    pid = _fork_quietly()
+    if pid == 0:  # the child: never returns into pytest
+        code = 0
+        try:
+            os.close(read_fd)
+            _child_body(app, other_user_id, write_fd)
+        except BaseException:  # noqa: BLE001
+            code = 1
+        os._exit(code)
+    os.close(write_fd)
+    parent = hammer(app, user_id, "9a7e")
+    exit_code = _await_child(pid, timeout=60)
+    with os.fdopen(read_fd, "rb") as pipe:
+        child = json.loads(pipe.read() or b"{}")
+
+    assert exit_code == 0
+    assert "error" not in child, child
+    assert child["wrong"] == [], f"the child read data that was not its own: {child['wrong']}"
+    assert "error" not in parent, parent
+    assert parent["wrong"] == [], f"the parent read data that was not its own: {parent['wrong']}"
+    assert child["calls"] > 50 and parent["calls"] > 50, (child["calls"], parent["calls"])
+    # The parent keeps working after the child exits.
+    later = app_turn(warm, "after the child exited")
+    app.save_conversation("0f0f0001", later, user_id=user_id)
+    assert app.get_conversation("0f0f0001", user_id=user_id) == later
+    assert app.get_conversation("0f0f0001", user_id=other_user_id) is None
+
+
+def _mp_worker(manager, user_id: str, queue) -> None:
+    queue.put(hammer(manager, user_id, "3f0c"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_multiprocessing_fork_workers_each_get_their_own_data(make_redis_manager, rdb, user_id):
+    import uuid
+
+    app = make_redis_manager(background_flush=True, flush_interval=0.2)
+    warm = make_conversation(2, title="before the fork")
+    app.save_conversation("3f0f0001", warm, user_id=user_id)
+    assert app.get_conversation("3f0f0001", user_id=user_id) == warm
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    users = [str(uuid.uuid4()) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        workers = [ctx.Process(target=_mp_worker, args=(app, u, queue)) for u in users]
+        for worker in workers:
+            worker.start()
+    parent = hammer(app, user_id, "9a7e")
+    results = []
+    try:
+        for _ in workers:
+            results.append(queue.get(timeout=60))
+    finally:
+        for worker in workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+    assert [w.exitcode for w in workers] == [0, 0]
+    for result in results + [parent]:
+        assert "error" not in result, result
+        assert result["wrong"] == [], f"a process read data that was not its own: {result['wrong']}"
+        assert result["calls"] > 50, result
+    later = app_turn(warm, "after the workers exited")
+    app.save_conversation("3f0f0001", later, user_id=user_id)
+    assert app.get_conversation("3f0f0001", user_id=user_id) == later
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. The outdated-copies list, versions from a clock ahead, owner keys of dropped copies (SPEC 4.3, 5)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_caching_resumes_after_an_outage_with_thousands_of_fallback_saves(make_redis_manager, rdb, user_id):
+    _controllable(rdb.server)
+    with TcpProxy(rdb.server.port) as proxy:
+        app = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5)
+        ids = [f"8a{n:06d}" for n in range(5)]
+        latest = {cid: make_conversation(1, title=cid) for cid in ids}
+        for cid in ids:
+            app.save_conversation(cid, latest[cid], user_id=user_id)
+        proxy.partition()
+        saves = 0
+        while saves < 6000:  # the same few ids, over and over, straight to PostgreSQL
+            cid = ids[saves % len(ids)]
+            latest[cid] = {**latest[cid], "title": f"{cid} save {saves}"}
+            app.save_conversation(cid, latest[cid], user_id=user_id)
+            saves += 1
+        assert app.stats()["redis_available"] is False
+        proxy.heal()
+
+        def cached_again() -> bool:
+            latest[ids[0]] = app_turn(latest[ids[0]], "after the outage")
+            app.save_conversation(ids[0], latest[ids[0]], user_id=user_id)
+            return seed_fields(rdb.client, user_id, ids[0]) is not None
+
+        wait_until(cached_again, timeout=30, interval=0.5, what="caching resumed after 6000 fallback saves")
+        assert app.stats()["redis_available"] is True
+        assert_cached(rdb.client, user_id, ids[0], latest[ids[0]], dirty=True)
+        for cid in ids:
+            assert app.get_conversation(cid, user_id=user_id) == latest[cid]
+
+
+@pytest.mark.timeout(60)
+def test_save_after_postgres_version_ran_ahead_is_flushed_as_the_newest(
+    make_redis_manager, rdb, pg_conn, user_id, conv_id
+):  # fmt: skip
+    """A PostgreSQL clock far ahead gave the row a cache_version Redis's clock will not reach for years; the
+    cached copy expired. The next save is still the newest: the flush writes it and puts nothing aside."""
+    app = make_redis_manager()
+    flushed = make_conversation(2, prefix="flushed ")
+    app.save_conversation(conv_id, flushed, user_id=user_id)
+    assert app.flush_dirty_conversations() == 1
+    with pg_conn.cursor() as cur:
+        cur.execute("UPDATE conversations SET cache_version = cache_version + 1000000000000")
+    rdb.client.delete(conv_key(user_id, conv_id))  # the clean copy expired
+
+    later = app_turn(app.get_conversation(conv_id, user_id=user_id), "saved later")
+    rdb.client.delete(conv_key(user_id, conv_id))  # and the read's backfill expired too
+    app.save_conversation(conv_id, later, user_id=user_id)
+    app.flush_dirty_conversations()
+
+    assert_row_matches(pg_conn, conv_id, user_id, later)
+    assert app.get_conversation(conv_id, user_id=user_id) == later
+    assert conflict_count(pg_conn) == 0
+    assert dirty_set(rdb.client) == set()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_owner_key_of_a_dropped_stale_copy_expires(make_redis_manager, rdb, pg_conn, user_id, conv_id):
+    """Instance A holds a dirty copy; instance B, cut off from Redis, saves a newer version straight to
+    PostgreSQL. A's flush drops (or keeps aside) its stale copy: the id's owner record must not stay forever."""
+    _controllable(rdb.server)
+    a = make_redis_manager()
+    first = make_conversation(2, prefix="first ")
+    a.save_conversation(conv_id, first, user_id=user_id)
+    assert a.flush_dirty_conversations() == 1
+    stale = app_turn(first, "A, dirty")
+    a.save_conversation(conv_id, stale, user_id=user_id)
+    with TcpProxy(rdb.server.port) as proxy:
+        b = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5)
+        proxy.partition()
+        newer = app_turn(b.get_conversation(conv_id, user_id=user_id), "B, straight to PostgreSQL")
+        b.save_conversation(conv_id, newer, user_id=user_id)
+        assert_row_matches(pg_conn, conv_id, user_id, newer)
+
+        a.flush_dirty_conversations()
+        assert_row_matches(pg_conn, conv_id, user_id, newer)
+        assert rdb.client.hget(conv_key(user_id, conv_id), "dirty") != "1"
+        ttl = rdb.client.ttl(owner_key(conv_id))
+        assert ttl == -2 or ttl > 0, f"owner:{conv_id} of a dropped copy has no TTL ({ttl})"
+        proxy.heal()
