@@ -106,7 +106,7 @@ def missing_messages(current: Optional[dict], conflicts: list[list[dict]], saved
 
 def call_with_deadline(fn: Callable[[], Any], seconds: float) -> tuple[str, Any]:
     """Runs fn in a daemon thread and waits up to `seconds`: ("returned", value), ("raised", exception)
-    or ("hung", None). A hung call keeps its thread; the test must then release whatever blocks it."""
+    or ("hung", the thread). A hung call keeps its thread; the test must then release whatever blocks it."""
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -129,3 +129,35 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     started = time.monotonic()
     value = fn()
     return time.monotonic() - started, value
+
+
+def hammer(manager, user_id: str, label: str, seconds: float = 4.0) -> dict:
+    """Saves and reads this user's conversations (ids `label` + 4 hex) for `seconds`; every read must be what this
+    process wrote. Returns {"calls": n, "wrong": [up to 5 descriptions]}, plus "error" if a call raised."""
+    from redis_support import make_conversation
+
+    written: dict[str, dict] = {}
+    wrong: list[str] = []
+    calls = 0
+    n = 0
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            cid = f"{label}{n % 4:04x}"[:8]
+            conversation = make_conversation(2, title=f"{label} {n}", prefix=f"{label} {n} ")
+            manager.save_conversation(cid, conversation, user_id=user_id)
+            written[cid] = conversation
+            calls += 1
+            for check_id, expected in list(written.items()):
+                got = manager.get_conversation(check_id, user_id=user_id)
+                calls += 1
+                if got != expected and len(wrong) < 5:
+                    wrong.append(f"{check_id}: expected title {expected['title']!r}, got {got and got['title']!r}")
+            listed = {cid for cid, _ in manager.list_conversations(user_id)}
+            calls += 1
+            if listed != set(written) and len(wrong) < 5:
+                wrong.append(f"list: expected {sorted(written)}, got {sorted(listed)}")
+            n += 1
+    except Exception as exc:  # noqa: BLE001 - handed back to the caller, which fails on it
+        return {"calls": calls, "wrong": wrong, "error": f"{type(exc).__name__}: {exc}"}
+    return {"calls": calls, "wrong": wrong}

@@ -10,12 +10,10 @@ message a call acknowledged is still retrievable: in the owner's conversation, o
 from __future__ import annotations
 
 import json
-import multiprocessing
+import subprocess
 import os
 import signal
-import threading
 import time
-import warnings
 
 import pytest
 
@@ -33,13 +31,14 @@ from redis_support import (  # noqa: E402, F401 - fixtures are used by name
     make_redis_manager,
     make_redis_server,
     pg_conversation_ids,
+    python_script,
     rdb,
-    redis_client,
+    script_env,
     seed_fields,
     wait_until,
     write_seed_hash,
 )
-from servers import assert_row_matches, create_database, create_phase1_schema  # noqa: E402
+from servers import assert_row_matches, create_database  # noqa: E402
 from tcp_proxy import TcpProxy  # noqa: E402
 
 
@@ -417,143 +416,92 @@ def test_close_with_a_background_flush_stuck_on_postgres_returns_within_close_ti
 # 7. Fork (SPEC 4.10): a forked child gets its own connections; no reply reaches the wrong process
 # --------------------------------------------------------------------------------------------------
 
-HAMMER_SECONDS = 4.0
+# Each fork experiment runs in a fresh interpreter: a reply read by the wrong process can leave a call waiting
+# forever inside the extension, where no pytest timeout can interrupt it; a subprocess can always be killed.
+FORK_EXPERIMENT = """
+    import json, os, sys, time, uuid
+    sys.path.insert(0, os.environ["T_TESTS"])
+    from chaos_support import hammer
+    from chat_history_rs import ChatHistoryManager
 
-
-def hammer(manager, user_id: str, label: str, seconds: float = HAMMER_SECONDS) -> dict:
-    """Saves and reads this user's conversations for `seconds`; every read must be what this process wrote.
-    Returns {"calls": n, "wrong": [...]} (wrong: up to 5 descriptions) or {"error": "..."}."""
-    written: dict[str, dict] = {}
-    wrong: list[str] = []
-    calls = 0
-    deadline = time.monotonic() + seconds
-    n = 0
-    try:
-        while time.monotonic() < deadline:
-            cid = f"{label}{n % 4:04x}"[:8]
-            conversation = make_conversation(2, title=f"{label} {n}", prefix=f"{label} {n} ")
-            manager.save_conversation(cid, conversation, user_id=user_id)
-            written[cid] = conversation
-            for check_id, expected in list(written.items()):
-                got = manager.get_conversation(check_id, user_id=user_id)
-                calls += 1
-                if got != expected and len(wrong) < 5:
-                    wrong.append(f"{check_id}: expected title {expected['title']!r}, got {got and got['title']!r}")
-            listed = {cid for cid, _ in manager.list_conversations(user_id)}
-            if listed != set(written) and len(wrong) < 5:
-                wrong.append(f"list: expected {sorted(written)}, got {sorted(listed)}")
-            calls += 2
-            n += 1
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        return {"calls": calls, "wrong": wrong, "error": f"{type(exc).__name__}: {exc}"}
-    return {"calls": calls, "wrong": wrong}
-
-
-def _child_body(manager, user_id: str, write_fd: int) -> None:
-    try:
-        result = hammer(manager, user_id, "c41d")
-    except BaseException as exc:  # noqa: BLE001
-        result = {"error": repr(exc)}
-    os.write(write_fd, json.dumps(result).encode())
-    os.close(write_fd)
-
-
-def _fork_quietly() -> int:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+: fork() of a multi-threaded process
-        return os.fork()
-
-
-def _await_child(pid: int, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError(f"the forked child did not finish within {timeout}s (hung)")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(90)
-def test_forked_child_and_parent_each_get_their_own_data(make_redis_manager, rdb, user_id, other_user_id):
-    app = make_redis_manager(background_flush=True, flush_interval=0.2)
-    warm = make_conversation(2, title="before the fork")
-    app.save_conversation("0f0f0001", warm, user_id=user_id)
+    app = ChatHistoryManager(
+        mode="postgres", connection_string=os.environ["T_PG"], redis_enabled=True,
+        redis_connection_string=os.environ["T_REDIS"], background_flush=True, flush_interval=0.2,
+    )
+    parent_user = str(uuid.uuid4())
+    warm = {"title": "before the fork", "model": "gpt-4o", "messages": [
+        {"role": "user", "content": "hello", "time": "2025-11-26T00:35:21.123456+00:00"}],
+        "created_at": "2025-11-26T00:35:21.123456+00:00", "last_modified": "2025-11-26T00:35:21.123456+00:00"}
+    app.save_conversation("0f0f0001", warm, user_id=parent_user)
     for _ in range(3):  # pools open, connections in use
-        assert app.get_conversation("0f0f0001", user_id=user_id) == warm
-
-    read_fd, write_fd = os.pipe()
-    pid = _fork_quietly()
-    if pid == 0:  # the child: never returns into pytest
-        code = 0
-        try:
+        assert app.get_conversation("0f0f0001", user_id=parent_user) == warm
+    out = {}
+    if os.environ["T_HOW"] == "os.fork":
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
             os.close(read_fd)
-            _child_body(app, other_user_id, write_fd)
-        except BaseException:  # noqa: BLE001
-            code = 1
-        os._exit(code)
-    os.close(write_fd)
-    parent = hammer(app, user_id, "9a7e")
-    exit_code = _await_child(pid, timeout=60)
-    with os.fdopen(read_fd, "rb") as pipe:
-        child = json.loads(pipe.read() or b"{}")
-
-    assert exit_code == 0
-    assert "error" not in child, child
-    assert child["wrong"] == [], f"the child read data that was not its own: {child['wrong']}"
-    assert "error" not in parent, parent
-    assert parent["wrong"] == [], f"the parent read data that was not its own: {parent['wrong']}"
-    assert child["calls"] > 50 and parent["calls"] > 50, (child["calls"], parent["calls"])
-    # The parent keeps working after the child exits.
-    later = app_turn(warm, "after the child exited")
-    app.save_conversation("0f0f0001", later, user_id=user_id)
-    assert app.get_conversation("0f0f0001", user_id=user_id) == later
-    assert app.get_conversation("0f0f0001", user_id=other_user_id) is None
-
-
-def _mp_worker(manager, user_id: str, queue) -> None:
-    queue.put(hammer(manager, user_id, "3f0c"))
+            try:
+                result = hammer(app, str(uuid.uuid4()), "c41d")
+            except BaseException as exc:
+                result = {"error": repr(exc)}
+            os.write(write_fd, json.dumps(result).encode())
+            os._exit(0)
+        os.close(write_fd)
+        out["parent"] = hammer(app, parent_user, "9a7e")
+        _, status = os.waitpid(pid, 0)
+        out["child_exit"] = [os.waitstatus_to_exitcode(status)]
+        with os.fdopen(read_fd, "rb") as pipe:
+            out["children"] = [json.loads(pipe.read() or b"{}")]
+    else:
+        import subprocess
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        def work(user):
+            queue.put(hammer(app, user, "3f0c"))
+        workers = [ctx.Process(target=work, args=(str(uuid.uuid4()),)) for _ in range(2)]
+        for w in workers:
+            w.start()
+        out["parent"] = hammer(app, parent_user, "9a7e")
+        out["children"] = [queue.get(timeout=60) for _ in workers]
+        for w in workers:
+            w.join()
+        out["child_exit"] = [w.exitcode for w in workers]
+    # The parent keeps working after its children exited.
+    later = dict(warm, title="after the children exited")
+    app.save_conversation("0f0f0001", later, user_id=parent_user)
+    out["after"] = app.get_conversation("0f0f0001", user_id=parent_user) == later
+    app.close()
+    print(json.dumps(out), flush=True)
+"""
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(90)
-def test_multiprocessing_fork_workers_each_get_their_own_data(make_redis_manager, rdb, user_id):
-    import uuid
-
-    app = make_redis_manager(background_flush=True, flush_interval=0.2)
-    warm = make_conversation(2, title="before the fork")
-    app.save_conversation("3f0f0001", warm, user_id=user_id)
-    assert app.get_conversation("3f0f0001", user_id=user_id) == warm
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    users = [str(uuid.uuid4()) for _ in range(2)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        workers = [ctx.Process(target=_mp_worker, args=(app, u, queue)) for u in users]
-        for worker in workers:
-            worker.start()
-    parent = hammer(app, user_id, "9a7e")
-    results = []
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["os.fork", "multiprocessing"])
+def test_forked_processes_each_get_their_own_data(rdb, pg_url, how):
+    """A manager opened (pools in use, background flusher running) before a fork: parent and children hammer
+    their own users' conversations at once; every read must be what that process wrote, no call may hang,
+    and the parent keeps working after the children exit."""
+    env = script_env(T_PG=pg_url, T_REDIS=rdb.url, T_HOW=how, T_TESTS=os.path.dirname(__file__))
+    proc = subprocess.Popen(
+        python_script(FORK_EXPERIMENT), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
     try:
-        for _ in workers:
-            results.append(queue.get(timeout=60))
-    finally:
-        for worker in workers:
-            worker.join(timeout=10)
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
-    assert [w.exitcode for w in workers] == [0, 0]
-    for result in results + [parent]:
-        assert "error" not in result, result
-        assert result["wrong"] == [], f"a process read data that was not its own: {result['wrong']}"
-        assert result["calls"] > 50, result
-    later = app_turn(warm, "after the workers exited")
-    app.save_conversation("3f0f0001", later, user_id=user_id)
-    assert app.get_conversation("3f0f0001", user_id=user_id) == later
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"the fork experiment ({how}) hung: a call never returned\n{err[-3000:]}") from None
+    assert proc.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["child_exit"] == [0] * len(result["children"])
+    for who, run in [("parent", result["parent"])] + [(f"child {i}", r) for i, r in enumerate(result["children"])]:
+        assert "error" not in run, f"{who}: {run}"
+        assert run["wrong"] == [], f"{who} read data that was not its own: {run['wrong']}"
+        assert run["calls"] > 50, f"{who} made only {run['calls']} calls: no real interleaving"
+    assert result["after"] is True, "the parent's own save did not read back after the children exited"
 
 
 # --------------------------------------------------------------------------------------------------

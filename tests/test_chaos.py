@@ -1,0 +1,519 @@
+"""A seeded, randomized fault checker (model-based, Jepsen-style) for the Redis tier (SPEC sections 4, 5, 7).
+
+Servers of its own: a redis-server with AOF (fsync always) and a maxmemory a "fill" fault can exhaust, behind a
+TcpProxy; a PostgreSQL cluster with synchronous_commit=on. Clients: worker threads in this process on two
+managers (two app instances), a worker subprocess with its own manager, an intruder worker that tries other
+users' ids, and a standalone flusher subprocess (`chat-history flush --loop`). A scheduler meanwhile cuts,
+stalls and partitions Redis, kills and restarts it, fills its memory, stops and kills PostgreSQL, and SIGKILLs
+the flusher (see chaos_workload.py for the workload).
+
+At the end every fault is healed, everything is flushed until the dirty set is empty, and the history is
+checked:
+    1. every message of every acknowledged save is retrievable: in its owner's conversation, or in a
+       `conversation_conflicts` row of that id and user (SPEC 4.9), unless a later acknowledged delete removed it;
+    2. no conversation whose last acknowledged op was a delete exists;
+    3. no read or list ever returned another user's data, and no user's save of another user's live id was
+       acknowledged;
+    4. no call took longer than HUNG_SECONDS, and no worker hung;
+    and no call failed with anything but "unavailable" (an owner refused its own id, say).
+
+    CHAOS_SEED     the seed (printed with every anomaly; the fault sequence and each worker's choices follow
+                   from it; timings do not, so a rerun explores the same plan, not the same interleaving)
+    CHAOS_SECONDS  how long the workload runs (default 45: the whole test takes about 70-90 s)
+
+`make soak` runs it for 600 s and prints the summary: ops per kind, faults per kind, anomalies per kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+pytest.register_assert_rewrite("chaos_support")
+
+import redis  # noqa: E402
+from chaos_support import conflict_copies, durable_postgres, durable_redis, missing_messages  # noqa: E402
+from chaos_workload import INTRUDER_INDEX, Op, Worker, op_from_json  # noqa: E402
+from redis_support import dirty_set, redis_client, script_env  # noqa: E402
+from servers import ServerError, create_database, find_pg_bindir  # noqa: E402
+from tcp_proxy import TcpProxy  # noqa: E402
+
+SEED = int(os.environ.get("CHAOS_SEED", "20261129"))
+SECONDS = float(os.environ.get("CHAOS_SECONDS", "45"))
+HUNG_SECONDS = 30.0
+FAULT_WEIGHTS = {
+    "redis-partition": 3,
+    "redis-stall": 2,
+    "redis-cut": 2,
+    "redis-restart": 2,
+    "redis-oom": 2,
+    "pg-stop": 2,
+    "pg-kill": 2,
+    "flusher-kill": 3,
+}
+MANAGER_KWARGS = {"redis_timeout": 0.5, "postgres_connect_timeout": 2.0}
+EXPECTED_ERRORS = ("UnavailableError",)  # a call may fail while a server is away, with this error only
+
+
+# --------------------------------------------------------------------------------------------------
+# The world: servers, proxy, flusher
+# --------------------------------------------------------------------------------------------------
+
+
+class World:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.pg = durable_postgres()
+        self.pg.start()
+        self.pg_params = create_database(self.pg.params)
+        self.redis = durable_redis("--maxmemory", "24mb", "--maxmemory-policy", "volatile-lru")
+        self.redis.start()
+        self.direct = redis_client(self.redis.url)
+        self.proxy = TcpProxy(self.redis.port)
+        self.redis_url = self.proxy.url()
+        self.flusher: Optional[subprocess.Popen] = None
+        self.flusher_log = open(tmp / "flusher.log", "ab")  # noqa: SIM115 - closed in close()
+        self.fillers = 0
+
+    # -- flusher -----------------------------------------------------------------------------------------
+
+    def start_flusher(self) -> None:
+        cmd = [
+            sys.executable, "-m", "chat_history_rs", "flush", "--loop", "--interval", "0.5",
+            "--database-url", self.pg_params.url, "--redis-url", self.redis_url, "--connect-timeout", "2",
+        ]  # fmt: skip
+        self.flusher = subprocess.Popen(cmd, env=script_env(), stdout=self.flusher_log, stderr=self.flusher_log)
+
+    def kill_flusher(self) -> None:
+        if self.flusher is not None and self.flusher.poll() is None:
+            self.flusher.send_signal(signal.SIGKILL)
+            self.flusher.wait(timeout=30)
+        self.flusher = None
+
+    def stop_flusher(self) -> Optional[int]:
+        """SIGTERM (final flush, then exit); SIGKILL after 40 s. Returns the exit code."""
+        if self.flusher is None:
+            return None
+        self.flusher.send_signal(signal.SIGTERM)
+        try:
+            code = self.flusher.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            self.flusher.kill()
+            code = self.flusher.wait()
+        self.flusher = None
+        return code
+
+    # -- faults ----------------------------------------------------------------------------------------
+
+    def fill_redis(self) -> bool:
+        """Keys without a TTL (never evicted under volatile-lru) until Redis refuses writes (OOM)."""
+        try:
+            for _ in range(2000):
+                self.direct.set(f"chaos:filler:{self.fillers}", b"f" * 100_000)
+                self.fillers += 1
+        except redis.exceptions.ResponseError as exc:
+            return "maxmemory" in str(exc) or "OOM" in str(exc)
+        except redis.exceptions.ConnectionError:
+            return False
+        return False
+
+    def free_redis(self) -> None:
+        names = [f"chaos:filler:{n}" for n in range(self.fillers)]
+        for start in range(0, len(names), 500):
+            self.direct.delete(*names[start : start + 500])
+        self.fillers = 0
+
+    def heal(self) -> None:
+        self.proxy.heal()
+        if not self.redis.is_running():
+            self.redis.start()
+        if self.fillers:
+            self.free_redis()
+        if not self.pg.is_running():
+            self.pg.start()
+
+    def close(self) -> None:
+        self.kill_flusher()
+        self.flusher_log.close()
+        self.proxy.close()
+        self.direct.close()
+        self.redis.remove()
+        self.pg.remove()
+
+
+class Scheduler(threading.Thread):
+    """Injects one fault at a time, drawn from the seed: apply, hold, heal, pause."""
+
+    def __init__(self, world: World, seed: int, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.world = world
+        self.rng = random.Random(f"{seed}/faults")
+        self.stop_event = stop
+        self.log: list[tuple[float, float, str, str]] = []  # (start, end, kind, detail)
+        self.errors: list[str] = []
+
+    def _hold(self, low: float, high: float) -> float:
+        seconds = low + self.rng.random() * (high - low)
+        self.stop_event.wait(seconds)
+        return seconds
+
+    def run(self) -> None:
+        kinds = list(FAULT_WEIGHTS)
+        weights = list(FAULT_WEIGHTS.values())
+        self._hold(1.0, 2.0)
+        while not self.stop_event.is_set():
+            kind = self.rng.choices(kinds, weights=weights)[0]
+            start = time.time()
+            try:
+                detail = self.inject(kind)
+            except (ServerError, OSError, redis.exceptions.RedisError, subprocess.SubprocessError) as exc:
+                self.errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+                detail = f"fault tool failed: {exc}"
+                try:
+                    self.world.heal()
+                except (ServerError, OSError, redis.exceptions.RedisError) as heal_exc:
+                    self.errors.append(f"heal after {kind}: {heal_exc}")
+            self.log.append((start, time.time(), kind, detail))
+            self._hold(0.3, 2.0)
+
+    def inject(self, kind: str) -> str:
+        w = self.world
+        if kind == "redis-partition":
+            w.proxy.partition()
+            held = self._hold(0.5, 3.0)
+            w.proxy.heal()
+        elif kind == "redis-stall":
+            w.proxy.stall()
+            held = self._hold(0.3, 2.0)
+            w.proxy.heal()
+        elif kind == "redis-cut":
+            w.proxy.cut()
+            held = 0.0
+        elif kind == "redis-restart":
+            w.redis.kill()
+            held = self._hold(0.2, 2.0)
+            w.redis.start()
+        elif kind == "redis-oom":
+            if not w.fill_redis():
+                w.free_redis()
+                return "could not fill Redis (not reachable?)"
+            held = self._hold(0.5, 3.0)
+            w.free_redis()
+        elif kind == "pg-stop":
+            w.pg.stop("fast")
+            held = self._hold(0.5, 3.0)
+            w.pg.start()
+        elif kind == "pg-kill":
+            w.pg.kill()
+            held = self._hold(0.2, 2.0)
+            w.pg.start()
+        elif kind == "flusher-kill":
+            w.kill_flusher()
+            held = self._hold(0.0, 2.0)
+            w.start_flusher()
+        else:  # pragma: no cover - FAULT_WEIGHTS lists the kinds
+            raise AssertionError(kind)
+        return f"held {held:.2f}s"
+
+
+# --------------------------------------------------------------------------------------------------
+# The checker
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_messages(saved: list) -> list[dict]:
+    return [{"role": r, "content": c, "time": t} for r, c, t in saved]
+
+
+def _describe(op: Op) -> str:
+    outcome = "ok" if op.ok else f"FAILED {op.error}"
+    extra = f" ({op.note})" if op.note else ""
+    size = f" {len(op.saved)} msgs" if op.saved is not None else ""
+    return f"{op.kind}{size} [{op.t0:.3f}..{op.t1:.3f}] by {op.worker}: {outcome}{extra}"
+
+
+def _faults_during(faults, t0: float, t1: float) -> list[str]:
+    return [f"{kind} [{s:.3f}..{e:.3f}]" for s, e, kind, _ in faults if s <= t1 and e >= t0]
+
+
+def check_history(ops: list[Op], final: dict, conflicts: dict, pg_rows: dict, faults, seed: int) -> list[str]:
+    """The anomalies of a history. final[(user, cid)]: the owner's get_conversation at the end (None: none);
+    conflicts[(user, cid)]: messages of its conflict copies; pg_rows[cid]: the user owning the PostgreSQL row."""
+    anomalies: list[str] = []
+    by_conv: dict[tuple[str, str], list[Op]] = defaultdict(list)
+    for op in ops:
+        if op.kind in ("get", "save", "rename", "delete"):
+            by_conv[(op.user, op.cid)].append(op)
+    for history in by_conv.values():
+        history.sort(key=lambda o: o.t0)
+
+    for (user, cid), history in sorted(by_conv.items()):
+        acked_deletes = [o for o in history if o.kind == "delete" and o.ok]
+        failed_deletes = [o for o in history if o.kind == "delete" and not o.ok]
+        current = final.get((user, cid))
+        kept = conflicts.get((user, cid), [])
+        # 1. every acknowledged message is retrievable unless a later acknowledged delete removed it.
+        lost: dict[tuple, Op] = {}
+        for save in (o for o in history if o.kind in ("save", "rename") and o.ok):
+            if any(d.t0 >= save.t1 for d in acked_deletes):
+                continue
+            for message in missing_messages(current, kept, _as_messages(save.saved)):
+                lost.setdefault((message["role"], message["content"], message["time"]), save)
+        if lost:
+            first = min(lost.values(), key=lambda o: o.t0)
+            after_failed_delete = any(d.t0 >= first.t1 for d in failed_deletes)
+            example = next(iter(lost))
+            timeline = "\n      ".join(_describe(o) for o in history[-12:])
+            anomalies.append(
+                f"LOST seed={seed} user={user} id={cid}: {len(lost)} acknowledged message(s) are neither in the "
+                f"conversation nor in a conflict copy; first acknowledged by {_describe(first)}"
+                f"{' (a delete that raised came later: deletes must be all or nothing)' if after_failed_delete else ''}"
+                f"\n    expected e.g. {example}\n    got: "
+                f"{'no conversation' if current is None else str(len(current['messages'])) + ' messages'}, "
+                f"{len(kept)} conflict copies\n    faults since: {_faults_during(faults, first.t0, time.time())[:8]}"
+                f"\n    history (last 12):\n      {timeline}"
+            )
+        # 2. a deleted conversation never comes back.
+        if acked_deletes:
+            last = max(acked_deletes, key=lambda o: o.t0)
+            later = [o for o in history if o.kind in ("save", "rename") and o.t0 > last.t0]
+            if not later and (current is not None or pg_rows.get(cid) == user):
+                anomalies.append(
+                    f"RESURRECTED seed={seed} user={user} id={cid}: deleted by {_describe(last)}, yet "
+                    f"get_conversation -> {'a conversation' if current is not None else 'None'}, "
+                    f"PostgreSQL row owner -> {pg_rows.get(cid)}"
+                )
+
+    # 3. no save of another user's live id is acknowledged.
+    owners_by_id: dict[str, list[tuple[str, list[Op]]]] = defaultdict(list)
+    for (user, cid), history in by_conv.items():
+        owners_by_id[cid].append((user, history))
+    for op in ops:
+        if op.kind != "intrude-save" or not op.ok:
+            continue
+        for owner, history in owners_by_id.get(op.cid, []):
+            held = any(o.kind in ("save", "rename") and o.ok and o.t1 < op.t0 for o in history)
+            deleting = any(o.kind == "delete" and o.t0 < op.t1 for o in history)
+            if held and not deleting:
+                anomalies.append(
+                    f"CLAIMED seed={seed} id={op.cid}: {op.user}'s save of {owner}'s live conversation was "
+                    f"acknowledged [{op.t0:.3f}..{op.t1:.3f}]; faults then: {_faults_during(faults, op.t0, op.t1)}"
+                )
+
+    # 4. no call hung; and every failure is "unavailable", never a refusal of the user's own id.
+    for op in ops:
+        if op.t1 - op.t0 > HUNG_SECONDS:
+            anomalies.append(f"SLOW seed={seed} {op.user} {op.cid}: {_describe(op)} took {op.t1 - op.t0:.1f}s")
+        if op.ok or op.kind.startswith("intrude"):
+            continue
+        if op.error_type not in EXPECTED_ERRORS:
+            anomalies.append(
+                f"ERROR seed={seed} user={op.user} id={op.cid}: {_describe(op)}; faults then: "
+                f"{_faults_during(faults, op.t0, op.t1)}"
+            )
+    return anomalies
+
+
+def _final_state(manager, conn, ops: list[Op]):
+    final, conflicts = {}, {}
+    keys = {(op.user, op.cid) for op in ops if op.kind in ("save", "rename", "delete", "get")}
+    errors = []
+    for user, cid in sorted(keys):
+        try:
+            final[(user, cid)] = manager.get_conversation(cid, user_id=user)
+        except Exception as exc:  # noqa: BLE001 - reported as an anomaly, with the id
+            errors.append(f"FINAL-READ {user} {cid}: {type(exc).__name__}: {exc}")
+            final[(user, cid)] = None
+        conflicts[(user, cid)] = conflict_copies(conn, cid, user)
+    with conn.cursor() as cur:
+        cur.execute("SELECT conversation_id, user_client_id FROM conversations")
+        pg_rows = dict(cur.fetchall())
+    return final, conflicts, pg_rows, errors
+
+
+def _summary(ops: list[Op], faults, anomalies: list[str], seed: int, seconds: float, observations: Counter) -> str:
+    per_kind: dict[str, Counter] = defaultdict(Counter)
+    for op in ops:
+        per_kind[op.kind]["ok" if op.ok else "failed"] += 1
+    lines = [f"chaos: seed={seed} workload={seconds:.0f}s ops={len(ops)}"]
+    for kind in sorted(per_kind):
+        lines.append(f"  op {kind:15} ok={per_kind[kind]['ok']:6} failed={per_kind[kind]['failed']:6}")
+    for kind, n in sorted(Counter(kind for _, _, kind, _ in faults).items()):
+        lines.append(f"  fault {kind:15} {n}")
+    for kind, n in sorted(observations.items()):
+        lines.append(f"  observed {kind}: {n}")
+    by_kind = Counter(a.split(" ", 1)[0] for a in anomalies)
+    lines.append(f"  anomalies: {len(anomalies)} {dict(by_kind)}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# The test
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(int(SECONDS) + 300)
+def test_randomized_faults_lose_leak_and_hang_nothing(tmp_path):
+    if find_pg_bindir() is None:
+        pytest.skip("PostgreSQL binaries not found: the checker needs a private cluster to stop and kill")
+    import uuid
+
+    run = uuid.uuid4().hex[:6]
+    users = [f"chaos-{run}-user{n}" for n in range(4)]
+    intruder_user = f"chaos-{run}-intruder"
+    world = World(tmp_path)
+    managers: list = []
+    try:
+        anomalies, summary = _run(world, tmp_path, managers, users, intruder_user)
+    finally:
+        for manager in managers:  # before the servers go: close() flushes
+            manager.close()
+        world.close()
+    print(summary)
+    for anomaly in anomalies:
+        print(anomaly)
+    assert anomalies == [], (
+        f"{len(anomalies)} anomalies (reproduce with CHAOS_SEED={SEED} CHAOS_SECONDS={SECONDS:g}):\n"
+        + summary + "\n" + "\n".join(anomalies[:25])
+    )
+
+
+def _run(world: World, tmp_path: Path, managers: list, users: list[str], intruder_user: str):
+    from chat_history_rs import ChatHistoryManager
+
+    def make_manager(**kwargs):
+        managers.append(ChatHistoryManager(**kwargs))
+        return managers[-1]
+
+    common = dict(mode="postgres", connection_string=world.pg_params.url, redis_enabled=True,
+                  redis_connection_string=world.redis_url, **MANAGER_KWARGS)  # fmt: skip
+    app_a = make_manager(**common, background_flush=True, flush_interval=1.0)
+    app_b = make_manager(**common, background_flush=False)
+    workers = [
+        Worker("t0", 0, app_a, users, SEED),
+        Worker("t1", 1, app_b, users, SEED),
+        Worker("t2", 2, app_b, users, SEED),
+        Worker("intruder", INTRUDER_INDEX, app_a, [intruder_user], SEED, intruder=intruder_user),
+    ]
+    victim_workers = [0, 1, 2, 3, 4]
+
+    stop_file = tmp_path / "stop"
+    log_path = tmp_path / "worker-process.jsonl"
+    config = {
+        "pg_url": world.pg_params.url, "redis_url": world.redis_url, "manager_kwargs": {**MANAGER_KWARGS,
+        "background_flush": True, "flush_interval": 1.0}, "seconds": SECONDS + 5, "users": users, "seed": SEED,
+        "worker_names": ["p3", "p4"], "worker_indexes": [3, 4], "stop_file": str(stop_file), "log_path": str(log_path),
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    process_err = open(tmp_path / "worker-process.err", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("chaos_workload.py")), str(tmp_path / "config.json")],
+        env=script_env(), stdout=process_err, stderr=process_err,
+    )  # fmt: skip
+    world.start_flusher()
+
+    stop = threading.Event()
+    deadline = time.time() + SECONDS
+    threads = [
+        threading.Thread(target=w.run, args=(stop, deadline, users, victim_workers), daemon=True) for w in workers
+    ]
+    scheduler = Scheduler(world, SEED, stop)
+    started = time.time()
+    for thread in threads:
+        thread.start()
+    scheduler.start()
+    while time.time() < deadline:
+        time.sleep(0.2)
+    stop.set()
+    stop_file.touch()
+    scheduler.join(timeout=60)
+    if scheduler.is_alive():
+        raise AssertionError(f"the fault scheduler did not finish its last fault within 60 s: {scheduler.log[-3:]}")
+
+    anomalies: list[str] = []
+    for worker, thread in zip(workers, threads):
+        thread.join(timeout=HUNG_SECONDS + 10)
+        if thread.is_alive():
+            anomalies.append(f"HUNG seed={SEED} worker {worker.name}: still in a call {HUNG_SECONDS + 10:.0f}s after stop")
+    try:
+        process_code = process.wait(timeout=HUNG_SECONDS + 60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process_code = process.wait()
+        anomalies.append(f"HUNG seed={SEED} the worker process did not finish")
+    process_err.close()
+
+    # Heal everything, stop the flusher (its final flush), close the apps (theirs), then drain what is left.
+    world.heal()
+    flusher_code = world.stop_flusher()
+    ops: list[Op] = [op for w in workers for op in list(w.ops)]
+    live = [a for w in workers for a in w.live_anomalies]
+    lines = log_path.read_text().splitlines() if log_path.exists() else []
+    for line in lines:
+        data = json.loads(line)
+        if "live_anomalies" in data:
+            live += data["live_anomalies"]
+            anomalies += [f"HUNG seed={SEED} worker-process thread {name}" for name in data["hung"]]
+        else:
+            ops.append(op_from_json(data))
+    if not lines:
+        anomalies.append(
+            f"WORKER-PROCESS seed={SEED} exited {process_code} without a log:\n"
+            + (tmp_path / "worker-process.err").read_text(errors="replace")[-3000:]
+        )
+    anomalies += live
+    for manager in (app_a, app_b):
+        manager.close()
+
+    checker = make_manager(mode="postgres", connection_string=world.pg_params.url, redis_enabled=True,
+                           redis_connection_string=world.redis.url, background_flush=False)  # fmt: skip
+    drain_deadline = time.monotonic() + 60
+    last_drain_error = None
+    while dirty_set(world.direct) and time.monotonic() < drain_deadline:
+        try:
+            checker.flush_dirty_conversations()
+        except Exception as exc:  # noqa: BLE001 - the drain keeps trying until its deadline; reported below
+            last_drain_error = f"{type(exc).__name__}: {exc}"
+            time.sleep(0.5)
+        else:
+            last_drain_error = None
+            if dirty_set(world.direct):
+                time.sleep(0.2)
+    left = sorted(dirty_set(world.direct))
+    if left:
+        anomalies.append(
+            f"UNDRAINED seed={SEED}: {len(left)} conversations still dirty 60 s after every fault healed "
+            f"(stuck: {checker.stats()['stuck_conversations'][:10]}, last error: {last_drain_error}): {left[:10]}"
+        )
+
+    conn = world.pg_params.connect()
+    try:
+        final, conflicts, pg_rows, read_errors = _final_state(checker, conn, ops)
+    finally:
+        conn.close()
+    anomalies += read_errors
+    anomalies += check_history(ops, final, conflicts, pg_rows, scheduler.log, SEED)
+    anomalies += [f"FAULT-TOOL seed={SEED} {e}" for e in scheduler.errors]
+    if flusher_code not in (0, None, -signal.SIGTERM):
+        anomalies.append(f"FLUSHER seed={SEED}: the flush --loop worker exited {flusher_code} on SIGTERM")
+
+    observations = Counter()
+    for op in ops:
+        if op.note:
+            observations[op.note.split(":", 1)[0].split(" after")[0]] += 1
+    summary = _summary(ops, scheduler.log, anomalies, SEED, time.time() - started, observations)
+    assert len(ops) > 200, f"the workload barely ran ({len(ops)} ops): nothing was tested\n{summary}"
+    assert len(scheduler.log) >= 3, f"only {len(scheduler.log)} faults were injected\n{summary}"
+    return anomalies, summary
