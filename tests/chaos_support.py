@@ -145,6 +145,8 @@ def hammer(manager, user_id: str, label: str, seconds: float = 4.0) -> dict:
         while time.monotonic() < deadline:
             cid = f"{label}{n % 4:04x}"[:8]
             conversation = make_conversation(2, title=f"{label} {n}", prefix=f"{label} {n} ")
+            if cid in written:  # the product keeps the first save's created_at (SPEC 2)
+                conversation["created_at"] = written[cid]["created_at"]
             manager.save_conversation(cid, conversation, user_id=user_id)
             written[cid] = conversation
             calls += 1
@@ -161,3 +163,44 @@ def hammer(manager, user_id: str, label: str, seconds: float = 4.0) -> dict:
     except Exception as exc:  # noqa: BLE001 - handed back to the caller, which fails on it
         return {"calls": calls, "wrong": wrong, "error": f"{type(exc).__name__}: {exc}"}
     return {"calls": calls, "wrong": wrong}
+
+
+class ThrottledProxy:
+    """A TcpProxy whose client-to-server direction can be limited to `bytes_per_second` (a congested or distant
+    link): a request of n bytes then takes n / rate seconds to reach the server. Built on TcpProxy (same
+    partition/stall/cut/heal); only the pump differs."""
+
+    def __new__(cls, target_port: int):
+        import select
+
+        from tcp_proxy import TcpProxy
+
+        class _Throttled(TcpProxy):
+            rate: Optional[float] = None
+
+            def throttle(self, bytes_per_second: Optional[float]) -> None:
+                self.rate = bytes_per_second
+
+            def _pump(self, link) -> None:  # TcpProxy._pump, plus the sleep
+                peers = {link.client: link.upstream, link.upstream: link.client}
+                try:
+                    while not link.closed.is_set():
+                        if self._stalled.is_set():
+                            link.closed.wait(0.02)
+                            continue
+                        readable, _, _ = select.select(list(peers), [], [], 0.05)
+                        for sock in readable:
+                            data = sock.recv(4096)
+                            if not data:
+                                return
+                            if sock is link.client and self.rate:
+                                time.sleep(len(data) / self.rate)
+                            peers[sock].sendall(data)
+                except (OSError, ValueError):
+                    return
+                finally:
+                    with self._lock:
+                        self._links.discard(link)
+                    link.close()
+
+        return _Throttled(target_port)

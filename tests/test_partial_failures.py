@@ -20,7 +20,13 @@ import pytest
 pytest.register_assert_rewrite("redis_support", "chaos_support")
 
 from chat_history_rs import UnavailableError  # noqa: E402
-from chaos_support import call_with_deadline, conflict_copies, conflict_count, missing_messages  # noqa: E402
+from chaos_support import (  # noqa: E402
+    ThrottledProxy,
+    call_with_deadline,
+    conflict_copies,
+    conflict_count,
+    missing_messages,
+)
 from redis_support import (  # noqa: E402, F401 - fixtures are used by name
     assert_cached,
     conv_key,
@@ -352,6 +358,8 @@ def test_starting_a_manager_does_not_queue_other_clients_behind_a_reader(
     finally:
         reader.rollback()  # releases whatever queued behind it
         reader.close()
+    if outcome == "hung":
+        value.join(30)  # the constructor goes on once the reader is gone: close what it opened
     for manager in started:
         manager.close()
     assert outcome != "hung", "a starting manager waited 10 s behind a reader's ACCESS SHARE lock"
@@ -442,27 +450,27 @@ FORK_EXPERIMENT = """
         if pid == 0:
             os.close(read_fd)
             try:
-                result = hammer(app, str(uuid.uuid4()), "c41d")
+                result = hammer(app, str(uuid.uuid4()), uuid.uuid4().hex[:4])
             except BaseException as exc:
                 result = {"error": repr(exc)}
             os.write(write_fd, json.dumps(result).encode())
             os._exit(0)
         os.close(write_fd)
-        out["parent"] = hammer(app, parent_user, "9a7e")
+        out["parent"] = hammer(app, parent_user, uuid.uuid4().hex[:4])
         _, status = os.waitpid(pid, 0)
         out["child_exit"] = [os.waitstatus_to_exitcode(status)]
         with os.fdopen(read_fd, "rb") as pipe:
             out["children"] = [json.loads(pipe.read() or b"{}")]
     else:
-        import subprocess
-        ctx = multiprocessing.get_context("fork")
+        import multiprocessing as mp
+        ctx = mp.get_context("fork")
         queue = ctx.Queue()
         def work(user):
-            queue.put(hammer(app, user, "3f0c"))
+            queue.put(hammer(app, user, uuid.uuid4().hex[:4]))
         workers = [ctx.Process(target=work, args=(str(uuid.uuid4()),)) for _ in range(2)]
         for w in workers:
             w.start()
-        out["parent"] = hammer(app, parent_user, "9a7e")
+        out["parent"] = hammer(app, parent_user, uuid.uuid4().hex[:4])
         out["children"] = [queue.get(timeout=60) for _ in workers]
         for w in workers:
             w.join()
@@ -512,13 +520,16 @@ def test_forked_processes_each_get_their_own_data(rdb, pg_url, how):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_caching_resumes_after_an_outage_with_thousands_of_fallback_saves(make_redis_manager, rdb, user_id):
+    """6000 saves of 5 ids went to PostgreSQL while Redis was away. On a link of 20 kB/s to Redis (a distant or
+    congested cache) the outdated copies to drop are still only 5: caching must resume within 30 s."""
     _controllable(rdb.server)
-    with TcpProxy(rdb.server.port) as proxy:
+    with ThrottledProxy(rdb.server.port) as proxy:
         app = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5)
         ids = [f"8a{n:06d}" for n in range(5)]
         latest = {cid: make_conversation(1, title=cid) for cid in ids}
         for cid in ids:
             app.save_conversation(cid, latest[cid], user_id=user_id)
+        proxy.throttle(20_000)
         proxy.partition()
         saves = 0
         while saves < 6000:  # the same few ids, over and over, straight to PostgreSQL
@@ -532,9 +543,18 @@ def test_caching_resumes_after_an_outage_with_thousands_of_fallback_saves(make_r
         def cached_again() -> bool:
             latest[ids[0]] = app_turn(latest[ids[0]], "after the outage")
             app.save_conversation(ids[0], latest[ids[0]], user_id=user_id)
-            return seed_fields(rdb.client, user_id, ids[0]) is not None
+            cached = seed_fields(rdb.client, user_id, ids[0])
+            return cached is not None and cached["title"] == latest[ids[0]]["title"] and cached["dirty"] == "1"
 
-        wait_until(cached_again, timeout=30, interval=0.5, what="caching resumed after 6000 fallback saves")
+        # Each call in its own bounded wait: a call that blocks on the link (writing the whole list) is a hang.
+        outcome, value = call_with_deadline(
+            lambda: wait_until(cached_again, timeout=30, interval=0.5, what="caching resumed after 6000 fallback saves"),
+            40,
+        )
+        if outcome == "hung":
+            proxy.close()  # frees the blocked call before the manager is closed
+        assert outcome != "hung", "caching did not resume within 40 s of Redis returning (a call blocked on the link)"
+        assert outcome == "returned", value
         assert app.stats()["redis_available"] is True
         assert_cached(rdb.client, user_id, ids[0], latest[ids[0]], dirty=True)
         for cid in ids:
