@@ -93,6 +93,7 @@ class Worker:
     counter: int = 0
     tabs: list[Tab] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    victim_ids: Any = None  # the intruder's view: a callable returning ids other workers have saved
 
     def __post_init__(self) -> None:
         self.rng = random.Random(f"{self.seed}/{self.name}")
@@ -211,11 +212,15 @@ class Worker:
             return False
 
     def intrude(self, victims: list[str], victim_workers: list[int]) -> None:
-        """Reads, saves or deletes another user's id (made like the victims' workers make them)."""
+        """Reads, saves or deletes another user's id, one that another worker has saved."""
         user = self.intruder
         assert user is not None
-        victim_index = self.rng.randrange(len(victims))
-        cid = make_id(self.rng.choice(victim_workers), victim_index, 1 + self.rng.randrange(max(1, self.counter + 8)))
+        # Only ids a victim has saved (an id nobody has is free to claim, and the victim's later save of it
+        # would then rightly be refused).
+        with_saves = self.victim_ids() if self.victim_ids is not None else []
+        if not with_saves:
+            return
+        cid = self.rng.choice(with_saves)
         action = self.rng.choice(["get", "get", "save", "delete"])
         if action == "get":
             op, got = self._call("intrude-get", user, cid, lambda: self.manager.get_conversation(cid, user_id=user))

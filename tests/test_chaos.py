@@ -407,6 +407,7 @@ def _run(world: World, tmp_path: Path, managers: list, users: list[str], intrude
         Worker("t2", 2, app_b, users, SEED),
         Worker("intruder", INTRUDER_INDEX, app_a, [intruder_user], SEED, intruder=intruder_user),
     ]
+    workers[-1].victim_ids = lambda: [op.cid for w in workers[:-1] for op in w.ops[-200:] if op.kind == "save" and op.ok]
     victim_workers = [0, 1, 2, 3, 4]
 
     stop_file = tmp_path / "stop"
@@ -504,6 +505,11 @@ def _run(world: World, tmp_path: Path, managers: list, users: list[str], intrude
     finally:
         conn.close()
     anomalies += read_errors
+    if os.environ.get("CHAOS_DUMP"):  # the whole history, for a closer look at a run
+        with open(os.environ["CHAOS_DUMP"], "w") as out:
+            json.dump({"seed": SEED, "faults": scheduler.log, "ops": [op.__dict__ for op in ops],
+                       "final": {f"{u} {c}": v for (u, c), v in final.items()},
+                       "conflicts": {f"{u} {c}": v for (u, c), v in conflicts.items() if v}}, out)  # fmt: skip
     anomalies += check_history(ops, final, conflicts, pg_rows, scheduler.log, SEED)
     anomalies += [f"FAULT-TOOL seed={SEED} {e}" for e in scheduler.errors]
     if flusher_code not in (0, None, -signal.SIGTERM):
