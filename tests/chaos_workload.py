@@ -6,6 +6,7 @@ same users are played by workers in several threads and processes. Per step a wo
     turn     get_conversation -> append a user message and an assistant reply (unique content) -> save
     rename   get_conversation -> change the title -> save
     delete   delete_conversation (after an acknowledged delete the id is never used again)
+    (a conversation of MAX_MESSAGES is left as it is, and the tab moves on to a new one)
     flush    flush_dirty_conversations()
     list     list_conversations(user)
     intrude  (the intruder worker only) read, save or delete another user's id
@@ -31,8 +32,8 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 # Ops per kind the workers choose from (weights); the intruder adds "intrude".
-STEP_WEIGHTS = {"turn": 60, "rename": 8, "delete": 7, "flush": 5, "list": 10}
-MAX_MESSAGES = 16  # a conversation this long is deleted and a new one begun
+STEP_WEIGHTS = {"turn": 60, "rename": 8, "delete": 3, "flush": 5, "list": 10}
+MAX_MESSAGES = 24  # a conversation this long is left alone (kept) and a new one begun
 LIVE_PER_WORKER = 3  # conversations a worker keeps going at once
 INTRUDER_INDEX = 0xEE  # the worker index in the intruder's own ids
 
@@ -248,8 +249,9 @@ class Worker:
             weights["intrude"] = 40
         kind = self.rng.choices(list(weights), weights=list(weights.values()))[0]
         tab = self.rng.choice(self.tabs)
-        if kind == "turn" and tab.messages_acked >= MAX_MESSAGES:
-            kind = "delete"
+        if kind in ("turn", "rename") and tab.messages_acked >= MAX_MESSAGES:
+            self.tabs.remove(tab)  # the user starts a new chat; this one stays, and is checked at the end
+            return
         if kind == "turn":
             self.turn(tab)
         elif kind == "rename":

@@ -153,7 +153,7 @@ class World:
 
 
 class Scheduler(threading.Thread):
-    """Injects one fault at a time, drawn from the seed: apply, hold, heal, pause."""
+    """Injects one fault at a time, drawn from the seed (every kind once first): apply, hold, heal, pause."""
 
     def __init__(self, world: World, seed: int, stop: threading.Event) -> None:
         super().__init__(daemon=True)
@@ -171,9 +171,10 @@ class Scheduler(threading.Thread):
     def run(self) -> None:
         kinds = list(FAULT_WEIGHTS)
         weights = list(FAULT_WEIGHTS.values())
+        first_round = self.rng.sample(kinds, len(kinds))  # every kind once (in a seeded order), then at random
         self._hold(1.0, 2.0)
         while not self.stop_event.is_set():
-            kind = self.rng.choices(kinds, weights=weights)[0]
+            kind = first_round.pop() if first_round else self.rng.choices(kinds, weights=weights)[0]
             start = time.time()
             try:
                 detail = self.inject(kind)
@@ -240,11 +241,11 @@ def _describe(op: Op) -> str:
     outcome = "ok" if op.ok else f"FAILED {op.error}"
     extra = f" ({op.note})" if op.note else ""
     size = f" {len(op.saved)} msgs" if op.saved is not None else ""
-    return f"{op.kind}{size} [{op.t0:.3f}..{op.t1:.3f}] by {op.worker}: {outcome}{extra}"
+    return f"{op.kind}{size} [{op.t0:.3f}s..{op.t1:.3f}s] by {op.worker}: {outcome}{extra}"
 
 
 def _faults_during(faults, t0: float, t1: float) -> list[str]:
-    return [f"{kind} [{s:.3f}..{e:.3f}]" for s, e, kind, _ in faults if s <= t1 and e >= t0]
+    return [f"{kind} [{s:.3f}s..{e:.3f}s]" for s, e, kind, _ in faults if s <= t1 and e >= t0]
 
 
 def check_history(ops: list[Op], final: dict, conflicts: dict, pg_rows: dict, faults, seed: int) -> list[str]:
@@ -274,15 +275,16 @@ def check_history(ops: list[Op], final: dict, conflicts: dict, pg_rows: dict, fa
             first = min(lost.values(), key=lambda o: o.t0)
             after_failed_delete = any(d.t0 >= first.t1 for d in failed_deletes)
             example = next(iter(lost))
-            timeline = "\n      ".join(_describe(o) for o in history[-12:])
+            at = history.index(first)
+            timeline = "\n      ".join(_describe(o) for o in history[max(0, at - 3) : at + 9])
             anomalies.append(
                 f"LOST seed={seed} user={user} id={cid}: {len(lost)} acknowledged message(s) are neither in the "
                 f"conversation nor in a conflict copy; first acknowledged by {_describe(first)}"
                 f"{' (a delete that raised came later: deletes must be all or nothing)' if after_failed_delete else ''}"
                 f"\n    expected e.g. {example}\n    got: "
                 f"{'no conversation' if current is None else str(len(current['messages'])) + ' messages'}, "
-                f"{len(kept)} conflict copies\n    faults since: {_faults_during(faults, first.t0, time.time())[:8]}"
-                f"\n    history (last 12):\n      {timeline}"
+                f"{len(kept)} conflict copies\n    faults around: {_faults_during(faults, first.t0 - 3, first.t1 + 10)[:6]}"
+                f"\n    history from there:\n      {timeline}"
             )
         # 2. a deleted conversation never comes back.
         if acked_deletes:
@@ -304,11 +306,14 @@ def check_history(ops: list[Op], final: dict, conflicts: dict, pg_rows: dict, fa
             continue
         for owner, history in owners_by_id.get(op.cid, []):
             held = any(o.kind in ("save", "rename") and o.ok and o.t1 < op.t0 for o in history)
-            deleting = any(o.kind == "delete" and o.t0 < op.t1 for o in history)
-            if held and not deleting:
+            deleted = any(o.kind == "delete" and o.ok and o.t0 < op.t1 for o in history)
+            raised = any(o.kind == "delete" and not o.ok and o.t0 < op.t1 for o in history)
+            if held and not deleted:
                 anomalies.append(
                     f"CLAIMED seed={seed} id={op.cid}: {op.user}'s save of {owner}'s live conversation was "
-                    f"acknowledged [{op.t0:.3f}..{op.t1:.3f}]; faults then: {_faults_during(faults, op.t0, op.t1)}"
+                    f"acknowledged [{op.t0:.3f}..{op.t1:.3f}]"
+                    f"{' (after a delete of it that raised: deletes must be all or nothing)' if raised else ''}; "
+                    f"faults then: {_faults_during(faults, op.t0 - 2, op.t1)}"
                 )
 
     # 4. no call hung; and every failure is "unavailable", never a refusal of the user's own id.
@@ -480,7 +485,7 @@ def _run(world: World, tmp_path: Path, managers: list, users: list[str], intrude
 
     checker = make_manager(mode="postgres", connection_string=world.pg_params.url, redis_enabled=True,
                            redis_connection_string=world.redis.url, background_flush=False)  # fmt: skip
-    drain_deadline = time.monotonic() + 60
+    drain_deadline = time.monotonic() + 30
     last_drain_error = None
     while dirty_set(world.direct) and time.monotonic() < drain_deadline:
         try:
@@ -495,10 +500,14 @@ def _run(world: World, tmp_path: Path, managers: list, users: list[str], intrude
     left = sorted(dirty_set(world.direct))
     if left:
         anomalies.append(
-            f"UNDRAINED seed={SEED}: {len(left)} conversations still dirty 60 s after every fault healed "
+            f"UNDRAINED seed={SEED}: {len(left)} conversations still dirty 30 s after every fault healed "
             f"(stuck: {checker.stats()['stuck_conversations'][:10]}, last error: {last_drain_error}): {left[:10]}"
         )
 
+    for op in ops:  # every time printed is seconds since the workload began
+        op.t0 -= started
+        op.t1 -= started
+    faults = [(s - started, e - started, kind, detail) for s, e, kind, detail in scheduler.log]
     conn = world.pg_params.connect()
     try:
         final, conflicts, pg_rows, read_errors = _final_state(checker, conn, ops)
@@ -507,10 +516,10 @@ def _run(world: World, tmp_path: Path, managers: list, users: list[str], intrude
     anomalies += read_errors
     if os.environ.get("CHAOS_DUMP"):  # the whole history, for a closer look at a run
         with open(os.environ["CHAOS_DUMP"], "w") as out:
-            json.dump({"seed": SEED, "faults": scheduler.log, "ops": [op.__dict__ for op in ops],
+            json.dump({"seed": SEED, "faults": faults, "ops": [op.__dict__ for op in ops],
                        "final": {f"{u} {c}": v for (u, c), v in final.items()},
                        "conflicts": {f"{u} {c}": v for (u, c), v in conflicts.items() if v}}, out)  # fmt: skip
-    anomalies += check_history(ops, final, conflicts, pg_rows, scheduler.log, SEED)
+    anomalies += check_history(ops, final, conflicts, pg_rows, faults, SEED)
     anomalies += [f"FAULT-TOOL seed={SEED} {e}" for e in scheduler.errors]
     if flusher_code not in (0, None, -signal.SIGTERM):
         anomalies.append(f"FLUSHER seed={SEED}: the flush --loop worker exited {flusher_code} on SIGTERM")
@@ -519,7 +528,47 @@ def _run(world: World, tmp_path: Path, managers: list, users: list[str], intrude
     for op in ops:
         if op.note:
             observations[op.note.split(":", 1)[0].split(" after")[0]] += 1
-    summary = _summary(ops, scheduler.log, anomalies, SEED, time.time() - started, observations)
+    summary = _summary(ops, faults, anomalies, SEED, time.time() - started, observations)
     assert len(ops) > 200, f"the workload barely ran ({len(ops)} ops): nothing was tested\n{summary}"
     assert len(scheduler.log) >= 3, f"only {len(scheduler.log)} faults were injected\n{summary}"
     return anomalies, summary
+
+
+# --------------------------------------------------------------------------------------------------
+# The checker can fail: each rule flags a history made to break it
+# --------------------------------------------------------------------------------------------------
+
+
+def _op(kind, user, cid, t0, t1, ok=True, saved=None, error=None, worker="w"):
+    return Op(worker, kind, user, cid, t0, t1, ok, error, saved)
+
+
+def test_checker_flags_every_kind_of_anomaly():
+    m = [["user", "<u> c1 turn 1 user", "2025-11-26T00:00:00+00:00"], ["assistant", "<u> c1 a", "2025-11-26T00:00:01+00:00"]]
+    fresh = [["user", "<u> c1 turn 2 user", "2025-11-26T00:00:02+00:00"]]
+    ops = [
+        _op("save", "u", "c1", 1.0, 1.1, saved=m),  # its messages vanish: LOST
+        _op("save", "u", "c1", 2.0, 2.1, saved=fresh),
+        _op("save", "u", "c2", 1.0, 1.1, saved=m),
+        _op("delete", "u", "c2", 3.0, 3.1),  # still there at the end: RESURRECTED
+        _op("save", "u", "c3", 1.0, 1.1, saved=m),
+        _op("intrude-save", "x", "c3", 2.0, 2.1, saved=fresh),  # acknowledged over a live id: CLAIMED
+        _op("get", "u", "c3", 4.0, 4.0 + HUNG_SECONDS + 1),  # SLOW
+        _op("save", "u", "c3", 5.0, 5.1, ok=False, error="OwnershipError: belongs to another user"),  # ERROR
+        _op("save", "u", "c4", 1.0, 1.1, saved=m),  # kept aside in a conflict copy: fine
+        _op("save", "u", "c4", 2.0, 2.1, saved=fresh),
+        _op("save", "u", "c5", 1.0, 1.1, saved=m),  # deleted later on purpose: fine
+        _op("delete", "u", "c5", 2.0, 2.1),
+    ]
+
+    def conv(saved):
+        return {"title": "t", "model": "m", "messages": [{"role": r, "content": c, "time": t} for r, c, t in saved],
+                "created_at": "2025-11-26T00:00:00+00:00", "last_modified": "2025-11-26T00:00:00+00:00"}  # fmt: skip
+
+    final = {("u", "c1"): conv(fresh), ("u", "c2"): conv(m), ("u", "c3"): conv(m), ("u", "c4"): conv(fresh),
+             ("u", "c5"): None}  # fmt: skip
+    conflicts = {("u", "c4"): [conv(m)["messages"]]}
+    anomalies = check_history(ops, final, conflicts, {"c2": "u"}, [], seed=1)
+    kinds = sorted(a.split(" ", 1)[0] for a in anomalies)
+    assert kinds == ["CLAIMED", "ERROR", "LOST", "RESURRECTED", "SLOW"], anomalies
+    assert "id=c1" in next(a for a in anomalies if a.startswith("LOST"))
