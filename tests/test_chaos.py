@@ -279,6 +279,7 @@ def check_history(ops: list[Op], final: dict, conflicts: dict, pg_rows: dict, fa
             first = min(lost.values(), key=lambda o: o.t0)
             after_failed_delete = any(d.t0 >= first.t1 for d in failed_deletes)
             example = next(iter(lost))
+            around = _faults_during(faults, first.t0 - 3, first.t1 + 10)
             at = history.index(first)
             timeline = "\n      ".join(_describe(o) for o in history[max(0, at - 3) : at + 9])
             anomalies.append(
@@ -287,7 +288,7 @@ def check_history(ops: list[Op], final: dict, conflicts: dict, pg_rows: dict, fa
                 f"{' (a delete that raised came later: deletes must be all or nothing)' if after_failed_delete else ''}"
                 f"\n    expected e.g. {example}\n    got: "
                 f"{'no conversation' if current is None else str(len(current['messages'])) + ' messages'}, "
-                f"{len(kept)} conflict copies\n    faults around: {_faults_during(faults, first.t0 - 3, first.t1 + 10)[:6]}"
+                f"{len(kept)} conflict copies\n    faults around: {around[:6]}"
                 f"\n    history from there:\n      {timeline}"
             )
         # 2. a deleted conversation never comes back.
@@ -330,8 +331,10 @@ def check_history(ops: list[Op], final: dict, conflicts: dict, pg_rows: dict, fa
             if op.error_type not in EXPECTED_ERRORS + ("OwnershipError",):
                 anomalies.append(f"ERROR seed={seed} intruder {op.user} id={op.cid}: {_describe(op)}")
             continue
-        if op.kind == "flush" and "OOM" in (op.error or "") and any(
-            kind == "redis-oom" and s <= op.t1 and e >= op.t0 for s, e, kind, _ in faults
+        if (
+            op.kind == "flush"
+            and "OOM" in (op.error or "")
+            and any(kind == "redis-oom" and s <= op.t1 and e >= op.t0 for s, e, kind, _ in faults)
         ):
             continue  # a flush cannot settle while Redis refuses writes; tests/test_faults.py accepts any error here
         if op.error_type not in EXPECTED_ERRORS:
@@ -407,7 +410,9 @@ def test_randomized_faults_lose_leak_and_hang_nothing(tmp_path):
     ordered = firsts + [a for a in anomalies if a not in firsts]
     assert anomalies == [], (
         f"{len(anomalies)} anomalies (reproduce with CHAOS_SEED={SEED} CHAOS_SECONDS={SECONDS:g}):\n"
-        + summary + "\n" + "\n".join(ordered[:25])
+        + summary
+        + "\n"
+        + "\n".join(ordered[:25])
     )
 
 
@@ -428,16 +433,25 @@ def _run(world: World, tmp_path: Path, managers: list, users: list[str], intrude
         Worker("t2", 2, app_b, users, SEED),
         Worker("intruder", INTRUDER_INDEX, app_a, [intruder_user], SEED, intruder=intruder_user),
     ]
-    workers[-1].victim_ids = lambda: [op.cid for w in workers[:-1] for op in w.ops[-200:] if op.kind == "save" and op.ok]
+    workers[-1].victim_ids = lambda: [
+        op.cid for w in workers[:-1] for op in w.ops[-200:] if op.kind == "save" and op.ok
+    ]
     victim_workers = [0, 1, 2, 3, 4]
 
     stop_file = tmp_path / "stop"
     log_path = tmp_path / "worker-process.jsonl"
     config = {
-        "pg_url": world.pg_params.url, "redis_url": world.redis_url, "manager_kwargs": {**MANAGER_KWARGS,
-        "background_flush": True, "flush_interval": 1.0}, "seconds": SECONDS + 5, "users": users, "seed": SEED,
-        "worker_names": ["p3", "p4"], "worker_indexes": [3, 4], "stop_file": str(stop_file), "log_path": str(log_path),
-    }  # fmt: skip
+        "pg_url": world.pg_params.url,
+        "redis_url": world.redis_url,
+        "manager_kwargs": {**MANAGER_KWARGS, "background_flush": True, "flush_interval": 1.0},
+        "seconds": SECONDS + 5,
+        "users": users,
+        "seed": SEED,
+        "worker_names": ["p3", "p4"],
+        "worker_indexes": [3, 4],
+        "stop_file": str(stop_file),
+        "log_path": str(log_path),
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     process_err = open(tmp_path / "worker-process.err", "wb")  # noqa: SIM115
     process = subprocess.Popen(
@@ -468,7 +482,9 @@ def _run(world: World, tmp_path: Path, managers: list, users: list[str], intrude
     for worker, thread in zip(workers, threads):
         thread.join(timeout=HUNG_SECONDS + 10)
         if thread.is_alive():
-            anomalies.append(f"HUNG seed={SEED} worker {worker.name}: still in a call {HUNG_SECONDS + 10:.0f}s after stop")
+            anomalies.append(
+                f"HUNG seed={SEED} worker {worker.name}: still in a call {HUNG_SECONDS + 10:.0f}s after stop"
+            )
     try:
         process_code = process.wait(timeout=HUNG_SECONDS + 60)
     except subprocess.TimeoutExpired:
@@ -560,7 +576,10 @@ def _op(kind, user, cid, t0, t1, ok=True, saved=None, error=None, worker="w"):
 
 
 def test_checker_flags_every_kind_of_anomaly():
-    m = [["user", "<u> c1 turn 1 user", "2025-11-26T00:00:00+00:00"], ["assistant", "<u> c1 a", "2025-11-26T00:00:01+00:00"]]
+    m = [
+        ["user", "<u> c1 turn 1 user", "2025-11-26T00:00:00+00:00"],
+        ["assistant", "<u> c1 a", "2025-11-26T00:00:01+00:00"],
+    ]
     fresh = [["user", "<u> c1 turn 2 user", "2025-11-26T00:00:02+00:00"]]
     ops = [
         _op("save", "u", "c1", 1.0, 1.1, saved=m),  # its messages vanish: LOST

@@ -548,7 +548,9 @@ def test_caching_resumes_after_an_outage_with_thousands_of_fallback_saves(make_r
 
         # Each call in its own bounded wait: a call that blocks on the link (writing the whole list) is a hang.
         outcome, value = call_with_deadline(
-            lambda: wait_until(cached_again, timeout=30, interval=0.5, what="caching resumed after 6000 fallback saves"),
+            lambda: wait_until(
+                cached_again, timeout=30, interval=0.5, what="caching resumed after 6000 fallback saves"
+            ),
             40,
         )
         if outcome == "hung":
