@@ -40,7 +40,7 @@ from typing import Optional
 
 import pytest
 
-pytest.register_assert_rewrite("chaos_support")
+pytest.register_assert_rewrite("chaos_support", "redis_support")
 
 import redis  # noqa: E402
 from chaos_support import conflict_copies, durable_postgres, durable_redis, missing_messages  # noqa: E402
