@@ -366,7 +366,7 @@ def _summary(ops: list[Op], faults, anomalies: list[str], seed: int, seconds: fl
     per_kind: dict[str, Counter] = defaultdict(Counter)
     for op in ops:
         per_kind[op.kind]["ok" if op.ok else "failed"] += 1
-    lines = [f"chaos: seed={seed} workload={seconds:.0f}s ops={len(ops)}"]
+    lines = [f"chaos: seed={seed} run={seconds:.0f}s (workload {SECONDS:g}s, then heal, drain, check) ops={len(ops)}"]
     for kind in sorted(per_kind):
         lines.append(f"  op {kind:15} ok={per_kind[kind]['ok']:6} failed={per_kind[kind]['failed']:6}")
     for kind, n in sorted(Counter(kind for _, _, kind, _ in faults).items()):
