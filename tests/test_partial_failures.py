@@ -39,6 +39,7 @@ from redis_support import (  # noqa: E402, F401 - fixtures are used by name
     pg_conversation_ids,
     python_script,
     rdb,
+    redis_client,
     script_env,
     seed_fields,
     wait_until,
@@ -613,3 +614,54 @@ def test_owner_key_of_a_dropped_stale_copy_expires(make_redis_manager, rdb, pg_c
         ttl = rdb.client.ttl(owner_key(conv_id))
         assert ttl == -2 or ttl > 0, f"owner:{conv_id} of a dropped copy has no TTL ({ttl})"
         proxy.heal()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("refusal", ["oom", "readonly"])
+def test_a_save_refused_by_redis_never_leaves_the_older_copy_served(
+    make_redis_server, make_redis_manager, pg_conn, user_id, conv_id, refusal
+):  # fmt: skip
+    """Redis answers but refuses writes (out of memory under noeviction; READONLY after a failover demoted the
+    node): the save goes to PostgreSQL, and the older clean copy still cached must never be served again, not
+    even after Redis accepts writes again (the outdated copy is dropped without Redis being marked degraded)."""
+    import redis as redis_py
+
+    from servers import closed_port
+
+    server = make_redis_server("--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
+    client = redis_client(server.url)
+    app = make_redis_manager(redis_url=server.url)
+    v1 = make_conversation(2, title="v1")
+    app.save_conversation(conv_id, v1, user_id=user_id)
+    assert app.flush_dirty_conversations() == 1
+    assert_cached(client, user_id, conv_id, v1, dirty=False)
+
+    fillers = 0
+    if refusal == "oom":
+        with pytest.raises(redis_py.exceptions.ResponseError):
+            while fillers < 10_000:
+                client.set(f"filler:{fillers}", "f" * 10_000)
+                fillers += 1
+    else:
+        client.execute_command("REPLICAOF", "127.0.0.1", str(closed_port()))  # demoted; its master is unreachable
+        with pytest.raises(redis_py.exceptions.ReadOnlyError):
+            client.set("probe", "1")
+
+    v2 = app_turn({**v1, "title": "v2"}, "while Redis refused writes")
+    app.save_conversation(conv_id, v2, user_id=user_id)
+    # To PostgreSQL, or (Redis may let a script's write in over maxmemory) dirty into Redis: either way the
+    # newest save is what a read returns.
+    assert app.get_conversation(conv_id, user_id=user_id) == v2
+
+    if refusal == "oom":
+        client.delete(*[f"filler:{n}" for n in range(fillers)])
+    else:
+        client.execute_command("REPLICAOF", "NO", "ONE")
+    client.set("probe", "1")  # Redis accepts writes again
+
+    assert app.get_conversation(conv_id, user_id=user_id) == v2
+    assert [(cid, meta["title"]) for cid, meta in app.list_conversations(user_id)] == [(conv_id, "v2")]
+    app.flush_dirty_conversations()
+    assert_row_matches(pg_conn, conv_id, user_id, v2)
+    assert app.get_conversation(conv_id, user_id=user_id) == v2
