@@ -27,12 +27,15 @@ import random
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Optional
 
 # Ops per kind the workers choose from (weights); the intruder adds "intrude".
 STEP_WEIGHTS = {"turn": 60, "rename": 8, "delete": 3, "flush": 5, "list": 10}
+READ_KINDS = ("get", "list", "intrude-get")
+SLOW_SECONDS = 5.0  # a read this slow is kept in the history even when it succeeded
 MAX_MESSAGES = 24  # a conversation this long is left alone (kept) and a new one begun
 LIVE_PER_WORKER = 3  # conversations a worker keeps going at once
 INTRUDER_INDEX = 0xEE  # the worker index in the intruder's own ids
@@ -62,7 +65,8 @@ class Op:
     t1: float = 0.0
     ok: bool = False
     error: Optional[str] = None  # "TypeName: message"
-    saved: Optional[list] = None  # [[role, content, time], ...] for saves
+    saved: Optional[list] = None  # saves: [[role, content, time], ...] acknowledged here for the first time
+    size: Optional[int] = None  # saves: how many messages the saved conversation held
     title: Optional[str] = None
     note: Optional[str] = None  # e.g. "read returned None", "stale read: 4 < 6 messages"
 
@@ -79,6 +83,7 @@ class Tab:
     cid: str
     messages_acked: int = 0
     turns: int = 0
+    acked_keys: set = field(default_factory=set)  # (role, content, time) of every message acknowledged so far
 
 
 @dataclass
@@ -95,13 +100,14 @@ class Worker:
     tabs: list[Tab] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     victim_ids: Any = None  # the intruder's view: a callable returning ids other workers have saved
+    counts: Counter = field(default_factory=Counter)  # (kind, ok) -> calls, including those not kept in ops
 
     def __post_init__(self) -> None:
         self.rng = random.Random(f"{self.seed}/{self.name}")
 
     # -- recording -----------------------------------------------------------------------------------
 
-    def _call(self, kind: str, user: str, cid: Optional[str], fn, **extra) -> tuple[Op, Any]:
+    def _call(self, kind: str, user: str, cid: Optional[str], fn, *, record: bool = True, **extra) -> tuple[Op, Any]:
         op = Op(self.name, kind, user, cid, time.time(), **extra)
         result = None
         try:
@@ -112,9 +118,18 @@ class Worker:
                 raise
             op.error = f"{type(exc).__name__}: {exc}"
         op.t1 = time.time()
+        if record:
+            self._record(op)
+        return op, result
+
+    def _record(self, op: Op) -> None:
+        """Counts every call; keeps what the checker needs (a successful plain read or list only when it is
+        noteworthy or slow, so a long soak's history stays small)."""
+        self.counts[(op.kind, op.ok)] += 1
+        if op.kind in READ_KINDS and op.ok and op.note is None and op.t1 - op.t0 < SLOW_SECONDS:
+            return
         with self.lock:
             self.ops.append(op)
-        return op, result
 
     def _leak(self, op: Op, detail: str) -> None:
         self.live_anomalies.append(
@@ -143,27 +158,32 @@ class Worker:
         return {"role": role, "content": content, "time": now_iso()}
 
     def _save(self, kind: str, user: str, tab: Tab, conversation: dict) -> Op:
-        saved = [[m["role"], m["content"], m["time"]] for m in conversation["messages"]]
+        keys = [(m["role"], m["content"], m["time"]) for m in conversation["messages"]]
         op, _ = self._call(
             kind,
             user,
             tab.cid,
             lambda: self.manager.save_conversation(tab.cid, conversation, user_id=user),
-            saved=saved,
+            saved=[list(k) for k in keys if k not in tab.acked_keys],
+            size=len(keys),
             title=conversation["title"],
         )
         if op.ok:
-            tab.messages_acked = len(saved)
+            tab.messages_acked = len(keys)
+            tab.acked_keys.update(keys)
         return op
 
     def _read(self, user: str, tab: Tab) -> tuple[Op, Optional[dict]]:
-        op, got = self._call("get", user, tab.cid, lambda: self.manager.get_conversation(tab.cid, user_id=user))
+        op, got = self._call(
+            "get", user, tab.cid, lambda: self.manager.get_conversation(tab.cid, user_id=user), record=False
+        )
         if op.ok:
             self._check_read(op, user, got)
             if got is None and tab.messages_acked:
                 op.note = f"read returned None after an acknowledged save of {tab.messages_acked} messages"
             elif got is not None and len(got["messages"]) < tab.messages_acked:
                 op.note = f"stale read: {len(got['messages'])} < {tab.messages_acked} messages acknowledged"
+        self._record(op)
         return op, got
 
     def turn(self, tab: Tab, *, rename: bool = False) -> None:
@@ -316,7 +336,9 @@ def main(config_path: str) -> int:
             with worker.lock:
                 for op in worker.ops:
                     out.write(op_to_json(op) + "\n")
-        out.write(json.dumps({"live_anomalies": [a for w in workers for a in w.live_anomalies], "hung": hung}) + "\n")
+        counts = [[kind, ok, n] for w in workers for (kind, ok), n in w.counts.items()]
+        live = [a for w in workers for a in w.live_anomalies]
+        out.write(json.dumps({"live_anomalies": live, "hung": hung, "counts": counts}) + "\n")
     try:
         manager.close()
     finally:

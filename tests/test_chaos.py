@@ -43,10 +43,10 @@ import pytest
 pytest.register_assert_rewrite("chaos_support", "redis_support")
 
 import redis  # noqa: E402
-from chaos_support import conflict_copies, durable_postgres, durable_redis, missing_messages  # noqa: E402
+from chaos_support import conflict_copies, durable_postgres, durable_redis  # noqa: E402
 from chaos_workload import INTRUDER_INDEX, Op, Worker, op_from_json  # noqa: E402
 from redis_support import dirty_set, redis_client, script_env  # noqa: E402
-from servers import ServerError, create_database, find_pg_bindir  # noqa: E402
+from servers import ServerError, canonical, create_database, find_pg_bindir  # noqa: E402
 from tcp_proxy import TcpProxy  # noqa: E402
 
 SEED = int(os.environ.get("CHAOS_SEED", "20261129"))
@@ -237,14 +237,19 @@ class Scheduler(threading.Thread):
 # --------------------------------------------------------------------------------------------------
 
 
-def _as_messages(saved: list) -> list[dict]:
-    return [{"role": r, "content": c, "time": t} for r, c, t in saved]
+def _message_key(message: dict) -> tuple:
+    """(role, content, instant): times compared as instants, whatever their ISO form."""
+    try:
+        at = canonical(str(message.get("time")))
+    except ValueError:
+        at = str(message.get("time"))
+    return (message.get("role"), message.get("content"), at)
 
 
 def _describe(op: Op) -> str:
     outcome = "ok" if op.ok else f"FAILED {op.error}"
     extra = f" ({op.note})" if op.note else ""
-    size = f" {len(op.saved)} msgs" if op.saved is not None else ""
+    size = f" {op.size} msgs" if op.size is not None else ""
     return f"{op.kind}{size} [{op.t0:.3f}s..{op.t1:.3f}s] by {op.worker}: {outcome}{extra}"
 
 
@@ -268,13 +273,17 @@ def check_history(ops: list[Op], final: dict, conflicts: dict, pg_rows: dict, fa
         failed_deletes = [o for o in history if o.kind == "delete" and not o.ok]
         current = final.get((user, cid))
         kept = conflicts.get((user, cid), [])
-        # 1. every acknowledged message is retrievable unless a later acknowledged delete removed it.
+        # 1. every acknowledged message is retrievable unless a later acknowledged delete removed it. A save
+        # records the messages acknowledged for the first time; the tab never saves after an acknowledged
+        # delete, so "a delete after the first save holding it" is "a delete after every save holding it".
+        available = {_message_key(m) for pool in ([current["messages"]] if current else []) + kept for m in pool}
         lost: dict[tuple, Op] = {}
         for save in (o for o in history if o.kind in ("save", "rename") and o.ok):
             if any(d.t0 >= save.t1 for d in acked_deletes):
                 continue
-            for message in missing_messages(current, kept, _as_messages(save.saved)):
-                lost.setdefault((message["role"], message["content"], message["time"]), save)
+            for role, content, at in save.saved:
+                if _message_key({"role": role, "content": content, "time": at}) not in available:
+                    lost.setdefault((role, content, at), save)
         if lost:
             first = min(lost.values(), key=lambda o: o.t0)
             after_failed_delete = any(d.t0 >= first.t1 for d in failed_deletes)
@@ -362,11 +371,12 @@ def _final_state(manager, conn, ops: list[Op]):
     return final, conflicts, pg_rows, errors
 
 
-def _summary(ops: list[Op], faults, anomalies: list[str], seed: int, seconds: float, observations: Counter) -> str:
+def _summary(counts: Counter, faults, anomalies: list[str], seed: int, seconds: float, observations: Counter) -> str:
     per_kind: dict[str, Counter] = defaultdict(Counter)
-    for op in ops:
-        per_kind[op.kind]["ok" if op.ok else "failed"] += 1
-    lines = [f"chaos: seed={seed} run={seconds:.0f}s (workload {SECONDS:g}s, then heal, drain, check) ops={len(ops)}"]
+    for (kind, ok), n in counts.items():
+        per_kind[kind]["ok" if ok else "failed"] += n
+    total = sum(counts.values())
+    lines = [f"chaos: seed={seed} run={seconds:.0f}s (workload {SECONDS:g}s, then heal, drain, check) calls={total}"]
     for kind in sorted(per_kind):
         lines.append(f"  op {kind:15} ok={per_kind[kind]['ok']:6} failed={per_kind[kind]['failed']:6}")
     for kind, n in sorted(Counter(kind for _, _, kind, _ in faults).items()):
@@ -498,11 +508,15 @@ def _run(world: World, tmp_path: Path, managers: list, users: list[str], intrude
     flusher_code = world.stop_flusher()
     ops: list[Op] = [op for w in workers for op in list(w.ops)]
     live = [a for w in workers for a in w.live_anomalies]
+    counts: Counter = Counter()
+    for worker in workers:
+        counts.update(worker.counts)
     lines = log_path.read_text().splitlines() if log_path.exists() else []
     for line in lines:
         data = json.loads(line)
         if "live_anomalies" in data:
             live += data["live_anomalies"]
+            counts.update({(kind, ok): n for kind, ok, n in data["counts"]})
             anomalies += [f"HUNG seed={SEED} worker-process thread {name}" for name in data["hung"]]
         else:
             ops.append(op_from_json(data))
@@ -560,8 +574,9 @@ def _run(world: World, tmp_path: Path, managers: list, users: list[str], intrude
     for op in ops:
         if op.note:
             observations[op.note.split(":", 1)[0].split(" after")[0]] += 1
-    summary = _summary(ops, faults, anomalies, SEED, time.time() - started, observations)
-    assert len(ops) > 200, f"the workload barely ran ({len(ops)} ops): nothing was tested\n{summary}"
+    summary = _summary(counts, faults, anomalies, SEED, time.time() - started, observations)
+    total = sum(counts.values())
+    assert total > 200, f"the workload barely ran ({total} calls): nothing was tested\n{summary}"
     assert len(scheduler.log) >= 3, f"only {len(scheduler.log)} faults were injected\n{summary}"
     return anomalies, summary
 
