@@ -36,7 +36,7 @@ test: servers dev ## Run everything: cargo tests, then pytest against throwaway 
 .PHONY: soak
 soak: servers dev ## The randomized fault checker for 10 min (CHAOS_SECONDS=600; CHAOS_SEED=n replays a seed's plan)
 	CHAOS_SECONDS=$${CHAOS_SECONDS:-600} CHAOS_SEED=$${CHAOS_SEED:-$$RANDOM$$RANDOM} \
-		$(PY) -m pytest tests/test_chaos.py -s
+		$(PY) -m pytest tests/test_chaos.py -s -q --show-capture=no
 
 .PHONY: demo
 demo: dev ## Run the example chat app on a throwaway Redis and PostgreSQL (or local JSON files); Ctrl-C stops it

@@ -325,7 +325,7 @@ def check_history(ops: list[Op], final: dict, conflicts: dict, pg_rows: dict, fa
             if held and not deleted:
                 anomalies.append(
                     f"CLAIMED seed={seed} id={op.cid}: {op.user}'s save of {owner}'s live conversation was "
-                    f"acknowledged [{op.t0:.3f}..{op.t1:.3f}]"
+                    f"acknowledged [{op.t0:.3f}s..{op.t1:.3f}s]"
                     f"{' (after a delete of it that raised: deletes must be all or nothing)' if raised else ''}; "
                     f"faults then: {_faults_during(faults, op.t0 - 2, op.t1)}"
                 )
