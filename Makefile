@@ -37,6 +37,11 @@ test: servers dev-test ## Run everything: cargo tests, then pytest against throw
 	cargo test --quiet
 	$(PY) -m pytest tests
 
+.PHONY: soak
+soak: servers dev ## The randomized fault checker for 10 min (CHAOS_SECONDS=600; CHAOS_SEED=n replays a seed's plan)
+	CHAOS_SECONDS=$${CHAOS_SECONDS:-600} CHAOS_SEED=$${CHAOS_SEED:-$$RANDOM$$RANDOM} \
+		$(PY) -m pytest tests/test_chaos.py -s -q --show-capture=no
+
 .PHONY: demo
 demo: dev ## Run the example chat app on a throwaway Redis and PostgreSQL (or local JSON files); Ctrl-C stops it
 	@./scripts/ensure-servers.sh || echo "demo: redis-server or PostgreSQL could not be installed; the app will use local JSON files"
