@@ -3,6 +3,10 @@
 A drop-in replacement for the Phase 1 ``ChatHistoryManager``::
 
     from chat_history_rs import ChatHistoryManager
+
+and its asyncio twin, every method a coroutine::
+
+    from chat_history_rs import AsyncChatHistoryManager
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import atexit
 
 from chat_history_rs._core import (
+    AsyncChatHistoryManager,
     ChatHistoryError,
     ChatHistoryManager,
     ClosedError,
@@ -27,6 +32,7 @@ from chat_history_rs._core import (
 )
 
 __all__ = [
+    "AsyncChatHistoryManager",
     "ChatHistoryError",
     "ChatHistoryManager",
     "ClosedError",

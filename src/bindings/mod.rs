@@ -1,6 +1,7 @@
 //! The pyo3 binding layer: argument parsing, dict <-> struct conversion, and the GIL released
 //! around every call that touches a disk or a network. No storage logic lives here.
 
+mod asyncio;
 mod convert;
 mod error;
 
@@ -555,6 +556,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyChatHistoryManager>()?;
     m.add_class::<PyPostgresBackend>()?;
     m.add_class::<PyRedisBackend>()?;
+    m.add_class::<asyncio::PyAsyncChatHistoryManager>()?;
     m.add_function(wrap_pyfunction!(_close_all, m)?)?;
     let e = error::exceptions(py)?;
     m.add("ChatHistoryError", e.base.bind(py))?;
