@@ -15,9 +15,11 @@
 //! No event loop is stored anywhere: each call finds the running loop when it starts, so one
 //! manager serves successive `asyncio.run()`s and loops in several threads.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::task::{Context, Poll};
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -38,52 +40,122 @@ use crate::model::Conversation;
 /// these threads already share round trips (`cache::combine`).
 pub const BLOCKING_THREADS: usize = 16;
 
-/// The tokio runtime of this process. A forked child cannot use its parent's (the threads did not
-/// come along, SPEC section 4.10), so the runtime is keyed by process id and a child builds its own.
-static RUNTIME: Mutex<Option<(u32, &'static Runtime)>> = Mutex::new(None);
+/// What this module runs on in one process: a tokio runtime whose blocking pool runs the core
+/// calls, and one thread that resolves the callers' futures.
+struct Engine {
+    runtime: Runtime,
+    completions: Arc<Completions>,
+}
 
-fn runtime() -> &'static Runtime {
+/// The engine of this process. A forked child cannot use its parent's (the threads did not come
+/// along, SPEC section 4.10), so it is keyed by process id and a child builds its own.
+static ENGINE: Mutex<Option<(u32, &'static Engine)>> = Mutex::new(None);
+
+fn engine() -> &'static Engine {
     let pid = std::process::id();
-    let mut slot = RUNTIME.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut slot = ENGINE.lock().unwrap_or_else(PoisonError::into_inner);
     match *slot {
-        Some((owner, runtime)) if owner == pid => runtime,
+        Some((owner, engine)) if owner == pid => engine,
         // Leaked on purpose: one per process; a parent's copy in a child must never be dropped,
         // since dropping joins threads that do not exist there.
         _ => {
-            let runtime: &'static Runtime = Box::leak(Box::new(
-                Builder::new_multi_thread()
-                    // The async side only awaits a blocking task and hands its result on.
-                    .worker_threads(1)
-                    .max_blocking_threads(BLOCKING_THREADS)
-                    .thread_name("chat-history-async")
-                    .build()
-                    .expect("a tokio runtime without I/O or timer drivers only fails if a thread cannot start"),
-            ));
-            *slot = Some((pid, runtime));
-            runtime
+            let runtime = Builder::new_multi_thread()
+                // The async side only awaits a blocking task and hands its result on.
+                .worker_threads(1)
+                .max_blocking_threads(BLOCKING_THREADS)
+                .thread_name("chat-history-async")
+                .build()
+                .expect("a tokio runtime without I/O or timer drivers only fails if a thread cannot start");
+            let completions = Arc::new(Completions::default());
+            let worker = Arc::clone(&completions);
+            std::thread::Builder::new()
+                .name("chat-history-complete".to_owned())
+                .spawn(move || worker.run())
+                .expect("cannot start the thread that completes asyncio futures");
+            let engine: &'static Engine = Box::leak(Box::new(Engine { runtime, completions }));
+            *slot = Some((pid, engine));
+            engine
         }
     }
 }
 
-/// The pyo3-async-runtimes glue for [`runtime`].
+type Completion = Box<dyn FnOnce() + Send>;
+
+/// The queue of finished calls whose Python futures are to be resolved. pyo3-async-runtimes
+/// resolves each future in a job that takes the GIL; run on many threads at once, those jobs
+/// fight the event loop's thread for the GIL and stall it (tens of milliseconds with a thousand
+/// calls in flight). One thread runs them instead, many under one GIL acquisition, releasing it
+/// between batches so the loop runs.
+#[derive(Default)]
+struct Completions {
+    queue: Mutex<VecDeque<Completion>>,
+    ready: Condvar,
+}
+
+/// Completions run under one GIL acquisition; small enough that the loop waits at most a few
+/// milliseconds for the GIL, large enough that a burst costs few acquisitions.
+const COMPLETION_BATCH: usize = 64;
+
+impl Completions {
+    fn push(&self, job: Completion) {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner).push_back(job);
+        self.ready.notify_one();
+    }
+
+    fn run(&self) {
+        loop {
+            let batch: Vec<Completion> = {
+                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                while queue.is_empty() {
+                    queue = self.ready.wait(queue).unwrap_or_else(PoisonError::into_inner);
+                }
+                let n = queue.len().min(COMPLETION_BATCH);
+                queue.drain(..n).collect()
+            };
+            // Each job attaches again itself; that is a cheap check once this thread holds the GIL.
+            Python::attach(|_| batch.into_iter().for_each(|job| job()));
+        }
+    }
+}
+
+/// A task spawned by pyo3-async-runtimes: a tokio task, or a completion job nobody waits for.
+enum Spawned {
+    Task(tokio::task::JoinHandle<()>),
+    Queued,
+}
+
+impl Future for Spawned {
+    type Output = Result<(), tokio::task::JoinError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Spawned::Task(handle) => Pin::new(handle).poll(cx),
+            Spawned::Queued => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// The pyo3-async-runtimes glue for [`engine`].
 struct CoreRuntime;
 
 impl generic::Runtime for CoreRuntime {
     type JoinError = tokio::task::JoinError;
-    type JoinHandle = tokio::task::JoinHandle<()>;
+    type JoinHandle = Spawned;
 
     fn spawn<F>(fut: F) -> Self::JoinHandle
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        runtime().spawn(fut)
+        Spawned::Task(engine().runtime.spawn(fut))
     }
 
+    // pyo3-async-runtimes spawns as blocking tasks only the jobs that resolve Python futures.
     fn spawn_blocking<F>(f: F) -> Self::JoinHandle
     where
         F: FnOnce() + Send + 'static,
     {
-        runtime().spawn_blocking(f)
+        engine().completions.push(Box::new(f));
+        Spawned::Queued
     }
 }
 
@@ -189,7 +261,7 @@ impl PyPendingCall {
             pyo3::exceptions::PyRuntimeError::new_err("cannot reuse already awaited coroutine")
         })?;
         let history = Arc::clone(&self.history);
-        let task = AbortOnDrop(runtime().spawn_blocking(move || request.run(&history)));
+        let task = AbortOnDrop(engine().runtime.spawn_blocking(move || request.run(&history)));
         generic::future_into_py::<CoreRuntime, _, _>(py, async move {
             let mut task = task;
             match (&mut task.0).await {
