@@ -57,6 +57,18 @@ def os_threads() -> int:
     raise AssertionError("no Threads: line in /proc/self/status")
 
 
+@pytest.fixture(params=["fast", "general"])
+def completion_path(request):
+    """Both ways results reach the loop: the socket a selector loop watches (`fast`, what asyncio's
+    default loop gets), and pyo3-async-runtimes' `future_into_py` (`general`, for loops that cannot
+    watch a socket)."""
+    from chat_history_rs import _core
+
+    _core._set_asyncio_fast_path(request.param == "fast")
+    yield request.param
+    _core._set_asyncio_fast_path(True)
+
+
 @pytest.fixture
 def make_async_manager():
     """Factory for AsyncChatHistoryManager(**kwargs); each one is closed (on a loop of its own) after the test."""
@@ -210,7 +222,7 @@ def normalise(value: Any, tag: str) -> Any:
     )
 
 
-def test_same_results_and_exceptions_as_the_sync_api(both_managers):
+def test_same_results_and_exceptions_as_the_sync_api(both_managers, completion_path):
     sync, amgr, mode = both_managers
     shared = make_conversation(3, title="Parity ✓")
     # Each run has its own users and ids, so neither lists the other's conversations.
@@ -307,6 +319,11 @@ def test_a_thousand_calls_in_flight_do_not_stall_the_loop_or_take_a_thread_each(
     stored = {f"{i:08x}": make_conversation(4, prefix=f"c{i}-", title=f"chat {i}") for i in range(50)}
     for cid, conversation in stored.items():
         sync.save_conversation(cid, conversation, user_id=user_id)
+    # Lists go to a user of their own with a sidebar's worth of chats: a thousand lists of fifty
+    # would measure Python building fifty thousand dicts (and collecting them), not the loop.
+    lister = user_id + "-lists"
+    for i in range(5):
+        sync.save_conversation(f"{i + 0x2000:08x}", make_conversation(2), user_id=lister)
     new = {f"{i + 0x1000:08x}": make_conversation(3, prefix=f"n{i}-") for i in range(200)}
     ids = list(stored)
 
@@ -322,7 +339,7 @@ def test_a_thousand_calls_in_flight_do_not_stall_the_loop_or_take_a_thread_each(
                 cid = list(new)[i // 5]
                 calls.append(amgr.save_conversation(cid, new[cid], user_id=user_id))
             elif i % 5 == 1:
-                calls.append(amgr.list_conversations(user_id=user_id))
+                calls.append(amgr.list_conversations(user_id=lister))
             else:
                 calls.append(amgr.get_conversation(ids[i % len(ids)], user_id=user_id))
         started = time.perf_counter()
@@ -336,18 +353,16 @@ def test_a_thousand_calls_in_flight_do_not_stall_the_loop_or_take_a_thread_each(
     print(f"1000 calls in {elapsed * 1000:.0f} ms; worst loop gap {ticker.max_gap * 1000:.1f} ms over "
           f"{ticker.ticks} ticks; threads {baseline} -> at most {ticker.max_threads}")
     assert ticker.ticks > 0
-    assert ticker.max_gap < 0.1, f"the event loop stalled for {ticker.max_gap * 1000:.0f} ms"
+    assert ticker.max_gap < 0.05, f"the event loop stalled for {ticker.max_gap * 1000:.0f} ms"
     assert ticker.max_threads - baseline <= THREAD_ALLOWANCE, (baseline, ticker.max_threads)
     assert ticker.max_threads < 200, "a thread per call"
-    listing = sync.list_conversations(user_id=user_id)
+    listing = sync.list_conversations(user_id=lister)
+    assert len(listing) == 5
     for i, result in enumerate(results):
         if i % 5 == 0:
             assert result is None
         elif i % 5 == 1:
-            # Saves run alongside: each listing is a consistent prefix-free subset of the final one.
-            final = dict(listing)
-            assert {cid for cid, _ in result} <= set(final)
-            assert all(final[cid] == meta or cid in new for cid, meta in result)
+            assert result == listing
         else:
             cid = ids[i % len(ids)]
             assert result == sync.get_conversation(cid, user_id=user_id) == stored[cid]
@@ -374,7 +389,9 @@ def which_version(conversation: dict) -> int:
     return n
 
 
-def test_cancelled_saves_leave_every_conversation_whole(pg_url, rdb, user_id, make_manager, make_async_manager):
+def test_cancelled_saves_leave_every_conversation_whole(
+    pg_url, rdb, user_id, make_manager, make_async_manager, completion_path
+):
     kwargs = redis_kwargs(pg_url, rdb.url)
     amgr = make_async_manager(**kwargs)
     sync = make_manager(**kwargs)
@@ -431,7 +448,9 @@ def test_cancelled_saves_leave_every_conversation_whole(pg_url, rdb, user_id, ma
     assert {**latest, "created_at": None} == {**versions[59], "created_at": None}  # created_at is kept from v0
 
 
-def test_cancelled_reads_and_lists_leave_the_manager_usable(pg_url, rdb, user_id, conv_id, make_async_manager):
+def test_cancelled_reads_and_lists_leave_the_manager_usable(
+    pg_url, rdb, user_id, conv_id, make_async_manager, completion_path
+):
     amgr = make_async_manager(**redis_kwargs(pg_url, rdb.url))
     conversation = make_conversation(5)
 
@@ -462,7 +481,9 @@ def test_cancelled_reads_and_lists_leave_the_manager_usable(pg_url, rdb, user_id
 # --------------------------------------------------------------------------------------------------
 
 
-def test_successive_asyncio_runs_share_one_manager(pg_url, rdb, user_id, conv_id, make_async_manager):
+def test_successive_asyncio_runs_share_one_manager(
+    pg_url, rdb, user_id, conv_id, make_async_manager, completion_path
+):
     amgr = make_async_manager(**redis_kwargs(pg_url, rdb.url))
     conversation = make_conversation(2)
     asyncio.run(amgr.save_conversation(conv_id, conversation, user_id=user_id))
@@ -478,7 +499,7 @@ def test_successive_asyncio_runs_share_one_manager(pg_url, rdb, user_id, conv_id
         loop.close()
 
 
-def test_loops_in_other_threads_at_the_same_time(pg_url, rdb, user_id, make_async_manager):
+def test_loops_in_other_threads_at_the_same_time(pg_url, rdb, user_id, make_async_manager, completion_path):
     amgr = make_async_manager(**redis_kwargs(pg_url, rdb.url))
     errors: list[BaseException] = []
     barrier = threading.Barrier(4)

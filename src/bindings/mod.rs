@@ -558,6 +558,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyRedisBackend>()?;
     m.add_class::<asyncio::PyAsyncChatHistoryManager>()?;
     m.add_function(wrap_pyfunction!(_close_all, m)?)?;
+    m.add_function(wrap_pyfunction!(asyncio::_set_asyncio_fast_path, m)?)?;
     let e = error::exceptions(py)?;
     m.add("ChatHistoryError", e.base.bind(py))?;
     m.add("ConfigurationError", e.configuration.bind(py))?;

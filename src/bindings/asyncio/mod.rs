@@ -15,164 +15,26 @@
 //! No event loop is stored anywhere: each call finds the running loop when it starts, so one
 //! manager serves successive `asyncio.run()`s and loops in several threads.
 
-use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple};
-use pyo3_async_runtimes::generic::{self, ContextExt};
-use pyo3_async_runtimes::TaskLocals;
-use tokio::runtime::{Builder, Runtime};
+use pyo3_async_runtimes::generic;
+
+#[cfg(unix)]
+mod dispatch;
+mod engine;
 
 use super::convert::{conversation_from_py, fetched_to_py, listing_to_py, Id};
 use super::PyChatHistoryManager;
+use engine::{engine, CoreRuntime};
+
 use crate::error::Error;
 use crate::manager::{ChatHistory, Fetched};
 use crate::model::Conversation;
-
-/// Threads that run core calls for every `AsyncChatHistoryManager` of the process. A thousand
-/// calls in flight queue for them rather than taking a thread each; more would mostly wait on the
-/// connection pools (8 Redis, 4 PostgreSQL connections by default), and concurrent Redis reads on
-/// these threads already share round trips (`cache::combine`).
-pub const BLOCKING_THREADS: usize = 16;
-
-/// What this module runs on in one process: a tokio runtime whose blocking pool runs the core
-/// calls, and one thread that resolves the callers' futures.
-struct Engine {
-    runtime: Runtime,
-    completions: Arc<Completions>,
-}
-
-/// The engine of this process. A forked child cannot use its parent's (the threads did not come
-/// along, SPEC section 4.10), so it is keyed by process id and a child builds its own.
-static ENGINE: Mutex<Option<(u32, &'static Engine)>> = Mutex::new(None);
-
-fn engine() -> &'static Engine {
-    let pid = std::process::id();
-    let mut slot = ENGINE.lock().unwrap_or_else(PoisonError::into_inner);
-    match *slot {
-        Some((owner, engine)) if owner == pid => engine,
-        // Leaked on purpose: one per process; a parent's copy in a child must never be dropped,
-        // since dropping joins threads that do not exist there.
-        _ => {
-            let runtime = Builder::new_multi_thread()
-                // The async side only awaits a blocking task and hands its result on.
-                .worker_threads(1)
-                .max_blocking_threads(BLOCKING_THREADS)
-                .thread_name("chat-history-async")
-                .build()
-                .expect("a tokio runtime without I/O or timer drivers only fails if a thread cannot start");
-            let completions = Arc::new(Completions::default());
-            let worker = Arc::clone(&completions);
-            std::thread::Builder::new()
-                .name("chat-history-complete".to_owned())
-                .spawn(move || worker.run())
-                .expect("cannot start the thread that completes asyncio futures");
-            let engine: &'static Engine = Box::leak(Box::new(Engine { runtime, completions }));
-            *slot = Some((pid, engine));
-            engine
-        }
-    }
-}
-
-type Completion = Box<dyn FnOnce() + Send>;
-
-/// The queue of finished calls whose Python futures are to be resolved. pyo3-async-runtimes
-/// resolves each future in a job that takes the GIL; run on many threads at once, those jobs
-/// fight the event loop's thread for the GIL and stall it (tens of milliseconds with a thousand
-/// calls in flight). One thread runs them instead, many under one GIL acquisition, releasing it
-/// between batches so the loop runs.
-#[derive(Default)]
-struct Completions {
-    queue: Mutex<VecDeque<Completion>>,
-    ready: Condvar,
-}
-
-/// Completions run under one GIL acquisition; small enough that the loop waits at most a few
-/// milliseconds for the GIL, large enough that a burst costs few acquisitions.
-const COMPLETION_BATCH: usize = 64;
-
-impl Completions {
-    fn push(&self, job: Completion) {
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner).push_back(job);
-        self.ready.notify_one();
-    }
-
-    fn run(&self) {
-        loop {
-            let batch: Vec<Completion> = {
-                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-                while queue.is_empty() {
-                    queue = self.ready.wait(queue).unwrap_or_else(PoisonError::into_inner);
-                }
-                let n = queue.len().min(COMPLETION_BATCH);
-                queue.drain(..n).collect()
-            };
-            // Each job attaches again itself; that is a cheap check once this thread holds the GIL.
-            Python::attach(|_| batch.into_iter().for_each(|job| job()));
-        }
-    }
-}
-
-/// A task spawned by pyo3-async-runtimes: a tokio task, or a completion job nobody waits for.
-enum Spawned {
-    Task(tokio::task::JoinHandle<()>),
-    Queued,
-}
-
-impl Future for Spawned {
-    type Output = Result<(), tokio::task::JoinError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            Spawned::Task(handle) => Pin::new(handle).poll(cx),
-            Spawned::Queued => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-/// The pyo3-async-runtimes glue for [`engine`].
-struct CoreRuntime;
-
-impl generic::Runtime for CoreRuntime {
-    type JoinError = tokio::task::JoinError;
-    type JoinHandle = Spawned;
-
-    fn spawn<F>(fut: F) -> Self::JoinHandle
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        Spawned::Task(engine().runtime.spawn(fut))
-    }
-
-    // pyo3-async-runtimes spawns as blocking tasks only the jobs that resolve Python futures.
-    fn spawn_blocking<F>(f: F) -> Self::JoinHandle
-    where
-        F: FnOnce() + Send + 'static,
-    {
-        engine().completions.push(Box::new(f));
-        Spawned::Queued
-    }
-}
-
-impl ContextExt for CoreRuntime {
-    // Task locals serve Rust code that awaits Python coroutines; core calls never do, so there is
-    // nothing to scope and the running loop is looked up from Python at each call.
-    fn scope<F, R>(_locals: TaskLocals, fut: F) -> Pin<Box<dyn Future<Output = R> + Send>>
-    where
-        F: Future<Output = R> + Send + 'static,
-    {
-        Box::pin(fut)
-    }
-
-    fn get_task_locals() -> Option<TaskLocals> {
-        None
-    }
-}
 
 /// One core call with its arguments already converted, waiting for its event loop.
 enum Request {
@@ -251,18 +113,46 @@ impl Drop for AbortOnDrop {
 pub struct PyPendingCall {
     history: Arc<ChatHistory>,
     request: Mutex<Option<Request>>,
+    /// Set when the caller is cancelled: a core call that has not started by then never does.
+    cancelled: Arc<AtomicBool>,
 }
 
 #[pymethods]
 impl PyPendingCall {
+    /// Called by the coroutine when it is cancelled (a done-callback on every future would cost
+    /// every call a callback; an exception handler costs nothing until it runs).
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+    }
+
     /// Queues the core call and returns the asyncio future of its result, on the running loop.
     fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let request = self.request.lock().unwrap_or_else(PoisonError::into_inner).take().ok_or_else(|| {
-            pyo3::exceptions::PyRuntimeError::new_err("cannot reuse already awaited coroutine")
-        })?;
+        let request = self
+            .request
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("cannot reuse already awaited coroutine"))?;
         let history = Arc::clone(&self.history);
+        let event_loop = pyo3_async_runtimes::get_running_loop(py)?;
+        #[cfg(unix)]
+        if let Some(mailbox) = dispatch::mailbox(&event_loop)? {
+            let future = event_loop.call_method0(intern!(py, "create_future"))?;
+            let cancelled = Arc::clone(&self.cancelled);
+            let waiter = future.clone().unbind();
+            engine().runtime.spawn_blocking(move || {
+                if cancelled.load(Ordering::Acquire) {
+                    return; // cancelled before it started: nothing ran, nothing will
+                }
+                let outcome = Outcome(request.run(&history));
+                mailbox.deliver(dispatch::Finished { future: waiter, outcome });
+            });
+            return Ok(future);
+        }
+        // The general path, for loops that cannot watch a socket.
         let task = AbortOnDrop(engine().runtime.spawn_blocking(move || request.run(&history)));
-        generic::future_into_py::<CoreRuntime, _, _>(py, async move {
+        let locals = pyo3_async_runtimes::TaskLocals::new(event_loop).copy_context(py)?;
+        generic::future_into_py_with_locals::<CoreRuntime, _, _>(py, locals, async move {
             let mut task = task;
             match (&mut task.0).await {
                 Ok(result) => Ok(Outcome(result)),
@@ -274,6 +164,16 @@ impl PyPendingCall {
             }
         })
     }
+}
+
+/// Turns the fast path back to selector event loops on or off (tests use it to exercise the general
+/// path, pyo3-async-runtimes' `future_into_py`, on the default loop).
+#[pyfunction]
+pub fn _set_asyncio_fast_path(enabled: bool) {
+    #[cfg(unix)]
+    dispatch::ENABLED.store(enabled, Ordering::Relaxed);
+    #[cfg(not(unix))]
+    let _ = enabled;
 }
 
 /// The small Python shims the coroutines are made of: `run(call)` awaits a pending call, so
@@ -291,7 +191,9 @@ fn shims(py: Python<'_>) -> PyResult<&Shims> {
     SHIMS.get_or_try_init(py, || {
         let module = PyModule::from_code(
             py,
-            c"async def run(call):\n    return await call.start()\n\n\
+            c"from asyncio import CancelledError\n\n\
+              async def run(call):\n    try:\n        return await call.start()\n    \
+              except CancelledError:\n        call.cancel()\n        raise\n\n\
               async def fail(error):\n    raise error\n\n\
               async def ready(value):\n    return value\n",
             c"<chat_history_rs asyncio shims>",
@@ -322,8 +224,11 @@ impl PyAsyncChatHistoryManager {
         let shims = shims(py)?;
         match request {
             Ok(request) => {
-                let pending =
-                    PyPendingCall { history: Arc::clone(self.history()), request: Mutex::new(Some(request)) };
+                let pending = PyPendingCall {
+                    history: Arc::clone(self.history()),
+                    request: Mutex::new(Some(request)),
+                    cancelled: Arc::default(),
+                };
                 shims.run.bind(py).call1((Bound::new(py, pending)?,))
             }
             Err(error) => shims.fail.bind(py).call1((error.into_value(py),)),
@@ -388,9 +293,8 @@ impl PyAsyncChatHistoryManager {
         conversation_id: &Bound<'py, PyAny>,
         user_id: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let request = (|| {
-            Ok(Request::Get { conversation_id: conversation_id.extract::<Id>()?.0, user_id: id(user_id)? })
-        })();
+        let request =
+            (|| Ok(Request::Get { conversation_id: conversation_id.extract::<Id>()?.0, user_id: id(user_id)? }))();
         self.call(py, request)
     }
 
@@ -417,9 +321,8 @@ impl PyAsyncChatHistoryManager {
         conversation_id: &Bound<'py, PyAny>,
         user_id: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let request = (|| {
-            Ok(Request::Delete { conversation_id: conversation_id.extract::<Id>()?.0, user_id: id(user_id)? })
-        })();
+        let request =
+            (|| Ok(Request::Delete { conversation_id: conversation_id.extract::<Id>()?.0, user_id: id(user_id)? }))();
         self.call(py, request)
     }
 
