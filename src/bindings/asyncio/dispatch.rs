@@ -10,6 +10,7 @@
 //! of results costs one wake-up. Loops that cannot watch a socket (Windows' proactor loop) keep
 //! pyo3-async-runtimes' path.
 
+use std::cell::RefCell;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -21,6 +22,7 @@ use pyo3::exceptions::{PyNotImplementedError, PyTypeError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
+use pyo3::types::PyWeakrefReference;
 
 use super::Outcome;
 
@@ -72,8 +74,9 @@ impl PyLoopDispatcher {
     /// rest wait for the next turn of the loop, so a burst of results never stalls the loop's other
     /// tasks for long.
     fn drain(&self, py: Python<'_>) {
+        // Usually one byte is waiting (only an empty inbox rings); a short read means none is left.
         let mut buf = [0u8; 64];
-        while matches!((&self.reader).read(&mut buf), Ok(n) if n > 0) {}
+        while matches!((&self.reader).read(&mut buf), Ok(n) if n == buf.len()) {}
         let mut items = {
             let mut inbox = self.mailbox.inbox.lock().unwrap_or_else(PoisonError::into_inner);
             inbox.rung = false;
@@ -130,10 +133,34 @@ pub(super) static ENABLED: AtomicBool = AtomicBool::new(true);
 
 /// The mailbox of `event_loop`, set up on first use; None when the loop cannot watch a socket.
 pub(super) fn mailbox(event_loop: &Bound<'_, PyAny>) -> PyResult<Option<Arc<Mailbox>>> {
-    let py = event_loop.py();
     if !ENABLED.load(Ordering::Relaxed) {
         return Ok(None);
     }
+    // A thread runs one loop at a time, usually the same one for many calls: remember it (weakly,
+    // so a closed loop can still go away) and skip the registry.
+    let cached = LAST.with_borrow(|last| {
+        last.as_ref()
+            .filter(|(weak, _)| weak.bind(event_loop.py()).upgrade().is_some_and(|l| l.is(event_loop)))
+            .map(|(_, mailbox)| Arc::clone(mailbox))
+    });
+    if cached.is_some() {
+        return Ok(cached);
+    }
+    let found = lookup(event_loop)?;
+    if let Some(mailbox) = &found {
+        let weak = PyWeakrefReference::new(event_loop)?.unbind();
+        LAST.with_borrow_mut(|last| *last = Some((weak, Arc::clone(mailbox))));
+    }
+    Ok(found)
+}
+
+thread_local! {
+    /// The loop this thread used last, and its mailbox.
+    static LAST: RefCell<Option<(Py<PyWeakrefReference>, Arc<Mailbox>)>> = const { RefCell::new(None) };
+}
+
+fn lookup(event_loop: &Bound<'_, PyAny>) -> PyResult<Option<Arc<Mailbox>>> {
+    let py = event_loop.py();
     let registry = DISPATCHERS
         .get_or_try_init(py, || {
             Ok::<_, PyErr>(
