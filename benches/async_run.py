@@ -197,7 +197,14 @@ def main() -> None:
     print(table(results))
     write_report(
         os.path.join(RESULTS, "async.json"),
-        {"machine": info, "versions": versions, "pinning": pinning, "rounds": rounds, "calls": calls, "results": results},
+        {
+            "machine": info,
+            "versions": versions,
+            "pinning": pinning,
+            "rounds": rounds,
+            "calls": calls,
+            "results": results,
+        },
     )
 
 

@@ -16,6 +16,7 @@ import random
 import threading
 import time
 import uuid
+import warnings
 from typing import Any, Callable
 
 import pytest
@@ -137,7 +138,7 @@ def test_importable_with_the_sync_methods_as_coroutines(tmp_path):
     assert not (tmp_path / ".chat_history" / "abc.json").exists()
     assert isinstance(manager.stats(), dict)  # stats() stays synchronous
     assert manager.mode == "local" and manager.redis_enabled is False
-    assert repr(manager).startswith("AsyncChatHistoryManager(mode=\"local\"")
+    assert repr(manager).startswith('AsyncChatHistoryManager(mode="local"')
     asyncio.run(manager.close())
 
 
@@ -216,9 +217,13 @@ def script(tag: str, user: str, other: str, shared: dict) -> list[tuple[str, tup
 
 def normalise(value: Any, tag: str) -> Any:
     """The tag replaced, so two runs on different ids compare equal."""
-    return json.loads(json.dumps(value, default=repr).replace(tag, "<tag>")) if not isinstance(value, tuple) else (
-        value[0],
-        *(v if isinstance(v, type) else normalise(v, tag) for v in value[1:]),
+    return (
+        json.loads(json.dumps(value, default=repr).replace(tag, "<tag>"))
+        if not isinstance(value, tuple)
+        else (
+            value[0],
+            *(v if isinstance(v, type) else normalise(v, tag) for v in value[1:]),
+        )
     )
 
 
@@ -350,8 +355,10 @@ def test_a_thousand_calls_in_flight_do_not_stall_the_loop_or_take_a_thread_each(
         return baseline, ticker, elapsed, results
 
     baseline, ticker, elapsed, results = asyncio.run(go())
-    print(f"1000 calls in {elapsed * 1000:.0f} ms; worst loop gap {ticker.max_gap * 1000:.1f} ms over "
-          f"{ticker.ticks} ticks; threads {baseline} -> at most {ticker.max_threads}")
+    print(
+        f"1000 calls in {elapsed * 1000:.0f} ms; worst loop gap {ticker.max_gap * 1000:.1f} ms over "
+        f"{ticker.ticks} ticks; threads {baseline} -> at most {ticker.max_threads}"
+    )
     assert ticker.ticks > 0
     assert ticker.max_gap < 0.05, f"the event loop stalled for {ticker.max_gap * 1000:.0f} ms"
     assert ticker.max_threads - baseline <= THREAD_ALLOWANCE, (baseline, ticker.max_threads)
@@ -481,9 +488,7 @@ def test_cancelled_reads_and_lists_leave_the_manager_usable(
 # --------------------------------------------------------------------------------------------------
 
 
-def test_successive_asyncio_runs_share_one_manager(
-    pg_url, rdb, user_id, conv_id, make_async_manager, completion_path
-):
+def test_successive_asyncio_runs_share_one_manager(pg_url, rdb, user_id, conv_id, make_async_manager, completion_path):
     amgr = make_async_manager(**redis_kwargs(pg_url, rdb.url))
     conversation = make_conversation(2)
     asyncio.run(amgr.save_conversation(conv_id, conversation, user_id=user_id))
@@ -577,3 +582,37 @@ def test_close_without_async_with_flushes(pg_url, rdb, pg_conn, user_id, conv_id
     with pg_conn.cursor() as cur:
         cur.execute("SELECT title FROM conversations WHERE conversation_id = %s", (conv_id,))
         assert cur.fetchone() == ("Chat",)
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_forked_child_gets_its_own_threads(pg_url, rdb, user_id, conv_id, make_async_manager):
+    """The pool's threads do not survive fork(): a child that used its parent's would wait forever."""
+    amgr = make_async_manager(**redis_kwargs(pg_url, rdb.url))
+    conversation = make_conversation(2)
+    asyncio.run(amgr.save_conversation(conv_id, conversation, user_id=user_id))  # the parent's threads start
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+: fork() of a threaded process
+        pid = os.fork()
+    if pid == 0:  # the child: report by exit status only
+        status = 1
+        try:
+            got = asyncio.run(asyncio.wait_for(amgr.get_conversation(conv_id, user_id=user_id), 20))
+            status = 0 if got == conversation else 2
+        finally:
+            os._exit(status)
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's call never finished")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert asyncio.run(amgr.get_conversation(conv_id, user_id=user_id)) == conversation  # the parent still works
