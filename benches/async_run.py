@@ -3,6 +3,7 @@
     .venv/bin/python benches/async_run.py            # the table (what `make bench-async` runs)
     .venv/bin/python benches/async_run.py --quick    # a smoke run: fewer calls, noisy numbers
     .venv/bin/python benches/async_run.py --no-pin   # let the process and the servers use every CPU
+    .venv/bin/python benches/async_run.py --general-path   # ours through future_into_py on every loop
 
 Both implementations run on one event loop in this process, against the same throwaway PostgreSQL and
 Redis (each with its own databases and Redis database number), measured alternately in rounds so a slow
@@ -172,7 +173,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer calls: a smoke run with noisy numbers")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the process and servers to CPU 0")
+    parser.add_argument(
+        "--general-path",
+        action="store_true",
+        help="resolve our futures through pyo3-async-runtimes' future_into_py, as loops that cannot watch a socket do",
+    )
     args = parser.parse_args()
+    if args.general_path:
+        chat_history_rs._core._set_asyncio_fast_path(False)
     pin_or_reexec(sys.argv, enabled=not args.no_pin)
     rounds = 2 if args.quick else 6
     calls = {1: 100, 64: 640} if args.quick else {1: 400, 64: 3200}
@@ -193,6 +201,8 @@ def main() -> None:
         f"PostgreSQL {versions['postgresql']}, Redis {versions['redis']}; {info['cpu']}, {info['cores']} cores"
     )
     print(pinning_line(pinning))
+    if args.general_path:
+        print("Ours through pyo3-async-runtimes' future_into_py (--general-path), not the socket-watching fast path")
     print(f"{rounds} rounds of {calls[1]} calls at 1 in flight and {calls[64]} at 64, alternating implementations\n")
     print(table(results))
     write_report(
