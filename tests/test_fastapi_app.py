@@ -12,6 +12,9 @@ from typing import Any, Dict, List, Tuple
 import httpx
 import pytest
 
+# Its helpers assert: rewrite them (before the first import, as every module using it does).
+pytest.register_assert_rewrite("redis_support")
+
 from chat_history_rs import AsyncChatHistoryManager
 from redis_support import dirty_set, rdb  # noqa: F401 - rdb is a fixture
 

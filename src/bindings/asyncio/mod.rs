@@ -1,24 +1,23 @@
 //! `AsyncChatHistoryManager`: the API of `ChatHistoryManager` as coroutines (SPEC section 12).
 //!
-//! Each call runs the synchronous core on a bounded pool of blocking threads (a tokio runtime of
-//! this module's own) and hands its result to the caller's event loop through pyo3-async-runtimes.
-//! The core stays the one tested implementation: arguments are converted on the event loop's
-//! thread when the method is called, results by the same converters as the synchronous class, so
-//! both return identical values and raise identical exceptions. Why blocking threads rather than a
-//! native async driver, and how they are bounded, is in the README's asyncio section.
+//! Each call runs the synchronous core on a bounded pool of blocking threads (`engine`) and hands
+//! its result to the caller's event loop: through a socket the loop watches on selector loops
+//! (`dispatch`), else through pyo3-async-runtimes' `future_into_py`. The core stays the one tested
+//! implementation: arguments are converted on the loop's thread when the method is called, results
+//! by the synchronous class's converters, errors by `bindings::error`, so both classes return the
+//! same values and raise the same exceptions. The README's asyncio section says why a blocking
+//! pool rather than a native async driver, and how it is bounded.
 //!
-//! A cancelled call drops its Rust future; a core call that has not started yet is then aborted,
-//! and one that has started runs to its end on its thread. Every core call is whole or nothing
-//! (a save is one script in Redis, one transaction in PostgreSQL), so a conversation is never
-//! left half-written, whichever way the race goes.
+//! A cancelled call that has not started is skipped; one that has started runs to its end on its
+//! thread. Every core call is whole or nothing (a save is one script in Redis, one transaction in
+//! PostgreSQL), so a conversation is never left half-written, whichever way the race goes.
 //!
-//! No event loop is stored anywhere: each call finds the running loop when it starts, so one
+//! No event loop is stored with a manager: each call finds the running loop when it starts, so one
 //! manager serves successive `asyncio.run()`s and loops in several threads.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple};
@@ -81,7 +80,18 @@ enum Reply {
 
 /// A finished core call: its error stays a core error until the GIL is held, then maps to the
 /// `ChatHistoryError` hierarchy in the one place errors are mapped (`bindings::error`).
-struct Outcome(Result<Reply, Error>);
+enum Outcome {
+    Done(Result<Reply, Error>),
+    /// The core panicked (a bug): the caller gets a RuntimeError rather than waiting forever.
+    Panicked,
+}
+
+impl Outcome {
+    fn of(request: Request, history: &ChatHistory) -> Self {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| request.run(history)))
+            .map_or(Outcome::Panicked, Outcome::Done)
+    }
+}
 
 impl<'py> IntoPyObject<'py> for Outcome {
     type Target = PyAny;
@@ -89,7 +99,10 @@ impl<'py> IntoPyObject<'py> for Outcome {
     type Error = PyErr;
 
     fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        Ok(match self.0? {
+        let Outcome::Done(result) = self else {
+            return Err(pyo3::exceptions::PyRuntimeError::new_err("chat_history_rs: a core call panicked"));
+        };
+        Ok(match result? {
             Reply::Listing(items) => listing_to_py(py, &items)?.into_any(),
             Reply::Fetched(Some(fetched)) => fetched_to_py(py, &fetched)?.into_any(),
             Reply::Fetched(None) | Reply::Nothing => py.None().into_bound(py),
@@ -100,7 +113,7 @@ impl<'py> IntoPyObject<'py> for Outcome {
 
 /// Aborts a blocking task that has not started when its caller goes away (a cancelled call): a
 /// call nobody waits for any more does no work. One that has started runs to its end.
-struct AbortOnDrop(tokio::task::JoinHandle<Result<Reply, Error>>);
+struct AbortOnDrop(tokio::task::JoinHandle<Outcome>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -137,31 +150,28 @@ impl PyPendingCall {
         let event_loop = pyo3_async_runtimes::get_running_loop(py)?;
         #[cfg(unix)]
         if let Some(mailbox) = dispatch::mailbox(&event_loop)? {
-            let future = event_loop.call_method0(intern!(py, "create_future"))?;
+            let future = event_loop.call_method0(pyo3::intern!(py, "create_future"))?;
             let cancelled = Arc::clone(&self.cancelled);
             let waiter = future.clone().unbind();
             engine().runtime.spawn_blocking(move || {
                 if cancelled.load(Ordering::Acquire) {
                     return; // cancelled before it started: nothing ran, nothing will
                 }
-                let outcome = Outcome(request.run(&history));
+                let outcome = Outcome::of(request, &history);
                 mailbox.deliver(dispatch::Finished { future: waiter, outcome });
             });
             return Ok(future);
         }
         // The general path, for loops that cannot watch a socket.
-        let task = AbortOnDrop(engine().runtime.spawn_blocking(move || request.run(&history)));
+        // A cancelled call's future is dropped, which aborts the core call if it has not started.
+        let task = AbortOnDrop(engine().runtime.spawn_blocking(move || Outcome::of(request, &history)));
         let locals = pyo3_async_runtimes::TaskLocals::new(event_loop).copy_context(py)?;
         generic::future_into_py_with_locals::<CoreRuntime, _, _>(py, locals, async move {
             let mut task = task;
-            match (&mut task.0).await {
-                Ok(result) => Ok(Outcome(result)),
-                Err(e) if e.is_panic() => {
-                    Err(pyo3::exceptions::PyRuntimeError::new_err("chat_history_rs: a core call panicked"))
-                }
-                // Only an abort cancels the task, and only this future's drop aborts it.
-                Err(_) => Err(pyo3::exceptions::PyRuntimeError::new_err("chat_history_rs: a core call was cancelled")),
-            }
+            // Only this future's drop aborts the task, so a join error has nobody waiting for it.
+            (&mut task.0)
+                .await
+                .map_err(|_| pyo3::exceptions::PyRuntimeError::new_err("chat_history_rs: a core call was cancelled"))
         })
     }
 }
