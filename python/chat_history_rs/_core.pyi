@@ -210,8 +210,7 @@ class AsyncChatHistoryManager:
     async def save_conversation(
         self, conversation_id: str, conversation: ConversationInput, user_id: Optional[str] = None
     ) -> None:
-        """As ``ChatHistoryManager.save_conversation``. The conversation is read when the method is
-        called, so changing the dict before the coroutine runs does not change what is saved."""
+        """As ``ChatHistoryManager.save_conversation``."""
     async def delete_conversation(self, conversation_id: str, user_id: Optional[str] = None) -> None:
         """As ``ChatHistoryManager.delete_conversation``."""
     async def flush_dirty_conversations(self) -> int:

@@ -556,7 +556,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyChatHistoryManager>()?;
     m.add_class::<PyPostgresBackend>()?;
     m.add_class::<PyRedisBackend>()?;
-    m.add_class::<asyncio::PyAsyncChatHistoryManager>()?;
+    asyncio::register(m)?;
     m.add_function(wrap_pyfunction!(_close_all, m)?)?;
     m.add_function(wrap_pyfunction!(asyncio::_set_asyncio_fast_path, m)?)?;
     let e = error::exceptions(py)?;

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, Once, PoisonError};
 use std::task::{Context, Poll};
 
 use pyo3::prelude::*;
@@ -29,11 +29,11 @@ fn blocking_threads() -> usize {
         .unwrap_or(BLOCKING_THREADS)
 }
 
-/// What this module runs on in one process: a tokio runtime whose blocking pool runs the core
-/// calls, and one thread that resolves the callers' futures.
+/// What this module runs on in one process: a tokio runtime (one worker, `blocking_threads()` for
+/// core calls), and, once the general path is used, one thread that resolves its futures.
 pub(super) struct Engine {
     pub(super) runtime: Runtime,
-    completions: Arc<Completions>,
+    completions: Completions,
 }
 
 /// The engine of this process. A forked child cannot use its parent's (the threads did not come
@@ -55,13 +55,7 @@ pub(super) fn engine() -> &'static Engine {
                 .thread_name("chat-history-async")
                 .build()
                 .expect("a tokio runtime without I/O or timer drivers only fails if a thread cannot start");
-            let completions = Arc::new(Completions::default());
-            let worker = Arc::clone(&completions);
-            std::thread::Builder::new()
-                .name("chat-history-complete".to_owned())
-                .spawn(move || worker.run())
-                .expect("cannot start the thread that completes asyncio futures");
-            let engine: &'static Engine = Box::leak(Box::new(Engine { runtime, completions }));
+            let engine: &'static Engine = Box::leak(Box::new(Engine { runtime, completions: Completions::new() }));
             *slot = Some((pid, engine));
             engine
         }
@@ -75,10 +69,10 @@ type Completion = Box<dyn FnOnce() + Send>;
 /// fight the event loop's thread for the GIL and stall it (tens of milliseconds with a thousand
 /// calls in flight). One thread runs them instead, many under one GIL acquisition, releasing it
 /// between batches so the loop runs.
-#[derive(Default)]
 struct Completions {
     queue: Mutex<VecDeque<Completion>>,
     ready: Condvar,
+    worker: Once,
 }
 
 /// Completions run under one GIL acquisition; small enough that the loop waits at most a few
@@ -86,7 +80,17 @@ struct Completions {
 const COMPLETION_BATCH: usize = 64;
 
 impl Completions {
-    fn push(&self, job: Completion) {
+    const fn new() -> Self {
+        Completions { queue: Mutex::new(VecDeque::new()), ready: Condvar::new(), worker: Once::new() }
+    }
+
+    fn push(&'static self, job: Completion) {
+        self.worker.call_once(|| {
+            std::thread::Builder::new()
+                .name("chat-history-complete".to_owned())
+                .spawn(|| self.run())
+                .expect("cannot start the thread that completes asyncio futures");
+        });
         self.queue.lock().unwrap_or_else(PoisonError::into_inner).push_back(job);
         self.ready.notify_one();
     }

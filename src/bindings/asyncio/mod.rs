@@ -18,8 +18,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use pyo3::ffi::c_str;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple};
 use pyo3_async_runtimes::generic;
 
@@ -186,179 +186,118 @@ pub fn _set_asyncio_fast_path(enabled: bool) {
     let _ = enabled;
 }
 
-/// The small Python shims the coroutines are made of: `run(call)` awaits a pending call, so
-/// every method returns a real coroutine (`asyncio.create_task` and `inspect.iscoroutine` accept
-/// it) that does nothing until awaited, like an `async def`.
-struct Shims {
-    run: Py<PyAny>,
-    fail: Py<PyAny>,
-    ready: Py<PyAny>,
-}
-
-static SHIMS: PyOnceLock<Shims> = PyOnceLock::new();
-
-fn shims(py: Python<'_>) -> PyResult<&Shims> {
-    SHIMS.get_or_try_init(py, || {
-        let module = PyModule::from_code(
-            py,
-            c"from asyncio import CancelledError\n\n\
-              async def run(call):\n    try:\n        return await call.start()\n    \
-              except CancelledError:\n        call.cancel()\n        raise\n\n\
-              async def fail(error):\n    raise error\n\n\
-              async def ready(value):\n    return value\n",
-            c"<chat_history_rs asyncio shims>",
-            c"chat_history_rs._asyncio_shims",
-        )?;
-        Ok(Shims {
-            run: module.getattr("run")?.unbind(),
-            fail: module.getattr("fail")?.unbind(),
-            ready: module.getattr("ready")?.unbind(),
-        })
-    })
-}
-
-/// The asyncio twin of `ChatHistoryManager`: same constructor, same methods, each a coroutine.
-#[pyclass(name = "AsyncChatHistoryManager", module = "chat_history_rs", frozen)]
-pub struct PyAsyncChatHistoryManager {
+/// The core of `AsyncChatHistoryManager`: each method converts its arguments (raising what the
+/// synchronous class raises for them) and returns the pending call that `manager.py`'s coroutines
+/// await.
+#[pyclass(name = "_AsyncCore", module = "chat_history_rs", frozen)]
+pub struct PyAsyncCore {
     sync: Py<PyChatHistoryManager>,
 }
 
-impl PyAsyncChatHistoryManager {
-    fn history(&self) -> &Arc<ChatHistory> {
-        &self.sync.get().inner
-    }
-
-    /// The coroutine of one call; a conversion that failed raises when it is awaited, as the body
-    /// of an `async def` would.
-    fn call<'py>(&self, py: Python<'py>, request: PyResult<Request>) -> PyResult<Bound<'py, PyAny>> {
-        let shims = shims(py)?;
-        match request {
-            Ok(request) => {
-                let pending = PyPendingCall {
-                    history: Arc::clone(self.history()),
-                    request: Mutex::new(Some(request)),
-                    cancelled: Arc::default(),
-                };
-                shims.run.bind(py).call1((Bound::new(py, pending)?,))
-            }
-            Err(error) => shims.fail.bind(py).call1((error.into_value(py),)),
+impl PyAsyncCore {
+    fn pending(&self, request: Request) -> PyPendingCall {
+        PyPendingCall {
+            history: Arc::clone(&self.sync.get().inner),
+            request: Mutex::new(Some(request)),
+            cancelled: Arc::default(),
         }
     }
 }
 
-fn id(value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<String>> {
-    value.filter(|v| !v.is_none()).map(|v| v.extract::<Id>().map(|id| id.0)).transpose()
-}
-
-// Ids are taken as Python objects and extracted in `call`'s request, so a wrong type raises
-// `InvalidTypeError` when awaited, as the synchronous class raises it when called.
+// pyo3 extracts arguments by value; `Id`s are read, not consumed.
+#[allow(clippy::needless_pass_by_value)]
 #[pymethods]
-impl PyAsyncChatHistoryManager {
-    /// Takes exactly `ChatHistoryManager`'s arguments and environment variables; it connects (and
-    /// creates the schema when missing) before returning, as `ChatHistoryManager` does.
+impl PyAsyncCore {
+    /// Takes exactly `ChatHistoryManager`'s arguments and environment variables (it builds one).
     #[new]
     #[pyo3(signature = (*args, **kwargs))]
     fn new(py: Python<'_>, args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
         let sync = py.get_type::<PyChatHistoryManager>().call(args, kwargs)?.cast_into::<PyChatHistoryManager>()?;
-        Ok(PyAsyncChatHistoryManager { sync: sync.unbind() })
+        Ok(PyAsyncCore { sync: sync.unbind() })
     }
 
-    /// `"local"` or `"postgres"` (Redis is a tier of postgres mode).
     #[getter]
     fn mode(&self) -> &'static str {
         self.sync.get().mode()
     }
 
-    /// Whether the Redis tier is in use.
     #[getter]
     fn redis_enabled(&self) -> bool {
         self.sync.get().redis_enabled
     }
 
-    /// The PostgreSQL store with the seed's (synchronous) method names, or None in local mode.
     #[getter]
     fn postgres_backend(&self, py: Python<'_>) -> Option<Py<super::PyPostgresBackend>> {
         self.sync.get().postgres_backend(py)
     }
 
-    /// The Redis cache with the seed's (synchronous) method names, or None without Redis.
     #[getter]
     fn redis_backend(&self, py: Python<'_>) -> Option<Py<super::PyRedisBackend>> {
         self.sync.get().redis_backend(py)
     }
 
     #[pyo3(signature = (user_id = None))]
-    fn list_conversations<'py>(
-        &self,
-        py: Python<'py>,
-        user_id: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        self.call(py, id(user_id).map(|user_id| Request::List { user_id }))
+    fn list_conversations(&self, user_id: Option<Id>) -> PyPendingCall {
+        self.pending(Request::List { user_id: user_id.map(|id| id.0) })
     }
 
     #[pyo3(signature = (conversation_id, user_id = None))]
-    fn get_conversation<'py>(
-        &self,
-        py: Python<'py>,
-        conversation_id: &Bound<'py, PyAny>,
-        user_id: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let request =
-            (|| Ok(Request::Get { conversation_id: conversation_id.extract::<Id>()?.0, user_id: id(user_id)? }))();
-        self.call(py, request)
+    fn get_conversation(&self, conversation_id: Id, user_id: Option<Id>) -> PyPendingCall {
+        self.pending(Request::Get { conversation_id: conversation_id.0, user_id: user_id.map(|id| id.0) })
     }
 
     #[pyo3(signature = (conversation_id, conversation, user_id = None))]
-    fn save_conversation<'py>(
+    fn save_conversation(
         &self,
-        py: Python<'py>,
-        conversation_id: &Bound<'py, PyAny>,
-        conversation: &Bound<'py, PyAny>,
-        user_id: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let request = (|| {
-            let conversation_id = conversation_id.extract::<Id>()?.0;
-            let conversation = conversation_from_py(&conversation_id, conversation)?;
-            Ok(Request::Save { conversation_id, user_id: id(user_id)?, conversation })
-        })();
-        self.call(py, request)
+        conversation_id: Id,
+        conversation: &Bound<'_, PyAny>,
+        user_id: Option<Id>,
+    ) -> PyResult<PyPendingCall> {
+        let conversation = conversation_from_py(&conversation_id, conversation)?;
+        Ok(self.pending(Request::Save {
+            conversation_id: conversation_id.0,
+            user_id: user_id.map(|id| id.0),
+            conversation,
+        }))
     }
 
     #[pyo3(signature = (conversation_id, user_id = None))]
-    fn delete_conversation<'py>(
-        &self,
-        py: Python<'py>,
-        conversation_id: &Bound<'py, PyAny>,
-        user_id: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let request =
-            (|| Ok(Request::Delete { conversation_id: conversation_id.extract::<Id>()?.0, user_id: id(user_id)? }))();
-        self.call(py, request)
+    fn delete_conversation(&self, conversation_id: Id, user_id: Option<Id>) -> PyPendingCall {
+        self.pending(Request::Delete { conversation_id: conversation_id.0, user_id: user_id.map(|id| id.0) })
     }
 
-    fn flush_dirty_conversations<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.call(py, Ok(Request::Flush))
+    fn flush_dirty_conversations(&self) -> PyPendingCall {
+        self.pending(Request::Flush)
     }
 
-    fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.call(py, Ok(Request::Close))
+    fn close(&self) -> PyPendingCall {
+        self.pending(Request::Close)
     }
 
-    /// Synchronous, as it only reads counters (and, in redis mode, asks Redis for its memory).
+    /// Synchronous: it reads counters (and, in redis mode, asks Redis for its memory).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         self.sync.get().stats(py)
-    }
-
-    fn __aenter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
-        shims(slf.py())?.ready.bind(slf.py()).call1((slf,))
-    }
-
-    #[pyo3(signature = (*_args))]
-    fn __aexit__<'py>(&self, py: Python<'py>, _args: &Bound<'py, PyTuple>) -> PyResult<Bound<'py, PyAny>> {
-        self.close(py)
     }
 
     fn __repr__(&self) -> String {
         format!("Async{}", self.sync.get().repr)
     }
+}
+
+/// Adds `AsyncChatHistoryManager` to the module: a Python class (`manager.py`), so that its methods
+/// are true `async def`s (`inspect.iscoroutinefunction` holds, as frameworks that dispatch on it
+/// expect) over the Rust core above.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    let module = PyModule::from_code(
+        py,
+        c_str!(include_str!("manager.py")),
+        c"chat_history_rs/_asyncio.py",
+        c"chat_history_rs._asyncio",
+    )?;
+    module.setattr("_AsyncCore", py.get_type::<PyAsyncCore>())?;
+    module.setattr("ChatHistoryManager", py.get_type::<PyChatHistoryManager>())?;
+    module.call_method0("_finish")?;
+    m.add("AsyncChatHistoryManager", module.getattr("AsyncChatHistoryManager")?)?;
+    Ok(())
 }
