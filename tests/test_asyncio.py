@@ -9,6 +9,7 @@ pytest-asyncio's loop.
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import json
 import os
@@ -530,6 +531,19 @@ def test_loops_in_other_threads_at_the_same_time(pg_url, rdb, user_id, make_asyn
         t.join(60)
     assert errors == []
     assert len(asyncio.run(amgr.list_conversations(user_id=user_id))) == 160
+
+
+def test_a_loop_that_is_gone_takes_its_descriptors_along(tmp_path, make_async_manager):
+    """Each loop gets a socket pair for the fast path; two hundred asyncio.run()s must not keep 400 of them."""
+    amgr = make_async_manager(mode="local", base_dir=str(tmp_path))
+    asyncio.run(amgr.save_conversation("abc", make_conversation(1)))
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(200):
+        assert asyncio.run(amgr.get_conversation("abc")) is not None
+    gc.collect()
+    after = len(os.listdir("/proc/self/fd"))
+    assert after - before <= 4, (before, after)
 
 
 @pytest.mark.asyncio
