@@ -10,10 +10,12 @@ import asyncio
 import os
 import secrets
 from datetime import datetime, timezone
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from chat_history_rs import AsyncChatHistoryManager, ChatHistoryError, OwnershipError
-from chat_history_rs._core import Conversation
+
+if TYPE_CHECKING:  # a TypedDict of the stubs, not a runtime name
+    from chat_history_rs._core import Conversation
 
 
 def now() -> str:

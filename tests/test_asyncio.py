@@ -14,10 +14,13 @@ import inspect
 import json
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 import uuid
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -629,3 +632,13 @@ def test_a_forked_child_gets_its_own_threads(pg_url, rdb, user_id, conv_id, make
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(status) == 0
     assert asyncio.run(amgr.get_conversation(conv_id, user_id=user_id)) == conversation  # the parent still works
+
+
+def test_the_typed_sample_runs(pg_url, rdb):
+    """examples/typed_async.py is what `make lint` type-checks; it must also run."""
+    sample = Path(__file__).resolve().parent.parent / "examples" / "typed_async.py"
+    env = dict(os.environ, DATABASE_URL=pg_url, REDIS_CONNECTION_STRING=rdb.url)
+    env.pop("REDIS_ENABLED", None)
+    done = subprocess.run([sys.executable, str(sample)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("2 messages; sidebar ['hello']; 1 written back"), done.stdout
