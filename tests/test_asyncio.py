@@ -642,3 +642,26 @@ def test_the_typed_sample_runs(pg_url, rdb):
     done = subprocess.run([sys.executable, str(sample)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("2 messages; sidebar ['hello']; 1 written back"), done.stdout
+
+
+def test_on_uvloop(pg_url, rdb, user_id, make_async_manager):
+    """uvloop (uvicorn's loop of choice) is a selector loop of its own: results reach it, cancellation works."""
+    uvloop = pytest.importorskip("uvloop")
+    amgr = make_async_manager(**redis_kwargs(pg_url, rdb.url))
+    conversations = {f"{0xD0000000 + i:08x}": make_conversation(2, prefix=f"u{i}-") for i in range(50)}
+
+    async def go():
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        await asyncio.gather(*(amgr.save_conversation(c, v, user_id=user_id) for c, v in conversations.items()))
+        got = await asyncio.gather(
+            *(amgr.get_conversation(c, user_id=user_id) for c in conversations for _ in range(10))
+        )
+        assert got == [v for v in conversations.values() for _ in range(10)]
+        task = asyncio.create_task(amgr.list_conversations(user_id=user_id))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert len(await amgr.list_conversations(user_id=user_id)) == 50
+
+    uvloop.run(go())
