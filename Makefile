@@ -52,12 +52,17 @@ demo: dev ## Run the example chat app on a throwaway Redis and PostgreSQL (or lo
 bench: servers dev ## Benchmarks beside the seed's Python design, then the scale check (BENCH_ARGS="--quick")
 	$(PY) benches/run.py --scale $(BENCH_ARGS)
 
+.PHONY: bench-async
+bench-async: servers dev ## AsyncChatHistoryManager beside the seed's design on redis.asyncio + asyncpg (BENCH_ARGS="--quick")
+	$(PY) benches/async_run.py $(BENCH_ARGS)
+
 .PHONY: lint
-lint: venv ## rustfmt, clippy (pedantic), ruff
+lint: venv ## rustfmt, clippy (pedantic), ruff, mypy (a typed asyncio sample against the stubs)
 	cargo fmt --check
 	cargo clippy --all-targets --features python -- -D warnings
 	$(PIP) install --quiet "ruff==0.15.*"
 	$(VENV)/bin/ruff check .
+	MYPYPATH=python $(VENV)/bin/mypy --strict examples/typed_async.py
 
 .PHONY: clean
 clean: ## Remove build outputs and the venv

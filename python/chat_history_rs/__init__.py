@@ -3,6 +3,10 @@
 A drop-in replacement for the Phase 1 ``ChatHistoryManager``::
 
     from chat_history_rs import ChatHistoryManager
+
+and its asyncio twin, every method a coroutine::
+
+    from chat_history_rs import AsyncChatHistoryManager
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import atexit
 import os
 
 from chat_history_rs._core import (
+    AsyncChatHistoryManager,
     ChatHistoryError,
     ChatHistoryManager,
     ClosedError,
@@ -29,6 +34,7 @@ from chat_history_rs._core import (
 )
 
 __all__ = [
+    "AsyncChatHistoryManager",
     "ChatHistoryError",
     "ChatHistoryManager",
     "ClosedError",

@@ -181,3 +181,86 @@ def _after_fork_in_child() -> None:
 
 def _failpoints_enabled() -> bool:
     """Whether this build has the test-only failpoints (``make dev-test``)."""
+
+class AsyncChatHistoryManager:
+    """The asyncio twin of ``ChatHistoryManager``: the same constructor arguments and environment
+    variables, the same methods, each a coroutine (``await m.get_conversation(cid, user_id=u)``),
+    the same return values and exceptions.
+
+    Calls run the synchronous core on a bounded pool of threads shared by every manager in the
+    process, so a thousand calls in flight neither block the event loop nor take a thread each.
+    A manager is not tied to an event loop: successive ``asyncio.run()`` calls and loops in other
+    threads may share it. A cancelled call leaves every conversation whole: the call either never
+    started or ran to its end. The constructor connects (and creates the schema when missing)
+    before it returns, as ``ChatHistoryManager`` does. ``async with`` flushes and closes.
+    """
+
+    def __init__(
+        self,
+        mode: Literal["local", "postgres", "redis"] = "local",
+        base_dir: Optional[Union[str, os.PathLike[str]]] = None,
+        connection_string: Optional[str] = None,
+        history_days: int = 7,
+        redis_enabled: Optional[bool] = None,
+        *,
+        postgres_pool_size: int = 4,
+        postgres_connect_timeout: float = 5.0,
+        postgres_ca_file: Optional[Union[str, os.PathLike[str]]] = None,
+        postgres_statement_timeout: float = 30.0,
+        postgres_lock_timeout: float = 5.0,
+        redis_connection_string: Optional[str] = None,
+        redis_host: Optional[str] = None,
+        redis_password: Optional[str] = None,
+        redis_port: Optional[int] = None,
+        redis_ssl: Optional[bool] = None,
+        redis_ttl: Optional[int] = None,
+        redis_pool_size: int = 8,
+        redis_timeout: float = 0.5,
+        redis_ca_file: Optional[Union[str, os.PathLike[str]]] = None,
+        redis_cluster: Optional[bool] = None,
+        flush_interval: float = 10.0,
+        background_flush: bool = True,
+        flush_batch_size: int = 500,
+        close_timeout: float = 30.0,
+    ) -> None: ...
+    @property
+    def mode(self) -> str:
+        """``"local"`` or ``"postgres"`` (Redis is a tier of postgres mode)."""
+    @property
+    def redis_enabled(self) -> bool:
+        """Whether the Redis tier is in use."""
+    @property
+    def postgres_backend(self) -> Optional[PostgresBackend]:
+        """PostgreSQL with the seed's (synchronous, blocking) method names; None in local mode."""
+    @property
+    def redis_backend(self) -> Optional[RedisBackend]:
+        """The Redis cache with the seed's (synchronous, blocking) method names; None without Redis."""
+    async def list_conversations(self, user_id: Optional[str] = None) -> List[Tuple[str, Conversation]]:
+        """As ``ChatHistoryManager.list_conversations``."""
+    async def get_conversation(self, conversation_id: str, user_id: Optional[str] = None) -> Optional[Conversation]:
+        """As ``ChatHistoryManager.get_conversation``."""
+    async def save_conversation(
+        self, conversation_id: str, conversation: ConversationInput, user_id: Optional[str] = None
+    ) -> None:
+        """As ``ChatHistoryManager.save_conversation``."""
+    async def delete_conversation(self, conversation_id: str, user_id: Optional[str] = None) -> None:
+        """As ``ChatHistoryManager.delete_conversation``."""
+    async def flush_dirty_conversations(self) -> int:
+        """Writes conversations still dirty in Redis back to PostgreSQL; returns how many."""
+    async def close(self) -> None:
+        """Flushes what is dirty, then releases the pools. Idempotent."""
+    async def list_conflicts(
+        self, user_id: Optional[str] = None, *, conflict_id: Optional[int] = None, limit: int = 100
+    ) -> List[Conflict]:
+        """As ``ChatHistoryManager.list_conflicts``."""
+    async def restore_conflict(self, conflict_id: int) -> Tuple[str, str]:
+        """As ``ChatHistoryManager.restore_conflict``."""
+    def stats(self) -> Dict[str, Any]:
+        """Counters and gauges (SPEC section 8), synchronously. Never holds a password."""
+    async def __aenter__(self) -> AsyncChatHistoryManager: ...
+    async def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None: ...

@@ -1,6 +1,7 @@
 //! The pyo3 binding layer: argument parsing, dict <-> struct conversion, and the GIL released
 //! around every call that touches a disk or a network. No storage logic lives here.
 
+mod asyncio;
 mod convert;
 mod error;
 mod failpoints;
@@ -639,9 +640,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyChatHistoryManager>()?;
     m.add_class::<PyPostgresBackend>()?;
     m.add_class::<PyRedisBackend>()?;
+    asyncio::register(m)?;
     m.add_function(wrap_pyfunction!(_close_all, m)?)?;
     m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
     failpoints::register(m)?;
+    m.add_function(wrap_pyfunction!(asyncio::_set_asyncio_fast_path, m)?)?;
     let e = error::exceptions(py)?;
     m.add("ChatHistoryError", e.base.bind(py))?;
     m.add("ConfigurationError", e.configuration.bind(py))?;

@@ -1,0 +1,310 @@
+//! `AsyncChatHistoryManager`: the API of `ChatHistoryManager` as coroutines (SPEC section 12).
+//!
+//! Each call runs the synchronous core on a bounded pool of blocking threads (`engine`) and hands
+//! its result to the caller's event loop: through a socket the loop watches on selector loops
+//! (`dispatch`), else through pyo3-async-runtimes' `future_into_py`. The core stays the one tested
+//! implementation: arguments are converted on the loop's thread when the method is called, results
+//! by the synchronous class's converters, errors by `bindings::error`, so both classes return the
+//! same values and raise the same exceptions. The README's asyncio section says why a blocking
+//! pool rather than a native async driver, and how it is bounded.
+//!
+//! A cancelled call that has not started is skipped; one that has started runs to its end on its
+//! thread. Every core call is whole or nothing (a save is one script in Redis, one transaction in
+//! PostgreSQL), so a conversation is never left half-written, whichever way the race goes.
+//!
+//! No event loop is stored with a manager: each call finds the running loop when it starts, so one
+//! manager serves successive `asyncio.run()`s and loops in several threads.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use pyo3::ffi::c_str;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+use pyo3_async_runtimes::generic;
+
+#[cfg(unix)]
+mod dispatch;
+mod engine;
+
+use super::convert::{conversation_from_py, fetched_to_py, listing_to_py, Id};
+use super::PyChatHistoryManager;
+use engine::{engine, CoreRuntime};
+
+use crate::error::Error;
+use crate::manager::{ChatHistory, Fetched};
+use crate::model::Conversation;
+
+/// One core call with its arguments already converted, waiting for its event loop.
+enum Request {
+    List { user_id: Option<String> },
+    Get { conversation_id: String, user_id: Option<String> },
+    Save { conversation_id: String, user_id: Option<String>, conversation: Conversation },
+    Delete { conversation_id: String, user_id: Option<String> },
+    Flush,
+    Close,
+}
+
+impl Request {
+    fn run(self, history: &ChatHistory) -> Result<Reply, Error> {
+        Ok(match self {
+            Request::List { user_id } => Reply::Listing(history.list(user_id.as_deref())?),
+            Request::Get { conversation_id, user_id } => {
+                Reply::Fetched(history.get(&conversation_id, user_id.as_deref())?)
+            }
+            Request::Save { conversation_id, user_id, conversation } => {
+                history.save(&conversation_id, user_id.as_deref(), &conversation)?;
+                Reply::Nothing
+            }
+            Request::Delete { conversation_id, user_id } => {
+                history.delete(&conversation_id, user_id.as_deref())?;
+                Reply::Nothing
+            }
+            Request::Flush => Reply::Count(history.flush()?),
+            Request::Close => {
+                history.close()?;
+                Reply::Nothing
+            }
+        })
+    }
+}
+
+/// A core call's result, turned into Python objects on the thread that holds the GIL to resolve
+/// the caller's future, by the converters the synchronous class uses.
+enum Reply {
+    Listing(Vec<(String, Conversation)>),
+    Fetched(Option<Fetched>),
+    Count(usize),
+    Nothing,
+}
+
+/// A finished core call: its error stays a core error until the GIL is held, then maps to the
+/// `ChatHistoryError` hierarchy in the one place errors are mapped (`bindings::error`).
+enum Outcome {
+    Done(Result<Reply, Error>),
+    /// The core panicked (a bug): the caller gets a RuntimeError rather than waiting forever.
+    Panicked,
+}
+
+impl Outcome {
+    fn of(request: Request, history: &ChatHistory) -> Self {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| request.run(history)))
+            .map_or(Outcome::Panicked, Outcome::Done)
+    }
+}
+
+impl<'py> IntoPyObject<'py> for Outcome {
+    type Target = PyAny;
+    type Output = Bound<'py, PyAny>;
+    type Error = PyErr;
+
+    fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let Outcome::Done(result) = self else {
+            return Err(pyo3::exceptions::PyRuntimeError::new_err("chat_history_rs: a core call panicked"));
+        };
+        Ok(match result? {
+            Reply::Listing(items) => listing_to_py(py, &items)?.into_any(),
+            Reply::Fetched(Some(fetched)) => fetched_to_py(py, &fetched)?.into_any(),
+            Reply::Fetched(None) | Reply::Nothing => py.None().into_bound(py),
+            Reply::Count(n) => n.into_pyobject(py)?.into_any(),
+        })
+    }
+}
+
+/// Aborts a blocking task that has not started when its caller goes away (a cancelled call): a
+/// call nobody waits for any more does no work. One that has started runs to its end.
+struct AbortOnDrop(tokio::task::JoinHandle<Outcome>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The Python side of a call: converted arguments, started when the coroutine is first awaited.
+#[pyclass(name = "_PendingCall", module = "chat_history_rs", frozen)]
+pub struct PyPendingCall {
+    history: Arc<ChatHistory>,
+    request: Mutex<Option<Request>>,
+    /// Set when the caller is cancelled: a core call that has not started by then never does.
+    cancelled: Arc<AtomicBool>,
+}
+
+#[pymethods]
+impl PyPendingCall {
+    /// Called by the coroutine when it is cancelled (a done-callback on every future would cost
+    /// every call a callback; an exception handler costs nothing until it runs).
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+    }
+
+    /// Queues the core call and returns the asyncio future of its result, on the running loop.
+    fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let request = self
+            .request
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("cannot reuse already awaited coroutine"))?;
+        let history = Arc::clone(&self.history);
+        let event_loop = pyo3_async_runtimes::get_running_loop(py)?;
+        #[cfg(unix)]
+        if let Some(mailbox) = dispatch::mailbox(&event_loop)? {
+            let future = event_loop.call_method0(pyo3::intern!(py, "create_future"))?;
+            let cancelled = Arc::clone(&self.cancelled);
+            let waiter = future.clone().unbind();
+            engine().runtime.spawn_blocking(move || {
+                if cancelled.load(Ordering::Acquire) {
+                    return; // cancelled before it started: nothing ran, nothing will
+                }
+                let outcome = Outcome::of(request, &history);
+                mailbox.deliver(dispatch::Finished { future: waiter, outcome });
+            });
+            return Ok(future);
+        }
+        // The general path, for loops that cannot watch a socket.
+        // A cancelled call's future is dropped, which aborts the core call if it has not started.
+        let task = AbortOnDrop(engine().runtime.spawn_blocking(move || Outcome::of(request, &history)));
+        let locals = pyo3_async_runtimes::TaskLocals::new(event_loop).copy_context(py)?;
+        generic::future_into_py_with_locals::<CoreRuntime, _, _>(py, locals, async move {
+            let mut task = task;
+            // Only this future's drop aborts the task, so a join error has nobody waiting for it.
+            (&mut task.0)
+                .await
+                .map_err(|_| pyo3::exceptions::PyRuntimeError::new_err("chat_history_rs: a core call was cancelled"))
+        })
+    }
+}
+
+/// Turns the fast path back to selector event loops on or off (tests use it to exercise the general
+/// path, pyo3-async-runtimes' `future_into_py`, on the default loop).
+#[pyfunction]
+pub fn _set_asyncio_fast_path(enabled: bool) {
+    #[cfg(unix)]
+    dispatch::ENABLED.store(enabled, Ordering::Relaxed);
+    #[cfg(not(unix))]
+    let _ = enabled;
+}
+
+/// The core of `AsyncChatHistoryManager`: each method converts its arguments (raising what the
+/// synchronous class raises for them) and returns the pending call that `manager.py`'s coroutines
+/// await.
+#[pyclass(name = "_AsyncCore", module = "chat_history_rs", frozen)]
+pub struct PyAsyncCore {
+    sync: Py<PyChatHistoryManager>,
+}
+
+impl PyAsyncCore {
+    fn pending(&self, request: Request) -> PyPendingCall {
+        PyPendingCall {
+            history: Arc::clone(&self.sync.get().inner),
+            request: Mutex::new(Some(request)),
+            cancelled: Arc::default(),
+        }
+    }
+}
+
+// pyo3 extracts arguments by value; `Id`s are read, not consumed.
+#[allow(clippy::needless_pass_by_value)]
+#[pymethods]
+impl PyAsyncCore {
+    /// Takes exactly `ChatHistoryManager`'s arguments and environment variables (it builds one).
+    #[new]
+    #[pyo3(signature = (*args, **kwargs))]
+    fn new(py: Python<'_>, args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let sync = py.get_type::<PyChatHistoryManager>().call(args, kwargs)?.cast_into::<PyChatHistoryManager>()?;
+        Ok(PyAsyncCore { sync: sync.unbind() })
+    }
+
+    #[getter]
+    fn mode(&self) -> &'static str {
+        self.sync.get().mode()
+    }
+
+    /// The synchronous manager, for the rare operator calls (conflict copies) that run on the
+    /// event loop's default executor rather than the core pool.
+    #[getter]
+    fn _sync(&self, py: Python<'_>) -> Py<PyChatHistoryManager> {
+        self.sync.clone_ref(py)
+    }
+
+    #[getter]
+    fn redis_enabled(&self) -> bool {
+        self.sync.get().redis_enabled
+    }
+
+    #[getter]
+    fn postgres_backend(&self, py: Python<'_>) -> Option<Py<super::PyPostgresBackend>> {
+        self.sync.get().postgres_backend(py)
+    }
+
+    #[getter]
+    fn redis_backend(&self, py: Python<'_>) -> Option<Py<super::PyRedisBackend>> {
+        self.sync.get().redis_backend(py)
+    }
+
+    #[pyo3(signature = (user_id = None))]
+    fn list_conversations(&self, user_id: Option<Id>) -> PyPendingCall {
+        self.pending(Request::List { user_id: user_id.map(|id| id.0) })
+    }
+
+    #[pyo3(signature = (conversation_id, user_id = None))]
+    fn get_conversation(&self, conversation_id: Id, user_id: Option<Id>) -> PyPendingCall {
+        self.pending(Request::Get { conversation_id: conversation_id.0, user_id: user_id.map(|id| id.0) })
+    }
+
+    #[pyo3(signature = (conversation_id, conversation, user_id = None))]
+    fn save_conversation(
+        &self,
+        conversation_id: Id,
+        conversation: &Bound<'_, PyAny>,
+        user_id: Option<Id>,
+    ) -> PyResult<PyPendingCall> {
+        let conversation = conversation_from_py(&conversation_id, conversation)?;
+        Ok(self.pending(Request::Save {
+            conversation_id: conversation_id.0,
+            user_id: user_id.map(|id| id.0),
+            conversation,
+        }))
+    }
+
+    #[pyo3(signature = (conversation_id, user_id = None))]
+    fn delete_conversation(&self, conversation_id: Id, user_id: Option<Id>) -> PyPendingCall {
+        self.pending(Request::Delete { conversation_id: conversation_id.0, user_id: user_id.map(|id| id.0) })
+    }
+
+    fn flush_dirty_conversations(&self) -> PyPendingCall {
+        self.pending(Request::Flush)
+    }
+
+    fn close(&self) -> PyPendingCall {
+        self.pending(Request::Close)
+    }
+
+    /// Synchronous: it reads counters (and, in redis mode, asks Redis for its memory).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.sync.get().stats(py)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Async{}", self.sync.get().repr)
+    }
+}
+
+/// Adds `AsyncChatHistoryManager` to the module: a Python class (`manager.py`), so that its methods
+/// are true `async def`s (`inspect.iscoroutinefunction` holds, as frameworks that dispatch on it
+/// expect) over the Rust core above.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    let module = PyModule::from_code(
+        py,
+        c_str!(include_str!("manager.py")),
+        c"chat_history_rs/_asyncio.py",
+        c"chat_history_rs._asyncio",
+    )?;
+    module.setattr("_AsyncCore", py.get_type::<PyAsyncCore>())?;
+    module.setattr("ChatHistoryManager", py.get_type::<PyChatHistoryManager>())?;
+    module.call_method0("_finish")?;
+    m.add("AsyncChatHistoryManager", module.getattr("AsyncChatHistoryManager")?)?;
+    Ok(())
+}
