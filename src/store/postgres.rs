@@ -719,9 +719,9 @@ impl PostgresStore {
         user_id: &str,
         min_version: i64,
     ) -> Result<(bool, Option<i64>)> {
+        static SQL: LazyLock<String> = LazyLock::new(delete_sql);
         // A version seen in the cache means the user has a copy there to delete.
         let had_copy = min_version > 0;
-        static SQL: LazyLock<String> = LazyLock::new(delete_sql);
         let ids = [conversation_id];
         let ids = ids.as_slice();
         let rows = self.run(|conn| {
