@@ -19,7 +19,7 @@ use crate::store::postgres::PostgresStore;
 use crate::validate;
 use crate::writeback::{BackgroundFlusher, Flush, FlushReport, Flusher};
 
-/// Where conversations live (SPEC section 2).
+/// Where conversations live (the README's modes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// JSON files in `<base_dir>/.chat_history`.
@@ -109,7 +109,7 @@ struct Counters {
     errors: AtomicU64,
 }
 
-/// A point-in-time copy of the manager's numbers (SPEC section 8).
+/// A point-in-time copy of the manager's numbers (the README, "Observability").
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stats {
     /// The mode's name.
@@ -130,7 +130,7 @@ pub struct Stats {
     pub cache: Option<CacheStats>,
 }
 
-/// The Redis tier's numbers (SPEC section 8).
+/// The Redis tier's numbers (the README, "Observability").
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheStats {
     /// Reads and lists served by Redis.
@@ -167,7 +167,7 @@ pub struct CacheStats {
     pub layout: Option<&'static str>,
 }
 
-/// The chat history of an app: the API of SPEC section 2 over the configured tiers.
+/// The chat history of an app: the six calls of docs/design.md, "The contract", over the configured tiers.
 pub struct ChatHistory {
     mode: Mode,
     history_days: i32,
@@ -198,7 +198,7 @@ pub fn after_fork_in_child() {
     FORK_GENERATION.fetch_add(1, Ordering::AcqRel);
 }
 
-/// Every live manager, so the exit hook can close them all (SPEC section 4.5).
+/// Every live manager, so the exit hook can close them all (docs/design.md, "Write-back").
 static LIVE: Mutex<Vec<Weak<ChatHistory>>> = Mutex::new(Vec::new());
 
 impl ChatHistory {
@@ -450,7 +450,7 @@ impl ChatHistory {
         self.tier.read().unwrap_or_else(PoisonError::into_inner).is_none()
     }
 
-    /// The numbers of SPEC section 8 that this mode has.
+    /// The numbers (the README, "Observability") that this mode has.
     #[must_use]
     pub fn stats(&self) -> Stats {
         let c = &self.counters;
@@ -534,7 +534,7 @@ fn open_tier(settings: &Settings) -> Result<(Tier, Option<BackgroundFlusher>)> {
     Ok((tier, background))
 }
 
-/// Shortest and longest pause before Redis is tried again after it failed (SPEC section 5).
+/// Shortest and longest pause before Redis is tried again after it failed (docs/design.md, "Faults").
 const MIN_REDIS_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_REDIS_BACKOFF: Duration = Duration::from_secs(30);
 

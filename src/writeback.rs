@@ -495,7 +495,7 @@ fn check(member: &str, cached: &Cached) -> std::result::Result<(), String> {
     validate::conversation(conversation_id, &cached.conversation).map_err(|e| e.to_string())
 }
 
-/// The background flusher thread: flushes every `interval` until stopped (SPEC section 4.5).
+/// The background flusher thread: flushes every `interval` until stopped (docs/design.md, "Write-back").
 #[derive(Debug)]
 pub struct BackgroundFlusher {
     stop: Arc<(Mutex<bool>, Condvar)>,

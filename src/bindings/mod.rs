@@ -191,7 +191,7 @@ impl PyChatHistoryManager {
         close_timeout: f64,
     ) -> PyResult<Self> {
         let mut mode = Mode::parse(mode)?;
-        // Keyword arguments win over the environment (SPEC section 2, "Configuration").
+        // Keyword arguments win over the environment (the README, "Configuration").
         let redis_requested = match redis_enabled {
             Some(flag) => flag,
             None => env_flag("REDIS_ENABLED")?.unwrap_or(false),
@@ -445,7 +445,7 @@ impl PyChatHistoryManager {
 }
 
 impl Drop for PyChatHistoryManager {
-    /// A manager dropped without `close()` still writes back what is dirty (SPEC section 4: nothing
+    /// A manager dropped without `close()` still writes back what is dirty (docs/design.md, "The contract": nothing
     /// saved is lost), with the GIL released so other threads run meanwhile.
     fn drop(&mut self) {
         if !self.inner.is_closed() {
