@@ -130,6 +130,25 @@ def test_doctor_warns_about_the_one_primary_that_may_evict_dirty_data(cluster, c
     assert status == "WARN" and "do not agree (allkeys-lru, volatile-lru)" in detail
 
 
+def test_doctor_warns_about_a_shard_near_its_maxmemory_while_the_sum_is_low(cluster, cluster_env):
+    primary = cluster.primaries()[2]
+    node = cluster.node(primary["port"])
+    before = node.config_get("maxmemory")["maxmemory"]
+    node.config_set("maxmemory", int(node.info("memory")["used_memory"] * 1.1))  # about 90 % used
+    try:
+        result = run_cli("doctor", env=cluster_env)
+    finally:
+        node.config_set("maxmemory", before)
+    assert result.returncode == 1, result.stdout
+    checks = doctor_lines(result.stdout)
+    for address, (status, detail) in shard_lines(checks).items():
+        if address == f"127.0.0.1:{primary['port']}":
+            assert status == "WARN" and "above 80 % of maxmemory" in detail, detail
+        else:
+            assert status == "OK", detail
+    assert checks["Redis memory"][0] == "OK"  # the sum is far from its limit
+
+
 def test_stats_on_a_cluster_sums_the_primaries(cluster, cluster_env, pg_url, make_manager, user_id):
     app = make_manager(
         mode="postgres", connection_string=pg_url, redis_enabled=True, redis_connection_string=cluster.url
