@@ -54,6 +54,8 @@ MEMORY_THRESHOLD = 0.80
 # Not in the seed: the background flusher runs every 10 s and a conversation PostgreSQL refuses is
 # retried with a backoff of at most 5 minutes, so a lag beyond that means nothing is flushing.
 DIRTY_AGE_THRESHOLD = 300.0
+# Hash slots of a Redis Cluster: every one must be served for every user's keys to be reachable.
+CLUSTER_SLOTS = 16384
 
 ENV_FLAG_TRUE = ("1", "true", "yes", "on")
 ENV_FLAG_FALSE = ("0", "false", "no", "off")
@@ -856,10 +858,11 @@ def _diagnose_cluster(nodes: list[dict[str, Any]], doctor: Doctor) -> None:
     when the sum looks fine)."""
     covered = sum(n.get("slots") or 0 for n in nodes)
     doctor.report(
-        "OK" if covered == 16384 else "WARN",
+        "OK" if covered == CLUSTER_SLOTS else "WARN",
         "Redis mode",
-        f"cluster ({len(nodes)} primar{'ies' if len(nodes) != 1 else 'y'}, {covered} of 16384 slots served);"
-        " cluster key layout",
+        f"cluster ({len(nodes)} primar{'ies' if len(nodes) != 1 else 'y'}, {covered} of {CLUSTER_SLOTS} slots"
+        " served); cluster key layout"
+        + ("" if covered == CLUSTER_SLOTS else "; keys in the slots no primary serves cannot be read or saved"),
     )
     for index, node in enumerate(nodes, start=1):
         status, why = "OK", ""
@@ -910,8 +913,8 @@ def _diagnose_with(manager: ChatHistoryManager, args: argparse.Namespace, settin
             "one endpoint, not a Redis Cluster; cluster key layout (redis_cluster=True, as Azure's Enterprise"
             " clustering policy needs)",
         )
-    if nodes and stats.get("redis_maxmemory_policy") is None:
-        policies = sorted({str(n.get("maxmemory_policy")) for n in nodes})
+    policies = sorted({str(n.get("maxmemory_policy")) for n in nodes})
+    if len(policies) > 1:
         doctor.report(
             "WARN",
             "Redis eviction policy",
