@@ -36,6 +36,8 @@ dev-test: venv ## Build the extension into .venv with the test-only failpoints c
 test: servers dev-test ## Run everything: cargo tests, then pytest against throwaway Redis and PostgreSQL
 	cargo test --quiet
 	$(PY) -m pytest tests
+	@echo "The Redis-tier suites again, on a Redis Cluster (3 primaries, a replica each):"
+	CHR_TEST_REDIS_CLUSTER=1 $(PY) -m pytest tests/test_redis_tier.py tests/test_interleavings.py
 
 .PHONY: soak
 soak: servers dev ## The randomized fault checker for 10 min (CHAOS_SECONDS=600; CHAOS_SEED=n replays a seed's plan)

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use std::collections::{HashMap, VecDeque};
 
+use crate::cache::nodes::{CacheMemory, NodeInfo};
 use crate::cache::redis::{
     Bypass, CacheError, CachedConversation, DirtyEntry, MemoryInfo, RedisCache, SaveOptions, SaveOutcome,
 };
@@ -159,8 +160,11 @@ pub struct CacheStats {
     pub stuck: Vec<String>,
     /// Copies this manager kept aside in `conversation_conflicts` after a divergence.
     pub conflicts_kept: u64,
-    /// Redis memory, when the server allows `INFO`.
+    /// Redis memory, when the server allows `INFO`: on a Redis Cluster the primaries' combined
+    /// (see [`crate::cache::nodes::combined`]).
     pub memory: MemoryInfo,
+    /// A Redis Cluster's primaries with their slots and memory; empty on a single node.
+    pub nodes: Vec<NodeInfo>,
     /// The Redis URL without its password.
     pub redis_url: String,
     /// `"seed"` or `"cluster"`, once Redis has been reached.
@@ -1065,6 +1069,8 @@ impl CachedTier {
         #[allow(clippy::cast_precision_loss)] // seconds since 1970 fit f64 exactly enough
         let oldest_dirty_age_seconds = oldest.map(|since| (now as f64 / 1e6 - since).max(0.0));
         let (read_round_trips, reads_shared) = self.redis.read_batching();
+        let CacheMemory { total: memory, nodes } =
+            if usable { self.redis.cache_memory().unwrap_or_default() } else { CacheMemory::default() };
         CacheStats {
             hits,
             misses,
@@ -1080,7 +1086,8 @@ impl CachedTier {
             conflicts_kept: self.flusher.conflicts_kept.load(Ordering::Relaxed)
                 + self.conflicts_kept.load(Ordering::Relaxed),
             stuck: self.flusher.stuck(),
-            memory: if usable { self.redis.memory().unwrap_or_default() } else { MemoryInfo::default() },
+            memory,
+            nodes,
             redis_url: self.redis.redacted_url().to_owned(),
             layout: if usable { self.redis.layout().ok().map(crate::cache::keys::KeyLayout::name) } else { None },
         }

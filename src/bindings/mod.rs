@@ -425,6 +425,18 @@ impl PyChatHistoryManager {
             dict.set_item("redis_maxmemory_policy", c.memory.policy)?;
             dict.set_item("redis_url", c.redis_url)?;
             dict.set_item("redis_layout", c.layout)?;
+            let nodes = PyList::empty(py);
+            for node in c.nodes {
+                let entry = PyDict::new(py);
+                entry.set_item("address", node.address)?;
+                entry.set_item("slots", node.slots)?;
+                entry.set_item("replicas", node.replicas)?;
+                entry.set_item("used_memory", node.memory.used)?;
+                entry.set_item("maxmemory", node.memory.max)?;
+                entry.set_item("maxmemory_policy", node.memory.policy)?;
+                nodes.append(entry)?;
+            }
+            dict.set_item("redis_nodes", nodes)?;
         }
         Ok(dict)
     }

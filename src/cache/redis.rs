@@ -319,19 +319,11 @@ impl RedisCache {
         }
     }
 
-    /// `INFO memory`, where the server allows it.
+    /// `INFO memory`, where the server allows it. One node's: on a cluster the router sends it to
+    /// every primary, and [`RedisCache::cache_memory`] is what combines them.
     pub fn memory(&self) -> CacheResult<MemoryInfo> {
         let info: String = self.command(redis::cmd("INFO").arg("memory"))?;
-        let field = |name: &str| {
-            info.lines().find_map(|line| {
-                line.strip_prefix(name).and_then(|rest| rest.strip_prefix(':')).map(str::trim).map(str::to_owned)
-            })
-        };
-        Ok(MemoryInfo {
-            used: field("used_memory").and_then(|v| v.parse().ok()),
-            max: field("maxmemory").and_then(|v| v.parse().ok()),
-            policy: field("maxmemory_policy"),
-        })
+        Ok(crate::cache::nodes::parse_memory_info(&info))
     }
 
     /// A round trip, to see whether Redis is back.
