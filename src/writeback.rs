@@ -115,6 +115,12 @@ impl Flusher {
         };
         let started = Instant::now();
         let mut report = FlushReport::default();
+        // On a cluster, now and then: users a crashed process left out of the dirty index.
+        if self.flushes.load(Ordering::Relaxed) % REINDEX_EVERY == 0 {
+            if let Err(e) = self.redis.reindex_dirty_users() {
+                log::debug!("the dirty index could not be checked this time: {}", e.into_error());
+            }
+        }
         let mut cursor = 0;
         let mut batches = 0u64;
         loop {
@@ -439,6 +445,10 @@ impl Flusher {
         failure.error = error;
     }
 }
+
+/// Every this many flushes (and on a process's first), a flusher on a cluster checks the dirty index
+/// for users missing from it (see [`RedisCache::reindex_dirty_users`]).
+const REINDEX_EVERY: u64 = 30;
 
 /// Times a divergence is looked at again when PostgreSQL's row keeps changing under it.
 const RESOLVE_ATTEMPTS: usize = 3;

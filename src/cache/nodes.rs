@@ -126,7 +126,81 @@ fn cluster_nodes(cluster: &mut ClusterConnection) -> redis::RedisResult<Vec<Node
     Ok(nodes)
 }
 
+/// Each primary's address, as `CLUSTER SLOTS` lists them.
+fn primaries(cluster: &mut ClusterConnection) -> redis::RedisResult<Vec<(String, u16)>> {
+    let ask_slots = redis::cmd("CLUSTER").arg("SLOTS").clone();
+    let slots = cluster.route_command(&ask_slots, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))?;
+    Ok(primaries_from_slots(&slots).into_iter().map(|(host, port, _, _)| (host, port)).collect())
+}
+
+/// Every key matching `pattern` on every primary (`SCAN` on each, since a cluster has no one
+/// keyspace to scan).
+fn scan_primaries(cluster: &mut ClusterConnection, pattern: &str) -> redis::RedisResult<Vec<String>> {
+    let mut keys = Vec::new();
+    for (host, port) in primaries(cluster)? {
+        let mut cursor: u64 = 0;
+        loop {
+            let scan = redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).clone();
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port });
+            let (next, found): (u64, Vec<String>) = redis::from_redis_value(cluster.route_command(&scan, routing)?)?;
+            keys.extend(found);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+    }
+    Ok(keys)
+}
+
 impl RedisCache {
+    /// Cluster: puts back into the dirty index every user whose dirty set is not empty but who is
+    /// missing from the index (a process that died between a save's script and the index entry
+    /// leaves such a user: the conversation is dirty and safe, but no flusher would find it).
+    /// Returns how many users were put back. A full scan of every primary, so flushers run it
+    /// rarely (docs/design.md, "Redis Cluster").
+    pub fn reindex_dirty_users(&self) -> CacheResult<usize> {
+        let layout = self.layout()?;
+        if layout != crate::cache::keys::KeyLayout::Cluster {
+            return Ok(0);
+        }
+        let keys = self.run_on(|conn| match &mut conn.con {
+            Con::Single(single) => {
+                let mut keys = Vec::new();
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(layout.dirty_sets_pattern())
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query(single)?;
+                    keys.extend(found);
+                    cursor = next;
+                    if cursor == 0 {
+                        return Ok(keys);
+                    }
+                }
+            }
+            Con::Cluster(cluster) => scan_primaries(cluster, layout.dirty_sets_pattern()),
+        })?;
+        let mut put_back = 0;
+        for key in keys {
+            let Some(user) = layout.user_of_dirty_set(&key) else { continue };
+            let Some(bucket) = layout.dirty_bucket(&user) else { continue };
+            let indexed: Option<f64> = self.command(redis::cmd("ZSCORE").arg(&bucket).arg(&user))?;
+            if indexed.is_none() && self.command::<u64>(redis::cmd("SCARD").arg(&key))? > 0 {
+                self.index_dirty_user(&user)?;
+                put_back += 1;
+            }
+        }
+        if put_back > 0 {
+            log::warn!("{put_back} users with dirty conversations were missing from the dirty index; put back");
+        }
+        Ok(put_back)
+    }
+
     /// The cache's memory: one node's `INFO memory`, or on a Redis Cluster each primary's (with
     /// its slots and replicas) and their [`combined`] numbers.
     pub fn cache_memory(&self) -> CacheResult<CacheMemory> {
