@@ -552,8 +552,12 @@ const MAX_BYPASSES: usize = 100_000;
 #[derive(Debug, Default)]
 struct Health {
     degraded: AtomicBool,
-    /// Whether `bypasses` has entries: checked on every call without taking the lock.
+    /// Whether bypasses wait to be replayed, or a replay is under way: checked on every call without
+    /// taking a lock. Cleared only once a replay finished with nothing left, so no call reads Redis
+    /// while another thread's replay has taken the entries but not yet acted on them.
     pending: AtomicBool,
+    /// One replay at a time; a call that finds one under way waits for it.
+    replaying: Mutex<()>,
     state: Mutex<HealthState>,
 }
 
@@ -721,10 +725,20 @@ impl CachedTier {
         if !self.health.pending.load(Ordering::Acquire) {
             return Ok(());
         }
+        let _turn = self.health.replaying.lock().unwrap_or_else(PoisonError::into_inner);
+        if !self.health.pending.load(Ordering::Acquire) {
+            return Ok(()); // another thread's replay finished while this one waited
+        }
         let (items, untracked) = {
             let mut state = self.health.lock();
-            self.health.pending.store(false, Ordering::Release);
             (state.bypasses.drain().map(|(_, b)| b).collect::<Vec<_>>(), std::mem::take(&mut state.untracked))
+        };
+        // Done (with nothing left): writes remembered meanwhile keep it pending.
+        let finished = || {
+            let state = self.health.lock();
+            if state.bypasses.is_empty() {
+                self.health.pending.store(false, Ordering::Release);
+            }
         };
         if untracked > 0 {
             log::error!(
@@ -735,6 +749,7 @@ impl CachedTier {
         match self.redis.invalidate(&items) {
             Ok(diverged) if diverged.is_empty() => {
                 log::info!("Redis brought in line with {} writes made while it was away", items.len());
+                finished();
                 Ok(())
             }
             Ok(diverged) => {
@@ -755,6 +770,7 @@ impl CachedTier {
                     .collect();
                 let left = self.redis.invalidate(&unresolved).unwrap_or(diverged);
                 if left.is_empty() {
+                    finished();
                     return Ok(());
                 }
                 let mut state = self.health.lock();
