@@ -271,9 +271,7 @@ def test_postgres_rotation_costs_no_failed_call(
         cur.execute(f"ALTER ROLE {role} PASSWORD %s", (new,))
     provider.password = new
     with admin.cursor() as cur:
-        cur.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = %s", (role,)
-        )
+        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = %s", (role,))
         assert cur.fetchone()[0] >= 1
     with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
         pg_scram_params.with_login(role, old).connect()
@@ -333,7 +331,9 @@ def test_postgres_provider_that_raises_fails_the_call_and_stores_nothing(
     provider.error = KeyError("no secret named app-db")
     with admin.cursor() as cur:
         cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
-    with pytest.raises(UnavailableError, match="postgres_credential_provider raised KeyError: 'no secret named app-db'"):
+    with pytest.raises(
+        UnavailableError, match="postgres_credential_provider raised KeyError: 'no secret named app-db'"
+    ):
         manager.save_conversation("abab0002", sample_conversation(1), user_id)
     check = pg_scram_params.connect()
     try:
@@ -364,7 +364,9 @@ def test_async_manager_takes_the_providers(pg_role, pg_scram_params, sample_conv
     conv = sample_conversation(2)
 
     async def main():
-        async with AsyncChatHistoryManager(mode="postgres", connection_string=dsn, postgres_credential_provider=provider) as m:
+        async with AsyncChatHistoryManager(
+            mode="postgres", connection_string=dsn, postgres_credential_provider=provider
+        ) as m:
             await m.save_conversation("acac0001", conv, user_id)
             return await m.get_conversation("acac0001", user_id)
 
@@ -397,7 +399,13 @@ def test_nothing_the_provider_returns_in_repr_stats_or_logs(
     assert manager.get_conversation("aded0001", user_id) == conv
     manager.flush_dirty_conversations()
     shown = "\n".join(
-        [repr(manager), str(manager.stats()), repr(manager.redis_backend), repr(manager.postgres_backend), log_texts(caplog)]
+        [
+            repr(manager),
+            str(manager.stats()),
+            repr(manager.redis_backend),
+            repr(manager.postgres_backend),
+            log_texts(caplog),
+        ]
     )
     for secret in (redis_user, redis_password, role, pg_password):
         assert secret not in shown
@@ -498,7 +506,9 @@ def test_azure_provider_without_azure_identity_says_how_to_install(pg_scram_para
 
     if importlib.util.find_spec("azure") is not None and importlib.util.find_spec("azure.identity") is not None:
         pytest.skip("azure-identity is installed")
-    with pytest.raises(UnavailableError, match=r'postgres_credential_provider raised ImportError: .*chat-history-rs\[azure\]'):
+    with pytest.raises(
+        UnavailableError, match=r"postgres_credential_provider raised ImportError: .*chat-history-rs\[azure\]"
+    ):
         make_manager(
             mode="postgres",
             connection_string=pg_scram_params.dsn,

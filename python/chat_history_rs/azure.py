@@ -61,7 +61,7 @@ class _SharedCredential:
         with self._lock:
             if self._credential is None:
                 try:
-                    from azure.identity import DefaultAzureCredential
+                    from azure.identity import DefaultAzureCredential  # type: ignore[import-not-found,unused-ignore]
                 except ImportError as exc:
                     raise ImportError(_INSTALL_HINT) from exc
                 # A user-assigned managed identity is picked by its client id; workload identity and
