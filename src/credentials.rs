@@ -44,7 +44,10 @@ pub struct CredentialProvider {
 
 impl std::fmt::Debug for CredentialProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CredentialProvider").field("name", &self.name).field("margin", &self.margin).finish()
+        f.debug_struct("CredentialProvider")
+            .field("name", &self.name)
+            .field("margin", &self.margin)
+            .finish_non_exhaustive()
     }
 }
 

@@ -193,15 +193,14 @@ impl RedisCache {
                 Some(provider) => renew_if_due(&mut conn, provider),
             };
             let result = match renewed {
-                Ok(Renewal::Ready) => op(&mut conn),
-                // A connection replaced for its credentials is used anyway once every attempt went
-                // to replacing: a provider whose credentials are always due must not stall calls.
                 Ok(Renewal::Replace) if attempt < attempts => {
                     conn.broken = true;
                     log::debug!("Redis Cluster connection replaced before its credentials expire");
                     continue;
                 }
-                Ok(Renewal::Replace) => op(&mut conn),
+                // A connection to replace is used anyway once every attempt went to replacing: a
+                // provider whose credentials are always due must not stall calls.
+                Ok(Renewal::Ready | Renewal::Replace) => op(&mut conn),
                 Err(e) => Err(e),
             };
             match result {
