@@ -538,3 +538,79 @@ def test_azure_redis_provider_logs_in_to_redis(acl_redis, pg_url, make_manager, 
     assert manager.get_conversation("a2a20001", user_id) == conv
     assert product_clients(admin, oid)
     assert admin.exists(conv_key(user_id, "a2a20001"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Redis Cluster: a cluster connection is replaced (not re-authenticated) before its credentials expire
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from cluster_support import RedisClusterServers
+    from servers import ServerError
+
+    try:
+        servers = RedisClusterServers()
+    except ServerError as exc:
+        pytest.skip(str(exc))
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.remove()
+
+
+def cluster_clients(cluster, user):
+    return [c for port in cluster.ports for c in cluster.node(port).client_list() if c.get("user") == user]
+
+
+@pytest.mark.slow
+def test_cluster_connections_get_fresh_credentials(cluster, pg_url, make_manager, sample_conversation, user_id):
+    cluster.wait_healthy()
+    first_user, second_user = "cfirst-" + secrets.token_hex(4), "csecond-" + secrets.token_hex(4)
+    for port in cluster.ports:
+        add_user(cluster.node(port), first_user, "pw-a")
+        add_user(cluster.node(port), second_user, "pw-b")
+    provider = Provider(first_user, "pw-a", lifetime=4.0)
+    manager = make_manager(
+        mode="postgres",
+        connection_string=pg_url,
+        redis_enabled=True,
+        redis_connection_string=cluster.url,
+        redis_pool_size=1,
+        redis_credential_provider=provider,
+        credential_refresh_margin=1.5,
+        background_flush=False,
+    )
+    conv = sample_conversation(2)
+    manager.save_conversation("c1c10001", conv, user_id)
+    # (stats() is left until the end: on a cluster it does not leave its connection in the pool.)
+    assert cluster_clients(cluster, first_user)
+    first_expiry = provider.calls[0] + 4.0
+    provider.username, provider.password = second_user, "pw-b"
+
+    def renewed():
+        assert manager.get_conversation("c1c10001", user_id) == conv
+        return cluster_clients(cluster, second_user)
+
+    wait_until(renewed, timeout=10, interval=0.2, what="a cluster connection logged in as the second user")
+    assert first_expiry - 1.5 <= provider.calls[1] < first_expiry, "replaced when due, before the expiry"
+    wait_until(lambda: not cluster_clients(cluster, first_user), timeout=5, what="the old connection to close")
+
+    # A rotation with every connection of the user killed on every node: no failed call, no fallback.
+    provider.lifetime = None
+    for port in cluster.ports:
+        node = cluster.node(port)
+        node.execute_command("ACL", "SETUSER", second_user, ">pw-c", "<pw-b")
+    provider.password = "pw-c"
+    for port in cluster.ports:
+        cluster.node(port).execute_command("CLIENT", "KILL", "USER", second_user)
+    other = sample_conversation(3)
+    manager.save_conversation("c1c10002", other, user_id)
+    assert manager.get_conversation("c1c10002", user_id) == other
+    assert manager.get_conversation("c1c10001", user_id) == conv
+    stats = manager.stats()
+    assert stats["redis_layout"] == "cluster"
+    assert stats["postgres_fallbacks"] == 0 and stats["errors"] == 0
+    assert stats["redis_available"] is True
