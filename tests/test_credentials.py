@@ -614,3 +614,98 @@ def test_cluster_connections_get_fresh_credentials(cluster, pg_url, make_manager
     assert stats["redis_layout"] == "cluster"
     assert stats["postgres_fallbacks"] == 0 and stats["errors"] == 0
     assert stats["redis_available"] is True
+
+
+# --------------------------------------------------------------------------------------------------
+# The CLI and the example app select Entra ID from the environment (a stand-in azure.identity module)
+# --------------------------------------------------------------------------------------------------
+
+FAKE_AZURE_IDENTITY = """
+import os, time
+from collections import namedtuple
+
+AccessToken = namedtuple("AccessToken", "token expires_on")
+
+
+class DefaultAzureCredential:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def get_token(self, *scopes, **kwargs):
+        assert scopes == ("https://ossrdbms-aad.database.windows.net/.default",), scopes
+        assert self.kwargs == {"managed_identity_client_id": os.environ["EXPECTED_CLIENT_ID"]}, self.kwargs
+        return AccessToken(os.environ["FAKE_ENTRA_TOKEN"], int(time.time()) + 3600)
+"""
+
+
+@pytest.fixture
+def fake_azure_identity(tmp_path, monkeypatch):
+    """A directory holding a stand-in `azure.identity` (DefaultAzureCredential handing out
+    FAKE_ENTRA_TOKEN), first on sys.path; returns the directory."""
+    package = tmp_path / "fake_site" / "azure" / "identity"
+    package.mkdir(parents=True)
+    (package.parent / "__init__.py").write_text("")
+    (package / "__init__.py").write_text(FAKE_AZURE_IDENTITY)
+    monkeypatch.syspath_prepend(str(tmp_path / "fake_site"))
+    for name in [m for m in sys.modules if m == "azure" or m.startswith("azure.")]:
+        monkeypatch.delitem(sys.modules, name)
+    return tmp_path / "fake_site"
+
+
+@pytest.mark.parametrize("token_is_right", [True, False])
+def test_cli_logs_in_with_entra_id_from_the_environment(pg_role, pg_scram_params, fake_azure_identity, token_is_right):
+    import os
+    import subprocess
+
+    role, password, _ = pg_role
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "POSTGRES_", "DATABASE_URL"))}
+    env.update(
+        DATABASE_URL=f"host={pg_scram_params.host} port={pg_scram_params.port} dbname={pg_scram_params.dbname}",
+        POSTGRES_AUTH="entra",
+        POSTGRES_ENTRA_USER=role,
+        AZURE_CLIENT_ID="client-id-1",
+        EXPECTED_CLIENT_ID="client-id-1",
+        FAKE_ENTRA_TOKEN=password if token_is_right else "wrong-token",
+        PYTHONPATH=f"{fake_azure_identity}{os.pathsep}{env.get('PYTHONPATH', '')}",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "chat_history_rs", "init-db"], env=env, capture_output=True, text=True, timeout=60
+    )
+    if token_is_right:
+        assert result.returncode == 0, result.stdout + result.stderr
+    else:
+        assert result.returncode != 0
+        assert "wrong-token" not in result.stdout + result.stderr
+        assert password not in result.stdout + result.stderr
+
+
+def test_example_app_logs_in_with_entra_id_from_the_environment(
+    pg_role, pg_scram_params, fake_azure_identity, monkeypatch, make_manager, sample_conversation, user_id
+):
+    from pathlib import Path
+
+    role, password, _ = pg_role
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples" / "streamlit_app"))
+    import chat_config
+
+    monkeypatch.setenv("FAKE_ENTRA_TOKEN", password)
+    monkeypatch.setenv("EXPECTED_CLIENT_ID", "client-id-2")
+    environ = {
+        "CHAT_HISTORY_MODE": "local_psql",
+        "DATABASE_URL": f"host={pg_scram_params.host} port={pg_scram_params.port} dbname={pg_scram_params.dbname}",
+        "POSTGRES_AUTH": "entra",
+        "POSTGRES_ENTRA_USER": role,
+        "AZURE_CLIENT_ID": "client-id-2",
+    }
+    settings = chat_config.load_settings(environ)
+    assert password not in repr(settings)
+    kwargs = settings.manager_kwargs()
+    assert set(kwargs) >= {"postgres_credential_provider"} and "redis_credential_provider" not in kwargs
+    manager = make_manager(**kwargs)
+    conv = sample_conversation(2)
+    manager.save_conversation("e1e10001", conv, user_id)
+    assert manager.get_conversation("e1e10001", user_id) == conv
+    with pytest.raises(chat_config.SettingsError, match="POSTGRES_ENTRA_USER"):
+        chat_config.load_settings({**environ, "POSTGRES_ENTRA_USER": ""})
+    with pytest.raises(chat_config.SettingsError, match="REDIS_AUTH"):
+        chat_config.load_settings({**environ, "REDIS_AUTH": "key"})
