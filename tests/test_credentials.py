@@ -709,3 +709,30 @@ def test_example_app_logs_in_with_entra_id_from_the_environment(
         chat_config.load_settings({**environ, "POSTGRES_ENTRA_USER": ""})
     with pytest.raises(chat_config.SettingsError, match="REDIS_AUTH"):
         chat_config.load_settings({**environ, "REDIS_AUTH": "key"})
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_forked_child_opens_its_connections_with_the_provider(pg_role, pg_scram_params, make_manager, user_id):
+    # The child's first call goes through postgres_backend, whose pools open with the GIL held by
+    # the caller: the provider runs on the pool's thread and must get the GIL without a stall.
+    import os
+
+    role, password, _ = pg_role
+    provider = Provider(role, password)
+    dsn = f"host={pg_scram_params.host} port={pg_scram_params.port} dbname={pg_scram_params.dbname}"
+    manager = make_manager(
+        mode="postgres", connection_string=dsn, postgres_connect_timeout=5.0, postgres_credential_provider=provider
+    )
+    manager.save_conversation("f0f00001", {"title": "t", "model": "m", "messages": []}, user_id)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            started = time.monotonic()
+            shown = repr(manager.postgres_backend)
+            assert manager.postgres_backend.get_conversation("f0f00001", user_id)["title"] == "t"
+            code = 0 if time.monotonic() - started < 3.0 and password not in shown else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child's first calls failed or stalled"

@@ -539,8 +539,9 @@ impl PyPostgresBackend {
         Ok(())
     }
 
-    fn __repr__(&self) -> PyResult<String> {
-        Ok(format!("PostgresBackend({:?})", self.store()?.redacted_url()))
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        // Detached: in a forked child `store()` opens the pool (see `PyRedisBackend::cache`).
+        Ok(format!("PostgresBackend({:?})", py.detach(|| self.store())?.redacted_url()))
     }
 }
 
@@ -552,7 +553,10 @@ pub struct PyRedisBackend {
 
 impl PyRedisBackend {
     fn cache(&self) -> Result<Arc<RedisCache>, Error> {
-        self.inner.redis()?.ok_or_else(|| Error::config("this manager has no Redis cache"))
+        // In a forked child this opens the pools, whose connections may call a credential provider
+        // from another thread: the GIL must be free meanwhile.
+        let cache = Python::attach(|py| py.detach(|| self.inner.redis()))?;
+        cache.ok_or_else(|| Error::config("this manager has no Redis cache"))
     }
 }
 
