@@ -36,6 +36,8 @@ dev-test: venv ## Build the extension into .venv with the test-only failpoints c
 test: servers dev-test ## Run everything: cargo tests, then pytest against throwaway Redis and PostgreSQL
 	cargo test --quiet
 	$(PY) -m pytest tests
+	@echo "The Redis-tier suites again, on a Redis Cluster (3 primaries, a replica each):"
+	CHR_TEST_REDIS_CLUSTER=1 $(PY) -m pytest tests/test_redis_tier.py tests/test_interleavings.py
 
 .PHONY: soak
 soak: servers dev ## The randomized fault checker for 10 min (CHAOS_SECONDS=600; CHAOS_SEED=n replays a seed's plan)
@@ -49,8 +51,9 @@ demo: dev ## Run the example chat app on a throwaway Redis and PostgreSQL (or lo
 	$(PY) examples/demo.py
 
 .PHONY: bench
-bench: servers dev ## Benchmarks beside the seed's Python design, then the scale check (BENCH_ARGS="--quick")
+bench: servers dev ## Benchmarks beside the seed's Python design, the scale check, the cluster (BENCH_ARGS="--quick")
 	$(PY) benches/run.py --scale $(BENCH_ARGS)
+	$(PY) benches/cluster.py $(BENCH_ARGS)
 
 .PHONY: bench-async
 bench-async: servers dev ## AsyncChatHistoryManager beside the seed's design on redis.asyncio + asyncpg (BENCH_ARGS="--quick")

@@ -12,10 +12,8 @@ through the product (`ChatHistoryManager` in redis mode, background_flush=False)
 3. times one `flush_dirty_conversations()` of everything dirty (100,000 + the probe) into the empty
    database, and reports the process's peak RSS during it (getrusage, after resetting the peak).
 
-The fill is untimed. Before the product saves a batch of new ids, their `owner:<id>` keys are set
-in one pipeline, so each save is the product's one-round-trip save instead of also asking
-PostgreSQL who owns the id (what a first save of an unknown id does; not what is measured here).
-If filling takes longer than the budget, the run stops at the size reached and says so. Results are
+The fill is untimed (each new id's first save also asks PostgreSQL who owns it, as a first save
+does). If filling takes longer than the budget, the run stops at the size reached and says so. Results are
 printed as a table and written to benches/results/scale.json. No timing is asserted.
 """
 
@@ -65,10 +63,6 @@ def fill(manager, client: redis.Redis, corpus: Corpus, count: int) -> None:
             (users[i // PER_USER], new_conversation_id(), corpus.conversation(2))
             for i in range(start, min(count, start + FILL_CHUNK))
         ]
-        pipe = client.pipeline(transaction=False)
-        for user, cid, _ in items:
-            pipe.set(f"owner:{cid}", user)
-        pipe.execute()
 
         def save(part):
             for user, cid, conv in part:

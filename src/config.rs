@@ -501,7 +501,7 @@ pub struct RedisSettings {
     /// Connections in the r2d2 pool.
     pub pool_size: u32,
     /// Connect, read and write timeout of every Redis call; also how long a call waits for a
-    /// pooled connection. Kept short: a dead Redis must not stall the app (SPEC section 5).
+    /// pooled connection. Kept short: a dead Redis must not stall the app (docs/design.md, "Faults").
     pub timeout: Duration,
     /// Seconds a clean conversation stays cached after its last use.
     pub ttl_seconds: u64,

@@ -27,11 +27,11 @@ impl fmt::Display for Backend {
 pub enum ErrorKind {
     /// Bad settings: unknown mode, missing or malformed connection string, unreadable CA file.
     Config,
-    /// A value of the right type that PostgreSQL would refuse (SPEC section 6).
+    /// A value of the right type that PostgreSQL would refuse (the README, "Errors").
     Validation,
     /// A value of the wrong type (a number where a string belongs, a list that is not a list).
     InvalidType,
-    /// The conversation id belongs to another user (SPEC section 7).
+    /// The conversation id belongs to another user (docs/design.md, "Ownership").
     Ownership,
     /// The server cannot be reached or dropped the connection.
     Unavailable(Backend),

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 ///
 /// Displayed in the form Python's `datetime.isoformat()` gives for a UTC-aware datetime
 /// (`2025-11-26T00:35:21.123456+00:00`, no fraction when it is zero): the form the app writes, so
-/// a conversation saved that way reads back `==` from every tier (SPEC section 2).
+/// a conversation saved that way reads back `==` from every tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(DateTime<Utc>);
 
@@ -283,7 +283,7 @@ pub struct Message {
     pub time: Timestamp,
 }
 
-/// A whole conversation, as the app's dict holds it (SPEC section 2), keys in the app's order.
+/// A whole conversation, as the app's dict holds it keys in the app's order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Conversation {
     /// Shown in the sidebar.

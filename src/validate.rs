@@ -1,5 +1,5 @@
 //! Everything PostgreSQL (or a Redis key) would refuse, refused before anything is stored, with the
-//! field named (SPEC section 6).
+//! field named (the README, "Errors").
 
 use crate::error::{Error, Result};
 use crate::model::Conversation;

@@ -115,6 +115,12 @@ impl Flusher {
         };
         let started = Instant::now();
         let mut report = FlushReport::default();
+        // On a cluster, now and then: users a crashed process left out of the dirty index.
+        if self.flushes.load(Ordering::Relaxed) % REINDEX_EVERY == 0 {
+            if let Err(e) = self.redis.reindex_dirty_users() {
+                log::debug!("the dirty index could not be checked this time: {}", e.into_error());
+            }
+        }
         let mut cursor = 0;
         let mut batches = 0u64;
         loop {
@@ -440,6 +446,10 @@ impl Flusher {
     }
 }
 
+/// Every this many flushes (and on a process's first), a flusher on a cluster checks the dirty index
+/// for users missing from it (see [`RedisCache::reindex_dirty_users`]).
+const REINDEX_EVERY: u64 = 30;
+
 /// Times a divergence is looked at again when PostgreSQL's row keeps changing under it.
 const RESOLVE_ATTEMPTS: usize = 3;
 /// Why a copy was kept aside (the `reason` column).
@@ -495,7 +505,7 @@ fn check(member: &str, cached: &Cached) -> std::result::Result<(), String> {
     validate::conversation(conversation_id, &cached.conversation).map_err(|e| e.to_string())
 }
 
-/// The background flusher thread: flushes every `interval` until stopped (SPEC section 4.5).
+/// The background flusher thread: flushes every `interval` until stopped (docs/design.md, "Write-back").
 #[derive(Debug)]
 pub struct BackgroundFlusher {
     stop: Arc<(Mutex<bool>, Condvar)>,

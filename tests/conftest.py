@@ -123,6 +123,19 @@ def redis_server():
         server.remove()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_servers():
+    """A throwaway Redis Cluster for the session (the Redis-tier suites run on it with CHR_TEST_REDIS_CLUSTER=1)."""
+    from cluster_support import RedisClusterServers
+
+    servers = RedisClusterServers()
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.remove()
+
+
 @pytest.fixture
 def redis_url(redis_server) -> str:
     return redis_server.url

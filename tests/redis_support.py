@@ -9,7 +9,9 @@ Builds on conftest.py's servers and per-test databases. Fixtures (import them in
                         off unless asked for), closed after the test
 
 The Redis named by CHR_TEST_REDIS_URL, if any, must be disposable: these tests empty it.
-Helpers read Redis with redis-py and PostgreSQL with psycopg2, the seed's key layout (SPEC section 3).
+Helpers read Redis with redis-py and PostgreSQL with psycopg2, in the seed's key layout; with
+CHR_TEST_REDIS_CLUSTER=1 `rdb` is a throwaway Redis Cluster (3 primaries, a replica each) and the
+helpers read the cluster layout (docs/design.md, "Redis Cluster"), so a suite runs on both.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import redis
 
 from servers import RedisServer, ServerError
 
+# The suite on a Redis Cluster instead of one node (make test runs the Redis-tier suites both ways).
+CLUSTER = os.environ.get("CHR_TEST_REDIS_CLUSTER") == "1"
 DIRTY_SET = "dirty:convs"
 SEED_FIELDS = ("title", "model", "messages", "created_at", "last_modified", "dirty")
 DEFAULT_TTL = 1800
@@ -41,12 +45,32 @@ DEFAULT_TTL = 1800
 # --------------------------------------------------------------------------------------------------
 
 
+def _user(user_id: str) -> str:
+    """The user part of a key: a hash tag on a cluster."""
+    return f"{{{user_id}}}" if CLUSTER else user_id
+
+
 def conv_key(user_id: str, conversation_id: str) -> str:
-    return f"conv:{user_id}:{conversation_id}"
+    return f"conv:{_user(user_id)}:{conversation_id}"
 
 
 def list_key(user_id: str) -> str:
-    return f"user:{user_id}:convlist"
+    return f"user:{_user(user_id)}:convlist"
+
+
+def user_dirty_key(user_id: str) -> str:
+    return f"user:{_user(user_id)}:dirty"
+
+
+def owner_key(conversation_id: str) -> str:
+    return f"owner:{{{conversation_id}}}" if CLUSTER else f"owner:{conversation_id}"
+
+
+def needs_single_node(what: str) -> None:
+    """Skips a test that cannot mean anything on a cluster (a seed-design writer, a proxy in front of
+    the one server), saying why."""
+    if CLUSTER:
+        pytest.skip(f"on a Redis Cluster: {what}")
 
 
 def dirty_member(user_id: str, conversation_id: str) -> str:
@@ -69,9 +93,34 @@ class RedisHandle:
     server: Any  # servers.RedisServer or ExternalRedis
 
 
+class _ClusterAsServer:
+    """The cluster in `rdb.server`'s place: a test that needs one server's port (to put a proxy in
+    front of it, to stop it) is skipped, since that cannot cut a whole cluster off."""
+
+    controllable = False
+
+    def __init__(self, cluster) -> None:
+        self.cluster = cluster
+        self.url = cluster.url
+
+    @property
+    def port(self) -> int:
+        needs_single_node("a proxy or a restart in front of one node cannot cut the cluster off")
+        raise AssertionError("unreachable")
+
+
 @pytest.fixture
-def rdb(redis_server):
-    """The session's Redis, emptied before the test so `dirty:convs` holds only this test's members."""
+def rdb(request):
+    """The session's Redis, emptied before the test so the dirty sets hold only this test's members."""
+    if CLUSTER:
+        cluster = request.getfixturevalue("redis_cluster_servers")
+        cluster.wait_healthy()
+        cluster.flushall()
+        client = cluster.client()
+        yield RedisHandle(cluster.url, client, _ClusterAsServer(cluster))
+        client.close()
+        return
+    redis_server = request.getfixturevalue("redis_server")
     client = redis_client(redis_server.url)
     client.flushdb()
     yield RedisHandle(redis_server.url, client, redis_server)
@@ -84,6 +133,7 @@ def make_redis_server():
     servers: list[RedisServer] = []
 
     def make(*extra_args: str) -> RedisServer:
+        needs_single_node("the test runs its own single-node Redis (the single-node run covers it)")
         try:
             server = RedisServer(extra_args=list(extra_args))
         except ServerError as exc:
@@ -207,7 +257,7 @@ def assert_cached(
     key = conv_key(user_id, conversation_id)
     assert seed_fields(client, user_id, conversation_id) == {**conversation, "dirty": "1" if dirty else "0"}, key
     remaining = client.ttl(key)
-    in_dirty_set = client.sismember(DIRTY_SET, dirty_member(user_id, conversation_id))
+    in_dirty_set = dirty_member(user_id, conversation_id) in dirty_set(client)
     if dirty:
         assert remaining == -1, f"dirty {key} must not expire, TTL is {remaining}"
         assert in_dirty_set, f"dirty {key} is not in {DIRTY_SET}"
@@ -217,7 +267,13 @@ def assert_cached(
 
 
 def dirty_set(client: redis.Redis) -> set[str]:
-    return client.smembers(DIRTY_SET)
+    """Every dirty `<user>:<id>` member: the seed's one set, or every user's on a cluster."""
+    if not CLUSTER:
+        return client.smembers(DIRTY_SET)
+    members: set[str] = set()
+    for key in client.scan_iter(match="user:{*}:dirtyconvs", count=1000):
+        members |= client.smembers(key)
+    return members
 
 
 def seed_view(client: redis.Redis) -> dict:
@@ -233,7 +289,7 @@ def seed_view(client: redis.Redis) -> dict:
             view[key] = {name: data.get(name) for name in SEED_FIELDS}
     for key in client.scan_iter(match="user:*:convlist", count=1000):
         view[key] = client.zrange(key, 0, -1, withscores=True)
-    view[DIRTY_SET] = client.smembers(DIRTY_SET)
+    view[DIRTY_SET] = dirty_set(client)
     return view
 
 
@@ -241,6 +297,7 @@ def write_seed_hash(
     client: redis.Redis, user_id: str, conversation_id: str, conversation: dict, *, dirty: bool = True, ttl=1800
 ) -> None:
     """Writes a conversation exactly as the seed's Python RedisBackend.set_conversation does."""
+    needs_single_node("seed-design writers use the seed layout, which a cluster cannot hold")
     key = conv_key(user_id, conversation_id)
     client.hset(
         key,

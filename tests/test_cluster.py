@@ -200,3 +200,21 @@ def test_resharding_while_threads_save_and_another_instance_flushes(cluster, clu
     assert writer.stats()["dirty_count"] == 0
     for (user, cid), conv in latest.items():
         assert_row_matches(pg_conn, cid, user, conv)
+
+
+def test_a_user_left_out_of_the_dirty_index_is_found_and_flushed(cluster, cluster_manager, pg_conn):
+    """A process that dies between a save's script and its index entry leaves a dirty conversation no
+    flusher walks to; a process's first flush (and every 30th) scans the primaries and puts the user back."""
+    app = cluster_manager()
+    assert app.flush_dirty_conversations() == 0  # this process's first flush (and its scan) is behind it
+    conv = make_conversation(2)
+    app.save_conversation("c6000001", conv, user_id="orphan-user")
+    client = cluster.client()
+    removed = sum(client.zrem(f"dirtyusers:{{{n}}}", "orphan-user") for n in range(64))
+    assert removed == 1  # as if the process died right after the script
+    assert app.flush_dirty_conversations() == 0  # no flusher finds it through the index ...
+    assert app.stats()["dirty_count"] == 0  # ... nor counts it
+    fresh = cluster_manager()
+    assert fresh.flush_dirty_conversations() == 1  # a first flush scans the primaries and finds it
+    assert_row_matches(pg_conn, "c6000001", "orphan-user", conv)
+    client.close()

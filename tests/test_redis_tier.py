@@ -34,6 +34,7 @@ from redis_support import (  # noqa: E402, F401 - fixtures are used by name
     make_redis_server,
     metadata,
     now_iso,
+    owner_key,
     pg_conversation_ids,
     pg_message_count,
     pg_message_identities,
@@ -43,6 +44,7 @@ from redis_support import (  # noqa: E402, F401 - fixtures are used by name
     run_script,
     script_env,
     seed_fields,
+    user_dirty_key,
     seed_view,
     wait_until,
     write_seed_hash,
@@ -117,10 +119,10 @@ def test_a_flush_settles_each_conversation_of_a_large_batch_by_its_own_outcome(
             assert manager.get_conversation(cid, user_id=user) == newer[n]
         else:
             assert_cached(rdb.client, user, cid, conv, dirty=False, ttl=600)
-            assert 0 < rdb.client.ttl(f"owner:{cid}") <= 600, n
+            assert 0 < rdb.client.ttl(owner_key(cid)) <= 600, n
             assert_row_matches(pg_conn, cid, user, conv)
     for user in users:
-        assert rdb.client.scard(f"user:{user}:dirty") == 0
+        assert rdb.client.scard(user_dirty_key(user)) == 0
 
 
 def test_scripts_flushed_from_redis_are_loaded_again(make_redis_manager, rdb, pg_conn, user_id):
@@ -245,12 +247,12 @@ def test_cache_miss_reads_postgres_and_backfills_clean(make_redis_manager, rdb, 
     conversation = make_conversation(3)
     manager.save_conversation(conv_id, conversation, user_id=user_id)
     manager.flush_dirty_conversations()
-    assert rdb.client.delete(conv_key(user_id, conv_id), f"owner:{conv_id}") == 2
+    assert rdb.client.delete(conv_key(user_id, conv_id)) + rdb.client.delete(owner_key(conv_id)) == 2
     stats = manager.stats()
 
     assert manager.get_conversation(conv_id, user_id=user_id) == conversation
     # PostgreSQL stays the record of who owns a clean conversation: a miss writes no owner key.
-    assert not rdb.client.exists(f"owner:{conv_id}")
+    assert not rdb.client.exists(owner_key(conv_id))
     after_miss = manager.stats()
     assert after_miss["cache_misses"] == stats["cache_misses"] + 1
     assert after_miss["cache_hits"] == stats["cache_hits"]
@@ -560,7 +562,7 @@ def test_other_user_cannot_overwrite_read_or_delete(
         rdb.client.delete(conv_key(user_id, conv_id))
     if state == "owner-record-lapsed":
         # Hits give the conversation its TTL back but not its owner record, which may lapse first.
-        assert rdb.client.delete(f"owner:{conv_id}") == 1
+        assert rdb.client.delete(owner_key(conv_id)) == 1
     redis_before = seed_view(rdb.client)
     pg_before = pg_snapshot(pg_conn)
 
@@ -1101,8 +1103,8 @@ def test_a_hit_gives_a_clean_conversation_its_ttl_back_and_a_dirty_one_none(serv
         manager.save_conversation("c1ea0002", clean, user_id=user_id)
         assert manager.flush_dirty_conversations() == 1
         manager.save_conversation("d1a70002", dirty, user_id=user_id)
-        clean_keys = (conv_key(user_id, "c1ea0002"), "owner:c1ea0002")
-        dirty_keys = (conv_key(user_id, "d1a70002"), "owner:d1a70002")
+        clean_keys = (conv_key(user_id, "c1ea0002"), owner_key("c1ea0002"))
+        dirty_keys = (conv_key(user_id, "d1a70002"), owner_key("d1a70002"))
         for key in clean_keys:
             assert rdb.client.expire(key, 5), key
         clean_key = clean_keys[0]
@@ -1115,7 +1117,7 @@ def test_a_hit_gives_a_clean_conversation_its_ttl_back_and_a_dirty_one_none(serv
         assert 500 < rdb.client.ttl(clean_key) <= 600, f"{clean_key} TTL {rdb.client.ttl(clean_key)}"
         # The owner record keeps the TTL it had (see test_other_user_cannot_overwrite_read_or_delete
         # for when it lapses first).
-        assert 0 < rdb.client.ttl("owner:c1ea0002") <= 5
+        assert 0 < rdb.client.ttl(owner_key("c1ea0002")) <= 5
         for key in dirty_keys:
             assert rdb.client.ttl(key) == -1, f"dirty {key} was given a TTL"
         assert manager.stats()["cache_hits"] == 2

@@ -119,7 +119,11 @@ class ChatHistoryManager:
         """Flushes what is dirty (for at most ``close_timeout`` seconds), then releases the pools.
         Idempotent."""
     def stats(self) -> Dict[str, Any]:
-        """Counters and gauges of this manager (docs/monitoring.md). Never holds a password."""
+        """Counters and gauges of this manager (docs/monitoring.md). Never holds a password.
+
+        On a Redis Cluster the memory numbers are summed over the primaries and ``redis_nodes`` lists
+        each one (``address``, ``slots``, ``replicas``, ``used_memory``, ``maxmemory``,
+        ``maxmemory_policy``); on one node it is empty."""
     def list_conflicts(
         self, user_id: Optional[str] = None, *, conflict_id: Optional[int] = None, limit: int = 100
     ) -> List[Conflict]:
@@ -272,7 +276,7 @@ class AsyncChatHistoryManager:
     async def restore_conflict(self, conflict_id: int) -> Tuple[str, str]:
         """As ``ChatHistoryManager.restore_conflict``."""
     def stats(self) -> Dict[str, Any]:
-        """Counters and gauges (SPEC section 8), synchronously. Never holds a password."""
+        """Counters and gauges (the README, "Observability"), synchronously. Never holds a password."""
     async def __aenter__(self) -> AsyncChatHistoryManager: ...
     async def __aexit__(
         self,

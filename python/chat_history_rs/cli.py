@@ -55,6 +55,8 @@ MEMORY_THRESHOLD = 0.80
 # Not in the seed: the background flusher runs every 10 s and a conversation PostgreSQL refuses is
 # retried with a backoff of at most 5 minutes, so a lag beyond that means nothing is flushing.
 DIRTY_AGE_THRESHOLD = 300.0
+# Hash slots of a Redis Cluster: every one must be served for every user's keys to be reachable.
+CLUSTER_SLOTS = 16384
 
 ENV_FLAG_TRUE = ("1", "true", "yes", "on")
 ENV_FLAG_FALSE = ("0", "false", "no", "off")
@@ -313,8 +315,12 @@ def format_human(stats: dict[str, Any], postgres: str) -> str:
                 f"  dirty conversations      {stats.get('dirty_count')} (alert above {DIRTY_THRESHOLD})",
                 f"  oldest dirty age         {_age(stats.get('oldest_dirty_age_seconds'))}",
                 f"  Redis memory             {memory}",
-                f"  maxmemory policy         {stats.get('redis_maxmemory_policy') or 'unknown'}",
+                f"  maxmemory policy         {stats.get('redis_maxmemory_policy') or _policy_unknown(stats)}",
             ]
+            nodes = stats.get("redis_nodes") or []
+            if nodes:
+                lines.append(f"  Redis Cluster            {len(nodes)} primaries (memory above is their sum)")
+                lines += [f"    {describe_node(node)}" for node in nodes]
         hit_rate = stats.get("hit_rate")
         lines += [
             "",
@@ -334,6 +340,25 @@ def format_human(stats: dict[str, Any], postgres: str) -> str:
             f"  PostgreSQL fallbacks     {stats.get('postgres_fallbacks')}",
         ]
     return "\n".join(lines)
+
+
+def _policy_unknown(stats: dict[str, Any]) -> str:
+    return "differs between primaries (see below)" if stats.get("redis_nodes") else "unknown"
+
+
+def describe_node(node: dict[str, Any]) -> str:
+    """One cluster primary: where, its slots and replicas, memory and eviction policy."""
+    used, limit = node.get("used_memory"), node.get("maxmemory")
+    memory = f"{_size(used)} used"
+    if limit:
+        memory += f" of {_size(limit)}" + (f" ({used / limit * 100:.1f} %)" if used is not None else "")
+    elif limit == 0:
+        memory += ", no maxmemory limit"
+    replicas = node.get("replicas")
+    return (
+        f"{node.get('address')}: {node.get('slots')} slots, {replicas} replica{'s' if replicas != 1 else ''};"
+        f" {memory}; maxmemory-policy {node.get('maxmemory_policy') or 'unknown'}"
+    )
 
 
 @dataclass(frozen=True)
@@ -432,6 +457,43 @@ def _number(value: float) -> str:
     return repr(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
 
 
+NODE_METRICS = (
+    ("slots", "chat_history_redis_node_slots", "Hash slots a Redis Cluster primary serves"),
+    ("replicas", "chat_history_redis_node_replicas", "Replicas of a Redis Cluster primary"),
+    ("used_memory", "chat_history_redis_node_used_memory_bytes", "A Redis Cluster primary's used_memory"),
+    ("maxmemory", "chat_history_redis_node_maxmemory_bytes", "A Redis Cluster primary's maxmemory; 0 means no limit"),
+)
+
+
+def _emit_nodes(out: list[str], nodes: list[dict[str, Any]]) -> None:
+    """Per-primary gauges of a Redis Cluster, one family each with a `node` label (host:port)."""
+    if not nodes:
+        return
+    families: list[tuple[str, str, list[tuple[dict[str, Any], float]]]] = [
+        (name, help_text, [({"node": n["address"]}, float(n[key])) for n in nodes if n.get(key) is not None])
+        for key, name, help_text in NODE_METRICS
+    ]
+    families.append(
+        (
+            "chat_history_redis_node_maxmemory_policy_info",
+            "A Redis Cluster primary's maxmemory-policy (allkeys-* may evict dirty conversations)",
+            [
+                ({"node": n["address"], "policy": n["maxmemory_policy"]}, 1.0)
+                for n in nodes
+                if n.get("maxmemory_policy")
+            ],
+        )
+    )
+    for name, help_text, samples in families:
+        if not samples:
+            continue
+        out.append(f"# HELP {name} {_help_text(help_text + _GLOBAL)}")
+        out.append(f"# TYPE {name} gauge")
+        for labels, value in samples:
+            label_text = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
+            out.append(f"{name}{{{label_text}}} {_number(value)}")
+
+
 def format_prometheus(stats: dict[str, Any], *, postgres_up: bool | None = None) -> str:
     """stats() in the Prometheus text exposition format (version 0.0.4), ending with a newline.
 
@@ -476,6 +538,7 @@ def format_prometheus(stats: dict[str, Any], *, postgres_up: bool | None = None)
                 1,
                 {"policy": policy},
             )
+        _emit_nodes(out, stats.get("redis_nodes") or [])
     else:
         for metric in METRICS:
             value = metric.value(stats.get(metric.key))
@@ -795,6 +858,32 @@ def _diagnose(args: argparse.Namespace, doctor: Doctor) -> None:
         close_quietly(manager, args.verbose > 0)
 
 
+def _diagnose_cluster(nodes: list[dict[str, Any]], doctor: Doctor) -> None:
+    """A Redis Cluster: how many primaries, then a line per primary (`Redis shard N`), which warns when its
+    policy may evict dirty data or its memory is past the threshold (one full shard refuses saves even
+    when the sum looks fine)."""
+    covered = sum(n.get("slots") or 0 for n in nodes)
+    doctor.report(
+        "OK" if covered == CLUSTER_SLOTS else "WARN",
+        "Redis mode",
+        f"cluster ({len(nodes)} primar{'ies' if len(nodes) != 1 else 'y'}, {covered} of {CLUSTER_SLOTS} slots"
+        " served); cluster key layout"
+        + ("" if covered == CLUSTER_SLOTS else "; keys in the slots no primary serves cannot be read or saved"),
+    )
+    for index, node in enumerate(nodes, start=1):
+        status, why = "OK", ""
+        policy = node.get("maxmemory_policy")
+        if policy is None or node.get("used_memory") is None:
+            status, why = "WARN", "; INFO memory could not be read on this primary"
+        elif eviction_policy_check(policy)[0] != "OK":
+            status, why = "WARN", f"; {eviction_policy_check(policy)[1]}"
+        used, limit = node.get("used_memory"), node.get("maxmemory")
+        if used is not None and limit and used / limit > MEMORY_THRESHOLD:
+            status = "WARN"
+            why += f"; above {MEMORY_THRESHOLD * 100:.0f} % of maxmemory: flush, or scale the cache out"
+        doctor.report(status, f"Redis shard {index}", describe_node(node) + why)
+
+
 def _diagnose_with(manager: ChatHistoryManager, args: argparse.Namespace, settings: Settings, doctor: Doctor) -> None:
     postgres = describe_postgres(manager)
     with _library_log_level(logging.CRITICAL, args.verbose > 0):
@@ -820,8 +909,26 @@ def _diagnose_with(manager: ChatHistoryManager, args: argparse.Namespace, settin
         return
     status, tls = redis_tls(redis_url)
     doctor.report(status, "Redis", f"connected to {redis_url} ({tls})")
-    status, detail = eviction_policy_check(stats.get("redis_maxmemory_policy"))
-    doctor.report(status, "Redis eviction policy", detail)
+    nodes = stats.get("redis_nodes") or []
+    if nodes:
+        _diagnose_cluster(nodes, doctor)
+    elif stats.get("redis_layout") == "cluster":
+        doctor.report(
+            "OK",
+            "Redis mode",
+            "one endpoint, not a Redis Cluster; cluster key layout (redis_cluster=True, as Azure's Enterprise"
+            " clustering policy needs)",
+        )
+    policies = sorted({str(n.get("maxmemory_policy")) for n in nodes})
+    if len(policies) > 1:
+        doctor.report(
+            "WARN",
+            "Redis eviction policy",
+            f"the primaries do not agree ({', '.join(policies)}); set volatile-lru on every one",
+        )
+    else:
+        status, detail = eviction_policy_check(stats.get("redis_maxmemory_policy"))
+        doctor.report(status, "Redis eviction policy", detail + (" (every primary)" if nodes else ""))
     fraction = memory_fraction(stats)
     used = _size(stats.get("redis_used_memory"))
     if stats.get("redis_used_memory") is None:
@@ -876,7 +983,7 @@ a standalone worker), report stats (text, JSON, Prometheus) and check a deployme
 Settings come from the flags, else from the environment the library reads: DATABASE_URL (else the
 example app's POSTGRES_HOST, POSTGRES_PORT, POSTGRES_ADMIN_LOGIN, POSTGRES_ADMIN_PASSWORD,
 POSTGRES_DATABASE, POSTGRES_SSLMODE), REDIS_CONNECTION_STRING (or REDIS_HOST, REDIS_PORT,
-REDIS_PASSWORD, REDIS_SSL), REDIS_CA_FILE. stats and doctor look at Redis whenever one is
+REDIS_PASSWORD, REDIS_SSL), REDIS_CA_FILE, REDIS_CLUSTER. stats and doctor look at Redis whenever one is
 configured, even with REDIS_ENABLED=false: during a rollback that is where unsaved chats are.
 """
 
@@ -894,6 +1001,7 @@ Note: like every manager, the one this command opens writes back what is dirty w
 
 DOCTOR_HELP = f"""\
 Check a deployment: PostgreSQL reachable (and its sslmode), the schema, Redis reachable (and TLS),
+on a Redis Cluster its primaries (each one's slots, memory and policy),
 Redis's eviction policy (allkeys-* is a WARN: it may evict dirty data), Redis memory (WARN above
 {MEMORY_THRESHOLD * 100:.0f} %), dirty conversations (WARN above --max-dirty) and their age (WARN above
 --max-dirty-age). Each check prints OK, WARN or FAIL. Exit 0 all OK, 1 a WARN, 2 a FAIL (Nagios

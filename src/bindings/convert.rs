@@ -66,7 +66,7 @@ impl std::ops::Deref for Id {
 }
 
 /// A timestamp field: an ISO 8601 string or a `datetime` (naive taken as UTC); absent or `None`
-/// means now (SPEC section 2).
+/// means now.
 fn timestamp(conversation_id: &str, field: Field<'_>, value: Option<Bound<'_, PyAny>>) -> Result<Timestamp> {
     let Some(value) = value.filter(|v| !v.is_none()) else {
         return Ok(Timestamp::now());

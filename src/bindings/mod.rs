@@ -205,7 +205,7 @@ impl PyChatHistoryManager {
         let postgres_credentials = postgres_credential_provider
             .map(|callable| credentials::provider("postgres_credential_provider", callable, margin))
             .transpose()?;
-        // Keyword arguments win over the environment (SPEC section 2, "Configuration").
+        // Keyword arguments win over the environment (the README, "Configuration").
         let redis_requested = match redis_enabled {
             Some(flag) => flag,
             None => env_flag("REDIS_ENABLED")?.unwrap_or(false),
@@ -442,6 +442,18 @@ impl PyChatHistoryManager {
             dict.set_item("redis_maxmemory_policy", c.memory.policy)?;
             dict.set_item("redis_url", c.redis_url)?;
             dict.set_item("redis_layout", c.layout)?;
+            let nodes = PyList::empty(py);
+            for node in c.nodes {
+                let entry = PyDict::new(py);
+                entry.set_item("address", node.address)?;
+                entry.set_item("slots", node.slots)?;
+                entry.set_item("replicas", node.replicas)?;
+                entry.set_item("used_memory", node.memory.used)?;
+                entry.set_item("maxmemory", node.memory.max)?;
+                entry.set_item("maxmemory_policy", node.memory.policy)?;
+                nodes.append(entry)?;
+            }
+            dict.set_item("redis_nodes", nodes)?;
         }
         Ok(dict)
     }
@@ -462,7 +474,7 @@ impl PyChatHistoryManager {
 }
 
 impl Drop for PyChatHistoryManager {
-    /// A manager dropped without `close()` still writes back what is dirty (SPEC section 4: nothing
+    /// A manager dropped without `close()` still writes back what is dirty (docs/design.md, "The contract": nothing
     /// saved is lost), with the GIL released so other threads run meanwhile.
     fn drop(&mut self) {
         if !self.inner.is_closed() {

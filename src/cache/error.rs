@@ -24,6 +24,10 @@ impl CacheError {
             || e.is_connection_dropped()
             || e.is_connection_refusal()
             || e.is_unrecoverable_error()
+            // A cluster without a primary for some slot (a failover in progress), or a slot still
+            // moving after the retries: Redis is unusable for now, so back off to PostgreSQL.
+            || matches!(e.code(), Some("CLUSTERDOWN" | "TRYAGAIN" | "MOVED" | "ASK"))
+            || e.to_string().contains("ClusterDown")
         {
             CacheError::Unavailable(e.to_string())
         } else {

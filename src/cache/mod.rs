@@ -7,6 +7,7 @@ mod error;
 mod flush;
 pub mod keys;
 pub mod messages_json;
+pub mod nodes;
 mod pool;
 pub mod redis;
 pub mod scripts;

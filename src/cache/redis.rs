@@ -282,21 +282,34 @@ impl RedisCache {
     fn read_batch(&self, batch: &[&String]) -> Vec<CacheResult<Value>> {
         let ttl = self.ttl();
         let result = self.run_on(|conn| {
+            let expire_gt = conn.expire_gt;
+            let refresh = |key: &str| {
+                if expire_gt {
+                    // GT leaves a key without a TTL (a dirty conversation) without one.
+                    let mut cmd = redis::cmd("EXPIRE");
+                    cmd.arg(key).arg(ttl).arg("GT");
+                    cmd
+                } else {
+                    let mut cmd = scripts::call(&scripts::REFRESH_TTL, &[key]);
+                    cmd.arg(ttl);
+                    cmd
+                }
+            };
+            if let Con::Single(single) = &mut conn.con {
+                // The hot path: one plain pipeline, built once.
+                let mut pipe = redis::pipe();
+                for key in batch {
+                    pipe.cmd("HMGET").arg(key).arg(&READ_FIELDS);
+                    pipe.add_command(refresh(key)).ignore();
+                }
+                return query_loading::<Vec<Value>>(single, &pipe);
+            }
             let mut spread = Spread::default();
             for key in batch {
                 let mut read = redis::cmd("HMGET");
                 read.arg(key).arg(&READ_FIELDS);
                 spread.add(read, true);
-                if conn.expire_gt {
-                    // GT leaves a key without a TTL (a dirty conversation) without one.
-                    let mut refresh = redis::cmd("EXPIRE");
-                    refresh.arg(key).arg(ttl).arg("GT");
-                    spread.add(refresh, false);
-                } else {
-                    let mut refresh = scripts::call(&scripts::REFRESH_TTL, &[key]);
-                    refresh.arg(ttl);
-                    spread.add(refresh, false);
-                }
+                spread.add(refresh(key), false);
             }
             spread.query_on(&mut conn.con)
         });
@@ -328,19 +341,11 @@ impl RedisCache {
         }
     }
 
-    /// `INFO memory`, where the server allows it.
+    /// `INFO memory`, where the server allows it. One node's: on a cluster the router sends it to
+    /// every primary, and [`RedisCache::cache_memory`] is what combines them.
     pub fn memory(&self) -> CacheResult<MemoryInfo> {
         let info: String = self.command(redis::cmd("INFO").arg("memory"))?;
-        let field = |name: &str| {
-            info.lines().find_map(|line| {
-                line.strip_prefix(name).and_then(|rest| rest.strip_prefix(':')).map(str::trim).map(str::to_owned)
-            })
-        };
-        Ok(MemoryInfo {
-            used: field("used_memory").and_then(|v| v.parse().ok()),
-            max: field("maxmemory").and_then(|v| v.parse().ok()),
-            policy: field("maxmemory_policy"),
-        })
+        Ok(crate::cache::nodes::parse_memory_info(&info))
     }
 
     /// A round trip, to see whether Redis is back.

@@ -1,5 +1,5 @@
 //! PostgreSQL: the source of truth. An r2d2 pool of rust-postgres clients over rustls, the Phase 1
-//! schema (SPEC section 3), and one statement per operation so every save is atomic and costs one
+//! schema (the README, "Schema"), and one statement per operation so every save is atomic and costs one
 //! round trip.
 
 use std::collections::HashMap;
@@ -293,7 +293,7 @@ WHERE user_client_id = $1 AND created_at >= NOW() - make_interval(days => $2)
 ORDER BY last_modified DESC, conversation_id";
 
 /// The whole save in one statement, hence one transaction and one round trip:
-/// - upsert the row, keeping `created_at`, and only when the id is the caller's (SPEC section 7:
+/// - upsert the row, keeping `created_at`, and only when the id is the caller's (docs/design.md, "Ownership":
 ///   `conv` is empty for another user's id, and then nothing else below runs);
 /// - drop messages past the new end;
 /// - upsert messages 0..n-1, rewriting only rows whose values changed, so a conversation that

@@ -37,7 +37,7 @@ pub(super) struct Engine {
 }
 
 /// The engine of this process. A forked child cannot use its parent's (the threads did not come
-/// along, SPEC section 4.10), so it is keyed by process id and a child builds its own.
+/// along, docs/design.md, "Processes"), so it is keyed by process id and a child builds its own.
 static ENGINE: Mutex<Option<(u32, &'static Engine)>> = Mutex::new(None);
 
 pub(super) fn engine() -> &'static Engine {

@@ -106,7 +106,7 @@ class AsyncChatHistoryManager:
         return await asyncio.to_thread(self._core._sync.restore_conflict, conflict_id)
 
     def stats(self):
-        """Counters and gauges (SPEC section 8), synchronously. Never holds a password."""
+        """Counters and gauges (the README, "Observability"), synchronously. Never holds a password."""
         return self._core.stats()
 
     async def __aenter__(self):

@@ -1,4 +1,4 @@
-//! `AsyncChatHistoryManager`: the API of `ChatHistoryManager` as coroutines (SPEC section 12).
+//! `AsyncChatHistoryManager`: the API of `ChatHistoryManager` as coroutines (the README, "asyncio").
 //!
 //! Each call runs the synchronous core on a bounded pool of blocking threads (`engine`) and hands
 //! its result to the caller's event loop: through a socket the loop watches on selector loops
