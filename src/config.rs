@@ -13,6 +13,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
+use crate::credentials::CredentialProvider;
 use crate::error::{Error, Result};
 
 /// libpq's `sslmode`, all six of them. tokio-postgres knows three; the verifying ones are
@@ -87,6 +88,9 @@ pub struct PostgresSettings {
     pub statement_timeout: Duration,
     /// The longest any statement may wait for a lock (`lock_timeout`, per session).
     pub lock_timeout: Duration,
+    /// Gives the user and password of every new connection instead of the connection string's
+    /// (`postgres_credential_provider`); connections are recycled before the credentials expire.
+    pub credentials: Option<CredentialProvider>,
 }
 
 /// Default [`PostgresSettings::statement_timeout`].
@@ -104,6 +108,7 @@ impl std::fmt::Debug for PostgresSettings {
             .field("connect_timeout", &self.connect_timeout)
             .field("statement_timeout", &self.statement_timeout)
             .field("lock_timeout", &self.lock_timeout)
+            .field("credentials", &self.credentials.as_ref().map(CredentialProvider::name))
             // `config` holds the password: shown only through `redacted()` above.
             .finish_non_exhaustive()
     }
@@ -156,6 +161,7 @@ impl PostgresSettings {
             connect_timeout,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            credentials: None,
         })
     }
 
@@ -502,6 +508,9 @@ pub struct RedisSettings {
     /// `None`: ask the server whether it is a cluster; `Some(true)`: use the cluster layout (and a
     /// cluster connection when the server is one); `Some(false)`: the seed layout on one node.
     pub cluster: Option<bool>,
+    /// Gives the user and password of every new connection instead of the URL's
+    /// (`redis_credential_provider`); connections authenticate again before the credentials expire.
+    pub credentials: Option<CredentialProvider>,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -513,6 +522,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("timeout", &self.timeout)
             .field("ttl_seconds", &self.ttl_seconds)
             .field("cluster", &self.cluster)
+            .field("credentials", &self.credentials.as_ref().map(CredentialProvider::name))
             .finish()
     }
 }
@@ -634,7 +644,7 @@ impl RedisSettings {
             url.push_str("#insecure");
         }
         let redacted = format!("{scheme}://{hostport}/{db}{}", if insecure { "#insecure" } else { "" });
-        Ok(RedisSettings { url, redacted, ca_file, pool_size, timeout, ttl_seconds, cluster: None })
+        Ok(RedisSettings { url, redacted, ca_file, pool_size, timeout, ttl_seconds, cluster: None, credentials: None })
     }
 
     /// The URL for the driver. Holds the password: never log or show it.

@@ -8,6 +8,7 @@
 //! - [`model`]: conversations, messages, canonical timestamps
 //! - [`validate`]: what PostgreSQL would refuse, refused early
 //! - [`config`]: connection strings and TLS
+//! - [`credentials`]: credentials that expire, from a caller's provider
 //! - [`store`]: JSON files and PostgreSQL
 //! - [`cache`]: the Redis tier
 //! - [`writeback`]: flushing dirty conversations to PostgreSQL
@@ -15,6 +16,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod manager;
 pub mod model;

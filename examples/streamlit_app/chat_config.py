@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from chat_history_rs.azure import providers_from_env
+
 MODES = ("local", "local_psql", "postgres", "local_redis", "redis")
 # The seed's example user id: what local_psql / local_redis use when LOCAL_TEST_CLIENT_ID is unset.
 DEFAULT_TEST_CLIENT_ID = "00000000-0000-0000-0000-000000000001"
@@ -24,6 +26,7 @@ PRINCIPAL_ID_HEADER = "X-MS-CLIENT-PRINCIPAL-ID"
 PRINCIPAL_NAME_HEADER = "X-MS-CLIENT-PRINCIPAL-NAME"
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
+ENTRA_VARIABLES = ("REDIS_AUTH", "POSTGRES_AUTH", "POSTGRES_ENTRA_USER", "AZURE_CLIENT_ID")
 
 
 class SettingsError(ValueError):
@@ -50,6 +53,9 @@ class AppSettings:
     redis_ttl: Optional[int] = None
     history_days: int = 7
     flush_interval: float = 10.0
+    # REDIS_AUTH, POSTGRES_AUTH, POSTGRES_ENTRA_USER, AZURE_CLIENT_ID as set: Microsoft Entra ID
+    # tokens instead of passwords (chat_history_rs.azure.providers_from_env).
+    entra_env: tuple[tuple[str, str], ...] = ()
 
     @property
     def description(self) -> str:
@@ -83,6 +89,8 @@ class AppSettings:
                 kwargs["redis_connection_string"] = self.redis_connection_string
             if self.redis_ttl is not None:
                 kwargs["redis_ttl"] = self.redis_ttl
+        if self.entra_env:
+            kwargs.update(providers_from_env(dict(self.entra_env)))
         return kwargs
 
 
@@ -104,6 +112,11 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> AppSettings:
     # and REDIS_ENABLED=true adds Redis to a postgres mode. Unset, the mode decides.
     redis_enabled = _bool(environ, "REDIS_ENABLED", default=mode.endswith("redis"))
     ttl = environ.get("REDIS_CACHE_TTL", "").strip()
+    entra_env = tuple((name, environ[name]) for name in ENTRA_VARIABLES if environ.get(name, "").strip())
+    try:
+        providers_from_env(dict(entra_env))  # checks the values; azure-identity is needed only later
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
     return AppSettings(
         mode=mode,
         connection_string=connection_string,
@@ -112,6 +125,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> AppSettings:
         redis_ttl=_int(environ, "REDIS_CACHE_TTL", 0) if ttl else None,
         history_days=history_days,
         flush_interval=_float(environ, "CHAT_HISTORY_FLUSH_INTERVAL", 10.0),
+        entra_env=entra_env,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from types import TracebackType
-from typing import Any, Dict, List, Literal, Optional, Tuple, Type, TypedDict, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Type, TypedDict, Union
 
 __version__: str
 
@@ -29,6 +29,16 @@ class Conflict(TypedDict):
     reason: str
     kept_at: str
     restored_at: Optional[str]
+
+CredentialProvider = Callable[[], Union[Tuple[str, str], Tuple[str, str, Optional[float]]]]
+"""``redis_credential_provider`` / ``postgres_credential_provider``: called with no arguments whenever
+a connection opens or must authenticate again (from any thread; the GIL is taken only for the call);
+returns ``(username, password)`` or ``(username, password, expires_at)``, ``expires_at`` in Unix
+seconds. Credentials are renewed ``credential_refresh_margin`` seconds before ``expires_at`` (halfway
+through their life when that is shorter): Redis connections send ``AUTH`` again, PostgreSQL
+connections are replaced. A provider that raises makes the connection attempt fail: the call raises
+``UnavailableError`` naming the provider (in Redis mode, reads and saves fall back to PostgreSQL as when
+Redis is down). ``chat_history_rs.azure`` builds them for Microsoft Entra ID."""
 
 ConversationInput = Dict[str, Any]
 """A conversation to save: the keys of ``Conversation``; timestamps may also be ``datetime``
@@ -70,6 +80,9 @@ class ChatHistoryManager:
         redis_timeout: float = 0.5,
         redis_ca_file: Optional[Union[str, os.PathLike[str]]] = None,
         redis_cluster: Optional[bool] = None,
+        redis_credential_provider: Optional[CredentialProvider] = None,
+        postgres_credential_provider: Optional[CredentialProvider] = None,
+        credential_refresh_margin: float = 180.0,
         flush_interval: float = 10.0,
         background_flush: bool = True,
         flush_batch_size: int = 500,
@@ -222,6 +235,9 @@ class AsyncChatHistoryManager:
         redis_timeout: float = 0.5,
         redis_ca_file: Optional[Union[str, os.PathLike[str]]] = None,
         redis_cluster: Optional[bool] = None,
+        redis_credential_provider: Optional[CredentialProvider] = None,
+        postgres_credential_provider: Optional[CredentialProvider] = None,
+        credential_refresh_margin: float = 180.0,
         flush_interval: float = 10.0,
         background_flush: bool = True,
         flush_batch_size: int = 500,

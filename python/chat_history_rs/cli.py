@@ -36,6 +36,7 @@ from typing import Any, Callable, TextIO
 
 import chat_history_rs
 from chat_history_rs import ChatHistoryError, ChatHistoryManager, ConfigurationError, UnavailableError
+from chat_history_rs.azure import providers_from_env
 
 log = logging.getLogger("chat_history_rs.cli")
 
@@ -181,6 +182,11 @@ def open_manager(args: argparse.Namespace, settings: Settings) -> ChatHistoryMan
         if settings.redis_url:
             kwargs["redis_connection_string"] = settings.redis_url
         kwargs["redis_timeout"] = args.redis_timeout
+    # REDIS_AUTH=entra / POSTGRES_AUTH=entra: Microsoft Entra ID tokens instead of passwords (README).
+    try:
+        kwargs.update(providers_from_env())
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     with _library_log_level(logging.CRITICAL, args.verbose > 0):
         return ChatHistoryManager(**kwargs)
 

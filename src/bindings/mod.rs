@@ -3,6 +3,7 @@
 
 mod asyncio;
 mod convert;
+mod credentials;
 mod error;
 mod failpoints;
 
@@ -158,6 +159,9 @@ impl PyChatHistoryManager {
         redis_timeout = 0.5,
         redis_ca_file = None,
         redis_cluster = None,
+        redis_credential_provider = None,
+        postgres_credential_provider = None,
+        credential_refresh_margin = 180.0,
         flush_interval = 10.0,
         background_flush = true,
         flush_batch_size = 500,
@@ -185,12 +189,22 @@ impl PyChatHistoryManager {
         redis_timeout: f64,
         redis_ca_file: Option<PathBuf>,
         redis_cluster: Option<bool>,
+        redis_credential_provider: Option<&Bound<'_, PyAny>>,
+        postgres_credential_provider: Option<&Bound<'_, PyAny>>,
+        credential_refresh_margin: f64,
         flush_interval: f64,
         background_flush: bool,
         flush_batch_size: usize,
         close_timeout: f64,
     ) -> PyResult<Self> {
         let mut mode = Mode::parse(mode)?;
+        let margin = seconds("credential_refresh_margin", credential_refresh_margin)?;
+        let redis_credentials = redis_credential_provider
+            .map(|callable| credentials::provider("redis_credential_provider", callable, margin))
+            .transpose()?;
+        let postgres_credentials = postgres_credential_provider
+            .map(|callable| credentials::provider("postgres_credential_provider", callable, margin))
+            .transpose()?;
         // Keyword arguments win over the environment (the README, "Configuration").
         let redis_requested = match redis_enabled {
             Some(flag) => flag,
@@ -221,6 +235,7 @@ impl PyChatHistoryManager {
                 settings.statement_timeout =
                     positive_seconds("postgres_statement_timeout", postgres_statement_timeout)?;
                 settings.lock_timeout = positive_seconds("postgres_lock_timeout", postgres_lock_timeout)?;
+                settings.credentials = postgres_credentials;
                 Some(settings)
             }
         };
@@ -230,8 +245,8 @@ impl PyChatHistoryManager {
                 .map_err(|e| Error::config("cannot read the current directory").with_source(e))?,
         };
         let redis = match mode {
-            Mode::Redis => Some(
-                RedisArgs {
+            Mode::Redis => Some({
+                let mut settings = RedisArgs {
                     connection_string: redis_connection_string,
                     host: redis_host,
                     password: redis_password,
@@ -243,8 +258,10 @@ impl PyChatHistoryManager {
                     ca_file: redis_ca_file,
                     cluster: redis_cluster,
                 }
-                .resolve()?,
-            ),
+                .resolve()?;
+                settings.credentials = redis_credentials;
+                settings
+            }),
             _ => None,
         };
         let repr = match (&postgres, &redis) {
@@ -534,8 +551,9 @@ impl PyPostgresBackend {
         Ok(())
     }
 
-    fn __repr__(&self) -> PyResult<String> {
-        Ok(format!("PostgresBackend({:?})", self.store()?.redacted_url()))
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        // Detached: in a forked child `store()` opens the pool (see `PyRedisBackend::cache`).
+        Ok(format!("PostgresBackend({:?})", py.detach(|| self.store())?.redacted_url()))
     }
 }
 
@@ -547,7 +565,10 @@ pub struct PyRedisBackend {
 
 impl PyRedisBackend {
     fn cache(&self) -> Result<Arc<RedisCache>, Error> {
-        self.inner.redis()?.ok_or_else(|| Error::config("this manager has no Redis cache"))
+        // In a forked child this opens the pools, whose connections may call a credential provider
+        // from another thread: the GIL must be free meanwhile.
+        let cache = Python::attach(|py| py.detach(|| self.inner.redis()))?;
+        cache.ok_or_else(|| Error::config("this manager has no Redis cache"))
     }
 }
 

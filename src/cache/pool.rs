@@ -3,15 +3,20 @@
 //! redis crate's cluster connection (it discovers the nodes from the one URL, follows MOVED and
 //! ASK, and reconnects after failovers); whether the server is one is asked once, on the first
 //! connection (docs/design.md, "Keys and rows").
+//!
+//! With a credential provider (SPEC section 13) every new connection logs in with what it returns,
+//! and a connection whose credentials are due for renewal authenticates again before its next call
+//! ([`renew_if_due`]).
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::{Connection, ConnectionLike, RedisError, RedisResult, Value};
 
 use crate::cache::keys::KeyLayout;
 use crate::cache::scripts::load_scripts;
+use crate::credentials::{CredentialProvider, Credentials, Lease};
 
 /// A connection to one node, or to a cluster through the redis crate's router.
 // Boxing the larger variant would cost an allocation per pooled connection to save bytes on a
@@ -79,13 +84,16 @@ pub struct RedisConnection {
     /// The server takes `EXPIRE ... GT` (Redis 7.0 and later), so a clean hit's TTL is refreshed
     /// by two plain commands instead of a script.
     pub(crate) expire_gt: bool,
+    /// When the credentials it logged in with are due for renewal.
+    pub(crate) lease: Lease,
 }
 
 /// What the server turned out to be, and so which connections and key names to use.
 pub(crate) struct Topology {
     /// The key layout.
     pub(crate) layout: KeyLayout,
-    /// `Some` when the server is a Redis Cluster: connections go through the cluster router.
+    /// `Some` when the server is a Redis Cluster: connections go through the cluster router. Built
+    /// once without a credential provider; with one, each connection builds its own (see `connect`).
     cluster: Option<ClusterClient>,
 }
 
@@ -99,6 +107,8 @@ pub(crate) struct Connector {
     pub(crate) url: String,
     pub(crate) root_cert: Option<Vec<u8>>,
     pub(crate) topology: Arc<OnceLock<Topology>>,
+    /// `redis_credential_provider`: the login of every new connection, instead of the URL's.
+    pub(crate) credentials: Option<CredentialProvider>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -123,7 +133,7 @@ impl Connector {
         // one endpoint but still wants a script's keys in one slot): the cluster layout over a
         // plain connection.
         let layout = if is_cluster || self.requested == Some(true) { KeyLayout::Cluster } else { KeyLayout::Seed };
-        let cluster = if is_cluster { Some(self.cluster_client()?) } else { None };
+        let cluster = if is_cluster { Some(self.cluster_client(None)?) } else { None };
         log::info!(
             "Redis is {}; using the {} key layout",
             if is_cluster { "a cluster" } else { "a single node" },
@@ -132,7 +142,7 @@ impl Connector {
         Ok(self.topology.get_or_init(|| Topology { layout, cluster }))
     }
 
-    fn cluster_client(&self) -> RedisResult<ClusterClient> {
+    fn cluster_client(&self, login: Option<&Credentials>) -> RedisResult<ClusterClient> {
         let mut builder = ClusterClient::builder([self.url.as_str()])
             .connection_timeout(self.timeout)
             .response_timeout(self.timeout)
@@ -144,7 +154,87 @@ impl Connector {
         if let Some(pem) = &self.root_cert {
             builder = builder.certs(redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) });
         }
+        if let Some(login) = login {
+            builder = builder.username(acl_user(login)).password(&login.password);
+        }
         builder.build()
+    }
+
+    /// The client to open one connection with, and when its login is due for renewal.
+    fn login(&self) -> RedisResult<(redis::Client, Option<Credentials>, Lease)> {
+        let Some(provider) = &self.credentials else {
+            return Ok((self.client.clone(), None, Lease::forever()));
+        };
+        let (login, lease) = provider.fetch().map_err(credential_error)?;
+        // The address (and its TLS settings) stay; the URL's user and password give way.
+        let info = self.client.get_connection_info().clone();
+        let redis = info.redis_settings().clone().set_username(acl_user(&login)).set_password(&login.password);
+        let client = redis::Client::open(info.set_redis_settings(redis))?;
+        Ok((client, Some(login), lease))
+    }
+}
+
+/// The ACL user to log in as: Redis's `default` user stands for a provider's empty username (and
+/// the redis crate falls back to `AUTH password` on servers older than 6).
+fn acl_user(login: &Credentials) -> &str {
+    if login.username.is_empty() {
+        "default"
+    } else {
+        &login.username
+    }
+}
+
+/// A provider's failure as the redis crate's error: an authentication failure, which the cache
+/// reports as Redis being unavailable (the manager falls back to PostgreSQL and backs off).
+fn credential_error(why: String) -> RedisError {
+    RedisError::from((redis::ErrorKind::AuthenticationFailed, "no Redis credentials", why))
+}
+
+/// What [`renew_if_due`] did.
+pub(crate) enum Renewal {
+    /// The connection's credentials are good for now (renewed if they were due).
+    Ready,
+    /// A cluster connection whose credentials are due: drop it and open another.
+    Replace,
+}
+
+/// Before a call on `conn`: when its credentials are due for renewal, asks the provider again and
+/// sends `AUTH` with the result, so the server never sees a connection outlive its token. A
+/// provider that fails while the old credentials still hold is logged and asked again on the next
+/// call; once they expired, the call fails.
+pub(crate) fn renew_if_due(conn: &mut RedisConnection, provider: &CredentialProvider) -> RedisResult<Renewal> {
+    let now = SystemTime::now();
+    if !conn.lease.due(now) {
+        return Ok(Renewal::Ready);
+    }
+    let Con::Single(single) = &mut conn.con else {
+        // The sync cluster client keeps the credentials it was built with for the node connections
+        // it opens by itself (after a failover, a MOVED to a new node) and has no way to AUTH
+        // those it holds: the cluster connection is replaced by one built with fresh credentials.
+        return Ok(Renewal::Replace);
+    };
+    let (login, lease) = match provider.fetch() {
+        Ok(fetched) => fetched,
+        Err(why) if !conn.lease.expired(now) => {
+            log::warn!("{why}; the Redis connection keeps its current credentials until they expire");
+            return Ok(Renewal::Ready);
+        }
+        Err(why) => return Err(credential_error(why)),
+    };
+    let auth: RedisResult<()> = redis::cmd("AUTH").arg(acl_user(&login)).arg(&login.password).query(single);
+    match auth {
+        Ok(()) => {
+            conn.lease = lease;
+            log::debug!("Redis connection authenticated again before its credentials expire");
+            Ok(Renewal::Ready)
+        }
+        Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => Err(e),
+        // The server's refusal (WRONGPASS) names no credential; the connection is not used again.
+        Err(e) => Err(RedisError::from((
+            redis::ErrorKind::AuthenticationFailed,
+            "Redis refused the renewed credentials",
+            e.code().unwrap_or("AUTH failed").to_owned(),
+        ))),
     }
 }
 
@@ -153,13 +243,17 @@ impl r2d2::ManageConnection for Connector {
     type Error = RedisError;
 
     fn connect(&self) -> Result<RedisConnection, RedisError> {
-        let mut single = self.client.get_connection_with_timeout(self.timeout)?;
+        let (client, login, lease) = self.login()?;
+        let mut single = client.get_connection_with_timeout(self.timeout)?;
         single.set_read_timeout(Some(self.timeout))?;
         single.set_write_timeout(Some(self.timeout))?;
         let mut con = match &self.topology(&mut single)?.cluster {
             None => Con::Single(single),
             Some(client) => {
-                let cluster = client.get_connection()?;
+                let cluster = match &login {
+                    None => client.get_connection()?,
+                    Some(login) => self.cluster_client(Some(login))?.get_connection()?,
+                };
                 cluster.set_write_timeout(Some(self.timeout))?;
                 Con::Cluster(cluster)
             }
@@ -181,7 +275,7 @@ impl r2d2::ManageConnection for Connector {
                 false
             }
         };
-        Ok(RedisConnection { con, broken: false, expire_gt })
+        Ok(RedisConnection { con, broken: false, expire_gt, lease })
     }
 
     fn is_valid(&self, conn: &mut RedisConnection) -> Result<(), RedisError> {

@@ -16,7 +16,7 @@ use crate::cache::combine::Combiner;
 pub use crate::cache::error::{CacheError, CacheResult};
 pub use crate::cache::flush::{DirtyEntry, Settle, SettleItem};
 pub use crate::cache::keys::{split_member, KeyLayout};
-use crate::cache::pool::{Con, Connector, PoolErrorLog, RedisConnection, Topology};
+use crate::cache::pool::{renew_if_due, Con, Connector, PoolErrorLog, RedisConnection, Renewal, Topology};
 use crate::cache::scripts::{self, query_loading};
 pub use crate::cache::writes::{Bypass, SaveOptions, SaveOutcome};
 use crate::config::RedisSettings;
@@ -137,6 +137,7 @@ impl RedisCache {
                 url: settings.url().to_owned(),
                 root_cert,
                 topology: Arc::clone(&topology),
+                credentials: settings.credentials.clone(),
             });
         // One round trip in flight per CPU this process may run on (taskset and cgroup limits
         // count), and never more than the pool's connections.
@@ -187,7 +188,22 @@ impl RedisCache {
         loop {
             attempt += 1;
             let mut conn = self.pool.get().map_err(|e| CacheError::Unavailable(e.to_string()))?;
-            match op(&mut conn) {
+            let renewed = match &self.settings.credentials {
+                None => Ok(Renewal::Ready),
+                Some(provider) => renew_if_due(&mut conn, provider),
+            };
+            let result = match renewed {
+                Ok(Renewal::Replace) if attempt < attempts => {
+                    conn.broken = true;
+                    log::debug!("Redis Cluster connection replaced before its credentials expire");
+                    continue;
+                }
+                // A connection to replace is used anyway once every attempt went to replacing: a
+                // provider whose credentials are always due must not stall calls.
+                Ok(Renewal::Ready | Renewal::Replace) => op(&mut conn),
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok(value) => return Ok(value),
                 Err(e) if is_redirect(&e) && redirects < MAX_REDIRECTS => {
                     // A failover or a resharding moved a slot under a pipeline: the redis crate
@@ -204,7 +220,13 @@ impl RedisCache {
                     let error = CacheError::from_redis(&e);
                     if matches!(error, CacheError::Unavailable(_)) {
                         conn.broken = true;
-                        if (e.is_connection_dropped() || !conn.con.is_open()) && !e.is_timeout() && attempt < attempts {
+                        // A login refused after a rotation (a cluster connection reconnecting a
+                        // node with the credentials it was built with): a new connection asks the
+                        // provider again.
+                        let stale_login =
+                            self.settings.credentials.is_some() && e.kind() == redis::ErrorKind::AuthenticationFailed;
+                        let dropped = e.is_connection_dropped() || !conn.con.is_open() || stale_login;
+                        if dropped && !e.is_timeout() && attempt < attempts {
                             continue;
                         }
                     }

@@ -5,13 +5,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, Utc};
 use postgres::types::{ToSql, Type};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::PostgresSettings;
+use crate::credentials::{CredentialProvider, Lease};
 use crate::error::{Backend, Error, ErrorKind, Result};
 use crate::model::{Conversation, Message, Role};
 
@@ -24,25 +25,73 @@ struct Connector {
     tls: MakeRustlsConnect,
     /// `SET`s run on every new connection: the bounds on statements and lock waits.
     session: String,
+    /// `postgres_credential_provider`: the user and password of every new connection.
+    credentials: Option<CredentialProvider>,
+}
+
+/// Why a connection could not be opened: the driver's error, or the credential provider's.
+#[derive(Debug)]
+enum ConnectError {
+    Postgres(postgres::Error),
+    /// What the provider raised, naming it (never what it returned).
+    Credentials(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Postgres(e) => e.fmt(f),
+            ConnectError::Credentials(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConnectError::Postgres(e) => e.source(),
+            ConnectError::Credentials(_) => None,
+        }
+    }
+}
+
+impl From<postgres::Error> for ConnectError {
+    fn from(e: postgres::Error) -> Self {
+        ConnectError::Postgres(e)
+    }
 }
 
 impl r2d2::ManageConnection for Connector {
     type Connection = Connection;
-    type Error = postgres::Error;
+    type Error = ConnectError;
 
-    fn connect(&self) -> Result<Connection, postgres::Error> {
-        let mut client = self.config.connect(self.tls.clone())?;
+    fn connect(&self) -> Result<Connection, ConnectError> {
+        let (mut client, lease) = match &self.credentials {
+            None => (self.config.connect(self.tls.clone())?, Lease::forever()),
+            Some(provider) => {
+                let (login, lease) = provider.fetch().map_err(ConnectError::Credentials)?;
+                let mut config = self.config.clone();
+                // An empty username keeps the connection string's user.
+                if !login.username.is_empty() {
+                    config.user(&login.username);
+                }
+                config.password(&login.password);
+                (config.connect(self.tls.clone())?, lease)
+            }
+        };
         // Set per session rather than as startup `options`, which poolers such as PgBouncer refuse.
         client.batch_execute(&self.session)?;
-        Ok(Connection { client, statements: HashMap::new() })
+        Ok(Connection { client, statements: HashMap::new(), lease })
     }
 
-    fn is_valid(&self, conn: &mut Connection) -> Result<(), postgres::Error> {
-        conn.client.simple_query("").map(|_| ())
+    fn is_valid(&self, conn: &mut Connection) -> Result<(), ConnectError> {
+        Ok(conn.client.simple_query("").map(|_| ())?)
     }
 
     fn has_broken(&self, conn: &mut Connection) -> bool {
-        conn.client.is_closed()
+        // PostgreSQL checks credentials only at connect, but Azure closes sessions whose token
+        // expired: a connection is retired before then (see `PostgresStore::checkout`).
+        conn.client.is_closed() || conn.lease.due(SystemTime::now())
     }
 }
 
@@ -54,6 +103,8 @@ pub(crate) struct Connection {
     /// Keyed by the address of the `'static` SQL text: hashing the text itself (up to 2 KB) on
     /// every call would cost more than the lookup saves.
     statements: HashMap<usize, postgres::Statement>,
+    /// When the credentials it logged in with are due for renewal.
+    lease: Lease,
 }
 
 impl Connection {
@@ -453,8 +504,8 @@ struct PoolErrorLog {
     failures: Arc<AtomicU64>,
 }
 
-impl r2d2::HandleError<postgres::Error> for PoolErrorLog {
-    fn handle_error(&self, error: postgres::Error) {
+impl r2d2::HandleError<ConnectError> for PoolErrorLog {
+    fn handle_error(&self, error: ConnectError) {
         let text = error_chain(&error);
         log::warn!("PostgreSQL connection failed: {text}");
         *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(text);
@@ -474,7 +525,8 @@ impl PostgresStore {
             // A transaction left open by a client that vanished mid-call must not hold its locks.
             (settings.statement_timeout * 2).as_millis(),
         );
-        let manager = Connector { config: settings.config.clone(), tls, session };
+        let manager =
+            Connector { config: settings.config.clone(), tls, session, credentials: settings.credentials.clone() };
         let pool = r2d2::Pool::builder()
             .max_size(settings.pool_size)
             .min_idle(Some(0))
@@ -541,9 +593,18 @@ impl PostgresStore {
         const POLL: Duration = Duration::from_millis(25);
         let failures_before = self.connect_errors.failures.load(Ordering::Acquire);
         let deadline = Instant::now() + self.connect_timeout;
+        let mut retired = 0;
         loop {
             let wait = deadline.saturating_duration_since(Instant::now()).min(POLL);
             let error = match self.pool.get_timeout(wait) {
+                // Dropped, it is closed rather than pooled (`has_broken`), and the next one tried.
+                // Bounded, so credentials that are due as soon as they are handed out (an expiry in
+                // the past) still reach the server, which says whether it takes them.
+                Ok(client) if client.lease.due(SystemTime::now()) && retired < self.pool.max_size() => {
+                    retired += 1;
+                    log::debug!("PostgreSQL connection retired before its credentials expire");
+                    continue;
+                }
                 Ok(client) => return Ok(client),
                 Err(e) => e,
             };
