@@ -133,22 +133,35 @@ fn primaries(cluster: &mut ClusterConnection) -> redis::RedisResult<Vec<(String,
     Ok(primaries_from_slots(&slots).into_iter().map(|(host, port, _, _)| (host, port)).collect())
 }
 
-/// Every key matching `pattern` on every primary (`SCAN` on each, since a cluster has no one
-/// keyspace to scan).
+/// Every key matching `pattern` on one node, `run` sending each `SCAN` to it.
+fn scan_node(
+    mut run: impl FnMut(&redis::Cmd) -> redis::RedisResult<Value>,
+    pattern: &str,
+) -> redis::RedisResult<Vec<String>> {
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let scan = redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).clone();
+        let (next, found): (u64, Vec<String>) = redis::from_redis_value(run(&scan)?)?;
+        keys.extend(found);
+        cursor = next;
+        if cursor == 0 {
+            return Ok(keys);
+        }
+    }
+}
+
+/// Every key matching `pattern` on every primary (a cluster has no one keyspace to scan).
 fn scan_primaries(cluster: &mut ClusterConnection, pattern: &str) -> redis::RedisResult<Vec<String>> {
     let mut keys = Vec::new();
     for (host, port) in primaries(cluster)? {
-        let mut cursor: u64 = 0;
-        loop {
-            let scan = redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).clone();
-            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port });
-            let (next, found): (u64, Vec<String>) = redis::from_redis_value(cluster.route_command(&scan, routing)?)?;
-            keys.extend(found);
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
+        keys.extend(scan_node(
+            |scan| {
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port });
+                cluster.route_command(scan, routing)
+            },
+            pattern,
+        )?);
     }
     Ok(keys)
 }
@@ -165,24 +178,7 @@ impl RedisCache {
             return Ok(0);
         }
         let keys = self.run_on(|conn| match &mut conn.con {
-            Con::Single(single) => {
-                let mut keys = Vec::new();
-                let mut cursor: u64 = 0;
-                loop {
-                    let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(layout.dirty_sets_pattern())
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query(single)?;
-                    keys.extend(found);
-                    cursor = next;
-                    if cursor == 0 {
-                        return Ok(keys);
-                    }
-                }
-            }
+            Con::Single(single) => scan_node(|scan| scan.query(single), layout.dirty_sets_pattern()),
             Con::Cluster(cluster) => scan_primaries(cluster, layout.dirty_sets_pattern()),
         })?;
         let mut put_back = 0;

@@ -237,8 +237,15 @@ const NOW_MICROS: &str = "(extract(epoch from clock_timestamp()) * 1000000)::int
 /// The messages are sorted once in the subquery and aggregated in that order, rather than by an
 /// `ORDER BY` in each aggregate (PostgreSQL 15 sorts once per such aggregate); the sequence numbers
 /// come along so the order is checked, not assumed (see [`in_sequence`]).
-const GET: &str = "
-SELECT c.title, c.model, c.created_at, c.last_modified, c.cache_version, m.seqs, m.roles, m.contents, m.times
+/// The conversation (with `$extra` columns) and its messages as arrays in sequence order, for the
+/// rows `$filter` picks: the one statement shape [`GET`] and [`GET_ANY`] share.
+macro_rules! conversation_row {
+    ($extra:literal, $filter:literal) => {
+        concat!(
+            "
+SELECT c.title, c.model, c.created_at, c.last_modified, c.cache_version, m.seqs, m.roles, m.contents, m.times",
+            $extra,
+            "
 FROM conversations c
 CROSS JOIN LATERAL (
     SELECT array_agg(sequence_number) AS seqs, array_agg(role) AS roles,
@@ -248,7 +255,13 @@ CROSS JOIN LATERAL (
         WHERE conversation_id = c.conversation_id ORDER BY sequence_number
     ) ordered
 ) m
-WHERE c.conversation_id = $1 AND c.user_client_id = $2";
+WHERE ",
+            $filter
+        )
+    };
+}
+
+const GET: &str = conversation_row!("", "c.conversation_id = $1 AND c.user_client_id = $2");
 
 /// A [`GET`] row as the conversation and its version.
 fn conversation_of(row: &postgres::Row) -> Result<(Conversation, Option<i64>)> {
@@ -450,19 +463,7 @@ SELECT (SELECT user_client_id FROM conversations WHERE conversation_id = $1),
                 (SELECT deleted_version FROM conversation_tombstones WHERE conversation_id = $1))";
 
 /// [`GET`] for whoever owns the id, with the owner: what a divergence is resolved against.
-const GET_ANY: &str = "
-SELECT c.title, c.model, c.created_at, c.last_modified, c.cache_version, m.seqs, m.roles, m.contents, m.times,
-       c.user_client_id
-FROM conversations c
-CROSS JOIN LATERAL (
-    SELECT array_agg(sequence_number) AS seqs, array_agg(role) AS roles,
-           array_agg(content) AS contents, array_agg(timestamp) AS times
-    FROM (
-        SELECT sequence_number, role, content, timestamp FROM messages
-        WHERE conversation_id = c.conversation_id ORDER BY sequence_number
-    ) ordered
-) m
-WHERE c.conversation_id = $1";
+const GET_ANY: &str = conversation_row!(", c.user_client_id", "c.conversation_id = $1");
 
 /// Keeps a copy that lost a divergence. The same copy kept twice (a flush retried) is one row.
 const KEEP_CONFLICT: &str = "
