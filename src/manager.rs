@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use std::collections::{HashMap, VecDeque};
 
+use crate::cache::keys::member;
 use crate::cache::nodes::{CacheMemory, NodeInfo};
 use crate::cache::redis::{
     Bypass, CacheError, CachedConversation, DirtyEntry, MemoryInfo, RedisCache, SaveOptions, SaveOutcome,
@@ -764,10 +765,8 @@ impl CachedTier {
                 // what went to PostgreSQL must not be read (and built on) meanwhile. Until then they
                 // stay pending, and calls go to PostgreSQL for a backoff. (Found by the randomized
                 // checker under out-of-memory: a settle refused for memory left the older copy.)
-                let unresolved: Vec<Bypass> = items
-                    .into_iter()
-                    .filter(|b| diverged.iter().any(|m| *m == format!("{}:{}", b.user_id, b.conversation_id)))
-                    .collect();
+                let unresolved: Vec<Bypass> =
+                    items.into_iter().filter(|b| diverged.contains(&member(&b.user_id, &b.conversation_id))).collect();
                 let left = self.redis.invalidate(&unresolved).unwrap_or(diverged);
                 if left.is_empty() {
                     finished();
@@ -775,7 +774,7 @@ impl CachedTier {
                 }
                 let mut state = self.health.lock();
                 for item in unresolved {
-                    if left.iter().any(|m| *m == format!("{}:{}", item.user_id, item.conversation_id)) {
+                    if left.contains(&member(&item.user_id, &item.conversation_id)) {
                         state.bypasses.entry((item.user_id.clone(), item.conversation_id.clone())).or_insert(item);
                     }
                 }
@@ -831,6 +830,12 @@ impl CachedTier {
             None => false,
         };
         let Some((conv, version)) = self.pg()?.get_versioned(conversation_id, user_id)? else {
+            // None from PostgreSQL while Redis did not answer may hide a conversation only Redis
+            // holds: the next save is guarded like after any other such read. (Found by the soak:
+            // an app that took None for a new chat replaced Redis's unflushed copy.)
+            if !cache_up {
+                self.tainted.add(user_id, conversation_id, None);
+            }
             return Ok(None);
         };
         if cache_up {
@@ -993,7 +998,7 @@ impl CachedTier {
     /// extend: that copy is kept aside in PostgreSQL before the save replaces it. When
     /// PostgreSQL cannot take it, the save is refused and nothing changes.
     fn keep_overwritten(&self, conversation_id: &str, user_id: &str) -> Result<()> {
-        let member = format!("{user_id}:{conversation_id}");
+        let member = member(user_id, conversation_id);
         let entries = self.redis.fetch_dirty(std::slice::from_ref(&member), Duration::from_secs(5));
         let Some(DirtyEntry { content: Some(Ok(cached)), .. }) = entries.map_err(CacheError::into_error)?.pop() else {
             return Ok(());
