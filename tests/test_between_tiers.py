@@ -359,3 +359,26 @@ def test_a_stale_clean_copy_is_dropped_when_redis_returns(make_redis_manager, rd
         assert app.get_conversation(conv_id, user_id=user_id) == v2
         assert other.get_conversation(conv_id, user_id=user_id) == v2  # dropped from Redis, for everyone
         assert app.stats()["conflicts_kept"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_read_that_found_nothing_while_redis_was_away_guards_the_next_save(
+    make_redis_manager, rdb, pg_conn, user_id, conv_id
+):
+    """A conversation only Redis holds (never flushed) reads as None while Redis does not answer; an
+    app that then starts it afresh must not replace Redis's copy without keeping it."""
+    with TcpProxy(rdb.server.port) as proxy:
+        app = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5)
+        only_in_redis = make_conversation(2, prefix="only in redis ")
+        app.save_conversation(conv_id, only_in_redis, user_id=user_id)
+        proxy.stall()
+        assert app.get_conversation(conv_id, user_id=user_id) is None  # PostgreSQL has never seen it
+        proxy.heal()
+        time.sleep(1.0)  # past the backoff, so the save goes to Redis
+        afresh = make_conversation(2, prefix="started afresh ")
+        app.save_conversation(conv_id, afresh, user_id=user_id)
+        app.flush_dirty_conversations()
+        assert_every_message_kept(app, pg_conn, conv_id, user_id, [only_in_redis, afresh])
+        # The new save is the conversation (created_at stays the first save's, as a re-save keeps it).
+        assert app.get_conversation(conv_id, user_id=user_id)["messages"] == afresh["messages"]
+        assert app.stats()["conflicts_kept"] == 1
