@@ -80,7 +80,7 @@ pub struct PostgresSettings {
     pub ssl_mode: SslMode,
     /// A PEM file of CA certificates that replaces the built-in Mozilla roots.
     pub ca_file: Option<PathBuf>,
-    /// Connections in the r2d2 pool.
+    /// Connections in the pool (at most).
     pub pool_size: u32,
     /// How long a connect, or a wait for a pooled connection, may take.
     pub connect_timeout: Duration,
@@ -498,7 +498,7 @@ pub struct RedisSettings {
     redacted: String,
     /// A PEM file of CA certificates that replaces the built-in Mozilla roots.
     pub ca_file: Option<PathBuf>,
-    /// Connections in the r2d2 pool.
+    /// Connections in the pool (at most).
     pub pool_size: u32,
     /// Connect, read and write timeout of every Redis call; also how long a call waits for a
     /// pooled connection. Kept short: a dead Redis must not stall the app (docs/design.md, "Faults").

@@ -1,7 +1,7 @@
 //! chat-history-rs: LLM chat conversations in local JSON files, PostgreSQL, or Redis over
 //! PostgreSQL with write-back, behind the Phase 1 `ChatHistoryManager` API.
 //!
-//! The core (everything but [`bindings`]) is plain synchronous Rust over r2d2 pools and has no
+//! The core (everything but [`bindings`]) is plain synchronous Rust over connection pools of its own ([`pool`]) and has no
 //! Python in it; `cargo test` exercises it without an interpreter. The `python` feature adds the
 //! pyo3 binding layer that maturin builds into `chat_history_rs._core`.
 //!
@@ -9,6 +9,7 @@
 //! - [`validate`]: what PostgreSQL would refuse, refused early
 //! - [`config`]: connection strings and TLS
 //! - [`credentials`]: credentials that expire, from a caller's provider
+//! - [`pool`]: connection pools without threads, safe across a fork
 //! - [`store`]: JSON files and PostgreSQL
 //! - [`cache`]: the Redis tier
 //! - [`writeback`]: flushing dirty conversations to PostgreSQL
@@ -20,6 +21,7 @@ pub mod credentials;
 pub mod error;
 pub mod manager;
 pub mod model;
+pub mod pool;
 pub mod store;
 pub mod validate;
 pub mod writeback;

@@ -513,6 +513,107 @@ def test_forked_processes_each_get_their_own_data(rdb, pg_url, how):
     assert result["after"] is True, "the parent's own save did not read back after the children exited"
 
 
+MANY_FORKS = """
+    import os, sys, threading, time, uuid
+    sys.path.insert(0, os.environ["T_TESTS"])
+    from redis_support import make_conversation
+    from chat_history_rs import ChatHistoryManager
+
+    settings = dict(
+        mode="postgres", connection_string=os.environ["T_PG"], redis_enabled=True,
+        redis_connection_string=os.environ["T_REDIS"], background_flush=True, flush_interval=0.05,
+    )
+    app = ChatHistoryManager(**settings)
+    parent_user = str(uuid.uuid4())
+    tag = uuid.uuid4().hex[:4]  # ids of this process's own
+    stop = threading.Event()
+
+    def busy(thread):  # the parent's pools stay in use (and grow) while it forks
+        n = 0
+        while not stop.is_set():
+            app.save_conversation(f"parent-{tag}-{thread}", make_conversation(1 + n % 50), user_id=parent_user)
+            app.get_conversation(f"parent-{tag}-{thread}", user_id=parent_user)
+            n += 1
+
+    threads = [threading.Thread(target=busy, args=(t,)) for t in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    hung = failed = 0
+    for i in range(int(os.environ["T_FORKS"])):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                user = str(uuid.uuid4())
+                for n in range(3):
+                    cid = f"child-{tag}-{i}-{n}"
+                    conversation = make_conversation(2, title=f"child {i} {n}")
+                    app.save_conversation(cid, conversation, user_id=user)
+                    if app.get_conversation(cid, user_id=user) != conversation:
+                        print(f"child {i}: {cid} did not read back", file=sys.stderr, flush=True)
+                        break
+                    app.list_conversations(user)
+                else:
+                    code = 0
+                # Managers opened in the child: each opens its pools as the inherited one did.
+                more = [ChatHistoryManager(**settings) for _ in range(8)]
+                for k, manager in enumerate(more):
+                    conversation = make_conversation(1, title=f"child {i} manager {k}")
+                    manager.save_conversation(f"child-{tag}-{i}-m{k}", conversation, user_id=user)
+                    if manager.get_conversation(f"child-{tag}-{i}-m{k}", user_id=user) != conversation:
+                        print(f"child {i}: manager {k} did not read back", file=sys.stderr, flush=True)
+                        code = 1
+                for manager in more:
+                    manager.close()
+            except BaseException as exc:
+                print(f"child {i}: {exc!r}", file=sys.stderr, flush=True)
+                code = 1
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 20
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                failed += os.waitstatus_to_exitcode(status) != 0
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                hung += 1
+                break
+            time.sleep(0.005)
+    stop.set()
+    for t in threads:
+        t.join()
+    app.close()
+    print(f"hung={hung} failed={failed}", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_forks_while_the_parent_is_busy_never_hang(rdb, pg_url):
+    """Children forked while three threads of the parent save and read and its background flusher runs: each
+    child uses the inherited manager and opens eight more; none may hang or fail. Six processes fork three
+    children each, since where things land in memory differs between processes (ASLR). With r2d2's pools,
+    whose worker threads sat parked at the fork, 11 children in 12 hung: parking_lot's table of parked
+    threads, copied into the child, pointed into stacks that the child's new threads reused."""
+    env = script_env(T_PG=pg_url, T_REDIS=rdb.url, T_FORKS="3", T_TESTS=os.path.dirname(__file__))
+    outcomes = []
+    for _ in range(2):
+        batch = [
+            subprocess.Popen(python_script(MANY_FORKS), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+            for _ in range(3)
+        ]  # fmt: skip
+        for proc in batch:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err[-3000:]
+            outcomes.append((out.strip().splitlines()[-1], err[-2000:]))
+    assert [outcome for outcome, _ in outcomes] == ["hung=0 failed=0"] * len(outcomes), outcomes
+
+
 # --------------------------------------------------------------------------------------------------
 # 8. The outdated-copies list, versions from a clock ahead, owner keys of dropped copies (SPEC 4.3, 5)
 # --------------------------------------------------------------------------------------------------

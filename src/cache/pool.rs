@@ -1,4 +1,4 @@
-//! The r2d2 pool of Redis connections: short timeouts, scripts loaded once per connection, and a
+//! Redis connections for the pool ([`crate::pool`]): short timeouts, scripts loaded once per connection, and a
 //! connection that failed never handed out again. On a Redis Cluster each pooled connection is the
 //! redis crate's cluster connection (it discovers the nodes from the one URL, follows MOVED and
 //! ASK, and reconnects after failovers); whether the server is one is asked once, on the first

@@ -22,6 +22,7 @@ pub use crate::cache::writes::{Bypass, SaveOptions, SaveOutcome};
 use crate::config::RedisSettings;
 use crate::error::Error;
 use crate::model::Conversation;
+use crate::pool::Pool;
 
 /// The list cache's TTL, the seed's 5 minutes.
 pub const LIST_TTL_SECONDS: u64 = 300;
@@ -90,7 +91,7 @@ impl Spread {
 
 /// The Redis cache.
 pub struct RedisCache {
-    pool: r2d2::Pool<Connector>,
+    pool: Pool<Connector>,
     pub(crate) settings: RedisSettings,
     /// Shared with the pool's connector, which finds it out on the first connection.
     topology: Arc<OnceLock<Topology>>,
@@ -123,14 +124,12 @@ impl RedisCache {
         }
         .map_err(|e| Error::config("the Redis connection string is not valid").with_source(e.to_string()))?;
         let topology = Arc::new(OnceLock::new());
-        let pool = r2d2::Pool::builder()
+        let pool = Pool::builder()
             .max_size(settings.pool_size)
-            .min_idle(Some(0))
             .connection_timeout(settings.timeout)
-            .test_on_check_out(false)
             .idle_timeout(Some(Duration::from_secs(300)))
             .error_handler(Box::new(PoolErrorLog))
-            .build_unchecked(Connector {
+            .build(Connector {
                 client,
                 timeout: settings.timeout,
                 requested: settings.cluster,

@@ -1,9 +1,8 @@
-//! PostgreSQL: the source of truth. An r2d2 pool of rust-postgres clients over rustls, the Phase 1
+//! PostgreSQL: the source of truth. A pool ([`crate::pool`]) of rust-postgres clients over rustls, the Phase 1
 //! schema (the README, "Schema"), and one statement per operation so every save is atomic and costs one
 //! round trip.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,9 +14,10 @@ use crate::config::PostgresSettings;
 use crate::credentials::{CredentialProvider, Lease};
 use crate::error::{Backend, Error, ErrorKind, Result};
 use crate::model::{Conversation, Message, Role};
+use crate::pool::PoolError;
 
-type Pool = r2d2::Pool<Connector>;
-type PooledClient = r2d2::PooledConnection<Connector>;
+type Pool = crate::pool::Pool<Connector>;
+type PooledClient = crate::pool::Pooled<Connector>;
 
 /// Opens connections for the pool. Our own rather than r2d2_postgres's, for the statement cache.
 struct Connector {
@@ -497,12 +497,11 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-/// Routes r2d2's connection errors to our logger instead of its own `error!` lines, and keeps the
-/// last one: r2d2's own timeout error says only "db error", not why (a refused login, say).
+/// Logs every connection that could not be opened, and keeps the last one's whole chain of
+/// causes: the driver's own message often says only "db error", not why (a refused login, say).
 #[derive(Debug, Default, Clone)]
 struct PoolErrorLog {
     last: Arc<Mutex<Option<String>>>,
-    failures: Arc<AtomicU64>,
 }
 
 impl r2d2::HandleError<ConnectError> for PoolErrorLog {
@@ -510,7 +509,6 @@ impl r2d2::HandleError<ConnectError> for PoolErrorLog {
         let text = error_chain(&error);
         log::warn!("PostgreSQL connection failed: {text}");
         *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(text);
-        self.failures.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -528,16 +526,14 @@ impl PostgresStore {
         );
         let manager =
             Connector { config: settings.config.clone(), tls, session, credentials: settings.credentials.clone() };
-        let pool = r2d2::Pool::builder()
+        // No checkout test (a round trip on every call): a dead connection is instead detected by
+        // the failed statement and replaced (see `run`).
+        let pool = Pool::builder()
             .max_size(settings.pool_size)
-            .min_idle(Some(0))
             .connection_timeout(settings.connect_timeout)
-            // A checkout test costs a round trip on every call; a dead connection is instead
-            // detected by the failed statement and replaced (see `run`).
-            .test_on_check_out(false)
             .idle_timeout(Some(Duration::from_secs(300)))
             .error_handler(Box::new(connect_errors.clone()))
-            .build_unchecked(manager);
+            .build(manager);
         Ok(PostgresStore {
             pool,
             redacted: settings.redacted(),
@@ -588,16 +584,13 @@ impl PostgresStore {
         }
     }
 
-    /// A pooled connection. Waits at most the connect timeout, and less when a connection attempt
-    /// fails meanwhile (refused, login rejected): r2d2 alone would retry until its timeout.
+    /// A pooled connection. Waits at most the connect timeout for one to be handed back; a
+    /// connection that cannot be opened (refused, login rejected) fails the call at once.
     fn checkout(&self) -> Result<PooledClient> {
-        const POLL: Duration = Duration::from_millis(25);
-        let failures_before = self.connect_errors.failures.load(Ordering::Acquire);
         let deadline = Instant::now() + self.connect_timeout;
         let mut retired = 0;
         loop {
-            let wait = deadline.saturating_duration_since(Instant::now()).min(POLL);
-            let error = match self.pool.get_timeout(wait) {
+            let why = match self.pool.get_timeout(deadline.saturating_duration_since(Instant::now())) {
                 // Dropped, it is closed rather than pooled (`has_broken`), and the next one tried.
                 // Bounded, so credentials that are due as soon as they are handed out (an expiry in
                 // the past) still reach the server, which says whether it takes them.
@@ -607,18 +600,17 @@ impl PostgresStore {
                     continue;
                 }
                 Ok(client) => return Ok(client),
-                Err(e) => e,
+                // The error handler kept the whole chain of causes, not only the driver's first line.
+                Err(PoolError::Connect(first)) => {
+                    self.connect_errors.last.lock().unwrap_or_else(PoisonError::into_inner).take().unwrap_or(first)
+                }
+                Err(e @ PoolError::Timeout(_)) => e.to_string(),
             };
-            let failed = self.connect_errors.failures.load(Ordering::Acquire) != failures_before;
-            if failed || Instant::now() >= deadline {
-                // r2d2's own error says only "db error"; the last connect error says why.
-                let why = self.connect_errors.last.lock().unwrap_or_else(PoisonError::into_inner).clone();
-                return Err(Error::new(
-                    ErrorKind::Unavailable(Backend::Postgres),
-                    format!("PostgreSQL is unavailable at {}", self.redacted),
-                )
-                .with_source(why.filter(|_| failed).unwrap_or_else(|| error_chain(&error))));
-            }
+            return Err(Error::new(
+                ErrorKind::Unavailable(Backend::Postgres),
+                format!("PostgreSQL is unavailable at {}", self.redacted),
+            )
+            .with_source(why));
         }
     }
 
