@@ -6,11 +6,13 @@
 //! parked workers inherits that table; glibc hands the dead threads' stacks to the child's new
 //! threads, whose thread-local storage then lands on the records still linked into the table. The
 //! child's next pool (its own workers parking, a `notify_all`) can then walk a list that loops:
-//! about one forked child in fifteen hung for good that way (docs/design.md, "Fork"). This pool
-//! has no thread at all: a caller that needs a connection opens it, a connection idle past its
-//! timeout is closed by the next checkout, and waiting uses the standard library's `Mutex` and
-//! `Condvar`, whose state lives in the pool itself. It keeps r2d2's [`ManageConnection`] and
-//! [`HandleError`] traits, so the redis crate's connection managers plug in unchanged.
+//! 11 forked children in 12 hung for good that way in `test_forks_while_the_parent_is_busy_never_hang`
+//! (docs/design.md, section 9). This pool keeps no thread: a connection is opened on a thread that
+//! ends with the open (so a caller waits at most its timeout, even for a server that accepts and
+//! never answers), a connection idle past its timeout is closed by the next checkout, and waiting
+//! uses the standard library's `Mutex` and `Condvar`, whose state lives in the pool itself. It
+//! keeps r2d2's [`ManageConnection`] and [`HandleError`] traits, and r2d2's behaviour where callers
+//! rely on it: the Redis pool tries a failed connect again until the caller's wait runs out.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -22,6 +24,7 @@ pub struct Builder<M: ManageConnection> {
     max_size: u32,
     connection_timeout: Duration,
     idle_timeout: Option<Duration>,
+    retry_failed_connects: bool,
     error_handler: Box<dyn HandleError<M::Error>>,
 }
 
@@ -31,6 +34,7 @@ impl<M: ManageConnection> Default for Builder<M> {
             max_size: 10,
             connection_timeout: Duration::from_secs(30),
             idle_timeout: Some(Duration::from_secs(300)),
+            retry_failed_connects: false,
             error_handler: Box::new(r2d2::NopErrorHandler),
         }
     }
@@ -58,6 +62,14 @@ impl<M: ManageConnection> Builder<M> {
         self
     }
 
+    /// Whether [`Pool::get`] tries again, until its wait runs out, when a connection fails to
+    /// open (off: the failure is returned at once).
+    #[must_use]
+    pub fn retry_failed_connects(mut self, retry: bool) -> Self {
+        self.retry_failed_connects = retry;
+        self
+    }
+
     /// Told of every connection that could not be opened.
     #[must_use]
     pub fn error_handler(mut self, handler: Box<dyn HandleError<M::Error>>) -> Self {
@@ -73,6 +85,7 @@ impl<M: ManageConnection> Builder<M> {
                 max_size: self.max_size,
                 connection_timeout: self.connection_timeout,
                 idle_timeout: self.idle_timeout,
+                retry_failed_connects: self.retry_failed_connects,
                 error_handler: self.error_handler,
                 state: Mutex::new(State { idle: Vec::new(), open: 0 }),
                 returned: Condvar::new(),
@@ -113,6 +126,7 @@ struct Shared<M: ManageConnection> {
     max_size: u32,
     connection_timeout: Duration,
     idle_timeout: Option<Duration>,
+    retry_failed_connects: bool,
     error_handler: Box<dyn HandleError<M::Error>>,
     state: Mutex<State<M::Connection>>,
     /// Signalled when a connection is handed back or a slot freed.
@@ -139,7 +153,90 @@ impl<M: ManageConnection> Shared<M> {
     }
 }
 
-impl<M: ManageConnection> Pool<M> {
+/// Between two tries of a connection that failed to open.
+const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// What became of a connection being opened.
+enum Opened<C> {
+    Ready(C),
+    /// It could not be opened (the error went to the handler; its slot is free again).
+    Failed(String),
+    /// Still opening when the caller's wait ran out; the opening thread pools it or frees its slot.
+    Pending,
+}
+
+/// The result of an open, handed from its thread to the caller who waits for it.
+enum Handoff<C, E> {
+    Waiting,
+    Done(Result<C, E>),
+    /// The caller stopped waiting: the opening thread settles the result itself.
+    Abandoned,
+}
+
+/// Opens a connection for a slot already counted in `open`, waiting until `deadline` at most.
+/// The opening thread is a plain thread that ends with the open: nothing of it stays parked in
+/// the process (see the module's notes on fork).
+fn open<M: ManageConnection>(shared: &Arc<Shared<M>>, deadline: Instant) -> Opened<M::Connection>
+where
+    M::Error: Send,
+{
+    let handoff = Arc::new((Mutex::new(Handoff::Waiting), Condvar::new()));
+    let spawned = {
+        let (shared, handoff) = (Arc::clone(shared), Arc::clone(&handoff));
+        std::thread::Builder::new().name("chat-history-connect".into()).spawn(move || {
+            let result = shared.manager.connect();
+            let mut slot = handoff.0.lock().unwrap_or_else(PoisonError::into_inner);
+            if matches!(*slot, Handoff::Abandoned) {
+                drop(slot);
+                match result {
+                    Ok(conn) => {
+                        shared.lock().idle.push((conn, Instant::now()));
+                        shared.returned.notify_one();
+                    }
+                    Err(e) => {
+                        shared.release_slot();
+                        shared.error_handler.handle_error(e);
+                    }
+                }
+            } else {
+                *slot = Handoff::Done(result);
+                handoff.1.notify_one();
+            }
+        })
+    };
+    let result = if spawned.is_ok() {
+        let mut slot = handoff.0.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Handoff::Done(_) = &*slot {
+                let Handoff::Done(result) = std::mem::replace(&mut *slot, Handoff::Waiting) else { unreachable!() };
+                break result;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                *slot = Handoff::Abandoned;
+                return Opened::Pending;
+            }
+            slot = handoff.1.wait_timeout(slot, left).unwrap_or_else(PoisonError::into_inner).0;
+        }
+    } else {
+        // No thread to be had (a process limit): open it here, unbounded by the wait.
+        shared.manager.connect()
+    };
+    match result {
+        Ok(conn) => Opened::Ready(conn),
+        Err(e) => {
+            shared.release_slot();
+            let why = e.to_string();
+            shared.error_handler.handle_error(e);
+            Opened::Failed(why)
+        }
+    }
+}
+
+impl<M: ManageConnection> Pool<M>
+where
+    M::Error: Send,
+{
     /// The defaults: 10 connections, a 30 s wait, idle connections closed after 5 min.
     #[must_use]
     pub fn builder() -> Builder<M> {
@@ -157,13 +254,17 @@ impl<M: ManageConnection> Pool<M> {
         self.get_timeout(self.shared.connection_timeout)
     }
 
-    /// A connection: an idle one, else a new one opened by this caller when the pool has room,
-    /// else the first one handed back within `wait`. A failed open is returned at once (and
-    /// given to the error handler) rather than retried until the wait runs out: the caller
-    /// decides whether to try again.
+    /// A connection: an idle one, else a new one when the pool has room, else the first one
+    /// handed back within `wait`. A new connection is opened on a thread of its own while the
+    /// caller waits at most until `wait` runs out, so a server that accepts and never answers
+    /// (a stalled link, a PostgreSQL stuck in its startup) costs the wait and no more; a
+    /// connection that opens after the caller gave up is pooled. A failed open is returned at
+    /// once, or, with [`Builder::retry_failed_connects`], tried again until the wait runs out
+    /// (a server restarting within it costs the caller nothing but the wait).
     pub fn get_timeout(&self, wait: Duration) -> Result<Pooled<M>, PoolError> {
         let shared = &self.shared;
         let deadline = Instant::now() + wait;
+        let mut failed: Option<String> = None;
         let mut state = shared.lock();
         loop {
             let expired = match shared.idle_timeout {
@@ -186,22 +287,28 @@ impl<M: ManageConnection> Pool<M> {
             if let Some((conn, _)) = state.idle.pop() {
                 return Ok(Pooled { shared: Arc::clone(shared), conn: Some(conn) });
             }
-            if state.open < shared.max_size {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if state.open < shared.max_size && !(failed.is_some() && left.is_zero()) {
                 state.open += 1;
                 drop(state);
-                return match shared.manager.connect() {
-                    Ok(conn) => Ok(Pooled { shared: Arc::clone(shared), conn: Some(conn) }),
-                    Err(e) => {
-                        shared.release_slot();
-                        let why = e.to_string();
-                        shared.error_handler.handle_error(e);
-                        Err(PoolError::Connect(why))
+                match open(shared, deadline) {
+                    Opened::Ready(conn) => return Ok(Pooled { shared: Arc::clone(shared), conn: Some(conn) }),
+                    Opened::Failed(why) if !shared.retry_failed_connects => return Err(PoolError::Connect(why)),
+                    Opened::Failed(why) => {
+                        failed = Some(why);
+                        state = shared.lock();
+                        let pause = deadline.saturating_duration_since(Instant::now()).min(CONNECT_RETRY_PAUSE);
+                        if !pause.is_zero() {
+                            state =
+                                shared.returned.wait_timeout(state, pause).unwrap_or_else(PoisonError::into_inner).0;
+                        }
+                        continue;
                     }
-                };
+                    Opened::Pending => return Err(failed.map_or(PoolError::Timeout(wait), PoolError::Connect)),
+                }
             }
-            let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(PoolError::Timeout(wait));
+                return Err(failed.map_or(PoolError::Timeout(wait), PoolError::Connect));
             }
             state = shared.returned.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0;
         }
@@ -291,6 +398,67 @@ mod tests {
         fn has_broken(&self, _: &mut u32) -> bool {
             self.broken.load(Ordering::SeqCst)
         }
+    }
+
+    /// Opens take `delay` each; the first `failures` fail.
+    #[derive(Default)]
+    struct Slow {
+        delay: Duration,
+        failures: AtomicU32,
+        opened: AtomicU32,
+    }
+
+    impl ManageConnection for Slow {
+        type Connection = u32;
+        type Error = Refused;
+
+        fn connect(&self) -> Result<u32, Refused> {
+            std::thread::sleep(self.delay);
+            if self.failures.load(Ordering::SeqCst) > 0 {
+                self.failures.fetch_sub(1, Ordering::SeqCst);
+                return Err(Refused);
+            }
+            Ok(self.opened.fetch_add(1, Ordering::SeqCst))
+        }
+
+        fn is_valid(&self, _: &mut u32) -> Result<(), Refused> {
+            Ok(())
+        }
+
+        fn has_broken(&self, _: &mut u32) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn an_open_that_outlasts_the_wait_times_out_and_its_connection_is_pooled_later() {
+        let pool = Pool::builder().max_size(1).build(Slow { delay: Duration::from_millis(300), ..Slow::default() });
+        let started = Instant::now();
+        assert!(matches!(pool.get_timeout(Duration::from_millis(50)), Err(PoolError::Timeout(_))));
+        assert!(started.elapsed() < Duration::from_millis(250), "the caller waited for the open");
+        assert_eq!(pool.counts(), (0, 1), "the slot stays taken while the open runs");
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(pool.counts(), (1, 1), "the late connection is pooled");
+        assert_eq!(*pool.get_timeout(Duration::from_millis(10)).unwrap(), 0);
+    }
+
+    #[test]
+    fn failed_opens_are_tried_again_until_the_wait_runs_out_when_asked() {
+        let retrying = Pool::builder()
+            .max_size(1)
+            .retry_failed_connects(true)
+            .build(Slow { failures: AtomicU32::new(2), ..Slow::default() });
+        assert_eq!(*retrying.get_timeout(Duration::from_secs(5)).unwrap(), 0, "the third open succeeds");
+
+        let failing = Pool::builder()
+            .max_size(1)
+            .retry_failed_connects(true)
+            .build(Slow { failures: AtomicU32::new(1000), ..Slow::default() });
+        let started = Instant::now();
+        let error = failing.get_timeout(Duration::from_millis(300)).err().expect("every open fails");
+        assert!(started.elapsed() >= Duration::from_millis(300), "gave up before the wait ran out");
+        assert_eq!(error.to_string(), "connection refused", "the last open's error, not a bare timeout");
+        assert_eq!(failing.counts(), (0, 0));
     }
 
     fn pool(max: u32) -> Pool<Numbers> {

@@ -290,9 +290,14 @@ impl Flusher {
         drop(writes);
         let mut again = Vec::new();
         for ((member, cached, full), outcome) in round.into_iter().zip(outcomes) {
+            let to_resolve = match &outcome {
+                Ok(FlushOutcome::Diverged | FlushOutcome::Stale) => true,
+                Ok(FlushOutcome::Rebase) => full,
+                _ => false,
+            };
             let outcome = match outcome {
-                Ok(FlushOutcome::Diverged | FlushOutcome::Stale) => self.resolve(&member, &cached, report),
-                Ok(FlushOutcome::Rebase) if full => self.resolve(&member, &cached, report),
+                _ if to_resolve && self.superseded(&member, &cached) => continue,
+                _ if to_resolve => self.resolve(&member, &cached, report),
                 other => other,
             };
             let version = version_of(&cached);
@@ -396,6 +401,26 @@ impl Flusher {
             ErrorKind::Database(Backend::Postgres),
             format!("{member} kept changing in PostgreSQL while its divergence was resolved"),
         ))
+    }
+
+    /// Whether Redis no longer holds the copy this flush read: the app saved again (and another
+    /// flusher may have written that save already). Then the copy read is history the app
+    /// replaced itself, not a divergence to resolve: nothing is kept aside, nothing settled, and
+    /// the next flush writes what Redis holds now.
+    /// Redis not answering counts as not superseded: the copy is resolved as read.
+    fn superseded(&self, member: &str, cached: &Cached) -> bool {
+        let (user_id, conversation_id) = split_member(member).expect("checked members split");
+        match self.redis.version_now(user_id, conversation_id) {
+            Ok(now) if cached.version.is_some() && now != cached.version => {
+                log::debug!("{member} changed in Redis while being flushed; the next flush writes it");
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                log::debug!("{member}: could not tell whether Redis still holds the copy read ({})", e.into_error());
+                false
+            }
+        }
     }
 
     /// Keeps a losing copy in `conversation_conflicts`, counted and logged.

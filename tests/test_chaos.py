@@ -305,10 +305,15 @@ def check_history(ops: list[Op], final: dict, conflicts: dict, pg_rows: dict, fa
             last = max(acked_deletes, key=lambda o: o.t0)
             later = [o for o in history if o.kind in ("save", "rename") and o.t0 > last.t0]
             if not later and (current is not None or pg_rows.get(cid) == user):
+                at = history.index(last)
+                timeline = "\n      ".join(_describe(o) for o in history[max(0, at - 6) : at + 3])
                 anomalies.append(
                     f"RESURRECTED seed={seed} user={user} id={cid}: deleted by {_describe(last)}, yet "
-                    f"get_conversation -> {'a conversation' if current is not None else 'None'}, "
+                    f"get_conversation -> "
+                    f"{'None' if current is None else str(len(current['messages'])) + ' messages'}, "
                     f"PostgreSQL row owner -> {pg_rows.get(cid)}"
+                    f"\n    faults around: {_faults_during(faults, last.t0 - 5, last.t1 + 10)[:6]}"
+                    f"\n    history up to the delete:\n      {timeline}"
                 )
 
     # 3. no save of another user's live id is acknowledged.

@@ -324,6 +324,36 @@ def test_two_flushers_that_overlap_keep_the_newest(
     assert app.get_conversation(conv_id, user_id=user_id) == v2
 
 
+def test_a_copy_the_app_replaced_while_a_flusher_held_it_is_not_kept_as_a_conflict(
+    failpoints, make_redis_manager, rdb, pg_conn, user_id, conv_id
+):
+    """Flusher A reads v2; the app regenerates the last reply (v3 does not extend v2) and flusher B writes v3.
+    A's write then finds PostgreSQL moved on. v2 is history the app replaced itself, not a divergence between
+    the tiers: nothing is kept aside, and both tiers hold v3."""
+    from chaos_support import conflict_count
+
+    app, a, b = make_redis_manager(), make_redis_manager(), make_redis_manager()
+    v1 = make_conversation(2)
+    app.save_conversation(conv_id, v1, user_id=user_id)
+    assert app.flush_dirty_conversations() == 1
+    v2 = grown(v1, 2)
+    app.save_conversation(conv_id, v2, user_id=user_id)
+
+    failpoints.pause("flush.after_read", count=1)
+    flush = Background(a.flush_dirty_conversations)
+    failpoints.wait("flush.after_read")
+    v3 = grown({**v2, "messages": v2["messages"][:-1]}, 1, text="regenerated")
+    app.save_conversation(conv_id, v3, user_id=user_id)
+    assert b.flush_dirty_conversations() == 1
+    failpoints.release("flush.after_read")
+    flush.result()
+
+    assert_row_matches(pg_conn, conv_id, user_id, v3)
+    assert conflict_count(pg_conn) == 0, "the app's own replaced copy was kept as a conflict"
+    assert_cached(rdb.client, user_id, conv_id, v3, dirty=False)
+    assert app.get_conversation(conv_id, user_id=user_id) == v3
+
+
 @pytest.fixture
 def crashable_pg():
     """A private PostgreSQL that keeps every commit it acknowledged (synchronous_commit=on), so a

@@ -690,6 +690,36 @@ def test_save_after_postgres_version_ran_ahead_is_flushed_as_the_newest(
     assert dirty_set(rdb.client) == set()
 
 
+@pytest.mark.timeout(60)
+def test_a_copy_older_than_another_users_tombstone_never_comes_back(
+    make_redis_manager, rdb, pg_conn, user_id, conv_id
+):  # fmt: skip
+    """The owner deletes through an instance cut off from Redis: PostgreSQL holds the tombstone, Redis still the
+    dirty copy. Another user then claims the free id and deletes it in turn, so the tombstone becomes theirs (the
+    chaos checker found this path). The owner's old copy must not be flushed back."""
+    _controllable(rdb.server)
+    app = make_redis_manager()
+    first = make_conversation(2)
+    app.save_conversation(conv_id, first, user_id=user_id)
+    assert app.flush_dirty_conversations() == 1
+    app.save_conversation(conv_id, grown(first, 2), user_id=user_id)  # dirty in Redis
+    with TcpProxy(rdb.server.port) as proxy:
+        cut_off = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5)
+        proxy.partition()
+        cut_off.delete_conversation(conv_id, user_id=user_id)
+    assert conv_id not in pg_conversation_ids(pg_conn)
+    with pg_conn.cursor() as cur:  # what the other user's claim and delete leave behind
+        cur.execute(
+            "UPDATE conversation_tombstones SET user_client_id = 'another-user', deleted_version = deleted_version + 1"
+            " WHERE conversation_id = %s",
+            (conv_id,),
+        )
+        assert cur.rowcount == 1
+    app.flush_dirty_conversations()
+    assert conv_id not in pg_conversation_ids(pg_conn), "the deleted copy was flushed back"
+    assert app.get_conversation(conv_id, user_id=user_id) is None
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_owner_key_of_a_dropped_stale_copy_expires(make_redis_manager, rdb, pg_conn, user_id, conv_id):

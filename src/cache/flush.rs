@@ -270,6 +270,14 @@ impl RedisCache {
         Ok(version.and_then(|v| v.parse().ok()))
     }
 
+    /// The write-back version the cached hash holds now (`None`: gone, or written by a seed
+    /// writer without one).
+    pub fn version_now(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<i64>> {
+        let key = self.layout()?.conv(user_id, conversation_id);
+        let version: Option<String> = self.command(redis::cmd("HGET").arg(&key).arg("ver"))?;
+        Ok(version.and_then(|v| v.parse().ok()))
+    }
+
     /// How many conversations are dirty and since when the oldest is (Unix seconds).
     pub fn dirty_summary(&self) -> CacheResult<(u64, Option<f64>)> {
         let l = self.layout()?;

@@ -127,6 +127,8 @@ impl RedisCache {
         let pool = Pool::builder()
             .max_size(settings.pool_size)
             .connection_timeout(settings.timeout)
+            // A Redis restarting within the timeout costs a call the wait, not a fallback.
+            .retry_failed_connects(true)
             .idle_timeout(Some(Duration::from_secs(300)))
             .error_handler(Box::new(PoolErrorLog))
             .build(Connector {

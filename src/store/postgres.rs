@@ -360,10 +360,11 @@ WITH input AS (
     -- Not deleted since this version; when only new messages were sent (first > 0), only if
     -- PostgreSQL still holds the version they extend; and a whole copy only over the row it was
     -- derived from (`known`): any other row is a divergence, resolved one by one (docs/design.md).
+    -- A tombstone of any user: once an id was deleted, a copy saved before that never comes back,
+    -- even after another user claimed the id and deleted it in turn (its tombstone replaced ours).
     SELECT i.* FROM input i
     WHERE NOT EXISTS (
-        SELECT 1 FROM conversation_tombstones t
-        WHERE t.conversation_id = i.id AND t.user_client_id = i.user_id AND t.deleted_version >= i.version)
+        SELECT 1 FROM conversation_tombstones t WHERE t.conversation_id = i.id AND t.deleted_version >= i.version)
     -- A scalar subquery, so each row is one primary-key lookup; as EXISTS the planner turned it
     -- into a scan of the whole table per batch.
     AND (i.first = 0 OR (SELECT c.cache_version FROM conversations c WHERE c.conversation_id = i.id) = i.base)
@@ -402,8 +403,7 @@ SELECT i.id,
         SELECT CASE
             WHEN c.conversation_id IS NOT NULL AND c.user_client_id <> i.user_id THEN 'owner'
             WHEN EXISTS (
-                SELECT 1 FROM conversation_tombstones t
-                WHERE t.conversation_id = i.id AND t.user_client_id = i.user_id AND t.deleted_version >= i.version)
+                SELECT 1 FROM conversation_tombstones t WHERE t.conversation_id = i.id AND t.deleted_version >= i.version)
                 THEN 'deleted'
             WHEN c.cache_version = i.version THEN 'current'
             WHEN i.first = 0 AND c.conversation_id IS NOT NULL AND c.cache_version IS DISTINCT FROM i.known
