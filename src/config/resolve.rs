@@ -500,11 +500,9 @@ impl Resolved {
             (None, true) => Shown::Text("(set, but not valid; value hidden)".to_owned()),
             (None, false) => Shown::Unset,
         };
-        let redis_url_shown = if self.redis_by_url() == Some(true) { self.redis_redacted() } else { None };
-        let redis_url = self.redis_connection_string.value.as_deref().map(|url| {
-            redis_url_shown.clone().or_else(|| {
-                RedisSettings::from_url(url, None, 1, Duration::from_secs(1), 1).ok().map(|s| s.redacted().to_owned())
-            })
+        let redis_url = self.redis_connection_string.value.as_deref().and_then(|url| {
+            let parsed = RedisSettings::from_url(url, None, 1, Duration::from_secs(1), 1).ok()?;
+            Some(parsed.redacted().to_owned())
         });
         let int = |n: i64| Shown::Int(n);
         let rows: Vec<(&'static str, Shown, Source)> = vec![
@@ -532,7 +530,7 @@ impl Resolved {
             ("postgres_lock_timeout", secs(self.postgres_lock_timeout.value), self.postgres_lock_timeout.source),
             (
                 "redis_connection_string",
-                hidden(redis_url.flatten(), self.redis_connection_string.value.is_some()),
+                hidden(redis_url, self.redis_connection_string.value.is_some()),
                 self.redis_connection_string.source,
             ),
             ("redis_host", self.redis_host.value.clone().map_or(Shown::Unset, Shown::Text), self.redis_host.source),
