@@ -7,7 +7,7 @@
 //!
 //! - [`model`]: conversations, messages, canonical timestamps
 //! - [`validate`]: what PostgreSQL would refuse, refused early
-//! - [`config`]: connection strings and TLS
+//! - [`config`]: settings from keyword arguments and the environment, connection strings, TLS
 //! - [`credentials`]: credentials that expire, from a caller's provider
 //! - [`pool`]: connection pools without threads, safe across a fork
 //! - [`store`]: JSON files and PostgreSQL

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from chat_history_rs import ConfigurationError, resolve_settings
 from chat_history_rs.azure import providers_from_env
 
 MODES = ("local", "local_psql", "postgres", "local_redis", "redis")
@@ -24,8 +25,6 @@ MODES = ("local", "local_psql", "postgres", "local_redis", "redis")
 DEFAULT_TEST_CLIENT_ID = "00000000-0000-0000-0000-000000000001"
 PRINCIPAL_ID_HEADER = "X-MS-CLIENT-PRINCIPAL-ID"
 PRINCIPAL_NAME_HEADER = "X-MS-CLIENT-PRINCIPAL-NAME"
-TRUE_WORDS = ("1", "true", "yes", "on")
-FALSE_WORDS = ("0", "false", "no", "off", "")
 ENTRA_VARIABLES = ("REDIS_AUTH", "POSTGRES_AUTH", "POSTGRES_ENTRA_USER", "AZURE_CLIENT_ID")
 
 
@@ -95,14 +94,23 @@ class AppSettings:
 
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> AppSettings:
-    """Reads the app's variables. Raises SettingsError naming the variable that is wrong or missing."""
+    """Reads the app's variables. Raises SettingsError naming the variable that is wrong or missing.
+
+    The library's own variables (DATABASE_URL or the POSTGRES_* parts, REDIS_ENABLED,
+    REDIS_CONNECTION_STRING, REDIS_TTL_SECONDS / REDIS_CACHE_TTL...) are resolved by the library itself
+    (chat_history_rs.resolve_settings), exactly as ChatHistoryManager resolves them; only the app's own
+    (CHAT_HISTORY_MODE, CONVERSATION_HISTORY_DAYS, CHAT_HISTORY_FLUSH_INTERVAL) are read here."""
     mode = environ.get("CHAT_HISTORY_MODE", "local").strip().lower() or "local"
     if mode not in MODES:
         raise SettingsError(f"CHAT_HISTORY_MODE must be one of {', '.join(MODES)}; got {mode!r}")
     history_days = _int(environ, "CONVERSATION_HISTORY_DAYS", 7)
     if mode == "local":
         return AppSettings(mode=mode, history_days=history_days)
-    connection_string = postgres_connection_string(environ)
+    try:
+        resolved = resolve_settings(environ, mode="postgres")
+    except ConfigurationError as exc:
+        raise SettingsError(str(exc)) from None
+    connection_string = resolved.value("connection_string")
     if connection_string is None:
         raise SettingsError(
             f"CHAT_HISTORY_MODE={mode} needs PostgreSQL: set POSTGRES_HOST (with POSTGRES_ADMIN_LOGIN, "
@@ -110,8 +118,8 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> AppSettings:
         )
     # The seed's rollback switch: REDIS_ENABLED=false turns a redis mode back into plain PostgreSQL,
     # and REDIS_ENABLED=true adds Redis to a postgres mode. Unset, the mode decides.
-    redis_enabled = _bool(environ, "REDIS_ENABLED", default=mode.endswith("redis"))
-    ttl = environ.get("REDIS_CACHE_TTL", "").strip()
+    from_env = resolved.source("redis_enabled") != "default"
+    redis_enabled = bool(resolved.value("redis_enabled")) if from_env else mode.endswith("redis")
     entra_env = tuple((name, environ[name]) for name in ENTRA_VARIABLES if environ.get(name, "").strip())
     try:
         providers_from_env(dict(entra_env))  # checks the values; azure-identity is needed only later
@@ -121,34 +129,12 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> AppSettings:
         mode=mode,
         connection_string=connection_string,
         redis_enabled=redis_enabled,
-        redis_connection_string=environ.get("REDIS_CONNECTION_STRING") or None,
-        redis_ttl=_int(environ, "REDIS_CACHE_TTL", 0) if ttl else None,
+        redis_connection_string=resolved.value("redis_connection_string"),
+        redis_ttl=resolved.value("redis_ttl") if resolved.source("redis_ttl") != "default" else None,
         history_days=history_days,
         flush_interval=_float(environ, "CHAT_HISTORY_FLUSH_INTERVAL", 10.0),
         entra_env=entra_env,
     )
-
-
-def postgres_connection_string(environ: Mapping[str, str] = os.environ) -> Optional[str]:
-    """DATABASE_URL when set; otherwise a libpq key=value string built from the POSTGRES_* parts
-    (None when POSTGRES_HOST is unset too). POSTGRES_SSLMODE defaults to `require`, as Azure's
-    PostgreSQL demands, except for a server on this machine (`prefer`)."""
-    url = environ.get("DATABASE_URL", "").strip()
-    if url:
-        return url
-    host = environ.get("POSTGRES_HOST", "").strip()
-    if not host:
-        return None
-    local = host in ("localhost", "127.0.0.1", "::1") or host.startswith("/")
-    parts = {
-        "host": host,
-        "port": str(_int(environ, "POSTGRES_PORT", 5432)),
-        "dbname": environ.get("POSTGRES_DATABASE") or "postgres",
-        "user": environ.get("POSTGRES_ADMIN_LOGIN") or "postgres",
-        "password": environ.get("POSTGRES_ADMIN_PASSWORD") or None,
-        "sslmode": environ.get("POSTGRES_SSLMODE") or ("prefer" if local else "require"),
-    }
-    return " ".join(f"{key}={_libpq_quote(value)}" for key, value in parts.items() if value is not None)
 
 
 def current_user(
@@ -166,14 +152,6 @@ def current_user(
     if not client_id:
         return None
     return User(id=client_id, name=lowered.get(PRINCIPAL_NAME_HEADER.lower(), "").strip() or client_id)
-
-
-def _libpq_quote(value: str) -> str:
-    # libpq's key=value grammar: a value with spaces, quotes or backslashes goes in single quotes,
-    # with backslash escapes.
-    if value and not any(c in value for c in " '\\"):
-        return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -200,14 +178,3 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
     if not value > 0:
         raise SettingsError(f"{name} must be positive; got {raw!r}")
     return value
-
-
-def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
-    if name not in environ:
-        return default
-    raw = environ[name].strip().lower()
-    if raw in TRUE_WORDS:
-        return True
-    if raw in FALSE_WORDS:
-        return False
-    raise SettingsError(f"{name} must be true or false; got {environ[name]!r}")

@@ -7,6 +7,8 @@ A drop-in replacement for the Phase 1 ``ChatHistoryManager``::
 and its asyncio twin, every method a coroutine::
 
     from chat_history_rs import AsyncChatHistoryManager
+
+``resolve_settings()`` shows the settings a manager would open with and where each came from.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from chat_history_rs._core import (
     OwnershipError,
     PostgresBackend,
     RedisBackend,
+    ResolvedSettings,
     UnavailableError,
     ValidationError,
     __version__,
     _after_fork_in_child,
     _close_all,
+    resolve_settings,
 )
 
 __all__ = [
@@ -45,9 +49,11 @@ __all__ = [
     "OwnershipError",
     "PostgresBackend",
     "RedisBackend",
+    "ResolvedSettings",
     "UnavailableError",
     "ValidationError",
     "__version__",
+    "resolve_settings",
 ]
 
 # Every manager still open at interpreter exit is closed, which flushes what is dirty

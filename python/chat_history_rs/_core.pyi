@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from types import TracebackType
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Type, TypedDict, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple, Type, TypedDict, Union
 
 __version__: str
 
@@ -189,6 +189,70 @@ class LocalStorageError(ChatHistoryError, OSError):
 
 class ClosedError(ChatHistoryError, RuntimeError):
     """The ChatHistoryManager was used after close()."""
+
+class SettingEntry(TypedDict):
+    name: str
+    value: Union[str, int, float, bool, None]
+    """Redacted: connection strings without passwords, ``"<redacted>"`` for a password that is set."""
+    source: str
+    """``"keyword"``, ``"env NAME"`` or ``"default"``."""
+
+class ResolvedSettings:
+    """A manager's settings resolved as ``ChatHistoryManager`` resolves them: keyword argument, else
+    environment variable, else default. Holds passwords; ``repr()`` and ``entries()`` never show them."""
+
+    @property
+    def mode(self) -> Literal["local", "postgres", "redis"]:
+        """The mode a manager would open in (``"redis"``: postgres with ``redis_enabled``)."""
+    @property
+    def postgres_url(self) -> Optional[str]:
+        """The PostgreSQL connection string without its password; None when unset or not valid."""
+    @property
+    def redis_url(self) -> Optional[str]:
+        """The Redis URL without its password; None when Redis is not configured or not valid."""
+    @property
+    def redis_configured(self) -> bool:
+        """Whether a Redis location (URL or host) is set, whatever ``redis_enabled`` says."""
+    def entries(self) -> List[SettingEntry]:
+        """Every setting in the README table's order, redacted, with where it came from."""
+    def source(self, name: str) -> str:
+        """Where the setting ``name`` came from: ``"keyword"``, ``"env NAME"`` or ``"default"``."""
+    def value(self, name: str) -> Any:
+        """The setting ``name`` as the keyword argument takes it; secrets whole: never print them."""
+    def check(self) -> None:
+        """Raises ConfigurationError for what a manager would refuse before connecting."""
+
+def resolve_settings(
+    environ: Optional[Mapping[str, str]] = None,
+    *,
+    mode: Optional[Literal["local", "postgres", "redis"]] = None,
+    base_dir: Optional[Union[str, os.PathLike[str]]] = None,
+    connection_string: Optional[str] = None,
+    history_days: Optional[int] = None,
+    redis_enabled: Optional[bool] = None,
+    postgres_pool_size: Optional[int] = None,
+    postgres_connect_timeout: Optional[float] = None,
+    postgres_ca_file: Optional[Union[str, os.PathLike[str]]] = None,
+    postgres_statement_timeout: Optional[float] = None,
+    postgres_lock_timeout: Optional[float] = None,
+    redis_connection_string: Optional[str] = None,
+    redis_host: Optional[str] = None,
+    redis_password: Optional[str] = None,
+    redis_port: Optional[int] = None,
+    redis_ssl: Optional[bool] = None,
+    redis_ttl: Optional[int] = None,
+    redis_pool_size: Optional[int] = None,
+    redis_timeout: Optional[float] = None,
+    redis_ca_file: Optional[Union[str, os.PathLike[str]]] = None,
+    redis_cluster: Optional[bool] = None,
+    credential_refresh_margin: Optional[float] = None,
+    flush_interval: Optional[float] = None,
+    background_flush: Optional[bool] = None,
+    flush_batch_size: Optional[int] = None,
+    close_timeout: Optional[float] = None,
+) -> ResolvedSettings:
+    """The settings ``ChatHistoryManager(**kwargs)`` would open with, read from ``environ`` (default:
+    the process's environment). Raises ConfigurationError naming a bad argument or variable."""
 
 def _close_all() -> None:
     """Closes every live manager, flushing what is dirty (the package's atexit hook)."""

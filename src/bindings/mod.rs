@@ -6,48 +6,20 @@ mod convert;
 mod credentials;
 mod error;
 mod failpoints;
+mod settings;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::cache::redis::{split_member, RedisCache};
-use crate::config::{PostgresSettings, RedisSettings};
+use crate::config::resolve::{Keywords, ProcessEnv, Resolved};
 use crate::error::Error;
-use crate::manager::{self, ChatHistory, Mode, Settings};
+use crate::manager::{self, ChatHistory, Mode};
 use crate::store::postgres::PostgresStore;
 use convert::{cached_to_py, conversation_from_py, conversation_to_py, fetched_to_py, listing_to_py, Id};
-
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
-fn env_flag(name: &str) -> Result<Option<bool>, Error> {
-    env(name)
-        .map(|v| match v.trim().to_ascii_lowercase().as_str() {
-            "1" | "true" | "yes" | "on" => Ok(true),
-            "0" | "false" | "no" | "off" => Ok(false),
-            _ => Err(Error::config(format!("{name} must be true or false, got {v:?}"))),
-        })
-        .transpose()
-}
-
-fn seconds(name: &str, value: f64) -> Result<Duration, Error> {
-    Duration::try_from_secs_f64(value)
-        .map_err(|_| Error::config(format!("{name} must be a positive number of seconds, got {value}")))
-}
-
-/// A bound that must be more than zero: PostgreSQL reads 0 as "no limit".
-fn positive_seconds(name: &str, value: f64) -> Result<Duration, Error> {
-    let duration = seconds(name, value)?;
-    if duration < Duration::from_millis(1) {
-        return Err(Error::config(format!("{name} must be at least 0.001 seconds, got {value}")));
-    }
-    Ok(duration)
-}
 
 /// Stores LLM chat conversations as local JSON files, in PostgreSQL, or in Redis over PostgreSQL.
 #[pyclass(name = "ChatHistoryManager", module = "chat_history_rs", frozen)]
@@ -57,79 +29,6 @@ pub struct PyChatHistoryManager {
     postgres_backend: Option<Py<PyPostgresBackend>>,
     redis_backend: Option<Py<PyRedisBackend>>,
     repr: String,
-}
-
-/// The Redis keyword arguments, resolved against the environment (keyword arguments win).
-struct RedisArgs {
-    connection_string: Option<String>,
-    host: Option<String>,
-    password: Option<String>,
-    port: Option<u16>,
-    ssl: Option<bool>,
-    ttl: Option<u64>,
-    pool_size: u32,
-    timeout: f64,
-    ca_file: Option<PathBuf>,
-    cluster: Option<bool>,
-}
-
-impl RedisArgs {
-    fn resolve(self) -> Result<RedisSettings, Error> {
-        let cluster = match self.cluster {
-            Some(flag) => Some(flag),
-            None => env_flag("REDIS_CLUSTER")?,
-        };
-        let mut settings = self.resolve_connection()?;
-        settings.cluster = cluster;
-        Ok(settings)
-    }
-
-    fn resolve_connection(self) -> Result<RedisSettings, Error> {
-        let timeout = seconds("redis_timeout", self.timeout)?;
-        let ttl = match self.ttl {
-            Some(ttl) => ttl,
-            None => match env("REDIS_TTL_SECONDS").or_else(|| env("REDIS_CACHE_TTL")) {
-                Some(v) => v
-                    .trim()
-                    .parse()
-                    .map_err(|_| Error::config(format!("REDIS_CACHE_TTL must be a number of seconds, got {v:?}")))?,
-                None => 1800,
-            },
-        };
-        let ca_file = self.ca_file.or_else(|| env("REDIS_CA_FILE").map(PathBuf::from));
-        if let Some(url) = self.connection_string {
-            return RedisSettings::from_url(&url, ca_file, self.pool_size, timeout, ttl);
-        }
-        if let Some(host) = self.host.or_else(|| env("REDIS_HOST")) {
-            let port = match self.port {
-                Some(port) => port,
-                None => env("REDIS_PORT").map_or(Ok(6380), |v| {
-                    v.trim().parse().map_err(|_| Error::config(format!("REDIS_PORT must be a port number, got {v:?}")))
-                })?,
-            };
-            let ssl = match self.ssl {
-                Some(ssl) => ssl,
-                None => env_flag("REDIS_SSL")?.unwrap_or(true),
-            };
-            let password = self.password.or_else(|| env("REDIS_PASSWORD"));
-            return RedisSettings::from_parts(
-                &host,
-                port,
-                password.as_deref(),
-                ssl,
-                ca_file,
-                self.pool_size,
-                timeout,
-                ttl,
-            );
-        }
-        match env("REDIS_CONNECTION_STRING") {
-            Some(url) => RedisSettings::from_url(&url, ca_file, self.pool_size, timeout, ttl),
-            None => Err(Error::config(
-                "redis mode needs Redis: pass redis_connection_string=... or redis_host=..., or set REDIS_CONNECTION_STRING",
-            )),
-        }
-    }
 }
 
 // pyo3 extracts arguments by value; `Id`s are read, not consumed.
@@ -197,93 +96,61 @@ impl PyChatHistoryManager {
         flush_batch_size: usize,
         close_timeout: f64,
     ) -> PyResult<Self> {
-        let mut mode = Mode::parse(mode)?;
-        let margin = seconds("credential_refresh_margin", credential_refresh_margin)?;
+        let keywords = Keywords {
+            mode: Some(mode.to_owned()),
+            base_dir,
+            connection_string,
+            history_days: Some(history_days),
+            redis_enabled,
+            postgres_pool_size: Some(postgres_pool_size),
+            postgres_connect_timeout: Some(postgres_connect_timeout),
+            postgres_ca_file,
+            postgres_statement_timeout: Some(postgres_statement_timeout),
+            postgres_lock_timeout: Some(postgres_lock_timeout),
+            redis_connection_string,
+            redis_host,
+            redis_password,
+            redis_port,
+            redis_ssl,
+            redis_ttl,
+            redis_pool_size: Some(redis_pool_size),
+            redis_timeout: Some(redis_timeout),
+            redis_ca_file,
+            redis_cluster,
+            credential_refresh_margin: Some(credential_refresh_margin),
+            flush_interval: Some(flush_interval),
+            background_flush: Some(background_flush),
+            flush_batch_size: Some(flush_batch_size),
+            close_timeout: Some(close_timeout),
+        };
+        // Keyword arguments win over the environment (the README, "Configuration").
+        let resolved = Resolved::resolve(keywords, &ProcessEnv)?;
+        let margin = resolved.credential_refresh_margin.value;
         let redis_credentials = redis_credential_provider
             .map(|callable| credentials::provider("redis_credential_provider", callable, margin))
             .transpose()?;
         let postgres_credentials = postgres_credential_provider
             .map(|callable| credentials::provider("postgres_credential_provider", callable, margin))
             .transpose()?;
-        // Keyword arguments win over the environment (the README, "Configuration").
-        let redis_requested = match redis_enabled {
-            Some(flag) => flag,
-            None => env_flag("REDIS_ENABLED")?.unwrap_or(false),
-        };
-        match (mode, redis_requested) {
-            (Mode::Postgres, true) => mode = Mode::Redis,
-            (Mode::Local, true) if redis_enabled == Some(true) => {
-                return Err(Error::config(
-                    "redis_enabled=True needs mode='postgres': Redis caches PostgreSQL, not local files",
-                )
-                .into())
-            }
-            (Mode::Local, true) => log::warn!("REDIS_ENABLED is set but mode is 'local': Redis is not used"),
-            _ => {}
+        let mut settings = resolved.settings()?;
+        let mode = settings.mode;
+        if mode == Mode::Local && resolved.redis_enabled.value {
+            log::warn!("REDIS_ENABLED is set but mode is 'local': Redis is not used");
         }
-        let postgres = match mode {
-            Mode::Local => None,
-            Mode::Postgres | Mode::Redis => {
-                let url = connection_string.or_else(|| env("DATABASE_URL")).ok_or_else(|| {
-                    Error::config(format!(
-                        "{} mode needs a PostgreSQL connection string: pass connection_string=... or set DATABASE_URL",
-                        mode.as_str()
-                    ))
-                })?;
-                let timeout = seconds("postgres_connect_timeout", postgres_connect_timeout)?;
-                let mut settings = PostgresSettings::parse(&url, postgres_ca_file, postgres_pool_size, timeout)?;
-                settings.statement_timeout =
-                    positive_seconds("postgres_statement_timeout", postgres_statement_timeout)?;
-                settings.lock_timeout = positive_seconds("postgres_lock_timeout", postgres_lock_timeout)?;
-                settings.credentials = postgres_credentials;
-                Some(settings)
-            }
-        };
-        let base_dir = match base_dir {
-            Some(dir) => dir,
-            None => std::env::current_dir()
-                .map_err(|e| Error::config("cannot read the current directory").with_source(e))?,
-        };
-        let redis = match mode {
-            Mode::Redis => Some({
-                let mut settings = RedisArgs {
-                    connection_string: redis_connection_string,
-                    host: redis_host,
-                    password: redis_password,
-                    port: redis_port,
-                    ssl: redis_ssl,
-                    ttl: redis_ttl,
-                    pool_size: redis_pool_size,
-                    timeout: redis_timeout,
-                    ca_file: redis_ca_file,
-                    cluster: redis_cluster,
-                }
-                .resolve()?;
-                settings.credentials = redis_credentials;
-                settings
-            }),
-            _ => None,
-        };
-        let repr = match (&postgres, &redis) {
+        if let Some(pg) = settings.postgres.as_mut() {
+            pg.credentials = postgres_credentials;
+        }
+        if let Some(redis) = settings.redis.as_mut() {
+            redis.credentials = redis_credentials;
+        }
+        let repr = match (&settings.postgres, &settings.redis) {
             (Some(pg), Some(r)) => {
                 format!("ChatHistoryManager(mode=\"postgres\", postgres={:?}, redis={:?})", pg.redacted(), r.redacted())
             }
             (Some(pg), None) => format!("ChatHistoryManager(mode={:?}, postgres={:?})", mode.as_str(), pg.redacted()),
-            _ => format!("ChatHistoryManager(mode=\"local\", base_dir={:?})", base_dir.display().to_string()),
+            _ => format!("ChatHistoryManager(mode=\"local\", base_dir={:?})", settings.base_dir.display().to_string()),
         };
-        let settings = Settings {
-            mode,
-            base_dir,
-            postgres,
-            history_days,
-            redis,
-            flush_interval: if background_flush { Some(seconds("flush_interval", flush_interval)?) } else { None },
-            flush_batch_size,
-            close_timeout: seconds("close_timeout", close_timeout)?,
-        };
-        if settings.flush_interval.is_some_and(|i| i.is_zero()) {
-            return Err(Error::config("flush_interval must be more than 0 seconds").into());
-        }
+        let history_days = settings.history_days;
         let inner = py.detach(|| ChatHistory::open(&settings))?;
         let postgres_backend = match mode {
             Mode::Local => None,
@@ -673,6 +540,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyChatHistoryManager>()?;
     m.add_class::<PyPostgresBackend>()?;
     m.add_class::<PyRedisBackend>()?;
+    settings::register(m)?;
     asyncio::register(m)?;
     m.add_function(wrap_pyfunction!(_close_all, m)?)?;
     m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;

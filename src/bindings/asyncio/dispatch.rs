@@ -5,9 +5,8 @@
 //!
 //! Why not pyo3-async-runtimes' path for every loop: it hops to a tokio task and to a thread that
 //! takes the GIL for each result, then wakes the loop through `call_soon_threadsafe` once per
-//! result. Measured on one CPU (benches/async_run.py) that cost about as much as the core call
-//! itself; here a result costs a write to a socket and no GIL on the core's threads, and a burst
-//! of results costs one wake-up. Loops that cannot watch a socket (Windows' proactor loop) keep
+//! result; here a result costs a write to a socket and no GIL on the core's threads, and a burst
+//! of results costs one wake-up (the measurements: docs/benchmarks.md). Loops that cannot watch a socket (Windows' proactor loop) keep
 //! pyo3-async-runtimes' path.
 
 use std::cell::RefCell;

@@ -15,10 +15,9 @@ use tokio::runtime::{Builder, Runtime};
 
 /// Threads that run core calls for every `AsyncChatHistoryManager` of the process. A thousand
 /// calls in flight queue for them rather than taking a thread each. Eight match the default Redis
-/// pool, and concurrent Redis reads on them share round trips (`cache::combine`); measured with 64
-/// cache hits in flight on one CPU, 8 threads gave the most calls/s (16 and 32 fewer: more context
-/// switches, no more round trips in flight). `CHAT_HISTORY_ASYNC_THREADS` overrides it (read once,
-/// when the first call starts the pool).
+/// pool, and concurrent Redis reads on them share round trips (`cache::combine`); why not more:
+/// docs/benchmarks.md. `CHAT_HISTORY_ASYNC_THREADS` overrides it (read once, when the first call
+/// starts the pool).
 pub(super) const BLOCKING_THREADS: usize = 8;
 
 fn blocking_threads() -> usize {
