@@ -317,7 +317,7 @@ pub(crate) fn content_sig(title: &[u8], model: &[u8], messages: &[u8], last_modi
 /// save whose script never ran, say on NOSCRIPT, leaves nothing behind); the script that follows
 /// in the same pipeline renames it into place. No MULTI/EXEC around them: the staged key's name is
 /// unique to this call, so nothing else can touch it in between, and the script does every check
-/// and the rename atomically; the transaction cost a save or a miss 2-4 us for nothing. The
+/// and the rename atomically; the transaction cost time for nothing (docs/benchmarks.md). The
 /// command is sized up front: the transcript is most of its bytes, and growing the buffer for it
 /// cost more than writing it.
 pub(crate) fn stage(pipe: &mut redis::Pipeline, staged: &str, conv: &Conversation, extra: &[(&str, &str)]) {
