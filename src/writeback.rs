@@ -403,15 +403,16 @@ impl Flusher {
         ))
     }
 
-    /// Whether Redis no longer holds the copy this flush read: the app saved again (and another
-    /// flusher may have written that save already). Then the copy read is history the app
-    /// replaced itself, not a divergence to resolve: nothing is kept aside, nothing settled, and
-    /// the next flush writes what Redis holds now.
-    /// Redis not answering counts as not superseded: the copy is resolved as read.
+    /// Whether Redis holds a newer version than the copy this flush read: the app saved again
+    /// (and another flusher may have written that save already). Then the copy read is history
+    /// the app replaced itself, not a divergence to resolve: nothing is kept aside, nothing
+    /// settled, and the next flush writes what Redis holds now. A hash that is gone (a Redis that
+    /// restarted empty) or a Redis that does not answer is not that: the copy read may be the only
+    /// one left, and is resolved as read.
     fn superseded(&self, member: &str, cached: &Cached) -> bool {
         let (user_id, conversation_id) = split_member(member).expect("checked members split");
         match self.redis.version_now(user_id, conversation_id) {
-            Ok(now) if cached.version.is_some() && now != cached.version => {
+            Ok(Some(now)) if cached.version.is_some_and(|read| now > read) => {
                 log::debug!("{member} changed in Redis while being flushed; the next flush writes it");
                 true
             }

@@ -354,6 +354,36 @@ def test_a_copy_the_app_replaced_while_a_flusher_held_it_is_not_kept_as_a_confli
     assert app.get_conversation(conv_id, user_id=user_id) == v3
 
 
+def test_a_copy_gone_from_redis_while_a_flusher_held_it_is_still_kept_when_it_diverged(
+    failpoints, make_redis_manager, pg_manager, rdb, pg_conn, user_id, conv_id
+):
+    """The flusher reads v2 (only Redis has its last messages); a write straight to PostgreSQL diverged from it;
+    then Redis loses the hash (a restart without persistence). The copy the flusher holds is the last one: it
+    must be resolved as read (kept aside), not mistaken for a copy the app replaced."""
+    from chaos_support import conflict_copies
+
+    app = make_redis_manager()
+    v1 = make_conversation(2)
+    app.save_conversation(conv_id, v1, user_id=user_id)
+    assert app.flush_dirty_conversations() == 1
+    v2 = grown(v1, 2, text="only in Redis")
+    app.save_conversation(conv_id, v2, user_id=user_id)
+    pg_manager.save_conversation(conv_id, grown(v1, 1, text="straight to PostgreSQL"), user_id=user_id)
+
+    failpoints.pause("flush.after_read", count=1)
+    flush = Background(app.flush_dirty_conversations)
+    failpoints.wait("flush.after_read")
+    rdb.client.delete(conv_key(user_id, conv_id))
+    failpoints.release("flush.after_read")
+    flush.result()
+
+    current = pg_manager.get_conversation(conv_id, user_id=user_id)
+    copies = conflict_copies(pg_conn, conv_id, user_id) + ([current["messages"]] if current else [])
+    assert [m["content"] for m in v2["messages"]] in [[m["content"] for m in copy] for copy in copies], (
+        f"v2's messages are neither in the conversation nor kept aside: {copies}"
+    )
+
+
 @pytest.fixture
 def crashable_pg():
     """A private PostgreSQL that keeps every commit it acknowledged (synchronous_commit=on), so a
