@@ -37,12 +37,12 @@ test: servers dev-test ## Run everything: cargo tests, then pytest against throw
 	cargo test --quiet
 	$(PY) -m pytest tests
 	@echo "The Redis-tier suites again, on a Redis Cluster (3 primaries, a replica each):"
-	CHR_TEST_REDIS_CLUSTER=1 $(PY) -m pytest tests/test_redis_tier.py tests/test_interleavings.py
+	CHR_TEST_REDIS_CLUSTER=1 $(PY) -m pytest tests/redis/test_redis_tier.py tests/faults/test_interleavings.py
 
 .PHONY: soak
 soak: servers dev ## The randomized fault checker for 10 min (CHAOS_SECONDS=600; CHAOS_SEED=n replays a seed's plan)
 	CHAOS_SECONDS=$${CHAOS_SECONDS:-600} CHAOS_SEED=$${CHAOS_SEED:-$$RANDOM$$RANDOM} \
-		$(PY) -m pytest tests/test_chaos.py -s -q --show-capture=no
+		$(PY) -m pytest tests/faults/test_chaos.py -s -q --show-capture=no
 
 .PHONY: demo
 demo: dev ## Run the example chat app on a throwaway Redis and PostgreSQL (or local JSON files); Ctrl-C stops it

@@ -17,6 +17,13 @@ Per test:
     make_manager       factory for ChatHistoryManager; every manager is closed after the test
     pg_manager         ChatHistoryManager(mode="postgres", connection_string=pg_url)
     local_manager      ChatHistoryManager(mode="local", base_dir=tmp_path)
+
+More fixtures come from the plugin modules in `pytest_plugins` below (redis_support.py: rdb,
+make_redis_server, make_redis_manager; tls_support.py: the TLS servers), so every test module in every
+folder can request them by name without importing them. The test files live in area folders
+(tests/README.md); the helper modules stay here in tests/, which pytest puts on sys.path when it
+imports this conftest.py (the default "prepend" import mode), so `from servers import ...` works from
+every folder.
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-# servers.py holds row-checking helpers with plain asserts; rewrite them so failures show the values.
-pytest.register_assert_rewrite("servers")
+# The helper modules hold checks with plain asserts: rewrite them so failures show the values. This must
+# run before anything imports them (the plugin modules below are rewritten anyway, as plugins).
+pytest.register_assert_rewrite("servers", "redis_support", "chaos_support", "chaos_workload", "leaks")
 
 from servers import (  # noqa: E402 - after register_assert_rewrite, as pytest requires
     ExternalPostgres,
@@ -42,6 +50,9 @@ from servers import (  # noqa: E402 - after register_assert_rewrite, as pytest r
     drop_database,
     find_pg_bindir,
 )
+
+# Modules whose fixtures every test can use by name.
+pytest_plugins = ["redis_support", "tls_support"]
 
 # The password of pg_scram_server's superuser. Tests check it never leaks either.
 SCRAM_PASSWORD = "correct-Horse:battery@staple/42"

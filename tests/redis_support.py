@@ -1,7 +1,7 @@
 """Fixtures and helpers for the Redis-tier tests (test_redis_tier.py, test_seed.py, test_faults.py).
 
-Builds on conftest.py's servers and per-test databases. Fixtures (import them into a test module with
-`from redis_support import *`-free explicit names; pytest finds fixtures imported into a module):
+Builds on conftest.py's servers and per-test databases. Fixtures (a plugin listed in conftest.py's
+`pytest_plugins`, so every test requests them by name without importing them):
 
     rdb                 the session's Redis, emptied (FLUSHDB) before the test: .url, .client, .server
     make_redis_server   factory for a private redis-server (extra args), killed after the test
@@ -388,6 +388,10 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout}s")
         time.sleep(interval)
+
+
+# This directory (the helper modules'), for subprocess scripts that import them: put it on their sys.path.
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def python_script(body: str) -> list[str]:

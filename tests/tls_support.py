@@ -1,6 +1,7 @@
 """TLS fixtures for test_tls.py: a throwaway PKI, PostgreSQL with `ssl=on`, Redis with TLS only.
 
-Builds on servers.py (PostgresServer, RedisServer, create_database) and conftest.py. Certificates are
+A plugin listed in conftest.py's `pytest_plugins`: tests request its fixtures by name, without importing
+them. Builds on servers.py (PostgresServer, RedisServer, create_database) and conftest.py. Certificates are
 made with the `openssl` command line (no Python crypto package needed in the venv), with EC P-256
 keys because they are fast to generate.
 
@@ -33,7 +34,6 @@ from urllib.parse import quote
 import pytest
 import redis
 
-from leaks import assert_no_secret, deep_text, exception_texts, log_texts  # noqa: F401 - re-exported
 from servers import (
     POSTGRES_OS_USER,
     PgParams,

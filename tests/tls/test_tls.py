@@ -16,28 +16,11 @@ import re
 
 import pytest
 
-pytest.register_assert_rewrite("tls_support", "redis_support")
-
 from chat_history_rs import ChatHistoryError, ConfigurationError, UnavailableError
+from leaks import assert_no_secret, deep_text, exception_texts, log_texts
 from redis_support import DIRTY_SET, conv_key, dirty_member, make_conversation, seed_fields
 from servers import assert_row_matches, fetch_conversation_row
-from tls_support import (  # noqa: F401 - fixtures are used by name
-    REDIS_TLS_PASSWORD,
-    assert_no_secret,
-    deep_text,
-    exception_texts,
-    log_texts,
-    pg_conninfo,
-    pki,
-    product_sessions_ssl,
-    tls_pg_db,
-    tls_pg_server,
-    tls_redis_auth_server,
-    tls_redis_server,
-    wrong_name_pg_db,
-    wrong_name_pg_server,
-    wrong_name_redis_server,
-)
+from tls_support import REDIS_TLS_PASSWORD, pg_conninfo, product_sessions_ssl
 
 HOSTS = ["localhost", "127.0.0.1"]
 FORMS = ["url", "key-value"]

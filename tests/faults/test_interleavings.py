@@ -16,24 +16,19 @@ import time
 
 import pytest
 
-pytest.register_assert_rewrite("redis_support")
-
-from chat_history_rs import UnavailableError, _core  # noqa: E402
-from redis_support import (  # noqa: E402, F401 - fixtures are used by name
+from chat_history_rs import UnavailableError, _core
+from redis_support import (
     assert_cached,
     conv_key,
     dirty_member,
     dirty_set,
     grown,
     make_conversation,
-    make_redis_manager,
-    make_redis_server,
     pg_conversation_ids,
     pg_message_count,
-    rdb,
     write_seed_hash,
 )
-from servers import PostgresServer, assert_row_matches, create_database, find_pg_bindir  # noqa: E402
+from servers import PostgresServer, assert_row_matches, create_database, find_pg_bindir
 
 WAIT = 20.0  # seconds a test waits for a thread to reach a failpoint
 

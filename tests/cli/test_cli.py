@@ -18,18 +18,10 @@ import time
 
 import pytest
 
-pytest.register_assert_rewrite("redis_support")
-
-import redis_support  # noqa: E402
-from chat_history_rs import __version__  # noqa: E402
-from chat_history_rs.cli import format_prometheus, main  # noqa: E402
-from redis_support import dirty_set, make_conversation, pg_conversation_ids, write_seed_hash  # noqa: E402
-from servers import assert_row_matches, closed_port  # noqa: E402
-
-# Fixtures shared with the Redis-tier tests; pytest finds fixtures among a module's attributes.
-rdb = redis_support.rdb
-make_redis_manager = redis_support.make_redis_manager
-make_redis_server = redis_support.make_redis_server
+from chat_history_rs import __version__
+from chat_history_rs.cli import format_prometheus, main
+from redis_support import dirty_set, make_conversation, pg_conversation_ids, write_seed_hash
+from servers import assert_row_matches, closed_port
 
 SECRET = "s3cret-Pa55:word@x/y"
 SECRET_QUOTED = "s3cret-Pa55%3Aword%40x%2Fy"

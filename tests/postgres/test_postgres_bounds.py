@@ -11,10 +11,8 @@ import time
 
 import pytest
 
-pytest.register_assert_rewrite("redis_support")
-
-from chat_history_rs import ChatHistoryManager, UnavailableError  # noqa: E402
-from redis_support import make_conversation  # noqa: E402
+from chat_history_rs import ChatHistoryManager, UnavailableError
+from redis_support import make_conversation
 
 
 def _in_thread(fn):

@@ -15,16 +15,13 @@ import pytest
 
 pytest.importorskip("streamlit", reason="streamlit is not installed (it is in requirements-dev.txt)")
 
-# Its helpers assert: rewrite them (before the first import, as every module using it does).
-pytest.register_assert_rewrite("redis_support")
+import streamlit as st
+from redis_support import conv_key, dirty_member, dirty_set, seed_fields
+from servers import fetch_conversation_row, fetch_message_rows
+from streamlit.runtime.caching import clear_session_resource_cache
+from streamlit.testing.v1 import AppTest
 
-import streamlit as st  # noqa: E402
-from redis_support import conv_key, dirty_member, dirty_set, rdb, seed_fields  # noqa: E402, F401 - rdb is a fixture
-from servers import fetch_conversation_row, fetch_message_rows  # noqa: E402
-from streamlit.runtime.caching import clear_session_resource_cache  # noqa: E402
-from streamlit.testing.v1 import AppTest  # noqa: E402
-
-APP_DIR = Path(__file__).resolve().parent.parent / "examples" / "streamlit_app"
+APP_DIR = Path(__file__).resolve().parents[2] / "examples" / "streamlit_app"
 APP = str(APP_DIR / "app.py")
 # AppTest's LocalScriptRunner gives every simulated session this id.
 APPTEST_SESSION_ID = "test session id"
@@ -37,8 +34,8 @@ APP_VARIABLES = (
 )  # fmt: skip
 
 sys.path.insert(0, str(APP_DIR))
-import chat_config  # noqa: E402
-import chat_store  # noqa: E402
+import chat_config  # noqa: E402 - after the sys.path.insert above
+import chat_store  # noqa: E402 - after the sys.path.insert above
 
 
 @pytest.fixture
@@ -57,7 +54,7 @@ def app_env(monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def redis_app_env(pg_url, rdb, app_env, user_id):  # noqa: F811 - rdb is the fixture
+def redis_app_env(pg_url, rdb, app_env, user_id):
     """local_redis mode on this test's database and the emptied session Redis; no background flush
     (an hour apart), so only the test's actions write back."""
     app_env.setenv("CHAT_HISTORY_MODE", "local_redis")
@@ -171,7 +168,7 @@ def test_local_mode_chat_round_trip(app_env, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_redis_mode_chat_round_trip(redis_app_env, rdb, pg_conn, user_id):  # noqa: F811
+def test_redis_mode_chat_round_trip(redis_app_env, rdb, pg_conn, user_id):
     at = start()
     assert "Ada Lovelace" in at.sidebar.caption[0].value
     send(at, "Plan two days in Lisbon.")
@@ -222,7 +219,7 @@ def test_redis_mode_chat_round_trip(redis_app_env, rdb, pg_conn, user_id):  # no
     assert start(query_params={"chat": chat_id}).subheader[0].value == "New chat"
 
 
-def test_redis_mode_end_of_session_flushes(redis_app_env, rdb, pg_conn, user_id):  # noqa: F811
+def test_redis_mode_end_of_session_flushes(redis_app_env, rdb, pg_conn, user_id):
     """When Streamlit releases a session (its websocket closed), the app writes back what is dirty."""
     at = start()
     send(at, "Remember this.")
@@ -236,7 +233,7 @@ def test_redis_mode_end_of_session_flushes(redis_app_env, rdb, pg_conn, user_id)
     assert dirty_set(rdb.client) == set()
 
 
-def test_redis_mode_users_see_only_their_chats(redis_app_env, rdb, other_user_id):  # noqa: F811
+def test_redis_mode_users_see_only_their_chats(redis_app_env, rdb, other_user_id):
     mine = open_chat_id(send(start(), "mine"))
     redis_app_env.setenv("LOCAL_TEST_CLIENT_ID", other_user_id)
     at = start(query_params={"chat": mine})  # even with a link to it

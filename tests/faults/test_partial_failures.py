@@ -17,36 +17,32 @@ import time
 
 import pytest
 
-pytest.register_assert_rewrite("redis_support", "chaos_support")
-
-from chat_history_rs import UnavailableError  # noqa: E402
-from chaos_support import (  # noqa: E402
+from chat_history_rs import UnavailableError
+from chaos_support import (
     ThrottledProxy,
     call_with_deadline,
     conflict_copies,
     conflict_count,
     missing_messages,
 )
-from redis_support import (  # noqa: E402, F401 - fixtures are used by name
+from redis_support import (
+    TESTS_DIR,
     assert_cached,
     conv_key,
     dirty_member,
     dirty_set,
     grown,
     make_conversation,
-    make_redis_manager,
-    make_redis_server,
     pg_conversation_ids,
     python_script,
-    rdb,
     redis_client,
     script_env,
     seed_fields,
     wait_until,
     write_seed_hash,
 )
-from servers import assert_row_matches, create_database  # noqa: E402
-from tcp_proxy import TcpProxy  # noqa: E402
+from servers import assert_row_matches, create_database
+from tcp_proxy import TcpProxy
 
 
 def _controllable(server) -> None:
@@ -492,7 +488,7 @@ def test_forked_processes_each_get_their_own_data(rdb, pg_url, how):
     """A manager opened (pools in use, background flusher running) before a fork: parent and children hammer
     their own users' conversations at once; every read must be what that process wrote, no call may hang,
     and the parent keeps working after the children exit."""
-    env = script_env(T_PG=pg_url, T_REDIS=rdb.url, T_HOW=how, T_TESTS=os.path.dirname(__file__))
+    env = script_env(T_PG=pg_url, T_REDIS=rdb.url, T_HOW=how, T_TESTS=TESTS_DIR)
     proc = subprocess.Popen(
         python_script(FORK_EXPERIMENT), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
@@ -599,7 +595,7 @@ def test_forks_while_the_parent_is_busy_never_hang(rdb, pg_url):
     children each, since where things land in memory differs between processes (ASLR). With r2d2's pools,
     whose worker threads sat parked at the fork, 11 children in 12 hung: parking_lot's table of parked
     threads, copied into the child, pointed into stacks that the child's new threads reused."""
-    env = script_env(T_PG=pg_url, T_REDIS=rdb.url, T_FORKS="3", T_TESTS=os.path.dirname(__file__))
+    env = script_env(T_PG=pg_url, T_REDIS=rdb.url, T_FORKS="3", T_TESTS=TESTS_DIR)
     outcomes = []
     for _ in range(2):
         batch = [

@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from chat_history_rs import AsyncChatHistoryManager, ConfigurationError, UnavailableError, azure
-from redis_support import conv_key, make_redis_server, wait_until
+from redis_support import conv_key, wait_until
 
 ADMIN_PASSWORD = "admin-" + secrets.token_hex(8)
 
@@ -685,7 +685,7 @@ def test_example_app_logs_in_with_entra_id_from_the_environment(
     from pathlib import Path
 
     role, password, _ = pg_role
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples" / "streamlit_app"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "examples" / "streamlit_app"))
     import chat_config
 
     monkeypatch.setenv("FAKE_ENTRA_TOKEN", password)

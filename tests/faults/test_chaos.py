@@ -40,14 +40,13 @@ from typing import Optional
 
 import pytest
 
-pytest.register_assert_rewrite("chaos_support", "redis_support")
-
-import redis  # noqa: E402
-from chaos_support import conflict_copies, durable_postgres, durable_redis  # noqa: E402
-from chaos_workload import INTRUDER_INDEX, Op, Worker, op_from_json  # noqa: E402
-from redis_support import dirty_set, redis_client, script_env  # noqa: E402
-from servers import ServerError, canonical, create_database, find_pg_bindir  # noqa: E402
-from tcp_proxy import TcpProxy  # noqa: E402
+import redis
+from chaos_support import conflict_copies, durable_postgres, durable_redis
+import chaos_workload
+from chaos_workload import INTRUDER_INDEX, Op, Worker, op_from_json
+from redis_support import dirty_set, redis_client, script_env
+from servers import ServerError, canonical, create_database, find_pg_bindir
+from tcp_proxy import TcpProxy
 
 SEED = int(os.environ.get("CHAOS_SEED", "20261129"))
 SECONDS = float(os.environ.get("CHAOS_SECONDS", "45"))
@@ -199,7 +198,7 @@ class Scheduler(threading.Thread):
             held = self._hold(0.3, 2.0)
             # The stalled requests are dropped, not delivered late: a request that timed out and was then
             # answered by PostgreSQL instead must not also land in Redis seconds later (a fault class of its
-            # own, left out here; see tests/test_faults.py for late delivery).
+            # own, left out here; see tests/faults/test_faults.py for late delivery).
             w.proxy.cut()
             w.proxy.heal()
         elif kind == "redis-cut":
@@ -350,7 +349,7 @@ def check_history(ops: list[Op], final: dict, conflicts: dict, pg_rows: dict, fa
             and "OOM" in (op.error or "")
             and any(kind == "redis-oom" and s <= op.t1 and e >= op.t0 for s, e, kind, _ in faults)
         ):
-            continue  # a flush cannot settle while Redis refuses writes; tests/test_faults.py accepts any error here
+            continue  # a flush cannot settle while Redis refuses writes; test_faults.py accepts any error here
         if op.error_type not in EXPECTED_ERRORS:
             anomalies.append(
                 f"ERROR seed={seed} user={op.user} id={op.cid}: {_describe(op)}; faults then: "
@@ -470,7 +469,7 @@ def _run(world: World, tmp_path: Path, managers: list, users: list[str], intrude
     (tmp_path / "config.json").write_text(json.dumps(config))
     process_err = open(tmp_path / "worker-process.err", "wb")  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("chaos_workload.py")), str(tmp_path / "config.json")],
+        [sys.executable, chaos_workload.__file__, str(tmp_path / "config.json")],
         env=script_env(), stdout=process_err, stderr=process_err,
     )  # fmt: skip
     world.start_flusher()

@@ -25,9 +25,6 @@ from typing import Any
 
 import pytest
 
-# Its helpers assert: rewrite them (before the first import, as every module using it does).
-pytest.register_assert_rewrite("redis_support")
-
 import chat_history_rs
 from chat_history_rs import (
     AsyncChatHistoryManager,
@@ -39,13 +36,7 @@ from chat_history_rs import (
     OwnershipError,
     ValidationError,
 )
-from redis_support import (  # noqa: E402 - after register_assert_rewrite, as pytest requires
-    conv_key,
-    dirty_set,
-    make_conversation,
-    rdb,
-    seed_fields,
-)
+from redis_support import conv_key, dirty_set, make_conversation, seed_fields
 
 # Threads the async manager may add to the process: the blocking pool (BLOCKING_THREADS in
 # src/bindings/asyncio/engine.rs), one tokio worker and one completion thread, with a little room for the
@@ -643,7 +634,7 @@ def test_a_forked_child_gets_its_own_threads(pg_url, rdb, user_id, conv_id, make
 
 def test_the_typed_sample_runs(pg_url, rdb):
     """examples/typed_async.py is what `make lint` type-checks; it must also run."""
-    sample = Path(__file__).resolve().parent.parent / "examples" / "typed_async.py"
+    sample = Path(__file__).resolve().parents[2] / "examples" / "typed_async.py"
     env = dict(os.environ, DATABASE_URL=pg_url, REDIS_CONNECTION_STRING=rdb.url)
     env.pop("REDIS_ENABLED", None)
     done = subprocess.run([sys.executable, str(sample)], env=env, capture_output=True, text=True, timeout=60)

@@ -15,11 +15,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-pytest.register_assert_rewrite("redis_support")
-
-import chat_history_rs  # noqa: E402
-from chat_history_rs import ChatHistoryManager  # noqa: E402 - the one line the app changes
-from redis_support import (  # noqa: E402, F401 - fixtures are used by name
+import chat_history_rs
+from chat_history_rs import ChatHistoryManager
+from redis_support import (
     DIRTY_SET,
     assert_cached,
     conv_key,
@@ -27,9 +25,8 @@ from redis_support import (  # noqa: E402, F401 - fixtures are used by name
     dirty_set,
     make_conversation,
     pg_conversation_ids,
-    rdb,
 )
-from servers import assert_row_matches  # noqa: E402
+from servers import assert_row_matches
 
 _now = datetime.now(timezone.utc)
 test_convo = {

@@ -10,17 +10,12 @@ from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("redis_support")
+from chat_history_rs import ChatHistoryManager, ConfigurationError, resolve_settings
+from test_cli import CLEARED_ENV, SECRET, SECRET_QUOTED, cli_env, run_cli
 
-import redis_support  # noqa: E402
-from chat_history_rs import ChatHistoryManager, ConfigurationError, resolve_settings  # noqa: E402
-from test_cli import CLEARED_ENV, SECRET, SECRET_QUOTED, cli_env, run_cli  # noqa: E402
-
-APP_DIR = Path(__file__).resolve().parent.parent / "examples" / "streamlit_app"
+APP_DIR = Path(__file__).resolve().parents[2] / "examples" / "streamlit_app"
 sys.path.insert(0, str(APP_DIR))
-import chat_config  # noqa: E402
-
-rdb = redis_support.rdb
+import chat_config  # noqa: E402 - after the sys.path.insert above
 
 # Every variable the library reads, cleared from the process for the in-process tests.
 LIBRARY_VARIABLES = (*CLEARED_ENV, "REDIS_CLUSTER")

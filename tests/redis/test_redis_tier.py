@@ -15,12 +15,10 @@ from urllib.parse import quote
 
 import pytest
 
-pytest.register_assert_rewrite("redis_support")
-
-from chat_history_rs import ChatHistoryError, InvalidTypeError, OwnershipError, ValidationError  # noqa: E402
-from leaks import assert_no_secret, exception_texts, log_texts  # noqa: E402
-from tcp_proxy import TcpProxy  # noqa: E402
-from redis_support import (  # noqa: E402, F401 - fixtures are used by name
+from chat_history_rs import ChatHistoryError, InvalidTypeError, OwnershipError, ValidationError
+from leaks import assert_no_secret, exception_texts, log_texts
+from tcp_proxy import TcpProxy
+from redis_support import (
     DIRTY_SET,
     assert_cached,
     conv_key,
@@ -30,8 +28,6 @@ from redis_support import (  # noqa: E402, F401 - fixtures are used by name
     iso,
     list_key,
     make_conversation,
-    make_redis_manager,
-    make_redis_server,
     metadata,
     now_iso,
     owner_key,
@@ -39,7 +35,6 @@ from redis_support import (  # noqa: E402, F401 - fixtures are used by name
     pg_message_count,
     pg_message_identities,
     pg_snapshot,
-    rdb,
     redis_client,
     run_script,
     script_env,
@@ -49,7 +44,7 @@ from redis_support import (  # noqa: E402, F401 - fixtures are used by name
     wait_until,
     write_seed_hash,
 )
-from servers import (  # noqa: E402
+from servers import (
     assert_row_matches,
     create_phase1_schema,
     fetch_conversation_row,

@@ -13,23 +13,17 @@ import time
 
 import pytest
 
-pytest.register_assert_rewrite("redis_support")
-
-from chat_history_rs import UnavailableError  # noqa: E402
-from redis_support import (  # noqa: E402, F401 - fixtures are used by name
+from chat_history_rs import UnavailableError
+from redis_support import (
     conv_key,
     dirty_member,
     dirty_set,
     grown,
     make_conversation,
-    make_redis_manager,
-    make_redis_server,
     pg_conversation_ids,
-    rdb,
-    redis_client,
 )
-from servers import assert_row_matches, create_database  # noqa: E402
-from tcp_proxy import TcpProxy  # noqa: E402
+from servers import assert_row_matches, create_database
+from tcp_proxy import TcpProxy
 
 
 def send(manager, conversation_id: str, user_id: str, text: str) -> dict:

@@ -10,11 +10,9 @@ import time
 
 import pytest
 
-pytest.register_assert_rewrite("redis_support")
-
-from cluster_support import RedisClusterServers  # noqa: E402
-from redis_support import grown, make_conversation, pg_conversation_ids, rdb  # noqa: E402, F401
-from servers import ServerError, assert_row_matches  # noqa: E402
+from cluster_support import RedisClusterServers
+from redis_support import grown, make_conversation, pg_conversation_ids
+from servers import ServerError, assert_row_matches
 
 pytestmark = pytest.mark.slow
 

@@ -23,18 +23,15 @@ import pytest
 pytest.importorskip("streamlit", reason="streamlit is not installed (it is in requirements-dev.txt)")
 pytest.importorskip("selenium", reason="selenium is not installed (it is in requirements-dev.txt)")
 
-# Its helpers assert: rewrite them (before the first import, as every module using it does).
-pytest.register_assert_rewrite("redis_support")
+from redis_support import dirty_set
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+from servers import fetch_conversation_row, fetch_message_rows, free_port
 
-from redis_support import dirty_set, rdb  # noqa: E402, F401 - rdb is a fixture
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-from servers import fetch_conversation_row, fetch_message_rows, free_port  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "examples" / "streamlit_app" / "app.py"
 SCREENSHOT = ROOT / "docs" / "screenshots" / "chat.png"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -89,7 +86,7 @@ class RunningApp:
 
 
 @pytest.fixture
-def streamlit_app(pg_url, rdb, user_id, tmp_path):  # noqa: F811 - rdb is the fixture
+def streamlit_app(pg_url, rdb, user_id, tmp_path):
     """The app in local_redis mode on this test's database and Redis, no background flush."""
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith(("POSTGRES_", "REDIS_"))}
@@ -182,7 +179,7 @@ def wait_until(condition, timeout: float = 20, what: str = "condition"):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def test_chat_in_a_real_browser_survives_a_reload(streamlit_app, browser, rdb, pg_conn, user_id, tmp_path):  # noqa: F811
+def test_chat_in_a_real_browser_survives_a_reload(streamlit_app, browser, rdb, pg_conn, user_id, tmp_path):
     browser.get(streamlit_app.url)
     wait_for_text(browser, "Signed in as Ada Lovelace", "New chat")
 

@@ -9,15 +9,10 @@ import time
 
 import pytest
 
-pytest.register_assert_rewrite("redis_support")
-
-import redis_support  # noqa: E402
-from cluster_support import RedisClusterServers  # noqa: E402
-from redis_support import make_conversation  # noqa: E402
-from servers import ServerError  # noqa: E402
-from test_cli import cli_env, doctor_lines, parse_prometheus, run_cli  # noqa: E402
-
-rdb = redis_support.rdb
+from cluster_support import RedisClusterServers
+from redis_support import make_conversation
+from servers import ServerError
+from test_cli import cli_env, doctor_lines, parse_prometheus, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -12,15 +12,12 @@ from typing import Any, Dict, List, Tuple
 import httpx
 import pytest
 
-# Its helpers assert: rewrite them (before the first import, as every module using it does).
-pytest.register_assert_rewrite("redis_support")
-
 from chat_history_rs import AsyncChatHistoryManager
-from redis_support import dirty_set, rdb  # noqa: F401 - rdb is a fixture
+from redis_support import dirty_set
 
-APP_DIR = Path(__file__).resolve().parent.parent / "examples" / "fastapi_app"
+APP_DIR = Path(__file__).resolve().parents[2] / "examples" / "fastapi_app"
 sys.path.insert(0, str(APP_DIR))
-import app as fastapi_example  # noqa: E402
+import app as fastapi_example  # noqa: E402 - after the sys.path.insert above
 
 
 def parse_sse(text: str) -> List[Tuple[str, Any]]:
@@ -32,7 +29,7 @@ def parse_sse(text: str) -> List[Tuple[str, Any]]:
 
 
 @pytest.fixture
-def make_app(pg_url, rdb):  # noqa: F811 - the rdb fixture
+def make_app(pg_url, rdb):
     def make():
         return fastapi_example.create_app(
             lambda: AsyncChatHistoryManager(
@@ -55,7 +52,7 @@ async def post(client: httpx.AsyncClient, user: str, cid: str, content: str) -> 
     return response, parse_sse(body) if response.status_code == 200 else json.loads(body)
 
 
-def test_chat_api_end_to_end(make_app, rdb, pg_conn, user_id, other_user_id):  # noqa: F811
+def test_chat_api_end_to_end(make_app, rdb, pg_conn, user_id, other_user_id):
     app = make_app()
     me: Dict[str, str] = {"X-User-Id": user_id}
 

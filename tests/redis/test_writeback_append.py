@@ -5,19 +5,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-pytest.register_assert_rewrite("redis_support")
-
-from redis_support import (  # noqa: E402, F401 - fixtures are used by name
-    conv_key,
-    grown,
-    make_conversation,
-    make_redis_manager,
-    pg_message_identities,
-    rdb,
-)
-from servers import assert_row_matches  # noqa: E402
+from redis_support import conv_key, grown, make_conversation, pg_message_identities
+from servers import assert_row_matches
 
 
 def _flushed(manager, conversation_id, user_id, conversation):

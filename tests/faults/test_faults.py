@@ -13,30 +13,25 @@ import time
 
 import pytest
 
-pytest.register_assert_rewrite("redis_support")
-
-from chat_history_rs import ChatHistoryError, UnavailableError  # noqa: E402
-from redis_support import (  # noqa: E402, F401 - fixtures are used by name
+from chat_history_rs import ChatHistoryError, UnavailableError
+from redis_support import (
     assert_cached,
     conv_key,
     dirty_member,
     dirty_set,
     grown,
     make_conversation,
-    make_redis_manager,
-    make_redis_server,
     pg_conversation_ids,
     pg_message_count,
     python_script,
-    rdb,
     redis_client,
     script_env,
     seed_fields,
     wait_until,
     write_seed_hash,
 )
-from servers import assert_row_matches, create_database, fetch_conversation_row  # noqa: E402
-from tcp_proxy import TcpProxy  # noqa: E402
+from servers import assert_row_matches, create_database, fetch_conversation_row
+from tcp_proxy import TcpProxy
 
 
 def _assert_postgres_unavailable(exc: BaseException) -> None:
