@@ -2,7 +2,7 @@
 //! lifecycle (`close`, the exit hook's registry). The Redis tier slots in as one more [`Tier`].
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -197,10 +197,76 @@ impl std::fmt::Debug for ChatHistory {
 /// with the parent, and opens its own before its next call.
 static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
 
-/// Runs in a child process right after a fork. Only bumps a counter: the child has one thread,
+/// Calls of any manager in progress in this process (the background flushes included).
+static CALLS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+/// Set while a fork is being prepared: new calls wait until it is done.
+static FORKING: AtomicBool = AtomicBool::new(false);
+
+/// Held for the length of a call: a fork waits for the calls in flight to end, so no thread of
+/// the parent is inside the product (holding one of its locks, half-way through a pool's
+/// bookkeeping) at the instant the child is copied from it.
+pub(crate) struct CallGuard(());
+
+impl CallGuard {
+    pub(crate) fn enter() -> CallGuard {
+        loop {
+            while FORKING.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            CALLS_IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+            if !FORKING.load(Ordering::SeqCst) {
+                return CallGuard(());
+            }
+            CALLS_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        CALLS_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Runs in the parent before a fork (`os.register_at_fork`, without the GIL): new calls wait,
+/// and the calls in flight get up to `wait` to end. Returns how many were still in flight.
+pub fn before_fork(wait: Duration) -> usize {
+    FORKING.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + wait;
+    loop {
+        let in_flight = CALLS_IN_FLIGHT.load(Ordering::SeqCst);
+        if in_flight == 0 || Instant::now() >= deadline {
+            return in_flight;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Runs in the parent after a fork: the calls that waited go on.
+pub fn after_fork_in_parent() {
+    FORKING.store(false, Ordering::SeqCst);
+}
+
+/// Runs in a child process right after a fork. Only resets counters: the child has one thread,
 /// and any lock another thread of the parent held at the fork stays held in the child.
 pub fn after_fork_in_child() {
+    CALLS_IN_FLIGHT.store(0, Ordering::SeqCst);
+    FORKING.store(false, Ordering::SeqCst);
     FORK_GENERATION.fetch_add(1, Ordering::AcqRel);
+}
+
+/// The tier for one call, with the call's [`CallGuard`].
+struct InCall {
+    tier: Arc<Tier>,
+    _guard: CallGuard,
+}
+
+impl std::ops::Deref for InCall {
+    type Target = Tier;
+
+    fn deref(&self) -> &Tier {
+        &self.tier
+    }
 }
 
 /// Every live manager, so the exit hook can close them all (docs/design.md, "Write-back").
@@ -236,15 +302,18 @@ impl ChatHistory {
         self.mode
     }
 
-    fn tier(&self) -> Result<Arc<Tier>> {
+    fn tier(&self) -> Result<InCall> {
+        let guard = CallGuard::enter();
         if self.generation.load(Ordering::Acquire) != FORK_GENERATION.load(Ordering::Acquire) {
             self.reopen_after_fork()?;
         }
-        self.tier
+        let tier = self
+            .tier
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-            .ok_or_else(|| Error::new(ErrorKind::Closed, "this ChatHistoryManager is closed"))
+            .ok_or_else(|| Error::new(ErrorKind::Closed, "this ChatHistoryManager is closed"))?;
+        Ok(InCall { tier, _guard: guard })
     }
 
     /// In a forked child: leaves the parent's pools and threads alone (never closing a socket the

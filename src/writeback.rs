@@ -555,6 +555,7 @@ impl BackgroundFlusher {
                         return;
                     }
                     drop(stopped);
+                    let _call = crate::manager::CallGuard::enter();
                     let Some(target) = target.upgrade() else {
                         return;
                     };

@@ -257,6 +257,12 @@ def resolve_settings(
 def _close_all() -> None:
     """Closes every live manager, flushing what is dirty (the package's atexit hook)."""
 
+def _before_fork() -> None:
+    """Registered with ``os.register_at_fork``: calls in flight end before the fork, new ones wait."""
+
+def _after_fork_in_parent() -> None:
+    """Registered with ``os.register_at_fork``: the calls that waited for the fork go on."""
+
 def _after_fork_in_child() -> None:
     """Registered with ``os.register_at_fork``: managers open their own connections in the child."""
 

@@ -515,6 +515,24 @@ impl PyRedisBackend {
     }
 }
 
+/// Runs before a fork (`os.register_at_fork`): new calls of any manager wait, and the calls in
+/// flight get up to 5 s to end, so the child is not copied from a thread half-way through one.
+#[pyfunction]
+fn _before_fork(py: Python<'_>) {
+    let in_flight = py.detach(|| manager::before_fork(std::time::Duration::from_secs(5)));
+    if in_flight > 0 {
+        log::warn!(
+            "fork: {in_flight} chat-history calls were still in flight after 5 s; the child may inherit their locks"
+        );
+    }
+}
+
+/// Runs in the parent after a fork: the calls that waited go on.
+#[pyfunction]
+fn _after_fork_in_parent() {
+    manager::after_fork_in_parent();
+}
+
 /// Runs in a forked child (`os.register_at_fork`): managers open their own connections.
 #[pyfunction]
 fn _after_fork_in_child() {
@@ -544,6 +562,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     asyncio::register(m)?;
     m.add_function(wrap_pyfunction!(_close_all, m)?)?;
     m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
+    m.add_function(wrap_pyfunction!(_before_fork, m)?)?;
+    m.add_function(wrap_pyfunction!(_after_fork_in_parent, m)?)?;
     failpoints::register(m)?;
     m.add_function(wrap_pyfunction!(asyncio::_set_asyncio_fast_path, m)?)?;
     let e = error::exceptions(py)?;

@@ -509,6 +509,45 @@ def test_forked_processes_each_get_their_own_data(rdb, pg_url, how):
     assert result["after"] is True, "the parent's own save did not read back after the children exited"
 
 
+FORK_WAITS_FOR_CALLS = """
+    import os, sys, threading, time, uuid
+    sys.path.insert(0, os.environ["T_TESTS"])
+    from redis_support import make_conversation
+    from chat_history_rs import ChatHistoryManager, _core
+
+    app = ChatHistoryManager(
+        mode="postgres", connection_string=os.environ["T_PG"], redis_enabled=True,
+        redis_connection_string=os.environ["T_REDIS"], background_flush=False,
+    )
+    user = str(uuid.uuid4())
+    app.save_conversation(uuid.uuid4().hex[:8], make_conversation(2), user_id=user)
+    _core._failpoint_pause("flush.after_read", 1)
+    held = threading.Thread(target=app.flush_dirty_conversations)
+    held.start()
+    assert _core._failpoint_wait("flush.after_read", 1, 20.0)
+    started = time.monotonic()
+    threading.Timer(1.0, lambda: _core._failpoint_release("flush.after_read")).start()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    waited = time.monotonic() - started
+    os.waitpid(pid, 0)
+    held.join()
+    print(f"waited {waited:.2f}", flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_fork_waits_for_the_calls_in_flight(rdb, pg_url):
+    """A flush is held in flight (failpoint) when the main thread forks; the fork waits until the call ends (the
+    failpoint is released after 1 s), so the child is not copied from a thread half-way through the product."""
+    env = script_env(T_PG=pg_url, T_REDIS=rdb.url, T_TESTS=TESTS_DIR)
+    done = subprocess.run(python_script(FORK_WAITS_FOR_CALLS), env=env, capture_output=True, text=True, timeout=80)
+    assert done.returncode == 0, done.stderr[-3000:]
+    waited = float(done.stdout.strip().splitlines()[-1].split()[1])
+    assert 0.9 <= waited < 4.5, f"the fork waited {waited:.2f} s for a call that ended after 1 s"
+
+
 MANY_FORKS = """
     import os, sys, threading, time, uuid
     sys.path.insert(0, os.environ["T_TESTS"])
