@@ -151,6 +151,14 @@ impl<M: ManageConnection> Shared<M> {
         self.lock().open -= 1;
         self.returned.notify_one();
     }
+
+    /// A connection that could not be opened: frees its slot, tells the handler; returns why.
+    fn open_failed(&self, e: M::Error) -> String {
+        self.release_slot();
+        let why = e.to_string();
+        self.error_handler.handle_error(e);
+        why
+    }
 }
 
 /// Between two tries of a connection that failed to open.
@@ -194,8 +202,7 @@ where
                         shared.returned.notify_one();
                     }
                     Err(e) => {
-                        shared.release_slot();
-                        shared.error_handler.handle_error(e);
+                        shared.open_failed(e);
                     }
                 }
             } else {
@@ -224,12 +231,7 @@ where
     };
     match result {
         Ok(conn) => Opened::Ready(conn),
-        Err(e) => {
-            shared.release_slot();
-            let why = e.to_string();
-            shared.error_handler.handle_error(e);
-            Opened::Failed(why)
-        }
+        Err(e) => Opened::Failed(shared.open_failed(e)),
     }
 }
 
@@ -361,11 +363,14 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-    /// Connections are numbers; `fail` makes the next opens fail; `broken` marks them broken.
+    /// Connections are numbers. Each open takes `delay`; `fail` makes opens fail, and so does a
+    /// positive `failures`, counting down; `broken` marks connections broken.
     #[derive(Default)]
     struct Numbers {
         opened: AtomicU32,
+        delay: Duration,
         fail: AtomicBool,
+        failures: AtomicU32,
         broken: AtomicBool,
     }
 
@@ -385,7 +390,9 @@ mod tests {
         type Error = Refused;
 
         fn connect(&self) -> Result<u32, Refused> {
-            if self.fail.load(Ordering::SeqCst) {
+            std::thread::sleep(self.delay);
+            let counted = self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+            if self.fail.load(Ordering::SeqCst) || counted {
                 return Err(Refused);
             }
             Ok(self.opened.fetch_add(1, Ordering::SeqCst))
@@ -400,39 +407,10 @@ mod tests {
         }
     }
 
-    /// Opens take `delay` each; the first `failures` fail.
-    #[derive(Default)]
-    struct Slow {
-        delay: Duration,
-        failures: AtomicU32,
-        opened: AtomicU32,
-    }
-
-    impl ManageConnection for Slow {
-        type Connection = u32;
-        type Error = Refused;
-
-        fn connect(&self) -> Result<u32, Refused> {
-            std::thread::sleep(self.delay);
-            if self.failures.load(Ordering::SeqCst) > 0 {
-                self.failures.fetch_sub(1, Ordering::SeqCst);
-                return Err(Refused);
-            }
-            Ok(self.opened.fetch_add(1, Ordering::SeqCst))
-        }
-
-        fn is_valid(&self, _: &mut u32) -> Result<(), Refused> {
-            Ok(())
-        }
-
-        fn has_broken(&self, _: &mut u32) -> bool {
-            false
-        }
-    }
-
     #[test]
     fn an_open_that_outlasts_the_wait_times_out_and_its_connection_is_pooled_later() {
-        let pool = Pool::builder().max_size(1).build(Slow { delay: Duration::from_millis(300), ..Slow::default() });
+        let pool =
+            Pool::builder().max_size(1).build(Numbers { delay: Duration::from_millis(300), ..Numbers::default() });
         let started = Instant::now();
         assert!(matches!(pool.get_timeout(Duration::from_millis(50)), Err(PoolError::Timeout(_))));
         assert!(started.elapsed() < Duration::from_millis(250), "the caller waited for the open");
@@ -447,13 +425,13 @@ mod tests {
         let retrying = Pool::builder()
             .max_size(1)
             .retry_failed_connects(true)
-            .build(Slow { failures: AtomicU32::new(2), ..Slow::default() });
+            .build(Numbers { failures: AtomicU32::new(2), ..Numbers::default() });
         assert_eq!(*retrying.get_timeout(Duration::from_secs(5)).unwrap(), 0, "the third open succeeds");
 
         let failing = Pool::builder()
             .max_size(1)
             .retry_failed_connects(true)
-            .build(Slow { failures: AtomicU32::new(1000), ..Slow::default() });
+            .build(Numbers { failures: AtomicU32::new(1000), ..Numbers::default() });
         let started = Instant::now();
         let error = failing.get_timeout(Duration::from_millis(300)).err().expect("every open fails");
         assert!(started.elapsed() >= Duration::from_millis(300), "gave up before the wait ran out");
