@@ -513,6 +513,8 @@ pub struct RedisSettings {
     /// Gives the user and password of every new connection instead of the URL's
     /// (`redis_credential_provider`); connections authenticate again before the credentials expire.
     pub credentials: Option<CredentialProvider>,
+    /// Bytes the near cache may hold (`near_cache_bytes`); 0 turns it off.
+    pub near_cache_bytes: u64,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -524,6 +526,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("timeout", &self.timeout)
             .field("ttl_seconds", &self.ttl_seconds)
             .field("cluster", &self.cluster)
+            .field("near_cache_bytes", &self.near_cache_bytes)
             .field("credentials", &self.credentials.as_ref().map(CredentialProvider::name))
             .finish()
     }
@@ -646,7 +649,17 @@ impl RedisSettings {
             url.push_str("#insecure");
         }
         let redacted = format!("{scheme}://{hostport}/{db}{}", if insecure { "#insecure" } else { "" });
-        Ok(RedisSettings { url, redacted, ca_file, pool_size, timeout, ttl_seconds, cluster: None, credentials: None })
+        Ok(RedisSettings {
+            url,
+            redacted,
+            ca_file,
+            pool_size,
+            timeout,
+            ttl_seconds,
+            cluster: None,
+            credentials: None,
+            near_cache_bytes: 0,
+        })
     }
 
     /// The URL for the driver. Holds the password: never log or show it.

@@ -170,6 +170,8 @@ pub struct CacheStats {
     pub redis_url: String,
     /// `"seed"` or `"cluster"`, once Redis has been reached.
     pub layout: Option<&'static str>,
+    /// The near cache's figures; `None` when `near_cache_bytes` is 0.
+    pub near: Option<crate::cache::near::NearStats>,
 }
 
 /// The chat history of an app: the six calls of docs/design.md, "The contract", over the configured tiers.
@@ -219,6 +221,17 @@ impl CallGuard {
             }
             CALLS_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+
+    /// As [`CallGuard::enter`], but `None` instead of waiting while a fork is prepared: for a
+    /// caller holding the GIL, which the forking thread needs to go on.
+    pub(crate) fn try_enter() -> Option<CallGuard> {
+        CALLS_IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+        if FORKING.load(Ordering::SeqCst) {
+            CALLS_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(CallGuard(()))
     }
 }
 
@@ -303,7 +316,10 @@ impl ChatHistory {
     }
 
     fn tier(&self) -> Result<InCall> {
-        let guard = CallGuard::enter();
+        self.tier_with(CallGuard::enter())
+    }
+
+    fn tier_with(&self, guard: CallGuard) -> Result<InCall> {
         if self.generation.load(Ordering::Acquire) != FORK_GENERATION.load(Ordering::Acquire) {
             self.reopen_after_fork()?;
         }
@@ -385,6 +401,26 @@ impl ChatHistory {
         self.count(&self.counters.lists, result)
     }
 
+    /// The conversation when the near cache holds it, without waiting on any lock held across I/O
+    /// or on the network: a caller holding the GIL asks this first. `Ok(None)` means "call
+    /// [`ChatHistory::get`]", not "no such conversation". Bad input and a closed manager fail here
+    /// as in `get`.
+    pub fn get_near(&self, conversation_id: &str, user_id: Option<&str>) -> Result<Option<Fetched>> {
+        validate::conversation_id(conversation_id)?;
+        let Some(guard) = CallGuard::try_enter() else { return Ok(None) };
+        // A forked child's first call opens new pools: that is `get`'s to do, without the GIL.
+        if self.generation.load(Ordering::Acquire) != FORK_GENERATION.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let tier = self.tier_with(guard)?;
+        let Tier::Cached(cached) = &*tier else { return Ok(None) };
+        let found = cached.get_near(conversation_id, self.require_user(user_id)?);
+        if found.is_some() {
+            self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(found)
+    }
+
     /// The conversation, or `None` when there is none of that id (for that user).
     pub fn get(&self, conversation_id: &str, user_id: Option<&str>) -> Result<Option<Fetched>> {
         validate::conversation_id(conversation_id)?;
@@ -461,6 +497,7 @@ impl ChatHistory {
         }
         if let Some(tier) = tier {
             if let Tier::Cached(cached) = &*tier {
+                cached.redis.stop_tracking(deadline);
                 match cached.flush(Some(deadline), true) {
                     Ok(report) if report.incomplete || report.failed > 0 => log::error!(
                         "close: {} conversations written back; {} failed and some may remain dirty in Redis \
@@ -921,7 +958,7 @@ impl CachedTier {
         let mut items = match self.cache(|r| r.list(user_id)) {
             Some(Ok(Some(items))) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                items
+                Arc::unwrap_or_clone(items)
             }
             Some(Ok(None)) => {
                 self.misses.fetch_add(1, Ordering::Relaxed);
@@ -939,7 +976,24 @@ impl CachedTier {
         Ok(items)
     }
 
+    /// The conversation from the near cache, without waiting on anything: `None` sends the caller
+    /// to [`CachedTier::get`].
+    fn get_near(&self, conversation_id: &str, user_id: &str) -> Option<Fetched> {
+        let cached = self.redis.get_near(user_id, conversation_id)?;
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        self.tainted.remove(user_id, conversation_id);
+        Some(Fetched::Cached(cached))
+    }
+
+    /// Every path of a save; whichever it took (even a failed one, which may have written), the
+    /// near cache's copies go, so this process reads its own write at once.
     fn save(&self, conversation_id: &str, user_id: &str, conv: &Conversation) -> Result<()> {
+        let result = self.save_any(conversation_id, user_id, conv);
+        self.redis.forget(user_id, conversation_id);
+        result
+    }
+
+    fn save_any(&self, conversation_id: &str, user_id: &str, conv: &Conversation) -> Result<()> {
         let tainted = self.tainted.get(user_id, conversation_id);
         let guard = tainted.is_some();
         let first = SaveOptions { guard, ..SaveOptions::default() };
@@ -1080,6 +1134,12 @@ impl CachedTier {
     /// row and written a tombstone at least as new as anything Redis held; only then is the copy in
     /// Redis removed. When PostgreSQL fails the call raises and nothing changed.
     fn delete(&self, conversation_id: &str, user_id: &str) -> Result<()> {
+        let result = self.delete_any(conversation_id, user_id);
+        self.redis.forget(user_id, conversation_id);
+        result
+    }
+
+    fn delete_any(&self, conversation_id: &str, user_id: &str) -> Result<()> {
         let seen = match self.cache(|r| r.peek_delete(user_id, conversation_id)) {
             Some(Ok(None)) => {
                 log::debug!("delete of {conversation_id:?}: it belongs to another user; nothing deleted");
@@ -1180,6 +1240,7 @@ impl CachedTier {
             nodes,
             redis_url: self.redis.redacted_url().to_owned(),
             layout: if usable { self.redis.layout().ok().map(crate::cache::keys::KeyLayout::name) } else { None },
+            near: self.redis.near_stats(),
         }
     }
 }
@@ -1206,8 +1267,8 @@ fn ownership(conversation_id: &str) -> Error {
 /// A conversation as a read found it: still in Redis's form (no copy made yet), or owned.
 #[derive(Debug, Clone)]
 pub enum Fetched {
-    /// Served by Redis.
-    Cached(CachedConversation),
+    /// Served by Redis (or the near cache's copy of what Redis served).
+    Cached(Arc<CachedConversation>),
     /// Read from PostgreSQL or a local file.
     Stored(Conversation),
 }
@@ -1217,7 +1278,7 @@ impl Fetched {
     #[must_use]
     pub fn into_conversation(self) -> Conversation {
         match self {
-            Fetched::Cached(cached) => cached.to_conversation(),
+            Fetched::Cached(cached) => Arc::unwrap_or_clone(cached).to_conversation(),
             Fetched::Stored(conv) => conv,
         }
     }

@@ -58,6 +58,7 @@ impl PyChatHistoryManager {
         redis_timeout = 0.5,
         redis_ca_file = None,
         redis_cluster = None,
+        near_cache_bytes = None,
         redis_credential_provider = None,
         postgres_credential_provider = None,
         credential_refresh_margin = 180.0,
@@ -88,6 +89,7 @@ impl PyChatHistoryManager {
         redis_timeout: f64,
         redis_ca_file: Option<PathBuf>,
         redis_cluster: Option<bool>,
+        near_cache_bytes: Option<u64>,
         redis_credential_provider: Option<&Bound<'_, PyAny>>,
         postgres_credential_provider: Option<&Bound<'_, PyAny>>,
         credential_refresh_margin: f64,
@@ -117,6 +119,7 @@ impl PyChatHistoryManager {
             redis_timeout: Some(redis_timeout),
             redis_ca_file,
             redis_cluster,
+            near_cache_bytes,
             credential_refresh_margin: Some(credential_refresh_margin),
             flush_interval: Some(flush_interval),
             background_flush: Some(background_flush),
@@ -206,7 +209,11 @@ impl PyChatHistoryManager {
     ) -> PyResult<Option<Bound<'py, PyDict>>> {
         let conversation_id: &str = &conversation_id;
         let user_id = user_id.as_deref();
-        let fetched = py.detach(|| self.inner.get(conversation_id, user_id))?;
+        // A near-cache hit is answered with the GIL held: no thread hop, no wait on I/O.
+        let fetched = match self.inner.get_near(conversation_id, user_id)? {
+            Some(found) => Some(found),
+            None => py.detach(|| self.inner.get(conversation_id, user_id))?,
+        };
         fetched.map(|f| fetched_to_py(py, &f)).transpose()
     }
 
@@ -309,6 +316,17 @@ impl PyChatHistoryManager {
             dict.set_item("redis_maxmemory_policy", c.memory.policy)?;
             dict.set_item("redis_url", c.redis_url)?;
             dict.set_item("redis_layout", c.layout)?;
+            let near = c.near.unwrap_or_default();
+            dict.set_item("near_cache_enabled", c.near.is_some())?;
+            dict.set_item("near_cache_tracking", near.tracking)?;
+            dict.set_item("near_cache_hits", near.hits)?;
+            dict.set_item("near_cache_misses", near.misses)?;
+            dict.set_item("near_cache_invalidations", near.invalidations)?;
+            dict.set_item("near_cache_evictions", near.evictions)?;
+            dict.set_item("near_cache_resets", near.resets)?;
+            dict.set_item("near_cache_entries", near.entries)?;
+            dict.set_item("near_cache_bytes", near.bytes)?;
+            dict.set_item("near_cache_limit_bytes", near.limit)?;
             let nodes = PyList::empty(py);
             for node in c.nodes {
                 let entry = PyDict::new(py);

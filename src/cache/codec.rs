@@ -168,6 +168,19 @@ impl CachedConversation {
         })
     }
 
+    /// Bytes it occupies, counted for the near cache's bound: the struct, its strings and the
+    /// message index.
+    #[must_use]
+    pub fn weight(&self) -> usize {
+        let owned = |t: &Text| if let Text::Owned(s) = t { s.capacity() } else { 0 };
+        std::mem::size_of::<Self>()
+            + self.title.capacity()
+            + self.model.capacity()
+            + self.json.capacity()
+            + self.messages.capacity() * std::mem::size_of::<(Role, Text, Text)>()
+            + self.messages.iter().map(|(_, c, t)| owned(c) + owned(t)).sum::<usize>()
+    }
+
     /// As an owned [`Conversation`].
     #[must_use]
     pub fn to_conversation(&self) -> Conversation {

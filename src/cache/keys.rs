@@ -31,6 +31,13 @@ impl KeyLayout {
         }
     }
 
+    /// The prefixes of every key the near cache holds a copy of, in either layout: the tracker
+    /// hears about changes under them.
+    #[must_use]
+    pub fn tracked_prefixes() -> [&'static str; 2] {
+        ["conv:", "user:"]
+    }
+
     /// The conversation hash.
     #[must_use]
     pub fn conv(self, user_id: &str, conversation_id: &str) -> String {

@@ -97,6 +97,13 @@ pub(crate) struct Topology {
     cluster: Option<ClusterClient>,
 }
 
+impl Topology {
+    /// Whether the server is a Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+}
+
 /// Opens connections with the configured timeouts.
 pub(crate) struct Connector {
     pub(crate) client: redis::Client,
@@ -162,16 +169,31 @@ impl Connector {
 
     /// The client to open one connection with, and when its login is due for renewal.
     fn login(&self) -> RedisResult<(redis::Client, Option<Credentials>, Lease)> {
-        let Some(provider) = &self.credentials else {
-            return Ok((self.client.clone(), None, Lease::forever()));
-        };
-        let (login, lease) = provider.fetch().map_err(credential_error)?;
-        // The address (and its TLS settings) stay; the URL's user and password give way.
-        let info = self.client.get_connection_info().clone();
-        let redis = info.redis_settings().clone().set_username(acl_user(&login)).set_password(&login.password);
-        let client = redis::Client::open(info.set_redis_settings(redis))?;
-        Ok((client, Some(login), lease))
+        login_with(&self.client, self.credentials.as_ref())
     }
+}
+
+fn login_with(
+    client: &redis::Client,
+    credentials: Option<&CredentialProvider>,
+) -> RedisResult<(redis::Client, Option<Credentials>, Lease)> {
+    let Some(provider) = credentials else {
+        return Ok((client.clone(), None, Lease::forever()));
+    };
+    let (login, lease) = provider.fetch().map_err(credential_error)?;
+    // The address (and its TLS settings) stay; the URL's user and password give way.
+    let info = client.get_connection_info().clone();
+    let redis = info.redis_settings().clone().set_username(acl_user(&login)).set_password(&login.password);
+    let client = redis::Client::open(info.set_redis_settings(redis))?;
+    Ok((client, Some(login), lease))
+}
+
+/// `client` with the provider's current login (when there is a provider), and when it is due.
+pub(crate) fn login_client(
+    client: &redis::Client,
+    credentials: Option<&CredentialProvider>,
+) -> RedisResult<(redis::Client, Lease)> {
+    login_with(client, credentials).map(|(client, _, lease)| (client, lease))
 }
 
 /// The ACL user to log in as: Redis's `default` user stands for a provider's empty username (and

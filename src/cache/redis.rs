@@ -5,8 +5,8 @@
 //! A dirty hash has no TTL, so with a `volatile-*` eviction policy it is never evicted; it gets
 //! its TTL back only when a flush has written exactly what it holds (docs/design.md, "Write-back").
 
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use redis::{ConnectionLike as _, Value};
 
@@ -16,8 +16,10 @@ use crate::cache::combine::Combiner;
 pub use crate::cache::error::{CacheError, CacheResult};
 pub use crate::cache::flush::{DirtyEntry, Settle, SettleItem};
 pub use crate::cache::keys::{split_member, KeyLayout};
+use crate::cache::near::{NearCache, NearStats, NearValue};
 use crate::cache::pool::{renew_if_due, Con, Connector, PoolErrorLog, RedisConnection, Renewal, Topology};
 use crate::cache::scripts::{self, query_loading};
+use crate::cache::tracking::{self, Tracker};
 pub use crate::cache::writes::{Bypass, SaveOptions, SaveOutcome};
 use crate::config::RedisSettings;
 use crate::error::Error;
@@ -26,6 +28,12 @@ use crate::pool::Pool;
 
 /// The list cache's TTL, the seed's 5 minutes.
 pub const LIST_TTL_SECONDS: u64 = 300;
+
+/// How long a near-cache copy is served before Redis is read again: a quarter of the TTL, at most
+/// a minute, so a conversation read only from the process still has its TTL in Redis refreshed.
+fn near_max_age(ttl_seconds: u64) -> Duration {
+    (Duration::from_secs(ttl_seconds) / 4).clamp(Duration::from_millis(100), Duration::from_secs(60))
+}
 
 /// Times a call is tried again after a cluster redirect (about two seconds in all).
 const MAX_REDIRECTS: u64 = 20;
@@ -97,6 +105,10 @@ pub struct RedisCache {
     topology: Arc<OnceLock<Topology>>,
     /// Concurrent reads share round trips (see [`Combiner`]).
     reads: Combiner<String, CacheResult<Value>>,
+    /// Copies of what was read, kept correct by Redis's invalidations; `None` with
+    /// `near_cache_bytes=0`.
+    near: Option<Arc<NearCache>>,
+    tracker: Mutex<Option<Tracker>>,
 }
 
 impl std::fmt::Debug for RedisCache {
@@ -124,6 +136,7 @@ impl RedisCache {
         }
         .map_err(|e| Error::config("the Redis connection string is not valid").with_source(e.to_string()))?;
         let topology = Arc::new(OnceLock::new());
+        let tracker_client = client.clone();
         let pool = Pool::builder()
             .max_size(settings.pool_size)
             .connection_timeout(settings.timeout)
@@ -148,7 +161,56 @@ impl RedisCache {
             || Err(CacheError::Other("the batch carrying this read failed".into())),
             |reply| matches!(reply, Err(CacheError::Unavailable(_))),
         );
-        Ok(RedisCache { pool, settings: settings.clone(), topology, reads })
+        let (near, tracker) = if settings.near_cache_bytes == 0 {
+            (None, None)
+        } else {
+            let limit = usize::try_from(settings.near_cache_bytes).unwrap_or(usize::MAX);
+            let near = Arc::new(NearCache::new(limit, near_max_age(settings.ttl_seconds)));
+            let source = tracking::Source {
+                client: tracker_client,
+                timeout: settings.timeout,
+                credentials: settings.credentials.clone(),
+                topology: Arc::clone(&topology),
+            };
+            (Some(Arc::clone(&near)), Some(Tracker::start(near, source)))
+        };
+        Ok(RedisCache { pool, settings: settings.clone(), topology, reads, near, tracker: Mutex::new(tracker) })
+    }
+
+    /// The near cache's figures; `None` when it is off.
+    #[must_use]
+    pub fn near_stats(&self) -> Option<NearStats> {
+        self.near.as_ref().map(|near| near.stats())
+    }
+
+    /// Stops the near cache's tracking threads (waiting for them until `deadline`); the near cache
+    /// serves nothing afterwards.
+    pub fn stop_tracking(&self, deadline: Instant) {
+        if let Some(mut tracker) = self.tracker.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            tracker.stop(deadline);
+        }
+        if let Some(near) = &self.near {
+            near.track_nodes(0);
+        }
+    }
+
+    /// Drops the near cache's copies of the conversation and of the user's list: this process
+    /// wrote (or tried to write) them, and reads its own writes at once.
+    pub fn forget(&self, user_id: &str, conversation_id: &str) {
+        let (Some(near), Some(topology)) = (&self.near, self.topology.get()) else { return };
+        near.forget(&topology.layout.conv(user_id, conversation_id));
+        near.forget(&topology.layout.list(user_id));
+    }
+
+    /// The conversation from the near cache alone: never waits on Redis (a caller holding the GIL
+    /// asks this first). `None` is not a miss; [`RedisCache::get`] says.
+    pub fn get_near(&self, user_id: &str, conversation_id: &str) -> Option<Arc<CachedConversation>> {
+        let near = self.near.as_ref()?;
+        let layout = self.topology.get()?.layout;
+        match near.peek(&layout.conv(user_id, conversation_id))? {
+            NearValue::Conversation(cached) => Some(cached),
+            NearValue::List(_) => None,
+        }
     }
 
     /// The URL without the password.
@@ -264,24 +326,87 @@ impl RedisCache {
     /// conversation became clean, and when it lapses first nothing changes for the owner, whose
     /// conversation hash still proves the claim, while another user's save or delete of the id is
     /// checked in PostgreSQL, as for any id Redis does not know. A hit is one command instead of two.
-    pub fn get(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<CachedConversation>> {
+    pub fn get(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<Arc<CachedConversation>>> {
         let key = self.layout()?.conv(user_id, conversation_id);
-        let value = self.reads.run(key, |batch| self.read_batch(batch))?;
+        let Some(near) = &self.near else {
+            let value = self.reads.run(key.clone(), |batch| self.read_batch(batch))?;
+            return Ok(Self::parse_read(&key, value).map(Arc::new));
+        };
+        if let Some(NearValue::Conversation(cached)) = near.get(&key) {
+            return Ok(Some(cached));
+        }
+        let token = near.begin_fill(&key, None);
+        let read = self.reads.run(key.clone(), |batch| self.read_batch(batch));
+        let (value, fill) = match read {
+            Ok(Value::Array(mut pair)) if pair.len() == 2 => {
+                let pttl = redis::from_redis_value_ref::<i64>(&pair[1]).unwrap_or(-2);
+                (pair.swap_remove(0), self.fresh_enough(&key, pttl))
+            }
+            Ok(other) => (other, false),
+            Err(e) => {
+                if let Some(token) = token {
+                    near.finish_fill(&key, token, None);
+                }
+                return Err(e);
+            }
+        };
+        let cached = Self::parse_read(&key, value).map(Arc::new);
+        if let Some(token) = token {
+            let copy = cached.as_ref().filter(|_| fill).map(|c| NearValue::Conversation(Arc::clone(c)));
+            near.finish_fill(&key, token, copy);
+        }
+        Ok(cached)
+    }
+
+    fn parse_read(key: &str, value: Value) -> Option<CachedConversation> {
         let fields = named_fields(&READ_FIELDS, value);
         if fields.is_empty() {
-            return Ok(None);
+            return None;
         }
         let cached = CachedConversation::parse(fields);
         if cached.is_none() {
-            log::warn!("ignoring the unreadable cached conversation {}", self.layout()?.conv(user_id, conversation_id));
+            log::warn!("ignoring the unreadable cached conversation {key}");
         }
-        Ok(cached)
+        cached
+    }
+
+    /// With the near cache a read does not refresh the TTL (the EXPIRE would invalidate the very
+    /// copy it fills): a clean hash whose TTL ran below the threshold gets it back here, and its
+    /// copy is not kept (the refresh's own invalidation is on its way). Returns whether the reply
+    /// may fill the near cache.
+    fn fresh_enough(&self, key: &str, pttl: i64) -> bool {
+        // -1: no TTL (dirty); -2: no such key (nothing to keep anyway).
+        if pttl < 0 {
+            return true;
+        }
+        let ttl_ms = i64::try_from(self.ttl()).unwrap_or(i64::MAX / 1000).saturating_mul(1000);
+        let max_age_ms = i64::try_from(near_max_age(self.ttl()).as_millis()).unwrap_or(i64::MAX);
+        if pttl >= ttl_ms.saturating_sub(max_age_ms.saturating_mul(2)) {
+            return true;
+        }
+        let ttl = self.ttl();
+        let refreshed = self.run_on(|conn| {
+            if conn.expire_gt {
+                redis::cmd("EXPIRE").arg(key).arg(ttl).arg("GT").query::<Value>(&mut conn.con)
+            } else {
+                let mut cmd = scripts::call(&scripts::REFRESH_TTL, &[key]);
+                cmd.arg(ttl);
+                cmd.query::<Value>(&mut conn.con)
+            }
+        });
+        if let Err(e) = refreshed {
+            log::debug!("could not give {key} its TTL back: {}", e.into_error());
+        }
+        false
     }
 
     /// The hashes of a batch of conversation keys in one round trip, each clean one given its TTL
     /// back.
     fn read_batch(&self, batch: &[&String]) -> Vec<CacheResult<Value>> {
         let ttl = self.ttl();
+        if self.near.is_some() {
+            return self.read_batch_near(batch);
+        }
         let result = self.run_on(|conn| {
             let expire_gt = conn.expire_gt;
             let refresh = |key: &str| {
@@ -324,6 +449,36 @@ impl RedisCache {
         }
     }
 
+    /// With the near cache: each hash and its remaining TTL (`[fields, pttl]` per key), changing
+    /// nothing (see [`RedisCache::fresh_enough`]).
+    fn read_batch_near(&self, batch: &[&String]) -> Vec<CacheResult<Value>> {
+        let result = self.run_on(|conn| {
+            let mut spread = Spread::default();
+            for key in batch {
+                let mut read = redis::cmd("HMGET");
+                read.arg(key).arg(&READ_FIELDS);
+                spread.add(read, true);
+                spread.add(redis::cmd("PTTL").arg(key).clone(), true);
+            }
+            spread.query_on(&mut conn.con)
+        });
+        match result {
+            Ok(values) if values.len() == batch.len() * 2 => {
+                let mut values = values.into_iter();
+                let mut out = Vec::with_capacity(batch.len());
+                while let (Some(fields), Some(pttl)) = (values.next(), values.next()) {
+                    out.push(Ok(Value::Array(vec![fields, pttl])));
+                }
+                out
+            }
+            Ok(values) => {
+                let why = format!("{} replies to a pipeline of {} reads", values.len(), batch.len() * 2);
+                vec![Err(CacheError::Other(why)); batch.len()]
+            }
+            Err(e) => vec![Err(e); batch.len()],
+        }
+    }
+
     /// The round trips reads took, and the reads that shared theirs with another thread's.
     #[must_use]
     pub fn read_batching(&self) -> (u64, u64) {
@@ -331,15 +486,28 @@ impl RedisCache {
     }
 
     /// The user's cached list (ids with metadata, newest first), or `None` when not cached.
-    pub fn list(&self, user_id: &str) -> CacheResult<Option<Vec<(String, Conversation)>>> {
+    pub fn list(&self, user_id: &str) -> CacheResult<Option<Arc<Vec<(String, Conversation)>>>> {
         let keys = [self.layout()?.list(user_id), self.layout()?.list_meta(user_id)];
-        let mut pipe = redis::pipe();
-        pipe.add_command(scripts::call(&scripts::LIST, &keys));
-        let (value,): (Value,) = self.query(&pipe)?;
-        match value {
-            Value::Nil => Ok(None),
-            other => Ok(parse_listing(other)),
+        let read = || -> CacheResult<Option<Arc<Vec<(String, Conversation)>>>> {
+            let mut pipe = redis::pipe();
+            pipe.add_command(scripts::call(&scripts::LIST, &keys));
+            let (value,): (Value,) = self.query(&pipe)?;
+            match value {
+                Value::Nil => Ok(None),
+                other => Ok(parse_listing(other).map(Arc::new)),
+            }
+        };
+        let Some(near) = &self.near else { return read() };
+        if let Some(NearValue::List(items)) = near.get(&keys[0]) {
+            return Ok(Some(items));
         }
+        let token = near.begin_fill(&keys[0], Some(&keys[1]));
+        let result = read();
+        if let Some(token) = token {
+            let copy = result.as_ref().ok().and_then(Option::as_ref).map(|items| NearValue::List(Arc::clone(items)));
+            near.finish_fill(&keys[0], token, copy);
+        }
+        result
     }
 
     /// `INFO memory`, where the server allows it. One node's: on a cluster the router sends it to

@@ -88,6 +88,7 @@ pub struct Keywords {
     pub redis_timeout: Option<f64>,
     pub redis_ca_file: Option<PathBuf>,
     pub redis_cluster: Option<bool>,
+    pub near_cache_bytes: Option<u64>,
     pub credential_refresh_margin: Option<f64>,
     pub flush_interval: Option<f64>,
     pub background_flush: Option<bool>,
@@ -121,6 +122,7 @@ pub struct Resolved {
     pub redis_timeout: Sourced<Duration>,
     pub redis_ca_file: Sourced<Option<PathBuf>>,
     pub redis_cluster: Sourced<Option<bool>>,
+    pub near_cache_bytes: Sourced<u64>,
     pub credential_refresh_margin: Sourced<Duration>,
     pub flush_interval: Sourced<Duration>,
     pub background_flush: Sourced<bool>,
@@ -160,6 +162,8 @@ pub struct Entry {
 pub const DEFAULT_REDIS_PORT: u16 = 6380;
 /// Default seconds a clean conversation stays cached.
 pub const DEFAULT_REDIS_TTL: u64 = 1800;
+/// Default bound of the near cache: 64 MiB, a few thousand long conversations per process.
+pub const DEFAULT_NEAR_CACHE_BYTES: u64 = 64 << 20;
 
 fn keyword<T>(value: T) -> Sourced<T> {
     Sourced { value, source: Source::Keyword }
@@ -349,6 +353,13 @@ impl Resolved {
                 |name, raw| flag(name, raw).map(Some),
                 None,
             )?,
+            near_cache_bytes: pick(
+                kw.near_cache_bytes,
+                env,
+                &["NEAR_CACHE_BYTES"],
+                number("a whole number of bytes"),
+                DEFAULT_NEAR_CACHE_BYTES,
+            )?,
             credential_refresh_margin: secs("credential_refresh_margin", kw.credential_refresh_margin, 180.0, false)?,
             flush_interval: secs("flush_interval", kw.flush_interval, 10.0, false)?,
             background_flush: kw.background_flush.map_or_else(|| default(true), keyword),
@@ -409,6 +420,7 @@ impl Resolved {
             )
         })?;
         settings.cluster = self.redis_cluster.value;
+        settings.near_cache_bytes = self.near_cache_bytes.value;
         Ok(Some(settings))
     }
 
@@ -546,6 +558,11 @@ impl Resolved {
             ("redis_timeout", secs(self.redis_timeout.value), self.redis_timeout.source),
             ("redis_ca_file", opt_path(self.redis_ca_file.value.as_ref()), self.redis_ca_file.source),
             ("redis_cluster", self.redis_cluster.value.map_or(Shown::Unset, Shown::Bool), self.redis_cluster.source),
+            (
+                "near_cache_bytes",
+                int(i64::try_from(self.near_cache_bytes.value).unwrap_or(i64::MAX)),
+                self.near_cache_bytes.source,
+            ),
             (
                 "credential_refresh_margin",
                 secs(self.credential_refresh_margin.value),

@@ -148,6 +148,16 @@ impl PyPendingCall {
             .ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("cannot reuse already awaited coroutine"))?;
         let history = Arc::clone(&self.history);
         let event_loop = pyo3_async_runtimes::get_running_loop(py)?;
+        // A near-cache hit is answered here, on the loop's thread: no hop to the pool and back.
+        // Anything else (a miss, bad input, a closed manager) takes the normal path, which raises
+        // what the synchronous call raises.
+        if let Request::Get { conversation_id, user_id } = &request {
+            if let Ok(Some(fetched)) = history.get_near(conversation_id, user_id.as_deref()) {
+                let future = event_loop.call_method0(pyo3::intern!(py, "create_future"))?;
+                future.call_method1(pyo3::intern!(py, "set_result"), (fetched_to_py(py, &fetched)?,))?;
+                return Ok(future);
+            }
+        }
         #[cfg(unix)]
         if let Some(mailbox) = dispatch::mailbox(&event_loop)? {
             let future = event_loop.call_method0(pyo3::intern!(py, "create_future"))?;
