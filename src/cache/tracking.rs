@@ -24,7 +24,7 @@ use redis::{ConnectionAddr, RedisResult, Value};
 use crate::cache::keys::KeyLayout;
 use crate::cache::near::NearCache;
 use crate::cache::pool::{login_client, Topology};
-use crate::credentials::CredentialProvider;
+use crate::credentials::{CredentialProvider, Lease};
 
 /// How often a tracking connection proves it is current.
 pub const PING_EVERY: Duration = Duration::from_millis(100);
@@ -122,7 +122,7 @@ struct NodeThread {
 fn supervise(near: &Arc<NearCache>, source: &Source, stop: &AtomicBool) {
     let mut current: Vec<(String, u16)> = Vec::new();
     let mut threads: Vec<NodeThread> = Vec::new();
-    let mut discovery: Option<redis::Connection> = None;
+    let mut discovery: Option<(redis::Connection, Lease)> = None;
     let stop_all = |threads: &mut Vec<NodeThread>| {
         for t in threads.iter() {
             t.stop.store(true, Ordering::Release);
@@ -211,10 +211,14 @@ fn node_client(base: &redis::Client, host: &str, port: u16) -> redis::Client {
 fn cluster_nodes(
     source: &Source,
     known: &[(String, u16)],
-    discovery: &mut Option<redis::Connection>,
+    discovery: &mut Option<(redis::Connection, Lease)>,
 ) -> RedisResult<Vec<(String, u16)>> {
     let ask = |con: &mut redis::Connection| -> RedisResult<Value> { redis::cmd("CLUSTER").arg("SLOTS").query(con) };
-    if let Some(con) = discovery.as_mut() {
+    // A connection whose credentials are due is not used again (the next one logs in afresh).
+    if discovery.as_ref().is_some_and(|(_, lease)| lease.due(SystemTime::now())) {
+        *discovery = None;
+    }
+    if let Some((con, _)) = discovery.as_mut() {
         match ask(con) {
             Ok(reply) => return Ok(all_nodes_from_slots(&reply)),
             Err(_) => *discovery = None,
@@ -226,16 +230,16 @@ fn cluster_nodes(
     let mut last = None;
     for client in candidates {
         let attempt = (|| {
-            let (client, _) = login_client(&client, source.credentials.as_ref())?;
+            let (client, lease) = login_client(&client, source.credentials.as_ref())?;
             let con = client.get_connection_with_timeout(source.timeout)?;
             con.set_read_timeout(Some(source.timeout))?;
             con.set_write_timeout(Some(source.timeout))?;
-            Ok::<_, redis::RedisError>(con)
+            Ok::<_, redis::RedisError>((con, lease))
         })();
         match attempt {
-            Ok(mut con) => match ask(&mut con) {
+            Ok((mut con, lease)) => match ask(&mut con) {
                 Ok(reply) => {
-                    *discovery = Some(con);
+                    *discovery = Some((con, lease));
                     return Ok(all_nodes_from_slots(&reply));
                 }
                 Err(e) => last = Some(e),

@@ -80,6 +80,17 @@ def product_clients(admin, user):
     return [c for c in admin.client_list() if c.get("user") == user]
 
 
+def is_tracking(client) -> bool:
+    """The near cache's tracking connection: subscribed to Redis's invalidations."""
+    return int(client.get("sub", 0)) > 0 or "P" in client.get("flags", "")
+
+
+def data_clients(admin, user):
+    """The product's pooled connections, without the near cache's tracking connection (which logs in
+    again by reconnecting, since a subscribed RESP2 connection cannot send AUTH)."""
+    return [c for c in product_clients(admin, user) if not is_tracking(c)]
+
+
 def test_redis_rotation_costs_no_failed_call_and_no_fallback(
     acl_redis, pg_url, make_manager, sample_conversation, user_id, caplog
 ):
@@ -147,19 +158,24 @@ def test_redis_connections_authenticate_again_before_expiry(
     )
     conv = sample_conversation(2)
     manager.save_conversation("bbbb0001", conv, user_id)
-    (client,) = product_clients(admin, first_user)
+    (client,) = data_clients(admin, first_user)
     first_expiry = provider.calls[0] + 4.0
     provider.username, provider.password = second_user, "pw-b"
     before = fallbacks(manager)
 
     def renewed():
         assert manager.get_conversation("bbbb0001", user_id) == conv
-        return product_clients(admin, second_user)
+        return data_clients(admin, second_user)
 
     wait_until(renewed, timeout=10, interval=0.2, what="the connection to authenticate as the second user")
-    (after,) = product_clients(admin, second_user)
+    (after,) = data_clients(admin, second_user)
     assert after["id"] == client["id"], "the same connection authenticated again (no reconnect)"
-    assert not product_clients(admin, first_user)
+    wait_until(
+        lambda: not product_clients(admin, first_user) and any(map(is_tracking, product_clients(admin, second_user))),
+        timeout=5,
+        interval=0.1,
+        what="the near cache's tracking connection to log in again as the second user",
+    )
     assert len(provider.calls) >= 2
     assert provider.calls[1] < first_expiry, "renewed before the credentials expired"
     assert fallbacks(manager) == before
@@ -582,6 +598,9 @@ def test_cluster_connections_get_fresh_credentials(cluster, pg_url, make_manager
         redis_credential_provider=provider,
         credential_refresh_margin=1.5,
         background_flush=False,
+        # The provider's calls are counted for the pool's one connection; the near cache's
+        # tracking connections log in through it too (tests/near covers them).
+        near_cache_bytes=0,
     )
     conv = sample_conversation(2)
     manager.save_conversation("c1c10001", conv, user_id)
