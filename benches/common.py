@@ -14,6 +14,7 @@ import random
 import secrets
 import shutil
 import sys
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -156,6 +157,17 @@ class Stack:
 # --------------------------------------------------------------------------------------------------
 # App-shaped data
 # --------------------------------------------------------------------------------------------------
+
+
+def wait_for_near_cache(manager, timeout: float = 10.0) -> None:
+    """Until `manager`'s near cache serves: its tracking connection comes up shortly after the
+    first call tells it what Redis is."""
+    deadline = time.monotonic() + timeout
+    manager.list_conversations(user_id="bench-warm-up")
+    while not manager.stats()["near_cache_tracking"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the near cache did not start tracking")
+        time.sleep(0.02)
 
 
 def now_iso() -> str:

@@ -188,7 +188,19 @@ def health_lines(stats: dict[str, Any]) -> list[tuple[str, str]]:
         ("Flush failures", f"{stats.get('flush_failures', 0)}"),
         ("Redis memory", f"{_mebibytes(used)} of {_mebibytes(limit) if limit else 'no limit'}{share}"),
         ("Eviction policy", stats.get("redis_maxmemory_policy") or "?"),
+        ("Near cache", _near_cache(stats)),
     ]
+
+
+def _near_cache(stats: dict) -> str:
+    """Hits answered in this process, invalidations Redis sent, and the memory the copies take."""
+    if not stats.get("near_cache_enabled"):
+        return "off"
+    state = "" if stats.get("near_cache_tracking") else " (not serving)"
+    return (
+        f"{stats.get('near_cache_hits', 0)} hits, {stats.get('near_cache_invalidations', 0)} invalidations,"
+        f" {stats.get('near_cache_entries', 0)} entries, {_mebibytes(stats.get('near_cache_bytes'))}{state}"
+    )
 
 
 def _mebibytes(value: Optional[int]) -> str:

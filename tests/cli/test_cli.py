@@ -19,8 +19,8 @@ import time
 import pytest
 
 from chat_history_rs import __version__
-from chat_history_rs.cli import format_prometheus, main
-from redis_support import dirty_set, make_conversation, pg_conversation_ids, write_seed_hash
+from chat_history_rs.cli import format_human, format_prometheus, main
+from redis_support import dirty_set, make_conversation, pg_conversation_ids, wait_until, write_seed_hash
 from servers import assert_row_matches, closed_port
 
 SECRET = "s3cret-Pa55:word@x/y"
@@ -797,3 +797,24 @@ def test_conflicts_lists_shows_and_restores_a_kept_copy(make_redis_manager, rdb,
     missing = run_cli("conflicts", "--show", "999999", env=env)
     assert missing.returncode == 1
     assert "no kept copy has conflict_id 999999" in missing.stderr
+
+
+def test_format_prometheus_reports_an_apps_near_cache(make_redis_manager, user_id):
+    """An app's own stats() through format_prometheus: the near cache's hits, invalidations and size,
+    counted by the manager that served them."""
+    manager = make_redis_manager()
+    conv = make_conversation(3)
+    manager.save_conversation("e1ea0001", conv, user_id=user_id)
+    wait_until(
+        lambda: manager.get_conversation("e1ea0001", user_id=user_id) == conv and manager.stats()["near_cache_hits"] > 0,
+        timeout=10,
+        what="a read answered by the near cache",
+    )
+    samples = parse_prometheus(format_prometheus(manager.stats()))
+    assert samples["chat_history_near_cache_hits_total"][0][1] >= 1
+    assert samples["chat_history_near_cache_entries"] == [("", 1.0)]
+    assert samples["chat_history_near_cache_bytes"][0][1] > 0
+    assert samples["chat_history_near_cache_serving"] == [("", 1.0)]
+    assert "chat_history_near_cache_invalidations_total" in samples
+    text = format_human(manager.stats(), "up")
+    assert re.search(r"near cache +serving; \d+ hits", text), text

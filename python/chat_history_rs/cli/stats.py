@@ -101,8 +101,21 @@ def format_human(stats: dict[str, Any], postgres: str) -> str:
             f"  stuck conversations      {len(stats.get('stuck_conversations') or [])}",
             f"  conflict copies kept     {stats.get('conflicts_kept')} (`{PROG} conflicts` lists them)",
             f"  PostgreSQL fallbacks     {stats.get('postgres_fallbacks')}",
+            f"  near cache               {describe_near_cache(stats)}",
         ]
     return "\n".join(lines)
+
+
+def describe_near_cache(stats: dict[str, Any]) -> str:
+    """One line: whether the near cache serves, its hits and invalidations, and its size."""
+    if not stats.get("near_cache_enabled"):
+        return "off (near_cache_bytes=0)"
+    state = "serving" if stats.get("near_cache_tracking") else "not serving (no invalidation connection yet)"
+    return (
+        f"{state}; {stats.get('near_cache_hits')} hits, {stats.get('near_cache_misses')} misses,"
+        f" {stats.get('near_cache_invalidations')} invalidations; {stats.get('near_cache_entries')} entries,"
+        f" {human_size(stats.get('near_cache_bytes'))} of {human_size(stats.get('near_cache_limit_bytes'))}"
+    )
 
 
 def _policy_unknown(stats: dict[str, Any]) -> str:
@@ -122,7 +135,12 @@ _THIS_PROCESS = " (this process only: `chat-history stats` starts a fresh one, s
 _GLOBAL = " (global: every process sharing this Redis)"
 
 METRICS = (
-    Metric("cache_hits", "chat_history_cache_hits_total", "counter", "Reads served from Redis" + _THIS_PROCESS),
+    Metric(
+        "cache_hits",
+        "chat_history_cache_hits_total",
+        "counter",
+        "Reads served from the cache, Redis or the near cache" + _THIS_PROCESS,
+    ),
     Metric("cache_misses", "chat_history_cache_misses_total", "counter", "Reads Redis could not serve" + _THIS_PROCESS),
     Metric("hit_rate", "chat_history_cache_hit_ratio", "gauge", "Cache hits / (hits + misses)" + _THIS_PROCESS),
     Metric(
@@ -180,6 +198,54 @@ METRICS = (
         "chat_history_redis_maxmemory_bytes",
         "gauge",
         "Redis maxmemory; 0 means no limit" + _GLOBAL,
+    ),
+    Metric(
+        "near_cache_hits",
+        "chat_history_near_cache_hits_total",
+        "counter",
+        "Reads answered by the near cache in the process, without a Redis round trip" + _THIS_PROCESS,
+    ),
+    Metric(
+        "near_cache_misses",
+        "chat_history_near_cache_misses_total",
+        "counter",
+        "Reads the near cache could not answer while it was serving" + _THIS_PROCESS,
+    ),
+    Metric(
+        "near_cache_invalidations",
+        "chat_history_near_cache_invalidations_total",
+        "counter",
+        "Near-cache copies dropped because Redis said their key changed" + _THIS_PROCESS,
+    ),
+    Metric(
+        "near_cache_evictions",
+        "chat_history_near_cache_evictions_total",
+        "counter",
+        "Near-cache copies dropped to stay within near_cache_bytes" + _THIS_PROCESS,
+    ),
+    Metric(
+        "near_cache_resets",
+        "chat_history_near_cache_resets_total",
+        "counter",
+        "Times the near cache lost its invalidation connection and was emptied" + _THIS_PROCESS,
+    ),
+    Metric(
+        "near_cache_entries",
+        "chat_history_near_cache_entries",
+        "gauge",
+        "Conversations and lists the near cache holds" + _THIS_PROCESS,
+    ),
+    Metric(
+        "near_cache_bytes",
+        "chat_history_near_cache_bytes",
+        "gauge",
+        "Bytes the near cache holds (bounded by near_cache_bytes)" + _THIS_PROCESS,
+    ),
+    Metric(
+        "near_cache_tracking",
+        "chat_history_near_cache_serving",
+        "gauge",
+        "1 while Redis vouches for the near cache (invalidations flowing) and it serves reads" + _THIS_PROCESS,
     ),
     Metric("reads", "chat_history_reads_total", "counter", "get_conversation calls" + _THIS_PROCESS),
     Metric("lists", "chat_history_lists_total", "counter", "list_conversations calls" + _THIS_PROCESS),
