@@ -1,6 +1,10 @@
 """A throwaway Redis Cluster for tests: 3 primaries with a replica each (`redis-server
 --cluster-enabled yes`, then `redis-cli --cluster create`), on loopback ports low enough that each
-node's cluster bus port (+10000) is valid. Offers failover of a shard and resharding."""
+node's cluster bus port (+10000) is valid. Offers failover of a shard and resharding.
+
+A subclass changes how the nodes listen and how they are reached (tls_support.TlsRedisClusterServers:
+TLS only) through `_listen_args`, `cli_connection_args` (given to every redis-cli) and `client_kwargs`
+(given to every redis-py client), and `.url`'s scheme through `scheme`."""
 
 from __future__ import annotations
 
@@ -47,6 +51,8 @@ def _free_node_ports(count: int) -> list[int]:
 class RedisClusterServers:
     """Six redis-server processes forming a cluster; `.url` names one node, as Azure hands out one."""
 
+    scheme = "redis"
+
     def __init__(self, *, primaries: int = 3, extra_args: Optional[list[str]] = None) -> None:
         self.executable = shutil.which("redis-server")
         self.cli = shutil.which("redis-cli")
@@ -57,6 +63,9 @@ class RedisClusterServers:
         self.primaries_wanted = primaries
         self.extra_args = list(extra_args or [])
         self.procs: dict[int, subprocess.Popen] = {}
+        # How redis-cli and redis-py reach a node besides its address (a subclass sets TLS options).
+        self.cli_connection_args: list[str] = []
+        self.client_kwargs: dict = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -67,7 +76,7 @@ class RedisClusterServers:
             self._wait_answering(port)
         nodes = [f"127.0.0.1:{p}" for p in self.ports]
         proc = subprocess.run(
-            [self.cli, "--cluster", "create", *nodes, "--cluster-replicas", "1", "--cluster-yes"],
+            [*self._cli(), "--cluster", "create", *nodes, "--cluster-replicas", "1", "--cluster-yes"],
             capture_output=True,
             text=True,
             timeout=120,
@@ -81,7 +90,7 @@ class RedisClusterServers:
         node_dir.mkdir(exist_ok=True)
         cmd = [
             self.executable,
-            "--port", str(port),
+            *self._listen_args(port),
             "--bind", "127.0.0.1",
             "--cluster-enabled", "yes",
             "--cluster-config-file", str(node_dir / "nodes.conf"),
@@ -94,14 +103,26 @@ class RedisClusterServers:
         ]  # fmt: skip
         self.procs[port] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
+    def _listen_args(self, port: int) -> list[str]:
+        """redis-server's arguments saying where a node listens (its cluster bus is on port + 10000)."""
+        return ["--port", str(port)]
+
+    def _cli(self, port: Optional[int] = None) -> list[str]:
+        """redis-cli with the connection options, and `-h 127.0.0.1 -p port` when given."""
+        address = ["-h", "127.0.0.1", "-p", str(port)] if port is not None else []
+        return [self.cli, *self.cli_connection_args, *address]
+
     def _wait_answering(self, port: int, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, **self.client_kwargs)
             try:
-                if redis.Redis(port=port, socket_timeout=1).ping():
+                if client.ping():
                     return
             except redis.RedisError:
                 time.sleep(0.05)
+            finally:
+                client.close()
         raise ServerError(f"cluster node on port {port} did not start")
 
     def wait_healthy(self, timeout: float = 60) -> None:
@@ -138,10 +159,10 @@ class RedisClusterServers:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.ports[0]}/0"
+        return f"{self.scheme}://127.0.0.1:{self.ports[0]}/0"
 
     def node(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, decode_responses=True, socket_timeout=5)
+        return redis.Redis(host="127.0.0.1", port=port, decode_responses=True, socket_timeout=5, **self.client_kwargs)
 
     def is_running(self, port: int) -> bool:
         proc = self.procs.get(port)
@@ -151,6 +172,7 @@ class RedisClusterServers:
         return RedisCluster(
             startup_nodes=[ClusterNode("127.0.0.1", p) for p in self.ports if self.is_running(p)],
             decode_responses=True,
+            **self.client_kwargs,
         )
 
     def nodes(self) -> list[dict]:
@@ -159,7 +181,7 @@ class RedisClusterServers:
             if not self.is_running(port):
                 continue
             text = subprocess.run(
-                [self.cli, "-p", str(port), "cluster", "nodes"], capture_output=True, text=True, timeout=10, check=True
+                [*self._cli(port), "cluster", "nodes"], capture_output=True, text=True, timeout=10, check=True
             ).stdout
             out = []
             for line in text.strip().splitlines():
@@ -222,7 +244,7 @@ class RedisClusterServers:
         out = ""
         while time.monotonic() < deadline:
             proc = subprocess.run(
-                [self.cli, "--cluster", "check", f"127.0.0.1:{self.primaries()[0]['port']}"],
+                [*self._cli(), "--cluster", "check", f"127.0.0.1:{self.primaries()[0]['port']}"],
                 capture_output=True,
                 text=True,
                 timeout=30,
@@ -242,7 +264,7 @@ class RedisClusterServers:
         self.wait_agreed()
         proc = subprocess.run(
             [
-                self.cli,
+                *self._cli(),
                 "--cluster",
                 "reshard",
                 f"127.0.0.1:{source['port']}",

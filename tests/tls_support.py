@@ -1,4 +1,5 @@
-"""TLS fixtures for test_tls.py: a throwaway PKI, PostgreSQL with `ssl=on`, Redis with TLS only.
+"""TLS fixtures for tests/tls/: a throwaway PKI, PostgreSQL with `ssl=on`, Redis with TLS only, and
+TlsRedisClusterServers, a Redis Cluster with TLS only (test_tls_cluster.py starts one per module).
 
 A plugin listed in conftest.py's `pytest_plugins`: tests request its fixtures by name, without importing
 them. Builds on servers.py (PostgresServer, RedisServer, create_database) and conftest.py. Certificates are
@@ -6,7 +7,7 @@ made with the `openssl` command line (no Python crypto package needed in the ven
 keys because they are fast to generate.
 
 Session fixtures (started on first use, deleted at the end):
-    pki                    Pki: `ca` signed the server certificates; `other_ca` is unrelated
+    pki                    Pki: `ca` signed the server and node certificates; `other_ca` is unrelated
     tls_pg_server          PostgreSQL with the `localhost` / 127.0.0.1 certificate that accepts TLS only
                            (pg_hba: `hostssl ... trust`, `hostnossl ... reject`)
     wrong_name_pg_server   PostgreSQL with the `wrong.example` certificate, accepting TLS and plain
@@ -34,6 +35,7 @@ from urllib.parse import quote
 import pytest
 import redis
 
+from cluster_support import RedisClusterServers
 from servers import (
     POSTGRES_OS_USER,
     PgParams,
@@ -74,14 +76,17 @@ class CertPair:
 
 @dataclass(frozen=True)
 class Pki:
-    """A throwaway PKI: `ca` signed `server` (SAN DNS:localhost, IP:127.0.0.1) and `wrong_name`
-    (SAN DNS:wrong.example only); `other_ca` is a second CA that signed nothing the servers use."""
+    """A throwaway PKI: `ca` signed `server` (SAN DNS:localhost, IP:127.0.0.1), `wrong_name`
+    (SAN DNS:wrong.example only) and `node` (the names of `server`, for both server and client
+    authentication: the nodes of a TLS cluster are TLS clients of each other on the cluster bus and for
+    replication); `other_ca` is a second CA that signed nothing the servers use."""
 
     root: Path
     ca: Path
     other_ca: Path
     server: CertPair
     wrong_name: CertPair
+    node: CertPair
 
 
 _OPENSSL_CONFIG = """\
@@ -95,7 +100,7 @@ subjectKeyIdentifier = hash
 [server_ext]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth
+extendedKeyUsage = {eku}
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
 subjectAltName = {san}
@@ -122,7 +127,7 @@ def _new_key_args(key: Path) -> list[str]:
 def make_ca(workdir: Path, name: str, common_name: str) -> CertPair:
     """A self-signed CA certificate (PEM) and its key, valid for 3 days."""
     config = workdir / f"{name}.cnf"
-    config.write_text(_OPENSSL_CONFIG.format(san="DNS:unused.invalid"))
+    config.write_text(_OPENSSL_CONFIG.format(san="DNS:unused.invalid", eku="serverAuth"))
     pair = CertPair(workdir / f"{name}.crt", workdir / f"{name}.key")
     _openssl(
         workdir, "req", "-x509", "-new", "-config", str(config), "-extensions", "ca_ext",
@@ -131,10 +136,13 @@ def make_ca(workdir: Path, name: str, common_name: str) -> CertPair:
     return pair
 
 
-def make_server_cert(workdir: Path, name: str, ca: CertPair, common_name: str, san: str) -> CertPair:
-    """A server certificate signed by `ca` for `san` (e.g. "DNS:localhost,IP:127.0.0.1")."""
+def make_server_cert(
+    workdir: Path, name: str, ca: CertPair, common_name: str, san: str, *, eku: str = "serverAuth"
+) -> CertPair:
+    """A server certificate signed by `ca` for `san` (e.g. "DNS:localhost,IP:127.0.0.1"), with the
+    extended key usages `eku` ("serverAuth,clientAuth" for a certificate that is also a client's)."""
     config = workdir / f"{name}.cnf"
-    config.write_text(_OPENSSL_CONFIG.format(san=san))
+    config.write_text(_OPENSSL_CONFIG.format(san=san, eku=eku))
     csr = workdir / f"{name}.csr"
     pair = CertPair(workdir / f"{name}.crt", workdir / f"{name}.key")
     _openssl(
@@ -155,7 +163,8 @@ def make_pki() -> Pki:
     other_ca = make_ca(root, "other-ca", "chat-history-rs unrelated CA")
     server = make_server_cert(root, "server", ca, "localhost", "DNS:localhost,IP:127.0.0.1")
     wrong_name = make_server_cert(root, "wrong-name", ca, "wrong.example", "DNS:wrong.example")
-    return Pki(root=root, ca=ca.cert, other_ca=other_ca.cert, server=server, wrong_name=wrong_name)
+    node = make_server_cert(root, "node", ca, "localhost", "DNS:localhost,IP:127.0.0.1", eku="serverAuth,clientAuth")
+    return Pki(root=root, ca=ca.cert, other_ca=other_ca.cert, server=server, wrong_name=wrong_name, node=node)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,6 +351,57 @@ def _redis_knows_tls(executable: str) -> bool:
         check=False, capture_output=True, text=True, timeout=10, cwd=tempfile.gettempdir(),
     )  # fmt: skip
     return "Bad directive" not in proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# A Redis Cluster with TLS
+# --------------------------------------------------------------------------------------------------
+
+
+class TlsRedisClusterServers(RedisClusterServers):
+    """cluster_support.RedisClusterServers speaking TLS only: each node has `port 0` and `tls-port P`
+    (its cluster bus on P + 10000), `tls-cluster yes` and `tls-replication yes` (the nodes are TLS
+    clients of each other, so `cert` must allow client authentication too: Pki.node), and announces
+    127.0.0.1, a name the certificate covers. Clients need no certificate (`tls-auth-clients optional`):
+    a node still presents `cert` to another. `.certs[port]`, `cert` unless changed before start(), is what
+    the node on `port` presents to its clients. redis-cli and redis-py verify the chain against `ca_file`
+    but not the host name (so they also reach a node whose certificate names another host); `.url` is
+    `rediss://127.0.0.1:P/0` of one node.
+    """
+
+    scheme = "rediss"
+
+    def __init__(self, cert: CertPair, ca_file: Path, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.cert = cert
+        self.ca_file = ca_file
+        self.certs = {port: cert for port in self.ports}
+        self.cli_connection_args = ["--tls", "--cacert", str(ca_file)]
+        self.client_kwargs = {"ssl": True, "ssl_ca_certs": str(ca_file), "ssl_check_hostname": False}
+
+    def _listen_args(self, port: int) -> list[str]:
+        return [
+            "--port", "0",
+            "--tls-port", str(port),
+            "--tls-cert-file", str(self.certs[port].cert),
+            "--tls-key-file", str(self.certs[port].key),
+            "--tls-client-cert-file", str(self.cert.cert),
+            "--tls-client-key-file", str(self.cert.key),
+            "--tls-ca-cert-file", str(self.ca_file),
+            "--tls-auth-clients", "optional",
+            "--tls-cluster", "yes",
+            "--tls-replication", "yes",
+            "--cluster-announce-ip", "127.0.0.1",
+        ]  # fmt: skip
+
+    def start(self) -> None:
+        if not _redis_knows_tls(self.executable):
+            raise TlsUnsupported("redis-server was built without TLS support (no tls-port directive)")
+        super().start()
+
+
+class TlsUnsupported(ServerError):
+    """This redis-server cannot speak TLS."""
 
 
 # --------------------------------------------------------------------------------------------------
