@@ -18,7 +18,7 @@ import re
 import pytest
 
 from chat_history_rs import UnavailableError
-from redis_support import grown, make_conversation, pg_conversation_ids
+from redis_support import grown, make_conversation, pg_conversation_ids, wait_until
 from servers import ServerError, assert_row_matches
 from tls_support import TlsRedisClusterServers, TlsUnsupported
 
@@ -134,6 +134,14 @@ def test_one_nodes_rediss_url_reaches_every_primary_over_tls(pki, cluster, pg_ur
     # Reads are served from the cluster (PostgreSQL has nothing yet); a flush writes every row.
     for (user, cid), conv in saved.items():
         assert app.get_conversation(cid, user_id=user) == conv
+    # The near cache tracks every node over TLS too (its connections reach each node found from the
+    # URL's with the same CA file and name checks), and then answers repeated reads.
+    wait_until(lambda: app.stats()["near_cache_tracking"], timeout=10, what="near-cache tracking of every node")
+    hits = app.stats()["near_cache_hits"]
+    for _ in range(2):
+        for (user, cid), conv in saved.items():
+            assert app.get_conversation(cid, user_id=user) == conv
+    assert app.stats()["near_cache_hits"] >= hits + len(saved), "the near cache answered the second pass"
     assert app.flush_dirty_conversations() == len(saved)
     for (user, cid), conv in saved.items():
         assert_row_matches(pg_conn, cid, user, conv)
