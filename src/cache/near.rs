@@ -6,11 +6,12 @@
 //! with `CLIENT TRACKING ... BCAST`, so every change of a key under our prefixes, by any client,
 //! an expiry or an eviction, arrives as an invalidation that drops the copy. Three rules make that
 //! enough:
-//! - **Leases.** Every 100 ms each tracking connection sends a PING. Once its reply is read, every
-//!   invalidation Redis queued before it has been applied, so the copies are vouched for as of the
-//!   instant the PING was sent. Copies are served only while the oldest such instant across the
-//!   nodes is under [`LEASE`] old: a tracking connection that is cut, stalled or partitioned stops
-//!   the near cache within that bound, whether or not its socket reports the loss.
+//! - **Leases.** Every 100 ms the tracker publishes a heartbeat that only the tracking connection
+//!   hears. Once it is read, every invalidation Redis queued before it has been applied, so the
+//!   copies are vouched for as of the instant the heartbeat was sent. Copies are served only while
+//!   the oldest such instant across the nodes is under [`LEASE`] old: a tracking connection that is
+//!   cut, stalled or partitioned stops the near cache within that bound, whether or not its socket
+//!   reports the loss.
 //! - **Placeholders.** A read that may fill the cache first leaves a placeholder with a fresh token;
 //!   an invalidation (or a loss of tracking) removes it, and the reply is stored only when its
 //!   placeholder is still there. An invalidation that arrives while the read is in flight therefore
@@ -32,7 +33,7 @@ use lru::LruCache;
 use crate::cache::codec::CachedConversation;
 use crate::model::Conversation;
 
-/// How long a tracking connection's last answered PING vouches for the copies.
+/// How long a node's last heartbeat vouches for the copies.
 pub const LEASE: Duration = Duration::from_millis(500);
 
 /// A user's list as the near cache holds it.
@@ -114,7 +115,7 @@ impl State {
 
 /// The tracking state of the nodes.
 struct Links {
-    /// Per node: when the last PING whose reply was applied had been sent (µs since the epoch), or
+    /// Per node: when the last heartbeat read back had been sent (µs since the epoch), or
     /// `None` while the node is not tracked.
     acked: Vec<Option<u64>>,
     /// Bumped by each [`NearCache::track_nodes`].
@@ -321,11 +322,14 @@ impl NearCache {
     }
 
     /// The tracker follows `nodes` nodes from now on, none of them tracked yet: nothing is served
-    /// until each has answered a PING.
+    /// until each has echoed a heartbeat.
     /// Returns the generation the node threads pass back, so a thread of an earlier set of nodes
     /// is not heard.
     pub fn track_nodes(&self, nodes: usize) -> u64 {
         let mut links = self.links();
+        if nodes > 0 && links.acked.iter().any(Option::is_some) {
+            self.resets.fetch_add(1, Ordering::Relaxed);
+        }
         links.acked = vec![None; nodes];
         links.generation += 1;
         self.reset();
@@ -357,7 +361,7 @@ impl NearCache {
         state.clear();
     }
 
-    /// Node `node` answered a PING sent at `sent`, after every invalidation queued before it was
+    /// Node `node` echoed a heartbeat sent at `sent`, after every invalidation queued before it was
     /// applied: the copies are vouched for until the oldest node's acknowledgement plus [`LEASE`].
     pub fn acked(&self, generation: u64, node: usize, sent: Instant) {
         let mut links = self.links();

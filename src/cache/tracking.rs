@@ -3,8 +3,9 @@
 //!
 //! One thread per node holds a connection with `CLIENT TRACKING on REDIRECT <itself> BCAST PREFIX
 //! ...`, subscribed to `__redis__:invalidate` (RESP2, so the connection is an ordinary one to any
-//! Redis since 6.0), and sends a PING every [`PING_EVERY`]; see the near cache for why the PING
-//! replies are what lets copies be served. On a Redis Cluster every node that `CLUSTER SLOTS`
+//! Redis since 6.0); every [`PING_EVERY`] the thread publishes a heartbeat, on a second connection,
+//! that comes back on the tracking connection behind every invalidation queued before it; see the
+//! near cache for why the heartbeats are what lets copies be served. On a Redis Cluster every node that `CLUSTER SLOTS`
 //! lists is tracked, replicas included, so a failover's new primary is already tracked when it
 //! starts taking writes; the list is read again every [`TOPOLOGY_EVERY`] and a change (a node added,
 //! removed or moved) empties the near cache and tracks the new set.
@@ -22,15 +23,18 @@ use std::time::{Duration, Instant, SystemTime};
 use redis::{ConnectionAddr, RedisResult, Value};
 
 use crate::cache::keys::KeyLayout;
-use crate::cache::near::NearCache;
+use crate::cache::near::{NearCache, LEASE};
 use crate::cache::pool::{login_client, Topology};
 use crate::credentials::{CredentialProvider, Lease};
 
-/// How often a tracking connection proves it is current.
+/// How often each node's tracking connection proves it is current (a heartbeat).
 pub const PING_EVERY: Duration = Duration::from_millis(100);
 
-/// How long a read waits before the thread checks whether to PING or stop.
+/// How long a read waits before the thread checks whether to send a heartbeat or stop.
 const TICK: Duration = Duration::from_millis(20);
+
+/// The channel Redis sends a redirected client's invalidations on.
+const INVALIDATIONS: &str = "__redis__:invalidate";
 
 /// How often a cluster's node list is read again.
 pub const TOPOLOGY_EVERY: Duration = Duration::from_secs(1);
@@ -63,7 +67,7 @@ impl std::fmt::Debug for Tracker {
 
 impl Tracker {
     /// Starts tracking for `near`. Nothing is served until the first connection told the pool what
-    /// the server is and every node answered a PING.
+    /// the server is and every node echoed a heartbeat.
     pub(crate) fn start(near: Arc<NearCache>, source: Source) -> Tracker {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
@@ -298,8 +302,15 @@ impl Node {
         let mut backoff = Duration::from_millis(50);
         let mut warned = false;
         loop {
-            let ended = self.session(stop);
+            let (ended, served) = self.session(stop);
+            if matches!(ended, Ended::Stopped) {
+                // The supervisor (or the manager's close) empties the cache for the set it drops.
+                return;
+            }
             self.near.lost(self.generation, self.index);
+            if served {
+                backoff = Duration::from_millis(50);
+            }
             let wait = match ended {
                 Ended::Stopped => return,
                 Ended::Renew => Duration::ZERO,
@@ -329,24 +340,36 @@ impl Node {
         }
     }
 
+    /// A connection to the node with the provider's current login and the call timeouts.
+    fn connect(&self) -> RedisResult<(redis::Connection, Lease)> {
+        let (client, lease) = login_client(&self.client, self.source.credentials.as_ref())?;
+        let con = client.get_connection_with_timeout(self.source.timeout)?;
+        con.set_read_timeout(Some(self.source.timeout))?;
+        con.set_write_timeout(Some(self.source.timeout))?;
+        Ok((con, lease))
+    }
+
     /// Connects, turns tracking on, and applies invalidations until the connection fails, the
-    /// credentials are due or `stop` is raised.
-    fn session(&self, stop: &AtomicBool) -> Ended {
-        let fail = Ended::Failed;
-        let (client, lease) = match login_client(&self.client, self.source.credentials.as_ref()) {
+    /// credentials are due or `stop` is raised. Also says whether the session vouched for the
+    /// copies at least once.
+    ///
+    /// The heartbeat is a message this thread publishes, on a second connection to the same node,
+    /// to a channel only the tracking connection listens to: Redis delivers it after every
+    /// invalidation of a write that completed before it was sent, and it arrives through the same
+    /// reads as the invalidations, so reading it means they were applied. (A PING on the tracking
+    /// connection itself would do the same, but the redis crate's subscriber queues the messages
+    /// that precede its reply where this thread cannot see when they run out.) A heartbeat is sent
+    /// every [`PING_EVERY`] whatever else arrives, so a stream of invalidations never holds it up.
+    fn session(&self, stop: &AtomicBool) -> (Ended, bool) {
+        let fail = |e| (Ended::Failed(e), false);
+        let (mut con, lease) = match self.connect() {
             Ok(found) => found,
             Err(e) => return fail(e),
         };
-        let mut con = match client.get_connection_with_timeout(self.source.timeout) {
-            Ok(con) => con,
+        let (mut beat, _) = match self.connect() {
+            Ok(found) => found,
             Err(e) => return fail(e),
         };
-        let timeouts = con
-            .set_read_timeout(Some(self.source.timeout))
-            .and_then(|()| con.set_write_timeout(Some(self.source.timeout)));
-        if let Err(e) = timeouts {
-            return fail(e);
-        }
         let id: i64 = match redis::cmd("CLIENT").arg("ID").query(&mut con) {
             Ok(id) => id,
             Err(e) => return fail(e),
@@ -359,56 +382,77 @@ impl Node {
         match tracking.query::<()>(&mut con) {
             Ok(()) => {}
             Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => return fail(e),
-            Err(e) => return Ended::Refused(e.to_string()),
+            Err(e) => return (Ended::Refused(e.to_string()), false),
         }
+        // Unique to this connection on this node (client ids are never reused by a server run).
+        let heartbeat = format!("chat-history:near-heartbeat:{id}:{}", std::process::id());
         let mut pubsub = con.as_pubsub();
-        if let Err(e) = pubsub.subscribe("__redis__:invalidate") {
+        match pubsub.subscribe(&[INVALIDATIONS, heartbeat.as_str()]) {
+            Ok(()) => {}
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => return fail(e),
+            // An ACL without these channels (Redis 7's default for new users has none).
+            Err(e) => return (Ended::Refused(format!("SUBSCRIBE: {e}")), false),
+        }
+        if let Err(e) = pubsub.set_read_timeout(Some(TICK)) {
             return fail(e);
         }
+        let mut served = false;
+        let mut seq: u64 = 0;
+        let mut waiting: Option<Instant> = None;
+        let mut last_sent: Option<Instant> = None;
         loop {
-            let sent = Instant::now();
-            if let Err(e) = pubsub.set_read_timeout(Some(self.source.timeout)) {
-                return fail(e);
+            if stop.load(Ordering::Acquire) {
+                return (Ended::Stopped, served);
             }
-            // Messages before the reply are queued by the redis crate and applied below, before the
-            // acknowledgement.
-            if let Err(e) = pubsub.ping::<Value>() {
-                return fail(e);
+            if lease.due(SystemTime::now()) {
+                return (Ended::Renew, served);
             }
-            if let Err(e) = pubsub.set_read_timeout(Some(TICK)) {
-                return fail(e);
-            }
-            let mut unacknowledged = true;
-            loop {
-                match pubsub.get_message() {
-                    Ok(msg) => {
-                        if msg.get_channel_name() == "__redis__:invalidate" {
-                            match msg.get_payload::<Option<Vec<Vec<u8>>>>() {
-                                Ok(Some(keys)) => {
-                                    self.near.invalidate(&keys);
-                                }
-                                Ok(None) => self.near.invalidate_all(),
-                                Err(e) => return fail(e),
-                            }
+            match waiting {
+                Some(sent) if sent.elapsed() > self.source.timeout.max(LEASE) => {
+                    let why = (redis::ErrorKind::Io, "no heartbeat came back in time");
+                    return (Ended::Failed(redis::RedisError::from(why)), served);
+                }
+                Some(_) => {}
+                None if last_sent.is_none_or(|at| at.elapsed() >= PING_EVERY) => {
+                    seq += 1;
+                    let sent = Instant::now();
+                    match redis::cmd("PUBLISH").arg(&heartbeat).arg(seq).query::<i64>(&mut beat) {
+                        Ok(1) => {}
+                        Ok(_) => {
+                            let why = (redis::ErrorKind::Io, "the tracking connection is no longer subscribed");
+                            return (Ended::Failed(redis::RedisError::from(why)), served);
                         }
+                        Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                            return (Ended::Failed(e), served)
+                        }
+                        Err(e) => return (Ended::Refused(format!("PUBLISH: {e}")), served),
                     }
-                    Err(e) if e.is_timeout() => {
-                        // The queue is empty: everything before the PING's reply is applied.
-                        if unacknowledged {
-                            self.near.acked(self.generation, self.index, sent);
-                            unacknowledged = false;
-                        }
-                        if stop.load(Ordering::Acquire) {
-                            return Ended::Stopped;
-                        }
-                        if lease.due(SystemTime::now()) {
-                            return Ended::Renew;
-                        }
-                        if sent.elapsed() >= PING_EVERY {
-                            break;
-                        }
+                    waiting = Some(sent);
+                    last_sent = Some(sent);
+                }
+                None => {}
+            }
+            let msg = match pubsub.get_message() {
+                Ok(msg) => msg,
+                Err(e) if e.is_timeout() => continue,
+                Err(e) => return (Ended::Failed(e), served),
+            };
+            if msg.get_channel_name() == INVALIDATIONS {
+                match msg.get_payload::<Option<Vec<Vec<u8>>>>() {
+                    Ok(Some(keys)) => {
+                        self.near.invalidate(&keys);
                     }
-                    Err(e) => return fail(e),
+                    Ok(None) => self.near.invalidate_all(),
+                    Err(e) => return (Ended::Failed(e), served),
+                }
+            } else if msg.get_channel_name() == heartbeat {
+                let echoed = msg.get_payload::<u64>().ok();
+                if let (Some(sent), Some(echoed)) = (waiting, echoed) {
+                    if echoed == seq {
+                        self.near.acked(self.generation, self.index, sent);
+                        served = true;
+                        waiting = None;
+                    }
                 }
             }
         }

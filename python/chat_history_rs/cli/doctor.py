@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import time
 import re
 import sys
 from dataclasses import dataclass
@@ -206,6 +207,32 @@ def _diagnose_cluster(nodes: list[dict[str, Any]], doctor: Doctor) -> None:
         doctor.report(status, f"Redis shard {index}", describe_node(node) + why)
 
 
+NEAR_CACHE_WAIT = 3.0
+
+
+def _diagnose_near_cache(manager: ChatHistoryManager, doctor: Doctor) -> None:
+    """Whether Redis keeps the near cache correct: its tracking connections come up within a few
+    seconds of the first call, or Redis refused CLIENT TRACKING (the app's log says why)."""
+    stats = manager.stats()
+    if not stats.get("near_cache_enabled"):
+        doctor.report("OK", "near cache", "off (near_cache_bytes=0): every read goes to Redis")
+        return
+    deadline = time.monotonic() + NEAR_CACHE_WAIT
+    while not stats.get("near_cache_tracking") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        stats = manager.stats()
+    limit = human_size(stats.get("near_cache_limit_bytes"))
+    if stats.get("near_cache_tracking"):
+        doctor.report("OK", "near cache", f"Redis tracks it (CLIENT TRACKING, every node); up to {limit} per manager")
+    else:
+        doctor.report(
+            "WARN",
+            "near cache",
+            f"not serving after {NEAR_CACHE_WAIT:g} s: Redis refused CLIENT TRACKING or its invalidations do not"
+            " arrive (run with -v for the reason); reads go to Redis, which is correct but slower",
+        )
+
+
 def _diagnose_with(manager: ChatHistoryManager, args: argparse.Namespace, settings: Settings, doctor: Doctor) -> None:
     postgres = settings.postgres_url
     with library_log_level(logging.CRITICAL, args.verbose > 0):
@@ -241,6 +268,7 @@ def _diagnose_with(manager: ChatHistoryManager, args: argparse.Namespace, settin
             "one endpoint, not a Redis Cluster; cluster key layout (redis_cluster=True, as Azure's Enterprise"
             " clustering policy needs)",
         )
+    _diagnose_near_cache(manager, doctor)
     policies = sorted({str(n.get("maxmemory_policy")) for n in nodes})
     if len(policies) > 1:
         doctor.report(
