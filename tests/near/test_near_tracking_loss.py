@@ -161,7 +161,7 @@ def test_a_silently_partitioned_tracking_connection_stops_serving_within_the_lea
         assert not stale_reads_late, f"stale reads more than {ALLOWED_DELAY}s after the write: {stale_reads_late}"
 
         # Healed before the tracker's own 5 s timeout: the invalidation queued behind the partition
-        # arrives before the PING reply that vouches again, so the old copy is never served again.
+        # arrives before the heartbeat that vouches again, so the old copy is never served again.
         proxy.heal_tracking()
         wait_tracking(manager, timeout=8)
         assert read() == expected, "the copy from before the partition was served after it healed"
