@@ -497,7 +497,10 @@ impl ChatHistory {
         }
         if let Some(tier) = tier {
             if let Tier::Cached(cached) = &*tier {
-                cached.redis.stop_tracking(deadline);
+                // Its threads end within a heartbeat's wait; a cluster's discovery may take longer
+                // with Redis gone, and is left to end by itself rather than hold up the flush.
+                let timeout = cached.redis.settings.timeout;
+                cached.redis.stop_tracking(deadline.min(Instant::now() + timeout * 2 + Duration::from_millis(500)));
                 match cached.flush(Some(deadline), true) {
                     Ok(report) if report.incomplete || report.failed > 0 => log::error!(
                         "close: {} conversations written back; {} failed and some may remain dirty in Redis \

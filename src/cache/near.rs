@@ -210,7 +210,7 @@ impl NearCache {
     /// The copy under `key`, when tracking vouches for it and it is not too old to serve; counted
     /// as a hit or a miss.
     pub fn get(&self, key: &str) -> Option<NearValue> {
-        let found = self.lookup(key);
+        let found = self.lookup(key)?;
         let counter = if found.is_some() { &self.hits } else { &self.misses };
         counter.fetch_add(1, Ordering::Relaxed);
         found
@@ -219,25 +219,26 @@ impl NearCache {
     /// As [`NearCache::get`], counting only a hit: for a first look that a full read follows
     /// when it finds nothing.
     pub fn peek(&self, key: &str) -> Option<NearValue> {
-        let found = self.lookup(key);
+        let found = self.lookup(key).flatten();
         if found.is_some() {
             self.hits.fetch_add(1, Ordering::Relaxed);
         }
         found
     }
 
-    fn lookup(&self, key: &str) -> Option<NearValue> {
+    /// `None` while nothing is vouched for (not counted: the near cache is not serving);
+    /// `Some(None)` for a miss.
+    fn lookup(&self, key: &str) -> Option<Option<NearValue>> {
         let mut state = self.state();
         if !self.vouched(&state) {
             return None;
         }
-        let found = match state.entries.get(key) {
+        Some(match state.entries.get(key) {
             Some(Entry { slot: Slot::Ready { value, filled, .. }, .. }) if filled.elapsed() < self.max_age => {
                 Some(value.clone())
             }
             _ => None,
-        };
-        found
+        })
     }
 
     /// Before a read from Redis that may fill `key` (and `alias`): leaves a placeholder, unless

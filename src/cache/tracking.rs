@@ -33,6 +33,11 @@ pub const PING_EVERY: Duration = Duration::from_millis(100);
 /// How long a read waits before the thread checks whether to send a heartbeat or stop.
 const TICK: Duration = Duration::from_millis(20);
 
+/// The tracking connections' names in `CLIENT LIST`.
+pub const TRACKING_NAME: &str = "chat-history-near-tracking";
+/// The heartbeat connections' names in `CLIENT LIST`.
+pub const HEARTBEAT_NAME: &str = "chat-history-near-heartbeat";
+
 /// The channel Redis sends a redirected client's invalidations on.
 const INVALIDATIONS: &str = "__redis__:invalidate";
 
@@ -340,12 +345,17 @@ impl Node {
         }
     }
 
-    /// A connection to the node with the provider's current login and the call timeouts.
-    fn connect(&self) -> RedisResult<(redis::Connection, Lease)> {
+    /// A connection to the node with the provider's current login and the call timeouts, named
+    /// `name` in `CLIENT LIST` (when the ACL allows it) so an operator can tell what it is.
+    fn connect(&self, name: &str) -> RedisResult<(redis::Connection, Lease)> {
         let (client, lease) = login_client(&self.client, self.source.credentials.as_ref())?;
-        let con = client.get_connection_with_timeout(self.source.timeout)?;
+        let mut con = client.get_connection_with_timeout(self.source.timeout)?;
         con.set_read_timeout(Some(self.source.timeout))?;
         con.set_write_timeout(Some(self.source.timeout))?;
+        match redis::cmd("CLIENT").arg("SETNAME").arg(name).query::<()>(&mut con) {
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => return Err(e),
+            _ => {}
+        }
         Ok((con, lease))
     }
 
@@ -362,11 +372,11 @@ impl Node {
     /// every [`PING_EVERY`] whatever else arrives, so a stream of invalidations never holds it up.
     fn session(&self, stop: &AtomicBool) -> (Ended, bool) {
         let fail = |e| (Ended::Failed(e), false);
-        let (mut con, lease) = match self.connect() {
+        let (mut con, lease) = match self.connect(TRACKING_NAME) {
             Ok(found) => found,
             Err(e) => return fail(e),
         };
-        let (mut beat, _) = match self.connect() {
+        let (mut beat, _) = match self.connect(HEARTBEAT_NAME) {
             Ok(found) => found,
             Err(e) => return fail(e),
         };

@@ -17,6 +17,7 @@ import threading
 import time
 
 import pytest
+import redis
 
 from chat_history_rs import __version__
 from chat_history_rs.cli import format_human, format_prometheus, main
@@ -598,6 +599,22 @@ def test_doctor_checks_the_eviction_policy(make_redis_server, pg_url, policy, st
     assert checks["PostgreSQL"][0] == checks["schema"][0] == checks["Redis"][0] == "OK", result.stdout
     assert checks["Redis memory"][0] == "OK"
     assert f"(exit {code})" in result.stdout.splitlines()[-1]
+
+
+def test_doctor_warns_when_redis_refuses_the_near_caches_channels(make_redis_server, pg_url):
+    """A login whose ACL has no pub/sub channels (Redis 7's default for a new user): the near cache
+    cannot be kept correct, so it stays off and doctor says so; everything else is fine."""
+    server = make_redis_server()
+    admin = redis.Redis(host="127.0.0.1", port=server.port)
+    admin.execute_command("ACL", "SETUSER", "nochannels", "on", ">pw-n", "~*", "resetchannels", "+@all")
+    admin.close()
+    url = f"redis://nochannels:pw-n@127.0.0.1:{server.port}/0"
+    result = run_cli("doctor", env=cli_env(DATABASE_URL=pg_url, REDIS_CONNECTION_STRING=url))
+    checks = doctor_lines(result.stdout)
+    assert checks["Redis"][0] == "OK", result.stdout
+    status, detail = checks["near cache"]
+    assert status == "WARN" and "refused CLIENT TRACKING" in detail, result.stdout
+    assert result.returncode == 1
 
 
 def test_doctor_allkeys_warning_says_why(make_redis_server, pg_url, clean_env, capsys):

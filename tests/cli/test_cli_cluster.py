@@ -25,6 +25,7 @@ SINGLE_NODE_CHECKS = [
     "PostgreSQL",
     "schema",
     "Redis",
+    "near cache",
     "Redis eviction policy",
     "Redis memory",
     "write-back backlog",
@@ -205,6 +206,8 @@ def test_doctor_on_one_node_is_unchanged(rdb, pg_url):
     result = run_cli("doctor", env=env)
     names = [name for name in doctor_lines(result.stdout)]
     assert names == SINGLE_NODE_CHECKS, result.stdout
+    status, detail = doctor_lines(result.stdout)["near cache"]
+    assert status == "OK" and "Redis tracks it" in detail, result.stdout
     stats = json.loads(run_cli("stats", "--json", env=env).stdout)
     assert stats["redis_nodes"] == []
     assert stats["redis_used_memory"] > 0 and stats["redis_maxmemory_policy"]

@@ -81,13 +81,14 @@ def product_clients(admin, user):
 
 
 def is_tracking(client) -> bool:
-    """The near cache's tracking connection: subscribed to Redis's invalidations."""
-    return int(client.get("sub", 0)) > 0 or "P" in client.get("flags", "")
+    """The near cache's connections: the one subscribed to Redis's invalidations and the one that
+    publishes its heartbeats, both named in CLIENT LIST."""
+    return client.get("name", "").startswith("chat-history-near-")
 
 
 def data_clients(admin, user):
-    """The product's pooled connections, without the near cache's tracking connection (which logs in
-    again by reconnecting, since a subscribed RESP2 connection cannot send AUTH)."""
+    """The product's pooled connections, without the near cache's two (which log in again by
+    reconnecting, since a subscribed RESP2 connection cannot send AUTH)."""
     return [c for c in product_clients(admin, user) if not is_tracking(c)]
 
 

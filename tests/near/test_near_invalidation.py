@@ -1,4 +1,4 @@
-"""The near cache is dropped by every change Redis sees (SPEC, "The near cache"): a save of another
+"""The near cache is dropped by every change Redis sees (docs/design.md, section 10): a save of another
 manager, a write of another process (a manager or a plain redis-py HSET, as the seed's Python
 design writes), a flush settling the hash, a TTL expiry, an eviction, a delete. Each test first
 proves the near cache served the old copy (near_cache_hits grew), so none can pass with the near

@@ -1,4 +1,4 @@
-"""The near cache's bound and its setting (SPEC, "The near cache"; README, "Configuration"):
+"""The near cache's bound and its setting (docs/design.md, section 10; README, "Configuration"):
 near_cache_bytes (keyword, env NEAR_CACHE_BYTES, default 64 MiB) bounds the bytes held, the least
 recently used copies going first; 0 turns it off; a value that is not a whole number is refused
 naming the variable, as for every other setting (tests/cli/test_config.py)."""

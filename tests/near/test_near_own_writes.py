@@ -1,4 +1,4 @@
-"""A process reads its own writes at once, and what it is handed is its own (SPEC, "The near cache").
+"""A process reads its own writes at once, and what it is handed is its own (docs/design.md, section 10).
 
 Own writes: a save or delete followed by a read in the same manager returns the new state with no
 wait at all, while another thread reads the same keys the whole time, so its fills race the writes

@@ -1,4 +1,4 @@
-"""A seeded, randomized staleness checker for the near cache (SPEC, "The near cache": never stale
+"""A seeded, randomized staleness checker for the near cache (docs/design.md, section 10: never stale
 beyond Redis's invalidation delay, bounded by the 0.5 s lease).
 
 Four worker processes (near_staleness_worker.py), each with its own manager on one Redis and one

@@ -1,4 +1,4 @@
-"""Losing the invalidation channel never leaves a stale copy served (SPEC, "The near cache").
+"""Losing the invalidation channel never leaves a stale copy served (docs/design.md, section 10).
 
 A tracking connection killed by the server (CLIENT KILL) or by a Redis restart empties the near cache
 (near_cache_resets grows, entries drop to 0): a write made while no tracking connection existed,
@@ -9,6 +9,7 @@ tracking comes back, copies are served again and invalidations apply again.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -222,3 +223,27 @@ def test_serving_goes_on_while_other_keys_change_all_the_time(make_redis_server,
         f"window: {windows}; stats {near_stats(manager)}"
     )
     assert all(true >= samples * 0.9 for _, true, samples in windows), windows
+
+
+def test_a_redis_that_refuses_the_channels_leaves_the_near_cache_off(make_redis_server, make_redis_manager, user_id, caplog):
+    """An ACL without pub/sub channels: tracking cannot run, so nothing is served from the process
+    (never a copy no one vouches for), reads and writes go to Redis as without a near cache, and one
+    warning says why."""
+    caplog.set_level(logging.WARNING, logger="chat_history_rs")
+    server = make_redis_server()
+    admin = redis_client(server.url)
+    admin.execute_command("ACL", "SETUSER", "nochannels", "on", ">pw-n", "~*", "resetchannels", "+@all")
+    manager = make_redis_manager(redis_url=f"redis://nochannels:pw-n@127.0.0.1:{server.port}/0")
+    first = make_conversation(2, title="first")
+    manager.save_conversation(CID, first, user_id=user_id)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        assert manager.get_conversation(CID, user_id=user_id) == first
+        time.sleep(0.02)
+    admin.hset(conv_key(user_id, CID), "title", "changed behind its back")
+    assert title_of(manager.get_conversation(CID, user_id=user_id)) == "changed behind its back"
+    stats = near_stats(manager)
+    assert stats["enabled"] and not stats["tracking"] and stats["hits"] == 0, stats
+    assert manager.stats()["cache_hits"] > 50, "reads were served by Redis"
+    warnings = [r.getMessage() for r in caplog.records if "refused CLIENT TRACKING" in r.getMessage()]
+    assert len(warnings) == 1, warnings
