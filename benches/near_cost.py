@@ -25,7 +25,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import chat_history_rs
 from common import Corpus, Stack, new_conversation_id, new_user_id, pin_or_reexec, summary_us, wait_for_near_cache
@@ -96,9 +96,11 @@ def main() -> None:
                 "shallow copies of a cached Python copy": shallow,
                 "copy.deepcopy": lambda c=cached: copy.deepcopy(c),
                 "json.loads of the stored messages": loads,
-                "near hit (get_conversation)": lambda: near.get_conversation(cid, user_id=user),
-                "near hit, no messages (call and lookup)": lambda: near.get_conversation(empty_cid, user_id=user),
-                "Redis hit (near_cache_bytes=0)": lambda: far.get_conversation(cid, user_id=user),
+                "near hit (get_conversation)": lambda c=cid, u=user: near.get_conversation(c, user_id=u),
+                "near hit, no messages (call and lookup)": lambda c=empty_cid, u=user: near.get_conversation(
+                    c, user_id=u
+                ),
+                "Redis hit (near_cache_bytes=0)": lambda c=cid, u=user: far.get_conversation(c, user_id=u),
             }
             for label, fn in cases.items():
                 rows.setdefault(label, {})[size] = timed(fn, iterations, warmup)

@@ -298,7 +298,13 @@ OPS: List[Op] = [
     Op("save200", "save, 200 messages", lambda i: prepare_save(i, 200), "medium", 0.35),
     Op("get_hit20", "get, cache hit, 20 messages", lambda i: prepare_get_hit(i, 20), "fast", 0.15),
     Op("get_hit200", "get, cache hit, 200 messages", lambda i: prepare_get_hit(i, 200), "medium", 0.25),
-    Op("get_far20", "get, Redis hit (near cache off), 20 msgs", lambda i: prepare_get_hit(i, 20, far=True), "fast", 0.70),
+    Op(
+        "get_far20",
+        "get, Redis hit (near cache off), 20 msgs",
+        lambda i: prepare_get_hit(i, 20, far=True),
+        "fast",
+        0.70,
+    ),
     Op(
         "get_far200",
         "get, Redis hit (near cache off), 200 msgs",

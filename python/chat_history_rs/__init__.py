@@ -66,6 +66,4 @@ atexit.register(_close_all)
 # Celery prefork) must not share the parent's sockets: managers in the child open their own before
 # their next call, and leave the parent's untouched (docs/design.md, "Processes").
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
-    )
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)

@@ -65,6 +65,14 @@ impl NearValue {
     }
 }
 
+/// What a lookup found.
+enum Lookup {
+    Hit(NearValue),
+    Miss,
+    /// Nothing is vouched for now: not counted as a miss.
+    NotServing,
+}
+
 /// A read in flight that may fill the cache: see [`NearCache::begin_fill`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FillToken(u64);
@@ -210,35 +218,38 @@ impl NearCache {
     /// The copy under `key`, when tracking vouches for it and it is not too old to serve; counted
     /// as a hit or a miss.
     pub fn get(&self, key: &str) -> Option<NearValue> {
-        let found = self.lookup(key)?;
-        let counter = if found.is_some() { &self.hits } else { &self.misses };
-        counter.fetch_add(1, Ordering::Relaxed);
-        found
+        match self.lookup(key) {
+            Lookup::Hit(value) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                Some(value)
+            }
+            Lookup::Miss => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Lookup::NotServing => None,
+        }
     }
 
     /// As [`NearCache::get`], counting only a hit: for a first look that a full read follows
     /// when it finds nothing.
     pub fn peek(&self, key: &str) -> Option<NearValue> {
-        let found = self.lookup(key).flatten();
-        if found.is_some() {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-        }
-        found
+        let Lookup::Hit(value) = self.lookup(key) else { return None };
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(value)
     }
 
-    /// `None` while nothing is vouched for (not counted: the near cache is not serving);
-    /// `Some(None)` for a miss.
-    fn lookup(&self, key: &str) -> Option<Option<NearValue>> {
+    fn lookup(&self, key: &str) -> Lookup {
         let mut state = self.state();
         if !self.vouched(&state) {
-            return None;
+            return Lookup::NotServing;
         }
-        Some(match state.entries.get(key) {
+        match state.entries.get(key) {
             Some(Entry { slot: Slot::Ready { value, filled, .. }, .. }) if filled.elapsed() < self.max_age => {
-                Some(value.clone())
+                Lookup::Hit(value.clone())
             }
-            _ => None,
-        })
+            _ => Lookup::Miss,
+        }
     }
 
     /// Before a read from Redis that may fill `key` (and `alias`): leaves a placeholder, unless

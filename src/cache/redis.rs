@@ -16,14 +16,13 @@ use crate::cache::combine::Combiner;
 pub use crate::cache::error::{CacheError, CacheResult};
 pub use crate::cache::flush::{DirtyEntry, Settle, SettleItem};
 pub use crate::cache::keys::{split_member, KeyLayout};
-use crate::cache::near::{NearCache, NearStats, NearValue};
+use crate::cache::near::{Listing, NearCache, NearStats, NearValue};
 use crate::cache::pool::{renew_if_due, Con, Connector, PoolErrorLog, RedisConnection, Renewal, Topology};
 use crate::cache::scripts::{self, query_loading};
 use crate::cache::tracking::{self, Tracker};
 pub use crate::cache::writes::{Bypass, SaveOptions, SaveOutcome};
 use crate::config::RedisSettings;
 use crate::error::Error;
-use crate::model::Conversation;
 use crate::pool::Pool;
 
 /// The list cache's TTL, the seed's 5 minutes.
@@ -486,9 +485,9 @@ impl RedisCache {
     }
 
     /// The user's cached list (ids with metadata, newest first), or `None` when not cached.
-    pub fn list(&self, user_id: &str) -> CacheResult<Option<Arc<Vec<(String, Conversation)>>>> {
+    pub fn list(&self, user_id: &str) -> CacheResult<Option<Arc<Listing>>> {
         let keys = [self.layout()?.list(user_id), self.layout()?.list_meta(user_id)];
-        let read = || -> CacheResult<Option<Arc<Vec<(String, Conversation)>>>> {
+        let read = || -> CacheResult<Option<Arc<Listing>>> {
             let mut pipe = redis::pipe();
             pipe.add_command(scripts::call(&scripts::LIST, &keys));
             let (value,): (Value,) = self.query(&pipe)?;

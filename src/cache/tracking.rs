@@ -417,30 +417,27 @@ impl Node {
             if lease.due(SystemTime::now()) {
                 return (Ended::Renew, served);
             }
-            match waiting {
-                Some(sent) if sent.elapsed() > self.source.timeout.max(LEASE) => {
+            if let Some(sent) = waiting {
+                if sent.elapsed() > self.source.timeout.max(LEASE) {
                     let why = (redis::ErrorKind::Io, "no heartbeat came back in time");
                     return (Ended::Failed(redis::RedisError::from(why)), served);
                 }
-                Some(_) => {}
-                None if last_sent.is_none_or(|at| at.elapsed() >= PING_EVERY) => {
-                    seq += 1;
-                    let sent = Instant::now();
-                    match redis::cmd("PUBLISH").arg(&heartbeat).arg(seq).query::<i64>(&mut beat) {
-                        Ok(1) => {}
-                        Ok(_) => {
-                            let why = (redis::ErrorKind::Io, "the tracking connection is no longer subscribed");
-                            return (Ended::Failed(redis::RedisError::from(why)), served);
-                        }
-                        Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
-                            return (Ended::Failed(e), served)
-                        }
-                        Err(e) => return (Ended::Refused(format!("PUBLISH: {e}")), served),
+            } else if last_sent.is_none_or(|at| at.elapsed() >= PING_EVERY) {
+                seq += 1;
+                let sent = Instant::now();
+                match redis::cmd("PUBLISH").arg(&heartbeat).arg(seq).query::<i64>(&mut beat) {
+                    Ok(1) => {}
+                    Ok(_) => {
+                        let why = (redis::ErrorKind::Io, "the tracking connection is no longer subscribed");
+                        return (Ended::Failed(redis::RedisError::from(why)), served);
                     }
-                    waiting = Some(sent);
-                    last_sent = Some(sent);
+                    Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                        return (Ended::Failed(e), served)
+                    }
+                    Err(e) => return (Ended::Refused(format!("PUBLISH: {e}")), served),
                 }
-                None => {}
+                waiting = Some(sent);
+                last_sent = Some(sent);
             }
             let msg = match pubsub.get_message() {
                 Ok(msg) => msg,

@@ -823,7 +823,9 @@ def test_format_prometheus_reports_an_apps_near_cache(make_redis_manager, user_i
     conv = make_conversation(3)
     manager.save_conversation("e1ea0001", conv, user_id=user_id)
     wait_until(
-        lambda: manager.get_conversation("e1ea0001", user_id=user_id) == conv and manager.stats()["near_cache_hits"] > 0,
+        lambda: (
+            manager.get_conversation("e1ea0001", user_id=user_id) == conv and manager.stats()["near_cache_hits"] > 0
+        ),
         timeout=10,
         what="a read answered by the near cache",
     )

@@ -25,6 +25,7 @@ def test_the_near_cache_serves_and_is_invalidated_on_a_cluster(redis_cluster_ser
         manager.save_conversation("c1a50001", conversation, user_id=user_id)
         assert manager.stats()["redis_layout"] == "cluster"
         wait_tracking(manager, timeout=10)
+
         # A tracking connection on every primary (replicas are tracked once CLUSTER SLOTS lists them,
         # which Redis does only after their first sync).
         # Polled: when the replicas first appear the tracker replaces its connections.

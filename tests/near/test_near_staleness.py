@@ -155,7 +155,8 @@ def test_no_read_is_staler_than_the_lease(make_redis_server, make_redis_manager,
     listed_ids = [cid for p in range(PROCESSES - 1) for cid in writers[p]]
     for cid in all_ids:
         setup.save_conversation(
-            cid, {**make_conversation(0), "title": "v0", "created_at": created_at, "last_modified": created_at},
+            cid,
+            {**make_conversation(0), "title": "v0", "created_at": created_at, "last_modified": created_at},
             user_id=user_id,
         )
     setup.flush_dirty_conversations()
@@ -224,7 +225,9 @@ def test_no_read_is_staler_than_the_lease(make_redis_server, make_redis_manager,
     assert not problems, "\n".join(problems)
     assert not anomalies, (
         f"{len(anomalies)} anomalies (replay the plan with NEAR_CHECK_SEED={SEED} NEAR_CHECK_SECONDS={SECONDS:g}):\n"
-        + "\n".join(anomalies[:20]) + "\n" + summary
+        + "\n".join(anomalies[:20])
+        + "\n"
+        + summary
     )
     # The run exercised what it claims to: copies served, tracking lost and regained in every process.
     assert hits > figures["reads"] // 4, f"the near cache served few reads: {summary}"

@@ -62,7 +62,7 @@ def test_a_killed_tracking_connection_empties_the_cache_and_tracking_returns(
         assert pipe.execute() == [1, 0]
         current = {**current, "title": f"written while untracked {round_}"}
 
-        poll(lambda: near_stats(manager)["resets"], lambda n: n > before["resets"], timeout=2, what="the reset")
+        poll(lambda: near_stats(manager)["resets"], lambda n, b=before: n > b["resets"], timeout=2, what="the reset")
         emptied = near_stats(manager)
         assert emptied["entries"] == 0 and emptied["bytes"] == 0, emptied
         assert read() == current, f"round {round_}: the copy from before the loss was served"
@@ -73,7 +73,7 @@ def test_a_killed_tracking_connection_empties_the_cache_and_tracking_returns(
         # The new tracking connection delivers invalidations.
         client.hset(key, "title", f"after reconnect {round_}")
         current = {**current, "title": f"after reconnect {round_}"}
-        poll(read, lambda c: c == current, what=f"round {round_}: a write after the reconnect")
+        poll(read, lambda c, want=current: c == want, what=f"round {round_}: a write after the reconnect")
 
 
 @pytest.mark.slow
@@ -225,7 +225,9 @@ def test_serving_goes_on_while_other_keys_change_all_the_time(make_redis_server,
     assert all(true >= samples * 0.9 for _, true, samples in windows), windows
 
 
-def test_a_redis_that_refuses_the_channels_leaves_the_near_cache_off(make_redis_server, make_redis_manager, user_id, caplog):
+def test_a_redis_that_refuses_the_channels_leaves_the_near_cache_off(
+    make_redis_server, make_redis_manager, user_id, caplog
+):
     """An ACL without pub/sub channels: tracking cannot run, so nothing is served from the process
     (never a copy no one vouches for), reads and writes go to Redis as without a near cache, and one
     warning says why."""
