@@ -17,7 +17,9 @@ pub enum CacheError {
 
 impl CacheError {
     pub(crate) fn from_redis(e: &RedisError) -> Self {
-        if e.code() == Some("OOM") {
+        // Inside a pipeline the redis crate reports a failed command as a "Pipeline failure"
+        // wrapping it, without its code: Redis's own OOM message is what is left to recognise.
+        if e.code() == Some("OOM") || e.to_string().contains("command not allowed when used memory") {
             CacheError::OutOfMemory(e.to_string())
         } else if e.is_io_error()
             || e.is_timeout()
@@ -54,3 +56,20 @@ impl CacheError {
 
 /// Result of a Redis call.
 pub type CacheResult<T> = std::result::Result<T, CacheError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_oom_inside_a_pipeline_failure_is_out_of_memory() {
+        let inner = RedisError::from((
+            redis::ErrorKind::Extension,
+            "Pipeline failure",
+            "[(Index 0, error: \"OOM\": command not allowed when used memory > 'maxmemory'.)]".to_owned(),
+        ));
+        assert!(matches!(CacheError::from_redis(&inner), CacheError::OutOfMemory(_)));
+        let other = RedisError::from((redis::ErrorKind::Extension, "Pipeline failure", "ERR something".to_owned()));
+        assert!(matches!(CacheError::from_redis(&other), CacheError::Other(_)));
+    }
+}
