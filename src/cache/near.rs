@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
@@ -153,6 +153,25 @@ pub struct NearStats {
     pub tracking: bool,
 }
 
+/// Every live near cache of the process, so a write through one manager drops the copies every
+/// other manager of the process holds (a process reads its own writes at once, whichever manager
+/// made them). A cache of another Redis that happens to hold the same key names only refills.
+static LIVE: Mutex<Vec<Weak<NearCache>>> = Mutex::new(Vec::new());
+
+/// Drops `keys` from every near cache of the process.
+pub fn forget_everywhere<K: AsRef<str>>(keys: &[K]) {
+    let live: Vec<Arc<NearCache>> = {
+        let mut registry = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
+        registry.retain(|weak| weak.strong_count() > 0);
+        registry.iter().filter_map(Weak::upgrade).collect()
+    };
+    for near in live {
+        for key in keys {
+            near.forget(key.as_ref());
+        }
+    }
+}
+
 /// The near cache of one manager.
 pub struct NearCache {
     limit: usize,
@@ -175,6 +194,14 @@ impl std::fmt::Debug for NearCache {
 }
 
 impl NearCache {
+    /// As [`NearCache::new`], registered so the process's writes through any manager reach it.
+    #[must_use]
+    pub fn register(limit: usize, max_age: Duration) -> Arc<Self> {
+        let near = Arc::new(NearCache::new(limit, max_age));
+        LIVE.lock().unwrap_or_else(PoisonError::into_inner).push(Arc::downgrade(&near));
+        near
+    }
+
     /// An empty cache of at most `limit` bytes that serves nothing until its nodes are tracked.
     #[must_use]
     pub fn new(limit: usize, max_age: Duration) -> Self {
@@ -546,6 +573,21 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         near.acked(1, 0, Instant::now());
         assert!(near.get("k").is_none());
+    }
+
+    #[test]
+    fn a_write_through_one_manager_drops_every_managers_copy() {
+        let registered = || {
+            let near = NearCache::register(1 << 20, Duration::from_secs(60));
+            let g = near.track_nodes(1);
+            near.acked(g, 0, Instant::now());
+            near
+        };
+        let (first, second) = (registered(), registered());
+        fill(&first, "k", list(1));
+        fill(&second, "k", list(1));
+        forget_everywhere(&["k"]);
+        assert!(first.get("k").is_none() && second.get("k").is_none());
     }
 
     #[test]

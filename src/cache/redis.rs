@@ -164,7 +164,7 @@ impl RedisCache {
             (None, None)
         } else {
             let limit = usize::try_from(settings.near_cache_bytes).unwrap_or(usize::MAX);
-            let near = Arc::new(NearCache::new(limit, near_max_age(settings.ttl_seconds)));
+            let near = NearCache::register(limit, near_max_age(settings.ttl_seconds));
             let source = tracking::Source {
                 client: tracker_client,
                 timeout: settings.timeout,
@@ -193,12 +193,13 @@ impl RedisCache {
         }
     }
 
-    /// Drops the near cache's copies of the conversation and of the user's list: this process
-    /// wrote (or tried to write) them, and reads its own writes at once.
+    /// Drops the copies of the conversation and of the user's list from every near cache of the
+    /// process (each manager has its own): this process wrote (or tried to write) them, and any of
+    /// its managers reads its writes at once, without waiting for Redis's invalidation.
     pub fn forget(&self, user_id: &str, conversation_id: &str) {
-        let (Some(near), Some(topology)) = (&self.near, self.topology.get()) else { return };
-        near.forget(&topology.layout.conv(user_id, conversation_id));
-        near.forget(&topology.layout.list(user_id));
+        let Some(topology) = self.topology.get() else { return };
+        let keys = [topology.layout.conv(user_id, conversation_id), topology.layout.list(user_id)];
+        crate::cache::near::forget_everywhere(&keys);
     }
 
     /// The conversation from the near cache alone: never waits on Redis (a caller holding the GIL

@@ -1,7 +1,7 @@
 """A process reads its own writes at once, and what it is handed is its own (docs/design.md, section 10).
 
-Own writes: a save or delete followed by a read in the same manager returns the new state with no
-wait at all, while another thread reads the same keys the whole time, so its fills race the writes
+Own writes: a save or delete followed by a read in the same manager (or in another manager of the
+same process) returns the new state with no wait at all, while another thread reads the same keys the whole time, so its fills race the writes
 (a fill that read Redis before the write must not land after it). Fresh dicts: changing a returned
 conversation or list entry never changes what the next read returns.
 """
@@ -80,6 +80,33 @@ def test_own_saves_are_read_at_once_while_another_thread_fills(make_redis_manage
         lister.finish()
     after = near_stats(manager)
     assert after["hits"] > before["hits"], f"the near cache never served: {after}"
+
+
+def test_another_manager_of_the_process_reads_its_saves_at_once(make_redis_manager, user_id):
+    """Two managers in one process (two instances of the app's class, a Streamlit rerun that built a
+    new one): what one saves or deletes, the other reads at once, never its own older copy, while a
+    thread of the reader keeps filling its near cache."""
+    writer, reader = make_redis_manager(), make_redis_manager()
+    base = make_conversation(2, title="v0")
+    writer.save_conversation(CID, version(base, 0), user_id=user_id)
+    read_until_near_hit(reader, lambda: reader.get_conversation(CID, user_id=user_id))
+    before = near_stats(reader)
+    filler = Hammer(lambda: reader.get_conversation(CID, user_id=user_id))
+    filler.start()
+    try:
+        for n in range(1, 301):
+            expected = version(base, n)
+            writer.save_conversation(CID, expected, user_id=user_id)
+            got = reader.get_conversation(CID, user_id=user_id)
+            assert got == expected, f"iteration {n}: the other manager read {got and got['title']!r} after v{n}"
+            listed = dict(reader.list_conversations(user_id))
+            assert listed[CID]["title"] == f"v{n}", f"iteration {n}: its list shows {listed[CID]['title']!r}"
+    finally:
+        filler.finish()
+    writer.delete_conversation(CID, user_id=user_id)
+    assert reader.get_conversation(CID, user_id=user_id) is None
+    assert CID not in dict(reader.list_conversations(user_id))
+    assert near_stats(reader)["hits"] > before["hits"], "the reader's near cache never served"
 
 
 def test_own_saves_and_deletes_show_in_the_list_at_once(make_redis_manager, user_id):
