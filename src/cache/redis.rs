@@ -197,8 +197,16 @@ impl RedisCache {
     /// process (each manager has its own): this process wrote (or tried to write) them, and any of
     /// its managers reads its writes at once, without waiting for Redis's invalidation.
     pub fn forget(&self, user_id: &str, conversation_id: &str) {
-        let Some(topology) = self.topology.get() else { return };
-        let keys = [topology.layout.conv(user_id, conversation_id), topology.layout.list(user_id)];
+        // A manager that never reached Redis does not know its layout; other managers of the
+        // process may hold copies under either.
+        let layouts = match self.topology.get() {
+            Some(topology) => vec![topology.layout],
+            None => vec![KeyLayout::Seed, KeyLayout::Cluster],
+        };
+        let keys: Vec<String> = layouts
+            .into_iter()
+            .flat_map(|layout| [layout.conv(user_id, conversation_id), layout.list(user_id)])
+            .collect();
         crate::cache::near::forget_everywhere(&keys);
     }
 
