@@ -1,9 +1,10 @@
 """A process reads its own writes at once, and what it is handed is its own (docs/design.md, section 10).
 
 Own writes: a save or delete followed by a read in the same manager (or in another manager of the
-same process) returns the new state with no wait at all, while another thread reads the same keys the whole time, so its fills race the writes
-(a fill that read Redis before the write must not land after it). Fresh dicts: changing a returned
-conversation or list entry never changes what the next read returns.
+same process) returns the new state with no wait at all, while another thread reads the same keys
+the whole time, so its fills race the writes (a fill that read Redis before the write must not land
+after it). Fresh dicts: changing a returned conversation or list entry never changes what the next
+read returns.
 """
 
 from __future__ import annotations
