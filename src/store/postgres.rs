@@ -61,6 +61,16 @@ impl From<postgres::Error> for ConnectError {
     }
 }
 
+/// The server ended the session with this error (`pg_terminate_backend`, a shutdown, a restart in
+/// progress): the FATAL arrives before the client sees its socket close, so `is_closed()` alone
+/// would return the error to the caller instead of trying a fresh connection.
+fn session_ended(e: &postgres::Error) -> bool {
+    use postgres::error::SqlState;
+    e.code().is_some_and(|code| {
+        [SqlState::ADMIN_SHUTDOWN, SqlState::CRASH_SHUTDOWN, SqlState::CANNOT_CONNECT_NOW].contains(code)
+    })
+}
+
 impl r2d2::ManageConnection for Connector {
     type Connection = Connection;
     type Error = ConnectError;
@@ -81,7 +91,7 @@ impl r2d2::ManageConnection for Connector {
         };
         // Set per session rather than as startup `options`, which poolers such as PgBouncer refuse.
         client.batch_execute(&self.session)?;
-        Ok(Connection { client, statements: HashMap::new(), lease })
+        Ok(Connection { client, statements: HashMap::new(), lease, ending: false })
     }
 
     fn is_valid(&self, conn: &mut Connection) -> Result<(), ConnectError> {
@@ -91,7 +101,7 @@ impl r2d2::ManageConnection for Connector {
     fn has_broken(&self, conn: &mut Connection) -> bool {
         // PostgreSQL checks credentials only at connect, but Azure closes sessions whose token
         // expired: a connection is retired before then (see `PostgresStore::checkout`).
-        conn.client.is_closed() || conn.lease.due(SystemTime::now())
+        conn.ending || conn.client.is_closed() || conn.lease.due(SystemTime::now())
     }
 }
 
@@ -105,6 +115,9 @@ pub(crate) struct Connection {
     statements: HashMap<usize, postgres::Statement>,
     /// When the credentials it logged in with are due for renewal.
     lease: Lease,
+    /// The server said it is ending this session (an administrator's or a shutdown's FATAL): the
+    /// socket may not look closed yet, but the connection is not handed out again.
+    ending: bool,
 }
 
 impl Connection {
@@ -576,7 +589,8 @@ impl PostgresStore {
             let mut client = self.checkout()?;
             match op(&mut client) {
                 Ok(value) => return Ok(value),
-                Err(e) if client.client.is_closed() && attempt < attempts => {
+                Err(e) if (client.client.is_closed() || session_ended(&e)) && attempt < attempts => {
+                    client.ending = true;
                     log::info!("PostgreSQL connection lost ({e}); retrying on a fresh connection");
                 }
                 Err(e) => return Err(pg_error(&e)),

@@ -826,3 +826,41 @@ def test_manager_shared_by_eight_threads(make_manager, pg_url, pg_conn, user_id,
         assert_row_matches(pg_conn, cid, user_id, conv)
     listed = dict(manager.list_conversations(user_id))
     assert set(listed) == set(final) | {"5ba4ed00"}
+
+
+def test_sessions_ended_by_the_server_are_replaced_without_a_failed_call(
+    make_manager, pg_url, pg_conn, pg_params, user_id, conv_id, sample_conversation
+):
+    """An administrator (or a failover's shutdown) ends every session of the database: the pooled
+    connections get a FATAL before their sockets look closed. Each call runs again on a fresh
+    connection instead of raising, however many pooled sessions were ended."""
+    manager = make_manager(mode="postgres", connection_string=pg_url, postgres_pool_size=4)
+    conv = sample_conversation(2)
+    manager.save_conversation(conv_id, conv, user_id)
+    barrier = threading.Barrier(4)
+    errors = []
+
+    def fill_the_pool() -> None:  # four sessions in the pool, all idle afterwards
+        try:
+            barrier.wait()
+            assert manager.get_conversation(conv_id, user_id) == conv
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fill_the_pool) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for _ in range(3):
+        with pg_conn.cursor() as cur:
+            cur.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (pg_params.dbname,),
+            )
+            assert cur.fetchone()[0] >= 1
+        for _ in range(5):
+            assert manager.get_conversation(conv_id, user_id) == conv
+        manager.save_conversation(conv_id, conv, user_id)
