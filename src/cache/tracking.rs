@@ -172,7 +172,12 @@ fn supervise(near: &Arc<NearCache>, source: &Source, stop: &AtomicBool) {
                 let node = Node {
                     near: Arc::clone(near),
                     source: source.clone(),
-                    client: node_client(&source.client, host, *port),
+                    // One node: the URL's own client (whatever its address, a Unix socket too).
+                    client: if topology.is_cluster() {
+                        node_client(&source.client, host, *port)
+                    } else {
+                        source.client.clone()
+                    },
                     address: format!("{host}:{port}"),
                     generation,
                     index,
