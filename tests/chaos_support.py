@@ -171,36 +171,18 @@ class ThrottledProxy:
     partition/stall/cut/heal); only the pump differs."""
 
     def __new__(cls, target_port: int):
-        import select
-
         from tcp_proxy import TcpProxy
 
         class _Throttled(TcpProxy):
             rate: Optional[float] = None
+            chunk = 4096  # small reads, so the delay follows the bytes
 
             def throttle(self, bytes_per_second: Optional[float]) -> None:
                 self.rate = bytes_per_second
 
-            def _pump(self, link) -> None:  # TcpProxy._pump, plus the sleep
-                peers = {link.client: link.upstream, link.upstream: link.client}
-                try:
-                    while not link.closed.is_set():
-                        if self._stalled.is_set():
-                            link.closed.wait(0.02)
-                            continue
-                        readable, _, _ = select.select(list(peers), [], [], 0.05)
-                        for sock in readable:
-                            data = sock.recv(4096)
-                            if not data:
-                                return
-                            if sock is link.client and self.rate:
-                                time.sleep(len(data) / self.rate)
-                            peers[sock].sendall(data)
-                except (OSError, ValueError):
-                    return
-                finally:
-                    with self._lock:
-                        self._links.discard(link)
-                    link.close()
+            def _forward(self, link, sock, data: bytes) -> None:  # TcpProxy's, after the delay
+                if sock is link.client and self.rate:
+                    time.sleep(len(data) / self.rate)
+                super()._forward(link, sock, data)
 
         return _Throttled(target_port)

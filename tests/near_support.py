@@ -5,6 +5,7 @@ connection.
     near_stats(manager)            the `near_cache_*` figures of stats(), prefix stripped
     tracking_clients(client)       CLIENT LIST entries of the tracking connections (pub/sub, tracking on)
     kill_tracking(client)          CLIENT KILL of each of them; returns how many
+    reader(manager, id, user)      the get_conversation call a test repeats, as a function
     read_until_near_hit(manager, read)
                                    calls read() until the near cache answered one (near_cache_hits grew);
                                    returns what that read returned
@@ -16,7 +17,6 @@ connection.
 
 from __future__ import annotations
 
-import select
 import threading
 import time
 from typing import Any, Callable
@@ -67,6 +67,11 @@ def wait_tracking(manager, timeout: float = 5.0) -> float:
             raise AssertionError(f"near cache not tracking within {timeout}s: {near_stats(manager)}")
         time.sleep(0.01)
     return time.monotonic() - started
+
+
+def reader(manager, conversation_id: str, user_id: str) -> Callable[[], Any]:
+    """The read the tests repeat: `manager.get_conversation(conversation_id, user_id=user_id)`."""
+    return lambda: manager.get_conversation(conversation_id, user_id=user_id)
 
 
 def read_until_near_hit(manager, read: Callable[[], Any], timeout: float = 5.0) -> Any:
@@ -138,28 +143,17 @@ class TrackingPartitionProxy(TcpProxy):
         with self._lock:
             return len([link for link in self._tracking_links if not link.closed.is_set()])
 
-    def _pump(self, link: _Link) -> None:  # the TcpProxy loop, plus the per-link partition
-        peers = {link.client: link.upstream, link.upstream: link.client}
-        try:
-            while not link.closed.is_set():
-                if self._stalled.is_set() or (self._tracking_partitioned.is_set() and link in self._tracking_links):
-                    link.closed.wait(0.005)
-                    continue
-                readable, _, _ = select.select(list(peers), [], [], 0.01)
-                for sock in readable:
-                    if self._tracking_partitioned.is_set() and link in self._tracking_links:
-                        break  # partitioned between select and recv: leave the bytes where they are
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    if sock is link.client and b"TRACKING" in data.upper():
-                        with self._lock:
-                            self._tracking_links.add(link)
-                    peers[sock].sendall(data)
-        except (OSError, ValueError):
-            return
-        finally:
+    hold_wait, select_wait = 0.005, 0.01  # a partition must take hold within milliseconds
+
+    def _held(self, link: _Link) -> bool:
+        return super()._held(link) or (self._tracking_partitioned.is_set() and link in self._tracking_links)
+
+    def _forward(self, link: _Link, sock, data: bytes) -> None:
+        if sock is link.client and b"TRACKING" in data.upper():
             with self._lock:
-                self._links.discard(link)
-                self._tracking_links.discard(link)
-            link.close()
+                self._tracking_links.add(link)
+        super()._forward(link, sock, data)
+
+    def _dropped(self, link: _Link) -> None:
+        super()._dropped(link)
+        self._tracking_links.discard(link)

@@ -166,30 +166,48 @@ class TcpProxy:
                 self.connections_accepted += 1
             threading.Thread(target=self._pump, args=(link,), daemon=True).start()
 
+    # The pump's pace: how long it waits while a link is held, how long select() waits for data, and
+    # how much it reads at once. Subclasses tune them.
+    hold_wait, select_wait, chunk = 0.02, 0.05, 65536
+
+    def _held(self, link: _Link) -> bool:
+        """Whether `link` forwards nothing now: its bytes wait in the kernel buffers, and the peer sees
+        a server that never answers. Subclasses hold more (one kind of link, say)."""
+        return self._stalled.is_set()
+
+    def _forward(self, link: _Link, sock: socket.socket, data: bytes) -> None:
+        """Passes `data`, read from `sock`, to the other end (or the canned reply of `answer()`)."""
+        with self._lock:
+            reply = self._answers.get(data) if sock is link.client else None
+            if reply is not None:
+                self.answered += 1
+        if reply is not None:
+            link.client.sendall(reply)
+        else:
+            (link.upstream if sock is link.client else link.client).sendall(data)
+
+    def _dropped(self, link: _Link) -> None:
+        """Forgets a link that ended; called with the lock held."""
+        self._links.discard(link)
+
     def _pump(self, link: _Link) -> None:
         peers = {link.client: link.upstream, link.upstream: link.client}
         try:
             while not link.closed.is_set():
-                if self._stalled.is_set():
-                    # Leave the bytes in the kernel buffers: the peer sees a server that never answers.
-                    link.closed.wait(0.02)
+                if self._held(link):
+                    link.closed.wait(self.hold_wait)
                     continue
-                readable, _, _ = select.select(list(peers), [], [], 0.05)
+                readable, _, _ = select.select(list(peers), [], [], self.select_wait)
                 for sock in readable:
-                    data = sock.recv(65536)
+                    if self._held(link):
+                        break  # held between select and recv: leave the bytes where they are
+                    data = sock.recv(self.chunk)
                     if not data:
                         return
-                    with self._lock:
-                        reply = self._answers.get(data) if sock is link.client else None
-                        if reply is not None:
-                            self.answered += 1
-                    if reply is not None:
-                        link.client.sendall(reply)
-                    else:
-                        peers[sock].sendall(data)
+                    self._forward(link, sock, data)
         except (OSError, ValueError):
             return
         finally:
             with self._lock:
-                self._links.discard(link)
+                self._dropped(link)
             link.close()
