@@ -83,25 +83,25 @@ class Impl:
 
 def make_impls(stack: Stack) -> List[Impl]:
     ours_redis, ref_redis = stack.redis_url(0), stack.redis_url(1)
+    ours_database = stack.database_url("bench_ours")
+
+    def ours_cached(**kwargs) -> chat_history_rs.ChatHistoryManager:
+        # Both of ours on one database and one Redis database: the far one reads what the other saved.
+        return chat_history_rs.ChatHistoryManager(
+            mode="postgres",
+            connection_string=ours_database,
+            redis_enabled=True,
+            redis_connection_string=ours_redis,
+            background_flush=False,
+            **kwargs,
+        )
+
     ours = Impl(
         "ours",
-        chat_history_rs.ChatHistoryManager(
-            mode="postgres",
-            connection_string=stack.database_url("bench_ours"),
-            redis_enabled=True,
-            redis_connection_string=ours_redis,
-            background_flush=False,
-        ),
+        ours_cached(),
         chat_history_rs.ChatHistoryManager(mode="postgres", connection_string=stack.database_url("bench_ours_pg")),
         redis.Redis.from_url(ours_redis),
-        chat_history_rs.ChatHistoryManager(
-            mode="postgres",
-            connection_string=stack.database_url("bench_ours"),
-            redis_enabled=True,
-            redis_connection_string=ours_redis,
-            background_flush=False,
-            near_cache_bytes=0,
-        ),
+        ours_cached(near_cache_bytes=0),
     )
     ref = Impl(
         "reference",
