@@ -5,7 +5,7 @@ connection.
     near_stats(manager)            the `near_cache_*` figures of stats(), prefix stripped
     tracking_clients(client)       CLIENT LIST entries of the tracking connections (pub/sub, tracking on)
     kill_tracking(client)          CLIENT KILL of each of them; returns how many
-    reader(manager, id, user)      the get_conversation call a test repeats, as a function
+    conversation_read(manager, id, user)  the get_conversation call a test repeats, as a function
     read_until_near_hit(manager, read)
                                    calls read() until the near cache answered one (near_cache_hits grew);
                                    returns what that read returned
@@ -69,7 +69,7 @@ def wait_tracking(manager, timeout: float = 5.0) -> float:
     return time.monotonic() - started
 
 
-def reader(manager, conversation_id: str, user_id: str) -> Callable[[], Any]:
+def conversation_read(manager, conversation_id: str, user_id: str) -> Callable[[], Any]:
     """The read the tests repeat: `manager.get_conversation(conversation_id, user_id=user_id)`."""
     return lambda: manager.get_conversation(conversation_id, user_id=user_id)
 

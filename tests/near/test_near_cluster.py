@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from near_support import near_stats, poll, read_until_near_hit, title_of, tracking_clients, wait_tracking, reader
+from near_support import (
+    near_stats,
+    poll,
+    read_until_near_hit,
+    title_of,
+    tracking_clients,
+    wait_tracking,
+    conversation_read,
+)
 from redis_support import make_conversation, metadata
 
 pytestmark = pytest.mark.slow
@@ -34,7 +42,7 @@ def test_the_near_cache_serves_and_is_invalidated_on_a_cluster(redis_cluster_ser
 
         poll(per_primary, lambda found: len(found) == 3 and all(found.values()), timeout=5, what="trackers")
 
-        read = reader(manager, "c1a50001", user_id)
+        read = conversation_read(manager, "c1a50001", user_id)
 
         assert read_until_near_hit(manager, read) == conversation
         key = f"conv:{{{user_id}}}:c1a50001"

@@ -13,7 +13,7 @@ import json
 import pytest
 
 from near_support import (
-    reader,
+    conversation_read,
     near_stats,
     poll,
     read_until_near_hit,
@@ -55,7 +55,7 @@ def test_another_managers_save_drops_the_copy(make_redis_manager, user_id):
     v1 = make_conversation(2, title="v1")
     writer.save_conversation(CID, v1, user_id=user_id)
 
-    read = reader(reader, CID, user_id)
+    read = conversation_read(reader, CID, user_id)
 
     assert read_until_near_hit(reader, read) == v1
 
@@ -73,7 +73,7 @@ def test_a_write_of_another_process_drops_the_copy(how, make_redis_manager, rdb,
     v1 = make_conversation(3, title="v1")
     manager.save_conversation(CID, v1, user_id=user_id)
 
-    read = reader(manager, CID, user_id)
+    read = conversation_read(manager, CID, user_id)
 
     assert read_until_near_hit(manager, read) == v1
     invalidations = near_stats(manager)["invalidations"]
@@ -112,7 +112,7 @@ def test_a_flush_settling_the_hash_drops_the_copy_and_later_writes_are_seen(make
     v1 = make_conversation(2, title="dirty v1")
     manager.save_conversation(CID, v1, user_id=user_id)
 
-    read = reader(manager, CID, user_id)
+    read = conversation_read(manager, CID, user_id)
 
     assert read_until_near_hit(manager, read) == v1
     invalidations = near_stats(manager)["invalidations"]
@@ -138,7 +138,7 @@ def test_a_ttl_expiry_drops_the_copy(make_redis_manager, rdb, pg_conn, user_id):
     manager.save_conversation(CID, v1, user_id=user_id)
     assert manager.flush_dirty_conversations() == 1
 
-    read = reader(manager, CID, user_id)
+    read = conversation_read(manager, CID, user_id)
 
     # Within the first second of the 2 s TTL, so the read may keep its copy.
     assert read_until_near_hit(manager, read, timeout=0.8) == v1
@@ -164,7 +164,7 @@ def test_an_eviction_drops_the_copy(policy, make_redis_server, make_redis_manage
     manager.save_conversation(CID, v1, user_id=user_id)
     assert manager.flush_dirty_conversations() == 1  # clean: it has a TTL, so volatile-lru may evict it
 
-    read = reader(manager, CID, user_id)
+    read = conversation_read(manager, CID, user_id)
 
     assert read_until_near_hit(manager, read) == v1
     invalidations = near_stats(manager)["invalidations"]
@@ -191,7 +191,7 @@ def test_a_delete_by_another_manager_drops_the_copy(make_redis_manager, user_id)
     v1 = make_conversation(2, title="to be deleted")
     writer.save_conversation(CID, v1, user_id=user_id)
 
-    read = reader(reader, CID, user_id)
+    read = conversation_read(reader, CID, user_id)
 
     assert read_until_near_hit(reader, read) == v1
     writer.delete_conversation(CID, user_id=user_id)

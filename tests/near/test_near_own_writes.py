@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 
-from near_support import near_stats, read_until_near_hit, reader
+from near_support import near_stats, read_until_near_hit, conversation_read
 from redis_support import make_conversation, metadata
 
 CID = "0e1f0001"
@@ -150,7 +150,7 @@ def test_returned_dicts_are_fresh(make_redis_manager, user_id):
     original = make_conversation(3, title="untouched")
     manager.save_conversation(CID, original, user_id=user_id)
 
-    read = reader(manager, CID, user_id)
+    read = conversation_read(manager, CID, user_id)
 
     def spoil(conversation: dict) -> None:
         conversation["title"] = "changed by the caller"

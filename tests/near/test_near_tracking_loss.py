@@ -16,7 +16,7 @@ import time
 import pytest
 
 from near_support import (
-    reader,
+    conversation_read,
     ALLOWED_DELAY,
     LEASE,
     TrackingPartitionProxy,
@@ -46,7 +46,7 @@ def test_a_killed_tracking_connection_empties_the_cache_and_tracking_returns(
     current = make_conversation(2, title="v0")
     manager.save_conversation(CID, current, user_id=user_id)
 
-    read = reader(manager, CID, user_id)
+    read = conversation_read(manager, CID, user_id)
 
     for round_ in range(1, 4):
         assert read_until_near_hit(manager, read) == current
@@ -86,7 +86,7 @@ def test_a_redis_restart_empties_the_cache_and_tracking_returns(
     manager.save_conversation(CID, v1, user_id=user_id)
     assert manager.flush_dirty_conversations() == 1
 
-    read = reader(manager, CID, user_id)
+    read = conversation_read(manager, CID, user_id)
 
     assert read_until_near_hit(manager, read) == v1
     before = near_stats(manager)
@@ -123,7 +123,7 @@ def test_a_silently_partitioned_tracking_connection_stops_serving_within_the_lea
         v1 = make_conversation(2, title="before the partition")
         manager.save_conversation(CID, v1, user_id=user_id)
 
-        read = reader(manager, CID, user_id)
+        read = conversation_read(manager, CID, user_id)
 
         assert read_until_near_hit(manager, read) == v1
         assert proxy.tracking_links == 1
@@ -183,7 +183,7 @@ def test_serving_goes_on_while_other_keys_change_all_the_time(make_redis_server,
     conversation = make_conversation(2, title="read all the time")
     manager.save_conversation(CID, conversation, user_id=user_id)
 
-    read = reader(manager, CID, user_id)
+    read = conversation_read(manager, CID, user_id)
 
     assert read_until_near_hit(manager, read) == conversation
     stop = threading.Event()
