@@ -144,6 +144,7 @@ class TrackingPartitionProxy(TcpProxy):
             return len([link for link in self._tracking_links if not link.closed.is_set()])
 
     hold_wait, select_wait = 0.005, 0.01  # a partition must take hold within milliseconds
+    recheck_hold = True
 
     def _held(self, link: _Link) -> bool:
         return super()._held(link) or (self._tracking_partitioned.is_set() and link in self._tracking_links)

@@ -169,6 +169,8 @@ class TcpProxy:
     # The pump's pace: how long it waits while a link is held, how long select() waits for data, and
     # how much it reads at once. Subclasses tune them.
     hold_wait, select_wait, chunk = 0.02, 0.05, 65536
+    # Check the hold again between select() and each read (a partition that must take hold at once).
+    recheck_hold = False
 
     def _held(self, link: _Link) -> bool:
         """Whether `link` forwards nothing now: its bytes wait in the kernel buffers, and the peer sees
@@ -199,7 +201,7 @@ class TcpProxy:
                     continue
                 readable, _, _ = select.select(list(peers), [], [], self.select_wait)
                 for sock in readable:
-                    if self._held(link):
+                    if self.recheck_hold and self._held(link):
                         break  # held between select and recv: leave the bytes where they are
                     data = sock.recv(self.chunk)
                     if not data:
