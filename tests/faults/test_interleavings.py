@@ -13,10 +13,12 @@ import sys
 import textwrap
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
 from chat_history_rs import UnavailableError, _core
+from chaos_support import conflict_count
 from redis_support import (
     assert_cached,
     conv_key,
@@ -29,6 +31,7 @@ from redis_support import (
     write_seed_hash,
 )
 from servers import PostgresServer, assert_row_matches, create_database, find_pg_bindir
+from tcp_proxy import TcpProxy
 
 WAIT = 20.0  # seconds a test waits for a thread to reach a failpoint
 
@@ -83,6 +86,14 @@ class Background:
         if self.error is not None:
             raise self.error
         return self.value
+
+
+def pg_cache_version(conn, conversation_id: str) -> int | None:
+    """The version of what PostgreSQL's row holds (None without a row)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT cache_version FROM conversations WHERE conversation_id = %s", (conversation_id,))
+        row = cur.fetchone()
+    return row[0] if row else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,6 +255,7 @@ PAUSED_FLUSHER = textwrap.dedent(
     _core._failpoint_release(point)
     t.join()
     print("FLUSHED", done[0], flush=True)
+    sys.stdin.readline()  # the test checks PostgreSQL before close() could flush anything again
     m.close()
     """
 )
@@ -298,24 +310,36 @@ def test_flusher_killed_between_postgres_and_settle_then_run_again(
 def test_two_flushers_that_overlap_keep_the_newest(
     failpoints, make_redis_manager, rdb, pg_url, pg_conn, user_id, conv_id
 ):
+    """Old over new: a slow flusher (another process) reads v1 and stops before its PostgreSQL write; the app
+    saves v2 and another flusher writes it; only then does the slow flusher's write of v1 run. It must write
+    nothing: PostgreSQL keeps v2, checked before any other flush could repair it."""
     app = make_redis_manager()
-    v1 = make_conversation(2, title="v1")
+    v0 = make_conversation(2, title="v0")
+    app.save_conversation(conv_id, v0, user_id=user_id)
+    assert app.flush_dirty_conversations() == 1
+    v1 = grown({**v0, "title": "v1"}, 1)
     app.save_conversation(conv_id, v1, user_id=user_id)
-    slow = _paused_flusher(pg_url, rdb.url, "flush.before_settle")  # wrote v1, holds its settle
+    slow = _paused_flusher(pg_url, rdb.url, "flush.after_read")  # read v1; its PostgreSQL write waits
     try:
-        assert_row_matches(pg_conn, conv_id, user_id, v1)
+        assert_row_matches(pg_conn, conv_id, user_id, v0)  # paused before its write: PostgreSQL still has v0
         v2 = grown({**v1, "title": "v2"}, 2)
         app.save_conversation(conv_id, v2, user_id=user_id)
-        assert app.flush_dirty_conversations() == 1  # overlaps the paused flush
+        assert app.flush_dirty_conversations() == 1  # v2 lands between the slow flusher's read and its write
         assert_row_matches(pg_conn, conv_id, user_id, v2)
+        v2_version = pg_cache_version(pg_conn, conv_id)
+
         slow.stdin.write("go\n")
         slow.stdin.flush()
-        assert slow.stdout.readline().strip() == "FLUSHED 1"
+        assert slow.stdout.readline().strip() == "FLUSHED 0"  # its v1 reached PostgreSQL after v2 and was refused
+        assert_row_matches(pg_conn, conv_id, user_id, v2)
+        assert pg_cache_version(pg_conn, conv_id) == v2_version
+        assert_cached(rdb.client, user_id, conv_id, v2, dirty=False)
+        slow.stdin.write("close\n")
+        slow.stdin.flush()
         assert slow.wait(timeout=30) == 0
     finally:
         _reap(slow)
-    assert_row_matches(pg_conn, conv_id, user_id, v2)
-    assert_cached(rdb.client, user_id, conv_id, v2, dirty=False)
+    assert conflict_count(pg_conn) == 0  # v1 is a prefix of v2: nothing to keep aside
     assert app.get_conversation(conv_id, user_id=user_id) == v2
 
 
@@ -325,8 +349,6 @@ def test_a_copy_the_app_replaced_while_a_flusher_held_it_is_not_kept_as_a_confli
     """Flusher A reads v2; the app regenerates the last reply (v3 does not extend v2) and flusher B writes v3.
     A's write then finds PostgreSQL moved on. v2 is history the app replaced itself, not a divergence between
     the tiers: nothing is kept aside, and both tiers hold v3."""
-    from chaos_support import conflict_count
-
     app, a, b = make_redis_manager(), make_redis_manager(), make_redis_manager()
     v1 = make_conversation(2)
     app.save_conversation(conv_id, v1, user_id=user_id)
@@ -422,6 +444,84 @@ def test_postgres_crash_in_the_middle_of_a_flush_loses_nothing(
     finally:
         conn.close()
     assert dirty_set(rdb.client) == set()
+
+
+class CommitReplyLost(TcpProxy):
+    """A TCP proxy in front of PostgreSQL that, once `arm()`ed, lets the next COMMIT a client sends through
+    and swallows the server's reply to it: the server committed (with synchronous_commit=on, the commit is on
+    disk before that reply is sent), and the client never hears so. `swallowed` is set once the reply said
+    COMMIT; the link stays open and silent until the server goes away."""
+
+    # The wire messages (simple query protocol): Query "COMMIT", and CommandComplete "COMMIT".
+    COMMIT_QUERY = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+    COMMIT_DONE = b"C\x00\x00\x00\x0bCOMMIT\x00"
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        super().__init__(target_port, target_host)
+        self._armed = threading.Event()
+        self._victim = None
+        self.swallowed = threading.Event()
+
+    def arm(self) -> None:
+        self._armed.set()
+
+    def _forward(self, link, sock, data: bytes) -> None:
+        if sock is link.client and self._victim is None and self._armed.is_set() and self.COMMIT_QUERY in data:
+            self._victim = link
+        elif sock is not link.client and link is self._victim:
+            if self.COMMIT_DONE in data:
+                self.swallowed.set()
+            return  # the reply (and anything after it) never reaches the client
+        super()._forward(link, sock, data)
+
+
+def test_postgres_crash_after_a_commit_whose_reply_was_lost_loses_and_duplicates_nothing(
+    failpoints, crashable_pg, make_redis_manager, rdb, user_id
+):
+    """The flush's COMMIT reaches PostgreSQL and commits; its reply is lost (a proxy swallows it) and PostgreSQL
+    crashes (`pg_ctl -m immediate`) before the client hears anything. The flush cannot know its batch is in:
+    it raises and leaves Redis dirty. After the restart PostgreSQL has the whole batch (the commit was
+    acknowledged on disk), and the next flush writes nothing twice: every row once, Redis clean."""
+    params = create_database(crashable_pg.params)
+    conn = params.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW synchronous_commit")
+            assert cur.fetchone()[0] == "on"  # an acknowledged commit survives the crash
+    finally:
+        conn.close()
+    with CommitReplyLost(params.port, params.host) as proxy:
+        url = replace(params, host="127.0.0.1", port=proxy.port).url
+        app = make_redis_manager(connection_string=url, postgres_connect_timeout=2.0)
+        conversations = {f"c4a0000{i}": make_conversation(2 + i, prefix=f"{i} ") for i in range(5)}
+        for cid, conv in conversations.items():
+            app.save_conversation(cid, conv, user_id=user_id)
+
+        proxy.arm()
+        flush = Background(app.flush_dirty_conversations)
+        assert proxy.swallowed.wait(WAIT), "the flush's COMMIT reply never came back from PostgreSQL"
+        crashable_pg.kill()
+        with pytest.raises(UnavailableError, match="PostgreSQL"):
+            flush.result()
+        assert len(dirty_set(rdb.client)) == 5  # the flush never learnt of its commit: nothing settled
+
+        crashable_pg.start()
+        conn = params.connect()
+        try:
+            # Before any other flush: the commit the client never heard of is in PostgreSQL, whole.
+            assert pg_conversation_ids(conn) == set(conversations)
+            for cid, conv in conversations.items():
+                assert_row_matches(conn, cid, user_id, conv)
+
+            assert app.flush_dirty_conversations() == 0  # PostgreSQL already holds every version: nothing written
+            assert dirty_set(rdb.client) == set()
+            for cid, conv in conversations.items():
+                assert_row_matches(conn, cid, user_id, conv)
+                assert_cached(rdb.client, user_id, cid, conv, dirty=False)
+            assert pg_message_count(conn) == sum(len(c["messages"]) for c in conversations.values())
+            assert conflict_count(conn) == 0
+        finally:
+            conn.close()
 
 
 def test_close_with_a_background_flush_held_returns_within_close_timeout(
