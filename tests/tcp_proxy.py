@@ -7,6 +7,14 @@ Put it in front of Redis or PostgreSQL and point the product at `proxy.port`; th
     proxy.partition()  refuse() + cut(): the server is unreachable
     proxy.stall()      accept and keep connections but forward nothing, either way (a hung server)
     proxy.heal()       undo all of the above: listen again (same port) and forward
+    proxy.hold()       like stall(), but what a client sent before giving up is kept, not lost: when
+                       the client closes its end (a timeout), the server's end stays open;
+                       hold(only_open=True) holds the connections open now and lets new ones through
+                       (the client reconnects over a path that works)
+    proxy.deliver()    end a hold: forward everything held, late, as TCP does once a path recovers;
+                       a link whose client had closed is then half-closed towards the server, which
+                       runs what it received. proxy.late_deliveries counts the links whose bytes
+                       reached the server after their client had given up
     proxy.answer(request, reply)
                        reply to a request that arrives alone and is exactly `request` bytes
                        instead of forwarding it (an older server's answer to a newer command);
@@ -17,10 +25,13 @@ Use it as a context manager or call close().
 
 from __future__ import annotations
 
+import fcntl
 import select
 import socket
 import struct
+import termios
 import threading
+import time
 from typing import Optional
 
 
@@ -47,6 +58,12 @@ class _Link:
         self.client = client
         self.upstream = upstream
         self.closed = threading.Event()
+        # Set by deliver(): how many bytes from the client waited in the hold, how many of them went on,
+        # and when. Only those count as late; a client that sends more after them had not given up.
+        self.held = 0
+        self.late_bytes = 0
+        self.released_at = 0.0
+        self.on_hold = False
 
     def close(self) -> None:
         if not self.closed.is_set():
@@ -69,6 +86,8 @@ class TcpProxy:
         self._accept_thread: Optional[threading.Thread] = None
         self.port = 0
         self.connections_accepted = 0
+        self.late_deliveries = 0
+        self._holding = threading.Event()
         self._listen()
 
     # -- public --------------------------------------------------------------------------------------
@@ -102,8 +121,35 @@ class TcpProxy:
         """Forward nothing, either way, on open and new connections, until heal()."""
         self._stalled.set()
 
+    def hold(self, only_open: bool = False) -> None:
+        """Forward nothing, either way, until deliver() (or heal()); keep what clients send meanwhile.
+        `only_open`: hold the connections open now; new ones are forwarded as usual."""
+        if only_open:
+            with self._lock:
+                for link in self._links:
+                    link.on_hold = True
+        else:
+            self._holding.set()
+
+    def deliver(self) -> None:
+        """Forward what was held (see hold()) and go on forwarding."""
+        now = time.monotonic()
+        with self._lock:
+            for link in self._links:
+                link.on_hold = False
+                try:
+                    link.held = struct.unpack("i", fcntl.ioctl(link.client, termios.FIONREAD, b"\0\0\0\0"))[0]
+                except OSError:
+                    link.held = 0
+                link.released_at = now
+        self._holding.clear()
+
     def heal(self) -> None:
         self._stalled.clear()
+        with self._lock:
+            on_hold = any(link.on_hold for link in self._links)
+        if self._holding.is_set() or on_hold:
+            self.deliver()
         if self._listener is None and not self._closing.is_set():
             self._listen()
 
@@ -175,7 +221,7 @@ class TcpProxy:
     def _held(self, link: _Link) -> bool:
         """Whether `link` forwards nothing now: its bytes wait in the kernel buffers, and the peer sees
         a server that never answers. Subclasses hold more (one kind of link, say)."""
-        return self._stalled.is_set()
+        return self._stalled.is_set() or self._holding.is_set() or link.on_hold
 
     def _forward(self, link: _Link, sock: socket.socket, data: bytes) -> None:
         """Passes `data`, read from `sock`, to the other end (or the canned reply of `answer()`)."""
@@ -192,6 +238,19 @@ class TcpProxy:
         """Forgets a link that ended; called with the lock held."""
         self._links.discard(link)
 
+    def _late_end(self, link: _Link) -> None:
+        """The client had given up on bytes delivered late: the server gets them and an orderly end
+        (as the client's FIN would have reached it), and runs them before it reads that end."""
+        with self._lock:
+            self.late_deliveries += 1
+        try:
+            link.upstream.shutdown(socket.SHUT_WR)
+            link.upstream.settimeout(2.0)
+            while link.upstream.recv(self.chunk):
+                pass  # the replies: nobody is left to read them
+        except OSError:
+            pass
+
     def _pump(self, link: _Link) -> None:
         peers = {link.client: link.upstream, link.upstream: link.client}
         try:
@@ -201,11 +260,20 @@ class TcpProxy:
                     continue
                 readable, _, _ = select.select(list(peers), [], [], self.select_wait)
                 for sock in readable:
-                    if self.recheck_hold and self._held(link):
+                    holding = self._holding.is_set() or link.on_hold  # a hold takes hold at once
+                    if (self.recheck_hold or holding) and self._held(link):
                         break  # held between select and recv: leave the bytes where they are
                     data = sock.recv(self.chunk)
                     if not data:
+                        if sock is link.client and link.late_bytes and time.monotonic() - link.released_at < 1.0:
+                            self._late_end(link)
                         return
+                    if sock is link.client:
+                        if link.held > 0:
+                            link.late_bytes += min(len(data), link.held)
+                            link.held -= min(len(data), link.held)
+                        else:
+                            link.late_bytes = 0  # the client sent more: it was still there
                     self._forward(link, sock, data)
         except (OSError, ValueError):
             return

@@ -1,19 +1,24 @@
-"""Partial failures between the tiers (SPEC section 4 items 9 and 10, section 5): one test per scenario of the
-"partial failures" issue, each with real servers, real stops and kills, the TCP proxy, or a real fork.
+"""Partial failures between the tiers (docs/design.md, "Divergence", "Ownership", "Deletes", "Faults" and
+"Processes"): one test per scenario of the "partial failures" issue, each with real servers, real stops and kills,
+the TCP proxy, or a real fork. A proxy goes in front of whichever server the suite uses (a throwaway one, or
+CHR_TEST_REDIS_URL's and CHR_TEST_POSTGRES_URL's), so none of these tests skips for an external server.
 
 The pattern is the app's: a read (after a fallback, if that is what the fault causes), an append of a user
 message and an assistant reply, a save; then the fault heals and the test checks, row by row, that every
 message a call acknowledged is still retrievable: in the owner's conversation, or kept aside in
-`conversation_conflicts` (the divergence rule of SPEC 4.9).
+`conversation_conflicts` (the divergence rule, docs/design.md, "Divergence").
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
+import logging
 import os
 import signal
+import subprocess
 import time
+from dataclasses import replace
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -33,6 +38,8 @@ from redis_support import (
     dirty_set,
     grown,
     make_conversation,
+    needs_single_node,
+    owner_key,
     pg_conversation_ids,
     python_script,
     redis_client,
@@ -45,13 +52,42 @@ from servers import assert_row_matches, create_database
 from tcp_proxy import TcpProxy
 
 
-def _controllable(server) -> None:
-    if not getattr(server, "controllable", False):
-        pytest.skip("an external server cannot be stopped or cut off")
+def _redis_address(rdb) -> tuple[str, int]:
+    """Where the test's Redis listens. On a cluster the test skips: a proxy in front of one node cannot cut the
+    cluster off (the client reaches the other nodes directly)."""
+    needs_single_node("a proxy in front of one node cannot cut the cluster off")
+    url = urlsplit(rdb.url)
+    return url.hostname or "127.0.0.1", url.port or 6379
 
 
-def owner_key(conversation_id: str) -> str:
-    return f"owner:{conversation_id}"
+def redis_proxy(rdb) -> TcpProxy:
+    """A TcpProxy in front of the test's Redis, wherever it runs (a throwaway server or CHR_TEST_REDIS_URL's)."""
+    host, port = _redis_address(rdb)
+    return TcpProxy(port, host)
+
+
+def throttled_redis_proxy(rdb):
+    """chaos_support's ThrottledProxy in front of the test's Redis, wherever it runs."""
+    host, port = _redis_address(rdb)
+    proxy = ThrottledProxy(port)
+    proxy.target = (host, port)  # ThrottledProxy takes a port only; the target is read at each connection
+    return proxy
+
+
+def through(proxy: TcpProxy, url: str) -> str:
+    """`url` with its host and port replaced by the proxy's; the login, the database and the options stay."""
+    parts = urlsplit(url)
+    login, at, _ = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{login}{at}127.0.0.1:{proxy.port}"))
+
+
+def postgres_proxy(pg_params) -> TcpProxy:
+    """A TcpProxy in front of the test's PostgreSQL (a throwaway server or CHR_TEST_POSTGRES_URL's)."""
+    return TcpProxy(pg_params.port, pg_params.host)
+
+
+def postgres_through(proxy: TcpProxy, pg_params) -> str:
+    return replace(pg_params, host="127.0.0.1", port=proxy.port).url
 
 
 def app_turn(conversation: dict, text: str) -> dict:
@@ -78,7 +114,7 @@ def flush_until_clean(manager, client, timeout: float = 20) -> None:
 
 def assert_every_message_retrievable(manager, conn, conversation_id, user_id, saved_versions) -> dict:
     """Every message of every acknowledged save is in the owner's conversation or in a conflict copy of that
-    id and user (SPEC 4.9). Returns the current conversation."""
+    id and user (docs/design.md, "Divergence"). Returns the current conversation."""
     current = manager.get_conversation(conversation_id, user_id=user_id)
     conflicts = conflict_copies(conn, conversation_id, user_id)
     for label, saved in saved_versions.items():
@@ -91,7 +127,7 @@ def assert_every_message_retrievable(manager, conn, conversation_id, user_id, sa
 
 
 # --------------------------------------------------------------------------------------------------
-# 1. A Redis blip inside the app's read-append-save (SPEC 4.9)
+# 1. A Redis blip inside the app's read-append-save (docs/design.md, "Divergence")
 # --------------------------------------------------------------------------------------------------
 
 
@@ -102,9 +138,8 @@ def test_redis_blip_in_read_append_save_keeps_every_message(make_redis_manager, 
     """Redis holds 4 messages dirty, PostgreSQL 2. The app's read falls back to PostgreSQL (Redis cut off,
     or a single read timing out), it appends a turn and saves. After Redis returns and everything is flushed,
     the 2 messages only Redis held must still be retrievable (in the conversation or a conflict copy)."""
-    _controllable(rdb.server)
-    with TcpProxy(rdb.server.port) as proxy:
-        app = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5)
+    with redis_proxy(rdb) as proxy:
+        app = make_redis_manager(redis_url=through(proxy, rdb.url), redis_timeout=0.5)
         flushed = make_conversation(2, prefix="flushed ")
         app.save_conversation(conv_id, flushed, user_id=user_id)
         assert app.flush_dirty_conversations() == 1
@@ -134,12 +169,12 @@ def test_redis_blip_in_read_append_save_keeps_every_message(make_redis_manager, 
         assert_row_matches(pg_conn, conv_id, user_id, current)
         # The two versions diverge (neither is a prefix of the other): the loser is kept aside, and counted.
         kept = conflict_copies(pg_conn, conv_id, user_id)
-        assert len(kept) >= 1, "two diverging acknowledged versions, and no conflict copy was kept"
+        assert len(kept) == 1, f"two diverging acknowledged versions, and {len(kept)} conflict copies kept"
         assert app.stats()["conflicts_kept"] == len(kept)
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. A seed-design writer during a rolling upgrade (SPEC 4.9, section 3)
+# 2. A seed-design writer during a rolling upgrade (docs/design.md, "Keys and rows" and "Write-back")
 # --------------------------------------------------------------------------------------------------
 
 
@@ -184,7 +219,7 @@ def test_seed_clear_dirty_flag_never_marks_unwritten_content_clean(
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. A claim while PostgreSQL is down (SPEC 4.9: a claim that cannot be checked is refused)
+# 3. A claim while PostgreSQL is down (docs/design.md, "Ownership": a claim that cannot be checked is refused)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -210,7 +245,7 @@ def test_claim_while_postgres_is_down_is_refused(own_pg_server, make_redis_manag
     assert rdb.client.get(owner_key("c1a10001")) is None
     assert dirty_member(bob, "c1a10001") not in dirty_set(rdb.client)
     cached = app_turn(cached, "while PostgreSQL is down")
-    app.save_conversation("c1a10002", cached, user_id=alice)  # her cached chat still saves (SPEC 5)
+    app.save_conversation("c1a10002", cached, user_id=alice)  # her cached chat still saves ("Faults")
     assert_cached(rdb.client, alice, "c1a10002", cached, dirty=True)
 
     own_pg_server.start()
@@ -236,7 +271,7 @@ def test_claim_while_postgres_is_down_is_refused(own_pg_server, make_redis_manag
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. A delete while PostgreSQL is down: all or nothing (SPEC 4.9)
+# 4. A delete while PostgreSQL is down: all or nothing (docs/design.md, "Deletes")
 # --------------------------------------------------------------------------------------------------
 
 
@@ -275,7 +310,7 @@ def test_delete_while_postgres_is_down_changes_nothing(own_pg_server, make_redis
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. A flush or close asked for right after Redis returns (SPEC 5: an asked-for flush tries Redis now)
+# 5. A flush or close asked for right after Redis returns (docs/design.md, "Faults": it tries Redis now)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -292,9 +327,8 @@ def _back_off_for_long(manager, user_id: str, seconds: float = 4.5) -> None:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("asked_by", ["flush", "close"])
 def test_flush_asked_for_right_after_redis_returns(make_redis_manager, rdb, pg_conn, user_id, conv_id, asked_by):
-    _controllable(rdb.server)
-    with TcpProxy(rdb.server.port) as proxy:
-        app = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5)
+    with redis_proxy(rdb) as proxy:
+        app = make_redis_manager(redis_url=through(proxy, rdb.url), redis_timeout=0.5)
         conversation = make_conversation(3, prefix="dirty ")
         app.save_conversation(conv_id, conversation, user_id=user_id)
         proxy.partition()
@@ -310,7 +344,7 @@ def test_flush_asked_for_right_after_redis_returns(make_redis_manager, rdb, pg_c
 
 
 # --------------------------------------------------------------------------------------------------
-# 6. Locks and statements without bound (SPEC 4.10)
+# 6. Locks, statements and close() without bound (docs/design.md, "The contract" item 6, and "Faults")
 # --------------------------------------------------------------------------------------------------
 
 
@@ -395,11 +429,10 @@ def test_a_call_blocked_by_a_lock_raises_instead_of_hanging(make_manager, pg_par
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_close_with_a_background_flush_stuck_on_postgres_returns_within_close_timeout(
-    make_redis_manager, rdb, pg_server, pg_params, user_id
+    make_redis_manager, rdb, pg_params, user_id
 ):  # fmt: skip
-    _controllable(pg_server)
-    with TcpProxy(pg_params.port) as proxy:
-        url = f"postgresql://{pg_params.user}@127.0.0.1:{proxy.port}/{pg_params.dbname}"
+    with postgres_proxy(pg_params) as proxy:
+        url = postgres_through(proxy, pg_params)
         app = make_redis_manager(
             connection_string=url, background_flush=True, flush_interval=0.2, close_timeout=2.0,
             postgres_connect_timeout=1.0,
@@ -417,8 +450,76 @@ def test_close_with_a_background_flush_stuck_on_postgres_returns_within_close_ti
         assert outcome == "returned", value
 
 
+# close() promises to return within close_timeout (docs/design.md, "Faults"). The slack covers a shared 2-core
+# machine's scheduling and the release of the pools: a loose bound on a promise, not a benchmark.
+CLOSE_TIMEOUT = 2.0
+CLOSE_SLACK = 2.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    "stalled",
+    [
+        "redis",
+        pytest.param(
+            "postgres",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="close() waits without bound on a flush statement sent over a stalled PostgreSQL link: the "
+                "server never received it, so statement_timeout cannot end it, and the client has no read timeout",
+            ),
+        ),
+    ],
+)
+def test_close_with_a_stalled_server_returns_within_close_timeout_and_logs_what_stays_dirty(
+    make_redis_manager, rdb, pg_params, pg_conn, caplog, user_id, stalled
+):  # fmt: skip
+    """Three conversations are dirty when Redis or PostgreSQL stalls (accepts, answers nothing), and the app
+    closes its manager: close() returns within close_timeout (plus the slack above), logs a warning about what
+    it could not write, and leaves the conversations dirty in Redis for a later flush, which writes them."""
+    caplog.set_level(logging.DEBUG, logger="chat_history_rs")
+    with redis_proxy(rdb) as redis_link, postgres_proxy(pg_params) as postgres_link:
+        app = make_redis_manager(
+            redis_url=through(redis_link, rdb.url), connection_string=postgres_through(postgres_link, pg_params),
+            redis_timeout=0.5, postgres_connect_timeout=1.0, close_timeout=CLOSE_TIMEOUT,
+        )  # fmt: skip
+        conversations = {f"c105ed0{i}": make_conversation(2 + i, prefix=f"{i} ") for i in range(3)}
+        for cid, conv in conversations.items():
+            app.save_conversation(cid, conv, user_id=user_id)  # each save asked PostgreSQL about the new id
+        (redis_link if stalled == "redis" else postgres_link).stall()
+        caplog.clear()
+        started = time.monotonic()
+        try:
+            outcome, value = call_with_deadline(app.close, CLOSE_TIMEOUT + CLOSE_SLACK + 3)
+            elapsed = time.monotonic() - started
+        finally:
+            redis_link.heal()  # a close() still waiting on the link ends once the link forwards again
+            postgres_link.heal()
+        assert outcome != "hung", f"close() with {stalled} stalled had not returned after {elapsed:.1f} s"
+        assert outcome == "returned", value
+        assert elapsed <= CLOSE_TIMEOUT + CLOSE_SLACK, (
+            f"close() with {stalled} stalled took {elapsed:.1f} s (close_timeout={CLOSE_TIMEOUT})"
+        )
+        complaints = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno >= logging.WARNING and r.name.startswith("chat_history_rs") and "dirty" in r.getMessage()
+        ]
+        assert complaints, f"close() could not write 3 dirty conversations and logged nothing about them: {caplog.text}"
+        if stalled == "postgres":  # Redis answers: close() can say how many stay dirty
+            assert any(" 3 " in f" {text} " for text in complaints), complaints
+
+    assert dirty_set(rdb.client) == {dirty_member(user_id, cid) for cid in conversations}
+    assert pg_conversation_ids(pg_conn) == set()
+    later = make_redis_manager()
+    assert later.flush_dirty_conversations() == 3
+    for cid, conv in conversations.items():
+        assert_row_matches(pg_conn, cid, user_id, conv)
+
+
 # --------------------------------------------------------------------------------------------------
-# 7. Fork (SPEC 4.10): a forked child gets its own connections; no reply reaches the wrong process
+# 7. Fork (docs/design.md, "Processes"): a forked child gets its own connections; no reply reaches the wrong one
 # --------------------------------------------------------------------------------------------------
 
 # Each fork experiment runs in a fresh interpreter: a reply read by the wrong process can leave a call waiting
@@ -650,7 +751,7 @@ def test_forks_while_the_parent_is_busy_never_hang(rdb, pg_url):
 
 
 # --------------------------------------------------------------------------------------------------
-# 8. The outdated-copies list, versions from a clock ahead, owner keys of dropped copies (SPEC 4.3, 5)
+# 8. The outdated-copies list, versions from a clock ahead, owner keys of dropped copies ("Versions", "Divergence")
 # --------------------------------------------------------------------------------------------------
 
 
@@ -659,9 +760,8 @@ def test_forks_while_the_parent_is_busy_never_hang(rdb, pg_url):
 def test_caching_resumes_after_an_outage_with_thousands_of_fallback_saves(make_redis_manager, rdb, user_id):
     """6000 saves of 5 ids went to PostgreSQL while Redis was away. On a link of 20 kB/s to Redis (a distant or
     congested cache) the outdated copies to drop are still only 5: caching must resume within 30 s."""
-    _controllable(rdb.server)
-    with ThrottledProxy(rdb.server.port) as proxy:
-        app = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5)
+    with throttled_redis_proxy(rdb) as proxy:
+        app = make_redis_manager(redis_url=through(proxy, rdb.url), redis_timeout=0.5)
         ids = [f"8a{n:06d}" for n in range(5)]
         latest = {cid: make_conversation(1, title=cid) for cid in ids}
         for cid in ids:
@@ -732,14 +832,13 @@ def test_a_copy_older_than_another_users_tombstone_never_comes_back(
     """The owner deletes through an instance cut off from Redis: PostgreSQL holds the tombstone, Redis still the
     dirty copy. Another user then claims the free id and deletes it in turn, so the tombstone becomes theirs (the
     chaos checker found this path). The owner's old copy must not be flushed back."""
-    _controllable(rdb.server)
     app = make_redis_manager()
     first = make_conversation(2)
     app.save_conversation(conv_id, first, user_id=user_id)
     assert app.flush_dirty_conversations() == 1
     app.save_conversation(conv_id, grown(first, 2), user_id=user_id)  # dirty in Redis
-    with TcpProxy(rdb.server.port) as proxy:
-        cut_off = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5)
+    with redis_proxy(rdb) as proxy:
+        cut_off = make_redis_manager(redis_url=through(proxy, rdb.url), redis_timeout=0.5)
         proxy.partition()
         cut_off.delete_conversation(conv_id, user_id=user_id)
     assert conv_id not in pg_conversation_ids(pg_conn)
@@ -760,15 +859,14 @@ def test_a_copy_older_than_another_users_tombstone_never_comes_back(
 def test_owner_key_of_a_dropped_stale_copy_expires(make_redis_manager, rdb, pg_conn, user_id, conv_id):
     """Instance A holds a dirty copy; instance B, cut off from Redis, saves a newer version straight to
     PostgreSQL. A's flush drops (or keeps aside) its stale copy: the id's owner record must not stay forever."""
-    _controllable(rdb.server)
     a = make_redis_manager()
     first = make_conversation(2, prefix="first ")
     a.save_conversation(conv_id, first, user_id=user_id)
     assert a.flush_dirty_conversations() == 1
     stale = app_turn(first, "A, dirty")
     a.save_conversation(conv_id, stale, user_id=user_id)
-    with TcpProxy(rdb.server.port) as proxy:
-        b = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5)
+    with redis_proxy(rdb) as proxy:
+        b = make_redis_manager(redis_url=through(proxy, rdb.url), redis_timeout=0.5)
         proxy.partition()
         newer = app_turn(b.get_conversation(conv_id, user_id=user_id), "B, straight to PostgreSQL")
         b.save_conversation(conv_id, newer, user_id=user_id)
