@@ -11,7 +11,8 @@ use std::collections::{HashMap, VecDeque};
 use crate::cache::keys::member;
 use crate::cache::nodes::{CacheMemory, NodeInfo};
 use crate::cache::redis::{
-    Bypass, CacheError, CachedConversation, DirtyEntry, MemoryInfo, RedisCache, SaveOptions, SaveOutcome,
+    copy_mark, Bypass, CacheError, CachedConversation, Deleted, DirtyEntry, MemoryInfo, RedisCache, SaveOptions,
+    SaveOutcome,
 };
 use crate::config::{PostgresSettings, RedisSettings};
 use crate::error::{Backend, Error, ErrorKind, Result};
@@ -655,6 +656,8 @@ const MAX_REDIS_BACKOFF: Duration = Duration::from_secs(30);
 /// Writes that went straight to PostgreSQL and are not yet reconciled with Redis, at most this many
 /// (deduplicated by conversation). Past it, further ones are not tracked, and the log says how many.
 const MAX_BYPASSES: usize = 100_000;
+/// Times a save keeps a copy aside and tries to replace it, when other saves keep replacing it.
+const OVERWRITE_ATTEMPTS: usize = 3;
 
 /// Redis's health as this process sees it: a circuit breaker with exponential backoff, and the
 /// writes that went straight to PostgreSQL meanwhile (or because Redis refused them), which Redis
@@ -1000,7 +1003,7 @@ impl CachedTier {
         let tainted = self.tainted.get(user_id, conversation_id);
         let guard = tainted.is_some();
         let first = SaveOptions { guard, ..SaveOptions::default() };
-        let outcome = match self.cache(|r| r.save(user_id, conversation_id, conv, first)) {
+        let outcome = match self.cache(|r| r.save(user_id, conversation_id, conv, &first)) {
             Some(Ok((SaveOutcome::OwnerUnknown, _))) => {
                 // Redis does not hold the conversation: PostgreSQL says whether the id is another
                 // user's, and how new its row (or tombstone) is. An id that cannot be checked is
@@ -1023,27 +1026,35 @@ impl CachedTier {
                     }
                     Err(e) => return Err(e),
                 };
-                self.cache(|r| r.save(user_id, conversation_id, conv, SaveOptions { claim: true, floor, guard }))
-            }
-            other => other,
-        };
-        let outcome = match outcome {
-            Some(Ok((SaveOutcome::Diverged, _))) => {
-                self.keep_overwritten(conversation_id, user_id)?;
                 self.cache(|r| {
-                    r.save(user_id, conversation_id, conv, SaveOptions { claim: true, ..SaveOptions::default() })
+                    r.save(user_id, conversation_id, conv, &SaveOptions { claim: true, floor, guard, replaces: None })
                 })
             }
             other => other,
         };
+        // A guarded save found a copy its messages do not extend: that copy is kept aside, then
+        // replaced only if it is still the copy kept (a save that came meanwhile is kept aside in
+        // its turn). Fails closed: a copy that cannot be read or kept refuses the save.
+        let mut outcome = outcome;
+        for _ in 0..OVERWRITE_ATTEMPTS {
+            let Some(Ok((SaveOutcome::Diverged, _))) = outcome else { break };
+            let replaces = self.keep_overwritten(conversation_id, user_id)?;
+            let options = SaveOptions { claim: true, guard: replaces.is_none(), replaces, floor: None };
+            outcome = self.cache(|r| r.save(user_id, conversation_id, conv, &options));
+        }
         match outcome {
             Some(Ok((SaveOutcome::Saved(_), _))) => {
                 self.tainted.remove(user_id, conversation_id);
                 Ok(())
             }
-            Some(Ok((SaveOutcome::OtherOwner | SaveOutcome::OwnerUnknown | SaveOutcome::Diverged, _))) => {
-                Err(ownership(conversation_id))
-            }
+            Some(Ok((SaveOutcome::Diverged, _))) => Err(Error::new(
+                ErrorKind::Database(Backend::Redis),
+                format!(
+                    "conversation {conversation_id:?} kept changing in Redis while this save, made from a copy read \
+                     from PostgreSQL, tried to replace it; nothing was saved (read it again and save)"
+                ),
+            )),
+            Some(Ok((SaveOutcome::OtherOwner | SaveOutcome::OwnerUnknown, _))) => Err(ownership(conversation_id)),
             Some(Err(CacheError::Unavailable(_))) | None => {
                 self.save_to_postgres(conversation_id, user_id, conv, tainted)
             }
@@ -1121,16 +1132,26 @@ impl CachedTier {
     }
 
     /// A save after a read that Redis did not answer found a copy in Redis that its messages do not
-    /// extend: that copy is kept aside in PostgreSQL before the save replaces it. When
-    /// PostgreSQL cannot take it, the save is refused and nothing changes.
-    fn keep_overwritten(&self, conversation_id: &str, user_id: &str) -> Result<()> {
+    /// extend: that copy is kept aside in PostgreSQL before the save replaces it. Returns the
+    /// copy's mark, which the save must find unchanged ([`SaveOptions::replaces`]), or `None` when
+    /// the copy is gone (the save is then guarded again). Fails closed: when the copy cannot be
+    /// read, cannot be parsed or PostgreSQL cannot take it, the save is refused and nothing changes.
+    fn keep_overwritten(&self, conversation_id: &str, user_id: &str) -> Result<Option<String>> {
         let member = member(user_id, conversation_id);
         let entries = self.redis.fetch_dirty(std::slice::from_ref(&member), Duration::from_secs(5));
-        let Some(DirtyEntry { content: Some(Ok(cached)), .. }) = entries.map_err(CacheError::into_error)?.pop() else {
-            return Ok(());
-        };
-        self.keep(conversation_id, user_id, &cached.conversation, cached.version)?;
-        Ok(())
+        match entries.map_err(CacheError::into_error)?.pop() {
+            None | Some(DirtyEntry { content: None, .. }) => Ok(None),
+            Some(DirtyEntry { content: Some(Err(why)), .. }) => Err(Error::new(
+                ErrorKind::Database(Backend::Redis),
+                format!(
+                    "conversation {conversation_id:?}: Redis holds a copy this save would replace that cannot be read                      ({why}); nothing was saved (the write-back reports the copy as failed until it is repaired)"
+                ),
+            )),
+            Some(DirtyEntry { content: Some(Ok(cached)), .. }) => {
+                self.keep(conversation_id, user_id, &cached.conversation, cached.version)?;
+                Ok(Some(copy_mark(cached.version, &cached.mark)))
+            }
+        }
     }
 
     /// All or nothing: Redis is only asked (ownership, version) until PostgreSQL has deleted the
@@ -1155,24 +1176,21 @@ impl CachedTier {
             }
             None => 0,
         };
+        // PostgreSQL's statement is the delete's one step that can fail with effect: after it, the
+        // call succeeds whatever Redis does (docs/design.md, "Write order").
         let (_, tombstone) = self.pg()?.delete_versioned(conversation_id, user_id, seen)?;
-        let Some(mut tombstone) = tombstone else {
+        let Some(tombstone) = tombstone else {
             log::debug!("delete of {conversation_id:?}: PostgreSQL gives the id to another user; nothing deleted");
             return Ok(());
         };
         fail::fail_point!("delete.after_postgres");
-        match self.cache(|r| r.delete(user_id, conversation_id)) {
-            Some(Ok(Some(removed))) => {
-                if removed >= tombstone {
-                    // A save landed in Redis between the two steps; its version must be under the
-                    // tombstone too, so a flush that read it cannot bring it back.
-                    tombstone = self.pg()?.delete_versioned(conversation_id, user_id, removed)?.1.unwrap_or(removed);
-                }
-                if let Some(Err(e)) = self.cache(|r| r.mark_deleted(user_id, conversation_id, tombstone)) {
-                    log::debug!("could not record the delete of {conversation_id:?} in Redis: {}", e.into_error());
-                }
+        match self.cache(|r| r.delete(user_id, conversation_id, tombstone)) {
+            Some(Ok(Some(Deleted::Overtaken))) => {
+                // A save newer than the tombstone landed after PostgreSQL's delete: it came after the
+                // delete, and stands (the flush writes it over the tombstone).
+                log::debug!("delete of {conversation_id:?}: a newer save came after it and stands");
             }
-            Some(Ok(None)) => {}
+            Some(Ok(_)) => {}
             Some(Err(_)) | None => self.bypassed(user_id, conversation_id, tombstone, true),
         }
         Ok(())

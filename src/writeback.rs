@@ -11,6 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::cache::keys::split_late_member;
 use crate::cache::redis::{split_member, CacheError, Cached, DirtyEntry, RedisCache, Settle, SettleItem, StoredPrefix};
 use crate::error::{Backend, Error, ErrorKind, Result};
 use crate::model::{messages_fingerprint, Conversation};
@@ -121,6 +122,9 @@ impl Flusher {
                 log::debug!("the dirty index could not be checked this time: {}", e.into_error());
             }
         }
+        // One node: the late copies have a set of their own (a cluster's are in the dirty sets).
+        let late = self.redis.late_members().map_err(CacheError::into_error)?;
+        self.flush_late(&late.iter().map(String::as_str).collect::<Vec<_>>(), &mut report)?;
         let mut cursor = 0;
         let mut batches = 0u64;
         loop {
@@ -203,11 +207,57 @@ impl Flusher {
         self.cancelled.store(true, Ordering::Release);
     }
 
+    /// Late copies (saves that ran after their deadline, see `save.lua`) into
+    /// `conversation_conflicts`, unless PostgreSQL's row holds all their messages; then out of
+    /// Redis. One that cannot be read or kept stays, counted as a failure.
+    fn flush_late(&self, members: &[&str], report: &mut FlushReport) -> Result<()> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        let copies = self.redis.fetch_late(members).map_err(CacheError::into_error)?;
+        let mut done = Vec::with_capacity(members.len());
+        for (member, copy) in members.iter().zip(copies) {
+            let Some((user_id, conversation_id, _)) = split_late_member(member) else { continue };
+            let conv = match copy {
+                None => {
+                    done.push(*member);
+                    continue;
+                }
+                Some(Err(why)) => {
+                    self.fail(member, why, report);
+                    continue;
+                }
+                Some(Ok(conv)) => conv,
+            };
+            let kept = self.postgres.get_any(conversation_id).and_then(|row| {
+                let held = row
+                    .is_some_and(|(owner, stored, _)| owner == user_id && is_prefix(&conv.messages, &stored.messages));
+                if held {
+                    Ok(())
+                } else {
+                    self.keep(conversation_id, user_id, &conv, None, REASON_LATE, report)
+                }
+            });
+            match kept {
+                Ok(()) => {
+                    self.succeeded(member);
+                    done.push(*member);
+                }
+                Err(e) if e.is_unavailable() => return Err(e),
+                Err(e) => self.fail(member, format!("could not keep the late copy aside: {e}"), report),
+            }
+        }
+        self.redis.drop_late(&done).map_err(CacheError::into_error)
+    }
+
     fn flush_batch(&self, members: &[String], report: &mut FlushReport) -> Result<()> {
+        let (late, members): (Vec<&String>, Vec<&String>) =
+            members.iter().partition(|m| split_late_member(m).is_some());
+        self.flush_late(&late.iter().map(|m| m.as_str()).collect::<Vec<_>>(), report)?;
         let now = Instant::now();
         let due: Vec<String> = {
             let failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-            members.iter().filter(|m| failures.get(*m).is_none_or(|f| f.next_attempt <= now)).cloned().collect()
+            members.into_iter().filter(|m| failures.get(*m).is_none_or(|f| f.next_attempt <= now)).cloned().collect()
         };
         if due.is_empty() {
             return Ok(());
@@ -484,6 +534,9 @@ pub const REASON_OLDER: &str = "was older than the copy PostgreSQL holds";
 pub const REASON_REPLACED: &str = "was replaced by a newer copy from Redis";
 /// See [`REASON_OLDER`].
 pub const REASON_OWNER: &str = "was saved under an id PostgreSQL gives to another user";
+/// See [`REASON_OLDER`].
+pub const REASON_LATE: &str =
+    "reached Redis after its writer had given up on it (a late delivery), over a newer write that lacks its messages";
 /// See [`REASON_OLDER`].
 pub const REASON_OVERWRITTEN: &str = "was replaced in Redis by a save read from an older copy";
 

@@ -7,7 +7,7 @@ use redis::Value;
 
 use crate::cache::codec::{named_fields, parse_hash, Cached, ReadMark, StoredPrefix, FLUSH_FIELDS, FLUSH_READ_CHUNK};
 use crate::cache::error::{CacheError, CacheResult};
-use crate::cache::keys::{member, split_member, KeyLayout};
+use crate::cache::keys::{member, split_late_member, split_member, KeyLayout};
 use crate::cache::redis::{RedisCache, Spread};
 use crate::cache::scripts;
 use crate::model::Conversation;
@@ -15,6 +15,8 @@ use crate::model::Conversation;
 /// Conversations settled per `settle.lua` call: one call per conversation cost Redis more in the
 /// call than in the work, and a hundred keep each call well under a millisecond.
 const SETTLE_PER_CALL: usize = 100;
+/// Late copies a flush on one node takes from the late set at most.
+const LATE_PER_FLUSH: usize = 500;
 
 /// A fetched dirty conversation, for a flush.
 #[derive(Debug)]
@@ -152,13 +154,14 @@ impl RedisCache {
                 groups.extend(group.chunks(SETTLE_PER_CALL).map(<[&SettleItem]>::to_vec));
             }
         }
+        let deadline = self.deadline_now();
         let mut spread = Spread::default();
         for chunk in &groups {
             let first_user = chunk.first().and_then(|i| split_member(&i.member)).map_or("", |(u, _)| u);
             let mut keys = Vec::with_capacity(2 + 5 * chunk.len());
             keys.extend([l.dirty_set(first_user), l.dirty_since(first_user)]);
             let mut args: Vec<String> = Vec::with_capacity(2 + 11 * chunk.len());
-            args.extend([ttl.to_string(), l.owner_in_slot().to_owned()]);
+            args.extend([ttl.to_string(), l.owner_in_slot().to_owned(), deadline.clone()]);
             for SettleItem { member, version, action, stored, mark } in chunk {
                 let (user_id, conversation_id) = split_member(member).unwrap_or(("", member.as_str()));
                 keys.extend([
@@ -205,7 +208,7 @@ impl RedisCache {
                 if *settled == 1 {
                     let mut cmd = scripts::call(&scripts::RELEASE, &[l.owner(conversation_id)]);
                     let ttl = if item.action == Settle::Clean { ttl.to_string() } else { String::new() };
-                    cmd.arg(user_id).arg(ttl);
+                    cmd.arg(user_id).arg(ttl).arg(&deadline);
                     owners.add(cmd, false);
                 }
             }
@@ -253,21 +256,84 @@ impl RedisCache {
         let l = self.layout()?;
         let keys =
             [l.conv(user_id, conversation_id), l.dirty_set(user_id), l.dirty_since(user_id), l.user_dirty(user_id)];
-        let mut cmd = scripts::call(&scripts::ADOPT, &keys);
-        cmd.arg(cached.version.map(|v| v.to_string()).unwrap_or_default())
-            .arg(&cached.mark.last_modified)
-            .arg(cached.mark.messages_len)
-            .arg(cached.mark.title_len)
-            .arg(cached.mark.sig)
-            .arg(member(user_id, conversation_id))
-            .arg(conversation_id);
-        let mut pipe = redis::pipe();
-        pipe.add_command(cmd);
-        let (version,): (Option<String>,) = self.query(&pipe)?;
+        let member = member(user_id, conversation_id);
+        let (version,): (Option<String>,) = self.query_fenced(|deadline| {
+            let mut cmd = scripts::call(&scripts::ADOPT, &keys);
+            cmd.arg(cached.version.map(|v| v.to_string()).unwrap_or_default())
+                .arg(&cached.mark.last_modified)
+                .arg(cached.mark.messages_len)
+                .arg(cached.mark.title_len)
+                .arg(cached.mark.sig)
+                .arg(&member)
+                .arg(conversation_id)
+                .arg(deadline);
+            let mut pipe = redis::pipe();
+            pipe.add_command(cmd);
+            pipe
+        })?;
         if version.is_some() {
             self.index_dirty_user(user_id)?;
         }
         Ok(version.and_then(|v| v.parse().ok()))
+    }
+
+    /// The late members on one node (on a cluster they are in the users' dirty sets, and
+    /// [`RedisCache::scan_dirty`] finds them).
+    pub fn late_members(&self) -> CacheResult<Vec<String>> {
+        let l = self.layout()?;
+        if l == KeyLayout::Cluster {
+            return Ok(Vec::new());
+        }
+        self.command(redis::cmd("SRANDMEMBER").arg(l.late_set("")).arg(LATE_PER_FLUSH))
+    }
+
+    /// The late copies of these late members (see `save.lua`): `None` when gone, `Some(Err)`
+    /// when unreadable.
+    pub fn fetch_late(&self, members: &[&str]) -> CacheResult<Vec<Option<Result<Conversation, String>>>> {
+        let l = self.layout()?;
+        let mut spread = Spread::default();
+        for m in members {
+            let (user_id, conversation_id, token) = split_late_member(m).unwrap_or(("", "", m));
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(l.late_copy(user_id, conversation_id, token)).arg(&FLUSH_FIELDS);
+            spread.add(cmd, true);
+        }
+        Ok(self
+            .query_spread(&spread)?
+            .into_iter()
+            .map(|value| {
+                let fields = named_fields(&FLUSH_FIELDS, value);
+                (!fields.is_empty()).then(|| {
+                    parse_hash(fields)
+                        .map(|c| c.conversation)
+                        .ok_or_else(|| "the late copy is not a readable conversation".to_owned())
+                })
+            })
+            .collect())
+    }
+
+    /// Removes late copies that PostgreSQL now holds (in the conversation or its conflicts).
+    pub fn drop_late(&self, members: &[&str]) -> CacheResult<()> {
+        let l = self.layout()?;
+        let mut spread = Spread::default();
+        for m in members {
+            let Some((user_id, conversation_id, token)) = split_late_member(m) else { continue };
+            let mut del = redis::cmd("DEL");
+            del.arg(l.late_copy(user_id, conversation_id, token));
+            spread.add(del, false);
+            let mut srem = redis::cmd("SREM");
+            srem.arg(l.late_set(user_id)).arg(*m);
+            spread.add(srem, false);
+        }
+        self.query_spread(&spread)?;
+        if l == KeyLayout::Cluster {
+            // The late members kept their users in the dirty index; users left with nothing leave it.
+            let mut users: Vec<&str> = members.iter().filter_map(|m| split_late_member(m).map(|(u, _, _)| u)).collect();
+            users.sort_unstable();
+            users.dedup();
+            self.unindex_clean_users(&users)?;
+        }
+        Ok(())
     }
 
     /// The write-back version the cached hash holds now (`None`: gone, or written by a seed

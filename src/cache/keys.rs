@@ -22,11 +22,12 @@ pub enum KeyLayout {
 }
 
 impl KeyLayout {
-    /// `"seed"` or `"cluster"`.
+    /// What `stats()["redis_layout"]` calls it: `"single"` (one node's layout, the seed design's
+    /// key names) or `"cluster"`.
     #[must_use]
     pub fn name(self) -> &'static str {
         match self {
-            KeyLayout::Seed => "seed",
+            KeyLayout::Seed => "single",
             KeyLayout::Cluster => "cluster",
         }
     }
@@ -135,18 +136,36 @@ impl KeyLayout {
     /// A fresh key to stage a conversation in before a script renames it into place.
     #[must_use]
     pub fn staged(self, user_id: &str, conversation_id: &str) -> String {
-        static NONCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        static PROCESS: LazyLock<u128> = LazyLock::new(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
-                ^ u128::from(std::process::id())
-        });
-        let n = NONCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // The pid as well: a forked child inherits PROCESS and NONCE, and its names must not be the
-        // parent's, or one process's save could rename the other's staged copy.
-        let (process, pid) = (*PROCESS, std::process::id());
+        self.staged_as(user_id, conversation_id, &fresh_token())
+    }
+
+    /// The staging key of a save made under `token` (see [`fresh_token`]).
+    #[must_use]
+    pub fn staged_as(self, user_id: &str, conversation_id: &str, token: &str) -> String {
         match self {
-            KeyLayout::Seed => format!("staged:conv:{user_id}:{conversation_id}:{process:x}:{pid:x}:{n}"),
-            KeyLayout::Cluster => format!("staged:{{{user_id}}}:{conversation_id}:{process:x}:{pid:x}:{n}"),
+            KeyLayout::Seed => format!("staged:conv:{user_id}:{conversation_id}:{token}"),
+            KeyLayout::Cluster => format!("staged:{{{user_id}}}:{conversation_id}:{token}"),
+        }
+    }
+
+    /// Where a save that arrived after its deadline is kept aside, under its save's `token`, until
+    /// a flush puts it in `conversation_conflicts` (docs/design.md, "Write order").
+    #[must_use]
+    pub fn late_copy(self, user_id: &str, conversation_id: &str, token: &str) -> String {
+        match self {
+            KeyLayout::Seed => format!("late:{user_id}:{conversation_id}:{token}"),
+            KeyLayout::Cluster => format!("late:{{{user_id}}}:{conversation_id}:{token}"),
+        }
+    }
+
+    /// The set of late members (see [`late_member`]) a flush drains: its own key on one node, where
+    /// the seed design's flusher walks `dirty:convs` and must not meet them; the user's dirty set on
+    /// a cluster, so the dirty index keeps the user until they are drained.
+    #[must_use]
+    pub fn late_set(self, user_id: &str) -> String {
+        match self {
+            KeyLayout::Seed => SEED_LATE_SET.to_owned(),
+            KeyLayout::Cluster => self.dirty_set(user_id),
         }
     }
 
@@ -195,8 +214,43 @@ impl KeyLayout {
     }
 }
 
+/// A token no other save of any process uses: a save's staging key and late copy are named by it.
+#[must_use]
+pub fn fresh_token() -> String {
+    static NONCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static PROCESS: LazyLock<u128> = LazyLock::new(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+            ^ u128::from(std::process::id())
+    });
+    let n = NONCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // The pid as well: a forked child inherits PROCESS and NONCE, and its names must not be the
+    // parent's, or one process's save could rename the other's staged copy.
+    format!("{:x}:{:x}:{n}", *PROCESS, std::process::id())
+}
+
+/// The member a late copy is listed under: `<user>:<id>:late:<token>`. Ids never hold ':', so no
+/// conversation's member looks like one.
+#[must_use]
+pub fn late_member(user_id: &str, conversation_id: &str, token: &str) -> String {
+    format!("{user_id}:{conversation_id}:late:{token}")
+}
+
+/// (user, id, token) of a late member; `None` for a conversation's member.
+#[must_use]
+pub fn split_late_member(member: &str) -> Option<(&str, &str, &str)> {
+    let (user_id, rest) = split_member(member)?;
+    let (conversation_id, token) = rest.split_once(":late:")?;
+    (!conversation_id.is_empty() && !conversation_id.contains(':') && !token.is_empty()).then_some((
+        user_id,
+        conversation_id,
+        token,
+    ))
+}
+
 /// The seed design's set of dirty members.
 const SEED_DIRTY_SET: &str = "dirty:convs";
+/// Late members on one node (see [`KeyLayout::late_set`]).
+const SEED_LATE_SET: &str = "late:convs";
 /// Ours, beside it.
 const SEED_DIRTY_SINCE: &str = "dirty:since";
 
@@ -219,6 +273,20 @@ pub fn split_member(member: &str) -> Option<(&str, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn late_members_are_told_from_conversations() {
+        let token = fresh_token();
+        let m = late_member("u-1", "a1b2", &token);
+        assert_eq!(split_late_member(&m), Some(("u-1", "a1b2", token.as_str())));
+        assert_eq!(split_late_member("u-1:a1b2"), None);
+        assert_eq!(split_late_member("u-1:a1b2:late:"), None);
+        assert_ne!(fresh_token(), fresh_token());
+        assert_eq!(KeyLayout::Seed.late_copy("u", "c", "t"), "late:u:c:t");
+        assert_eq!(KeyLayout::Cluster.late_copy("u", "c", "t"), "late:{u}:c:t");
+        assert_eq!(KeyLayout::Cluster.late_set("u"), KeyLayout::Cluster.dirty_set("u"));
+        assert_eq!(KeyLayout::Seed.late_set("u"), "late:convs");
+    }
 
     #[test]
     fn members_split_at_the_first_colon() {

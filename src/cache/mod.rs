@@ -1,6 +1,7 @@
 //! The Redis tier: the key layouts, the Lua scripts that make every multi-key change atomic, and
 //! the cache's reads, writes and write-back side.
 
+pub mod clock;
 mod codec;
 pub mod combine;
 mod error;

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::{Connection, ConnectionLike, RedisError, RedisResult, Value};
 
+use crate::cache::clock::RedisClock;
 use crate::cache::keys::KeyLayout;
 use crate::cache::scripts::load_scripts;
 use crate::credentials::{CredentialProvider, Credentials, Lease};
@@ -116,6 +117,8 @@ pub(crate) struct Connector {
     pub(crate) topology: Arc<OnceLock<Topology>>,
     /// `redis_credential_provider`: the login of every new connection, instead of the URL's.
     pub(crate) credentials: Option<CredentialProvider>,
+    /// Measured on every new connection (see [`RedisClock`]).
+    pub(crate) clock: Arc<RedisClock>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -269,6 +272,17 @@ impl r2d2::ManageConnection for Connector {
         let mut single = client.get_connection_with_timeout(self.timeout)?;
         single.set_read_timeout(Some(self.timeout))?;
         single.set_write_timeout(Some(self.timeout))?;
+        // Redis's clock, for the deadlines writes carry (docs/design.md, "Write order").
+        // An ACL that refuses TIME leaves the clock unmeasured: the scripts then take no deadline.
+        match redis::cmd("TIME").query::<Vec<String>>(&mut single) {
+            Ok(time) => {
+                if let Some(micros) = RedisClock::parse_time(&time) {
+                    self.clock.observe(micros, std::time::Instant::now());
+                }
+            }
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => return Err(e),
+            Err(e) => log::debug!("Redis refused TIME ({e}); writes carry no deadline"),
+        }
         let mut con = match &self.topology(&mut single)?.cluster {
             None => Con::Single(single),
             Some(client) => {

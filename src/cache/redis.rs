@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use redis::{ConnectionLike as _, Value};
 
+use crate::cache::clock::{deadline_arg, RedisClock};
 use crate::cache::codec::{named_fields, parse_listing, READ_FIELDS};
 pub use crate::cache::codec::{Cached, CachedConversation, MemoryInfo, MessageRef, ReadMark, StoredPrefix};
 use crate::cache::combine::Combiner;
@@ -20,7 +21,7 @@ use crate::cache::near::{Listing, NearCache, NearStats, NearValue};
 use crate::cache::pool::{renew_if_due, Con, Connector, PoolErrorLog, RedisConnection, Renewal, Topology};
 use crate::cache::scripts::{self, query_loading};
 use crate::cache::tracking::{self, Tracker};
-pub use crate::cache::writes::{Bypass, SaveOptions, SaveOutcome};
+pub use crate::cache::writes::{copy_mark, Bypass, Deleted, SaveOptions, SaveOutcome};
 use crate::config::RedisSettings;
 use crate::error::Error;
 use crate::pool::Pool;
@@ -108,6 +109,8 @@ pub struct RedisCache {
     /// `near_cache_bytes=0`.
     near: Option<Arc<NearCache>>,
     tracker: Mutex<Option<Tracker>>,
+    /// Redis's clock as measured by the pool's connections: the deadlines of writes.
+    pub(crate) clock: Arc<RedisClock>,
 }
 
 impl std::fmt::Debug for RedisCache {
@@ -135,6 +138,7 @@ impl RedisCache {
         }
         .map_err(|e| Error::config("the Redis connection string is not valid").with_source(e.to_string()))?;
         let topology = Arc::new(OnceLock::new());
+        let clock = Arc::new(RedisClock::default());
         let tracker_client = client.clone();
         let pool = Pool::builder()
             .max_size(settings.pool_size)
@@ -151,6 +155,7 @@ impl RedisCache {
                 root_cert,
                 topology: Arc::clone(&topology),
                 credentials: settings.credentials.clone(),
+                clock: Arc::clone(&clock),
             });
         // One round trip in flight per CPU this process may run on (taskset and cgroup limits
         // count), and never more than the pool's connections.
@@ -173,7 +178,7 @@ impl RedisCache {
             };
             (Some(Arc::clone(&near)), Some(Tracker::start(near, source)))
         };
-        Ok(RedisCache { pool, settings: settings.clone(), topology, reads, near, tracker: Mutex::new(tracker) })
+        Ok(RedisCache { pool, settings: settings.clone(), topology, reads, near, tracker: Mutex::new(tracker), clock })
     }
 
     /// The near cache's figures; `None` when it is off.
@@ -305,6 +310,24 @@ impl RedisCache {
                 }
             }
         }
+    }
+
+    /// Sends a pipeline that changes something, built by `build` from the deadline it carries (see
+    /// [`RedisClock`]) right before it goes out, so a wait for a pooled connection does not eat
+    /// into the time Redis has to run it.
+    pub(crate) fn query_fenced<T: redis::FromRedisValue>(
+        &self,
+        mut build: impl FnMut(&str) -> redis::Pipeline,
+    ) -> CacheResult<T> {
+        self.run_on(|conn| {
+            let pipe = build(&deadline_arg(self.clock.deadline(self.settings.timeout)));
+            query_loading(&mut conn.con, &pipe)
+        })
+    }
+
+    /// The deadline argument for a write sent now (see [`RedisClock`]).
+    pub(crate) fn deadline_now(&self) -> String {
+        deadline_arg(self.clock.deadline(self.settings.timeout))
     }
 
     /// Sends a pipeline (see [`scripts::query_loading`]) on a pooled connection.

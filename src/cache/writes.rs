@@ -4,7 +4,7 @@ use redis::Value;
 
 use crate::cache::codec::{parse_listing, stage, ListEntry};
 use crate::cache::error::{CacheError, CacheResult};
-use crate::cache::keys::{member, KeyLayout};
+use crate::cache::keys::{fresh_token, late_member, member, KeyLayout};
 use crate::cache::redis::{RedisCache, Spread, LIST_TTL_SECONDS};
 use crate::cache::scripts;
 use crate::model::Conversation;
@@ -15,6 +15,15 @@ pub(crate) const DELETE_TOMBSTONE_SECONDS: u64 = 60;
 const INVALIDATE_PER_PIPELINE: usize = 100;
 /// Times a list rebuild reads the dirty ids again when a save changed them meanwhile.
 const REBUILD_ATTEMPTS: usize = 5;
+
+/// What a delete did in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    /// The copy (if any) and every trace of it are gone.
+    Removed,
+    /// Redis holds a save newer than PostgreSQL's tombstone: it came after the delete and stands.
+    Overtaken,
+}
 
 /// What a save did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +40,7 @@ pub enum SaveOutcome {
 }
 
 /// A save to make in Redis.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct SaveOptions {
     /// The caller found out from PostgreSQL that the id is free or the user's.
     pub claim: bool,
@@ -39,6 +48,21 @@ pub struct SaveOptions {
     pub floor: Option<i64>,
     /// Refuse to replace a copy that the new messages do not extend.
     pub guard: bool,
+    /// Replace only the copy with this mark (see [`copy_mark`]): the one the caller kept aside.
+    pub replaces: Option<String>,
+}
+
+/// What identifies a cached copy for [`SaveOptions::replaces`]: its version, `last_modified`, and
+/// the byte lengths of its transcript and title, as `save.lua` computes them.
+#[must_use]
+pub fn copy_mark(version: Option<i64>, mark: &crate::cache::codec::ReadMark) -> String {
+    format!(
+        "{}|{}|{}|{}",
+        version.map(|v| v.to_string()).unwrap_or_default(),
+        mark.last_modified,
+        mark.messages_len,
+        mark.title_len
+    )
 }
 
 /// A write that went straight to PostgreSQL: Redis must not keep serving an older copy of it.
@@ -69,7 +93,7 @@ impl RedisCache {
         user_id: &str,
         conversation_id: &str,
         conv: &Conversation,
-        options: SaveOptions,
+        options: &SaveOptions,
     ) -> CacheResult<(SaveOutcome, Option<String>)> {
         let l = self.layout()?;
         // On a cluster the owner record is in the id's own slot: claimed first, then the save
@@ -78,7 +102,8 @@ impl RedisCache {
             return Ok((SaveOutcome::OtherOwner, None));
         }
         let meta = ListEntry::to_json(conv);
-        let staged = l.staged(user_id, conversation_id);
+        let token = fresh_token();
+        let staged = l.staged_as(user_id, conversation_id, &token);
         let keys = [
             l.conv(user_id, conversation_id),
             l.dirty_set(user_id),
@@ -89,23 +114,33 @@ impl RedisCache {
             l.dirty_since(user_id),
             l.deleted(user_id, conversation_id),
             staged.clone(),
+            l.late_copy(user_id, conversation_id, &token),
+            l.late_set(user_id),
         ];
         let created_at = conv.created_at.to_string();
-        let mut script = scripts::call(&scripts::SAVE, &keys);
-        script
-            .arg(member(user_id, conversation_id))
-            .arg(user_id)
-            .arg(&created_at)
-            .arg(&meta)
-            .arg(if options.claim { "1" } else { "0" })
-            .arg(conversation_id)
-            .arg(options.floor.unwrap_or(0))
-            .arg(if options.guard { "1" } else { "0" })
-            .arg(l.owner_in_slot());
-        let mut pipe = redis::pipe();
-        stage(&mut pipe, &if staged_lost() { format!("{staged}:lost") } else { staged }, conv, &[]);
-        pipe.add_command(script);
-        let (reply,): (Vec<Value>,) = self.query(&pipe)?;
+        let late = late_member(user_id, conversation_id, &token);
+        let member = member(user_id, conversation_id);
+        let mut stage_pipe = redis::pipe();
+        stage(&mut stage_pipe, &if staged_lost() { format!("{staged}:lost") } else { staged }, conv, &[]);
+        let (reply,): (Vec<Value>,) = self.query_fenced(|deadline| {
+            let mut script = scripts::call(&scripts::SAVE, &keys);
+            script
+                .arg(&member)
+                .arg(user_id)
+                .arg(&created_at)
+                .arg(&meta)
+                .arg(if options.claim { "1" } else { "0" })
+                .arg(conversation_id)
+                .arg(options.floor.unwrap_or(0))
+                .arg(if options.guard { "1" } else { "0" })
+                .arg(l.owner_in_slot())
+                .arg(deadline)
+                .arg(&late)
+                .arg(options.replaces.as_ref().map_or("", |m| m.as_str()));
+            let mut pipe = stage_pipe.clone();
+            pipe.add_command(script);
+            pipe
+        })?;
         let status = reply.first().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(-2);
         Ok(match status {
             1 => {
@@ -125,6 +160,11 @@ impl RedisCache {
             0 => (SaveOutcome::OwnerUnknown, None),
             -1 => (SaveOutcome::OtherOwner, None),
             2 => (SaveOutcome::Diverged, None),
+            // Past its deadline: the caller had (or would have) given up on it by now, so it is a
+            // timeout as far as the caller knows; Redis kept the copy aside if it had to.
+            -4 => {
+                return Err(CacheError::Unavailable("Redis ran the save after its deadline (a late delivery)".into()))
+            }
             // Refused like a write Redis had no memory for: the caller saves to PostgreSQL.
             -3 => return Err(CacheError::Other("the staged copy vanished before the save script ran".into())),
             _ => return Err(CacheError::Other(format!("unexpected reply to the save script: {reply:?}"))),
@@ -147,8 +187,6 @@ impl RedisCache {
             l.deleted(user_id, conversation_id),
             staged.clone(),
         ];
-        let mut script = scripts::call(&scripts::BACKFILL, &keys);
-        script.arg(user_id).arg(self.ttl()).arg(l.owner_in_slot());
         let meta = ListEntry::to_json(conv);
         // With a version, PostgreSQL holds exactly these messages at it.
         let stored = version.map(|v| {
@@ -163,10 +201,15 @@ impl RedisCache {
         if let Some((n, v, h)) = &stored {
             fields.extend([("pgn", n.as_str()), ("pgv", v.as_str()), ("pgh", h.as_str())]);
         }
-        let mut pipe = redis::pipe();
-        stage(&mut pipe, &staged, conv, &fields);
-        pipe.add_command(script);
-        let _: (i64,) = self.query(&pipe)?;
+        let mut stage_pipe = redis::pipe();
+        stage(&mut stage_pipe, &staged, conv, &fields);
+        let _: (i64,) = self.query_fenced(|deadline| {
+            let mut script = scripts::call(&scripts::BACKFILL, &keys);
+            script.arg(user_id).arg(self.ttl()).arg(l.owner_in_slot()).arg(deadline);
+            let mut pipe = stage_pipe.clone();
+            pipe.add_command(script);
+            pipe
+        })?;
         Ok(())
     }
 
@@ -193,9 +236,10 @@ impl RedisCache {
         Ok(Some(version.and_then(|v| v.parse().ok()).unwrap_or(0)))
     }
 
-    /// Removes the conversation from every key. `Ok(None)` when the id is another user's;
-    /// otherwise the version Redis had (0 when none), for PostgreSQL's tombstone.
-    pub fn delete(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<i64>> {
+    /// Removes the conversation from every key, after PostgreSQL deleted it under `tombstone`.
+    /// `Ok(None)` when the id is another user's; `Ok(Some(Deleted::Overtaken))` when Redis holds a
+    /// save newer than the tombstone (one that came after the delete, which stands).
+    pub fn delete(&self, user_id: &str, conversation_id: &str, tombstone: i64) -> CacheResult<Option<Deleted>> {
         let l = self.layout()?;
         let keys = [
             l.conv(user_id, conversation_id),
@@ -207,53 +251,61 @@ impl RedisCache {
             l.dirty_since(user_id),
             l.deleted(user_id, conversation_id),
         ];
-        let mut script = scripts::call(&scripts::DELETE, &keys);
-        script
-            .arg(member(user_id, conversation_id))
-            .arg(conversation_id)
-            .arg(user_id)
-            .arg(DELETE_TOMBSTONE_SECONDS)
-            .arg(l.owner_in_slot());
-        let mut pipe = redis::pipe();
-        pipe.add_command(script);
-        let (reply,): (Vec<Value>,) = self.query(&pipe)?;
-        let status = reply.first().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(-2);
-        if status == -1 {
-            return Ok(None);
+        let member = member(user_id, conversation_id);
+        let (reply,): (Vec<Value>,) = self.query_fenced(|deadline| {
+            let mut script = scripts::call(&scripts::DELETE, &keys);
+            script
+                .arg(&member)
+                .arg(conversation_id)
+                .arg(user_id)
+                .arg(DELETE_TOMBSTONE_SECONDS)
+                .arg(l.owner_in_slot())
+                .arg(deadline)
+                .arg(tombstone);
+            let mut pipe = redis::pipe();
+            pipe.add_command(script);
+            pipe
+        })?;
+        match reply.first().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(-2) {
+            1 => {}
+            -1 => return Ok(None),
+            -5 => return Ok(Some(Deleted::Overtaken)),
+            -4 => return Err(CacheError::Unavailable("Redis ran the delete after its deadline".into())),
+            _ => return Err(CacheError::Other(format!("unexpected reply to the delete script: {reply:?}"))),
         }
         if l == KeyLayout::Cluster {
             self.release_owner(user_id, conversation_id, None)?;
         }
-        let version =
-            reply.get(1).and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).and_then(|v| v.parse().ok());
-        Ok(Some(version.unwrap_or(0)))
-    }
-
-    /// Records PostgreSQL's tombstone version for a just-deleted conversation, so a save of the
-    /// same id soon after gets a newer version whatever the clocks say.
-    pub fn mark_deleted(&self, user_id: &str, conversation_id: &str, version: i64) -> CacheResult<()> {
-        let key = self.layout()?.deleted(user_id, conversation_id);
-        self.command(redis::cmd("SET").arg(&key).arg(version).arg("EX").arg(DELETE_TOMBSTONE_SECONDS))
+        Ok(Some(Deleted::Removed))
     }
 
     /// Cluster: claims the id in its own slot for the user (see docs/design.md, "Ownership");
     /// false when another user holds it.
     pub fn claim(&self, user_id: &str, conversation_id: &str) -> CacheResult<bool> {
-        let mut pipe = redis::pipe();
-        let mut cmd = scripts::call(&scripts::CLAIM, &[self.layout()?.owner(conversation_id)]);
-        cmd.arg(user_id);
-        pipe.add_command(cmd);
-        let (claimed,): (i64,) = self.query(&pipe)?;
+        let owner = self.layout()?.owner(conversation_id);
+        let (claimed,): (i64,) = self.query_fenced(|deadline| {
+            let mut pipe = redis::pipe();
+            let mut cmd = scripts::call(&scripts::CLAIM, &[&owner]);
+            cmd.arg(user_id).arg(deadline);
+            pipe.add_command(cmd);
+            pipe
+        })?;
+        if claimed == -4 {
+            return Err(CacheError::Unavailable("Redis ran the claim after its deadline".into()));
+        }
         Ok(claimed == 1)
     }
 
     /// Cluster: removes the id's owner record if it is the user's, or (with `ttl`) gives it one.
     pub(crate) fn release_owner(&self, user_id: &str, conversation_id: &str, ttl: Option<u64>) -> CacheResult<()> {
-        let mut pipe = redis::pipe();
-        let mut cmd = scripts::call(&scripts::RELEASE, &[self.layout()?.owner(conversation_id)]);
-        cmd.arg(user_id).arg(ttl.map(|t| t.to_string()).unwrap_or_default());
-        pipe.add_command(cmd).ignore();
-        self.query(&pipe)
+        let owner = self.layout()?.owner(conversation_id);
+        self.query_fenced(|deadline| {
+            let mut pipe = redis::pipe();
+            let mut cmd = scripts::call(&scripts::RELEASE, &[&owner]);
+            cmd.arg(user_id).arg(ttl.map(|t| t.to_string()).unwrap_or_default()).arg(deadline);
+            pipe.add_command(cmd).ignore();
+            pipe
+        })
     }
 
     /// Rebuilds the user's list from PostgreSQL's rows plus the user's dirty conversations and
@@ -273,17 +325,22 @@ impl RedisCache {
             let mut keys = vec![l.list(user_id), l.list_meta(user_id), l.user_dirty(user_id)];
             keys.extend(from_postgres.iter().map(|(id, _)| l.deleted(user_id, id)));
             keys.extend(dirty.iter().map(|id| l.conv(user_id, id)));
-            let mut script = scripts::call(&scripts::REBUILD_LIST, &keys);
-            script.arg(LIST_TTL_SECONDS).arg(from_postgres.len());
-            for ((id, _), (score, entry)) in from_postgres.iter().zip(&entries) {
-                script.arg(id).arg(*score).arg(entry);
+            let (value,): (Value,) = self.query_fenced(|deadline| {
+                let mut script = scripts::call(&scripts::REBUILD_LIST, &keys);
+                script.arg(LIST_TTL_SECONDS).arg(from_postgres.len()).arg(deadline);
+                for ((id, _), (score, entry)) in from_postgres.iter().zip(&entries) {
+                    script.arg(id).arg(*score).arg(entry);
+                }
+                for id in &dirty {
+                    script.arg(id);
+                }
+                let mut pipe = redis::pipe();
+                pipe.add_command(script);
+                pipe
+            })?;
+            if value == Value::Int(-4) {
+                return Err(CacheError::Unavailable("Redis ran the list rebuild after its deadline".into()));
             }
-            for id in &dirty {
-                script.arg(id);
-            }
-            let mut pipe = redis::pipe();
-            pipe.add_command(script);
-            let (value,): (Value,) = self.query(&pipe)?;
             if let Some(listing) = parse_listing(value) {
                 return Ok(listing);
             }
@@ -298,6 +355,7 @@ impl RedisCache {
         let l = self.layout()?;
         let mut left = Vec::new();
         for chunk in items.chunks(INVALIDATE_PER_PIPELINE) {
+            let deadline = self.deadline_now();
             let mut spread = Spread::default();
             for item in chunk {
                 let (user_id, conversation_id) = (item.user_id.as_str(), item.conversation_id.as_str());
@@ -318,17 +376,19 @@ impl RedisCache {
                     .arg(if item.deleted { "delete" } else { "save" })
                     .arg(user_id)
                     .arg(DELETE_TOMBSTONE_SECONDS)
-                    .arg(l.owner_in_slot());
+                    .arg(l.owner_in_slot())
+                    .arg(&deadline);
                 spread.add(cmd, true);
             }
             let replies = self.query_spread(&spread)?;
             let mut owners = Spread::default();
             for (item, reply) in chunk.iter().zip(replies) {
                 match redis::from_redis_value::<i64>(reply).unwrap_or(0) {
+                    -4 => return Err(CacheError::Unavailable("Redis ran a replay after its deadline".into())),
                     2 => left.push(member(&item.user_id, &item.conversation_id)),
                     1 if l == KeyLayout::Cluster => {
                         let mut cmd = scripts::call(&scripts::RELEASE, &[l.owner(&item.conversation_id)]);
-                        cmd.arg(&item.user_id).arg("");
+                        cmd.arg(&item.user_id).arg("").arg(&deadline);
                         owners.add(cmd, false);
                     }
                     _ => {}

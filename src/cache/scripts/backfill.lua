@@ -4,8 +4,14 @@
 -- conversation.
 --
 -- KEYS: conv, owner (a placeholder of this slot on a cluster), delete tombstone, staged.
--- ARGV: user, ttl, local owner ('1' or '0').
+-- ARGV: user, ttl, local owner ('1' or '0'), deadline (Redis's clock, microseconds; past it the
+-- read that fetched the copy has given up, and a newer write may be here: nothing is cached).
 if redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
+local t = redis.call('TIME')
+if ARGV[4] ~= '' and tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[4]) then
+  redis.call('DEL', KEYS[4])
+  return 0
+end
 local owner = false
 if ARGV[3] == '1' then owner = redis.call('GET', KEYS[2]) end
 if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[1]) == 1 or (owner and owner ~= ARGV[1]) then

@@ -7,8 +7,14 @@
 --
 -- KEYS: conv, dirty set, user dirty, dirty since, list, list meta, owner (a placeholder on a
 -- cluster), delete tombstone.
--- ARGV: member, id, version, kind ('save' or 'delete'), user, tombstone ttl, local owner.
--- Returns 0 (newer copy kept, or nothing cached), 1 (dropped) or 2 (dirty copy left for the flush).
+-- ARGV: member, id, version, kind ('save' or 'delete'), user, tombstone ttl, local owner, deadline
+-- (Redis's clock; past it the caller gave up: nothing changes).
+-- Returns 0 (newer copy kept, or nothing cached), 1 (dropped), 2 (dirty copy left for the flush)
+-- or -4 (past the deadline: the caller replays it again).
+local t = redis.call('TIME')
+if ARGV[8] ~= '' and tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[8]) then
+  return -4
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   local h = redis.call('HMGET', KEYS[1], 'ver', 'dirty')
   if (tonumber(h[1] or '0') or 0) >= tonumber(ARGV[3]) then return 0 end

@@ -5,10 +5,16 @@
 --
 -- KEYS: list, list meta, user dirty, then a delete tombstone per PostgreSQL row, then the conv key
 -- of each dirty id.
--- ARGV: list ttl, number of PostgreSQL rows, then (id, score, entry) per row, then the dirty ids.
--- Returns what list.lua returns, or false when the dirty ids changed.
+-- ARGV: list ttl, number of PostgreSQL rows, deadline (Redis's clock; past it the rows may be
+-- older than a write made since: nothing is rebuilt), then (id, score, entry) per row, then the
+-- dirty ids.
+-- Returns what list.lua returns, false when the dirty ids changed, or -4 past the deadline.
+local t = redis.call('TIME')
+if ARGV[3] ~= '' and tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[3]) then
+  return -4
+end
 local rows = tonumber(ARGV[2])
-local first_dirty = 3 + rows * 3
+local first_dirty = 4 + rows * 3
 local dirty = #ARGV - first_dirty + 1
 if redis.call('SCARD', KEYS[3]) ~= dirty then return false end
 for i = 1, dirty do
@@ -16,7 +22,7 @@ for i = 1, dirty do
 end
 redis.call('DEL', KEYS[1], KEYS[2])
 for r = 0, rows - 1 do
-  local a = 3 + r * 3
+  local a = 4 + r * 3
   if redis.call('EXISTS', KEYS[4 + r]) == 0 then
     redis.call('ZADD', KEYS[1], ARGV[a + 1], ARGV[a])
     redis.call('HSET', KEYS[2], ARGV[a], ARGV[a + 2])

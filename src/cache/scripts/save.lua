@@ -3,19 +3,28 @@
 -- transcript that copy cost more than the rest of a save, so the transcript never passes through
 -- here: the staged hash is renamed into place.
 --
--- KEYS: conv, dirty set, list, list meta, user dirty, owner, dirty since, delete tombstone, staged.
--- ARGV: member, user, created_at, meta, claim, id, floor, guard, local owner.
+-- KEYS: conv, dirty set, list, list meta, user dirty, owner, dirty since, delete tombstone, staged,
+-- late copy, late set.
+-- ARGV: member, user, created_at, meta, claim, id, floor, guard, local owner, deadline, late member,
+-- replaces.
 --
 -- With `local owner` ('1': the owner record is in this slot, single node), the record is checked
 -- and set here; on a cluster it lives in the id's own slot and is claimed before this runs (then
 -- KEYS[6] is a placeholder of this slot, never touched).
+--
+-- Write order (docs/design.md, "Write order"): a save that runs after its `deadline` (Redis's
+-- clock) arrived after its writer gave up on it, so something newer may be here already. It
+-- changes nothing; its staged copy is kept aside as the late copy (in the late set, for the next
+-- flush to put in conversation_conflicts) unless the cached copy holds all its messages.
 --
 -- Replies: {1, version, created_at, first} saved (`first`: 1 when the user had nothing dirty
 -- before); {0} Redis does not hold the conversation (ask PostgreSQL who owns it, then save again
 -- with `claim` and PostgreSQL's version as `floor`); {-1} another user's id; {-3} the staged hash
 -- is gone (evicted between the two commands): nothing stored; {2} with `guard`: the new messages
 -- do not extend the cached copy (the caller read an older copy from PostgreSQL while Redis did
--- not answer): nothing stored.
+-- not answer), or with `replaces`: the cached copy is no longer the one the caller kept aside:
+-- nothing stored; {-4, kept} past the deadline: nothing stored, the copy kept aside (kept = 1) or
+-- dropped because the cached copy holds its messages (0).
 --
 -- The version is Redis's clock in microseconds, bumped past the hash's version, past the
 -- PostgreSQL version the copy was derived from, past `floor` and past a delete's tombstone, so a
@@ -29,6 +38,34 @@ if local_owner then
     return {-1}
   end
 end
+-- Whether the JSON array `a` starts with all the messages of the JSON array `b`.
+local function holds(a, b)
+  local n = #b - 1
+  return b == '[]' or a == b or (n > 0 and string.sub(a, 1, n) == string.sub(b, 1, n) and string.sub(a, n + 1, n + 1) == ',')
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if ARGV[10] ~= '' and now > tonumber(ARGV[10]) then
+  local cached = redis.call('HGET', KEYS[1], 'messages')
+  local late = redis.call('HGET', KEYS[9], 'messages') or '[]'
+  if late == '[]' or (cached and holds(cached, late)) then
+    redis.call('DEL', KEYS[9])
+    return {-4, 0}
+  end
+  redis.call('RENAME', KEYS[9], KEYS[10])
+  redis.call('PERSIST', KEYS[10])
+  redis.call('SADD', KEYS[11], ARGV[11])
+  return {-4, 1}
+end
+if ARGV[12] ~= '' then
+  local h = redis.call('HMGET', KEYS[1], 'ver', 'last_modified')
+  local mark = (h[1] or '') .. '|' .. (h[2] or '') .. '|' .. redis.call('HSTRLEN', KEYS[1], 'messages')
+    .. '|' .. redis.call('HSTRLEN', KEYS[1], 'title')
+  if mark ~= ARGV[12] then
+    redis.call('DEL', KEYS[9])
+    return {2}
+  end
+end
 if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[9])
   return {0}
@@ -37,16 +74,11 @@ local h = redis.call('HMGET', KEYS[1], 'ver', 'pgv', 'dirty', 'created_at', 'pgn
 if ARGV[8] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then
   local old = redis.call('HGET', KEYS[1], 'messages') or '[]'
   local new = redis.call('HGET', KEYS[9], 'messages') or '[]'
-  local n = #old - 1
-  local extends = old == '[]' or old == new
-    or (n > 0 and string.sub(new, 1, n) == string.sub(old, 1, n) and string.sub(new, n + 1, n + 1) == ',')
-  if not extends then
+  if not holds(new, old) then
     redis.call('DEL', KEYS[9])
     return {2}
   end
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local deleted = tonumber(redis.call('GET', KEYS[8]) or '0') or 0
 local ver = math.max(now, (tonumber(h[1] or '0') or 0) + 1, deleted + 1,
   (tonumber(h[2] or '0') or 0) + 1, (tonumber(ARGV[7]) or 0) + 1)

@@ -8,15 +8,22 @@
 --
 -- KEYS: dirty set, dirty since, then per conversation: conv, user dirty, owner (a placeholder on a
 -- cluster), list, list meta.
--- ARGV: ttl, local owner ('1' or '0'), then per conversation: member, id, version written, action
+-- ARGV: ttl, local owner ('1' or '0'), deadline (Redis's clock; past it the flush gave up, and
+-- nothing is settled: the next flush looks again), then per conversation: member, id, version written, action
 -- ('clean' or 'drop'), pgn, pgv, pgh (empty when unknown), last_modified, messages length, title
 -- length (empty to skip that check), user.
 -- Returns {settled flag per conversation..., members left in the dirty set}.
 local local_owner = ARGV[2] == '1'
 local out = {}
+local t = redis.call('TIME')
+if ARGV[3] ~= '' and tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[3]) then
+  for i = 1, (#KEYS - 2) / 5 do out[i] = 0 end
+  out[#out + 1] = redis.call('SCARD', KEYS[1])
+  return out
+end
 for i = 0, (#KEYS - 2) / 5 - 1 do
   local conv, user_dirty, owner, list, meta = KEYS[3 + 5 * i], KEYS[4 + 5 * i], KEYS[5 + 5 * i], KEYS[6 + 5 * i], KEYS[7 + 5 * i]
-  local a = 2 + 11 * i
+  local a = 3 + 11 * i
   local member, id, version, action = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local pgn, pgv, pgh = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
   local lm, mlen, tlen, user = ARGV[a + 8], ARGV[a + 9], ARGV[a + 10], ARGV[a + 11]

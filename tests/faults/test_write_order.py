@@ -1,0 +1,326 @@
+"""Write order (docs/design.md, "Write order"): a write is ordered by what its writer did, not by when its bytes
+arrive. Each test forces a late delivery deterministically: a TcpProxy holds what a client sent until the client
+gave up on it (redis_timeout), lets the newer write happen, then delivers the held bytes, and Redis runs them.
+`proxy.late_deliveries` proves the late bytes reached Redis after their client had closed; without it a test
+fails, since then its race did not happen. Final states are read from PostgreSQL, after the last flush.
+
+Also here: the overwrite guard fails closed, and a delete whose PostgreSQL statement ran never raises.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+from chat_history_rs import ChatHistoryError, _core
+from chaos_support import conflict_copies, missing_messages
+from redis_support import (
+    conv_key,
+    dirty_set,
+    grown,
+    make_conversation,
+    needs_single_node,
+    pg_conversation_ids,
+    wait_until,
+)
+from servers import assert_row_matches
+from tcp_proxy import TcpProxy
+
+# redis_timeout of the manager behind the proxy. Its near cache is off: the tracker's connections would go through
+# the proxy too, and their held heartbeats would be late deliveries of their own.
+TIMEOUT = 0.5
+
+
+@pytest.fixture(autouse=True)
+def _single_node():
+    needs_single_node("a proxy in front of the one server")
+
+
+def _late_copies(client) -> list[str]:
+    return sorted(client.scan_iter("late:*"))
+
+
+def _wait_for_late_delivery(proxy: TcpProxy, count: int = 1) -> None:
+    """The held bytes reached Redis after their client had closed, and Redis answered them."""
+    wait_until(lambda: proxy.late_deliveries >= count, timeout=10, what="the late delivery")
+    assert proxy.late_deliveries == count, proxy.late_deliveries
+
+
+def _assert_nothing_lost(pg_conn, conv_id: str, user_id: str, newest: dict, *acknowledged: dict) -> None:
+    """From PostgreSQL alone: the conversation is `newest` (title, model, every message), and every message of
+    every acknowledged save is in it or in a conflict copy of this id and user."""
+    assert_row_matches(pg_conn, conv_id, user_id, newest)
+    with pg_conn.cursor() as cur:
+        cur.execute(
+            "SELECT c.title, array_agg(m.content ORDER BY m.sequence_number) FROM conversations c"
+            " JOIN messages m USING (conversation_id) WHERE conversation_id = %s GROUP BY c.title",
+            (conv_id,),
+        )
+        stored = cur.fetchone()
+    current = {"title": stored[0], "messages": [{"content": c} for c in stored[1]]}
+    kept = conflict_copies(pg_conn, conv_id, user_id)
+    for save in acknowledged:
+        lost = [
+            m
+            for m in missing_messages(None, kept, save["messages"])
+            if m["content"] not in [c["content"] for c in current["messages"]]
+        ]
+        assert lost == [], f"messages of an acknowledged save are nowhere: {lost}"
+
+
+def _drained(rdb) -> None:
+    assert dirty_set(rdb.client) == set()
+    assert _late_copies(rdb.client) == []
+    assert rdb.client.scard("late:convs") == 0
+
+
+@pytest.mark.timeout(90)
+def test_a_late_save_never_replaces_a_newer_save_of_another_instance(
+    make_redis_manager, rdb, pg_conn, user_id, conv_id
+):  # fmt: skip
+    with TcpProxy(rdb.server.port) as proxy:
+        a = make_redis_manager(redis_url=proxy.url(), redis_timeout=TIMEOUT, near_cache_bytes=0)
+        b = make_redis_manager()  # another app instance, on a path that works
+        v1 = make_conversation(2, title="v1")
+        a.save_conversation(conv_id, v1, user_id=user_id)
+
+        proxy.hold()
+        v2 = grown({**v1, "title": "v2"}, 2, text="v2")
+        a.save_conversation(conv_id, v2, user_id=user_id)  # Redis never answers: saved to PostgreSQL
+        assert_row_matches(pg_conn, conv_id, user_id, v2)
+
+        seen = b.get_conversation(conv_id, user_id=user_id)  # Redis still holds v1
+        v3 = grown({**seen, "title": "v3"}, 1, text="v3")
+        b.save_conversation(conv_id, v3, user_id=user_id)
+
+        proxy.deliver()
+        _wait_for_late_delivery(proxy)
+        assert b.get_conversation(conv_id, user_id=user_id) == v3  # the late v2 did not replace it
+        wait_until(lambda: _poke(a, user_id), timeout=10, what="A back on Redis")
+        assert a.get_conversation(conv_id, user_id=user_id) == v3
+
+        a.flush_dirty_conversations()
+        b.flush_dirty_conversations()
+        _drained(rdb)
+        _assert_nothing_lost(pg_conn, conv_id, user_id, v3, v2, v3)
+        # v2's two new messages are not in v3: they were kept aside, not dropped.
+        assert any(len(copy) == 4 for copy in conflict_copies(pg_conn, conv_id, user_id))
+
+
+@pytest.mark.timeout(90)
+def test_a_late_save_never_replaces_a_newer_save_of_the_same_instance(
+    make_redis_manager, rdb, pg_conn, user_id, conv_id
+):  # fmt: skip
+    with TcpProxy(rdb.server.port) as proxy:
+        a = make_redis_manager(redis_url=proxy.url(), redis_timeout=TIMEOUT, near_cache_bytes=0)
+        v1 = make_conversation(2, title="v1")
+        a.save_conversation(conv_id, v1, user_id=user_id)
+
+        proxy.hold(only_open=True)  # the connection carrying v2 is held; a new one gets through
+        v2 = grown({**v1, "title": "v2"}, 2, text="v2")
+        a.save_conversation(conv_id, v2, user_id=user_id)
+        assert_row_matches(pg_conn, conv_id, user_id, v2)
+
+        a.flush_dirty_conversations()  # Redis is back (a new connection): brought in line with v2
+        seen = a.get_conversation(conv_id, user_id=user_id)
+        assert seen == v2
+        v3 = grown({**seen, "title": "v3"}, 1, text="v3")
+        a.save_conversation(conv_id, v3, user_id=user_id)
+
+        proxy.deliver()
+        _wait_for_late_delivery(proxy)
+        assert a.get_conversation(conv_id, user_id=user_id) == v3
+
+        a.flush_dirty_conversations()
+        _drained(rdb)
+        _assert_nothing_lost(pg_conn, conv_id, user_id, v3, v2, v3)
+        assert conflict_copies(pg_conn, conv_id, user_id) == []  # v3 holds all of v2: nothing to keep aside
+
+
+@pytest.mark.timeout(90)
+def test_a_late_save_never_undoes_a_delete(make_redis_manager, rdb, pg_conn, user_id, conv_id):
+    with TcpProxy(rdb.server.port) as proxy:
+        a = make_redis_manager(redis_url=proxy.url(), redis_timeout=TIMEOUT, near_cache_bytes=0)
+        b = make_redis_manager()
+        v1 = make_conversation(2, title="v1")
+        a.save_conversation(conv_id, v1, user_id=user_id)
+        a.flush_dirty_conversations()
+
+        proxy.hold()
+        v2 = grown({**v1, "title": "v2"}, 1, text="v2")
+        a.save_conversation(conv_id, v2, user_id=user_id)  # to PostgreSQL
+        b.delete_conversation(conv_id, user_id=user_id)
+        assert conv_id not in pg_conversation_ids(pg_conn)
+
+        proxy.deliver()
+        _wait_for_late_delivery(proxy)
+        assert b.get_conversation(conv_id, user_id=user_id) is None
+        assert rdb.client.exists(conv_key(user_id, conv_id)) == 0
+
+        for app in (a, b):
+            app.flush_dirty_conversations()
+        _drained(rdb)
+        assert conv_id not in pg_conversation_ids(pg_conn)  # never brought back
+        for app in (a, b):
+            assert app.get_conversation(conv_id, user_id=user_id) is None
+            assert app.list_conversations(user_id) == []
+        # The late copy's messages were the deleted conversation's: kept aside where an operator sees them.
+        assert missing_messages(None, conflict_copies(pg_conn, conv_id, user_id), v2["messages"]) == []
+
+
+@pytest.mark.timeout(90)
+def test_a_late_replay_of_a_bypass_write_changes_nothing_newer(make_redis_manager, rdb, pg_conn, user_id, conv_id):
+    """A save made while Redis was away went to PostgreSQL; the replay that brings Redis in line with it is held,
+    a newer save goes through another instance, and then the replay arrives."""
+    with TcpProxy(rdb.server.port) as proxy:
+        a = make_redis_manager(redis_url=proxy.url(), redis_timeout=TIMEOUT, near_cache_bytes=0)
+        b = make_redis_manager()
+        v1 = make_conversation(2, title="v1")
+        a.save_conversation(conv_id, v1, user_id=user_id)
+        a.flush_dirty_conversations()
+
+        proxy.partition()
+        v2 = grown({**v1, "title": "v2"}, 1, text="v2")
+        a.save_conversation(conv_id, v2, user_id=user_id)  # the bypass: straight to PostgreSQL
+        proxy.heal()
+        proxy.hold()
+        time.sleep(1.0)  # past the backoff: A's next call tries Redis, and first replays the bypass
+        assert a.get_conversation(conv_id, user_id=user_id) == v2  # the replay is held: read from PostgreSQL
+
+        seen = b.get_conversation(conv_id, user_id=user_id)
+        v3 = grown({**seen, "title": "v3"}, 1, text="v3")
+        b.save_conversation(conv_id, v3, user_id=user_id)
+
+        proxy.deliver()
+        _wait_for_late_delivery(proxy)
+        assert b.get_conversation(conv_id, user_id=user_id) == v3
+
+        b.flush_dirty_conversations()
+        a.flush_dirty_conversations()
+        _drained(rdb)
+        _assert_nothing_lost(pg_conn, conv_id, user_id, v3, v2, v3)
+
+
+@pytest.mark.timeout(90)
+def test_a_late_settle_never_marks_a_newer_save_clean(make_redis_manager, rdb, pg_conn, user_id, conv_id):
+    if not _core._failpoints_enabled():
+        pytest.fail("this build has no failpoints: build with `make dev-test` (make test does)")
+    with TcpProxy(rdb.server.port) as proxy:
+        flusher = make_redis_manager(redis_url=proxy.url(), redis_timeout=TIMEOUT, near_cache_bytes=0)
+        app = make_redis_manager()
+        v1 = make_conversation(2, title="v1")
+        app.save_conversation(conv_id, v1, user_id=user_id)
+
+        errors: list[BaseException] = []
+
+        def flush() -> None:
+            try:
+                flusher.flush_dirty_conversations()
+            except BaseException as exc:  # noqa: BLE001 - checked below
+                errors.append(exc)
+
+        _core._failpoint_pause("flush.before_settle", 1)
+        thread = threading.Thread(target=flush)
+        thread.start()
+        try:
+            assert _core._failpoint_wait("flush.before_settle", 1, 30.0)
+            assert_row_matches(pg_conn, conv_id, user_id, v1)  # written; the settle is next
+            proxy.hold()
+        finally:
+            _core._failpoint_release("flush.before_settle")
+        thread.join(timeout=30)
+        assert len(errors) == 1, errors  # the flusher gave up on its settle
+
+        v2 = grown({**v1, "title": "v2"}, 1, text="v2")
+        app.save_conversation(conv_id, v2, user_id=user_id)
+
+        proxy.deliver()
+        _wait_for_late_delivery(proxy)
+        assert rdb.client.hget(conv_key(user_id, conv_id), "dirty") == "1"  # v2 still waits to be written
+
+        app.flush_dirty_conversations()
+        _drained(rdb)
+        _assert_nothing_lost(pg_conn, conv_id, user_id, v2, v1, v2)
+
+
+@pytest.mark.timeout(60)
+def test_the_overwrite_guard_fails_closed_on_a_copy_it_cannot_read(
+    make_redis_manager, rdb, pg_conn, user_id, conv_id
+):  # fmt: skip
+    """A save made from a copy read while Redis did not answer finds, once Redis is back, a dirty copy it cannot
+    parse: it refuses, and nothing changes (the copy is neither replaced nor dropped)."""
+    with TcpProxy(rdb.server.port) as proxy:
+        a = make_redis_manager(redis_url=proxy.url(), redis_timeout=TIMEOUT, near_cache_bytes=0)
+        v1 = make_conversation(2, title="v1")
+        a.save_conversation(conv_id, v1, user_id=user_id)
+        a.flush_dirty_conversations()
+        key = conv_key(user_id, conv_id)
+        rdb.client.hset(key, mapping={"messages": "not a transcript", "dirty": "1"})
+        rdb.client.persist(key)
+
+        proxy.partition()
+        seen = a.get_conversation(conv_id, user_id=user_id)  # from PostgreSQL: the read is tainted
+        assert seen == v1
+        proxy.heal()
+        wait_until(lambda: _poke(a, user_id), timeout=10, what="Redis back")
+
+        with pytest.raises(ChatHistoryError, match="cannot be read"):
+            a.save_conversation(conv_id, grown(seen, 1), user_id=user_id)
+        assert rdb.client.hget(key, "messages") == "not a transcript"
+        assert_row_matches(pg_conn, conv_id, user_id, v1)
+
+
+def _poke(manager, user_id: str) -> bool:
+    """A call that tries Redis once the backoff is over, without touching the conversation under test; whether
+    Redis is in use again."""
+    manager.list_conversations(user_id + "-elsewhere")
+    return manager.stats()["redis_available"]
+
+
+@pytest.mark.timeout(60)
+def test_a_delete_whose_postgresql_statement_ran_never_raises(
+    make_redis_manager, rdb, pg_params, user_id, conv_id
+):  # fmt: skip
+    """The delete's last step is Redis's; PostgreSQL going away after its statement does not make the delete
+    raise (which would say "nothing changed" about a delete that happened), and a save that lands in Redis
+    between the two steps is newer than the delete and stands."""
+    if not _core._failpoints_enabled():
+        pytest.fail("this build has no failpoints: build with `make dev-test` (make test does)")
+    with TcpProxy(pg_params.port, pg_params.host) as pg_proxy:
+        url = replace(pg_params, host="127.0.0.1", port=pg_proxy.port).url
+        deleter = make_redis_manager(connection_string=url, postgres_connect_timeout=2.0)
+        saver = make_redis_manager()
+        v1 = make_conversation(2, title="v1")
+        saver.save_conversation(conv_id, v1, user_id=user_id)
+        saver.flush_dirty_conversations()
+
+        errors: list[BaseException] = []
+
+        def delete() -> None:
+            try:
+                deleter.delete_conversation(conv_id, user_id=user_id)
+            except BaseException as exc:  # noqa: BLE001 - checked below
+                errors.append(exc)
+
+        _core._failpoint_pause("delete.after_postgres", 1)
+        thread = threading.Thread(target=delete)
+        thread.start()
+        try:
+            assert _core._failpoint_wait("delete.after_postgres", 1, 30.0)
+            conn = pg_params.connect()
+            assert conv_id not in pg_conversation_ids(conn)  # PostgreSQL's step is done
+            pg_proxy.partition()  # and PostgreSQL is gone for the deleter
+            v2 = grown({**v1, "title": "v2"}, 1, text="after the delete")
+            saver.save_conversation(conv_id, v2, user_id=user_id)  # lands in Redis between the two steps
+        finally:
+            _core._failpoint_release("delete.after_postgres")
+        thread.join(timeout=30)
+        assert errors == []
+        assert saver.get_conversation(conv_id, user_id=user_id) == v2
+        saver.flush_dirty_conversations()
+        assert_row_matches(conn, conv_id, user_id, v2)
+        assert dirty_set(rdb.client) == set()
+        conn.close()
