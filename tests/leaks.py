@@ -1,5 +1,6 @@
 """Where a password could leak, as text: exceptions (with their whole cause chain), log records,
-nested stats() dicts. One set of helpers for every secrecy test (SPEC section 7)."""
+nested stats() dicts. One set of helpers for every secrecy test (README, "Configuration": passwords never
+appear in exceptions, log lines, repr() or stats())."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ DEFAULT_TTL = 1800
 
 
 # --------------------------------------------------------------------------------------------------
-# Keys (SPEC section 3, the seed's layout)
+# Keys (docs/design.md, "Keys and rows": the seed's layout)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -180,7 +180,7 @@ UTC = timezone.utc
 
 
 def iso(dt: datetime) -> str:
-    """The canonical form (SPEC section 2): isoformat() of the UTC instant."""
+    """The canonical form (`Timestamp` in src/model.rs): isoformat() of the UTC instant."""
     return dt.astimezone(UTC).isoformat()
 
 

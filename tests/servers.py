@@ -7,7 +7,7 @@ reconnect.
 
 When `CHR_TEST_POSTGRES_URL` / `CHR_TEST_REDIS_URL` name running servers, `ExternalPostgres` /
 `ExternalRedis` wrap them instead: same attributes, but they cannot be stopped (`controllable` is
-False and fault tests skip).
+False); fault tests cut them off with a TCP proxy in front instead (tests/tcp_proxy.py).
 """
 
 from __future__ import annotations
@@ -519,7 +519,7 @@ class ExternalRedis:
 # Phase 1 data, written and read with plain SQL (what the pure-Python ChatHistoryManager did)
 # --------------------------------------------------------------------------------------------------
 
-# The production schema of SPEC section 3, as Phase 1 created it. Index names are Phase 1's guess;
+# The production schema (README, "Schema": the Phase 1 tables), as Phase 1 created it. Index names are Phase 1's guess;
 # the product must accept an existing schema whatever its index names are.
 PHASE1_SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -619,7 +619,7 @@ def assert_row_matches(conn, conversation_id: str, user_id: str, conversation: d
 
 
 def canonical(ts) -> str:
-    """The form SPEC section 2 promises: Python's isoformat() of the UTC instant.
+    """The form the product returns (`Timestamp` in src/model.rs): Python's isoformat() of the UTC instant.
 
     Accepts an aware datetime or an ISO 8601 string (naive = UTC).
     """

@@ -1,4 +1,5 @@
-"""Security (SPEC section 7): users are isolated, SQL is parameterised, passwords never leak."""
+"""Security (docs/design.md, "Ownership"; README, "Configuration"): users are isolated, SQL is parameterised,
+passwords never leak."""
 
 from __future__ import annotations
 

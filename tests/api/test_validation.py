@@ -1,4 +1,4 @@
-"""Bad input (SPEC section 6): a clear error at the call that names the field, and nothing stored.
+"""Bad input (README, "Errors"): a clear error at the call that names the field, and nothing stored.
 
 Every case runs in postgres mode and in local mode. Each saves a good version first, tries the bad
 one, and checks the stored conversation (rows, or file bytes) is exactly the good one; then tries the

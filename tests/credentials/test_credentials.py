@@ -1,5 +1,6 @@
-"""Credentials that expire (SPEC section 13): redis_credential_provider, postgres_credential_provider,
-and chat_history_rs.azure, against a private Redis with ACL users and the password-protected PostgreSQL.
+"""Credentials that expire (README, "Expiring credentials (Microsoft Entra ID)"): redis_credential_provider,
+postgres_credential_provider, and chat_history_rs.azure, against a private Redis with ACL users and the
+password-protected PostgreSQL.
 
 A rotation (new password in, old one out, every session of the user killed) must cost no failed call
 and no fallback; credentials reported to expire are renewed before they do (Redis: AUTH on the same

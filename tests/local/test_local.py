@@ -123,7 +123,8 @@ def test_resave_replaces_the_file(local_manager, tmp_path, conv_id, sample_conve
 
 
 def test_aware_datetime_values_are_stored_as_iso_strings(local_manager, tmp_path, conv_id, sample_conversation):
-    # SPEC section 6: a datetime object is accepted; JSON can only hold it as its ISO 8601 text.
+    # A datetime object is accepted (`ConversationInput` in chat_history_rs/_core.pyi); JSON can only hold it as
+    # its ISO 8601 text.
     when = datetime(2025, 11, 26, 0, 35, 21, 123456, tzinfo=timezone.utc)
     conv = sample_conversation(1, created_at=when, last_modified=when)
     conv["messages"][0]["time"] = when

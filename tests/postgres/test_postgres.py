@@ -73,7 +73,7 @@ def test_schema_is_created_when_missing(pg_manager, pg_conn, user_id):
             " AND table_name IN ('conversations', 'messages') ORDER BY table_name, ordinal_position"
         )
         columns = {(t, c): (dt, length, nullable) for t, c, dt, length, nullable in cur.fetchall()}
-    # Extra columns (an idempotent migration, SPEC section 3) are allowed; these must be exactly so.
+    # Extra columns (an idempotent migration, README "Schema") are allowed; these must be exactly so.
     assert columns[("conversations", "conversation_id")] == ("character varying", 50, "NO")
     assert columns[("conversations", "user_client_id")] == ("character varying", 255, "NO")
     assert columns[("conversations", "title")] == ("text", None, "NO")
@@ -399,7 +399,8 @@ def test_timestamps_are_normalised_to_canonical_utc(pg_manager, pg_conn, user_id
 
 
 def test_naive_timestamps_are_utc_even_when_process_tz_is_not(pg_manager, user_id, conv_id, monkeypatch):
-    # SPEC section 2: naive = UTC. A product that used the machine's local zone would shift it.
+    # Naive means UTC (`ConversationInput` in chat_history_rs/_core.pyi). A product that used the machine's local
+    # zone would shift it.
     monkeypatch.setenv("TZ", "Asia/Kolkata")
     time.tzset()
     try:

@@ -1,4 +1,5 @@
-"""The Redis tier (SPEC sections 3, 4, 7, 8) against real throwaway Redis and PostgreSQL servers.
+"""The Redis tier (docs/design.md, "Keys and rows", "Write-back" and "Ownership"; README, "Observability")
+against real throwaway Redis and PostgreSQL servers.
 
 Every test checks the data itself: the Redis keys with redis-py (seed layout: `conv:<user>:<conv>` hashes,
 `user:<user>:convlist`, `dirty:convs`) and the PostgreSQL rows with psycopg2, row by row.
@@ -190,8 +191,8 @@ def test_flush_of_grown_conversation_writes_only_the_new_rows(make_redis_manager
     assert_row_matches(pg_conn, conv_id, user_id, longer)
     new_rows = pg_message_identities(pg_conn, conv_id)
     assert len(new_rows) == 6
-    # SPEC 4.7: two new messages cost two rows; the old rows keep their message_id (not deleted and
-    # re-inserted) and their row version (not updated).
+    # docs/design.md, "Write-back" (only what changed is sent): two new messages cost two rows; the old rows keep
+    # their message_id (not deleted and re-inserted) and their row version (not updated).
     kept_ids = [(seq, mid) for seq, mid, _ in new_rows[:4]]
     assert kept_ids == [(seq, mid) for seq, mid, _ in old_rows], "old message rows were deleted and re-inserted"
     assert new_rows[:4] == old_rows, "old message rows were rewritten (UPDATE)"
@@ -210,8 +211,8 @@ def test_flush_of_shrunk_conversation_removes_rows(make_redis_manager, rdb, pg_c
 
 
 def test_flush_batches_conversations_per_transaction(make_redis_manager, rdb, pg_conn, user_id):
-    # SPEC 4.7: many conversations per transaction, each conversation whole in one. Rows written by one
-    # transaction share its xmin, so the distinct xmins count the transactions.
+    # docs/design.md, "Write-back": many conversations per transaction, each conversation whole in one. Rows
+    # written by one transaction share its xmin, so the distinct xmins count the transactions.
     manager = make_redis_manager(flush_batch_size=25)
     conversations = {f"ba7c{n:04d}": make_conversation(1 + n % 3, prefix=f"{n} ") for n in range(100)}
     for cid, conv in conversations.items():
@@ -350,7 +351,7 @@ def test_non_canonical_timestamps_read_back_canonical_from_both_tiers(make_redis
 
 
 def test_seed_format_hash_is_read_and_flushed(make_redis_manager, rdb, pg_conn, user_id, conv_id):
-    # Rolling upgrade (SPEC section 3): a seed-design Python instance wrote this hash, with the seed's
+    # Rolling upgrade (docs/design.md, "Keys and rows"): a seed-design Python instance wrote this hash, with the seed's
     # json.dumps (ASCII escapes) and its 1800 s TTL even though it is dirty.
     conversation = make_conversation(3, title="Written by the seed", prefix="ünïcode ")
     write_seed_hash(rdb.client, user_id, conv_id, conversation, dirty=True)
@@ -412,14 +413,15 @@ def test_list_merges_dirty_redis_and_postgres_newest_first(
     assert manager.list_conversations(user_id=user_id) == expected  # again: now maybe from a cached list
     _assert_convlist_consistent(rdb.client, user_id, dict(expected))
 
-    # A save after the list was cached shows at once (SPEC 4.4).
+    # A save after the list was cached shows at once (docs/design.md, "The contract": reads see the newest save).
     newest = make_conversation(1, title="Newest", last_modified=iso(now + timedelta(hours=1)))
     manager.save_conversation("aaaa0005", newest, user_id=user_id)
     assert manager.list_conversations(user_id) == [("aaaa0005", metadata(newest))] + expected
 
 
 def test_list_and_get_see_another_instances_writes_at_once(make_redis_manager, rdb, user_id):
-    # Two app instances on one Redis (SPEC 4.4): a cached list in one never hides the other's saves and deletes.
+    # Two app instances on one Redis (docs/design.md, "The contract"): a cached list in one never hides the other's
+    # saves and deletes.
     app_a, app_b = make_redis_manager(), make_redis_manager()
     first = make_conversation(1, title="first")
     app_a.save_conversation("aaaa1001", first, user_id=user_id)
@@ -540,7 +542,7 @@ def test_saving_again_after_delete_creates_a_new_conversation(make_redis_manager
 
 
 # --------------------------------------------------------------------------------------------------
-# Ownership (SPEC section 7)
+# Ownership (docs/design.md, "Ownership")
 # --------------------------------------------------------------------------------------------------
 
 
@@ -600,7 +602,7 @@ def test_other_user_blocked_across_two_managers(make_redis_manager, rdb, pg_conn
 
 
 # --------------------------------------------------------------------------------------------------
-# Bad input (SPEC section 6): refused before Redis, nothing changes
+# Bad input (README, "Errors"): refused before Redis, nothing changes
 # --------------------------------------------------------------------------------------------------
 
 
@@ -644,7 +646,8 @@ def test_refused_save_changes_nothing(make_redis_manager, rdb, pg_conn, user_id,
     pg_before = pg_snapshot(pg_conn)
 
     for target in (conv_id, "a0a0a0a0"):  # an existing conversation and a new one
-        # SPEC section 6: "a ValueError or TypeError that names the field" (which of the two is not pinned here).
+        # README, "Errors": ValidationError (a ValueError) or InvalidTypeError (a TypeError), naming the field;
+        # which of the two is not pinned here.
         with pytest.raises((ValueError, TypeError)) as info:
             manager.save_conversation(target, make_bad(dirty), user_id=user_id)
         assert isinstance(info.value, (ValidationError, InvalidTypeError))
@@ -733,7 +736,7 @@ def test_close_flushes(make_redis_manager, rdb, pg_conn, user_id):
 
 @pytest.mark.parametrize("switch", ["explicit", "default"])
 def test_background_flusher_writes_without_explicit_flush(make_redis_manager, rdb, pg_conn, user_id, conv_id, switch):
-    # SPEC 4.5: on by default in redis mode.
+    # README, "Configuration": background_flush is on by default in redis mode.
     background_flush = True if switch == "explicit" else None  # None: leave the product's default
     manager = make_redis_manager(flush_interval=0.5, background_flush=background_flush)
     conversation = make_conversation(2)
@@ -780,7 +783,7 @@ def test_atexit_flushes_when_the_app_never_closes(pg_url, rdb, pg_conn, user_id,
 
 
 # --------------------------------------------------------------------------------------------------
-# TTL and eviction (SPEC 4.2)
+# TTL and eviction (docs/design.md, "Write-back": dirty keys never expire)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -838,7 +841,7 @@ def test_dirty_keys_survive_eviction_pressure(make_redis_server, make_redis_mana
 
 
 # --------------------------------------------------------------------------------------------------
-# stats() (SPEC section 8)
+# stats() (README, "Observability")
 # --------------------------------------------------------------------------------------------------
 
 STATS_KEYS = {
@@ -876,7 +879,7 @@ def test_stats_counts(make_redis_manager, rdb, user_id):
     assert (hits, misses) == (3, 1)
     total_hits, total_misses = stats["cache_hits"], stats["cache_misses"]
     ratio = total_hits / (total_hits + total_misses)
-    # SPEC leaves the unit open: a fraction (0.75) or the seed's percentage (75.0) are both accepted.
+    # README, "Observability" leaves the unit open: a fraction (0.75) or the seed's percentage (75.0) are both accepted.
     assert stats["hit_rate"] == pytest.approx(ratio) or stats["hit_rate"] == pytest.approx(100 * ratio)
 
     flushes = stats["flushes"]
@@ -893,7 +896,7 @@ def test_stats_counts(make_redis_manager, rdb, user_id):
 
 
 # --------------------------------------------------------------------------------------------------
-# Secrets (SPEC section 7)
+# Secrets (README, "Configuration": passwords never appear in exceptions, logs, repr() or stats())
 # --------------------------------------------------------------------------------------------------
 
 REDIS_PASSWORD = "Rdx-secret:key@42/pw+="  # Azure keys are base64: '+', '/', '=' are common
@@ -966,7 +969,7 @@ def test_correct_redis_password_works_and_never_shows(
 
 
 # --------------------------------------------------------------------------------------------------
-# Configuration (SPEC section 2): the seed's URL form, the later by-parts form, env vs keywords
+# Configuration (README, "Configuration"): the seed's URL form, the later by-parts form, env vs keywords
 # --------------------------------------------------------------------------------------------------
 
 REDIS_ENV = ("REDIS_ENABLED", "REDIS_CONNECTION_STRING", "REDIS_CACHE_TTL", "REDIS_TTL_SECONDS", "REDIS_HOST",

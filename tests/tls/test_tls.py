@@ -1,4 +1,4 @@
-"""TLS (SPEC section 7, README "TLS"): libpq's sslmodes over rustls for PostgreSQL, and `rediss://`.
+"""TLS (README, "Configuration", its TLS paragraph): libpq's sslmodes over rustls for PostgreSQL, and `rediss://`.
 
 Against throwaway servers that present certificates of a throwaway CA (tls_support.py): a PostgreSQL that
 accepts TLS only and names localhost and 127.0.0.1, a PostgreSQL whose certificate names only

@@ -1,4 +1,4 @@
-"""TLS on a Redis Cluster (SPEC: "TLS works with the node names the cluster advertises").
+"""TLS on a Redis Cluster (README, "Configuration": every node is checked against the name the cluster advertises).
 
 A throwaway cluster of 3 primaries with a replica each that speaks TLS only, on the client port, the
 cluster bus and replication (tls_support.TlsRedisClusterServers; the nodes advertise 127.0.0.1, a name
