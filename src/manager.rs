@@ -1176,24 +1176,33 @@ impl CachedTier {
             }
             None => 0,
         };
-        // PostgreSQL's statement is the delete's one step that can fail with effect: after it, the
-        // call succeeds whatever Redis does (docs/design.md, "Write order").
         let (_, tombstone) = self.pg()?.delete_versioned(conversation_id, user_id, seen)?;
-        let Some(tombstone) = tombstone else {
+        let Some(mut tombstone) = tombstone else {
             log::debug!("delete of {conversation_id:?}: PostgreSQL gives the id to another user; nothing deleted");
             return Ok(());
         };
         fail::fail_point!("delete.after_postgres");
-        match self.cache(|r| r.delete(user_id, conversation_id, tombstone)) {
-            Some(Ok(Some(Deleted::Overtaken))) => {
-                // A save newer than the tombstone landed after PostgreSQL's delete: it came after the
-                // delete, and stands (the flush writes it over the tombstone).
-                log::debug!("delete of {conversation_id:?}: a newer save came after it and stands");
+        for _ in 0..OVERWRITE_ATTEMPTS {
+            match self.cache(|r| r.delete(user_id, conversation_id, tombstone)) {
+                Some(Ok(Some(Deleted::Overtaken(version)))) => {
+                    // A save landed in Redis between the two steps, newer than the tombstone, and Redis
+                    // removed nothing. The delete wins over it once PostgreSQL's tombstone covers it (a
+                    // flush that read it then cannot bring it back). If PostgreSQL fails here, the call
+                    // raises with nothing changed that anyone can see: Redis holds that save, which
+                    // supersedes what PostgreSQL removed, and the flush writes it over the tombstone.
+                    tombstone = self.pg()?.delete_versioned(conversation_id, user_id, version)?.1.unwrap_or(version);
+                }
+                Some(Ok(_)) => return Ok(()),
+                Some(Err(_)) | None => {
+                    self.bypassed(user_id, conversation_id, tombstone, true);
+                    return Ok(());
+                }
             }
-            Some(Ok(_)) => {}
-            Some(Err(_)) | None => self.bypassed(user_id, conversation_id, tombstone, true),
         }
-        Ok(())
+        Err(Error::new(
+            ErrorKind::Unavailable(Backend::Redis),
+            format!("conversation {conversation_id:?} kept being saved while it was deleted; save or delete it again"),
+        ))
     }
 
     /// `explicit`: asked for by the caller (`flush_dirty_conversations()`, `close()`, the CLI), so

@@ -21,8 +21,9 @@ const REBUILD_ATTEMPTS: usize = 5;
 pub enum Deleted {
     /// The copy (if any) and every trace of it are gone.
     Removed,
-    /// Redis holds a save newer than PostgreSQL's tombstone: it came after the delete and stands.
-    Overtaken,
+    /// Redis holds a save newer than PostgreSQL's tombstone, at this version: it landed between
+    /// PostgreSQL's step and this one, and nothing was removed.
+    Overtaken(i64),
 }
 
 /// What a save did.
@@ -237,8 +238,8 @@ impl RedisCache {
     }
 
     /// Removes the conversation from every key, after PostgreSQL deleted it under `tombstone`.
-    /// `Ok(None)` when the id is another user's; `Ok(Some(Deleted::Overtaken))` when Redis holds a
-    /// save newer than the tombstone (one that came after the delete, which stands).
+    /// `Ok(None)` when the id is another user's; `Ok(Some(Deleted::Overtaken(version)))`, with
+    /// nothing changed, when Redis holds a save newer than the tombstone.
     pub fn delete(&self, user_id: &str, conversation_id: &str, tombstone: i64) -> CacheResult<Option<Deleted>> {
         let l = self.layout()?;
         let keys = [
@@ -269,7 +270,14 @@ impl RedisCache {
         match reply.first().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(-2) {
             1 => {}
             -1 => return Ok(None),
-            -5 => return Ok(Some(Deleted::Overtaken)),
+            -5 => {
+                let version = reply
+                    .get(1)
+                    .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(i64::MAX);
+                return Ok(Some(Deleted::Overtaken(version)));
+            }
             -4 => return Err(CacheError::Unavailable("Redis ran the delete after its deadline".into())),
             _ => return Err(CacheError::Other(format!("unexpected reply to the delete script: {reply:?}"))),
         }

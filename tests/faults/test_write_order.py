@@ -4,7 +4,7 @@ gave up on it (redis_timeout), lets the newer write happen, then delivers the he
 `proxy.late_deliveries` proves the late bytes reached Redis after their client had closed; without it a test
 fails, since then its race did not happen. Final states are read from PostgreSQL, after the last flush.
 
-Also here: the overwrite guard fails closed, and a delete whose PostgreSQL statement ran never raises.
+Also here: the overwrite guard fails closed, and a delete that raises left nothing changed.
 """
 
 from __future__ import annotations
@@ -281,12 +281,13 @@ def _poke(manager, user_id: str) -> bool:
 
 
 @pytest.mark.timeout(60)
-def test_a_delete_whose_postgresql_statement_ran_never_raises(
+def test_a_delete_that_raises_after_its_postgresql_step_left_nothing_changed(
     make_redis_manager, rdb, pg_params, user_id, conv_id
 ):  # fmt: skip
-    """The delete's last step is Redis's; PostgreSQL going away after its statement does not make the delete
-    raise (which would say "nothing changed" about a delete that happened), and a save that lands in Redis
-    between the two steps is newer than the delete and stands."""
+    """A save lands in Redis between the delete's PostgreSQL step and its Redis step, and PostgreSQL goes away
+    before the delete can raise its tombstone over that save. The delete raises, and nothing anyone can see
+    changed: the save stands (it supersedes what PostgreSQL removed) and is written back. (Before, Redis's step
+    had already removed the save, so the call raised after changing both tiers, and the save was lost.)"""
     if not _core._failpoints_enabled():
         pytest.fail("this build has no failpoints: build with `make dev-test` (make test does)")
     with TcpProxy(pg_params.port, pg_params.host) as pg_proxy:
@@ -296,6 +297,7 @@ def test_a_delete_whose_postgresql_statement_ran_never_raises(
         v1 = make_conversation(2, title="v1")
         saver.save_conversation(conv_id, v1, user_id=user_id)
         saver.flush_dirty_conversations()
+        conn = pg_params.connect()
 
         errors: list[BaseException] = []
 
@@ -310,16 +312,16 @@ def test_a_delete_whose_postgresql_statement_ran_never_raises(
         thread.start()
         try:
             assert _core._failpoint_wait("delete.after_postgres", 1, 30.0)
-            conn = pg_params.connect()
             assert conv_id not in pg_conversation_ids(conn)  # PostgreSQL's step is done
             pg_proxy.partition()  # and PostgreSQL is gone for the deleter
-            v2 = grown({**v1, "title": "v2"}, 1, text="after the delete")
+            v2 = grown({**v1, "title": "v2"}, 1, text="between the steps")
             saver.save_conversation(conv_id, v2, user_id=user_id)  # lands in Redis between the two steps
         finally:
             _core._failpoint_release("delete.after_postgres")
         thread.join(timeout=30)
-        assert errors == []
+        assert len(errors) == 1 and isinstance(errors[0], ConnectionError), errors
         assert saver.get_conversation(conv_id, user_id=user_id) == v2
+        assert [cid for cid, _ in saver.list_conversations(user_id)] == [conv_id]
         saver.flush_dirty_conversations()
         assert_row_matches(conn, conv_id, user_id, v2)
         assert dirty_set(rdb.client) == set()

@@ -6,8 +6,9 @@
 -- ARGV: member, id, user, tombstone ttl, local owner ('1' or '0'), deadline (Redis's clock; past
 -- it the caller gave up and nothing changes), PostgreSQL's tombstone version.
 -- Returns {-1} for another user's id (single node); {-4} past the deadline; {-5, version} when the
--- copy is newer than PostgreSQL's tombstone: a save that came after the delete, which stands
--- (docs/design.md, "Write order"); else {1, version removed}.
+-- copy is newer than PostgreSQL's tombstone (a save landed between the two steps: PostgreSQL's
+-- tombstone must cover it first, see docs/design.md, "Deletes"), nothing changed; else {1, version
+-- removed}.
 local local_owner = ARGV[5] == '1'
 local t = redis.call('TIME')
 if ARGV[6] ~= '' and tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[6]) then
