@@ -12,7 +12,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::cache::keys::split_late_member;
-use crate::cache::redis::{split_member, CacheError, Cached, DirtyEntry, RedisCache, Settle, SettleItem, StoredPrefix};
+use crate::cache::redis::{
+    split_member, CacheError, CacheResult, Cached, DirtyEntry, RedisCache, Settle, SettleItem, StoredPrefix,
+};
 use crate::error::{Backend, Error, ErrorKind, Result};
 use crate::model::{messages_fingerprint, Conversation};
 use crate::store::postgres::{FlushOutcome, PostgresStore, WriteBack};
@@ -417,28 +419,21 @@ impl Flusher {
         // it in between makes the statement say so, and this looks again.
         for _ in 0..RESOLVE_ATTEMPTS {
             let row = self.postgres.get_any(conversation_id)?;
-            let known = match &row {
-                None => None,
-                Some((owner, _, _)) if owner != user_id => return Ok(FlushOutcome::OtherOwner),
-                Some((_, _, row_version)) if *row_version == Some(version) => return Ok(FlushOutcome::Current),
-                Some((_, stored, row_version)) => {
-                    if row_version.is_some_and(|v| v > version) {
-                        if !is_prefix(&cached.conversation.messages, &stored.messages) {
-                            self.keep(
-                                conversation_id,
-                                user_id,
-                                &cached.conversation,
-                                Some(version),
-                                REASON_OLDER,
-                                report,
-                            )?;
-                        }
-                        return Ok(FlushOutcome::Stale);
+            let row_ref = row.as_ref().map(|(owner, stored, v)| (owner.as_str(), stored.messages.as_slice(), *v));
+            let known = match resolution(user_id, version, &cached.conversation.messages, row_ref) {
+                Resolution::OtherOwner => return Ok(FlushOutcome::OtherOwner),
+                Resolution::Current => return Ok(FlushOutcome::Current),
+                Resolution::Older { keep } => {
+                    if keep {
+                        self.keep(conversation_id, user_id, &cached.conversation, Some(version), REASON_OLDER, report)?;
                     }
-                    if !is_prefix(&stored.messages, &cached.conversation.messages) {
+                    return Ok(FlushOutcome::Stale);
+                }
+                Resolution::Newer { keep_row, known } => {
+                    if let (true, Some((_, stored, row_version))) = (keep_row, &row) {
                         self.keep(conversation_id, user_id, stored, *row_version, REASON_REPLACED, report)?;
                     }
-                    *row_version
+                    known
                 }
             };
             let write = write_back(member, cached, true, known);
@@ -453,7 +448,7 @@ impl Flusher {
         ))
     }
 
-    /// Whether Redis holds a newer version than the copy this flush read: the app saved again
+    /// Whether Redis holds a newer version than the copy this flush read (see [`is_superseded`]).
     /// (and another flusher may have written that save already). Then the copy read is history
     /// the app replaced itself, not a divergence to resolve: nothing is kept aside, nothing
     /// settled, and the next flush writes what Redis holds now. A hash that is gone (a Redis that
@@ -461,17 +456,18 @@ impl Flusher {
     /// one left, and is resolved as read.
     fn superseded(&self, member: &str, cached: &Cached) -> bool {
         let (user_id, conversation_id) = split_member(member).expect("checked members split");
-        match self.redis.version_now(user_id, conversation_id) {
-            Ok(Some(now)) if cached.version.is_some_and(|read| now > read) => {
-                log::debug!("{member} changed in Redis while being flushed; the next flush writes it");
-                true
-            }
-            Ok(_) => false,
-            Err(e) => {
-                log::debug!("{member}: could not tell whether Redis still holds the copy read ({})", e.into_error());
-                false
-            }
+        let now = self.redis.version_now(user_id, conversation_id);
+        if let Err(e) = &now {
+            log::debug!(
+                "{member}: could not tell whether Redis still holds the copy read ({})",
+                e.clone().into_error()
+            );
         }
+        let superseded = is_superseded(cached.version, &now);
+        if superseded {
+            log::debug!("{member} changed in Redis while being flushed; the next flush writes it");
+        }
+        superseded
     }
 
     /// Keeps a losing copy in `conversation_conflicts`, counted and logged.
@@ -539,6 +535,48 @@ pub const REASON_LATE: &str =
     "reached Redis after its writer had given up on it (a late delivery), over a newer write that lacks its messages";
 /// See [`REASON_OLDER`].
 pub const REASON_OVERWRITTEN: &str = "was replaced in Redis by a save read from an older copy";
+
+/// How a flush resolves a copy PostgreSQL would not take as is, against the row PostgreSQL holds
+/// (docs/design.md, "Divergence").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resolution {
+    /// PostgreSQL gives the id to another user.
+    OtherOwner,
+    /// PostgreSQL already holds this version.
+    Current,
+    /// PostgreSQL's row is newer: the copy is dropped, kept aside first when `keep` (the row lacks
+    /// some of its messages).
+    Older { keep: bool },
+    /// The copy is newer: it is written over the row at `known` (none: no row), the row kept aside
+    /// first when `keep_row` (the copy lacks some of its messages).
+    Newer { keep_row: bool, known: Option<i64> },
+}
+
+/// PostgreSQL's row as [`resolution`] sees it: owner, messages, version.
+type RowView<'a> = (&'a str, &'a [crate::model::Message], Option<i64>);
+
+/// The decision of [`Flusher::resolve`], without the servers: the copy (its user, version and
+/// messages) against PostgreSQL's row, if there is one.
+fn resolution(user_id: &str, version: i64, messages: &[crate::model::Message], row: Option<RowView<'_>>) -> Resolution {
+    match row {
+        None => Resolution::Newer { keep_row: false, known: None },
+        Some((owner, _, _)) if owner != user_id => Resolution::OtherOwner,
+        Some((_, _, row_version)) if row_version == Some(version) => Resolution::Current,
+        Some((_, stored, row_version)) if row_version.is_some_and(|v| v > version) => {
+            Resolution::Older { keep: !is_prefix(messages, stored) }
+        }
+        Some((_, stored, row_version)) => {
+            Resolution::Newer { keep_row: !is_prefix(stored, messages), known: row_version }
+        }
+    }
+}
+
+/// Whether the copy a flush read (at version `read`) was replaced in Redis since by a newer save of
+/// the app (Redis now holds version `now`): then it is history, not a divergence. A hash that is gone,
+/// one without a version, or a Redis that did not answer (`None`) is not that.
+fn is_superseded(read: Option<i64>, now: &CacheResult<Option<i64>>) -> bool {
+    matches!((read, now), (Some(read), Ok(Some(now))) if *now > read)
+}
 
 /// The write-back of a cached copy; `full` sends every message, `known` is the row it replaces.
 fn write_back<'a>(member: &'a str, cached: &'a Cached, full: bool, known: Option<i64>) -> WriteBack<'a> {
@@ -666,4 +704,79 @@ impl Drop for BackgroundFlusher {
 pub trait Flush: Send + Sync + std::fmt::Debug {
     /// One periodic flush; reports its own failures.
     fn background_flush(&self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Message, Role, Timestamp};
+
+    fn messages(contents: &[&str]) -> Vec<Message> {
+        let time = Timestamp::parse("2026-01-01T00:00:00+00:00").expect("a valid time");
+        contents
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Message {
+                role: if i % 2 == 0 { Role::User } else { Role::Assistant },
+                content: (*c).to_owned(),
+                time,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn resolution_table() {
+        let ab = messages(&["a", "b"]);
+        let abc = messages(&["a", "b", "c"]);
+        let ax = messages(&["a", "x"]);
+        let cases: [(&str, Option<RowView<'_>>, &[Message], Resolution); 9] = [
+            ("no row: write", None, &ab, Resolution::Newer { keep_row: false, known: None }),
+            ("another user's row", Some(("other", &ab, Some(5))), &ab, Resolution::OtherOwner),
+            ("the same version", Some(("u", &ab, Some(10))), &ab, Resolution::Current),
+            ("newer row holding the copy: drop", Some(("u", &abc, Some(11))), &ab, Resolution::Older { keep: false }),
+            (
+                "newer row lacking some: keep the copy",
+                Some(("u", &ax, Some(11))),
+                &ab,
+                Resolution::Older { keep: true },
+            ),
+            (
+                "older row the copy extends",
+                Some(("u", &ab, Some(9))),
+                &abc,
+                Resolution::Newer { keep_row: false, known: Some(9) },
+            ),
+            (
+                "older row the copy lacks",
+                Some(("u", &ax, Some(9))),
+                &abc,
+                Resolution::Newer { keep_row: true, known: Some(9) },
+            ),
+            (
+                "a Phase 1 row (no version) the copy lacks",
+                Some(("u", &ax, None)),
+                &ab,
+                Resolution::Newer { keep_row: true, known: None },
+            ),
+            (
+                "a shorter newer copy keeps the longer row",
+                Some(("u", &abc, Some(9))),
+                &ab,
+                Resolution::Newer { keep_row: true, known: Some(9) },
+            ),
+        ];
+        for (what, row, copy, want) in cases {
+            assert_eq!(resolution("u", 10, copy, row), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn superseded_only_by_a_newer_version_redis_reports() {
+        let no_answer = Err(CacheError::Unavailable("timed out".into()));
+        assert!(is_superseded(Some(10), &Ok(Some(11))));
+        assert!(!is_superseded(Some(10), &Ok(Some(10))), "the copy read is still there");
+        assert!(!is_superseded(Some(10), &Ok(None)), "gone: the copy read may be the only one left");
+        assert!(!is_superseded(Some(10), &no_answer), "Redis did not answer");
+        assert!(!is_superseded(None, &Ok(Some(11))), "a seed-written copy has no version to compare");
+    }
 }
