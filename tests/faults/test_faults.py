@@ -705,8 +705,8 @@ def test_flusher_killed_half_way_then_run_again(make_redis_manager, rdb, pg_url,
         try:
             assert proc.stdout.readline().strip() == b"flushing", proc.stderr.read()
             # Killed once this run has committed a batch of its own (50 rows more than before it).
-            wait_until(lambda: len(pg_conversation_ids(pg_conn)) >= written + 50, timeout=30, interval=0.005,
-                       what="the flusher's first commit")  # fmt: skip
+            wait_until(lambda target=written + 50: len(pg_conversation_ids(pg_conn)) >= target, timeout=30,
+                       interval=0.005, what="the flusher's first commit")  # fmt: skip
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.communicate(timeout=30)
