@@ -1,6 +1,7 @@
 //! Connection settings: PostgreSQL connection strings in both libpq forms, libpq's sslmodes over
 //! rustls, and the redacted descriptions that are the only way a connection string is ever shown.
 
+pub mod probe;
 pub mod resolve;
 
 use std::fmt::Write as _;

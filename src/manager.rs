@@ -14,6 +14,7 @@ use crate::cache::redis::{
     copy_mark, Bypass, CacheError, CachedConversation, Deleted, DirtyEntry, MemoryInfo, RedisCache, SaveOptions,
     SaveOutcome,
 };
+use crate::config::probe::{self, Diagnosis};
 use crate::config::{PostgresSettings, RedisSettings};
 use crate::error::{Backend, Error, ErrorKind, Result};
 use crate::model::{Conversation, Timestamp};
@@ -75,6 +76,9 @@ pub struct Settings {
     pub flush_batch_size: usize,
     /// How long `close()` may spend flushing before it gives up and logs what is left.
     pub close_timeout: Duration,
+    /// Opened only to look (`chat-history stats` and `doctor`): the schema is neither created nor
+    /// migrated, and nothing is written back (no background flusher, no flush on close or at exit).
+    pub inspect_only: bool,
 }
 
 impl Settings {
@@ -90,6 +94,7 @@ impl Settings {
             flush_interval: None,
             flush_batch_size: 500,
             close_timeout: Duration::from_secs(30),
+            inspect_only: false,
         }
     }
 }
@@ -144,6 +149,8 @@ pub struct CacheStats {
     pub fallbacks: u64,
     /// Whether the last Redis call succeeded (and no backoff is in force).
     pub redis_available: bool,
+    /// Why Redis is not in use, while it is not (the last failure); `None` while it serves.
+    pub redis_error: Option<String>,
     /// Round trips that cache reads took.
     pub read_round_trips: u64,
     /// Reads that shared their round trip with another thread's (see `cache::combine`).
@@ -169,7 +176,7 @@ pub struct CacheStats {
     pub nodes: Vec<NodeInfo>,
     /// The Redis URL without its password.
     pub redis_url: String,
-    /// `"seed"` or `"cluster"`, once Redis has been reached.
+    /// `"single"` or `"cluster"`, once Redis has been reached.
     pub layout: Option<&'static str>,
     /// The near cache's figures; `None` when `near_cache_bytes` is 0.
     pub near: Option<crate::cache::near::NearStats>,
@@ -502,6 +509,12 @@ impl ChatHistory {
                 // with Redis gone, and is left to end by itself rather than hold up the flush.
                 let timeout = cached.redis.settings.timeout;
                 cached.redis.stop_tracking(deadline.min(Instant::now() + timeout * 2 + Duration::from_millis(500)));
+                if self.settings.inspect_only {
+                    // `chat-history stats` and `doctor` only look: a scrape every 15 s must not
+                    // become the deployment's flusher and hide a dead one.
+                    log::debug!("close: opened only to inspect; nothing written back");
+                    return Ok(());
+                }
                 match cached.flush(Some(deadline), true) {
                     Ok(report) if report.incomplete || report.failed > 0 => log::error!(
                         "close: {} conversations written back; {} failed and some may remain dirty in Redis \
@@ -599,7 +612,9 @@ fn open_tier(settings: &Settings) -> Result<(Tier, Option<BackgroundFlusher>)> {
         Mode::Local => Tier::Local(LocalStore::open(&settings.base_dir)?),
         Mode::Postgres => {
             let store = postgres()?;
-            store.ensure_schema()?;
+            if !settings.inspect_only {
+                store.ensure_schema()?;
+            }
             Tier::Postgres(store)
         }
         Mode::Redis => {
@@ -610,19 +625,33 @@ fn open_tier(settings: &Settings) -> Result<(Tier, Option<BackgroundFlusher>)> {
             })?;
             let store = postgres()?;
             // Saves must work while PostgreSQL is down (docs/design.md, "Faults"): the schema is
-            // made now if possible, else before the first PostgreSQL call.
-            let schema_ready = match store.ensure_schema() {
-                Ok(()) => true,
-                Err(e) if e.is_unavailable() => {
-                    log::warn!("PostgreSQL is unavailable at start; saves go to Redis until it is back ({e})");
-                    false
-                }
-                Err(e) => return Err(e),
-            };
+            // made now if possible, else before the first PostgreSQL call. Opened only to inspect,
+            // it is never made (marked ready, so no call makes it either).
+            let schema_ready = settings.inspect_only
+                || match store.ensure_schema() {
+                    Ok(()) => true,
+                    Err(e) if e.is_unavailable() => {
+                        log::warn!("PostgreSQL is unavailable at start; saves go to Redis until it is back ({e})");
+                        false
+                    }
+                    Err(e) => return Err(e),
+                };
             let cache = Arc::new(RedisCache::new(redis)?);
             let health = Health::default();
             if let Err(e) = cache.ping() {
-                health.failed(&format!("at start, {}", e.into_error()));
+                // A misconfiguration will not fix itself: refused here, naming the cause. An
+                // outage falls back to PostgreSQL (the README, "Misconfiguration or outage").
+                let failure = e.into_error();
+                let cause =
+                    std::error::Error::source(&failure).map_or_else(|| failure.to_string(), ToString::to_string);
+                match probe::diagnose(redis, &cause) {
+                    Diagnosis::Misconfigured(error) => {
+                        cache.stop_tracking(Instant::now() + redis.timeout * 2);
+                        return Err(error);
+                    }
+                    Diagnosis::Outage(why) => health.failed(&format!("at start, Redis is unavailable: {why}")),
+                    Diagnosis::Reachable => health.failed(&format!("at start, {failure}")),
+                }
             }
             Tier::Cached(Arc::new(CachedTier {
                 flusher: Flusher::new(Arc::clone(&cache), Arc::clone(&store), settings.flush_batch_size),
@@ -640,7 +669,7 @@ fn open_tier(settings: &Settings) -> Result<(Tier, Option<BackgroundFlusher>)> {
         }
     };
     let background = match (&tier, settings.flush_interval) {
-        (Tier::Cached(cached), Some(interval)) => {
+        (Tier::Cached(cached), Some(interval)) if !settings.inspect_only => {
             let cached: Arc<dyn Flush> = Arc::clone(cached) as Arc<dyn Flush>;
             Some(BackgroundFlusher::start(Arc::downgrade(&cached), interval)?)
         }
@@ -682,6 +711,8 @@ struct HealthState {
     bypasses: HashMap<(String, String), Bypass>,
     /// Bypasses not tracked because the map was full.
     untracked: u64,
+    /// Why Redis is not in use, while it is not: the last failure, for `stats()`.
+    why: Option<String>,
 }
 
 impl Health {
@@ -703,6 +734,16 @@ impl Health {
             MIN_REDIS_BACKOFF
         };
         state.retry_at = Some(Instant::now() + state.backoff);
+        state.why = Some(why.to_owned());
+    }
+
+    /// The last failure, while Redis is not in use.
+    fn why(&self) -> Option<String> {
+        if self.degraded.load(Ordering::Acquire) {
+            self.lock().why.clone()
+        } else {
+            None
+        }
     }
 
     fn remember(&self, bypass: Bypass) {
@@ -725,6 +766,7 @@ impl Health {
             let mut state = self.lock();
             state.retry_at = None;
             state.backoff = Duration::ZERO;
+            state.why = None;
             log::info!("Redis is back; caching resumed");
         }
     }
@@ -1258,6 +1300,7 @@ impl CachedTier {
             reads_shared,
             fallbacks: self.fallbacks.load(Ordering::Relaxed),
             redis_available: usable && !self.health.degraded.load(Ordering::Acquire),
+            redis_error: self.health.why(),
             dirty_count,
             oldest_dirty_age_seconds,
             flushes: self.flusher.flushes.load(Ordering::Relaxed),

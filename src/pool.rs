@@ -306,7 +306,14 @@ where
                         }
                         continue;
                     }
-                    Opened::Pending => return Err(failed.map_or(PoolError::Timeout(wait), PoolError::Connect)),
+                    // A connection still opening when the wait ran out: the server accepted and did
+                    // not finish the handshake (a plain server behind TLS, say), which is not a pool
+                    // whose connections all stayed in use.
+                    Opened::Pending => {
+                        return Err(PoolError::Connect(failed.unwrap_or_else(|| {
+                            format!("a new connection did not finish opening within {} ms", wait.as_millis())
+                        })))
+                    }
                 }
             }
             if left.is_zero() {
@@ -412,7 +419,8 @@ mod tests {
         let pool =
             Pool::builder().max_size(1).build(Numbers { delay: Duration::from_millis(300), ..Numbers::default() });
         let started = Instant::now();
-        assert!(matches!(pool.get_timeout(Duration::from_millis(50)), Err(PoolError::Timeout(_))));
+        let error = pool.get_timeout(Duration::from_millis(50)).err().expect("the open outlasts the wait");
+        assert_eq!(error.to_string(), "a new connection did not finish opening within 50 ms");
         assert!(started.elapsed() < Duration::from_millis(250), "the caller waited for the open");
         assert_eq!(pool.counts(), (0, 1), "the slot stays taken while the open runs");
         std::thread::sleep(Duration::from_millis(400));

@@ -10,19 +10,30 @@ SPEC section 4 item 9, and "is this message still retrievable" checks.
                             nor in a conflict copy
     call_with_deadline(fn, seconds)
                             runs fn in a thread; ("returned", value) / ("raised", exc) / ("hung", None)
+    LateProxy(port)         a TcpProxy that can also hold only the links open now (hold_open()) or the next
+                            links that carry a save (hold_saves(n)): their clients give up and go on through
+                            other links, which pass, and deliver() sends the held bytes late
+    read_postgres_state(conn)
+                            every conversation and conflict row as PostgreSQL holds them (the checker's final
+                            state), and what could not be read
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import struct
+import termios
 import threading
 import time
+from datetime import timezone
 from typing import Any, Callable, Optional
 
 import psycopg2
 import psycopg2.errors
 
 from servers import PostgresServer, RedisServer
+from tcp_proxy import TcpProxy, _Link
 
 CONFLICT_TABLE = "conversation_conflicts"
 
@@ -186,3 +197,174 @@ class ThrottledProxy:
                 super()._forward(link, sock, data)
 
         return _Throttled(target_port)
+
+
+def _unread(sock) -> int:
+    """Bytes waiting in a socket's receive buffer (0 when it is gone)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return 0
+
+
+class LateProxy(TcpProxy):
+    """A TcpProxy whose hold can also take only some links, while new links pass:
+
+        hold_open()        holds the links open now (a flow hashed to a path that died; new connections get
+                           through): their clients give up (`redis_timeout`) and reconnect through new links
+        hold_saves(count)  holds the next `count` links that carry a save (a chunk with a `staged:` key, which
+                           every save writes first) from that chunk on: the save's writer gives up on it while
+                           the instance's next calls go through its other connections
+
+    `deliver()` (or `heal()`) then sends everything held, late, after those newer calls. `hold()` (every link,
+    new ones too), `deliver()` and `late_deliveries` are TcpProxy's (tests/tcp_proxy.py). TcpProxy counts a late
+    delivery only once the client closed its end; a client that keeps the connection (the redis crate's cluster
+    connection does) still gave up on a request after its timeout, so `overdue_deliveries` counts the links whose
+    held bytes reached the server after waiting longer than `late_after` (the clients' timeout), closed or not."""
+
+    # A hold must take the very next bytes (a request sent just after hold() would otherwise be forwarded by a
+    # pump already inside select(), on time, and only its reply held).
+    recheck_hold = True
+    SAVE_MARK = b"staged:"
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1", late_after: float = 0.5) -> None:
+        self._frozen: frozenset = frozenset()
+        self._stash: dict[_Link, bytes] = {}  # what a held save's link read before it was held
+        self._saves_to_hold = 0
+        self._waiting_since: dict[_Link, float] = {}  # when a held link's first held byte was seen
+        self.late_after = late_after
+        self.overdue_deliveries = 0
+        super().__init__(target_port, target_host)
+
+    def hold_open(self) -> int:
+        """Holds the links open now until deliver() or heal(); returns how many."""
+        with self._lock:
+            self._frozen = frozenset(self._links)
+            return len(self._frozen)
+
+    def hold_saves(self, count: int) -> None:
+        """Holds the next `count` links that send a save, from that save on, until deliver() or heal()."""
+        with self._lock:
+            self._saves_to_hold = count
+
+    @property
+    def saves_held(self) -> int:
+        with self._lock:
+            return len(self._stash)
+
+    def deliver(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for link, since in self._waiting_since.items():
+                if link in self._links and now - since >= self.late_after:
+                    self.overdue_deliveries += 1
+            self._waiting_since.clear()
+        if self._holding.is_set():
+            super().deliver()
+        with self._lock:
+            self._saves_to_hold = 0
+            for link in self._frozen & self._links:
+                stash = self._stash.pop(link, b"")
+                if stash:
+                    try:
+                        link.upstream.sendall(stash)
+                    except OSError:
+                        continue
+                    link.late_bytes = len(stash)
+                link.held = _unread(link.client)
+                link.released_at = now
+            self._stash.clear()
+            self._frozen = frozenset()  # only now may the pumps read what was held
+
+    def heal(self) -> None:
+        if self._frozen or self._saves_to_hold:
+            self.deliver()
+        super().heal()
+
+    def pending(self) -> int:
+        """Bytes clients sent that the proxy has not yet passed on (held, or just not yet pumped)."""
+        with self._lock:
+            return sum(_unread(link.client) for link in self._links) + sum(map(len, self._stash.values()))
+
+    def _held(self, link: _Link) -> bool:
+        held = super()._held(link) or link in self._frozen
+        if held and link not in self._waiting_since and _unread(link.client):
+            with self._lock:
+                self._waiting_since.setdefault(link, time.monotonic())
+        return held
+
+    def _forward(self, link: _Link, sock, data: bytes) -> None:
+        if sock is link.client and self._saves_to_hold and self.SAVE_MARK in data:
+            with self._lock:
+                if self._saves_to_hold:
+                    self._saves_to_hold -= 1
+                    self._stash[link] = data
+                    self._waiting_since[link] = time.monotonic()
+                    self._frozen = self._frozen | {link}
+                    return
+        super()._forward(link, sock, data)
+
+
+# --------------------------------------------------------------------------------------------------
+# The final state, from PostgreSQL alone
+# --------------------------------------------------------------------------------------------------
+
+
+def utc_iso(value) -> str:
+    """A message time as the product stores it (SPEC 2): the UTC instant's isoformat()."""
+    from datetime import datetime
+
+    dt = datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else value
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).isoformat()
+
+
+def read_postgres_state(conn) -> tuple[dict, dict, list[str]]:
+    """What PostgreSQL holds, read with plain SQL (no product code, no Redis):
+
+    conversations[id] = {"user", "title", "model", "messages": [(role, content, utc time), ...]}
+    conflicts[(user, id)] = [{"title", "messages": [(role, content, utc time), ...], "reason"}, ...]
+    problems: rows that do not read as a conversation (a gap in the sequence numbers, a conflict
+              copy whose messages do not parse)
+    """
+    problems: list[str] = []
+    conversations: dict[str, dict] = {}
+    with conn.cursor() as cur:
+        cur.execute("SELECT conversation_id, user_client_id, title, model FROM conversations")
+        for cid, user, title, model in cur.fetchall():
+            conversations[cid] = {"user": user, "title": title, "model": model, "messages": []}
+        cur.execute(
+            "SELECT conversation_id, sequence_number, role, content, timestamp FROM messages"
+            " ORDER BY conversation_id, sequence_number"
+        )
+        for cid, seq, role, content, at in cur.fetchall():
+            conversation = conversations.get(cid)
+            if conversation is None:
+                problems.append(f"message row {cid}#{seq} has no conversation row")
+                continue
+            if seq != len(conversation["messages"]):
+                problems.append(f"{cid}: message sequence number {seq} where {len(conversation['messages'])} was due")
+            conversation["messages"].append((role, content, utc_iso(at)))
+    conflicts: dict[tuple[str, str], list[dict]] = {}
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                f"SELECT conflict_id, conversation_id, user_client_id, title, messages, reason FROM {CONFLICT_TABLE}"
+                " ORDER BY conflict_id"
+            )
+            rows = cur.fetchall()
+    except psycopg2.errors.UndefinedTable:
+        if not conn.autocommit:
+            conn.rollback()
+        rows = []
+    for conflict_id, cid, user, title, messages, reason in rows:
+        try:
+            if isinstance(messages, str):
+                messages = json.loads(messages)
+            parsed = [(m["role"], m["content"], utc_iso(m["time"])) for m in messages]
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(f"conflict row {conflict_id} of {cid}: messages do not parse ({exc})")
+            continue
+        conflicts.setdefault((user, cid), []).append({"title": title, "messages": parsed, "reason": reason})
+    return conversations, conflicts, problems

@@ -1,7 +1,10 @@
 """The workload of the randomized fault checker (test_chaos.py): app-shaped sessions that record every call.
 
 A worker plays several users' browser tabs. Each conversation has one writing tab at a time (its worker); the
-same users are played by workers in several threads and processes. Per step a worker does one of:
+same users are played by workers in several threads and processes. A worker in the test process reaches both app
+instances: a tab's request goes to its home instance, and now and then (SWITCH_CHANCE) to the other one, as a
+load balancer without sticky sessions sends it, so one conversation is saved through two instances. Per step a
+worker does one of:
 
     turn     get_conversation -> append a user message and an assistant reply (unique content) -> save
     rename   get_conversation -> change the title -> save
@@ -11,16 +14,19 @@ same users are played by workers in several threads and processes. Per step a wo
     list     list_conversations(user)
     intrude  (the intruder worker only) read, save or delete another user's id
 
-Every call is recorded as an Op: kind, user, id, start and end (time.time()), outcome ("ok" or the exception),
-and for saves the messages saved. Reads are checked at once: a conversation or list entry holding content
-tagged for another user is an anomaly (no user may see another's data).
+Every call is recorded as an Op: kind, user, id, instance, start and end (time.time()), outcome ("ok" or the
+exception), and for saves the messages acknowledged for the first time, the title, and a digest of the whole
+transcript saved (so the checker can tell which save the final conversation is). A read or list that returns
+content tagged for another user is kept with what leaked (`foreign`), for the checker's LEAK rule.
 
 Run as a script (`python chaos_workload.py CONFIG.json`) it is a worker process: it opens its own manager,
-runs its workers until the stop file appears or the time is up, and writes its ops as JSON lines.
+runs its workers until the stop file appears or the time is up, and writes its ops as JSON lines, then one
+line with its call counts, hung threads and its manager's stats().
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -35,10 +41,11 @@ from typing import Any, Optional
 # Ops per kind the workers choose from (weights); the intruder adds "intrude".
 STEP_WEIGHTS = {"turn": 60, "rename": 8, "delete": 3, "flush": 5, "list": 10}
 READ_KINDS = ("get", "list", "intrude-get")
-SLOW_SECONDS = 5.0  # a read this slow is kept in the history even when it succeeded
+SLOW_SECONDS = 1.0  # a read this slow is kept in the history even when it succeeded (the checker times it)
 MAX_MESSAGES = 24  # a conversation this long is left alone (kept) and a new one begun
 LIVE_PER_WORKER = 3  # conversations a worker keeps going at once
 INTRUDER_INDEX = 0xEE  # the worker index in the intruder's own ids
+SWITCH_CHANCE = 0.25  # a tab's request served by another instance than its home one
 
 
 def now_iso() -> str:
@@ -48,6 +55,20 @@ def now_iso() -> str:
 def user_tag(user_id: str) -> str:
     """The prefix of every message content written for this user: a read holding another tag is a leak."""
     return f"<{user_id}>"
+
+
+def utc_iso(value: str) -> str:
+    """A message time as the product stores it (SPEC 2): the UTC instant's isoformat()."""
+    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).isoformat()
+
+
+def transcript_digest(messages) -> str:
+    """A short fingerprint of a whole transcript: [(role, content, time)] with times in the stored form."""
+    text = json.dumps([[role, content, utc_iso(at)] for role, content, at in messages], separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def make_id(worker_index: int, user_index: int, counter: int) -> str:
@@ -69,6 +90,9 @@ class Op:
     size: Optional[int] = None  # saves: how many messages the saved conversation held
     title: Optional[str] = None
     note: Optional[str] = None  # e.g. "read returned None", "stale read: 4 < 6 messages"
+    digest: Optional[str] = None  # saves: transcript_digest of every message the saved conversation held
+    via: Optional[str] = None  # the instance (manager) that served the call
+    foreign: Optional[list] = None  # reads and lists: what they returned that belongs to another user
 
     @property
     def error_type(self) -> Optional[str]:
@@ -90,12 +114,11 @@ class Tab:
 class Worker:
     name: str
     index: int
-    manager: Any
+    instances: dict[str, Any]  # instance name -> manager; the first is the worker's home instance
     users: list[str]
     seed: int
     intruder: Optional[str] = None  # this worker's user id when it plays the intruder
     ops: list[Op] = field(default_factory=list)
-    live_anomalies: list[str] = field(default_factory=list)
     counter: int = 0
     tabs: list[Tab] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -104,11 +127,23 @@ class Worker:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(f"{self.seed}/{self.name}")
+        self.home = next(iter(self.instances))
+        self.via = self.home  # the instance serving the current request
+        self.manager = self.instances[self.home]
+
+    def _route(self) -> None:
+        """Picks the instance that serves the next request: home, or now and then another one."""
+        names = list(self.instances)
+        if len(names) > 1 and self.rng.random() < SWITCH_CHANCE:
+            self.via = self.rng.choice([n for n in names if n != self.home])
+        else:
+            self.via = self.home
+        self.manager = self.instances[self.via]
 
     # -- recording -----------------------------------------------------------------------------------
 
     def _call(self, kind: str, user: str, cid: Optional[str], fn, *, record: bool = True, **extra) -> tuple[Op, Any]:
-        op = Op(self.name, kind, user, cid, time.time(), **extra)
+        op = Op(self.name, kind, user, cid, time.time(), via=self.via, **extra)
         result = None
         try:
             result = fn()
@@ -126,23 +161,19 @@ class Worker:
         """Counts every call; keeps what the checker needs (a successful plain read or list only when it is
         noteworthy or slow, so a long soak's history stays small)."""
         self.counts[(op.kind, op.ok)] += 1
-        if op.kind in READ_KINDS and op.ok and op.note is None and op.t1 - op.t0 < SLOW_SECONDS:
+        if op.kind in READ_KINDS and op.ok and op.note is None and not op.foreign and op.t1 - op.t0 < SLOW_SECONDS:
             return
         with self.lock:
             self.ops.append(op)
 
-    def _leak(self, op: Op, detail: str) -> None:
-        self.live_anomalies.append(
-            f"LEAK seed={self.seed} worker={self.name} op={op.kind} user={op.user} id={op.cid} at {op.t0:.3f}: {detail}"
-        )
-
     def _check_read(self, op: Op, user: str, conversation: Optional[dict]) -> None:
+        """Keeps what a read returned that was written for another user (the checker's LEAK rule)."""
         if conversation is None:
             return
         tag = user_tag(user)
         foreign = [m["content"] for m in conversation.get("messages", []) if not m["content"].startswith(tag)]
         if foreign:
-            self._leak(op, f"read returned messages written for another user: {foreign[:2]}")
+            op.foreign = foreign[:3]
 
     # -- the app's calls -----------------------------------------------------------------------------
 
@@ -167,6 +198,7 @@ class Worker:
             saved=[list(k) for k in keys if k not in tab.acked_keys],
             size=len(keys),
             title=conversation["title"],
+            digest=transcript_digest(keys),
         )
         if op.ok:
             tab.messages_acked = len(keys)
@@ -188,6 +220,7 @@ class Worker:
 
     def turn(self, tab: Tab, *, rename: bool = False) -> None:
         user = self.users[tab.user_index]
+        self._route()
         read, conversation = self._read(user, tab)
         if not read.ok:
             return  # the app shows the error; the user tries again later
@@ -206,20 +239,24 @@ class Worker:
 
     def delete(self, tab: Tab) -> None:
         user = self.users[tab.user_index]
+        self._route()
         op, _ = self._call("delete", user, tab.cid, lambda: self.manager.delete_conversation(tab.cid, user_id=user))
         if op.ok:
             self.tabs.remove(tab)
 
     def flush(self) -> None:
+        self._route()
         self._call("flush", "", None, self.manager.flush_dirty_conversations)
 
     def list_conversations(self) -> None:
         user = self.users[self.rng.randrange(len(self.users))]
-        op, items = self._call("list", user, None, lambda: self.manager.list_conversations(user))
+        self._route()
+        op, items = self._call("list", user, None, lambda: self.manager.list_conversations(user), record=False)
         if op.ok:
             foreign = [cid for cid, _ in items if not self._may_belong(cid, user)]
             if foreign:
-                self._leak(op, f"list of {user} holds ids of other users' conversations: {foreign[:3]}")
+                op.foreign = foreign[:3]
+        self._record(op)
 
     def _may_belong(self, cid: str, user: str) -> bool:
         """Ids encode the user index they were made for; the intruder's claims are its own ids."""
@@ -244,9 +281,12 @@ class Worker:
         cid = self.rng.choice(with_saves)
         action = self.rng.choice(["get", "get", "save", "delete"])
         if action == "get":
-            op, got = self._call("intrude-get", user, cid, lambda: self.manager.get_conversation(cid, user_id=user))
-            if op.ok and got is not None:
+            op, got = self._call(
+                "intrude-get", user, cid, lambda: self.manager.get_conversation(cid, user_id=user), record=False
+            )
+            if op.ok:
                 self._check_read(op, user, got)
+            self._record(op)
         elif action == "save":
             conversation = {"title": "intruder", "model": "gpt-4o",
                             "messages": [self._message(user, cid, "user", 0)],
@@ -319,7 +359,7 @@ def main(config_path: str) -> int:
     stop = threading.Event()
     deadline = time.time() + config["seconds"]
     workers = [
-        Worker(name, index, manager, config["users"], config["seed"])
+        Worker(name, index, {config["instance"]: manager}, config["users"], config["seed"])
         for name, index in zip(config["worker_names"], config["worker_indexes"])
     ]
     threads = [threading.Thread(target=w.run, args=(stop, deadline, [], [])) for w in workers]
@@ -328,17 +368,21 @@ def main(config_path: str) -> int:
     while time.time() < deadline and not os.path.exists(config["stop_file"]):
         time.sleep(0.1)
     stop.set()
+    join_deadline = time.monotonic() + config["join_seconds"]
     for thread in threads:
-        thread.join(timeout=60)
+        thread.join(timeout=max(0.0, join_deadline - time.monotonic()))
     hung = [w.name for w, t in zip(workers, threads) if t.is_alive()]
+    try:
+        stats = {k: v for k, v in manager.stats().items() if isinstance(v, (int, float, str, bool, type(None)))}
+    except Exception as exc:  # noqa: BLE001 - reported with the rest
+        stats = {"error": f"{type(exc).__name__}: {exc}"}
     with open(config["log_path"], "w") as out:
         for worker in workers:
             with worker.lock:
                 for op in worker.ops:
                     out.write(op_to_json(op) + "\n")
         counts = [[kind, ok, n] for w in workers for (kind, ok), n in w.counts.items()]
-        live = [a for w in workers for a in w.live_anomalies]
-        out.write(json.dumps({"live_anomalies": live, "hung": hung, "counts": counts}) + "\n")
+        out.write(json.dumps({"hung": hung, "counts": counts, "stats": stats}) + "\n")
     try:
         manager.close()
     finally:

@@ -285,3 +285,128 @@ class RedisClusterServers:
         if proc.returncode != 0:
             raise ServerError(f"redis-cli --cluster reshard failed:\n{proc.stdout[-2000:]}\n{proc.stderr}")
         return proc
+
+
+# --------------------------------------------------------------------------------------------------
+# A cluster whose clients reach every node through a proxy
+# --------------------------------------------------------------------------------------------------
+
+
+def _replication(client: redis.Redis) -> dict:
+    return client.info("replication")
+
+
+class ProxiedRedisClusterServers(RedisClusterServers):
+    """A cluster whose nodes announce the port of a TCP proxy in front of each (`cluster-announce-port`;
+    the bus keeps its own port), so CLUSTER SLOTS and MOVED send every client through the proxies, and any
+    node can be cut, stalled or held as its clients see it. `.proxies[port]` is the proxy of the node on
+    `port`; `.url` names node 0's proxy (the product's one URL), `.direct_url` node 0 itself. The helpers
+    above (nodes(), failover(), wait_healthy()...) speak of the nodes' own ports, as before.
+
+        crash_primary(primary, down_for)
+                    SIGKILL a primary once its replica has every write it acknowledged, wait for the replica
+                    to take over, restart the node (it rejoins as a replica) and let clients reach it again
+    """
+
+    def __init__(self, proxy_factory=None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if proxy_factory is None:
+            from tcp_proxy import TcpProxy
+
+            proxy_factory = TcpProxy
+        self.proxies = {port: proxy_factory(port) for port in self.ports}
+        self._node_port = {proxy.port: port for port, proxy in self.proxies.items()}
+
+    def _listen_args(self, port: int) -> list[str]:
+        return [
+            *super()._listen_args(port),
+            "--cluster-announce-ip", "127.0.0.1",
+            "--cluster-announce-port", str(self.proxies[port].port),
+            "--cluster-announce-bus-port", str(port + 10000),
+        ]  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.proxies[self.ports[0]].port}/0"
+
+    @property
+    def direct_url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.ports[0]}/0"
+
+    def nodes(self) -> list[dict]:
+        nodes = super().nodes()
+        for node in nodes:
+            node["port"] = self._node_port.get(node["port"], node["port"])
+        return nodes
+
+    def remove(self) -> None:
+        for proxy in self.proxies.values():
+            proxy.close()
+        super().remove()
+
+    # -- faults ------------------------------------------------------------------------------------
+
+    def kill(self, port: int) -> None:
+        proc = self.procs.get(port)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+    def restart(self, port: int) -> None:
+        """Starts a node that was killed, on its port and with its nodes.conf (its data is gone: no persistence)."""
+        self._start_node(port)
+        try:
+            self._wait_answering(port)
+        except ServerError as exc:
+            log = self.root / str(port) / "redis.log"
+            tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+            raise ServerError(f"{exc}; its log ends:\n" + "\n".join(tail)) from None
+
+    def crash_primary(self, primary: dict, down_for: float = 0.0, timeout: float = 30) -> str:
+        """A primary dies, once its replica has every write it acknowledged (client writes paused meanwhile,
+        `CLIENT PAUSE WRITE`): SIGKILL, its replica takes over (cluster-node-timeout), and the node, restarted
+        empty, rejoins as a replica before clients may reach it again (its proxy refuses them meanwhile).
+        Waiting for the replica keeps out the loss the README documents (Redis Cluster, limits: replication is
+        asynchronous, so a failover to a replica behind its primary loses the writes it had not received).
+        Replication runs through the proxies too (a node reaches its primary at the announced port), so the
+        proxy is partitioned only once the replica has caught up. Returns what happened; a replica that does
+        not catch up within `timeout` gets a graceful failover instead."""
+        port = primary["port"]
+        replicas = [n for n in self.nodes() if n["role"] == "slave" and n["master_id"] == primary["id"]]
+        if not replicas:
+            raise ServerError(f"primary {port} has no replica")
+        replica = replicas[0]["port"]
+        proxy = self.proxies[port]
+        self.node(port).execute_command("CLIENT", "PAUSE", str(int(timeout * 1000)), "WRITE")
+        deadline = time.monotonic() + timeout
+        while True:
+            offset = _replication(self.node(port))["master_repl_offset"]
+            copied = _replication(self.node(replica)).get("slave_repl_offset", -1)
+            if copied >= offset:
+                break
+            if time.monotonic() > deadline:
+                self.node(port).execute_command("CLIENT", "UNPAUSE")
+                self.failover(primary)
+                return f"replica {replica} stayed behind ({copied} < {offset}): failed over instead"
+            time.sleep(0.01)
+        proxy.partition()
+        try:
+            self.kill(port)
+            killed = time.monotonic()
+            while self._role(replica) != "master":
+                if time.monotonic() > killed + timeout:
+                    raise ServerError(f"replica {replica} did not take over from the killed primary {port}")
+                time.sleep(0.1)
+            took_over = time.monotonic() - killed
+            time.sleep(down_for)
+            self.restart(port)
+            while True:
+                state = _replication(self.node(port))
+                if state.get("role") == "slave" and state.get("master_link_status") == "up":
+                    break
+                if time.monotonic() > killed + 2 * timeout:
+                    raise ServerError(f"the restarted node {port} did not rejoin as a replica")
+                time.sleep(0.1)
+            return f"killed {port}, replica {replica} took over in {took_over:.1f}s"
+        finally:
+            proxy.heal()

@@ -8,14 +8,13 @@ mod error;
 mod failpoints;
 mod settings;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::cache::redis::{split_member, RedisCache};
-use crate::config::resolve::{Keywords, ProcessEnv, Resolved};
+use crate::config::resolve::{ProcessEnv, Resolved};
 use crate::error::Error;
 use crate::manager::{self, ChatHistory, Mode};
 use crate::store::postgres::PostgresStore;
@@ -35,107 +34,47 @@ pub struct PyChatHistoryManager {
 #[allow(clippy::needless_pass_by_value)]
 #[pymethods]
 impl PyChatHistoryManager {
+    /// Every argument is checked: a value of the wrong type is an `InvalidTypeError`, a bad value a
+    /// `ConfigurationError`, each naming the argument (`settings::given`, then the core).
     #[new]
-    #[pyo3(signature = (
-        mode = "local",
-        base_dir = None,
-        connection_string = None,
-        history_days = 7,
-        redis_enabled = None,
-        *,
-        postgres_pool_size = 4,
-        postgres_connect_timeout = 5.0,
-        postgres_ca_file = None,
-        postgres_statement_timeout = 30.0,
-        postgres_lock_timeout = 5.0,
-        redis_connection_string = None,
-        redis_host = None,
-        redis_password = None,
-        redis_port = None,
-        redis_ssl = None,
-        redis_ttl = None,
-        redis_pool_size = 8,
-        redis_timeout = 0.5,
-        redis_ca_file = None,
-        redis_cluster = None,
-        near_cache_bytes = None,
-        redis_credential_provider = None,
-        postgres_credential_provider = None,
-        credential_refresh_margin = 180.0,
-        flush_interval = 10.0,
-        background_flush = true,
-        flush_batch_size = 500,
-        close_timeout = 30.0,
-    ))]
+    #[pyo3(signature = (mode = None, base_dir = None, connection_string = None, history_days = None, redis_enabled = None, **kwargs))]
     fn new(
         py: Python<'_>,
-        mode: &str,
-        base_dir: Option<PathBuf>,
-        connection_string: Option<String>,
-        history_days: i32,
-        redis_enabled: Option<bool>,
-        postgres_pool_size: u32,
-        postgres_connect_timeout: f64,
-        postgres_ca_file: Option<PathBuf>,
-        postgres_statement_timeout: f64,
-        postgres_lock_timeout: f64,
-        redis_connection_string: Option<String>,
-        redis_host: Option<String>,
-        redis_password: Option<String>,
-        redis_port: Option<u16>,
-        redis_ssl: Option<bool>,
-        redis_ttl: Option<u64>,
-        redis_pool_size: u32,
-        redis_timeout: f64,
-        redis_ca_file: Option<PathBuf>,
-        redis_cluster: Option<bool>,
-        near_cache_bytes: Option<u64>,
-        redis_credential_provider: Option<&Bound<'_, PyAny>>,
-        postgres_credential_provider: Option<&Bound<'_, PyAny>>,
-        credential_refresh_margin: f64,
-        flush_interval: f64,
-        background_flush: bool,
-        flush_batch_size: usize,
-        close_timeout: f64,
+        mode: Option<Bound<'_, PyAny>>,
+        base_dir: Option<Bound<'_, PyAny>>,
+        connection_string: Option<Bound<'_, PyAny>>,
+        history_days: Option<Bound<'_, PyAny>>,
+        redis_enabled: Option<Bound<'_, PyAny>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
-        let keywords = Keywords {
-            mode: Some(mode.to_owned()),
-            base_dir,
-            connection_string,
-            history_days: Some(history_days),
-            redis_enabled,
-            postgres_pool_size: Some(postgres_pool_size),
-            postgres_connect_timeout: Some(postgres_connect_timeout),
-            postgres_ca_file,
-            postgres_statement_timeout: Some(postgres_statement_timeout),
-            postgres_lock_timeout: Some(postgres_lock_timeout),
-            redis_connection_string,
-            redis_host,
-            redis_password,
-            redis_port,
-            redis_ssl,
-            redis_ttl,
-            redis_pool_size: Some(redis_pool_size),
-            redis_timeout: Some(redis_timeout),
-            redis_ca_file,
-            redis_cluster,
-            near_cache_bytes,
-            credential_refresh_margin: Some(credential_refresh_margin),
-            flush_interval: Some(flush_interval),
-            background_flush: Some(background_flush),
-            flush_batch_size: Some(flush_batch_size),
-            close_timeout: Some(close_timeout),
-        };
+        // Phase 1's five positional arguments join the keywords: one conversion for all of them.
+        let all = kwargs.map_or_else(|| PyDict::new(py), Bound::clone);
+        let positional = [
+            ("mode", mode),
+            ("base_dir", base_dir),
+            ("connection_string", connection_string),
+            ("history_days", history_days),
+            ("redis_enabled", redis_enabled),
+        ];
+        for (name, value) in positional {
+            if let Some(value) = value {
+                all.set_item(name, value)?;
+            }
+        }
+        let given = settings::given(&all, "ChatHistoryManager()", true)?;
         // Keyword arguments win over the environment (the README, "Configuration").
-        let resolved = Resolved::resolve(keywords, &ProcessEnv)?;
+        let resolved = Resolved::resolve(given.keywords, &ProcessEnv)?;
         let margin = resolved.credential_refresh_margin.value;
-        let redis_credentials = redis_credential_provider
-            .map(|callable| credentials::provider("redis_credential_provider", callable, margin))
+        let redis_credentials = given
+            .redis_credential_provider
+            .map(|callable| credentials::provider("redis_credential_provider", &callable, margin))
             .transpose()?;
-        let postgres_credentials = postgres_credential_provider
-            .map(|callable| credentials::provider("postgres_credential_provider", callable, margin))
+        let postgres_credentials = given
+            .postgres_credential_provider
+            .map(|callable| credentials::provider("postgres_credential_provider", &callable, margin))
             .transpose()?;
         let mut settings = resolved.settings()?;
+        settings.inspect_only = given.inspect_only;
         let mode = settings.mode;
         if mode == Mode::Local && resolved.redis_enabled.value {
             log::warn!("REDIS_ENABLED is set but mode is 'local': Redis is not used");
@@ -309,6 +248,7 @@ impl PyChatHistoryManager {
             dict.set_item("conflicts_kept", c.conflicts_kept)?;
             dict.set_item("postgres_fallbacks", c.fallbacks)?;
             dict.set_item("redis_available", c.redis_available)?;
+            dict.set_item("redis_error", c.redis_error)?;
             dict.set_item("redis_read_round_trips", c.read_round_trips)?;
             dict.set_item("redis_reads_shared", c.reads_shared)?;
             dict.set_item("redis_used_memory", c.memory.used)?;

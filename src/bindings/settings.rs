@@ -6,11 +6,13 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use pyo3::IntoPyObjectExt;
 
-use crate::config::resolve::{Environment, Keywords, ProcessEnv, Resolved, Shown};
+use crate::config::resolve::{Environment, Keywords, ProcessEnv, Resolved, Shown, KEYWORD_NAMES};
+use crate::error::Error;
 
 /// A manager's settings, resolved: keyword argument, else environment variable, else default.
 /// Holds passwords; its `repr()` and `entries()` never show them.
@@ -99,7 +101,7 @@ impl PyResolvedSettings {
     fn value<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
         let r = &self.inner;
         match name {
-            "mode" => r.requested_mode.value.as_str().into_bound_py_any(py),
+            "mode" => r.mode_name.as_str().into_bound_py_any(py),
             "base_dir" => path_to_py(py, Some(&r.base_dir.value)),
             "connection_string" => r.connection_string.value.clone().into_bound_py_any(py),
             "history_days" => r.history_days.value.into_bound_py_any(py),
@@ -156,96 +158,145 @@ fn mapping(environ: &Bound<'_, PyAny>) -> PyResult<HashMap<String, String>> {
     Ok(vars)
 }
 
+/// The keyword arguments of `ChatHistoryManager` that are callables rather than settings.
+pub(super) const PROVIDERS: [&str; 2] = ["redis_credential_provider", "postgres_credential_provider"];
+
+/// For `chat-history stats` and `doctor` only (the README, "Operating it"): opens the manager to
+/// inspect, creating no schema and writing nothing back. Private: not a setting.
+const INSPECT_ONLY: &str = "_inspect_only";
+
+/// The keyword arguments a caller passed, converted: each value's type checked here, with the
+/// argument named (`InvalidTypeError`), its range by the core (`ConfigurationError`). `None` counts
+/// as not given, so the environment or the default applies.
+pub(super) struct Given<'py> {
+    pub keywords: Keywords,
+    pub redis_credential_provider: Option<Bound<'py, PyAny>>,
+    pub postgres_credential_provider: Option<Bound<'py, PyAny>>,
+    pub inspect_only: bool,
+}
+
+fn type_name(value: &Bound<'_, PyAny>) -> String {
+    value.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string())
+}
+
+fn wrong_type(name: &str, expected: &str, value: &Bound<'_, PyAny>) -> PyErr {
+    Error::invalid_type(format!("{name} must be {expected}, got {}", type_name(value))).into()
+}
+
+fn text(name: &str, value: &Bound<'_, PyAny>) -> PyResult<String> {
+    match value.cast::<PyString>() {
+        Ok(s) => Ok(s.to_cow()?.into_owned()),
+        Err(_) => Err(wrong_type(name, "a str", value)),
+    }
+}
+
+fn path(name: &str, value: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
+    value.extract::<PathBuf>().map_err(|_| wrong_type(name, "a str or an os.PathLike", value))
+}
+
+fn flag(name: &str, value: &Bound<'_, PyAny>) -> PyResult<bool> {
+    match value.cast::<PyBool>() {
+        Ok(b) => Ok(b.is_true()),
+        Err(_) => Err(wrong_type(name, "True or False", value)),
+    }
+}
+
+/// A whole number; a bool is refused (`True` is an `int` to Python, never a count to a reader).
+fn whole(name: &str, value: &Bound<'_, PyAny>) -> PyResult<i64> {
+    if value.is_instance_of::<PyBool>() || !value.is_instance_of::<PyInt>() {
+        return Err(wrong_type(name, "an int", value));
+    }
+    value.extract::<i64>().map_err(|_| Error::config(format!("{name} is out of range, got {value}")).into())
+}
+
+/// Seconds: an int or a float (not a bool); NaN and infinities are the core's to refuse.
+fn seconds(name: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
+    if value.is_instance_of::<PyBool>() || !(value.is_instance_of::<PyInt>() || value.is_instance_of::<PyFloat>()) {
+        return Err(wrong_type(name, "a number of seconds (int or float)", value));
+    }
+    value.extract::<f64>().map_err(|_| Error::config(format!("{name} is out of range, got {value}")).into())
+}
+
+/// Converts `kwargs` (every argument by name; `caller` names the callable for an unknown one).
+/// `providers`: whether the credential providers (and the private `_inspect_only`) are taken.
+pub(super) fn given<'py>(kwargs: &Bound<'py, PyDict>, caller: &str, providers: bool) -> PyResult<Given<'py>> {
+    let mut out = Given {
+        keywords: Keywords::default(),
+        redis_credential_provider: None,
+        postgres_credential_provider: None,
+        inspect_only: false,
+    };
+    let kw = &mut out.keywords;
+    for (key, value) in kwargs.iter() {
+        let name = text("a keyword argument's name", &key)?;
+        let name = name.as_str();
+        let known = KEYWORD_NAMES.contains(&name) || (providers && (PROVIDERS.contains(&name) || name == INSPECT_ONLY));
+        if known && value.is_none() {
+            continue;
+        }
+        match name {
+            "mode" => kw.mode = Some(text(name, &value)?),
+            "base_dir" => kw.base_dir = Some(path(name, &value)?),
+            "connection_string" => kw.connection_string = Some(text(name, &value)?),
+            "history_days" => kw.history_days = Some(whole(name, &value)?),
+            "redis_enabled" => kw.redis_enabled = Some(flag(name, &value)?),
+            "postgres_pool_size" => kw.postgres_pool_size = Some(whole(name, &value)?),
+            "postgres_connect_timeout" => kw.postgres_connect_timeout = Some(seconds(name, &value)?),
+            "postgres_ca_file" => kw.postgres_ca_file = Some(path(name, &value)?),
+            "postgres_statement_timeout" => kw.postgres_statement_timeout = Some(seconds(name, &value)?),
+            "postgres_lock_timeout" => kw.postgres_lock_timeout = Some(seconds(name, &value)?),
+            "redis_connection_string" => kw.redis_connection_string = Some(text(name, &value)?),
+            "redis_host" => kw.redis_host = Some(text(name, &value)?),
+            "redis_port" => kw.redis_port = Some(whole(name, &value)?),
+            "redis_password" => kw.redis_password = Some(text(name, &value)?),
+            "redis_ssl" => kw.redis_ssl = Some(flag(name, &value)?),
+            "redis_ttl" => kw.redis_ttl = Some(whole(name, &value)?),
+            "redis_pool_size" => kw.redis_pool_size = Some(whole(name, &value)?),
+            "redis_timeout" => kw.redis_timeout = Some(seconds(name, &value)?),
+            "redis_ca_file" => kw.redis_ca_file = Some(path(name, &value)?),
+            "redis_cluster" => kw.redis_cluster = Some(flag(name, &value)?),
+            "near_cache_bytes" => kw.near_cache_bytes = Some(whole(name, &value)?),
+            "credential_refresh_margin" => kw.credential_refresh_margin = Some(seconds(name, &value)?),
+            "flush_interval" => kw.flush_interval = Some(seconds(name, &value)?),
+            "background_flush" => kw.background_flush = Some(flag(name, &value)?),
+            "flush_batch_size" => kw.flush_batch_size = Some(whole(name, &value)?),
+            "close_timeout" => kw.close_timeout = Some(seconds(name, &value)?),
+            "redis_credential_provider" | "postgres_credential_provider" if providers => {
+                if !value.is_callable() {
+                    return Err(wrong_type(
+                        name,
+                        "a callable returning (username, password) or (username, password, expires_at)",
+                        &value,
+                    ));
+                }
+                if name == "redis_credential_provider" {
+                    out.redis_credential_provider = Some(value);
+                } else {
+                    out.postgres_credential_provider = Some(value);
+                }
+            }
+            INSPECT_ONLY if providers => out.inspect_only = flag(name, &value)?,
+            other => {
+                // Python's own wording for an unknown keyword argument.
+                return Err(PyTypeError::new_err(format!("{caller} got an unexpected keyword argument '{other}'")));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The settings `ChatHistoryManager(**kwargs)` would open with, and where each came from, read
 /// from `environ` (a mapping; default: the process's environment). Credential providers are not
 /// settings here: they are callables a caller passes to the manager itself.
 #[pyfunction]
-#[pyo3(signature = (
-    environ = None,
-    *,
-    mode = None,
-    base_dir = None,
-    connection_string = None,
-    history_days = None,
-    redis_enabled = None,
-    postgres_pool_size = None,
-    postgres_connect_timeout = None,
-    postgres_ca_file = None,
-    postgres_statement_timeout = None,
-    postgres_lock_timeout = None,
-    redis_connection_string = None,
-    redis_host = None,
-    redis_password = None,
-    redis_port = None,
-    redis_ssl = None,
-    redis_ttl = None,
-    redis_pool_size = None,
-    redis_timeout = None,
-    redis_ca_file = None,
-    redis_cluster = None,
-    near_cache_bytes = None,
-    credential_refresh_margin = None,
-    flush_interval = None,
-    background_flush = None,
-    flush_batch_size = None,
-    close_timeout = None,
-))]
+#[pyo3(signature = (environ = None, **kwargs))]
 fn resolve_settings(
     environ: Option<&Bound<'_, PyAny>>,
-    mode: Option<String>,
-    base_dir: Option<PathBuf>,
-    connection_string: Option<String>,
-    history_days: Option<i32>,
-    redis_enabled: Option<bool>,
-    postgres_pool_size: Option<u32>,
-    postgres_connect_timeout: Option<f64>,
-    postgres_ca_file: Option<PathBuf>,
-    postgres_statement_timeout: Option<f64>,
-    postgres_lock_timeout: Option<f64>,
-    redis_connection_string: Option<String>,
-    redis_host: Option<String>,
-    redis_password: Option<String>,
-    redis_port: Option<u16>,
-    redis_ssl: Option<bool>,
-    redis_ttl: Option<u64>,
-    redis_pool_size: Option<u32>,
-    redis_timeout: Option<f64>,
-    redis_ca_file: Option<PathBuf>,
-    redis_cluster: Option<bool>,
-    near_cache_bytes: Option<u64>,
-    credential_refresh_margin: Option<f64>,
-    flush_interval: Option<f64>,
-    background_flush: Option<bool>,
-    flush_batch_size: Option<usize>,
-    close_timeout: Option<f64>,
+    kwargs: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<PyResolvedSettings> {
-    let keywords = Keywords {
-        mode,
-        base_dir,
-        connection_string,
-        history_days,
-        redis_enabled,
-        postgres_pool_size,
-        postgres_connect_timeout,
-        postgres_ca_file,
-        postgres_statement_timeout,
-        postgres_lock_timeout,
-        redis_connection_string,
-        redis_host,
-        redis_password,
-        redis_port,
-        redis_ssl,
-        redis_ttl,
-        redis_pool_size,
-        redis_timeout,
-        redis_ca_file,
-        redis_cluster,
-        near_cache_bytes,
-        credential_refresh_margin,
-        flush_interval,
-        background_flush,
-        flush_batch_size,
-        close_timeout,
+    let keywords = match kwargs {
+        Some(kwargs) => given(kwargs, "resolve_settings()", false)?.keywords,
+        None => Keywords::default(),
     };
     let env: Box<dyn Environment> = match environ {
         Some(environ) => Box::new(mapping(environ)?),
@@ -257,5 +308,9 @@ fn resolve_settings(
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyResolvedSettings>()?;
     m.add_function(wrap_pyfunction!(resolve_settings, m)?)?;
+    // The keyword arguments `ChatHistoryManager` takes, for the tests that hold the stubs and the
+    // README's table to them.
+    let names: Vec<&str> = KEYWORD_NAMES.iter().chain(PROVIDERS.iter()).copied().collect();
+    m.add("_MANAGER_KEYWORDS", PyTuple::new(m.py(), names)?)?;
     Ok(())
 }

@@ -64,16 +64,17 @@ impl<S: std::hash::BuildHasher> Environment for HashMap<String, String, S> {
     }
 }
 
-/// The keyword arguments as a caller gave them; `None` where one was not given.
+/// The keyword arguments as a caller gave them; `None` where one was not given. Counts are kept as
+/// given (`i64`), so [`Resolved::resolve`] checks every range and names the argument.
 #[derive(Default, Clone)]
 #[allow(missing_docs)] // each field is the keyword argument of the same name (the README's table)
 pub struct Keywords {
     pub mode: Option<String>,
     pub base_dir: Option<PathBuf>,
     pub connection_string: Option<String>,
-    pub history_days: Option<i32>,
+    pub history_days: Option<i64>,
     pub redis_enabled: Option<bool>,
-    pub postgres_pool_size: Option<u32>,
+    pub postgres_pool_size: Option<i64>,
     pub postgres_connect_timeout: Option<f64>,
     pub postgres_ca_file: Option<PathBuf>,
     pub postgres_statement_timeout: Option<f64>,
@@ -81,20 +82,51 @@ pub struct Keywords {
     pub redis_connection_string: Option<String>,
     pub redis_host: Option<String>,
     pub redis_password: Option<String>,
-    pub redis_port: Option<u16>,
+    pub redis_port: Option<i64>,
     pub redis_ssl: Option<bool>,
-    pub redis_ttl: Option<u64>,
-    pub redis_pool_size: Option<u32>,
+    pub redis_ttl: Option<i64>,
+    pub redis_pool_size: Option<i64>,
     pub redis_timeout: Option<f64>,
     pub redis_ca_file: Option<PathBuf>,
     pub redis_cluster: Option<bool>,
-    pub near_cache_bytes: Option<u64>,
+    pub near_cache_bytes: Option<i64>,
     pub credential_refresh_margin: Option<f64>,
     pub flush_interval: Option<f64>,
     pub background_flush: Option<bool>,
-    pub flush_batch_size: Option<usize>,
+    pub flush_batch_size: Option<i64>,
     pub close_timeout: Option<f64>,
 }
+
+/// The names of [`Keywords`], in the README table's order: what the binding accepts, and what a
+/// test holds the README's table and the stubs to.
+pub const KEYWORD_NAMES: &[&str] = &[
+    "mode",
+    "base_dir",
+    "connection_string",
+    "history_days",
+    "redis_enabled",
+    "postgres_pool_size",
+    "postgres_connect_timeout",
+    "postgres_ca_file",
+    "postgres_statement_timeout",
+    "postgres_lock_timeout",
+    "redis_connection_string",
+    "redis_host",
+    "redis_port",
+    "redis_password",
+    "redis_ssl",
+    "redis_ttl",
+    "redis_pool_size",
+    "redis_timeout",
+    "redis_ca_file",
+    "redis_cluster",
+    "near_cache_bytes",
+    "credential_refresh_margin",
+    "flush_interval",
+    "background_flush",
+    "flush_batch_size",
+    "close_timeout",
+];
 
 /// Every setting, resolved. Holds passwords: it has no `Debug`, and [`Resolved::entries`] is the
 /// only way to show it.
@@ -103,6 +135,9 @@ pub struct Keywords {
 pub struct Resolved {
     /// The mode as asked for; [`Resolved::mode`] applies `redis_enabled` to it.
     pub requested_mode: Sourced<Mode>,
+    /// The mode's name as given (`"local_redis"`, say), lower-cased: the example app tells its
+    /// local test modes from the production ones by it.
+    pub mode_name: String,
     pub base_dir: Sourced<PathBuf>,
     pub connection_string: Sourced<Option<String>>,
     pub history_days: Sourced<i32>,
@@ -181,19 +216,63 @@ fn flag(name: &'static str, raw: &str) -> Result<bool> {
     }
 }
 
-fn seconds(name: &str, value: f64) -> Result<Duration> {
-    Duration::try_from_secs_f64(value)
-        .map_err(|_| Error::config(format!("{name} must be a positive number of seconds, got {value}")))
+/// The names `mode` and `CHAT_HISTORY_MODE` take: the library's three, and the two the example app
+/// (and the seed author's app) already set `CHAT_HISTORY_MODE` to: `local_psql` is postgres and
+/// `local_redis` is redis, on a server of the developer's own.
+pub fn parse_mode(name: &str, raw: &str) -> Result<Mode> {
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "local" => Ok(Mode::Local),
+        "postgres" | "local_psql" => Ok(Mode::Postgres),
+        "redis" | "local_redis" => Ok(Mode::Redis),
+        _ => Err(Error::config(format!(
+            "{name} must be 'local', 'postgres' or 'redis' (or the example app's 'local_psql' and 'local_redis'), \
+             got {raw:?}"
+        ))),
+    }
 }
 
-/// A bound that must be more than zero: PostgreSQL reads 0 as "no limit".
-fn positive_seconds(name: &str, value: f64) -> Result<Duration> {
-    let duration = seconds(name, value)?;
-    if duration < Duration::from_millis(1) {
-        return Err(Error::config(format!("{name} must be at least 0.001 seconds, got {value}")));
+/// Seconds: a finite number within `min..=max`, named in the error.
+fn seconds_within(name: &str, value: f64, min: f64, max: f64) -> Result<Duration> {
+    if !value.is_finite() || value < min || value > max {
+        let range = if min > 0.0 { format!("at least {min}") } else { "0 or more".to_owned() };
+        return Err(Error::config(format!(
+            "{name} must be a number of seconds, {range} and at most {max}, got {value}"
+        )));
     }
-    Ok(duration)
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| Error::config(format!("{name} must be a number of seconds, got {value}")))
 }
+
+/// The longest any timeout may be: a day. Longer is a mistake (milliseconds given as seconds), and
+/// a wait that long would look like a hang.
+const MAX_SECONDS: f64 = 86_400.0;
+
+/// What a whole-number setting is, for its error messages, and the values it may take.
+#[derive(Clone, Copy)]
+struct Whole {
+    what: &'static str,
+    min: i64,
+    max: i64,
+}
+
+impl Whole {
+    const fn new(what: &'static str, min: i64, max: i64) -> Self {
+        Whole { what, min, max }
+    }
+
+    /// `value` converted when it is within range; else an error naming `name` and showing `shown`
+    /// (the value as given: quoted when it came from a variable).
+    fn check<T: TryFrom<i64>>(self, name: &str, value: i64, shown: &str) -> Result<T> {
+        let Whole { what, min, max } = self;
+        if value < min || value > max {
+            let range = if max == i64::MAX { format!("at least {min}") } else { format!("from {min} to {max}") };
+            return Err(Error::config(format!("{name} must be {what}, {range}, got {shown}")));
+        }
+        T::try_from(value).map_err(|_| Error::config(format!("{name} must be {what}, got {shown}")))
+    }
+}
+
+const PORT: Whole = Whole::new("a port number", 1, 65_535);
 
 /// The keyword when given, else the first of `vars` that is set (parsed by `parse`), else `fallback`.
 fn pick<T>(
@@ -209,6 +288,30 @@ fn pick<T>(
     for &name in vars {
         if let Some(raw) = env.var(name) {
             return Ok(Sourced { value: parse(name, &raw)?, source: Source::Env(name) });
+        }
+    }
+    Ok(default(fallback))
+}
+
+/// As [`pick`] for a whole number: the keyword's value or the variable's is checked against
+/// `kind` under its own name.
+fn pick_whole<T: TryFrom<i64>>(
+    keyword_name: &str,
+    given: Option<i64>,
+    env: &dyn Environment,
+    vars: &[&'static str],
+    kind: Whole,
+    fallback: T,
+) -> Result<Sourced<T>> {
+    if let Some(value) = given {
+        return Ok(keyword(kind.check(keyword_name, value, &value.to_string())?));
+    }
+    for &name in vars {
+        if let Some(raw) = env.var(name) {
+            let shown = format!("'{raw}'");
+            let value: i64 =
+                raw.trim().parse().map_err(|_| Error::config(format!("{name} must be {}, got {shown}", kind.what)))?;
+            return Ok(Sourced { value: kind.check(name, value, &shown)?, source: Source::Env(name) });
         }
     }
     Ok(default(fallback))
@@ -236,7 +339,10 @@ pub fn postgres_from_parts(env: &dyn Environment) -> Result<Option<String>> {
         return Ok(None);
     };
     let port: u16 = match env.var("POSTGRES_PORT") {
-        Some(raw) => number("a port number")("POSTGRES_PORT", &raw)?,
+        Some(raw) => {
+            let port: i64 = number("a port number")("POSTGRES_PORT", &raw)?;
+            PORT.check("POSTGRES_PORT", port, &format!("'{raw}'"))?
+        }
         None => 5432,
     };
     let local = matches!(host.as_str(), "localhost" | "127.0.0.1" | "::1") || host.starts_with('/');
@@ -272,13 +378,27 @@ fn name_source(error: &Error, source: Source, keyword: &str) -> Error {
     }
 }
 
+/// `history_days` at most about 270 years: PostgreSQL's timestamps end well before `i32::MAX` days
+/// back, where `list_conversations` would fail on every call.
+const DAYS: Whole = Whole::new("a whole number of days", 0, 100_000);
+const POOL: Whole = Whole::new("a whole number of connections", 1, u32::MAX as i64);
+const BATCH: Whole = Whole::new("a whole number of conversations", 1, 1_000_000);
+const TTL: Whole = Whole::new("a whole number of seconds", 1, i64::MAX);
+const BYTES: Whole = Whole::new("a whole number of bytes", 0, i64::MAX);
+
 impl Resolved {
     /// Resolves every setting: keyword argument, else environment variable, else default. A bad
     /// value is an error naming the argument or the variable it came from.
     pub fn resolve(kw: Keywords, env: &dyn Environment) -> Result<Self> {
-        let requested_mode = match kw.mode {
-            Some(mode) => keyword(Mode::parse(&mode)?),
-            None => default(Mode::Local),
+        let (requested_mode, mode_name) = match kw.mode {
+            Some(name) => (keyword(parse_mode("mode", &name)?), name.trim().to_ascii_lowercase()),
+            None => match env.var("CHAT_HISTORY_MODE") {
+                Some(raw) => (
+                    Sourced { value: parse_mode("CHAT_HISTORY_MODE", &raw)?, source: Source::Env("CHAT_HISTORY_MODE") },
+                    raw.trim().to_ascii_lowercase(),
+                ),
+                None => (default(Mode::Local), "local".to_owned()),
+            },
         };
         let base_dir = match kw.base_dir {
             Some(dir) => keyword(dir),
@@ -297,26 +417,27 @@ impl Resolved {
                 },
             },
         };
-        let secs =
-            |name: &'static str, given: Option<f64>, fallback: f64, positive: bool| -> Result<Sourced<Duration>> {
-                let check = if positive { positive_seconds } else { seconds };
-                Ok(match given {
-                    Some(value) => keyword(check(name, value)?),
-                    None => default(check(name, fallback)?),
-                })
-            };
-        let given = |value: Option<u32>, fallback: u32| value.map_or_else(|| default(fallback), keyword);
+        // A timeout of 0 would count Redis as down on every call, or mean "no limit" to PostgreSQL:
+        // every bound but the two that may be 0 must be at least a millisecond. Defaults are
+        // checked too, so none can slip past the rule its keyword is held to.
+        let secs = |name: &'static str, given: Option<f64>, fallback: f64, min: f64| -> Result<Sourced<Duration>> {
+            Ok(match given {
+                Some(value) => keyword(seconds_within(name, value, min, MAX_SECONDS)?),
+                None => default(seconds_within(name, fallback, min, MAX_SECONDS)?),
+            })
+        };
         Ok(Resolved {
             requested_mode,
+            mode_name,
             base_dir,
             connection_string,
-            history_days: kw.history_days.map_or_else(|| default(7), keyword),
+            history_days: pick_whole("history_days", kw.history_days, env, &[], DAYS, 7)?,
             redis_enabled: pick(kw.redis_enabled, env, &["REDIS_ENABLED"], flag, false)?,
-            postgres_pool_size: given(kw.postgres_pool_size, 4),
-            postgres_connect_timeout: secs("postgres_connect_timeout", kw.postgres_connect_timeout, 5.0, false)?,
+            postgres_pool_size: pick_whole("postgres_pool_size", kw.postgres_pool_size, env, &[], POOL, 4)?,
+            postgres_connect_timeout: secs("postgres_connect_timeout", kw.postgres_connect_timeout, 5.0, 0.001)?,
             postgres_ca_file: kw.postgres_ca_file.map_or_else(|| default(None), |p| keyword(Some(p))),
-            postgres_statement_timeout: secs("postgres_statement_timeout", kw.postgres_statement_timeout, 30.0, true)?,
-            postgres_lock_timeout: secs("postgres_lock_timeout", kw.postgres_lock_timeout, 5.0, true)?,
+            postgres_statement_timeout: secs("postgres_statement_timeout", kw.postgres_statement_timeout, 30.0, 0.001)?,
+            postgres_lock_timeout: secs("postgres_lock_timeout", kw.postgres_lock_timeout, 5.0, 0.001)?,
             // A URL given as a keyword wins over Redis by parts; between the environment's two
             // forms, REDIS_CONNECTION_STRING wins too (`Resolved::redis_settings`).
             redis_connection_string: pick(
@@ -334,17 +455,18 @@ impl Resolved {
                 |_, raw| Ok(Some(raw.to_owned())),
                 None,
             )?,
-            redis_port: pick(kw.redis_port, env, &["REDIS_PORT"], number("a port number"), DEFAULT_REDIS_PORT)?,
+            redis_port: pick_whole("redis_port", kw.redis_port, env, &["REDIS_PORT"], PORT, DEFAULT_REDIS_PORT)?,
             redis_ssl: pick(kw.redis_ssl, env, &["REDIS_SSL"], flag, true)?,
-            redis_ttl: pick(
+            redis_ttl: pick_whole(
+                "redis_ttl",
                 kw.redis_ttl,
                 env,
                 &["REDIS_TTL_SECONDS", "REDIS_CACHE_TTL"],
-                number("a whole number of seconds"),
+                TTL,
                 DEFAULT_REDIS_TTL,
             )?,
-            redis_pool_size: given(kw.redis_pool_size, 8),
-            redis_timeout: secs("redis_timeout", kw.redis_timeout, 0.5, false)?,
+            redis_pool_size: pick_whole("redis_pool_size", kw.redis_pool_size, env, &[], POOL, 8)?,
+            redis_timeout: secs("redis_timeout", kw.redis_timeout, 0.5, 0.001)?,
             redis_ca_file: pick(kw.redis_ca_file.map(Some), env, &["REDIS_CA_FILE"], path, None)?,
             redis_cluster: pick(
                 kw.redis_cluster.map(Some),
@@ -353,27 +475,32 @@ impl Resolved {
                 |name, raw| flag(name, raw).map(Some),
                 None,
             )?,
-            near_cache_bytes: pick(
+            near_cache_bytes: pick_whole(
+                "near_cache_bytes",
                 kw.near_cache_bytes,
                 env,
                 &["NEAR_CACHE_BYTES"],
-                number("a whole number of bytes"),
+                BYTES,
                 DEFAULT_NEAR_CACHE_BYTES,
             )?,
-            credential_refresh_margin: secs("credential_refresh_margin", kw.credential_refresh_margin, 180.0, false)?,
-            flush_interval: secs("flush_interval", kw.flush_interval, 10.0, false)?,
+            credential_refresh_margin: secs("credential_refresh_margin", kw.credential_refresh_margin, 180.0, 0.0)?,
+            flush_interval: secs("flush_interval", kw.flush_interval, 10.0, 0.001)?,
             background_flush: kw.background_flush.map_or_else(|| default(true), keyword),
-            flush_batch_size: kw.flush_batch_size.map_or_else(|| default(500), keyword),
-            close_timeout: secs("close_timeout", kw.close_timeout, 30.0, false)?,
+            flush_batch_size: pick_whole("flush_batch_size", kw.flush_batch_size, env, &[], BATCH, 500)?,
+            close_timeout: secs("close_timeout", kw.close_timeout, 30.0, 0.0)?,
         })
     }
 
-    /// The mode a manager opens in: `mode="postgres"` with `redis_enabled` is redis mode.
+    /// The mode a manager opens in. `redis_enabled`, when set (keyword or `REDIS_ENABLED`), decides
+    /// whether a PostgreSQL mode uses Redis: true adds it to postgres mode (the Phase 2 switch),
+    /// false takes it from redis mode (the seed's rollback switch); unset, the mode decides.
     /// `redis_enabled=True` with local mode is an error; `REDIS_ENABLED` with local mode is ignored
     /// (with a warning), as the seed's app ignored it.
     pub fn mode(&self) -> Result<Mode> {
+        let set = self.redis_enabled.source != Source::Default;
         match (self.requested_mode.value, self.redis_enabled.value) {
             (Mode::Postgres, true) => Ok(Mode::Redis),
+            (Mode::Redis, false) if set => Ok(Mode::Postgres),
             (Mode::Local, true) if self.redis_enabled.source == Source::Keyword => {
                 Err(Error::config("redis_enabled=True needs mode='postgres': Redis caches PostgreSQL, not local files"))
             }
@@ -464,14 +591,7 @@ impl Resolved {
 
     /// What a manager is built from. Credential providers are the caller's to add.
     pub fn settings(&self) -> Result<Settings> {
-        let flush_interval = if self.background_flush.value {
-            if self.flush_interval.value.is_zero() {
-                return Err(Error::config("flush_interval must be more than 0 seconds"));
-            }
-            Some(self.flush_interval.value)
-        } else {
-            None
-        };
+        let flush_interval = self.background_flush.value.then_some(self.flush_interval.value);
         Ok(Settings {
             mode: self.mode()?,
             base_dir: self.base_dir.value.clone(),
@@ -481,6 +601,7 @@ impl Resolved {
             flush_interval,
             flush_batch_size: self.flush_batch_size.value,
             close_timeout: self.close_timeout.value,
+            inspect_only: false,
         })
     }
 
@@ -518,7 +639,7 @@ impl Resolved {
         });
         let int = |n: i64| Shown::Int(n);
         let rows: Vec<(&'static str, Shown, Source)> = vec![
-            ("mode", Shown::Text(self.requested_mode.value.as_str().to_owned()), self.requested_mode.source),
+            ("mode", Shown::Text(self.mode_name.clone()), self.requested_mode.source),
             ("base_dir", Shown::Text(self.base_dir.value.display().to_string()), self.base_dir.source),
             (
                 "connection_string",
@@ -602,6 +723,84 @@ mod tests {
         let both = env(&[("REDIS_CACHE_TTL", "60"), ("REDIS_TTL_SECONDS", "70")]);
         let r = Resolved::resolve(Keywords::default(), &both).unwrap();
         assert_eq!((r.redis_ttl.value, r.redis_ttl.source), (70, Source::Env("REDIS_TTL_SECONDS")));
+    }
+
+    #[test]
+    fn chat_history_mode_chooses_the_mode_when_no_keyword_does() {
+        let resolve = |kw: Keywords, pairs: &[(&str, &str)]| Resolved::resolve(kw, &env(pairs)).unwrap();
+        let db = ("DATABASE_URL", "postgresql://h/db");
+        let r = resolve(Keywords::default(), &[]);
+        assert_eq!((r.mode().unwrap(), r.requested_mode.source), (Mode::Local, Source::Default));
+        let r = resolve(Keywords::default(), &[("CHAT_HISTORY_MODE", "redis"), db]);
+        assert_eq!(r.mode().unwrap(), Mode::Redis);
+        assert_eq!(r.requested_mode.source, Source::Env("CHAT_HISTORY_MODE"));
+        for (name, mode) in [
+            ("local", Mode::Local),
+            ("postgres", Mode::Postgres),
+            ("local_psql", Mode::Postgres),
+            ("Local_Redis", Mode::Redis),
+        ] {
+            let r = resolve(Keywords::default(), &[("CHAT_HISTORY_MODE", name), db]);
+            assert_eq!(r.mode().unwrap(), mode, "{name}");
+            assert_eq!(r.mode_name, name.to_ascii_lowercase());
+        }
+        let kw = Keywords { mode: Some("local".into()), ..Keywords::default() };
+        let r = resolve(kw, &[("CHAT_HISTORY_MODE", "redis"), db]);
+        assert_eq!((r.mode().unwrap(), r.requested_mode.source), (Mode::Local, Source::Keyword));
+        let err = Resolved::resolve(Keywords::default(), &env(&[("CHAT_HISTORY_MODE", "cloud")])).err().unwrap();
+        assert!(err.to_string().starts_with("CHAT_HISTORY_MODE must be"), "{err}");
+    }
+
+    #[test]
+    fn redis_enabled_when_set_adds_or_removes_redis() {
+        let mode =
+            |pairs: &[(&str, &str)]| Resolved::resolve(Keywords::default(), &env(pairs)).unwrap().mode().unwrap();
+        assert_eq!(mode(&[("CHAT_HISTORY_MODE", "postgres"), ("REDIS_ENABLED", "true")]), Mode::Redis);
+        assert_eq!(mode(&[("CHAT_HISTORY_MODE", "redis"), ("REDIS_ENABLED", "false")]), Mode::Postgres);
+        assert_eq!(mode(&[("CHAT_HISTORY_MODE", "redis")]), Mode::Redis);
+        assert_eq!(mode(&[("CHAT_HISTORY_MODE", "local"), ("REDIS_ENABLED", "true")]), Mode::Local);
+    }
+
+    #[test]
+    fn every_bad_number_is_refused_by_name() {
+        let err = |kw: Keywords| Resolved::resolve(kw, &env(&[])).err().map(|e| e.to_string()).unwrap_or_default();
+        let d = Keywords::default;
+        let cases: Vec<(&str, Keywords)> = vec![
+            ("near_cache_bytes", Keywords { near_cache_bytes: Some(-1), ..d() }),
+            ("redis_pool_size", Keywords { redis_pool_size: Some(-2), ..d() }),
+            ("redis_pool_size", Keywords { redis_pool_size: Some(0), ..d() }),
+            ("postgres_pool_size", Keywords { postgres_pool_size: Some(0), ..d() }),
+            ("redis_timeout", Keywords { redis_timeout: Some(0.0), ..d() }),
+            ("redis_timeout", Keywords { redis_timeout: Some(f64::NAN), ..d() }),
+            ("postgres_connect_timeout", Keywords { postgres_connect_timeout: Some(-1.0), ..d() }),
+            ("postgres_statement_timeout", Keywords { postgres_statement_timeout: Some(0.0), ..d() }),
+            ("postgres_lock_timeout", Keywords { postgres_lock_timeout: Some(f64::INFINITY), ..d() }),
+            ("credential_refresh_margin", Keywords { credential_refresh_margin: Some(-0.5), ..d() }),
+            ("flush_interval", Keywords { flush_interval: Some(0.0), ..d() }),
+            ("close_timeout", Keywords { close_timeout: Some(-1.0), ..d() }),
+            ("history_days", Keywords { history_days: Some(-1), ..d() }),
+            ("redis_port", Keywords { redis_port: Some(0), ..d() }),
+            ("redis_port", Keywords { redis_port: Some(70_000), ..d() }),
+            ("redis_ttl", Keywords { redis_ttl: Some(0), ..d() }),
+            ("flush_batch_size", Keywords { flush_batch_size: Some(0), ..d() }),
+        ];
+        for (name, kw) in cases {
+            let message = err(kw);
+            assert!(message.starts_with(&format!("{name} must be")), "{name}: {message:?}");
+        }
+        let from_env = |pairs: &[(&str, &str)]| {
+            Resolved::resolve(Keywords::default(), &env(pairs)).err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        assert!(from_env(&[("NEAR_CACHE_BYTES", "-1")]).starts_with("NEAR_CACHE_BYTES must be"));
+        assert!(from_env(&[("REDIS_PORT", "0")]).starts_with("REDIS_PORT must be"));
+        assert!(from_env(&[("REDIS_TTL_SECONDS", "0")]).starts_with("REDIS_TTL_SECONDS must be"));
+    }
+
+    #[test]
+    fn the_keyword_names_are_the_entries() {
+        let r = Resolved::resolve(Keywords::default(), &env(&[])).unwrap();
+        let names: Vec<&str> = r.entries().iter().map(|e| e.name).collect();
+        assert_eq!(names, KEYWORD_NAMES);
     }
 
     #[test]

@@ -11,6 +11,7 @@ import pytest
 
 from cluster_support import RedisClusterServers
 from redis_support import make_conversation
+from chat_history_rs import ChatHistoryManager
 from servers import ServerError
 from test_cli import cli_env, doctor_lines, parse_prometheus, run_cli
 
@@ -22,6 +23,7 @@ MAXMEMORY = (64 * MB, 65 * MB, 67 * MB)
 
 # Doctor's checks on one node with Redis, in order (README, "Operating it"): no cluster lines.
 SINGLE_NODE_CHECKS = [
+    "mode",
     "PostgreSQL",
     "schema",
     "Redis",
@@ -65,6 +67,8 @@ def cluster():
 def cluster_env(cluster, pg_url):
     cluster.wait_healthy()
     cluster.flushall()
+    # The schema, as `chat-history init-db` makes it: stats and doctor create no table.
+    ChatHistoryManager(mode="postgres", connection_string=pg_url).close()
     return cli_env(DATABASE_URL=pg_url, REDIS_CONNECTION_STRING=cluster.url)
 
 
@@ -202,6 +206,7 @@ def test_stats_prometheus_on_a_cluster_has_gauges_per_node(cluster, cluster_env)
 
 
 def test_doctor_on_one_node_is_unchanged(rdb, pg_url):
+    ChatHistoryManager(mode="postgres", connection_string=pg_url).close()  # the schema, as init-db makes it
     env = cli_env(DATABASE_URL=pg_url, REDIS_CONNECTION_STRING=rdb.url)
     result = run_cli("doctor", env=env)
     names = [name for name in doctor_lines(result.stdout)]
@@ -216,6 +221,7 @@ def test_doctor_on_one_node_is_unchanged(rdb, pg_url):
 
 
 def test_doctor_on_one_endpoint_with_redis_cluster_set(rdb, pg_url):
+    ChatHistoryManager(mode="postgres", connection_string=pg_url).close()  # the schema, as init-db makes it
     """REDIS_CLUSTER=true (Azure's Enterprise clustering policy: one endpoint, not a Redis Cluster) is read
     from the environment and reported; the rest of the report is the single node's."""
     result = run_cli("doctor", env=cli_env(DATABASE_URL=pg_url, REDIS_CONNECTION_STRING=rdb.url, REDIS_CLUSTER="true"))

@@ -106,8 +106,9 @@ def test_the_api_keeps_its_promises_on_a_cluster(cluster_manager, pg_conn, user_
 
 def test_redis_cluster_keyword_forces_the_layout(rdb, pg_url, make_manager, user_id):
     """`redis_cluster=True` on one node (Azure's Enterprise policy: one endpoint, one-slot scripts)
-    uses the cluster layout over a plain connection; `False` the seed layout."""
-    for flag, layout in ((True, "cluster"), (False, "seed"), (None, "seed")):
+    uses the cluster layout over a plain connection; `False` the single-node layout (the seed design's key
+    names), which `stats()["redis_layout"]` calls "single"."""
+    for flag, layout in ((True, "cluster"), (False, "single"), (None, "single")):
         rdb.client.flushdb()
         app = make_manager(
             mode="postgres",

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import chat_history_rs
-from chat_history_rs import ChatHistoryError, ChatHistoryManager, ConfigurationError, ResolvedSettings
+from chat_history_rs import (
+    ChatHistoryError,
+    ChatHistoryManager,
+    ConfigurationError,
+    ResolvedSettings,
+    UnavailableError,
+)
 from chat_history_rs.azure import providers_from_env
 
 log = logging.getLogger("chat_history_rs.cli")
@@ -35,6 +41,8 @@ MEMORY_THRESHOLD = 0.80
 DIRTY_AGE_THRESHOLD = 300.0
 # Hash slots of a Redis Cluster: every one must be served for every user's keys to be reachable.
 CLUSTER_SLOTS = 16384
+# What mode= and CHAT_HISTORY_MODE take (the library's three, and the example app's two local ones).
+MODES = ("local", "postgres", "local_psql", "local_redis", "redis")
 
 
 class CliError(Exception):
@@ -55,6 +63,7 @@ def print_error(message: str) -> None:
 
 # Each connection flag is the keyword argument of the same setting (`chat-history config` shows which won).
 FLAG_KEYWORDS = {
+    "mode": "mode",
     "database_url": "connection_string",
     "redis_url": "redis_connection_string",
     "connect_timeout": "postgres_connect_timeout",
@@ -82,30 +91,65 @@ class Settings:
     redis_url: str | None  # None: the library reads REDIS_CONNECTION_STRING / REDIS_HOST itself
     use_redis: bool
     redis_enabled_env: bool | None  # REDIS_ENABLED as set in the environment
+    # The mode an app opens in here (`ChatHistoryManager()`, resolved by the library: --mode, else
+    # CHAT_HISTORY_MODE and REDIS_ENABLED), or, when neither is set, the one the servers configured
+    # make ("redis" with Redis, else "postgres"); and where it came from.
+    mode: str = "postgres"
+    mode_source: str = "default"
+
+
+def app_mode(resolved: ResolvedSettings) -> tuple[str | None, str]:
+    """(the library's mode, where it came from) when --mode or CHAT_HISTORY_MODE sets it; (None, "default")
+    when neither does, which for the library means local mode and for these commands "the servers that
+    are configured" (they have nothing to do with local files)."""
+    source = resolved.source("mode")
+    if source == "default":
+        return None, source
+    try:
+        return resolved.mode, source
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from None
 
 
 def resolve_settings(args: argparse.Namespace, *, redis: str) -> Settings:
-    """redis: "required" (flush), "optional" (stats, doctor: used when configured) or "never" (init-db)."""
+    """redis: "required" (flush), "optional" (stats, doctor, conflicts: used when configured) or "never"
+    (init-db). A mode set to local (--mode or CHAT_HISTORY_MODE) has no servers: a usage error here."""
     no_redis = redis == "never" or getattr(args, "no_redis", False)
-    # Without Redis, REDIS_ENABLED is not read at all: init-db works whatever it says.
-    resolved = library_settings(args, **({"redis_enabled": False} if no_redis else {}))
+    resolved = library_settings(args)
+    mode, mode_source = app_mode(resolved)
+    if mode == "local":
+        raise CliError(
+            f"the mode is local ({mode_source}): conversations are JSON files, and `{PROG} {args.command}` works"
+            " on PostgreSQL and Redis; pass --mode postgres or --mode redis (or set CHAT_HISTORY_MODE)"
+        )
+    if no_redis:
+        # Without Redis, REDIS_ENABLED is not read at all: init-db works whatever it says.
+        resolved = library_settings(args, redis_enabled=False)
     database_url = resolved.value("connection_string")
     if not database_url:
         raise CliError("no PostgreSQL configured: pass --database-url or set DATABASE_URL (or POSTGRES_HOST)")
     postgres_url = resolved.postgres_url or "PostgreSQL"
     redis_url = getattr(args, "redis_url", None)
     if no_redis:
-        return Settings(database_url, postgres_url, None, False, None)
+        return Settings(database_url, postgres_url, None, False, None, mode or "postgres", mode_source)
     from_env = resolved.source("redis_enabled") == "env REDIS_ENABLED"
     redis_enabled_env = resolved.value("redis_enabled") if from_env else None
     configured = resolved.redis_configured
+    if mode == "redis" and not configured:
+        raise CliError(
+            f"the mode is redis ({mode_source}) but no Redis is configured: pass --redis-url or set"
+            " REDIS_CONNECTION_STRING (or REDIS_HOST)"
+        )
     if redis == "required" and not configured:
         raise CliError("no Redis configured: pass --redis-url or set REDIS_CONNECTION_STRING (or REDIS_HOST)")
     if redis_enabled_env and not configured:
         raise CliError("REDIS_ENABLED is true but no Redis is configured: set REDIS_CONNECTION_STRING")
-    # "optional": REDIS_ENABLED=false does not hide a configured Redis. During a rollback the operator
-    # must still see the conversations there that PostgreSQL lacks.
-    return Settings(database_url, postgres_url, redis_url, configured, redis_enabled_env)
+    # "optional": REDIS_ENABLED=false (or a postgres mode) does not hide a configured Redis. During a
+    # rollback the operator must still see the conversations there that PostgreSQL lacks; the mode
+    # reported is still the app's.
+    if mode is None:
+        mode = "redis" if configured and redis_enabled_env is not False else "postgres"
+    return Settings(database_url, postgres_url, redis_url, configured, redis_enabled_env, mode, mode_source)
 
 
 @contextlib.contextmanager
@@ -124,9 +168,13 @@ def library_log_level(level: int, verbose: bool) -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def open_manager(args: argparse.Namespace, settings: Settings) -> ChatHistoryManager:
-    """A postgres-mode manager, with Redis when the settings say so, and no background flusher."""
-    use_redis = settings.use_redis
+def open_manager(
+    args: argparse.Namespace, settings: Settings, *, inspect: bool = False, use_redis: bool | None = None
+) -> ChatHistoryManager:
+    """A postgres-mode manager, with Redis when the settings say so (or ``use_redis``), and no background
+    flusher. ``inspect``: for the commands that only look (stats, doctor), a manager that creates no table
+    and writes nothing back, not even when it closes."""
+    use_redis = settings.use_redis if use_redis is None else use_redis
     kwargs: dict[str, Any] = {
         "mode": "postgres",
         "connection_string": settings.database_url,
@@ -135,6 +183,8 @@ def open_manager(args: argparse.Namespace, settings: Settings) -> ChatHistoryMan
         "postgres_connect_timeout": args.connect_timeout,
         "close_timeout": getattr(args, "close_timeout", 30.0),
     }
+    if inspect:
+        kwargs["_inspect_only"] = True
     if use_redis:
         if settings.redis_url:
             kwargs["redis_connection_string"] = settings.redis_url
@@ -151,12 +201,30 @@ def open_manager(args: argparse.Namespace, settings: Settings) -> ChatHistoryMan
 def close_quietly(manager: ChatHistoryManager, verbose: bool) -> None:
     """close(), its log records hidden unless -v.
 
-    close() always writes back what is dirty. For the commands that only look (stats, doctor) that flush
-    is not what the user asked for; after a failed flush it would fail again. Either way its errors
-    would bury the report or the one-line error the command prints.
+    A manager opened to inspect (stats, doctor) writes nothing back when it closes; the others' close()
+    flushes, which after a failed flush would fail again. Either way its records would bury the report
+    or the one-line error the command prints.
     """
     with library_log_level(logging.CRITICAL, verbose):
         manager.close()
+
+
+def is_redis_misconfiguration(error: ChatHistoryError) -> bool:
+    """Whether a manager refused to open because Redis's settings do not fit the server (a wrong password,
+    TLS on one side only, a database number on a cluster, a server that is not Redis): the library names
+    the cause in a ConfigurationError that starts with "Redis at"."""
+    return isinstance(error, ConfigurationError) and str(error).startswith("Redis at ")
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """One line of at most ``limit`` characters: a title may be a megabyte of anything."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def missing_schema(problem: ChatHistoryError) -> bool:
+    """Whether PostgreSQL refused a read because the tables do not exist (`chat-history init-db` makes them)."""
+    return not isinstance(problem, UnavailableError) and "does not exist" in str(problem)
 
 
 def redis_reachable(stats: dict[str, Any]) -> bool:

@@ -15,19 +15,15 @@ from chat_history_rs.cli.common import EXIT_OK, CliError, library_settings
 DESCRIPTION = """\
 Print every setting a ChatHistoryManager would open with here, and where each came from: keyword (a
 flag of this command), env NAME (the environment variable that set it) or default. The connection
-flags (--database-url, --redis-url, --connect-timeout, --redis-timeout) count as keyword arguments.
+flags (--mode, --database-url, --redis-url, --connect-timeout, --redis-timeout) count as keyword
+arguments. The mode is --mode, else CHAT_HISTORY_MODE, else local; the effective mode also applies
+REDIS_ENABLED (true adds Redis to postgres, false removes it from redis).
 Connection strings are shown without their passwords; a password that is set shows as <redacted>.
 Exit 1 when a value is not valid (the message names the variable or flag)."""
 
 
 def add_parser(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     config = add("config", "print the resolved settings and where each came from", DESCRIPTION)
-    config.add_argument(
-        "--mode",
-        choices=("local", "postgres", "redis"),
-        default=None,
-        help="resolve for this mode, as mode=... would (default: the library's default, local)",
-    )
     config.add_argument("--json", action="store_true", help="as a JSON object: {name: {value, source}}")
     config.set_defaults(func=cmd_config)
 
@@ -41,8 +37,7 @@ def _text(value: Any) -> str:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    keywords = {"mode": args.mode} if args.mode else {}
-    resolved = library_settings(args, **keywords)
+    resolved = library_settings(args)
     try:
         mode = resolved.mode
         resolved.check()
@@ -66,7 +61,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         for e in entries:
             print(f"{e['name']:<{width}}  {_text(e['value']):<{value_width}}  {e['source']}")
         if mode is not None:
-            print(f"\neffective mode: {mode}")
+            print(f"\neffective mode: {mode} (mode {resolved.value('mode')}, {resolved.source('mode')})")
     if problem is not None:
         raise CliError(f"a manager would refuse these settings: {problem}")
     return EXIT_OK

@@ -25,10 +25,12 @@ from chat_history_rs.cli.common import (
     Settings,
     close_quietly,
     describe_node,
+    is_redis_misconfiguration,
     human_age,
     human_size,
     library_log_level,
     memory_fraction,
+    missing_schema,
     open_manager,
     postgres_probe,
     redis_reachable,
@@ -41,7 +43,10 @@ on a Redis Cluster its primaries (each one's slots, memory and policy),
 Redis's eviction policy (allkeys-* is a WARN: it may evict dirty data), Redis memory (WARN above
 {MEMORY_THRESHOLD * 100:.0f} %), dirty conversations (WARN above --max-dirty) and their age (WARN above
 --max-dirty-age). Each check prints OK, WARN or FAIL. Exit 0 all OK, 1 a WARN, 2 a FAIL (Nagios
-convention). Opening a manager creates missing tables, and closing it writes back what is dirty."""
+convention). It only looks: it creates no table (a missing schema is a FAIL naming `chat-history
+init-db`) and writes nothing back. A Redis whose settings do not fit the server (a wrong password, TLS
+on one side only, a database number on a cluster, a server that is not Redis) is a FAIL naming the
+cause, as it is a ConfigurationError for the app."""
 
 
 def add_parser(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
@@ -163,8 +168,18 @@ def _diagnose(args: argparse.Namespace, doctor: Doctor) -> None:
     except CliError as exc:
         doctor.report("FAIL", "configuration", str(exc))
         return
+    doctor.report("OK", "mode", _describe_mode(settings))
+    redis_refused: ChatHistoryError | None = None
     try:
-        manager = open_manager(args, settings)
+        try:
+            manager = open_manager(args, settings, inspect=True)
+        except ConfigurationError as exc:
+            if not (settings.use_redis and is_redis_misconfiguration(exc)):
+                raise
+            # Redis's settings do not fit the server: the app would refuse to start. PostgreSQL is
+            # still worth checking, without Redis.
+            redis_refused = exc
+            manager = open_manager(args, settings, inspect=True, use_redis=False)
     except ConfigurationError as exc:
         doctor.report("FAIL", "configuration", str(exc))
         return
@@ -172,13 +187,18 @@ def _diagnose(args: argparse.Namespace, doctor: Doctor) -> None:
         doctor.report("FAIL", "PostgreSQL", str(exc))
         return
     except ChatHistoryError as exc:
-        # Reached, but refused: the schema statements at start (no CREATE right, say).
-        doctor.report("FAIL", "schema", f"{exc}")
+        doctor.report("FAIL", "PostgreSQL", f"{exc}")
         return
     try:
-        _diagnose_with(manager, args, settings, doctor)
+        _diagnose_with(manager, args, settings, doctor, redis_refused)
     finally:
         close_quietly(manager, args.verbose > 0)
+
+
+def _describe_mode(settings: Settings) -> str:
+    where = {"local": "JSON files", "postgres": "PostgreSQL", "redis": "Redis over PostgreSQL, write-back"}
+    source = "no mode set: the servers configured" if settings.mode_source == "default" else settings.mode_source
+    return f"{settings.mode}: {where.get(settings.mode, settings.mode)} ({source})"
 
 
 def _diagnose_cluster(nodes: list[dict[str, Any]], doctor: Doctor) -> None:
@@ -233,7 +253,13 @@ def _diagnose_near_cache(manager: ChatHistoryManager, doctor: Doctor) -> None:
         )
 
 
-def _diagnose_with(manager: ChatHistoryManager, args: argparse.Namespace, settings: Settings, doctor: Doctor) -> None:
+def _diagnose_with(
+    manager: ChatHistoryManager,
+    args: argparse.Namespace,
+    settings: Settings,
+    doctor: Doctor,
+    redis_refused: ChatHistoryError | None = None,
+) -> None:
     postgres = settings.postgres_url
     with library_log_level(logging.CRITICAL, args.verbose > 0):
         problem = postgres_probe(manager)
@@ -243,9 +269,16 @@ def _diagnose_with(manager: ChatHistoryManager, args: argparse.Namespace, settin
         status, tls = postgres_tls(postgres)
         doctor.report(status, "PostgreSQL", f"connected to {postgres} ({tls})")
         if problem is None:
-            doctor.report("OK", "schema", "conversations table readable (the tables are created at start when missing)")
+            doctor.report("OK", "schema", "conversations table readable")
+        elif missing_schema(problem):
+            doctor.report(
+                "FAIL", "schema", "the tables are missing (this check creates none): run `chat-history init-db`"
+            )
         else:
-            doctor.report("FAIL", "schema", f"{problem}; `chat-history init-db` creates the tables")
+            doctor.report("FAIL", "schema", f"{problem}; `chat-history init-db` creates the tables when missing")
+    if redis_refused is not None:
+        doctor.report("FAIL", "Redis", str(redis_refused))
+        return
     if not settings.use_redis:
         detail = "not configured: PostgreSQL only (pass --redis-url or set REDIS_CONNECTION_STRING to check it)"
         doctor.report("OK", "Redis", detail)
@@ -254,7 +287,10 @@ def _diagnose_with(manager: ChatHistoryManager, args: argparse.Namespace, settin
         stats = manager.stats()
     redis_url = stats.get("redis_url", "Redis")
     if not redis_reachable(stats):
-        doctor.report("FAIL", "Redis", f"unreachable at {redis_url} (within {args.redis_timeout:g} s)")
+        # The library's own reason (a refused connection, a timeout, a login refused after start...),
+        # not a bare "unreachable".
+        why = stats.get("redis_error") or f"no answer within {args.redis_timeout:g} s"
+        doctor.report("FAIL", "Redis", f"unreachable at {redis_url}: {why}")
         return
     status, tls = redis_tls(redis_url)
     doctor.report(status, "Redis", f"connected to {redis_url} ({tls})")

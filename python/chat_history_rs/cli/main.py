@@ -19,23 +19,27 @@ from chat_history_rs.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     FLAG_KEYWORDS,
+    MODES,
     PROG,
     CliError,
     print_error,
 )
+from chat_history_rs.envfile import load_env_file
 
 DESCRIPTION = """\
 Operator tools for chat_history_rs: create the schema, write Redis back to PostgreSQL (once, or as
 a standalone worker), report stats (text, JSON, Prometheus), check a deployment (doctor) and show
 the resolved settings (config).
 
-Settings come from the flags, else from the environment the library reads: DATABASE_URL (else the
-example app's POSTGRES_HOST, POSTGRES_PORT, POSTGRES_ADMIN_LOGIN, POSTGRES_ADMIN_PASSWORD,
-POSTGRES_DATABASE, POSTGRES_SSLMODE), REDIS_CONNECTION_STRING (or REDIS_HOST, REDIS_PORT,
-REDIS_PASSWORD, REDIS_SSL), REDIS_CA_FILE, REDIS_CLUSTER, resolved by the library itself (a flag wins
-over a variable, a variable over the default); `chat-history config` shows the result and where each
-setting came from. stats and doctor look at Redis whenever one is configured, even with
-REDIS_ENABLED=false: during a rollback that is where unsaved chats are.
+Settings come from the flags, else from the environment the library reads: CHAT_HISTORY_MODE,
+DATABASE_URL (else the example app's POSTGRES_HOST, POSTGRES_PORT, POSTGRES_ADMIN_LOGIN,
+POSTGRES_ADMIN_PASSWORD, POSTGRES_DATABASE, POSTGRES_SSLMODE), REDIS_CONNECTION_STRING (or REDIS_HOST,
+REDIS_PORT, REDIS_PASSWORD, REDIS_SSL), REDIS_CA_FILE, REDIS_CLUSTER, resolved by the library itself (a
+flag wins over a variable, a variable over the default); `chat-history config` shows the result and
+where each setting came from. A ./.env file is read first when present (--env-file names another);
+variables already set win over it. stats and doctor look at Redis whenever one is configured, even with
+REDIS_ENABLED=false: during a rollback that is where unsaved chats are. stats and doctor never write:
+no write-back, no table created; only flush, init-db and conflicts --restore write.
 """
 
 EPILOG = """\
@@ -49,6 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     # overwriting a value given before the command with its default (an argparse quirk).
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connections")
+    group.add_argument(
+        "--mode",
+        choices=MODES,
+        default=argparse.SUPPRESS,
+        help="the mode, as mode=... sets it for ChatHistoryManager (default: $CHAT_HISTORY_MODE; unset, the"
+        " commands use the servers that are configured)",
+    )
+    group.add_argument(
+        "--env-file",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="read variables from this file first, those already set winning (default: ./.env when present)",
+    )
     group.add_argument(
         "--database-url",
         metavar="URL",
@@ -128,13 +145,34 @@ def _logging_to_stderr(verbose: int, worker: bool) -> Iterator[None]:
         logger.setLevel(previous_level)
 
 
+@contextlib.contextmanager
+def _env_file(path: str | None) -> Iterator[None]:
+    """The variables of `path` (default: ./.env when present) that the environment lacks, for this run:
+    set before the library reads the environment, removed afterwards (main() may be called more than
+    once in a process)."""
+    added = load_env_file(".env" if path is None else path)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script passes it to sys.exit)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    env_file = getattr(args, "env_file", None)
+    if env_file is not None and not os.path.isfile(env_file):
+        parser.error(f"--env-file {env_file}: no such file")
+    with _env_file(env_file):
+        return _run(parser, args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     # The flags given on the command line are keyword arguments to the library; the others are not.
     args.flags_given = frozenset(flag for flag in FLAG_KEYWORDS if hasattr(args, flag))
-    for name, default in (("database_url", None), ("redis_url", None), ("verbose", 0)):
+    for name, default in (("mode", None), ("database_url", None), ("redis_url", None), ("verbose", 0)):
         if not hasattr(args, name):
             setattr(args, name, default)
     args.connect_timeout = getattr(args, "connect_timeout", 5.0)

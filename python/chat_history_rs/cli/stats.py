@@ -25,6 +25,7 @@ from chat_history_rs.cli.common import (
     human_size,
     library_log_level,
     memory_fraction,
+    missing_schema,
     open_manager,
     postgres_probe,
     print_error,
@@ -37,7 +38,9 @@ Print stats(). Hit/miss, flush and call counters belong to the process that repo
 command is a fresh process: they are 0 here (the app's own stats() has the app's; Azure Monitor has
 Redis's cachehits/cachemisses). The gauges are global, shared by every process on this Redis: dirty
 conversations, oldest dirty age (the write-back lag), Redis memory and eviction policy.
-Note: like every manager, the one this command opens writes back what is dirty when it closes."""
+This command only looks: it writes nothing back (what is dirty stays dirty, so the lag it reports is
+the deployment's) and creates no table. "mode" is the app's mode here (--mode, else CHAT_HISTORY_MODE
+with REDIS_ENABLED; unset, the servers configured)."""
 
 
 def add_parser(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
@@ -62,7 +65,10 @@ def format_human(stats: dict[str, Any], postgres: str) -> str:
         lines.append("Redis:                    not configured (PostgreSQL only)")
     else:
         reachable = redis_reachable(stats)
-        lines.append(f"Redis:                    {stats.get('redis_url')} ({'up' if reachable else 'UNREACHABLE'})")
+        state = "up" if reachable else f"UNREACHABLE: {stats.get('redis_error') or 'no answer'}"
+        lines.append(f"Redis:                    {stats.get('redis_url')} ({state})")
+        if stats.get("mode") == "postgres":
+            lines.append("                          (configured, but not used by the app in postgres mode)")
         if reachable:
             fraction = memory_fraction(stats)
             limit = stats.get("redis_maxmemory")
@@ -362,14 +368,15 @@ def format_prometheus(stats: dict[str, Any], *, postgres_up: bool | None = None)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    """Prints the report; exits 1 when PostgreSQL or Redis could not be reached (the report says which)."""
+    """Prints the report; exits 1 when PostgreSQL or Redis could not be reached (the report says which).
+    Writes nothing: the manager is opened to inspect (no write-back, not even on close; no table made)."""
     settings = resolve_settings(args, redis="optional")
     try:
-        manager = open_manager(args, settings)
+        manager = open_manager(args, settings, inspect=True)
     except UnavailableError:
         if args.format == "prometheus":
             # The scrape still says something useful: PostgreSQL is down (docs/monitoring.md).
-            sys.stdout.write(format_prometheus({"mode": "postgres"}, postgres_up=False))
+            sys.stdout.write(format_prometheus({"mode": settings.mode}, postgres_up=False))
         raise
     verbose = args.verbose > 0
     try:
@@ -379,16 +386,23 @@ def cmd_stats(args: argparse.Namespace) -> int:
         postgres = settings.postgres_url
     finally:
         close_quietly(manager, verbose)
+    # The app's mode, not the manager's: this one looks at Redis whenever one is configured.
+    stats["mode"] = settings.mode
     if args.format == "json":
         print(json.dumps({**stats, "postgres_available": problem is None}))
     elif args.format == "prometheus":
         sys.stdout.write(format_prometheus(stats, postgres_up=problem is None))
     else:
         print(format_human(stats, postgres if problem is None else f"UNREACHABLE: {problem}"))
+    if problem is not None and missing_schema(problem):
+        # This command creates no table: the database was never initialised.
+        print_error(f"{problem}; the tables are missing: run `{PROG} init-db`")
+        return EXIT_FAILED
     if problem is not None:
         print_error(str(problem))
         return EXIT_FAILED
     if stats.get("redis_enabled") and not redis_reachable(stats):
-        print_error(f"Redis is unavailable at {stats.get('redis_url')}")
+        why = stats.get("redis_error")
+        print_error(f"Redis is unavailable at {stats.get('redis_url')}" + (f": {why}" if why else ""))
         return EXIT_FAILED
     return EXIT_OK
