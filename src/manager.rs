@@ -515,18 +515,26 @@ impl ChatHistory {
                     log::debug!("close: opened only to inspect; nothing written back");
                     return Ok(());
                 }
-                match cached.flush(Some(deadline), true) {
-                    Ok(report) if report.incomplete || report.failed > 0 => log::error!(
+                match flush_until(&tier, deadline) {
+                    None => {
+                        let dirty =
+                            cached.redis.dirty_summary().map_or_else(|_| "the".to_owned(), |(n, _)| n.to_string());
+                        log::error!(
+                            "close: the write-back did not finish within close_timeout (a server stopped answering \
+                             mid-statement); {dirty} dirty conversations stay in Redis for the next flush"
+                        );
+                    }
+                    Some(Ok(report)) if report.incomplete || report.failed > 0 => log::error!(
                         "close: {} conversations written back; {} failed and some may remain dirty in Redis \
                          (they are kept there and written by the next flush)",
                         report.written,
                         report.failed
                     ),
-                    Ok(report) => log::debug!("close: {} conversations written back", report.written),
-                    Err(e) if e.kind() == ErrorKind::Unavailable(Backend::Redis) => {
+                    Some(Ok(report)) => log::debug!("close: {} conversations written back", report.written),
+                    Some(Err(e)) if e.kind() == ErrorKind::Unavailable(Backend::Redis) => {
                         log::warn!("close: no write-back ({e}); whatever is dirty stays in Redis for the next flush");
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         let dirty =
                             cached.redis.dirty_summary().map_or_else(|_| "the".to_owned(), |(n, _)| n.to_string());
                         log::error!(
@@ -1044,70 +1052,67 @@ impl CachedTier {
     fn save_any(&self, conversation_id: &str, user_id: &str, conv: &Conversation) -> Result<()> {
         let tainted = self.tainted.get(user_id, conversation_id);
         let guard = tainted.is_some();
-        let first = SaveOptions { guard, ..SaveOptions::default() };
-        let outcome = match self.cache(|r| r.save(user_id, conversation_id, conv, &first)) {
-            Some(Ok((SaveOutcome::OwnerUnknown, _))) => {
-                // Redis does not hold the conversation: PostgreSQL says whether the id is another
-                // user's, and how new its row (or tombstone) is. An id that cannot be checked is
-                // refused rather than claimed blind (docs/design.md, "Ownership").
-                let floor = match self.pg().and_then(|pg| pg.owner(conversation_id)) {
-                    Ok(Some(row)) if row.owner.as_deref().is_some_and(|o| o != user_id) => {
-                        return Err(ownership(conversation_id))
+        let mut options = SaveOptions { guard, ..SaveOptions::default() };
+        let (mut asked_owner, mut kept_aside) = (false, 0);
+        loop {
+            let answer = self.cache(|r| r.save(user_id, conversation_id, conv, &options).map(|(outcome, _)| outcome));
+            match save_step(answer.as_ref(), asked_owner, kept_aside) {
+                SaveStep::Done => {
+                    self.tainted.remove(user_id, conversation_id);
+                    return Ok(());
+                }
+                SaveStep::AskOwner => {
+                    asked_owner = true;
+                    let floor = self.owner_floor(conversation_id, user_id)?;
+                    options = SaveOptions { claim: true, floor, guard, replaces: None };
+                }
+                SaveStep::KeepAside => {
+                    // The copy is kept aside, then replaced only if it is still the copy kept (a save
+                    // that came meanwhile is kept aside in its turn). Fails closed: a copy that cannot
+                    // be read or kept refuses the save.
+                    kept_aside += 1;
+                    let replaces = self.keep_overwritten(conversation_id, user_id)?;
+                    options = SaveOptions { claim: true, guard: replaces.is_none(), replaces, floor: None };
+                }
+                SaveStep::RefuseOwnership => return Err(ownership(conversation_id)),
+                SaveStep::RefuseChanging => {
+                    return Err(Error::new(
+                        ErrorKind::Database(Backend::Redis),
+                        format!(
+                            "conversation {conversation_id:?} kept changing in Redis while this save, made from a \
+                             copy read from PostgreSQL, tried to replace it; nothing was saved (read it again and save)"
+                        ),
+                    ))
+                }
+                SaveStep::ToPostgres { refused } => {
+                    if let (true, Some(Err(e))) = (refused, answer) {
+                        // Out of memory (or another refusal): Redis is brought in line before its next
+                        // call (deleting is allowed even when Redis is out of memory).
+                        log::warn!("Redis refused a save, writing it to PostgreSQL: {}", e.into_error());
+                        self.fallbacks.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(row) => row.and_then(|r| r.version),
-                    Err(e) if e.is_unavailable() => {
-                        return Err(Error::new(
-                            ErrorKind::Unavailable(Backend::Postgres),
-                            format!(
-                                "conversation {conversation_id:?} is not in Redis and PostgreSQL is unavailable to say \
-                                 whether it belongs to another user; nothing was saved (save again once PostgreSQL \
-                                 is back)"
-                            ),
-                        )
-                        .with_source(e))
-                    }
-                    Err(e) => return Err(e),
-                };
-                self.cache(|r| {
-                    r.save(user_id, conversation_id, conv, &SaveOptions { claim: true, floor, guard, replaces: None })
-                })
+                    return self.save_to_postgres(conversation_id, user_id, conv, tainted);
+                }
             }
-            other => other,
-        };
-        // A guarded save found a copy its messages do not extend: that copy is kept aside, then
-        // replaced only if it is still the copy kept (a save that came meanwhile is kept aside in
-        // its turn). Fails closed: a copy that cannot be read or kept refuses the save.
-        let mut outcome = outcome;
-        for _ in 0..OVERWRITE_ATTEMPTS {
-            let Some(Ok((SaveOutcome::Diverged, _))) = outcome else { break };
-            let replaces = self.keep_overwritten(conversation_id, user_id)?;
-            let options = SaveOptions { claim: true, guard: replaces.is_none(), replaces, floor: None };
-            outcome = self.cache(|r| r.save(user_id, conversation_id, conv, &options));
         }
-        match outcome {
-            Some(Ok((SaveOutcome::Saved(_), _))) => {
-                self.tainted.remove(user_id, conversation_id);
-                Ok(())
-            }
-            Some(Ok((SaveOutcome::Diverged, _))) => Err(Error::new(
-                ErrorKind::Database(Backend::Redis),
+    }
+
+    /// Redis does not hold the conversation: PostgreSQL says whether the id is another user's, and
+    /// how new its row (or tombstone) is, the floor of the save's version. An id that cannot be
+    /// checked is refused rather than claimed blind (docs/design.md, "Ownership").
+    fn owner_floor(&self, conversation_id: &str, user_id: &str) -> Result<Option<i64>> {
+        match self.pg().and_then(|pg| pg.owner(conversation_id)) {
+            Ok(Some(row)) if row.owner.as_deref().is_some_and(|o| o != user_id) => Err(ownership(conversation_id)),
+            Ok(row) => Ok(row.and_then(|r| r.version)),
+            Err(e) if e.is_unavailable() => Err(Error::new(
+                ErrorKind::Unavailable(Backend::Postgres),
                 format!(
-                    "conversation {conversation_id:?} kept changing in Redis while this save, made from a copy read \
-                     from PostgreSQL, tried to replace it; nothing was saved (read it again and save)"
+                    "conversation {conversation_id:?} is not in Redis and PostgreSQL is unavailable to say whether it \
+                     belongs to another user; nothing was saved (save again once PostgreSQL is back)"
                 ),
-            )),
-            Some(Ok((SaveOutcome::OtherOwner | SaveOutcome::OwnerUnknown, _))) => Err(ownership(conversation_id)),
-            Some(Err(CacheError::Unavailable(_))) | None => {
-                self.save_to_postgres(conversation_id, user_id, conv, tainted)
-            }
-            // Out of memory (or another refusal): the save goes to PostgreSQL, and Redis is
-            // brought in line before its next call (deleting is allowed even when Redis is out of
-            // memory).
-            Some(Err(e)) => {
-                log::warn!("Redis refused a save, writing it to PostgreSQL: {}", e.into_error());
-                self.fallbacks.fetch_add(1, Ordering::Relaxed);
-                self.save_to_postgres(conversation_id, user_id, conv, tainted)
-            }
+            )
+            .with_source(e)),
+            Err(e) => Err(e),
         }
     }
 
@@ -1333,6 +1338,38 @@ impl Flush for CachedTier {
     }
 }
 
+/// What a save does next, given Redis's answer to its last attempt (`None`: Redis was not tried).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SaveStep {
+    /// Stored.
+    Done,
+    /// Redis does not hold the conversation: ask PostgreSQL who owns the id, then claim it.
+    AskOwner,
+    /// A guarded save met a copy its messages do not extend: keep that copy aside, then replace it.
+    KeepAside,
+    /// Another user's id.
+    RefuseOwnership,
+    /// The copy kept changing while the save tried to replace it.
+    RefuseChanging,
+    /// Redis did not answer (or is backing off), or refused (`refused`, out of memory say):
+    /// PostgreSQL takes the save.
+    ToPostgres { refused: bool },
+}
+
+/// The cached tier's decision after each attempt of a save, without the servers: `asked_owner` once
+/// PostgreSQL was asked who owns the id, `kept_aside` copies kept aside so far.
+fn save_step(answer: Option<&Result<SaveOutcome, CacheError>>, asked_owner: bool, kept_aside: usize) -> SaveStep {
+    match answer {
+        None | Some(Err(CacheError::Unavailable(_))) => SaveStep::ToPostgres { refused: false },
+        Some(Err(_)) => SaveStep::ToPostgres { refused: true },
+        Some(Ok(SaveOutcome::Saved(_))) => SaveStep::Done,
+        Some(Ok(SaveOutcome::OwnerUnknown)) if !asked_owner => SaveStep::AskOwner,
+        Some(Ok(SaveOutcome::OtherOwner | SaveOutcome::OwnerUnknown)) => SaveStep::RefuseOwnership,
+        Some(Ok(SaveOutcome::Diverged)) if kept_aside < OVERWRITE_ATTEMPTS => SaveStep::KeepAside,
+        Some(Ok(SaveOutcome::Diverged)) => SaveStep::RefuseChanging,
+    }
+}
+
 fn ownership(conversation_id: &str) -> Error {
     Error::new(ErrorKind::Ownership, format!("conversation {conversation_id:?} belongs to another user"))
 }
@@ -1356,6 +1393,31 @@ impl Fetched {
         }
     }
 }
+
+/// `close()`'s write-back, on a thread of its own: a statement sent over a link that stalled
+/// mid-call waits on the socket without bound (PostgreSQL never received it, so its
+/// `statement_timeout` cannot end it), and `close()` must return by its deadline all the same. The
+/// thread is left behind then, holding the pools until the statement ends. `None` at the deadline.
+fn flush_until(tier: &Arc<Tier>, deadline: Instant) -> Option<Result<FlushReport>> {
+    let Tier::Cached(_) = &**tier else { return None };
+    let (sent, received) = std::sync::mpsc::channel();
+    let flushing = Arc::clone(tier);
+    let spawned = std::thread::Builder::new().name("chat-history-close".into()).spawn(move || {
+        if let Tier::Cached(cached) = &*flushing {
+            let _ = sent.send(cached.flush(Some(deadline), true));
+        }
+    });
+    if spawned.is_err() {
+        // No thread to spare: flush here, as before.
+        let Tier::Cached(cached) = &**tier else { return None };
+        return Some(cached.flush(Some(deadline), true));
+    }
+    // A flush stops between batches at the deadline; the grace covers the batch in progress.
+    received.recv_timeout(deadline.saturating_duration_since(Instant::now()) + CLOSE_GRACE).ok()
+}
+
+/// How long past `close_timeout` `close()` waits for the batch a flush has in progress.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 /// Closes every manager still alive: the body of the Python package's `atexit` hook. Failures
 /// are logged, never raised, since the interpreter is going away.
@@ -1386,6 +1448,30 @@ mod tests {
             messages: vec![Message { role: Role::User, content: "hi".into(), time: now }],
             created_at: now,
             last_modified: now,
+        }
+    }
+
+    #[test]
+    fn a_save_steps_through_redis_postgresql_and_the_overwrite_guard() {
+        use super::{save_step, SaveStep, OVERWRITE_ATTEMPTS};
+        use crate::cache::redis::{CacheError, SaveOutcome};
+        let ok = |o| Some(Ok(o));
+        let down: Option<Result<SaveOutcome, CacheError>> = Some(Err(CacheError::Unavailable("timed out".into())));
+        let oom: Option<Result<SaveOutcome, CacheError>> = Some(Err(CacheError::Other("OOM".into())));
+        let cases = [
+            ("saved", ok(SaveOutcome::Saved(7)), false, 0, SaveStep::Done),
+            ("backing off: Redis not tried", None, false, 0, SaveStep::ToPostgres { refused: false }),
+            ("timed out (a late delivery too)", down, false, 0, SaveStep::ToPostgres { refused: false }),
+            ("refused (out of memory)", oom, false, 0, SaveStep::ToPostgres { refused: true }),
+            ("not in Redis: ask PostgreSQL", ok(SaveOutcome::OwnerUnknown), false, 0, SaveStep::AskOwner),
+            ("still unknown after a claim", ok(SaveOutcome::OwnerUnknown), true, 0, SaveStep::RefuseOwnership),
+            ("another user's id", ok(SaveOutcome::OtherOwner), false, 0, SaveStep::RefuseOwnership),
+            ("a copy the save does not extend", ok(SaveOutcome::Diverged), true, 0, SaveStep::KeepAside),
+            ("replaced again meanwhile", ok(SaveOutcome::Diverged), true, 1, SaveStep::KeepAside),
+            ("kept changing", ok(SaveOutcome::Diverged), true, OVERWRITE_ATTEMPTS, SaveStep::RefuseChanging),
+        ];
+        for (what, answer, asked_owner, kept_aside, want) in cases {
+            assert_eq!(save_step(answer.as_ref(), asked_owner, kept_aside), want, "{what}");
         }
     }
 
