@@ -186,9 +186,10 @@ def test_a_late_replay_of_a_bypass_write_changes_nothing_newer(make_redis_manage
         v2 = grown({**v1, "title": "v2"}, 1, text="v2")
         a.save_conversation(conv_id, v2, user_id=user_id)  # the bypass: straight to PostgreSQL
         proxy.heal()
-        proxy.hold()
-        time.sleep(1.0)  # past the backoff: A's next call tries Redis, and first replays the bypass
-        assert a.get_conversation(conv_id, user_id=user_id) == v2  # the replay is held: read from PostgreSQL
+        time.sleep(1.0)  # past the backoff
+        a.stats()  # reconnects A's pool (stats() replays nothing), so the replay below goes over that connection
+        proxy.hold(only_open=True)
+        assert a.get_conversation(conv_id, user_id=user_id) == v2  # replays first: held, so read from PostgreSQL
 
         seen = b.get_conversation(conv_id, user_id=user_id)
         v3 = grown({**seen, "title": "v3"}, 1, text="v3")
