@@ -37,6 +37,7 @@ from chat_history_rs import (
     UnavailableError,
     ValidationError,
 )
+from chat_history_rs.envfile import load_env_file
 
 MODEL = "gpt-4o"
 TOKEN_DELAY = 0.01  # seconds between the stub's words, so the stream is visibly a stream
@@ -134,4 +135,11 @@ def create_app(open_manager: Callable[[], AsyncChatHistoryManager]) -> FastAPI:
 
 
 # `uvicorn app:app`: the manager from the environment (DATABASE_URL, REDIS_ENABLED, ...; see the README).
-app = create_app(lambda: AsyncChatHistoryManager(mode="postgres"))
+def open_from_environment() -> AsyncChatHistoryManager:
+    """The manager `uvicorn app:app` serves with: the variables of ./.env first, when there is one (those
+    already set win), then the environment, as ChatHistoryManager reads it."""
+    load_env_file()
+    return AsyncChatHistoryManager(mode="postgres")
+
+
+app = create_app(open_from_environment)

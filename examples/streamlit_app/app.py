@@ -2,22 +2,28 @@
 
     streamlit run examples/streamlit_app/app.py      (or `make demo` for a full local stack)
 
-Configured by environment variables (README.md beside this file). The assistant is a deterministic
-stand-in (conversations.stub_reply); swap in your Azure OpenAI call there.
+Configured by environment variables (README.md beside this file), read from a `.env` file too when
+there is one in the current directory or beside this file (variables already set win, as with
+python-dotenv's load_dotenv()). The assistant is a deterministic stand-in (conversations.stub_reply);
+swap in your Azure OpenAI call there.
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import chat_config
 import chat_store
 import conversations
 import streamlit as st
 from chat_history_rs import ChatHistoryError, ChatHistoryManager
+from chat_history_rs.envfile import load_env_file
 
 st.set_page_config(page_title="Chat history demo", page_icon="💬", layout="wide")
 chat_store.configure_logging()
+for env_file in (Path(".env"), Path(__file__).with_name(".env")):
+    load_env_file(env_file)
 
 try:
     settings = chat_config.load_settings()

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional
 from chat_history_rs import ConfigurationError, resolve_settings
 from chat_history_rs.azure import providers_from_env
 
+# What CHAT_HISTORY_MODE takes (the library resolves it: chat_history_rs.resolve_settings).
 MODES = ("local", "local_psql", "postgres", "local_redis", "redis")
 # The seed's example user id: what local_psql / local_redis use when LOCAL_TEST_CLIENT_ID is unset.
 DEFAULT_TEST_CLIENT_ID = "00000000-0000-0000-0000-000000000001"
@@ -96,30 +97,29 @@ class AppSettings:
 def load_settings(environ: Mapping[str, str] = os.environ) -> AppSettings:
     """Reads the app's variables. Raises SettingsError naming the variable that is wrong or missing.
 
-    The library's own variables (DATABASE_URL or the POSTGRES_* parts, REDIS_ENABLED,
+    The library's own variables (CHAT_HISTORY_MODE, DATABASE_URL or the POSTGRES_* parts, REDIS_ENABLED,
     REDIS_CONNECTION_STRING, REDIS_TTL_SECONDS / REDIS_CACHE_TTL...) are resolved by the library itself
-    (chat_history_rs.resolve_settings), exactly as ChatHistoryManager resolves them; only the app's own
-    (CHAT_HISTORY_MODE, CONVERSATION_HISTORY_DAYS, CHAT_HISTORY_FLUSH_INTERVAL) are read here."""
-    mode = environ.get("CHAT_HISTORY_MODE", "local").strip().lower() or "local"
-    if mode not in MODES:
-        raise SettingsError(f"CHAT_HISTORY_MODE must be one of {', '.join(MODES)}; got {mode!r}")
-    history_days = _int(environ, "CONVERSATION_HISTORY_DAYS", 7)
-    if mode == "local":
-        return AppSettings(mode=mode, history_days=history_days)
+    (chat_history_rs.resolve_settings), exactly as ChatHistoryManager() resolves them, so the app, the
+    library and `chat-history` agree on the mode; only the app's own (CONVERSATION_HISTORY_DAYS,
+    CHAT_HISTORY_FLUSH_INTERVAL) are read here."""
     try:
-        resolved = resolve_settings(environ, mode="postgres")
+        resolved = resolve_settings(environ)
+        # The name as set (local_psql and local_redis take the user from LOCAL_TEST_*), and the mode it
+        # opens in: REDIS_ENABLED=false turns a redis mode back into plain PostgreSQL (the seed's
+        # rollback switch), REDIS_ENABLED=true adds Redis to a postgres mode; unset, the mode decides.
+        mode, effective = resolved.value("mode"), resolved.mode
     except ConfigurationError as exc:
         raise SettingsError(str(exc)) from None
+    history_days = _int(environ, "CONVERSATION_HISTORY_DAYS", 7)
+    if effective == "local":
+        return AppSettings(mode=mode, history_days=history_days)
     connection_string = resolved.value("connection_string")
     if connection_string is None:
         raise SettingsError(
             f"CHAT_HISTORY_MODE={mode} needs PostgreSQL: set POSTGRES_HOST (with POSTGRES_ADMIN_LOGIN, "
             "POSTGRES_ADMIN_PASSWORD, POSTGRES_DATABASE...) or DATABASE_URL"
         )
-    # The seed's rollback switch: REDIS_ENABLED=false turns a redis mode back into plain PostgreSQL,
-    # and REDIS_ENABLED=true adds Redis to a postgres mode. Unset, the mode decides.
-    from_env = resolved.source("redis_enabled") != "default"
-    redis_enabled = bool(resolved.value("redis_enabled")) if from_env else mode.endswith("redis")
+    redis_enabled = effective == "redis"
     entra_env = tuple((name, environ[name]) for name in ENTRA_VARIABLES if environ.get(name, "").strip())
     try:
         providers_from_env(dict(entra_env))  # checks the values; azure-identity is needed only later

@@ -40,6 +40,10 @@ connections are replaced. A provider that raises makes the connection attempt fa
 ``UnavailableError`` naming the provider (in Redis mode, reads and saves fall back to PostgreSQL as when
 Redis is down). ``chat_history_rs.azure`` builds them for Microsoft Entra ID."""
 
+Mode = Literal["local", "postgres", "redis", "local_psql", "local_redis"]
+"""``mode`` / ``CHAT_HISTORY_MODE``: ``"redis"`` is postgres with ``redis_enabled=True``; the example
+app's ``"local_psql"`` and ``"local_redis"`` are postgres and redis."""
+
 ConversationInput = Dict[str, Any]
 """A conversation to save: the keys of ``Conversation``; timestamps may also be ``datetime``
 objects (naive means UTC) or missing (now)."""
@@ -48,46 +52,54 @@ class ChatHistoryManager:
     """Stores chat conversations as local JSON files (``mode="local"``), in PostgreSQL
     (``mode="postgres"``), or in Redis over PostgreSQL with write-back (``redis_enabled=True``).
 
-    Keyword arguments win over environment variables: ``connection_string`` over ``DATABASE_URL``,
-    ``redis_enabled`` over ``REDIS_ENABLED``, ``redis_connection_string`` over
-    ``REDIS_CONNECTION_STRING``; the README's configuration table lists them all. One manager may
-    be shared between threads; every network or disk call releases the GIL.
+    Every setting is the keyword argument when given (``None`` counts as not given), else its
+    environment variable, else the default: ``mode`` over ``CHAT_HISTORY_MODE`` over ``"local"``,
+    ``connection_string`` over ``DATABASE_URL``, ``redis_enabled`` over ``REDIS_ENABLED``,
+    ``redis_connection_string`` over ``REDIS_CONNECTION_STRING``; the README's configuration table
+    lists them all with their defaults. One manager may be shared between threads; every network or
+    disk call releases the GIL.
 
-    Raises ``ConfigurationError`` (a ``ValueError``) for an unknown mode or a missing connection
-    string, and ``UnavailableError`` (a ``ConnectionError``) when PostgreSQL cannot be reached.
+    Raises ``InvalidTypeError`` (a ``TypeError``) for an argument of the wrong type and
+    ``ConfigurationError`` (a ``ValueError``) for a bad value (a negative size, a timeout of 0, NaN,
+    an unknown mode), each naming the argument; ``ConfigurationError`` too when Redis's settings do
+    not fit the server (a refused login, TLS on one side only or a certificate that does not verify,
+    a database number on a cluster, a server that is not Redis), naming the cause and never the
+    secret. A Redis that is down is not an error: the manager starts on PostgreSQL and uses Redis
+    once it answers. ``UnavailableError`` (a ``ConnectionError``) when PostgreSQL cannot be reached
+    in postgres mode.
     """
 
     def __init__(
         self,
-        mode: Literal["local", "postgres", "redis"] = "local",
+        mode: Optional[Mode] = None,
         base_dir: Optional[Union[str, os.PathLike[str]]] = None,
         connection_string: Optional[str] = None,
-        history_days: int = 7,
+        history_days: Optional[int] = None,
         redis_enabled: Optional[bool] = None,
         *,
-        postgres_pool_size: int = 4,
-        postgres_connect_timeout: float = 5.0,
+        postgres_pool_size: Optional[int] = None,
+        postgres_connect_timeout: Optional[float] = None,
         postgres_ca_file: Optional[Union[str, os.PathLike[str]]] = None,
-        postgres_statement_timeout: float = 30.0,
-        postgres_lock_timeout: float = 5.0,
+        postgres_statement_timeout: Optional[float] = None,
+        postgres_lock_timeout: Optional[float] = None,
         redis_connection_string: Optional[str] = None,
         redis_host: Optional[str] = None,
-        redis_password: Optional[str] = None,
         redis_port: Optional[int] = None,
+        redis_password: Optional[str] = None,
         redis_ssl: Optional[bool] = None,
         redis_ttl: Optional[int] = None,
-        redis_pool_size: int = 8,
-        redis_timeout: float = 0.5,
+        redis_pool_size: Optional[int] = None,
+        redis_timeout: Optional[float] = None,
         redis_ca_file: Optional[Union[str, os.PathLike[str]]] = None,
         redis_cluster: Optional[bool] = None,
         near_cache_bytes: Optional[int] = None,
+        credential_refresh_margin: Optional[float] = None,
+        flush_interval: Optional[float] = None,
+        background_flush: Optional[bool] = None,
+        flush_batch_size: Optional[int] = None,
+        close_timeout: Optional[float] = None,
         redis_credential_provider: Optional[CredentialProvider] = None,
         postgres_credential_provider: Optional[CredentialProvider] = None,
-        credential_refresh_margin: float = 180.0,
-        flush_interval: float = 10.0,
-        background_flush: bool = True,
-        flush_batch_size: int = 500,
-        close_timeout: float = 30.0,
     ) -> None: ...
     @property
     def mode(self) -> str:
@@ -122,6 +134,9 @@ class ChatHistoryManager:
     def stats(self) -> Dict[str, Any]:
         """Counters and gauges of this manager (docs/monitoring.md). Never holds a password.
 
+        ``redis_error`` says why Redis is not in use while it is not (the last failure: a refused
+        connection, a login the server refused after a password rotation...), else None.
+        ``redis_layout`` is ``"single"`` (one node, the seed design's key names) or ``"cluster"``.
         On a Redis Cluster the memory numbers are summed over the primaries and ``redis_nodes`` lists
         each one (``address``, ``slots``, ``replicas``, ``used_memory``, ``maxmemory``,
         ``maxmemory_policy``); on one node it is empty."""
@@ -204,7 +219,9 @@ class ResolvedSettings:
 
     @property
     def mode(self) -> Literal["local", "postgres", "redis"]:
-        """The mode a manager would open in (``"redis"``: postgres with ``redis_enabled``)."""
+        """The mode a manager would open in: ``mode`` (else ``CHAT_HISTORY_MODE``, else local) with
+        ``redis_enabled`` applied when it is set (true adds Redis to postgres, false removes it from
+        redis). ``value("mode")`` is the name as given (``"local_redis"``, say)."""
     @property
     def postgres_url(self) -> Optional[str]:
         """The PostgreSQL connection string without its password; None when unset or not valid."""
@@ -226,7 +243,7 @@ class ResolvedSettings:
 def resolve_settings(
     environ: Optional[Mapping[str, str]] = None,
     *,
-    mode: Optional[Literal["local", "postgres", "redis"]] = None,
+    mode: Optional[Mode] = None,
     base_dir: Optional[Union[str, os.PathLike[str]]] = None,
     connection_string: Optional[str] = None,
     history_days: Optional[int] = None,
@@ -238,8 +255,8 @@ def resolve_settings(
     postgres_lock_timeout: Optional[float] = None,
     redis_connection_string: Optional[str] = None,
     redis_host: Optional[str] = None,
-    redis_password: Optional[str] = None,
     redis_port: Optional[int] = None,
+    redis_password: Optional[str] = None,
     redis_ssl: Optional[bool] = None,
     redis_ttl: Optional[int] = None,
     redis_pool_size: Optional[int] = None,
@@ -286,35 +303,35 @@ class AsyncChatHistoryManager:
 
     def __init__(
         self,
-        mode: Literal["local", "postgres", "redis"] = "local",
+        mode: Optional[Mode] = None,
         base_dir: Optional[Union[str, os.PathLike[str]]] = None,
         connection_string: Optional[str] = None,
-        history_days: int = 7,
+        history_days: Optional[int] = None,
         redis_enabled: Optional[bool] = None,
         *,
-        postgres_pool_size: int = 4,
-        postgres_connect_timeout: float = 5.0,
+        postgres_pool_size: Optional[int] = None,
+        postgres_connect_timeout: Optional[float] = None,
         postgres_ca_file: Optional[Union[str, os.PathLike[str]]] = None,
-        postgres_statement_timeout: float = 30.0,
-        postgres_lock_timeout: float = 5.0,
+        postgres_statement_timeout: Optional[float] = None,
+        postgres_lock_timeout: Optional[float] = None,
         redis_connection_string: Optional[str] = None,
         redis_host: Optional[str] = None,
-        redis_password: Optional[str] = None,
         redis_port: Optional[int] = None,
+        redis_password: Optional[str] = None,
         redis_ssl: Optional[bool] = None,
         redis_ttl: Optional[int] = None,
-        redis_pool_size: int = 8,
-        redis_timeout: float = 0.5,
+        redis_pool_size: Optional[int] = None,
+        redis_timeout: Optional[float] = None,
         redis_ca_file: Optional[Union[str, os.PathLike[str]]] = None,
         redis_cluster: Optional[bool] = None,
         near_cache_bytes: Optional[int] = None,
+        credential_refresh_margin: Optional[float] = None,
+        flush_interval: Optional[float] = None,
+        background_flush: Optional[bool] = None,
+        flush_batch_size: Optional[int] = None,
+        close_timeout: Optional[float] = None,
         redis_credential_provider: Optional[CredentialProvider] = None,
         postgres_credential_provider: Optional[CredentialProvider] = None,
-        credential_refresh_margin: float = 180.0,
-        flush_interval: float = 10.0,
-        background_flush: bool = True,
-        flush_batch_size: int = 500,
-        close_timeout: float = 30.0,
     ) -> None: ...
     @property
     def mode(self) -> str:

@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use pyo3::IntoPyObjectExt;
 
-use crate::config::resolve::{Environment, Keywords, ProcessEnv, Resolved, Shown, KEYWORD_NAMES};
+use crate::config::resolve::{Environment, Keywords, ProcessEnv, Resolved, Shown, ENVIRONMENT, KEYWORD_NAMES};
 use crate::error::Error;
 
 /// A manager's settings, resolved: keyword argument, else environment variable, else default.
@@ -261,14 +261,8 @@ pub(super) fn given<'py>(kwargs: &Bound<'py, PyDict>, caller: &str, providers: b
             "background_flush" => kw.background_flush = Some(flag(name, &value)?),
             "flush_batch_size" => kw.flush_batch_size = Some(whole(name, &value)?),
             "close_timeout" => kw.close_timeout = Some(seconds(name, &value)?),
+            // Checked to be callable where it is wrapped (a ConfigurationError, as it always was).
             "redis_credential_provider" | "postgres_credential_provider" if providers => {
-                if !value.is_callable() {
-                    return Err(wrong_type(
-                        name,
-                        "a callable returning (username, password) or (username, password, expires_at)",
-                        &value,
-                    ));
-                }
                 if name == "redis_credential_provider" {
                     out.redis_credential_provider = Some(value);
                 } else {
@@ -312,5 +306,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // README's table to them.
     let names: Vec<&str> = KEYWORD_NAMES.iter().chain(PROVIDERS.iter()).copied().collect();
     m.add("_MANAGER_KEYWORDS", PyTuple::new(m.py(), names)?)?;
+    // The variables the core reads, for the test that holds `.env.example` to them.
+    m.add("_ENVIRONMENT_VARIABLES", PyTuple::new(m.py(), ENVIRONMENT)?)?;
     Ok(())
 }

@@ -69,7 +69,7 @@ impl NearValue {
 enum Lookup {
     Hit(NearValue),
     Miss,
-    /// Nothing is vouched for now: not counted as a miss.
+    /// Nothing is vouched for now (`get` counts it as a miss: the read goes to Redis).
     NotServing,
 }
 
@@ -135,7 +135,8 @@ struct Links {
 pub struct NearStats {
     /// Reads answered from the process.
     pub hits: u64,
-    /// Reads that went to Redis while the near cache was serving.
+    /// Reads that asked and went to Redis: no copy to serve, or not serving (tracking not up yet,
+    /// or lost), so the hit rate is never overstated.
     pub misses: u64,
     /// Copies dropped because Redis said their key changed.
     pub invalidations: u64,
@@ -243,18 +244,18 @@ impl NearCache {
     }
 
     /// The copy under `key`, when tracking vouches for it and it is not too old to serve; counted
-    /// as a hit or a miss.
+    /// as a hit, else as a miss (a read made before tracking is up, or after it was lost, went to
+    /// Redis all the same).
     pub fn get(&self, key: &str) -> Option<NearValue> {
         match self.lookup(key) {
             Lookup::Hit(value) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 Some(value)
             }
-            Lookup::Miss => {
+            Lookup::Miss | Lookup::NotServing => {
                 self.misses.fetch_add(1, Ordering::Relaxed);
                 None
             }
-            Lookup::NotServing => None,
         }
     }
 
@@ -482,6 +483,19 @@ mod tests {
         near.acked(g, 1, Instant::now());
         fill(&near, "k", list(1));
         assert!(near.get("k").is_some());
+    }
+
+    #[test]
+    fn a_read_before_tracking_is_up_is_a_miss() {
+        let near = NearCache::new(1 << 20, Duration::from_secs(60));
+        assert!(near.get("k").is_none());
+        assert!(near.peek("k").is_none(), "a first look that a full read follows counts nothing");
+        let stats = near.stats();
+        assert_eq!((stats.hits, stats.misses, stats.tracking), (0, 1, false));
+        let near = tracked();
+        fill(&near, "k", list(1));
+        assert!(near.get("k").is_some() && near.get("other").is_none());
+        assert_eq!((near.stats().hits, near.stats().misses), (1, 1));
     }
 
     #[test]

@@ -128,6 +128,30 @@ pub const KEYWORD_NAMES: &[&str] = &[
     "close_timeout",
 ];
 
+/// Every environment variable [`Resolved::resolve`] reads, in the README table's order (a test
+/// records the reads and holds this list to them; another holds `.env.example` to it).
+pub const ENVIRONMENT: &[&str] = &[
+    "CHAT_HISTORY_MODE",
+    "DATABASE_URL",
+    "POSTGRES_HOST",
+    "POSTGRES_PORT",
+    "POSTGRES_DATABASE",
+    "POSTGRES_ADMIN_LOGIN",
+    "POSTGRES_ADMIN_PASSWORD",
+    "POSTGRES_SSLMODE",
+    "REDIS_ENABLED",
+    "REDIS_CONNECTION_STRING",
+    "REDIS_HOST",
+    "REDIS_PASSWORD",
+    "REDIS_PORT",
+    "REDIS_SSL",
+    "REDIS_TTL_SECONDS",
+    "REDIS_CACHE_TTL",
+    "REDIS_CA_FILE",
+    "REDIS_CLUSTER",
+    "NEAR_CACHE_BYTES",
+];
+
 /// Every setting, resolved. Holds passwords: it has no `Debug`, and [`Resolved::entries`] is the
 /// only way to show it.
 #[derive(Clone)]
@@ -794,6 +818,28 @@ mod tests {
         assert!(from_env(&[("NEAR_CACHE_BYTES", "-1")]).starts_with("NEAR_CACHE_BYTES must be"));
         assert!(from_env(&[("REDIS_PORT", "0")]).starts_with("REDIS_PORT must be"));
         assert!(from_env(&[("REDIS_TTL_SECONDS", "0")]).starts_with("REDIS_TTL_SECONDS must be"));
+    }
+
+    /// An environment that remembers which variables were asked for.
+    struct Recording(std::cell::RefCell<std::collections::BTreeSet<String>>, HashMap<String, String>);
+
+    impl Environment for Recording {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.borrow_mut().insert(name.to_owned());
+            self.1.var(name)
+        }
+    }
+
+    #[test]
+    fn environment_lists_every_variable_read() {
+        let mut read = std::cell::RefCell::new(std::collections::BTreeSet::new());
+        for pairs in [&[][..], &[("POSTGRES_HOST", "h")][..]] {
+            let recording = Recording(read, env(pairs));
+            Resolved::resolve(Keywords::default(), &recording).unwrap();
+            read = recording.0;
+        }
+        let listed: std::collections::BTreeSet<String> = ENVIRONMENT.iter().map(|&n| n.to_owned()).collect();
+        assert_eq!(read.into_inner(), listed);
     }
 
     #[test]
