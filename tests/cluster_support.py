@@ -378,17 +378,15 @@ class ProxiedRedisClusterServers(RedisClusterServers):
         replica = replicas[0]["port"]
         proxy = self.proxies[port]
         self.node(port).execute_command("CLIENT", "PAUSE", str(int(timeout * 1000)), "WRITE")
-        deadline = time.monotonic() + timeout
-        while True:
-            offset = _replication(self.node(port))["master_repl_offset"]
-            copied = _replication(self.node(replica)).get("slave_repl_offset", -1)
-            if copied >= offset:
-                break
-            if time.monotonic() > deadline:
-                self.node(port).execute_command("CLIENT", "UNPAUSE")
-                self.failover(primary)
-                return f"replica {replica} stayed behind ({copied} < {offset}): failed over instead"
-            time.sleep(0.01)
+        try:
+            caught_up = self._wait_caught_up(port, replica, timeout)
+        except BaseException:
+            self.node(port).execute_command("CLIENT", "UNPAUSE")
+            raise
+        if caught_up is not None:
+            self.node(port).execute_command("CLIENT", "UNPAUSE")
+            self.failover(primary)
+            return f"replica {replica} stayed behind ({caught_up}): failed over instead"
         proxy.partition()
         try:
             self.kill(port)
@@ -410,3 +408,15 @@ class ProxiedRedisClusterServers(RedisClusterServers):
             return f"killed {port}, replica {replica} took over in {took_over:.1f}s"
         finally:
             proxy.heal()
+
+    def _wait_caught_up(self, primary: int, replica: int, timeout: float) -> Optional[str]:
+        """None once `replica` has every write `primary` made, else how far behind it stayed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            offset = _replication(self.node(primary))["master_repl_offset"]
+            copied = _replication(self.node(replica)).get("slave_repl_offset", -1)
+            if copied >= offset:
+                return None
+            if time.monotonic() > deadline:
+                return f"{copied} < {offset}"
+            time.sleep(0.01)

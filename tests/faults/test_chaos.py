@@ -231,12 +231,13 @@ class World:
             raise AssertionError(kind)
         return f"held {held:.2f}s"
 
-    def late(self, proxy: LateProxy, rng: random.Random, hold, where: str) -> str:
+    def late(self, proxy: LateProxy, rng: random.Random, hold, where: str, saves: bool = True) -> str:
         """Holds bytes on a path past redis_timeout, then delivers them. Half the time the next one to three
         saves' links alone (the instance goes on through its other connections, once its backoff ends); a
         quarter of the time the links open now (new connections pass); a quarter of the time every link, new
-        ones too (newer saves go through the other paths, or straight to PostgreSQL)."""
-        roll = rng.random()
+        ones too (newer saves go through the other paths, or straight to PostgreSQL). `saves=False` (the
+        flusher's path, which saves nothing: its flushes' settles are what is held) leaves out the first."""
+        roll = rng.random() if saves else 0.5 + rng.random() / 2
         if roll < 0.5:
             count = rng.randint(1, 3)
             proxy.hold_saves(count)
@@ -338,7 +339,7 @@ class NodeWorld(World):
             held = 0.0
         elif kind == "redis-late":
             path = rng.choices(PATHS, weights=(3, 3, 2, 2))[0]
-            return self.late(self.path_proxies[path], rng, hold, f"path {path}")
+            return self.late(self.path_proxies[path], rng, hold, f"path {path}", saves=path != "F")
         elif kind == "redis-restart":
             where = "server"
             self.redis.kill()
@@ -524,9 +525,14 @@ class ClusterWorld(World):
 
     def flushall(self) -> None:
         self.cluster.flushall()  # the primaries; their replicas follow
-        deadline = time.monotonic() + 10
-        while any(self.cluster.node(p).dbsize() for p in self.cluster.ports) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        clients = [self.cluster.node(port) for port in self.cluster.ports]
+        try:
+            deadline = time.monotonic() + 10
+            while any(client.dbsize() for client in clients) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
 
     def close(self) -> None:
         super().close()
