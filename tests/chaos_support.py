@@ -1,6 +1,6 @@
 """Helpers for the partial-failure tests and the randomized fault checker (test_partial_failures.py,
 test_chaos.py): private servers that survive a crash with what they acknowledged, the conflict table of
-SPEC section 4 item 9, and "is this message still retrievable" checks.
+docs/design.md section 5 ("Divergence"), and "is this message still retrievable" checks.
 
     durable_postgres()      a private PostgreSQL with synchronous_commit=on (a crash keeps acknowledged commits)
     durable_redis(*args)    a private redis-server with AOF fsync always (a restart keeps every write)
@@ -156,7 +156,7 @@ def hammer(manager, user_id: str, label: str, seconds: float = 4.0) -> dict:
         while time.monotonic() < deadline:
             cid = f"{label}{n % 4:04x}"[:8]
             conversation = make_conversation(2, title=f"{label} {n}", prefix=f"{label} {n} ")
-            if cid in written:  # the product keeps the first save's created_at (SPEC 2)
+            if cid in written:  # the product keeps the first save's created_at (README, "A conversation")
                 conversation["created_at"] = written[cid]["created_at"]
             manager.save_conversation(cid, conversation, user_id=user_id)
             written[cid] = conversation
@@ -311,7 +311,7 @@ class LateProxy(TcpProxy):
 
 
 def utc_iso(value) -> str:
-    """A message time as the product stores it (SPEC 2): the UTC instant's isoformat()."""
+    """A message time as the product stores it (`Timestamp` in src/model.rs): the UTC instant's isoformat()."""
     from datetime import datetime
 
     dt = datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else value

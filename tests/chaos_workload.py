@@ -58,7 +58,7 @@ def user_tag(user_id: str) -> str:
 
 
 def utc_iso(value: str) -> str:
-    """A message time as the product stores it (SPEC 2): the UTC instant's isoformat()."""
+    """A message time as the product stores it (`Timestamp` in src/model.rs): the UTC instant's isoformat()."""
     dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)

@@ -1,4 +1,4 @@
-"""A seeded, randomized fault checker (model-based, Jepsen-style) for the Redis tier (SPEC sections 4, 5, 10, 16).
+"""A seeded, randomized fault checker (model-based, Jepsen-style) for the Redis tier (docs/design.md).
 
 It runs twice: on one redis-server (`node`) and on a Redis Cluster of 3 primaries and 3 replicas (`cluster`).
 
@@ -16,10 +16,13 @@ PostgreSQL, SIGKILLs the flusher; on the cluster it also SIGKILLs a primary (onc
 acknowledged: the README documents that a failover to a replica that lagged loses writes) and fails primaries
 over by hand.
 
-Late delivery: a held link keeps what its client sent; the client times out (`redis_timeout`), gives up (falls
-back to PostgreSQL, or raises) and closes it; meanwhile newer saves go through another path (the other instance,
-or, when only the links open at the hold are held, the same instance on a new connection once its backoff ends);
-then the held bytes reach Redis, after those newer saves, and Redis runs a write its writer gave up on.
+Late delivery (docs/design.md, "Write order"): a proxy holds bytes past `redis_timeout`, the links of the next
+saves through one path, or the links open now, or every link; the writer gives up (falls back to PostgreSQL, or
+raises); meanwhile newer saves go through another path (the other instance, or the same instance on a new
+connection once its backoff ends) or straight to PostgreSQL; then the held bytes reach Redis, after those newer
+saves, and Redis runs a write its writer gave up on. A late delivery is counted when held bytes reach the server
+after waiting longer than its client waits (LateProxy.overdue_deliveries: redis_timeout on one node, whose pool
+closes the connection; 6.5 s on the cluster, whose connection stays open and was measured waiting about 6 s).
 
 At the end every fault is healed, the flusher stops and the apps close (flushing), a manager flushes until no
 conversation is dirty, Redis is emptied (FLUSHALL on every primary) and the final state is read from PostgreSQL
@@ -27,17 +30,17 @@ alone, with SQL: a Redis copy marked clean but never written shows as a loss. Th
 (check_run; every rule has a history in the self-test below that fires it alone):
 
     LOST         every message of every acknowledged save is in its owner's conversation or in a
-                 `conversation_conflicts` row of that id and user (SPEC 4.9), unless an acknowledged delete that
-                 started after the save ended removed it.
-    NOT-NEWEST   the conversation is the newest save (SPEC 16, "a write is ordered by what the writer did"), with
-                 the same transcript. What "newest" means when calls failed: a call that raised UnavailableError
-                 may or may not have applied, so the candidates are every acknowledged save or delete, and every
-                 save that raised UnavailableError, that no acknowledged save or delete *started after it ended*
-                 (one that did is newer by intent, whatever order the bytes arrived in); the conversation at the
-                 end must hold exactly the transcript of one candidate save, or be absent when a candidate is an
-                 acknowledged delete or nothing was ever acknowledged. A delete that raised is no candidate: it
-                 must have changed nothing (SPEC 4.9). A conflict copy never counts as the conversation: a newest
-                 save found only in `conversation_conflicts` is this anomaly, not a pass.
+                 `conversation_conflicts` row of that id and user (docs/design.md, "Divergence"), unless an
+                 acknowledged delete that started after the save ended removed it.
+    NOT-NEWEST   the conversation is the newest save, with the same transcript (docs/design.md, "Write order":
+                 a write is ordered by what its writer did). What "newest" means when calls failed: a call that
+                 raised UnavailableError may or may not have applied, so the candidates are every acknowledged
+                 save or delete, and every save that raised UnavailableError, that no acknowledged save or delete
+                 *started after it ended* (one that did is newer by intent, whatever order the bytes arrived in);
+                 the conversation at the end must hold exactly the transcript of one candidate save, or be absent
+                 when a candidate is an acknowledged delete or nothing was ever acknowledged. A delete that raised
+                 is no candidate: it changed nothing (docs/design.md, "Deletes"). A conflict copy never counts as
+                 the conversation: a newest save found only in `conversation_conflicts` is this anomaly.
     TITLE        the same for the title: the conversation's transcript is a candidate's, but its title is none of
                  those candidates' titles (a rename lost, or an old title back).
     RESURRECTED  a conversation whose newest op was an acknowledged delete exists in PostgreSQL.
@@ -420,8 +423,9 @@ class ClusterWorld(World):
 
         super().__init__(tmp)
         # A replica's full sync starts at once (the default waits 5 s for more replicas to share one).
+        # Held bytes count as late once they waited longer than a cluster call was measured to wait (late_hold).
         self.cluster = ProxiedRedisClusterServers(
-            proxy_factory=LateProxy, extra_args=["--repl-diskless-sync-delay", "0"]
+            proxy_factory=lambda port: LateProxy(port, late_after=6.5), extra_args=["--repl-diskless-sync-delay", "0"]
         )
         self.cluster.start()
 
