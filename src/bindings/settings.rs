@@ -206,7 +206,9 @@ fn whole(name: &str, value: &Bound<'_, PyAny>) -> PyResult<i64> {
     if value.is_instance_of::<PyBool>() || !value.is_instance_of::<PyInt>() {
         return Err(wrong_type(name, "an int", value));
     }
-    value.extract::<i64>().map_err(|_| Error::config(format!("{name} is out of range, got {value}")).into())
+    value
+        .extract::<i64>()
+        .map_err(|_| Error::config(format!("{name} must be a whole number within 64 bits, got {value}")).into())
 }
 
 /// Seconds: an int or a float (not a bool); NaN and infinities are the core's to refuse.
@@ -214,7 +216,7 @@ fn seconds(name: &str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
     if value.is_instance_of::<PyBool>() || !(value.is_instance_of::<PyInt>() || value.is_instance_of::<PyFloat>()) {
         return Err(wrong_type(name, "a number of seconds (int or float)", value));
     }
-    value.extract::<f64>().map_err(|_| Error::config(format!("{name} is out of range, got {value}")).into())
+    value.extract::<f64>().map_err(|_| Error::config(format!("{name} must be a number of seconds, got {value}")).into())
 }
 
 /// Converts `kwargs` (every argument by name; `caller` names the callable for an unknown one).
