@@ -28,6 +28,7 @@ import json
 import os
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import psycopg2
@@ -37,29 +38,10 @@ import redis
 CONVERSATION_TTL_SECONDS = 1800  # the plan's 30 minutes
 LIST_TTL_SECONDS = 300  # the plan's 5 minutes for user:<id>:convlist
 
-# Phase 1's production schema (SPEC section 3), created when missing.
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS conversations (
-    conversation_id VARCHAR(50) PRIMARY KEY,
-    user_client_id VARCHAR(255) NOT NULL,
-    title TEXT NOT NULL,
-    model VARCHAR(100) NOT NULL,
-    created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
-    last_modified TIMESTAMPTZ NOT NULL DEFAULT NOW()
-);
-CREATE INDEX IF NOT EXISTS idx_conversations_user_modified ON conversations (user_client_id, last_modified DESC);
-CREATE INDEX IF NOT EXISTS idx_conversations_user_created ON conversations (user_client_id, created_at DESC);
-CREATE TABLE IF NOT EXISTS messages (
-    message_id SERIAL PRIMARY KEY,
-    conversation_id VARCHAR(50) NOT NULL REFERENCES conversations(conversation_id) ON DELETE CASCADE,
-    sequence_number INTEGER NOT NULL,
-    role VARCHAR(20) NOT NULL CHECK (role IN ('user', 'assistant')),
-    content TEXT NOT NULL,
-    timestamp TIMESTAMPTZ NOT NULL DEFAULT NOW(),
-    UNIQUE (conversation_id, sequence_number)
-);
-CREATE INDEX IF NOT EXISTS idx_messages_conversation ON messages (conversation_id, sequence_number);
-"""
+# Phase 1's production schema (the README, "Schema"), created when missing: the product's schema file, the one copy
+# of its DDL, up to its "Phase 1 ends here" line.
+_SCHEMA_SQL = Path(__file__).resolve().parent.parent / "src" / "store" / "postgres" / "schema.sql"
+SCHEMA = _SCHEMA_SQL.read_text().partition("\n-- Phase 1 ends here")[0]
 
 
 def _iso(ts: datetime) -> str:

@@ -519,30 +519,22 @@ class ExternalRedis:
 # Phase 1 data, written and read with plain SQL (what the pure-Python ChatHistoryManager did)
 # --------------------------------------------------------------------------------------------------
 
-# The production schema (README, "Schema": the Phase 1 tables), as Phase 1 created it. Index names are Phase 1's guess;
-# the product must accept an existing schema whatever its index names are.
-PHASE1_SCHEMA = """
-CREATE TABLE IF NOT EXISTS conversations (
-    conversation_id VARCHAR(50) PRIMARY KEY,
-    user_client_id VARCHAR(255) NOT NULL,
-    title TEXT NOT NULL,
-    model VARCHAR(100) NOT NULL,
-    created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
-    last_modified TIMESTAMPTZ NOT NULL DEFAULT NOW()
-);
-CREATE INDEX IF NOT EXISTS idx_conversations_user_modified ON conversations (user_client_id, last_modified DESC);
-CREATE INDEX IF NOT EXISTS idx_conversations_user_created ON conversations (user_client_id, created_at DESC);
-CREATE TABLE IF NOT EXISTS messages (
-    message_id SERIAL PRIMARY KEY,
-    conversation_id VARCHAR(50) NOT NULL REFERENCES conversations(conversation_id) ON DELETE CASCADE,
-    sequence_number INTEGER NOT NULL,
-    role VARCHAR(20) NOT NULL CHECK (role IN ('user', 'assistant')),
-    content TEXT NOT NULL,
-    timestamp TIMESTAMPTZ NOT NULL DEFAULT NOW(),
-    UNIQUE (conversation_id, sequence_number)
-);
-CREATE INDEX IF NOT EXISTS idx_messages_conversation ON messages (conversation_id, sequence_number);
-"""
+# The schema's one copy, which the product runs too (src/store/postgres/schema.rs). The repository's root is the
+# folder that holds Cargo.toml.
+REPOSITORY = next(p for p in Path(__file__).resolve().parents if (p / "Cargo.toml").exists())
+SCHEMA_SQL = REPOSITORY / "src" / "store" / "postgres" / "schema.sql"
+
+
+def phase1_schema() -> str:
+    """The production schema (README, "Schema": the Phase 1 tables), as Phase 1 created it: schema.sql up to its
+    "Phase 1 ends here" line. The messages index gets Phase 1's name, a guess: the product must accept an existing
+    schema whatever its index names are."""
+    phase1, marker, _ = SCHEMA_SQL.read_text().partition("\n-- Phase 1 ends here")
+    assert marker, f"{SCHEMA_SQL} has no line '-- Phase 1 ends here'"
+    return phase1.replace("idx_messages_conversation_seq", "idx_messages_conversation")
+
+
+PHASE1_SCHEMA = phase1_schema()
 
 
 def create_phase1_schema(conn) -> None:
