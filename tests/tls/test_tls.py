@@ -324,25 +324,6 @@ def _assert_cached_then_flushed(manager, client, params, user_id, conv_id, conve
     assert not client.sismember(DIRTY_SET, dirty_member(user_id, conv_id))
 
 
-def _assert_fell_back_to_postgres(manager, client, params, user_id, conv_id, conversation) -> None:
-    """README "Faults": saves and reads go to PostgreSQL; Redis is reported unavailable after the first
-    call; a flush, which needs Redis, raises UnavailableError naming Redis."""
-    manager.save_conversation(conv_id, conversation, user_id)
-    conn = params.connect()
-    try:
-        assert_row_matches(conn, conv_id, user_id, conversation)
-    finally:
-        conn.close()
-    assert manager.get_conversation(conv_id, user_id) == conversation
-    assert client.exists(conv_key(user_id, conv_id)) == 0, "the manager wrote to a Redis it could not verify"
-    assert client.scard(DIRTY_SET) == 0
-    stats = manager.stats()
-    assert stats["redis_available"] is False, stats
-    with pytest.raises(UnavailableError) as info:
-        manager.flush_dirty_conversations()
-    assert re.search(r"(?i)redis", str(info.value)), str(info.value)
-
-
 @pytest.mark.parametrize("host", HOSTS)
 def test_rediss_with_the_ca_file_caches_and_writes_back(
     pki, verified_pg_url, tls_pg_db, tls_redis_server, tls_redis, make_manager, user_id, conv_id, host
@@ -361,21 +342,25 @@ def test_redis_ca_file_from_the_environment(
 
 
 @pytest.mark.parametrize("case", ["no-ca-file", "another-ca", "wrong-host-name"])
-def test_rediss_that_fails_verification_falls_back_to_postgres(
-    pki, verified_pg_url, tls_pg_db, tls_redis_server, tls_redis, wrong_name_redis_server,
-    wrong_name_redis, make_manager, user_id, conv_id, monkeypatch, case,
+def test_rediss_that_fails_verification_is_a_configuration_error(
+    pki, verified_pg_url, tls_redis_server, tls_redis, wrong_name_redis_server,
+    wrong_name_redis, make_manager, monkeypatch, case,
 ):  # fmt: skip
+    """A certificate that does not verify will not fix itself: the constructor refuses it, naming the
+    cause (README, "Misconfiguration or outage"), and nothing reaches that Redis."""
     monkeypatch.delenv("REDIS_CA_FILE", raising=False)
-    if case == "no-ca-file":  # Mozilla's roots do not include the test CA
-        manager = _redis_manager(make_manager, verified_pg_url, tls_redis_server.url)
-        client = tls_redis
-    elif case == "another-ca":
-        manager = _redis_manager(make_manager, verified_pg_url, tls_redis_server.url, redis_ca_file=str(pki.other_ca))
-        client = tls_redis
-    else:  # the right CA, but the certificate names only wrong.example
-        manager = _redis_manager(make_manager, verified_pg_url, wrong_name_redis_server.url, redis_ca_file=str(pki.ca))
-        client = wrong_name_redis
-    _assert_fell_back_to_postgres(manager, client, tls_pg_db, user_id, conv_id, make_conversation(2))
+    server, client, detail, kwargs = tls_redis_server, tls_redis, "UnknownIssuer", {}
+    if case == "another-ca":
+        kwargs = {"redis_ca_file": str(pki.other_ca)}
+    elif case == "wrong-host-name":  # the right CA, but the certificate names only wrong.example
+        server, client, detail = wrong_name_redis_server, wrong_name_redis, "not valid for name"
+        kwargs = {"redis_ca_file": str(pki.ca)}
+    url = server.url  # no-ca-file: Mozilla's roots do not include the test CA
+    with pytest.raises(ConfigurationError) as info:
+        _redis_manager(make_manager, verified_pg_url, url, **kwargs)
+    message = str(info.value)
+    assert "TLS failed: the server's certificate does not verify" in message and detail in message, message
+    assert client.dbsize() == 0, "the manager wrote to a Redis it could not verify"
 
 
 @pytest.mark.parametrize("opt_out", ["#insecure", "?ssl_cert_reqs=none"])
@@ -442,22 +427,22 @@ def test_redis_by_parts_defaults_to_tls(
 
 @pytest.mark.parametrize("case", ["no-ca-file", "wrong-password"])
 def test_azure_password_hidden_when_redis_is_refused(
-    pki, verified_pg_url, tls_pg_db, tls_redis_auth_server, tls_redis_auth, caplog, make_manager, user_id, conv_id,
-    monkeypatch, case,
+    pki, verified_pg_url, tls_redis_auth_server, tls_redis_auth, caplog, make_manager, monkeypatch, case,
 ):  # fmt: skip
+    """Refused at construction (README, "Misconfiguration or outage"): the error and the log name the
+    cause, never the key."""
     monkeypatch.delenv("REDIS_CA_FILE", raising=False)
     caplog.set_level(logging.DEBUG, logger="chat_history_rs")
     if case == "no-ca-file":
-        secret = REDIS_TLS_PASSWORD
-        manager = _redis_manager(make_manager, verified_pg_url, _azure_url(tls_redis_auth_server))
+        secret, kwargs, cause = REDIS_TLS_PASSWORD, {}, "certificate does not verify"
+        url = _azure_url(tls_redis_auth_server)
     else:
-        secret = "Wr0ng+Key/DO-NOT-LEAK=="
-        manager = _redis_manager(
-            make_manager, verified_pg_url, _azure_url(tls_redis_auth_server, secret), redis_ca_file=str(pki.ca)
-        )
-    _assert_fell_back_to_postgres(manager, tls_redis_auth, tls_pg_db, user_id, conv_id, make_conversation(1))
-    with pytest.raises(UnavailableError) as info:
-        manager.flush_dirty_conversations()
+        secret, kwargs, cause = "Wr0ng+Key/DO-NOT-LEAK==", {"redis_ca_file": str(pki.ca)}, "refused the login"
+        url = _azure_url(tls_redis_auth_server, secret)
+    with pytest.raises(ConfigurationError) as info:
+        _redis_manager(make_manager, verified_pg_url, url, **kwargs)
+    assert cause in str(info.value), str(info.value)
     for where, text in exception_texts(info.value).items():
         assert_no_secret(text, secret, where)
-    _assert_password_hidden(manager, caplog, secret)
+    assert_no_secret(log_texts(caplog), secret, "logs")
+    assert tls_redis_auth.dbsize() == 0

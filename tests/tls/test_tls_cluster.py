@@ -17,7 +17,7 @@ import re
 
 import pytest
 
-from chat_history_rs import UnavailableError
+from chat_history_rs import ConfigurationError
 from redis_support import grown, make_conversation, pg_conversation_ids, wait_until
 from servers import ServerError, assert_row_matches
 from tls_support import TlsRedisClusterServers, TlsUnsupported
@@ -153,32 +153,22 @@ def test_one_nodes_rediss_url_reaches_every_primary_over_tls(pki, cluster, pg_ur
 # --------------------------------------------------------------------------------------------------
 
 
-def _assert_not_served_from_redis(app, cluster, pg_conn, saved, why: str = CERTIFICATE_REFUSED) -> None:
-    """README "Faults", as test_tls.py checks it on one node: saves and reads go to PostgreSQL, no node
-    holds a key, Redis is reported unavailable, and a flush, which needs Redis, raises UnavailableError
-    naming Redis and the reason, `why`."""
-    for (user, cid), conv in saved.items():
-        app.save_conversation(cid, conv, user_id=user)
-    for (user, cid), conv in saved.items():
-        assert_row_matches(pg_conn, cid, user, conv)
-        assert app.get_conversation(cid, user_id=user) == conv
+def _assert_refused_at_construction(make_manager, pg_url, cluster, why: str = CERTIFICATE_REFUSED, **kwargs) -> None:
+    """README "Misconfiguration or outage", as test_tls.py checks it on one node: a certificate that does
+    not verify is a ConfigurationError at construction naming the cause (`why`), and no node holds a key."""
+    with pytest.raises(ConfigurationError) as info:
+        _manager(make_manager, pg_url, cluster.url, **kwargs)
+    message = str(info.value)
+    assert "TLS failed: the server's certificate does not verify" in message, message
+    assert re.search(why, message), message
     assert sum(cluster.keys_per_primary().values()) == 0, "the manager wrote to nodes it could not verify"
-    stats = app.stats()
-    assert stats["redis_available"] is False, stats
-    with pytest.raises(UnavailableError) as info:
-        app.flush_dirty_conversations()
-    assert re.search(r"(?i)redis", str(info.value)), str(info.value)
-    assert re.search(why, str(info.value)), str(info.value)
 
 
 @pytest.mark.parametrize("case", ["another-ca", "no-ca-file"])
-def test_a_cluster_whose_certificate_is_not_trusted_is_not_used(
-    pki, cluster, pg_url, pg_conn, make_manager, monkeypatch, case
-):
+def test_a_cluster_whose_certificate_is_not_trusted_is_not_used(pki, cluster, pg_url, make_manager, monkeypatch, case):
     monkeypatch.delenv("REDIS_CA_FILE", raising=False)
     kwargs = {"redis_ca_file": str(pki.other_ca)} if case == "another-ca" else {}  # else Mozilla's roots
-    app = _manager(make_manager, pg_url, cluster.url, **kwargs)
-    _assert_not_served_from_redis(app, cluster, pg_conn, _conversations(case, 6))
+    _assert_refused_at_construction(make_manager, pg_url, cluster, **kwargs)
 
 
 @pytest.fixture
@@ -195,17 +185,16 @@ def seed_only_named_cluster(pki):
     cluster.remove()
 
 
-def test_every_discovered_node_has_its_name_verified(
-    pki, seed_only_named_cluster, pg_url, pg_conn, make_manager, monkeypatch
-):
+def test_every_discovered_node_has_its_name_verified(pki, seed_only_named_cluster, pg_url, make_manager, monkeypatch):
     # The first node passes verification; the nodes found through it advertise 127.0.0.1 with certificates
     # that do not name it. They must be refused, not trusted because the first one was.
     cluster = seed_only_named_cluster
     monkeypatch.delenv("REDIS_CA_FILE", raising=False)
     saved = _conversations("seed-only", 12)
     assert len(_slot_owner_ports(cluster, saved)) == 3
-    app = _manager(make_manager, pg_url, cluster.url, redis_ca_file=str(pki.ca))
-    _assert_not_served_from_redis(app, cluster, pg_conn, saved, why=r"(?i)not valid for name")
+    _assert_refused_at_construction(
+        make_manager, pg_url, cluster, why=r"(?i)not valid for name", redis_ca_file=str(pki.ca)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
