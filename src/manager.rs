@@ -8,11 +8,9 @@ use std::time::{Duration, Instant};
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::cache::keys::member;
-use crate::cache::nodes::{CacheMemory, NodeInfo};
-use crate::cache::redis::{
-    copy_mark, Bypass, CacheError, CachedConversation, Deleted, DirtyEntry, MemoryInfo, RedisCache, SaveOptions,
-    SaveOutcome,
+use crate::cache::{
+    copy_mark, member, Bypass, CacheError, CacheMemory, CachedConversation, Deleted, DirtyEntry, MemoryInfo, NodeInfo,
+    RedisCache, SaveOptions, SaveOutcome,
 };
 use crate::config::probe::{self, Diagnosis};
 use crate::config::{PostgresSettings, RedisSettings};
@@ -170,7 +168,7 @@ pub struct CacheStats {
     /// Copies this manager kept aside in `conversation_conflicts` after a divergence.
     pub conflicts_kept: u64,
     /// Redis memory, when the server allows `INFO`: on a Redis Cluster the primaries' combined
-    /// (see [`crate::cache::nodes::combined`]).
+    /// (see `cache::nodes::combined`).
     pub memory: MemoryInfo,
     /// A Redis Cluster's primaries with their slots and memory; empty on a single node.
     pub nodes: Vec<NodeInfo>,
@@ -179,7 +177,7 @@ pub struct CacheStats {
     /// `"single"` or `"cluster"`, once Redis has been reached.
     pub layout: Option<&'static str>,
     /// The near cache's figures; `None` when `near_cache_bytes` is 0.
-    pub near: Option<crate::cache::near::NearStats>,
+    pub near: Option<crate::cache::NearStats>,
 }
 
 /// The chat history of an app: the six calls of docs/design.md, "The contract", over the configured tiers.
@@ -1317,7 +1315,7 @@ impl CachedTier {
             memory,
             nodes,
             redis_url: self.redis.redacted_url().to_owned(),
-            layout: if usable { self.redis.layout().ok().map(crate::cache::keys::KeyLayout::name) } else { None },
+            layout: if usable { self.redis.layout().ok().map(crate::cache::KeyLayout::name) } else { None },
             near: self.redis.near_stats(),
         }
     }
@@ -1454,7 +1452,7 @@ mod tests {
     #[test]
     fn a_save_steps_through_redis_postgresql_and_the_overwrite_guard() {
         use super::{save_step, SaveStep, OVERWRITE_ATTEMPTS};
-        use crate::cache::redis::{CacheError, SaveOutcome};
+        use crate::cache::{CacheError, SaveOutcome};
         let ok = |o| Some(Ok(o));
         let down: Option<Result<SaveOutcome, CacheError>> = Some(Err(CacheError::Unavailable("timed out".into())));
         let oom: Option<Result<SaveOutcome, CacheError>> = Some(Err(CacheError::Other("OOM".into())));

@@ -11,9 +11,9 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::cache::keys::split_late_member;
-use crate::cache::redis::{
-    split_member, CacheError, CacheResult, Cached, DirtyEntry, RedisCache, Settle, SettleItem, StoredPrefix,
+use crate::cache::{
+    split_late_member, split_member, CacheError, CacheResult, Cached, DirtyEntry, RedisCache, Settle, SettleItem,
+    StoredPrefix,
 };
 use crate::error::{Backend, Error, ErrorKind, Result};
 use crate::model::{messages_fingerprint, Conversation};

@@ -5,7 +5,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 
-use crate::cache::redis::CachedConversation;
+use crate::cache::CachedConversation;
 use crate::error::{Error, Result};
 use crate::manager::Fetched;
 use crate::model::{Conversation, Message, Role, Timestamp};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::cache::redis::{split_member, RedisCache};
+use crate::cache::{split_member, RedisCache};
 use crate::config::resolve::{ProcessEnv, Resolved};
 use crate::error::Error;
 use crate::manager::{self, ChatHistory, Mode};
@@ -397,7 +397,7 @@ impl PyRedisBackend {
     }
 }
 
-fn cache_error(e: crate::cache::redis::CacheError) -> PyErr {
+fn cache_error(e: crate::cache::CacheError) -> PyErr {
     e.into_error().into()
 }
 

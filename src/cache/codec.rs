@@ -311,6 +311,21 @@ pub struct MemoryInfo {
     pub policy: Option<String>,
 }
 
+/// The fields of an `INFO memory` reply that [`MemoryInfo`] keeps.
+#[must_use]
+pub fn parse_memory_info(info: &str) -> MemoryInfo {
+    let field = |name: &str| {
+        info.lines().find_map(|line| {
+            line.strip_prefix(name).and_then(|rest| rest.strip_prefix(':')).map(str::trim).map(str::to_owned)
+        })
+    };
+    MemoryInfo {
+        used: field("used_memory").and_then(|v| v.parse().ok()),
+        max: field("maxmemory").and_then(|v| v.parse().ok()),
+        policy: field("maxmemory_policy"),
+    }
+}
+
 /// Seconds a staged hash may outlive a save that never reached its script.
 const STAGED_TTL_SECONDS: u64 = 60;
 
@@ -417,5 +432,15 @@ mod tests {
             last_modified: t,
         };
         assert_eq!(ListEntry::parse(ListEntry::to_json(&conv).as_bytes()), Some(conv));
+    }
+
+    #[test]
+    fn parse_memory_info_reads_the_three_fields_and_not_their_prefixed_cousins() {
+        let info = "# Memory\r\nused_memory:1024\r\nused_memory_human:1.00K\r\nmaxmemory:0\r\n\
+                    maxmemory_human:0B\r\nmaxmemory_policy:volatile-lru\r\n";
+        assert_eq!(
+            parse_memory_info(info),
+            MemoryInfo { used: Some(1024), max: Some(0), policy: Some("volatile-lru".into()) }
+        );
     }
 }

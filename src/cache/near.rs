@@ -417,12 +417,6 @@ impl NearCache {
         self.state().valid_until = oldest.map_or(0, |oldest| oldest.saturating_add(lease));
     }
 
-    /// Whether copies are served now.
-    #[must_use]
-    pub fn serving(&self) -> bool {
-        self.vouched(&self.state())
-    }
-
     /// Figures for `stats()`.
     #[must_use]
     pub fn stats(&self) -> NearStats {

@@ -7,7 +7,7 @@ use redis::cluster::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::Value;
 
-use crate::cache::codec::MemoryInfo;
+use crate::cache::codec::{parse_memory_info, MemoryInfo};
 use crate::cache::error::CacheResult;
 use crate::cache::pool::Con;
 use crate::cache::redis::RedisCache;
@@ -48,21 +48,6 @@ pub fn combined(nodes: &[NodeInfo]) -> MemoryInfo {
     let first = nodes[0].memory.policy.as_ref();
     let policy = nodes.iter().all(|n| n.memory.policy.as_ref() == first).then(|| first.cloned()).flatten();
     MemoryInfo { used, max, policy }
-}
-
-/// The fields of an `INFO memory` reply that [`MemoryInfo`] keeps.
-#[must_use]
-pub fn parse_memory_info(info: &str) -> MemoryInfo {
-    let field = |name: &str| {
-        info.lines().find_map(|line| {
-            line.strip_prefix(name).and_then(|rest| rest.strip_prefix(':')).map(str::trim).map(str::to_owned)
-        })
-    };
-    MemoryInfo {
-        used: field("used_memory").and_then(|v| v.parse().ok()),
-        max: field("maxmemory").and_then(|v| v.parse().ok()),
-        policy: field("maxmemory_policy"),
-    }
 }
 
 /// The primaries in a `CLUSTER SLOTS` reply (`[[start, end, [host, port, id, ..], replicas..], ..]`),
@@ -245,16 +230,6 @@ mod tests {
         let nodes = [node(Some(10), Some(100), Some("noeviction")), node(None, None, None)];
         assert_eq!(combined(&nodes), MemoryInfo { used: None, max: None, policy: None });
         assert_eq!(combined(&[]), MemoryInfo::default());
-    }
-
-    #[test]
-    fn parse_memory_info_reads_the_three_fields_and_not_their_prefixed_cousins() {
-        let info = "# Memory\r\nused_memory:1024\r\nused_memory_human:1.00K\r\nmaxmemory:0\r\n\
-                    maxmemory_human:0B\r\nmaxmemory_policy:volatile-lru\r\n";
-        assert_eq!(
-            parse_memory_info(info),
-            MemoryInfo { used: Some(1024), max: Some(0), policy: Some("volatile-lru".into()) }
-        );
     }
 
     #[test]

@@ -11,17 +11,14 @@ use std::time::{Duration, Instant};
 use redis::{ConnectionLike as _, Value};
 
 use crate::cache::clock::{deadline_arg, RedisClock};
-use crate::cache::codec::{named_fields, parse_listing, READ_FIELDS};
-pub use crate::cache::codec::{Cached, CachedConversation, MemoryInfo, MessageRef, ReadMark, StoredPrefix};
+use crate::cache::codec::{named_fields, parse_listing, parse_memory_info, CachedConversation, MemoryInfo, READ_FIELDS};
 use crate::cache::combine::Combiner;
-pub use crate::cache::error::{CacheError, CacheResult};
-pub use crate::cache::flush::{DirtyEntry, Settle, SettleItem};
-pub use crate::cache::keys::{split_member, KeyLayout};
+use crate::cache::error::{CacheError, CacheResult};
+use crate::cache::keys::KeyLayout;
 use crate::cache::near::{Listing, NearCache, NearStats, NearValue};
 use crate::cache::pool::{renew_if_due, Con, Connector, PoolErrorLog, RedisConnection, Renewal, Topology};
 use crate::cache::scripts::{self, query_loading};
 use crate::cache::tracking::{self, Tracker};
-pub use crate::cache::writes::{copy_mark, Bypass, Deleted, SaveOptions, SaveOutcome};
 use crate::config::RedisSettings;
 use crate::error::Error;
 use crate::pool::Pool;
@@ -545,7 +542,7 @@ impl RedisCache {
     /// every primary, and [`RedisCache::cache_memory`] is what combines them.
     pub fn memory(&self) -> CacheResult<MemoryInfo> {
         let info: String = self.command(redis::cmd("INFO").arg("memory"))?;
-        Ok(crate::cache::nodes::parse_memory_info(&info))
+        Ok(parse_memory_info(&info))
     }
 
     /// A round trip, to see whether Redis is back.
