@@ -303,9 +303,13 @@ def _stub_parameters(tree: ast.Module, owner: str | None, function: str) -> list
 
 
 def test_the_stubs_and_the_readme_list_every_keyword_argument():
-    stubs = ast.parse((Path(chat_history_rs.__file__).parent / "_core.pyi").read_text())
+    package = Path(chat_history_rs.__file__).parent
+    stubs = ast.parse((package / "_core.pyi").read_text())
+    every_stub = ast.Module(
+        body=[n for f in sorted(package.glob("*.pyi")) for n in ast.parse(f.read_text()).body], type_ignores=[]
+    )
     for owner in ("ChatHistoryManager", "AsyncChatHistoryManager"):
-        assert _stub_parameters(stubs, owner, "__init__") == list(_MANAGER_KEYWORDS), owner
+        assert _stub_parameters(every_stub, owner, "__init__") == list(_MANAGER_KEYWORDS), owner
     settings = [name for name in _MANAGER_KEYWORDS if name not in PROVIDERS]
     assert _stub_parameters(stubs, None, "resolve_settings") == settings
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
