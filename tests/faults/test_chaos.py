@@ -64,7 +64,7 @@ alone, with SQL: a Redis copy marked clean but never written shows as a loss. Th
                    it; timings do not, so a rerun explores the same plan, not the same interleaving)
     CHAOS_SECONDS  how long the workload runs (default 45 on one node, 30 on the cluster)
     CHAOS_REDIS    `node` or `cluster` to run one of the two (default: both)
-    CHAOS_DUMP     a path: the whole history as JSON, for a closer look at a run
+    CHAOS_DUMP     a path, say h.json: the whole history as JSON in h.node.json and h.cluster.json
 
 `make soak` runs both for 600 s each and prints the summaries: calls per kind, faults per kind, late deliveries,
 conflicts kept, anomalies per kind.
@@ -751,6 +751,7 @@ def check_history(ops: list[Op], conversations: dict, conflicts: dict, faults, s
                     f"faults then: {_faults_during(faults, op.t0 - 2, op.t1)}"
                 )
 
+    refused: dict[tuple, list[Op]] = defaultdict(list)
     for op in ops:
         # LEAK: no read or list returned another user's data.
         if op.foreign:
@@ -782,10 +783,15 @@ def check_history(ops: list[Op], conversations: dict, conflicts: dict, faults, s
         ):
             continue  # a flush cannot settle while Redis refuses writes; test_faults.py accepts any error here
         if op.error_type not in EXPECTED_ERRORS:
-            anomalies.append(
-                f"ERROR seed={seed} user={op.user} id={op.cid}: {_describe(op)}; faults then: "
-                f"{_faults_during(faults, op.t0, op.t1)}"
-            )
+            refused[(op.user, op.cid, op.error_type)].append(op)
+    # One anomaly per conversation and kind of error (a conversation another user took refuses every later save).
+    for calls in refused.values():
+        first = calls[0]
+        more = f" (and {len(calls) - 1} more calls like it, the last [{calls[-1].t0:.3f}s])" if len(calls) > 1 else ""
+        anomalies.append(
+            f"ERROR seed={seed} user={first.user} id={first.cid}: {_describe(first)}{more}; faults then: "
+            f"{_faults_during(faults, first.t0, first.t1)}"
+        )
     return anomalies
 
 
@@ -1041,7 +1047,8 @@ def _run(world: World, tmp_path: Path, managers: list, redis_kind: str, seconds:
         fault_tool_errors=scheduler.errors, figures=figures, minimums=minimums_for(seconds),
     )  # fmt: skip
     if os.environ.get("CHAOS_DUMP"):  # the whole history, for a closer look at a run
-        with open(os.environ["CHAOS_DUMP"], "w") as out:
+        dump = Path(os.environ["CHAOS_DUMP"])
+        with open(dump.with_name(f"{dump.stem}.{redis_kind}{dump.suffix}"), "w") as out:
             json.dump({"seed": SEED, "redis": redis_kind, "faults": faults, "ops": [op.__dict__ for op in ops],
                        "conversations": conversations, "figures": figures,
                        "conflicts": {f"{u} {c}": v for (u, c), v in conflicts.items()}}, out)  # fmt: skip
@@ -1171,8 +1178,9 @@ def _break(kind: str, record: RunRecord) -> None:
     elif kind == "HUNG-REDIS":  # a save that met no PostgreSQL fault, past the bound of Redis alone
         ops.append(_save("c1", 20.0, M3, M3))
         ops[-1].t1 = 20.0 + REDIS_CALL_SECONDS + 1
-    elif kind == "ERROR":
+    elif kind == "ERROR":  # two refusals of one conversation: one anomaly
         ops.append(_other("save", "c1", 6.0, 6.1, ok=False, error="OwnershipError: belongs to another user"))
+        ops.append(_other("save", "c1", 7.0, 7.1, ok=False, error="OwnershipError: belongs to another user"))
     elif kind == "UNDRAINED":
         record.undrained = "1 conversations still dirty: ['u:c1']"
     elif kind == "FINAL-READ":
