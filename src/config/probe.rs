@@ -75,18 +75,13 @@ pub fn diagnose(settings: &RedisSettings, failure: &str) -> Diagnosis {
         return Diagnosis::Outage(detail);
     }
     // A second, raw look at the port: what does it speak?
-    let cause = if tls && speaks_plain_redis(addr, timeout) {
-        Some(format!(
-            "the server speaks plain Redis, not TLS: use a redis:// URL (or redis_ssl=False, REDIS_SSL=false) \
-             ({detail})"
-        ))
+    // The redis crate's own words for these (a read timeout, a reset) would only mislead.
+    let cause: Option<&str> = if tls && speaks_plain_redis(addr, timeout) {
+        Some("the server speaks plain Redis, not TLS: use a redis:// URL (or redis_ssl=False, REDIS_SSL=false)")
     } else if !tls && speaks_tls(addr, &host, timeout) {
-        Some(format!("the server speaks TLS: use a rediss:// URL (or redis_ssl=True, REDIS_SSL=true) ({detail})"))
+        Some("the server speaks TLS: use a rediss:// URL (or redis_ssl=True, REDIS_SSL=true)")
     } else if is_postgres(addr, timeout) {
-        Some(
-            "the server is PostgreSQL, not Redis (it answered PostgreSQL's SSL request): check the host and port"
-                .into(),
-        )
+        Some("the server is PostgreSQL, not Redis (it answered PostgreSQL's SSL request): check the host and port")
     } else {
         None
     };
