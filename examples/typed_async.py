@@ -1,5 +1,5 @@
 """A typed use of AsyncChatHistoryManager: `make lint` runs mypy on it against the package's stubs
-(`python/chat_history_rs/_core.pyi`), so a stub that drifts from how the API is used fails lint.
+(`python/chat_history_rs/_asyncio.pyi` and `_core.pyi`), so a stub that drifts from how the API is used fails lint.
 
     DATABASE_URL=postgresql://... REDIS_CONNECTION_STRING=redis://... python examples/typed_async.py
 """

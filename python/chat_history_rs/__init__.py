@@ -16,8 +16,8 @@ from __future__ import annotations
 import atexit
 import os
 
+from chat_history_rs._asyncio import AsyncChatHistoryManager
 from chat_history_rs._core import (
-    AsyncChatHistoryManager,
     ChatHistoryError,
     ChatHistoryManager,
     ClosedError,

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 import warnings
 from pathlib import Path
@@ -147,6 +148,19 @@ def test_importable_with_the_sync_methods_as_coroutines(tmp_path):
     assert isinstance(manager.stats(), dict)  # stats() stays synchronous
     assert manager.mode == "local" and manager.redis_enabled is False
     assert repr(manager).startswith('AsyncChatHistoryManager(mode="local"')
+    asyncio.run(manager.close())
+
+
+def test_a_traceback_shows_the_coroutines_source(tmp_path):
+    """The class is a module of the package (python/chat_history_rs/_asyncio.py), not code compiled from a
+    string: a traceback through its coroutines names that file and quotes its lines."""
+    manager = AsyncChatHistoryManager(mode="local", base_dir=str(tmp_path))
+    with pytest.raises(InvalidTypeError) as raised:
+        asyncio.run(manager.get_conversation(123))
+    frames = [frame for frame in traceback.extract_tb(raised.tb) if frame.name == "get_conversation"]
+    assert frames, traceback.format_tb(raised.tb)
+    assert Path(frames[0].filename) == Path(chat_history_rs.__file__).with_name("_asyncio.py")
+    assert "get_conversation(conversation_id, user_id)" in frames[0].line
     asyncio.run(manager.close())
 
 

@@ -23,7 +23,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyWeakrefReference;
 
-use super::Outcome;
+use super::call::Outcome;
 
 /// A finished core call and the future waiting for it.
 pub(super) struct Finished {

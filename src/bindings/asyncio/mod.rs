@@ -18,98 +18,21 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use pyo3::ffi::c_str;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use pyo3_async_runtimes::generic;
 
+mod call;
 #[cfg(unix)]
 mod dispatch;
 mod engine;
 
-use super::convert::{conversation_from_py, fetched_to_py, listing_to_py, Id};
+use super::convert::{conversation_from_py, fetched_to_py, Id};
 use super::PyChatHistoryManager;
+use call::{Outcome, Request};
 use engine::{engine, CoreRuntime};
 
-use crate::error::Error;
-use crate::manager::{ChatHistory, Fetched};
-use crate::model::Conversation;
-
-/// One core call with its arguments already converted, waiting for its event loop.
-enum Request {
-    List { user_id: Option<String> },
-    Get { conversation_id: String, user_id: Option<String> },
-    Save { conversation_id: String, user_id: Option<String>, conversation: Conversation },
-    Delete { conversation_id: String, user_id: Option<String> },
-    Flush,
-    Close,
-}
-
-impl Request {
-    fn run(self, history: &ChatHistory) -> Result<Reply, Error> {
-        Ok(match self {
-            Request::List { user_id } => Reply::Listing(history.list(user_id.as_deref())?),
-            Request::Get { conversation_id, user_id } => {
-                Reply::Fetched(history.get(&conversation_id, user_id.as_deref())?)
-            }
-            Request::Save { conversation_id, user_id, conversation } => {
-                history.save(&conversation_id, user_id.as_deref(), &conversation)?;
-                Reply::Nothing
-            }
-            Request::Delete { conversation_id, user_id } => {
-                history.delete(&conversation_id, user_id.as_deref())?;
-                Reply::Nothing
-            }
-            Request::Flush => Reply::Count(history.flush()?),
-            Request::Close => {
-                history.close()?;
-                Reply::Nothing
-            }
-        })
-    }
-}
-
-/// A core call's result, turned into Python objects on the thread that holds the GIL to resolve
-/// the caller's future, by the converters the synchronous class uses.
-enum Reply {
-    Listing(Vec<(String, Conversation)>),
-    Fetched(Option<Fetched>),
-    Count(usize),
-    Nothing,
-}
-
-/// A finished core call: its error stays a core error until the GIL is held, then maps to the
-/// `ChatHistoryError` hierarchy in the one place errors are mapped (`bindings::error`).
-enum Outcome {
-    Done(Result<Reply, Error>),
-    /// The core panicked (a bug): the caller gets a RuntimeError rather than waiting forever.
-    Panicked,
-}
-
-impl Outcome {
-    fn of(request: Request, history: &ChatHistory) -> Self {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| request.run(history)))
-            .map_or(Outcome::Panicked, Outcome::Done)
-    }
-}
-
-impl<'py> IntoPyObject<'py> for Outcome {
-    type Target = PyAny;
-    type Output = Bound<'py, PyAny>;
-    type Error = PyErr;
-
-    fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let Outcome::Done(result) = self else {
-            return Err(pyo3::exceptions::PyRuntimeError::new_err("chat_history_rs: a core call panicked"));
-        };
-        Ok(match result? {
-            Reply::Listing(items) => listing_to_py(py, &items)?.into_any(),
-            Reply::Fetched(Some(fetched)) => fetched_to_py(py, &fetched)?.into_any(),
-            Reply::Fetched(None) | Reply::Nothing => py.None().into_bound(py),
-            Reply::Count(n) => n.into_pyobject(py)?.into_any(),
-        })
-    }
-}
+use crate::manager::ChatHistory;
 
 /// Aborts a blocking task that has not started when its caller goes away (a cancelled call): a
 /// call nobody waits for any more does no work. One that has started runs to its end.
@@ -197,8 +120,8 @@ pub fn _set_asyncio_fast_path(enabled: bool) {
 }
 
 /// The core of `AsyncChatHistoryManager`: each method converts its arguments (raising what the
-/// synchronous class raises for them) and returns the pending call that `manager.py`'s coroutines
-/// await.
+/// synchronous class raises for them) and returns the pending call that the coroutines of
+/// python/chat_history_rs/_asyncio.py await.
 #[pyclass(name = "_AsyncCore", module = "chat_history_rs", frozen)]
 pub struct PyAsyncCore {
     sync: Py<PyChatHistoryManager>,
@@ -301,20 +224,9 @@ impl PyAsyncCore {
     }
 }
 
-/// Adds `AsyncChatHistoryManager` to the module: a Python class (`manager.py`), so that its methods
-/// are true `async def`s (`inspect.iscoroutinefunction` holds, as frameworks that dispatch on it
-/// expect) over the Rust core above.
+/// Adds the core of `AsyncChatHistoryManager` to the module. The class itself is Python
+/// (python/chat_history_rs/_asyncio.py), so that its methods are true `async def`s
+/// (`inspect.iscoroutinefunction` holds, as frameworks that dispatch on it expect) over `_AsyncCore`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    let py = m.py();
-    let module = PyModule::from_code(
-        py,
-        c_str!(include_str!("manager.py")),
-        c"chat_history_rs/_asyncio.py",
-        c"chat_history_rs._asyncio",
-    )?;
-    module.setattr("_AsyncCore", py.get_type::<PyAsyncCore>())?;
-    module.setattr("ChatHistoryManager", py.get_type::<PyChatHistoryManager>())?;
-    module.call_method0("_finish")?;
-    m.add("AsyncChatHistoryManager", module.getattr("AsyncChatHistoryManager")?)?;
-    Ok(())
+    m.add_class::<PyAsyncCore>()
 }

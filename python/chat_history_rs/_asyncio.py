@@ -1,13 +1,26 @@
-"""AsyncChatHistoryManager, compiled into chat_history_rs._core (src/bindings/asyncio/mod.rs, `register`).
+"""AsyncChatHistoryManager: ChatHistoryManager's API as coroutines (the README's asyncio section).
 
-Python so that each method is a true `async def`; the work is in Rust: `_AsyncCore` converts the arguments
-and returns a pending call, whose `start()` queues the core call on the pool and returns the asyncio
-future of its result. `_AsyncCore` and `ChatHistoryManager` are set on this module by `register`.
+Python so that each method is a true `async def` (`inspect.iscoroutinefunction` holds, as frameworks that dispatch
+on it expect); the work is in Rust (src/bindings/asyncio/): `_AsyncCore` converts the arguments and returns a
+pending call, whose `start()` queues the core call on a bounded pool of threads and returns the asyncio future of
+its result. The types are in `_asyncio.pyi`.
 """
 
 import asyncio
 import inspect
 from asyncio import CancelledError
+
+from chat_history_rs._core import ChatHistoryManager, _AsyncCore
+
+
+async def _completed(call):
+    """The result of a pending core call. A cancelled caller flags its call, so a call still queued never starts;
+    one that started runs to its end (each core call is whole or nothing)."""
+    try:
+        return await call.start()
+    except CancelledError:
+        call.cancel()
+        raise
 
 
 class AsyncChatHistoryManager:
@@ -16,9 +29,11 @@ class AsyncChatHistoryManager:
     flushes and closes; `stats()` stays synchronous. See the README's asyncio section."""
 
     __slots__ = ("_core",)
+    # Where users import it from (and its repr says it is).
+    __module__ = "chat_history_rs"
 
     def __init__(self, *args, **kwargs):
-        self._core = _AsyncCore(*args, **kwargs)  # noqa: F821 - set by `register`
+        self._core = _AsyncCore(*args, **kwargs)
 
     @property
     def mode(self):
@@ -40,62 +55,29 @@ class AsyncChatHistoryManager:
         """The Redis cache with the seed's (synchronous, blocking) method names; None without Redis."""
         return self._core.redis_backend
 
-    # Each method: a cancelled caller flags its call, so a call still queued never starts (one that
-    # started runs to its end; each core call is whole or nothing).
-
     async def list_conversations(self, user_id=None):
         """As ChatHistoryManager.list_conversations."""
-        call = self._core.list_conversations(user_id)
-        try:
-            return await call.start()
-        except CancelledError:
-            call.cancel()
-            raise
+        return await _completed(self._core.list_conversations(user_id))
 
     async def get_conversation(self, conversation_id, user_id=None):
         """As ChatHistoryManager.get_conversation."""
-        call = self._core.get_conversation(conversation_id, user_id)
-        try:
-            return await call.start()
-        except CancelledError:
-            call.cancel()
-            raise
+        return await _completed(self._core.get_conversation(conversation_id, user_id))
 
     async def save_conversation(self, conversation_id, conversation, user_id=None):
         """As ChatHistoryManager.save_conversation."""
-        call = self._core.save_conversation(conversation_id, conversation, user_id)
-        try:
-            return await call.start()
-        except CancelledError:
-            call.cancel()
-            raise
+        return await _completed(self._core.save_conversation(conversation_id, conversation, user_id))
 
     async def delete_conversation(self, conversation_id, user_id=None):
         """As ChatHistoryManager.delete_conversation."""
-        call = self._core.delete_conversation(conversation_id, user_id)
-        try:
-            return await call.start()
-        except CancelledError:
-            call.cancel()
-            raise
+        return await _completed(self._core.delete_conversation(conversation_id, user_id))
 
     async def flush_dirty_conversations(self):
         """Writes conversations still dirty in Redis back to PostgreSQL; returns how many."""
-        call = self._core.flush_dirty_conversations()
-        try:
-            return await call.start()
-        except CancelledError:
-            call.cancel()
-            raise
+        return await _completed(self._core.flush_dirty_conversations())
 
     async def close(self):
         """Flushes what is dirty, then releases the pools. Idempotent."""
-        call = self._core.close()
-        try:
-            return await call.start()
-        except CancelledError:
-            call.cancel()
-            raise
+        return await _completed(self._core.close())
 
     async def list_conflicts(self, user_id=None, *, conflict_id=None, limit=100):
         """As ChatHistoryManager.list_conflicts (an operator's call: it runs on the loop's default executor)."""
@@ -119,10 +101,8 @@ class AsyncChatHistoryManager:
         return repr(self._core)
 
 
-def _finish():
-    """Called by `register` once `ChatHistoryManager` is set: the same signature for introspection."""
-    AsyncChatHistoryManager.__module__ = "chat_history_rs"
-    try:
-        AsyncChatHistoryManager.__signature__ = inspect.signature(ChatHistoryManager)  # noqa: F821 - set by `register`
-    except (TypeError, ValueError):  # no text signature on this build: (*args, **kwargs) it is
-        pass
+# ChatHistoryManager's signature, for introspection (the constructor takes exactly its arguments).
+try:
+    AsyncChatHistoryManager.__signature__ = inspect.signature(ChatHistoryManager)
+except (TypeError, ValueError):  # no text signature on this build: (*args, **kwargs) it is
+    pass
