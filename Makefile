@@ -61,9 +61,10 @@ bench-async: servers dev ## AsyncChatHistoryManager beside the seed's design on 
 	$(PY) benches/async_run.py $(BENCH_ARGS)
 
 .PHONY: lint
-lint: venv ## rustfmt, clippy (pedantic), ruff, mypy (a typed asyncio sample against the stubs)
+lint: venv ## rustfmt, clippy (pedantic), imports (no cycles, none up the layers), ruff, mypy (a typed asyncio sample against the stubs)
 	cargo fmt --check
 	cargo clippy --all-targets --features python -- -D warnings
+	$(PY) scripts/check_imports.py
 	$(PIP) install --quiet "ruff==0.15.*"
 	$(VENV)/bin/ruff check .
 	MYPYPATH=python $(VENV)/bin/mypy --strict examples/typed_async.py
