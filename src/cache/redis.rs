@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use redis::{ConnectionLike as _, Value};
 
 use crate::cache::clock::{deadline_arg, RedisClock};
-use crate::cache::codec::{named_fields, parse_listing, parse_memory_info, CachedConversation, MemoryInfo, READ_FIELDS};
+use crate::cache::codec::{
+    named_fields, parse_listing, parse_memory_info, CachedConversation, MemoryInfo, READ_FIELDS,
+};
 use crate::cache::combine::Combiner;
 use crate::cache::error::{CacheError, CacheResult};
 use crate::cache::keys::KeyLayout;
