@@ -24,10 +24,11 @@ from pathlib import Path
 LAYERS: list[set[str]] = [
     {"error"},
     {"model", "credentials"},
-    {"validate", "pool"},
+    {"validate", "pool", "process"},
     {"config"},
     {"store", "cache"},
-    {"writeback"},
+    {"writeback", "stats"},
+    {"cached"},
     {"manager"},
     {"bindings"},
     {"lib"},

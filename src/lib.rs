@@ -16,12 +16,15 @@
 //! - [`manager`]: the tiers composed
 
 pub mod cache;
+mod cached;
 pub mod config;
 pub mod credentials;
 pub mod error;
 pub mod manager;
 pub mod model;
 pub mod pool;
+pub mod process;
+pub mod stats;
 pub mod store;
 pub mod validate;
 pub mod writeback;
@@ -29,6 +32,8 @@ pub mod writeback;
 #[cfg(feature = "python")]
 mod bindings;
 
+pub use config::{Mode, Settings};
 pub use error::{Backend, Error, ErrorKind, Result};
-pub use manager::{ChatHistory, Fetched, Mode, Settings, Stats};
+pub use manager::{ChatHistory, Fetched};
 pub use model::{Conversation, Message, Role, Timestamp};
+pub use stats::{CacheStats, Stats};

@@ -646,7 +646,7 @@ impl BackgroundFlusher {
                         return;
                     }
                     drop(stopped);
-                    let _call = crate::manager::CallGuard::enter();
+                    let _call = crate::process::CallGuard::enter();
                     let Some(target) = target.upgrade() else {
                         return;
                     };

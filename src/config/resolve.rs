@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{PostgresSettings, RedisSettings};
+use crate::config::{Mode, Settings};
 use crate::error::{Error, Result};
-use crate::manager::{Mode, Settings};
 
 /// Where a setting's value came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

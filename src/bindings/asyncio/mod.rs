@@ -28,7 +28,7 @@ mod dispatch;
 mod engine;
 
 use super::convert::{conversation_from_py, fetched_to_py, Id};
-use super::PyChatHistoryManager;
+use super::manager::PyChatHistoryManager;
 use call::{Outcome, Request};
 use engine::{engine, CoreRuntime};
 
@@ -167,12 +167,12 @@ impl PyAsyncCore {
     }
 
     #[getter]
-    fn postgres_backend(&self, py: Python<'_>) -> Option<Py<super::PyPostgresBackend>> {
+    fn postgres_backend(&self, py: Python<'_>) -> Option<Py<super::manager::PyPostgresBackend>> {
         self.sync.get().postgres_backend(py)
     }
 
     #[getter]
-    fn redis_backend(&self, py: Python<'_>) -> Option<Py<super::PyRedisBackend>> {
+    fn redis_backend(&self, py: Python<'_>) -> Option<Py<super::manager::PyRedisBackend>> {
         self.sync.get().redis_backend(py)
     }
 
