@@ -147,7 +147,7 @@ impl Connector {
         log::info!(
             "Redis is {}; using the {} key layout",
             if is_cluster { "a cluster" } else { "a single node" },
-            if layout == KeyLayout::Cluster { "cluster" } else { "seed" }
+            if layout == KeyLayout::Cluster { "cluster" } else { "single-node" }
         );
         Ok(self.topology.get_or_init(|| Topology { layout, cluster }))
     }
@@ -156,9 +156,11 @@ impl Connector {
         let mut builder = ClusterClient::builder([self.url.as_str()])
             .connection_timeout(self.timeout)
             .response_timeout(self.timeout)
-            // A call waits on a dead node at most one timeout, like a single node; MOVED and ASK
-            // are followed, and a failover's new primary is found, within these retries.
-            .retries(3)
+            // One retry: a node that stopped answering costs a call about two timeouts, not the
+            // four attempts (and slot refreshes) that made a save wait 6 s on a held primary. MOVED,
+            // ASK and a failover's new primary past that are followed by `RedisCache::run_on`, on a
+            // fresh connection that reads the slot map again.
+            .retries(1)
             .min_retry_wait(10)
             .max_retry_wait(200);
         if let Some(pem) = &self.root_cert {
