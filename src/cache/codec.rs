@@ -75,6 +75,8 @@ pub struct CachedConversation {
     pub created_at: Timestamp,
     /// When it was last modified.
     pub last_modified: Timestamp,
+    /// The write-back version of the copy read (`None` for a hash without one, a seed writer's).
+    pub version: Option<i64>,
     json: String,
     messages: Vec<(Role, Text, Text)>,
 }
@@ -86,11 +88,13 @@ impl CachedConversation {
         let mut json = None;
         let mut created_at = None;
         let mut last_modified = None;
+        let mut version = None;
         for (key, value) in fields {
             match key.as_slice() {
                 b"title" => title = String::from_utf8(value).ok(),
                 b"model" => model = String::from_utf8(value).ok(),
                 b"messages" => json = String::from_utf8(value).ok(),
+                b"ver" => version = std::str::from_utf8(&value).ok().and_then(|v| v.parse().ok()),
                 b"created_at" => created_at = std::str::from_utf8(&value).ok().and_then(|t| Timestamp::parse(t).ok()),
                 b"last_modified" => {
                     last_modified = std::str::from_utf8(&value).ok().and_then(|t| Timestamp::parse(t).ok());
@@ -119,6 +123,7 @@ impl CachedConversation {
             model: model?,
             created_at: created_at?,
             last_modified: last_modified?,
+            version,
             json,
             messages,
         })
@@ -273,7 +278,7 @@ pub(crate) fn parse_hash(fields: Vec<(Vec<u8>, Vec<u8>)>) -> Option<Cached> {
 
 /// The fields a read needs: `HMGET` of these replies with a fifth of `HGETALL`'s values to parse
 /// (the hash also keeps the list entry, the version and the flush's bookkeeping).
-pub(crate) const READ_FIELDS: [&str; 5] = ["title", "model", "messages", "created_at", "last_modified"];
+pub(crate) const READ_FIELDS: [&str; 6] = ["title", "model", "messages", "created_at", "last_modified", "ver"];
 
 /// The fields a flush needs: the content, the dirty flag and the write-back bookkeeping (not the
 /// list entry or its score).

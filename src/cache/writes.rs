@@ -51,6 +51,9 @@ pub struct SaveOptions {
     pub guard: bool,
     /// Replace only the copy with this mark (see [`copy_mark`]): the one the caller kept aside.
     pub replaces: Option<String>,
+    /// The version of the copy this process last read or saved: a copy Redis holds at another
+    /// version is replaced only if the new messages extend it (else [`SaveOutcome::Diverged`]).
+    pub base: Option<i64>,
 }
 
 /// What identifies a cached copy for [`SaveOptions::replaces`]: its version, `last_modified`, and
@@ -137,7 +140,8 @@ impl RedisCache {
                 .arg(l.owner_in_slot())
                 .arg(deadline)
                 .arg(&late)
-                .arg(options.replaces.as_ref().map_or("", |m| m.as_str()));
+                .arg(options.replaces.as_ref().map_or("", |m| m.as_str()))
+                .arg(options.base.map(|v| v.to_string()).unwrap_or_default());
             let mut pipe = stage_pipe.clone();
             pipe.add_command(script);
             pipe

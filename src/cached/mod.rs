@@ -5,6 +5,7 @@
 
 mod decide;
 mod health;
+mod seen;
 mod tainted;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::cache::{
     copy_mark, member, Bypass, CacheError, CacheMemory, CachedConversation, Deleted, DirtyEntry, RedisCache,
-    SaveOptions,
+    SaveOptions, SaveOutcome,
 };
 use crate::error::{Backend, Error, ErrorKind, Result};
 use crate::model::{Conversation, Timestamp};
@@ -24,6 +25,7 @@ use crate::writeback::{Flush, FlushReport, Flusher};
 use decide::{save_step, SaveStep, OVERWRITE_ATTEMPTS};
 pub(crate) use health::Health;
 use health::MAX_BYPASSES;
+use seen::Seen;
 use tainted::{Tainted, TaintedRead};
 
 /// A conversation as a read found it: still in Redis's form (no copy made yet), or owned.
@@ -56,6 +58,8 @@ pub(crate) struct CachedTier {
     pub(crate) history_days: i32,
     pub(crate) health: Health,
     pub(crate) tainted: Tainted,
+    /// The version each conversation was last read or saved at, the base of its next save.
+    pub(crate) seen: Seen,
     pub(crate) hits: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) fallbacks: AtomicU64,
@@ -81,6 +85,7 @@ impl CachedTier {
             history_days: settings.history_days,
             health,
             tainted: Tainted::default(),
+            seen: Seen::default(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
@@ -208,6 +213,7 @@ impl CachedTier {
             Some(Ok(Some(cached))) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 self.tainted.remove(user_id, conversation_id);
+                self.seen.record(user_id, conversation_id, cached.version);
                 return Ok(Some(Fetched::Cached(cached)));
             }
             Some(Ok(None)) => {
@@ -231,6 +237,8 @@ impl CachedTier {
             return Ok(None);
         };
         if cache_up {
+            // The copy the backfill caches carries PostgreSQL's version (0 for a Phase 1 row).
+            self.seen.record(user_id, conversation_id, Some(version.unwrap_or(0)));
             if let Some(Err(e)) = self.cache(|r| r.backfill(user_id, conversation_id, &conv, version)) {
                 log::debug!("could not cache {conversation_id:?}: {}", e.into_error());
             }
@@ -268,6 +276,7 @@ impl CachedTier {
         let cached = self.redis.get_near(user_id, conversation_id)?;
         self.hits.fetch_add(1, Ordering::Relaxed);
         self.tainted.remove(user_id, conversation_id);
+        self.seen.record(user_id, conversation_id, cached.version);
         Some(Fetched::Cached(cached))
     }
 
@@ -282,19 +291,23 @@ impl CachedTier {
     fn save_any(&self, conversation_id: &str, user_id: &str, conv: &Conversation) -> Result<()> {
         let tainted = self.tainted.get(user_id, conversation_id);
         let guard = tainted.is_some();
-        let mut options = SaveOptions { guard, ..SaveOptions::default() };
+        let base = if guard { None } else { self.seen.get(user_id, conversation_id) };
+        let mut options = SaveOptions { guard, base, ..SaveOptions::default() };
         let (mut asked_owner, mut kept_aside) = (false, 0);
         loop {
             let answer = self.cache(|r| r.save(user_id, conversation_id, conv, &options).map(|(outcome, _)| outcome));
             match save_step(answer.as_ref(), asked_owner, kept_aside) {
                 SaveStep::Done => {
                     self.tainted.remove(user_id, conversation_id);
+                    if let Some(Ok(SaveOutcome::Saved(version))) = answer {
+                        self.seen.record(user_id, conversation_id, Some(version));
+                    }
                     return Ok(());
                 }
                 SaveStep::AskOwner => {
                     asked_owner = true;
                     let floor = self.owner_floor(conversation_id, user_id)?;
-                    options = SaveOptions { claim: true, floor, guard, replaces: None };
+                    options = SaveOptions { claim: true, floor, guard, replaces: None, base: None };
                 }
                 SaveStep::KeepAside => {
                     // The copy is kept aside, then replaced only if it is still the copy kept (a save
@@ -302,7 +315,7 @@ impl CachedTier {
                     // be read or kept refuses the save.
                     kept_aside += 1;
                     let replaces = self.keep_overwritten(conversation_id, user_id)?;
-                    options = SaveOptions { claim: true, guard: replaces.is_none(), replaces, floor: None };
+                    options = SaveOptions { claim: true, guard: replaces.is_none(), replaces, floor: None, base: None };
                 }
                 SaveStep::RefuseOwnership => return Err(ownership(conversation_id)),
                 SaveStep::RefuseChanging => {
@@ -435,6 +448,7 @@ impl CachedTier {
     /// row and written a tombstone at least as new as anything Redis held; only then is the copy in
     /// Redis removed. When PostgreSQL fails the call raises and nothing changed.
     pub(crate) fn delete(&self, conversation_id: &str, user_id: &str) -> Result<()> {
+        self.seen.record(user_id, conversation_id, None);
         let result = self.delete_any(conversation_id, user_id);
         self.redis.forget(user_id, conversation_id);
         result

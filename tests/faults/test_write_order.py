@@ -327,3 +327,32 @@ def test_a_delete_that_raises_after_its_postgresql_step_left_nothing_changed(
         assert_row_matches(conn, conv_id, user_id, v2)
         assert dirty_set(rdb.client) == set()
         conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_save_built_on_an_older_read_keeps_the_newer_copy_aside(make_redis_manager, rdb, pg_conn, user_id, conv_id):
+    """A tab's request goes to instance B, which reads the conversation; the next request goes to A, which saves
+    two more messages; the one after goes to B again, which appends to what it read and saves. B's save is the
+    newest, and A's two messages, which it lacks, are kept aside rather than dropped. (The randomized checker found
+    this once tabs moved between instances: B's read came from its near cache a few milliseconds before A's save
+    invalidated it.)"""
+    a = make_redis_manager()
+    b = make_redis_manager()
+    v1 = make_conversation(2, title="v1")
+    a.save_conversation(conv_id, v1, user_id=user_id)
+    seen_by_b = b.get_conversation(conv_id, user_id=user_id)
+    assert seen_by_b == v1
+    v2 = grown({**v1, "title": "v2"}, 2, text="through A")
+    a.save_conversation(conv_id, v2, user_id=user_id)
+    v3 = grown({**seen_by_b, "title": "v3"}, 1, text="through B")
+    b.save_conversation(conv_id, v3, user_id=user_id)
+
+    assert a.get_conversation(conv_id, user_id=user_id) == v3
+    a.flush_dirty_conversations()
+    _drained(rdb)
+    _assert_nothing_lost(pg_conn, conv_id, user_id, v3, v2, v3)
+    assert missing_messages(None, conflict_copies(pg_conn, conv_id, user_id), v2["messages"]) == []
+    # B's own next save builds on what it saved: nothing more is kept aside.
+    b.save_conversation(conv_id, grown(v3, 1, text="again through B"), user_id=user_id)
+    b.flush_dirty_conversations()
+    assert len(conflict_copies(pg_conn, conv_id, user_id)) == 1

@@ -6,7 +6,8 @@
 -- KEYS: conv, dirty set, list, list meta, user dirty, owner, dirty since, delete tombstone, staged,
 -- late copy, late set.
 -- ARGV: member, user, created_at, meta, claim, id, floor, guard, local owner, deadline, late member,
--- replaces.
+-- replaces, base (the version of the copy the caller last read or saved; a cached copy at another
+-- version is guarded: replaced only if the new messages extend it).
 --
 -- With `local owner` ('1': the owner record is in this slot, single node), the record is checked
 -- and set here; on a cluster it lives in the id's own slot and is claimed before this runs (then
@@ -71,7 +72,8 @@ if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[1]) == 0 then
   return {0}
 end
 local h = redis.call('HMGET', KEYS[1], 'ver', 'pgv', 'dirty', 'created_at', 'pgn', 'pgh')
-if ARGV[8] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then
+local guarded = ARGV[8] == '1' or (ARGV[13] ~= '' and h[1] and h[1] ~= ARGV[13])
+if guarded and redis.call('EXISTS', KEYS[1]) == 1 then
   local old = redis.call('HGET', KEYS[1], 'messages') or '[]'
   local new = redis.call('HGET', KEYS[9], 'messages') or '[]'
   if not holds(new, old) then
