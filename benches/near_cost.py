@@ -14,7 +14,7 @@ pinned to one CPU like run.py:
 - `near hit, Rust side`: the same minus building the dicts, i.e. the call with a conversation
   of no messages and the same title (what the lookup, the checks and the call itself cost);
 - `Redis hit`: `get_conversation` with `near_cache_bytes=0`: one round trip.
-Prints a Markdown table and the ratios the README quotes. Not a test: nothing is asserted.
+Prints a Markdown table and the ratios docs/benchmarks.md quotes. Not a test: nothing is asserted.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-//! Credentials that expire (README, "Expiring credentials"): a provider the caller gives, called whenever a
+//! Credentials that expire (docs/credentials.md): a provider the caller gives, called whenever a
 //! connection opens or must authenticate again, and the rule for when a connection's credentials
 //! are due for renewal. No Python here: the binding layer wraps a Python callable as a
 //! [`CredentialProvider`].
@@ -26,7 +26,7 @@ pub struct Credentials {
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Even the username: a provider's result is not shown anywhere (README, "Expiring credentials").
+        // Even the username: a provider's result is not shown anywhere (docs/credentials.md).
         f.debug_struct("Credentials").field("expires_at", &self.expires_at).finish_non_exhaustive()
     }
 }

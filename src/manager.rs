@@ -368,7 +368,7 @@ impl ChatHistory {
         self.tier.read().unwrap_or_else(PoisonError::into_inner).is_none()
     }
 
-    /// The numbers (the README, "Observability") that this mode has.
+    /// The numbers (docs/monitoring.md, "What `stats()` returns") that this mode has.
     #[must_use]
     pub fn stats(&self) -> Stats {
         let c = &self.counters;

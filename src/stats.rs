@@ -1,8 +1,8 @@
-//! The manager's numbers as `stats()` returns them (the README, "Observability").
+//! The manager's numbers as `stats()` returns them (docs/monitoring.md, "What `stats()` returns").
 
 use crate::cache::{MemoryInfo, NodeInfo};
 
-/// A point-in-time copy of the manager's numbers (the README, "Observability").
+/// A point-in-time copy of the manager's numbers (docs/monitoring.md, "What `stats()` returns").
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stats {
     /// The mode's name.
@@ -23,7 +23,7 @@ pub struct Stats {
     pub cache: Option<CacheStats>,
 }
 
-/// The Redis tier's numbers (the README, "Observability").
+/// The Redis tier's numbers (docs/monitoring.md, "What `stats()` returns").
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheStats {
     /// Reads and lists served by Redis.

@@ -366,7 +366,7 @@ class ProxiedRedisClusterServers(RedisClusterServers):
         """A primary dies, once its replica has every write it acknowledged (client writes paused meanwhile,
         `CLIENT PAUSE WRITE`): SIGKILL, its replica takes over (cluster-node-timeout), and the node, restarted
         empty, rejoins as a replica before clients may reach it again (its proxy refuses them meanwhile).
-        Waiting for the replica keeps out the loss the README documents (Redis Cluster, limits: replication is
+        Waiting for the replica keeps out the loss docs/design.md documents (section 16, limits: replication is
         asynchronous, so a failover to a replica behind its primary loses the writes it had not received).
         Replication runs through the proxies too (a node reaches its primary at the announced port), so the
         proxy is partitioned only once the replica has caught up. Returns what happened; a replica that does

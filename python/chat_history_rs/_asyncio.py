@@ -1,4 +1,4 @@
-"""AsyncChatHistoryManager: ChatHistoryManager's API as coroutines (the README's asyncio section).
+"""AsyncChatHistoryManager: ChatHistoryManager's API as coroutines (docs/asyncio.md).
 
 Python so that each method is a true `async def` (`inspect.iscoroutinefunction` holds, as frameworks that dispatch
 on it expect); the work is in Rust (src/bindings/asyncio/): `_AsyncCore` converts the arguments and returns a
@@ -26,7 +26,7 @@ async def _completed(call):
 class AsyncChatHistoryManager:
     """The asyncio twin of ChatHistoryManager: the same constructor arguments and environment
     variables, the same methods, each a coroutine, the same results and exceptions. `async with`
-    flushes and closes; `stats()` stays synchronous. See the README's asyncio section."""
+    flushes and closes; `stats()` stays synchronous. See docs/asyncio.md."""
 
     __slots__ = ("_core",)
     # Where users import it from (and its repr says it is).
@@ -88,7 +88,7 @@ class AsyncChatHistoryManager:
         return await asyncio.to_thread(self._core._sync.restore_conflict, conflict_id)
 
     def stats(self):
-        """Counters and gauges (the README, "Observability"), synchronously. Never holds a password."""
+        """Counters and gauges (docs/monitoring.md, "What `stats()` returns"), synchronously. Never holds a password."""
         return self._core.stats()
 
     async def __aenter__(self):

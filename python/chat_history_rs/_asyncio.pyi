@@ -94,7 +94,7 @@ class AsyncChatHistoryManager:
     async def restore_conflict(self, conflict_id: int) -> Tuple[str, str]:
         """As ``ChatHistoryManager.restore_conflict``."""
     def stats(self) -> Dict[str, Any]:
-        """Counters and gauges (the README, "Observability"), synchronously. Never holds a password."""
+        """Counters and gauges (docs/monitoring.md, "What `stats()` returns"), synchronously. Never holds a password."""
     async def __aenter__(self) -> AsyncChatHistoryManager: ...
     async def __aexit__(
         self,

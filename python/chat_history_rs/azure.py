@@ -1,6 +1,6 @@
 """Microsoft Entra ID credentials for Azure Managed Redis (or Azure Cache for Redis) and Azure Database
 for PostgreSQL: an azure-identity credential turned into a ``redis_credential_provider`` or a
-``postgres_credential_provider`` (README, "Expiring credentials (Microsoft Entra ID)")::
+``postgres_credential_provider`` (docs/credentials.md)::
 
     pip install "chat-history-rs[azure]"
 

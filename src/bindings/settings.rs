@@ -161,8 +161,8 @@ fn mapping(environ: &Bound<'_, PyAny>) -> PyResult<HashMap<String, String>> {
 /// The keyword arguments of `ChatHistoryManager` that are callables rather than settings.
 pub(super) const PROVIDERS: [&str; 2] = ["redis_credential_provider", "postgres_credential_provider"];
 
-/// For `chat-history stats` and `doctor` only (the README, "Operating it"): opens the manager to
-/// inspect, creating no schema and writing nothing back. Private: not a setting.
+/// For `chat-history stats` and `doctor` only (docs/monitoring.md, "The `chat-history` command"): opens the
+/// manager to inspect, creating no schema and writing nothing back. Private: not a setting.
 const INSPECT_ONLY: &str = "_inspect_only";
 
 /// The keyword arguments a caller passed, converted: each value's type checked here, with the

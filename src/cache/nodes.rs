@@ -1,7 +1,7 @@
 //! What a Redis Cluster's primaries hold: their slots, replicas and memory, for `stats()` and
 //! `chat-history doctor`. On a cluster `INFO memory` through the redis crate's router goes to every
 //! primary and comes back as a map, so the whole-cache numbers are summed here from each primary's
-//! own reply (README, "Redis Cluster").
+//! own reply (docs/design.md, section 16, "Memory and policy").
 
 use redis::cluster::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};

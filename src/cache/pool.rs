@@ -4,7 +4,7 @@
 //! ASK, and reconnects after failovers); whether the server is one is asked once, on the first
 //! connection (docs/design.md, "Keys and rows").
 //!
-//! With a credential provider (the README, "Expiring credentials") every new connection logs in with what it returns,
+//! With a credential provider (docs/credentials.md) every new connection logs in with what it returns,
 //! and a connection whose credentials are due for renewal authenticates again before its next call
 //! ([`renew_if_due`]).
 

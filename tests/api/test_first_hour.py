@@ -1,8 +1,9 @@
 """The first hour of a newcomer, against real servers: a misconfigured Redis is a ConfigurationError
 naming the cause while a Redis that is down is an outage (README, "Misconfiguration or outage"), every
 constructor argument is checked by name (README, "Configuration"), CHAT_HISTORY_MODE chooses the mode
-(README, "Modes, and how to choose one"), the README's Quick start runs as is in a fresh virtualenv,
-and the stubs, the README's table and .env.example list what the library takes.
+(README, "Modes, and how to choose one"), the README's Quick start runs as is in a fresh virtualenv and
+the README stays within 350 lines, and the stubs, the README's table and .env.example list what the
+library takes.
 """
 
 from __future__ import annotations
@@ -446,6 +447,16 @@ def test_the_quick_start_shows_a_conversations_shape_and_runs_as_is_in_a_fresh_v
     assert "messages[0].role must be 'user' or 'assistant'" in result.stdout
     assert "Trip to Lisbon 2 messages" in result.stdout
     assert len(list((workdir / ".chat_history").glob("*.json"))) == 1
+
+
+README_MAX_LINES = 350  # issue 20: the design, the guarantees and the tables live in docs/
+
+
+def test_the_readme_stays_short_enough_for_a_newcomer():
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines, more than {README_MAX_LINES}: move detail to docs/ and link it"
+    )
 
 
 def test_reads_made_before_tracking_is_up_count_as_near_cache_misses(make_redis_server, pg_url, user_id):

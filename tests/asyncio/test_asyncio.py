@@ -1,4 +1,4 @@
-"""AsyncChatHistoryManager (README, "asyncio: `AsyncChatHistoryManager`"): the sync API's results and exceptions
+"""AsyncChatHistoryManager (docs/asyncio.md): the sync API's results and exceptions
 as coroutines, a thousand calls in flight on one loop without a stall or a thread each, cancellation that leaves
 conversations whole, and managers that outlive the event loop that first used them.
 

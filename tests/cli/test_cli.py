@@ -27,7 +27,7 @@ from servers import assert_row_matches, closed_port
 SECRET = "s3cret-Pa55:word@x/y"
 SECRET_QUOTED = "s3cret-Pa55%3Aword%40x%2Fy"
 
-# stats() keys the README promises (section "Observability"), all present in redis mode.
+# stats() keys docs/monitoring.md promises ("What `stats()` returns"), all present in redis mode.
 STATS_KEYS = {
     "cache_hits",
     "cache_misses",

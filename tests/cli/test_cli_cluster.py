@@ -21,7 +21,7 @@ MB = 1024 * 1024
 # A different maxmemory per primary, so a sum is told apart from one node's number or a multiple of it.
 MAXMEMORY = (64 * MB, 65 * MB, 67 * MB)
 
-# Doctor's checks on one node with Redis, in order (README, "Operating it"): no cluster lines.
+# Doctor's checks on one node with Redis, in order (docs/monitoring.md, "The `chat-history` command"): no cluster lines.
 SINGLE_NODE_CHECKS = [
     "mode",
     "PostgreSQL",

@@ -1,6 +1,6 @@
-"""The operator's commands that only look write nothing (README, "Operating it"): `stats` in its three
-formats, `doctor` and `conflicts` leave every dirty conversation dirty and create no table, checked in
-PostgreSQL and Redis before and after; only `flush`, `init-db` and `conflicts --restore` write. Every
+"""The operator's commands that only look write nothing (docs/monitoring.md, "The `chat-history` command"):
+`stats` in its three formats, `doctor` and `conflicts` leave every dirty conversation dirty and create no table,
+checked in PostgreSQL and Redis before and after; only `flush`, `init-db` and `conflicts --restore` write. Every
 command resolves the mode as `ChatHistoryManager()` does (CHAT_HISTORY_MODE), reads ./.env, and doctor
 names the cause of a Redis it cannot use.
 """

@@ -1,4 +1,4 @@
-"""Credentials that expire (README, "Expiring credentials (Microsoft Entra ID)"): redis_credential_provider,
+"""Credentials that expire (docs/credentials.md): redis_credential_provider,
 postgres_credential_provider, and chat_history_rs.azure, against a private Redis with ACL users and the
 password-protected PostgreSQL.
 

@@ -305,7 +305,7 @@ def test_multiprocessing_fork_pool_workers_use_their_own_connections(make_redis_
 
 
 # --------------------------------------------------------------------------------------------------
-# README claims: the Redis timeout and backoff, an unparseable hash, a stale clean copy
+# docs/design.md's claims (sections 8 and 14): the Redis timeout and backoff, an unparseable hash, a stale clean copy
 # --------------------------------------------------------------------------------------------------
 
 

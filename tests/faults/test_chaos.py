@@ -13,8 +13,8 @@ standalone flusher subprocess (`chat-history flush --loop`). A scheduler meanwhi
 kind once first): partitions, stalls and cuts Redis (every path, or one), holds a path past `redis_timeout` and
 delivers its bytes late (`*-late`, below), kills and restarts Redis, fills its memory, stops and kills
 PostgreSQL, SIGKILLs the flusher; on the cluster it also SIGKILLs a primary (once its replica has every write it
-acknowledged: the README documents that a failover to a replica that lagged loses writes) and fails primaries
-over by hand.
+acknowledged: docs/design.md, section 16, documents that a failover to a replica that lagged loses writes) and
+fails primaries over by hand.
 
 Late delivery (docs/design.md, "Write order"): a proxy holds bytes past `redis_timeout`, the links of the next
 saves through one path, or the links open now, or every link; the writer gives up (falls back to PostgreSQL, or
@@ -109,7 +109,7 @@ MANAGER_KWARGS = {
     "postgres_statement_timeout": 5.0,
 }
 CLOSE_TIMEOUT = 30.0  # close()'s default close_timeout (README, Configuration)
-# The longest a call may take. The documented bounds (README, Faults; docs/design.md section 1.6): a call waits
+# The longest a call may take. The documented bounds (docs/design.md, sections 8 and 1.6): a call waits
 # on Redis at most redis_timeout, then skips it for a backoff; on PostgreSQL, for a connection at most
 # postgres_connect_timeout, for a lock at most postgres_lock_timeout, and a statement runs at most
 # postgres_statement_timeout; a session the server ended is replaced and the call run again. So a call that
@@ -126,7 +126,7 @@ HUNG_SECONDS = 2 * (
 # each bounded by redis_timeout (README, Configuration), before it goes to PostgreSQL, whose statements then
 # take milliseconds. 2 s on top for the loaded machine (a call's own PostgreSQL work and a thread that waits for
 # a core). Flushes are left to HUNG_SECONDS: a flush asked for tries Redis once per batch and round trip even
-# while the process backs off from it (README, Faults).
+# while the process backs off from it (docs/design.md, section 8).
 REDIS_CALL_SECONDS = 3 * MANAGER_KWARGS["redis_timeout"] + 2.0
 EXPECTED_ERRORS = ("UnavailableError",)  # a call may fail while a server is away, with this error only
 # What a run must show per 45 s of workload (scaled to its length, rounded down, never below 1), or it proved

@@ -1,5 +1,5 @@
-"""The Redis tier (docs/design.md, "Keys and rows", "Write-back" and "Ownership"; README, "Observability")
-against real throwaway Redis and PostgreSQL servers.
+"""The Redis tier (docs/design.md, "Keys and rows", "Write-back" and "Ownership"; docs/monitoring.md, "What
+`stats()` returns") against real throwaway Redis and PostgreSQL servers.
 
 Every test checks the data itself: the Redis keys with redis-py (seed layout: `conv:<user>:<conv>` hashes,
 `user:<user>:convlist`, `dirty:convs`) and the PostgreSQL rows with psycopg2, row by row.
@@ -841,7 +841,7 @@ def test_dirty_keys_survive_eviction_pressure(make_redis_server, make_redis_mana
 
 
 # --------------------------------------------------------------------------------------------------
-# stats() (README, "Observability")
+# stats() (docs/monitoring.md, "What `stats()` returns")
 # --------------------------------------------------------------------------------------------------
 
 STATS_KEYS = {
@@ -879,7 +879,8 @@ def test_stats_counts(make_redis_manager, rdb, user_id):
     assert (hits, misses) == (3, 1)
     total_hits, total_misses = stats["cache_hits"], stats["cache_misses"]
     ratio = total_hits / (total_hits + total_misses)
-    # README, "Observability" leaves the unit open: a fraction (0.75) or the seed's percentage (75.0) are both accepted.
+    # docs/monitoring.md, "What `stats()` returns", leaves the unit open: a fraction (0.75) or the seed's
+    # percentage (75.0) are both accepted.
     assert stats["hit_rate"] == pytest.approx(ratio) or stats["hit_rate"] == pytest.approx(100 * ratio)
 
     flushes = stats["flushes"]

@@ -189,7 +189,7 @@ def open_manager(
         if settings.redis_url:
             kwargs["redis_connection_string"] = settings.redis_url
         kwargs["redis_timeout"] = args.redis_timeout
-    # REDIS_AUTH=entra / POSTGRES_AUTH=entra: Microsoft Entra ID tokens instead of passwords (README).
+    # REDIS_AUTH=entra / POSTGRES_AUTH=entra: Microsoft Entra ID tokens instead of passwords (docs/credentials.md).
     try:
         kwargs.update(providers_from_env())
     except ValueError as exc:

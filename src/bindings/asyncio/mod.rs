@@ -1,11 +1,11 @@
-//! `AsyncChatHistoryManager`: the API of `ChatHistoryManager` as coroutines (the README, "asyncio").
+//! `AsyncChatHistoryManager`: the API of `ChatHistoryManager` as coroutines (docs/asyncio.md).
 //!
 //! Each call runs the synchronous core on a bounded pool of blocking threads (`engine`) and hands
 //! its result to the caller's event loop: through a socket the loop watches on selector loops
 //! (`dispatch`), else through pyo3-async-runtimes' `future_into_py`. The core stays the one tested
 //! implementation: arguments are converted on the loop's thread when the method is called, results
 //! by the synchronous class's converters, errors by `bindings::error`, so both classes return the
-//! same values and raise the same exceptions. The README's asyncio section says why a blocking
+//! same values and raise the same exceptions. docs/asyncio.md ("How it runs") says why a blocking
 //! pool rather than a native async driver, and how it is bounded.
 //!
 //! A cancelled call that has not started is skipped; one that has started runs to its end on its
