@@ -7,6 +7,7 @@ Builds on conftest.py's servers and per-test databases. Fixtures (a plugin liste
     make_redis_server   factory for a private redis-server (extra args), killed after the test
     make_redis_manager  factory for ChatHistoryManager in redis mode on pg_url and rdb (background flusher
                         off unless asked for), closed after the test
+    failpoints          the test build's failpoints (pause, wait, release, hits), all released after the test
 
 The Redis named by CHR_TEST_REDIS_URL, if any, must be disposable: these tests empty it.
 Helpers read Redis with redis-py and PostgreSQL with psycopg2, in the seed's key layout; with
@@ -21,6 +22,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -31,6 +33,7 @@ import psycopg2.errors
 import pytest
 import redis
 
+from chat_history_rs import _core
 from servers import RedisServer, ServerError
 
 # The suite on a Redis Cluster instead of one node (make test runs the Redis-tier suites both ways).
@@ -409,3 +412,62 @@ def script_env(**extra: str) -> dict:
 
 def run_script(body: str, *, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(python_script(body), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forced interleavings: failpoints and calls in a thread
+# --------------------------------------------------------------------------------------------------
+
+WAIT = 20.0  # seconds a test waits for a thread to reach a failpoint
+
+
+class Failpoints:
+    """The test build's failpoints; every point is released when the test ends."""
+
+    def pause(self, name: str, count: int | None = None) -> None:
+        if count is None:
+            _core._failpoint_pause(name)
+        else:
+            _core._failpoint_pause(name, count)
+
+    def wait(self, name: str, hits: int = 1) -> None:
+        assert _core._failpoint_wait(name, hits, WAIT), f"nothing reached failpoint {name!r} within {WAIT}s"
+
+    def release(self, name: str) -> None:
+        _core._failpoint_release(name)
+
+    def hits(self, name: str) -> int:
+        return _core._failpoint_hits(name)
+
+
+@pytest.fixture
+def failpoints():
+    if not _core._failpoints_enabled():
+        pytest.fail("this build has no failpoints: build with `make dev-test` (make test does)")
+    _core._failpoints_reset()
+    yield Failpoints()
+    _core._failpoints_reset()
+
+
+class Background:
+    """Runs a call in a thread; `result()` joins it and re-raises what it raised."""
+
+    def __init__(self, fn, *args, **kwargs) -> None:
+        self.value = None
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.value = fn(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def result(self, timeout: float = 60):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the call did not return"
+        if self.error is not None:
+            raise self.error
+        return self.value

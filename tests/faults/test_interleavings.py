@@ -20,6 +20,8 @@ import pytest
 from chat_history_rs import UnavailableError, _core
 from chaos_support import conflict_count
 from redis_support import (
+    WAIT,
+    Background,
     assert_cached,
     conv_key,
     dirty_member,
@@ -32,60 +34,6 @@ from redis_support import (
 )
 from servers import PostgresServer, assert_row_matches, create_database, find_pg_bindir
 from tcp_proxy import TcpProxy
-
-WAIT = 20.0  # seconds a test waits for a thread to reach a failpoint
-
-
-class Failpoints:
-    """The test build's failpoints; every point is released when the test ends."""
-
-    def pause(self, name: str, count: int | None = None) -> None:
-        if count is None:
-            _core._failpoint_pause(name)
-        else:
-            _core._failpoint_pause(name, count)
-
-    def wait(self, name: str, hits: int = 1) -> None:
-        assert _core._failpoint_wait(name, hits, WAIT), f"nothing reached failpoint {name!r} within {WAIT}s"
-
-    def release(self, name: str) -> None:
-        _core._failpoint_release(name)
-
-    def hits(self, name: str) -> int:
-        return _core._failpoint_hits(name)
-
-
-@pytest.fixture
-def failpoints():
-    if not _core._failpoints_enabled():
-        pytest.fail("this build has no failpoints: build with `make dev-test` (make test does)")
-    _core._failpoints_reset()
-    yield Failpoints()
-    _core._failpoints_reset()
-
-
-class Background:
-    """Runs a call in a thread; `result()` joins it and re-raises what it raised."""
-
-    def __init__(self, fn, *args, **kwargs) -> None:
-        self.value = None
-        self.error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self.value = fn(*args, **kwargs)
-            except BaseException as exc:  # noqa: BLE001 - re-raised by result()
-                self.error = exc
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def result(self, timeout: float = 60):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the call did not return"
-        if self.error is not None:
-            raise self.error
-        return self.value
 
 
 def pg_cache_version(conn, conversation_id: str) -> int | None:

@@ -9,15 +9,15 @@ Also here: the overwrite guard fails closed, and a delete that raises left nothi
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import replace
 
 import pytest
 
-from chat_history_rs import ChatHistoryError, _core
+from chat_history_rs import ChatHistoryError
 from chaos_support import conflict_copies, missing_messages
 from redis_support import (
+    Background,
     conv_key,
     dirty_set,
     grown,
@@ -52,22 +52,10 @@ def _wait_for_late_delivery(proxy: TcpProxy, count: int = 1) -> None:
 def _assert_nothing_lost(pg_conn, conv_id: str, user_id: str, newest: dict, *acknowledged: dict) -> None:
     """From PostgreSQL alone: the conversation is `newest` (title, model, every message), and every message of
     every acknowledged save is in it or in a conflict copy of this id and user."""
-    assert_row_matches(pg_conn, conv_id, user_id, newest)
-    with pg_conn.cursor() as cur:
-        cur.execute(
-            "SELECT c.title, array_agg(m.content ORDER BY m.sequence_number) FROM conversations c"
-            " JOIN messages m USING (conversation_id) WHERE conversation_id = %s GROUP BY c.title",
-            (conv_id,),
-        )
-        stored = cur.fetchone()
-    current = {"title": stored[0], "messages": [{"content": c} for c in stored[1]]}
+    assert_row_matches(pg_conn, conv_id, user_id, newest)  # so PostgreSQL's conversation is `newest`
     kept = conflict_copies(pg_conn, conv_id, user_id)
     for save in acknowledged:
-        lost = [
-            m
-            for m in missing_messages(None, kept, save["messages"])
-            if m["content"] not in [c["content"] for c in current["messages"]]
-        ]
+        lost = missing_messages(newest, kept, save["messages"])
         assert lost == [], f"messages of an acknowledged save are nowhere: {lost}"
 
 
@@ -206,34 +194,21 @@ def test_a_late_replay_of_a_bypass_write_changes_nothing_newer(make_redis_manage
 
 
 @pytest.mark.timeout(90)
-def test_a_late_settle_never_marks_a_newer_save_clean(make_redis_manager, rdb, pg_conn, user_id, conv_id):
-    if not _core._failpoints_enabled():
-        pytest.fail("this build has no failpoints: build with `make dev-test` (make test does)")
+def test_a_late_settle_never_marks_a_newer_save_clean(failpoints, make_redis_manager, rdb, pg_conn, user_id, conv_id):
     with TcpProxy(rdb.server.port) as proxy:
         flusher = make_redis_manager(redis_url=proxy.url(), redis_timeout=TIMEOUT, near_cache_bytes=0)
         app = make_redis_manager()
         v1 = make_conversation(2, title="v1")
         app.save_conversation(conv_id, v1, user_id=user_id)
 
-        errors: list[BaseException] = []
-
-        def flush() -> None:
-            try:
-                flusher.flush_dirty_conversations()
-            except BaseException as exc:  # noqa: BLE001 - checked below
-                errors.append(exc)
-
-        _core._failpoint_pause("flush.before_settle", 1)
-        thread = threading.Thread(target=flush)
-        thread.start()
-        try:
-            assert _core._failpoint_wait("flush.before_settle", 1, 30.0)
-            assert_row_matches(pg_conn, conv_id, user_id, v1)  # written; the settle is next
-            proxy.hold()
-        finally:
-            _core._failpoint_release("flush.before_settle")
-        thread.join(timeout=30)
-        assert len(errors) == 1, errors  # the flusher gave up on its settle
+        failpoints.pause("flush.before_settle", count=1)
+        flush = Background(flusher.flush_dirty_conversations)
+        failpoints.wait("flush.before_settle")
+        assert_row_matches(pg_conn, conv_id, user_id, v1)  # written; the settle is next
+        proxy.hold()
+        failpoints.release("flush.before_settle")
+        with pytest.raises(ChatHistoryError):
+            flush.result()  # the flusher gave up on its settle
 
         v2 = grown({**v1, "title": "v2"}, 1, text="v2")
         app.save_conversation(conv_id, v2, user_id=user_id)
@@ -283,14 +258,12 @@ def _poke(manager, user_id: str) -> bool:
 
 @pytest.mark.timeout(60)
 def test_a_delete_that_raises_after_its_postgresql_step_left_nothing_changed(
-    make_redis_manager, rdb, pg_params, user_id, conv_id
+    failpoints, make_redis_manager, rdb, pg_params, user_id, conv_id
 ):  # fmt: skip
     """A save lands in Redis between the delete's PostgreSQL step and its Redis step, and PostgreSQL goes away
     before the delete can raise its tombstone over that save. The delete raises, and nothing anyone can see
     changed: the save stands (it supersedes what PostgreSQL removed) and is written back. (Before, Redis's step
     had already removed the save, so the call raised after changing both tiers, and the save was lost.)"""
-    if not _core._failpoints_enabled():
-        pytest.fail("this build has no failpoints: build with `make dev-test` (make test does)")
     with TcpProxy(pg_params.port, pg_params.host) as pg_proxy:
         url = replace(pg_params, host="127.0.0.1", port=pg_proxy.port).url
         deleter = make_redis_manager(connection_string=url, postgres_connect_timeout=2.0)
@@ -300,27 +273,16 @@ def test_a_delete_that_raises_after_its_postgresql_step_left_nothing_changed(
         saver.flush_dirty_conversations()
         conn = pg_params.connect()
 
-        errors: list[BaseException] = []
-
-        def delete() -> None:
-            try:
-                deleter.delete_conversation(conv_id, user_id=user_id)
-            except BaseException as exc:  # noqa: BLE001 - checked below
-                errors.append(exc)
-
-        _core._failpoint_pause("delete.after_postgres", 1)
-        thread = threading.Thread(target=delete)
-        thread.start()
-        try:
-            assert _core._failpoint_wait("delete.after_postgres", 1, 30.0)
-            assert conv_id not in pg_conversation_ids(conn)  # PostgreSQL's step is done
-            pg_proxy.partition()  # and PostgreSQL is gone for the deleter
-            v2 = grown({**v1, "title": "v2"}, 1, text="between the steps")
-            saver.save_conversation(conv_id, v2, user_id=user_id)  # lands in Redis between the two steps
-        finally:
-            _core._failpoint_release("delete.after_postgres")
-        thread.join(timeout=30)
-        assert len(errors) == 1 and isinstance(errors[0], ConnectionError), errors
+        failpoints.pause("delete.after_postgres", count=1)
+        delete = Background(deleter.delete_conversation, conv_id, user_id=user_id)
+        failpoints.wait("delete.after_postgres")
+        assert conv_id not in pg_conversation_ids(conn)  # PostgreSQL's step is done
+        pg_proxy.partition()  # and PostgreSQL is gone for the deleter
+        v2 = grown({**v1, "title": "v2"}, 1, text="between the steps")
+        saver.save_conversation(conv_id, v2, user_id=user_id)  # lands in Redis between the two steps
+        failpoints.release("delete.after_postgres")
+        with pytest.raises(ConnectionError):
+            delete.result()
         assert saver.get_conversation(conv_id, user_id=user_id) == v2
         assert [cid for cid, _ in saver.list_conversations(user_id)] == [conv_id]
         saver.flush_dirty_conversations()
