@@ -1,30 +1,33 @@
-//! Write-back: dirty conversations in Redis written to PostgreSQL in batches, safely.
-//!
-//! The argument for why nothing is lost or reordered is in docs/design.md (sections 3 to 5; section 14
-//! names the test behind each guarantee).
-//! In short: every save gets a version from Redis's clock bumped past the previous one; a flush
-//! writes a version to PostgreSQL only when it is newer than the row's and no tombstone is as new;
-//! and it marks the Redis copy clean only if the copy still holds the version it wrote.
+//! The flusher: streams the dirty set in batches, writes each batch to PostgreSQL in one
+//! transaction, settles Redis, and retries what PostgreSQL refused with backoff (docs/design.md,
+//! sections 3 to 5). What it decides for one copy is in [`super::resolution`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::resolution::{
+    check, is_prefix, is_superseded, resolution, version_of, write_back, Resolution, REASON_LATE, REASON_OLDER,
+    REASON_OWNER, REASON_REPLACED,
+};
 use crate::cache::{
-    split_late_member, split_member, CacheError, CacheResult, Cached, DirtyEntry, RedisCache, Settle, SettleItem,
-    StoredPrefix,
+    split_late_member, split_member, CacheError, Cached, DirtyEntry, RedisCache, Settle, SettleItem, StoredPrefix,
 };
 use crate::error::{Backend, Error, ErrorKind, Result};
 use crate::model::{messages_fingerprint, Conversation};
 use crate::store::postgres::{FlushOutcome, PostgresStore, WriteBack};
-use crate::validate;
 
 /// Longest wait before a conversation PostgreSQL refused is tried again.
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(300);
 /// A flush reads the dirty hashes of a batch in one pipeline; that may take longer than a call.
 const FLUSH_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Every this many flushes (and on a process's first), a flusher on a cluster checks the dirty index
+/// for users missing from it (see [`RedisCache::reindex_dirty_users`]).
+const REINDEX_EVERY: u64 = 30;
+
+/// Times a divergence is looked at again when PostgreSQL's row keeps changing under it.
+const RESOLVE_ATTEMPTS: usize = 3;
 
 /// A conversation PostgreSQL (or parsing) refused: kept dirty, retried with backoff, reported.
 #[derive(Debug, Clone)]
@@ -516,268 +519,5 @@ impl Flusher {
             failure.attempts
         );
         failure.error = error;
-    }
-}
-
-/// Every this many flushes (and on a process's first), a flusher on a cluster checks the dirty index
-/// for users missing from it (see [`RedisCache::reindex_dirty_users`]).
-const REINDEX_EVERY: u64 = 30;
-
-/// Times a divergence is looked at again when PostgreSQL's row keeps changing under it.
-const RESOLVE_ATTEMPTS: usize = 3;
-/// Why a copy was kept aside (the `reason` column).
-pub const REASON_OLDER: &str = "was older than the copy PostgreSQL holds";
-/// See [`REASON_OLDER`].
-pub const REASON_REPLACED: &str = "was replaced by a newer copy from Redis";
-/// See [`REASON_OLDER`].
-pub const REASON_OWNER: &str = "was saved under an id PostgreSQL gives to another user";
-/// See [`REASON_OLDER`].
-pub const REASON_LATE: &str =
-    "reached Redis after its writer had given up on it (a late delivery), over a newer write that lacks its messages";
-/// See [`REASON_OLDER`].
-pub const REASON_OVERWRITTEN: &str = "was replaced in Redis by a save read from an older copy";
-
-/// How a flush resolves a copy PostgreSQL would not take as is, against the row PostgreSQL holds
-/// (docs/design.md, "Divergence").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Resolution {
-    /// PostgreSQL gives the id to another user.
-    OtherOwner,
-    /// PostgreSQL already holds this version.
-    Current,
-    /// PostgreSQL's row is newer: the copy is dropped, kept aside first when `keep` (the row lacks
-    /// some of its messages).
-    Older { keep: bool },
-    /// The copy is newer: it is written over the row at `known` (none: no row), the row kept aside
-    /// first when `keep_row` (the copy lacks some of its messages).
-    Newer { keep_row: bool, known: Option<i64> },
-}
-
-/// PostgreSQL's row as [`resolution`] sees it: owner, messages, version.
-type RowView<'a> = (&'a str, &'a [crate::model::Message], Option<i64>);
-
-/// The decision of [`Flusher::resolve`], without the servers: the copy (its user, version and
-/// messages) against PostgreSQL's row, if there is one.
-fn resolution(user_id: &str, version: i64, messages: &[crate::model::Message], row: Option<RowView<'_>>) -> Resolution {
-    match row {
-        None => Resolution::Newer { keep_row: false, known: None },
-        Some((owner, _, _)) if owner != user_id => Resolution::OtherOwner,
-        Some((_, _, row_version)) if row_version == Some(version) => Resolution::Current,
-        Some((_, stored, row_version)) if row_version.is_some_and(|v| v > version) => {
-            Resolution::Older { keep: !is_prefix(messages, stored) }
-        }
-        Some((_, stored, row_version)) => {
-            Resolution::Newer { keep_row: !is_prefix(stored, messages), known: row_version }
-        }
-    }
-}
-
-/// Whether the copy a flush read (at version `read`) was replaced in Redis since by a newer save of
-/// the app (Redis now holds version `now`): then it is history, not a divergence. A hash that is gone,
-/// one without a version, or a Redis that did not answer (`None`) is not that.
-fn is_superseded(read: Option<i64>, now: &CacheResult<Option<i64>>) -> bool {
-    matches!((read, now), (Some(read), Ok(Some(now))) if *now > read)
-}
-
-/// The write-back of a cached copy; `full` sends every message, `known` is the row it replaces.
-fn write_back<'a>(member: &'a str, cached: &'a Cached, full: bool, known: Option<i64>) -> WriteBack<'a> {
-    let (user_id, conversation_id) = split_member(member).expect("checked members split");
-    WriteBack {
-        conversation_id,
-        user_id,
-        conversation: &cached.conversation,
-        version: version_of(cached),
-        extends: if full { None } else { stored_prefix(cached) },
-        known,
-    }
-}
-
-/// Whether `prefix`'s messages are the first messages of `messages` (role, content and time).
-#[must_use]
-pub fn is_prefix(prefix: &[crate::model::Message], messages: &[crate::model::Message]) -> bool {
-    prefix.len() <= messages.len() && prefix.iter().zip(messages).all(|(a, b)| a == b)
-}
-
-/// `Some((n, version))` when PostgreSQL is known to hold this conversation's first `n` messages
-/// (the fingerprint of the current first `n` still matches), so only the rest need sending.
-fn stored_prefix(cached: &Cached) -> Option<(usize, i64)> {
-    let p = cached.stored?;
-    let messages = &cached.conversation.messages;
-    (p.messages > 0 && p.messages <= messages.len() && messages_fingerprint(&messages[..p.messages]) == p.fingerprint)
-        .then_some((p.messages, p.version))
-}
-
-/// The version a flush writes: Redis's, or for a hash the Python seed wrote (no version), the
-/// instant of its `last_modified`.
-fn version_of(cached: &Cached) -> i64 {
-    cached.version.unwrap_or_else(|| cached.conversation.last_modified.as_datetime().timestamp_micros())
-}
-
-/// What PostgreSQL would refuse, found before a batch is sent (a hash the seed's Python wrote is
-/// not validated on its way in).
-fn check(member: &str, cached: &Cached) -> std::result::Result<(), String> {
-    let (user_id, conversation_id) =
-        split_member(member).ok_or_else(|| format!("{member:?} is not '<user>:<conversation>'"))?;
-    validate::user_id(user_id).map_err(|e| e.to_string())?;
-    validate::conversation_id(conversation_id).map_err(|e| e.to_string())?;
-    validate::conversation(conversation_id, &cached.conversation).map_err(|e| e.to_string())
-}
-
-/// The background flusher thread: flushes every `interval` until stopped (docs/design.md, "Write-back").
-#[derive(Debug)]
-pub struct BackgroundFlusher {
-    stop: Arc<(Mutex<bool>, Condvar)>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl BackgroundFlusher {
-    /// Starts the thread. It holds only a weak reference, so a dropped manager ends it.
-    pub fn start(target: Weak<dyn Flush>, interval: Duration) -> Result<Self> {
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let signal = Arc::clone(&stop);
-        let handle = std::thread::Builder::new()
-            .name("chat-history-flusher".into())
-            .spawn(move || {
-                let (lock, condvar) = &*signal;
-                loop {
-                    let stopped = lock.lock().unwrap_or_else(PoisonError::into_inner);
-                    let (stopped, _) =
-                        condvar.wait_timeout_while(stopped, interval, |s| !*s).unwrap_or_else(PoisonError::into_inner);
-                    if *stopped {
-                        return;
-                    }
-                    drop(stopped);
-                    let _call = crate::process::CallGuard::enter();
-                    let Some(target) = target.upgrade() else {
-                        return;
-                    };
-                    target.background_flush();
-                }
-            })
-            .map_err(|e| Error::config("cannot start the background flusher thread").with_source(e))?;
-        Ok(BackgroundFlusher { stop, handle: Some(handle) })
-    }
-
-    /// Stops the thread and waits for a flush in progress to finish, until `deadline`; returns
-    /// whether it finished (if not, it is left to end on its own).
-    pub fn stop_until(&mut self, deadline: Instant) -> bool {
-        let (lock, condvar) = &*self.stop;
-        *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
-        condvar.notify_all();
-        let Some(handle) = self.handle.take() else {
-            return true;
-        };
-        if handle.thread().id() == std::thread::current().id() {
-            return true;
-        }
-        while !handle.is_finished() {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _ = handle.join();
-        true
-    }
-
-    /// Stops the thread and waits for a flush in progress to finish.
-    pub fn stop(&mut self) {
-        let (lock, condvar) = &*self.stop;
-        *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
-        condvar.notify_all();
-        if let Some(handle) = self.handle.take() {
-            if handle.thread().id() != std::thread::current().id() {
-                let _ = handle.join();
-            }
-        }
-    }
-}
-
-impl Drop for BackgroundFlusher {
-    fn drop(&mut self) {
-        let (lock, condvar) = &*self.stop;
-        *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
-        condvar.notify_all();
-    }
-}
-
-/// What the background flusher drives.
-pub trait Flush: Send + Sync + std::fmt::Debug {
-    /// One periodic flush; reports its own failures.
-    fn background_flush(&self);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{Message, Role, Timestamp};
-
-    fn messages(contents: &[&str]) -> Vec<Message> {
-        let time = Timestamp::parse("2026-01-01T00:00:00+00:00").expect("a valid time");
-        contents
-            .iter()
-            .enumerate()
-            .map(|(i, c)| Message {
-                role: if i % 2 == 0 { Role::User } else { Role::Assistant },
-                content: (*c).to_owned(),
-                time,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn resolution_table() {
-        let ab = messages(&["a", "b"]);
-        let abc = messages(&["a", "b", "c"]);
-        let ax = messages(&["a", "x"]);
-        let cases: [(&str, Option<RowView<'_>>, &[Message], Resolution); 9] = [
-            ("no row: write", None, &ab, Resolution::Newer { keep_row: false, known: None }),
-            ("another user's row", Some(("other", &ab, Some(5))), &ab, Resolution::OtherOwner),
-            ("the same version", Some(("u", &ab, Some(10))), &ab, Resolution::Current),
-            ("newer row holding the copy: drop", Some(("u", &abc, Some(11))), &ab, Resolution::Older { keep: false }),
-            (
-                "newer row lacking some: keep the copy",
-                Some(("u", &ax, Some(11))),
-                &ab,
-                Resolution::Older { keep: true },
-            ),
-            (
-                "older row the copy extends",
-                Some(("u", &ab, Some(9))),
-                &abc,
-                Resolution::Newer { keep_row: false, known: Some(9) },
-            ),
-            (
-                "older row the copy lacks",
-                Some(("u", &ax, Some(9))),
-                &abc,
-                Resolution::Newer { keep_row: true, known: Some(9) },
-            ),
-            (
-                "a Phase 1 row (no version) the copy lacks",
-                Some(("u", &ax, None)),
-                &ab,
-                Resolution::Newer { keep_row: true, known: None },
-            ),
-            (
-                "a shorter newer copy keeps the longer row",
-                Some(("u", &abc, Some(9))),
-                &ab,
-                Resolution::Newer { keep_row: true, known: Some(9) },
-            ),
-        ];
-        for (what, row, copy, want) in cases {
-            assert_eq!(resolution("u", 10, copy, row), want, "{what}");
-        }
-    }
-
-    #[test]
-    fn superseded_only_by_a_newer_version_redis_reports() {
-        let no_answer = Err(CacheError::Unavailable("timed out".into()));
-        assert!(is_superseded(Some(10), &Ok(Some(11))));
-        assert!(!is_superseded(Some(10), &Ok(Some(10))), "the copy read is still there");
-        assert!(!is_superseded(Some(10), &Ok(None)), "gone: the copy read may be the only one left");
-        assert!(!is_superseded(Some(10), &no_answer), "Redis did not answer");
-        assert!(!is_superseded(None, &Ok(Some(11))), "a seed-written copy has no version to compare");
     }
 }
