@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from types import TracebackType
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from typing import List, Optional, Tuple, Type, Union
 
 from chat_history_rs._core import (
     Conflict,
@@ -14,6 +14,7 @@ from chat_history_rs._core import (
     Mode,
     PostgresBackend,
     RedisBackend,
+    Stats,
 )
 
 class AsyncChatHistoryManager:
@@ -93,7 +94,7 @@ class AsyncChatHistoryManager:
         """As ``ChatHistoryManager.list_conflicts``."""
     async def restore_conflict(self, conflict_id: int) -> Tuple[str, str]:
         """As ``ChatHistoryManager.restore_conflict``."""
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> Stats:
         """Counters and gauges (docs/monitoring.md, "What `stats()` returns"), synchronously. Never holds a password."""
     async def __aenter__(self) -> AsyncChatHistoryManager: ...
     async def __aexit__(

@@ -30,6 +30,64 @@ class Conflict(TypedDict):
     kept_at: str
     restored_at: Optional[str]
 
+class RedisNode(TypedDict):
+    """One primary of a Redis Cluster in ``stats()["redis_nodes"]``; the memory fields are None when
+    the node did not answer."""
+
+    address: str
+    slots: int
+    replicas: int
+    used_memory: Optional[int]
+    maxmemory: Optional[int]
+    maxmemory_policy: Optional[str]
+
+class _CallStats(TypedDict):
+    # The keys every manager's stats() holds; Stats adds those of the Redis tier.
+    mode: Literal["local", "postgres"]
+    reads: int
+    lists: int
+    saves: int
+    deletes: int
+    errors: int
+    closed: bool
+    redis_enabled: bool
+
+class Stats(_CallStats, total=False):
+    """What ``stats()`` returns (docs/monitoring.md, "What `stats()` returns"). The call counters are
+    always there; the rest only when ``redis_enabled`` is True (the Redis tier is in use)."""
+
+    cache_hits: int
+    cache_misses: int
+    hit_rate: Optional[float]
+    dirty_count: Optional[int]
+    oldest_dirty_age_seconds: Optional[float]
+    flushes: int
+    conversations_flushed: int
+    flush_failures: int
+    stuck_conversations: List[str]
+    conflicts_kept: int
+    postgres_fallbacks: int
+    redis_available: bool
+    redis_error: Optional[str]
+    redis_read_round_trips: int
+    redis_reads_shared: int
+    redis_used_memory: Optional[int]
+    redis_maxmemory: Optional[int]
+    redis_maxmemory_policy: Optional[str]
+    redis_url: str
+    redis_layout: Optional[Literal["single", "cluster"]]
+    near_cache_enabled: bool
+    near_cache_tracking: bool
+    near_cache_hits: int
+    near_cache_misses: int
+    near_cache_invalidations: int
+    near_cache_evictions: int
+    near_cache_resets: int
+    near_cache_entries: int
+    near_cache_bytes: int
+    near_cache_limit_bytes: int
+    redis_nodes: List[RedisNode]
+
 CredentialProvider = Callable[[], Union[Tuple[str, str], Tuple[str, str, Optional[float]]]]
 """``redis_credential_provider`` / ``postgres_credential_provider``: called with no arguments whenever
 a connection opens or must authenticate again (from any thread; the GIL is taken only for the call);
@@ -43,6 +101,9 @@ Redis is down). ``chat_history_rs.azure`` builds them for Microsoft Entra ID."""
 Mode = Literal["local", "postgres", "redis", "local_psql", "local_redis"]
 """``mode`` / ``CHAT_HISTORY_MODE``: ``"redis"`` is postgres with ``redis_enabled=True``; the example
 app's ``"local_psql"`` and ``"local_redis"`` are postgres and redis."""
+
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+"""libpq's sslmodes, as ``ResolvedSettings.postgres_sslmode`` names them."""
 
 ConversationInput = Dict[str, Any]
 """A conversation to save: the keys of ``Conversation``; timestamps may also be ``datetime``
@@ -131,7 +192,7 @@ class ChatHistoryManager:
     def close(self) -> None:
         """Flushes what is dirty (for at most ``close_timeout`` seconds), then releases the pools.
         Idempotent."""
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> Stats:
         """Counters and gauges of this manager (docs/monitoring.md). Never holds a password.
 
         ``redis_error`` says why Redis is not in use while it is not (the last failure: a refused
@@ -231,6 +292,23 @@ class ResolvedSettings:
     @property
     def redis_configured(self) -> bool:
         """Whether a Redis location (URL or host) is set, whatever ``redis_enabled`` says."""
+    @property
+    def postgres_sslmode(self) -> Optional[SslMode]:
+        """The sslmode PostgreSQL is reached with (``"prefer"`` when the string names none); None when
+        no valid connection string is set."""
+    @property
+    def postgres_host_names(self) -> List[str]:
+        """PostgreSQL's host names (or socket folders), without ports; empty when none is set."""
+    @property
+    def redis_tls(self) -> Optional[bool]:
+        """Whether Redis is reached over TLS; None when Redis is not configured or not valid."""
+    @property
+    def redis_certificate_verified(self) -> Optional[bool]:
+        """Whether Redis's certificate and host name are checked (TLS without ``#insecure`` or
+        ``?ssl_cert_reqs=none``); None when Redis is not configured."""
+    @property
+    def redis_host_name(self) -> Optional[str]:
+        """The Redis host name (or address), without its port; None when Redis is not configured."""
     def entries(self) -> List[SettingEntry]:
         """Every setting in the README table's order, redacted, with where it came from."""
     def source(self, name: str) -> str:

@@ -11,7 +11,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use pyo3::IntoPyObjectExt;
 
-use crate::config::resolve::{Environment, Keywords, ProcessEnv, Resolved, Shown, ENVIRONMENT, KEYWORD_NAMES};
+use crate::config::resolve::{
+    DefaultValue, Environment, Given as Value, Keyword, Keywords, Kind, ProcessEnv, Resolved, Shown, ENVIRONMENT,
+    KEYWORDS, POSITIONAL,
+};
 use crate::error::Error;
 
 /// A manager's settings, resolved: keyword argument, else environment variable, else default.
@@ -61,6 +64,39 @@ impl PyResolvedSettings {
     #[getter]
     fn redis_url(&self) -> Option<String> {
         self.inner.redis_redacted()
+    }
+
+    /// The sslmode PostgreSQL is reached with (`"prefer"` when the connection string names none),
+    /// or None when no valid connection string is set.
+    #[getter]
+    fn postgres_sslmode(&self) -> Option<&'static str> {
+        self.inner.postgres_described().map(|s| s.ssl_mode.as_str())
+    }
+
+    /// The PostgreSQL host names (or socket folders), without ports; empty when no valid
+    /// connection string is set.
+    #[getter]
+    fn postgres_host_names(&self) -> Vec<String> {
+        self.inner.postgres_described().map(|s| s.host_names()).unwrap_or_default()
+    }
+
+    /// Whether Redis is reached over TLS, or None when Redis is not configured (or not valid).
+    #[getter]
+    fn redis_tls(&self) -> Option<bool> {
+        self.inner.redis_described().map(|s| s.tls())
+    }
+
+    /// Whether Redis's certificate and host name are checked (TLS, and the URL does not opt out
+    /// with `#insecure` or `?ssl_cert_reqs=none`); None when Redis is not configured.
+    #[getter]
+    fn redis_certificate_verified(&self) -> Option<bool> {
+        self.inner.redis_described().map(|s| s.verifies_certificate())
+    }
+
+    /// The Redis host name (or address), without its port; None when Redis is not configured.
+    #[getter]
+    fn redis_host_name(&self) -> Option<String> {
+        self.inner.redis_described().map(|s| s.host().to_owned())
     }
 
     /// Whether a Redis location is set (`redis_connection_string` or `redis_host`, by keyword or
@@ -158,9 +194,6 @@ fn mapping(environ: &Bound<'_, PyAny>) -> PyResult<HashMap<String, String>> {
     Ok(vars)
 }
 
-/// The keyword arguments of `ChatHistoryManager` that are callables rather than settings.
-pub(super) const PROVIDERS: [&str; 2] = ["redis_credential_provider", "postgres_credential_provider"];
-
 /// For `chat-history stats` and `doctor` only (docs/monitoring.md, "The `chat-history` command"): opens the
 /// manager to inspect, creating no schema and writing nothing back. Private: not a setting.
 const INSPECT_ONLY: &str = "_inspect_only";
@@ -228,54 +261,37 @@ pub(super) fn given<'py>(kwargs: &Bound<'py, PyDict>, caller: &str, providers: b
         postgres_credential_provider: None,
         inspect_only: false,
     };
-    let kw = &mut out.keywords;
     for (key, value) in kwargs.iter() {
         let name = text("a keyword argument's name", &key)?;
         let name = name.as_str();
-        let known = KEYWORD_NAMES.contains(&name) || (providers && (PROVIDERS.contains(&name) || name == INSPECT_ONLY));
-        if known && value.is_none() {
+        let keyword = KEYWORDS.iter().find(|k| k.name == name && (providers || k.kind != Kind::CredentialProvider));
+        if (keyword.is_some() || (providers && name == INSPECT_ONLY)) && value.is_none() {
             continue;
         }
-        match name {
-            "mode" => kw.mode = Some(text(name, &value)?),
-            "base_dir" => kw.base_dir = Some(path(name, &value)?),
-            "connection_string" => kw.connection_string = Some(text(name, &value)?),
-            "history_days" => kw.history_days = Some(whole(name, &value)?),
-            "redis_enabled" => kw.redis_enabled = Some(flag(name, &value)?),
-            "postgres_pool_size" => kw.postgres_pool_size = Some(whole(name, &value)?),
-            "postgres_connect_timeout" => kw.postgres_connect_timeout = Some(seconds(name, &value)?),
-            "postgres_ca_file" => kw.postgres_ca_file = Some(path(name, &value)?),
-            "postgres_statement_timeout" => kw.postgres_statement_timeout = Some(seconds(name, &value)?),
-            "postgres_lock_timeout" => kw.postgres_lock_timeout = Some(seconds(name, &value)?),
-            "redis_connection_string" => kw.redis_connection_string = Some(text(name, &value)?),
-            "redis_host" => kw.redis_host = Some(text(name, &value)?),
-            "redis_port" => kw.redis_port = Some(whole(name, &value)?),
-            "redis_password" => kw.redis_password = Some(text(name, &value)?),
-            "redis_ssl" => kw.redis_ssl = Some(flag(name, &value)?),
-            "redis_ttl" => kw.redis_ttl = Some(whole(name, &value)?),
-            "redis_pool_size" => kw.redis_pool_size = Some(whole(name, &value)?),
-            "redis_timeout" => kw.redis_timeout = Some(seconds(name, &value)?),
-            "redis_ca_file" => kw.redis_ca_file = Some(path(name, &value)?),
-            "redis_cluster" => kw.redis_cluster = Some(flag(name, &value)?),
-            "near_cache_bytes" => kw.near_cache_bytes = Some(whole(name, &value)?),
-            "credential_refresh_margin" => kw.credential_refresh_margin = Some(seconds(name, &value)?),
-            "flush_interval" => kw.flush_interval = Some(seconds(name, &value)?),
-            "background_flush" => kw.background_flush = Some(flag(name, &value)?),
-            "flush_batch_size" => kw.flush_batch_size = Some(whole(name, &value)?),
-            "close_timeout" => kw.close_timeout = Some(seconds(name, &value)?),
+        let given = match keyword.map(|k| k.kind) {
+            Some(Kind::Mode | Kind::Text) => Value::Text(text(name, &value)?),
+            Some(Kind::Path) => Value::Path(path(name, &value)?),
+            Some(Kind::Whole) => Value::Whole(whole(name, &value)?),
+            Some(Kind::Seconds) => Value::Seconds(seconds(name, &value)?),
+            Some(Kind::Flag) => Value::Flag(flag(name, &value)?),
             // Checked to be callable where it is wrapped (a ConfigurationError, as it always was).
-            "redis_credential_provider" | "postgres_credential_provider" if providers => {
+            Some(Kind::CredentialProvider) => {
                 if name == "redis_credential_provider" {
                     out.redis_credential_provider = Some(value);
                 } else {
                     out.postgres_credential_provider = Some(value);
                 }
+                continue;
             }
-            INSPECT_ONLY if providers => out.inspect_only = flag(name, &value)?,
-            other => {
-                // Python's own wording for an unknown keyword argument.
-                return Err(PyTypeError::new_err(format!("{caller} got an unexpected keyword argument '{other}'")));
+            None if providers && name == INSPECT_ONLY => {
+                out.inspect_only = flag(name, &value)?;
+                continue;
             }
+            // Python's own wording for an unknown keyword argument.
+            None => return Err(PyTypeError::new_err(format!("{caller} got an unexpected keyword argument '{name}'"))),
+        };
+        if !out.keywords.set(name, given) {
+            return Err(Error::config(format!("{name}: the binding and the keyword table disagree on its kind")).into());
         }
     }
     Ok(out)
@@ -301,12 +317,48 @@ fn resolve_settings(
     Ok(PyResolvedSettings { inner: Resolved::resolve(keywords, env.as_ref())? })
 }
 
+/// The annotation the stubs give a keyword argument of this kind (inside `Optional[...]`).
+fn annotation(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Mode => "Mode",
+        Kind::Text => "str",
+        Kind::Path => "Union[str, os.PathLike[str]]",
+        Kind::Whole => "int",
+        Kind::Seconds => "float",
+        Kind::Flag => "bool",
+        Kind::CredentialProvider => "CredentialProvider",
+    }
+}
+
+/// One row of the keyword table as Python sees it. A default the table cannot hold as a value
+/// (the current directory) is None.
+fn keyword_to_py<'py>(py: Python<'py>, k: &Keyword) -> PyResult<Bound<'py, PyTuple>> {
+    let default = match k.default {
+        DefaultValue::Unset | DefaultValue::CurrentDirectory => py.None().into_bound(py),
+        DefaultValue::Flag(b) => b.into_bound_py_any(py)?,
+        DefaultValue::Whole(n) => n.into_bound_py_any(py)?,
+        DefaultValue::Seconds(s) => s.into_bound_py_any(py)?,
+        DefaultValue::Text(t) => t.into_bound_py_any(py)?,
+    };
+    let items: [Bound<'py, PyAny>; 5] = [
+        k.name.into_bound_py_any(py)?,
+        annotation(k.kind).into_bound_py_any(py)?,
+        default,
+        PyTuple::new(py, k.env)?.into_any(),
+        k.doc.into_bound_py_any(py)?,
+    ];
+    PyTuple::new(py, items)
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyResolvedSettings>()?;
     m.add_function(wrap_pyfunction!(resolve_settings, m)?)?;
-    // The keyword arguments `ChatHistoryManager` takes, for the tests that hold the stubs and the
-    // README's table to them.
-    let names: Vec<&str> = KEYWORD_NAMES.iter().chain(PROVIDERS.iter()).copied().collect();
+    // The keyword table (`config::resolve::KEYWORDS`), for the tests that hold the pyo3 signatures,
+    // the stubs and the README's table to it: (name, annotation, default, variables, doc) each.
+    let table: Vec<Bound<'_, PyTuple>> = KEYWORDS.iter().map(|k| keyword_to_py(m.py(), k)).collect::<PyResult<_>>()?;
+    m.add("_KEYWORDS", PyTuple::new(m.py(), table)?)?;
+    m.add("_POSITIONAL_KEYWORDS", POSITIONAL)?;
+    let names: Vec<&str> = KEYWORDS.iter().map(|k| k.name).collect();
     m.add("_MANAGER_KEYWORDS", PyTuple::new(m.py(), names)?)?;
     // The variables the core reads, for the test that holds `.env.example` to them.
     m.add("_ENVIRONMENT_VARIABLES", PyTuple::new(m.py(), ENVIRONMENT)?)?;

@@ -31,6 +31,12 @@ pub enum SslMode {
 }
 
 impl SslMode {
+    /// The name libpq gives it (`"verify-full"`).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        ssl_mode_name(self)
+    }
+
     fn parse(value: &str) -> Result<Self> {
         Ok(match value {
             "disable" => SslMode::Disable,
@@ -165,6 +171,19 @@ impl PostgresSettings {
     /// The rustls config for this sslmode.
     pub fn tls_config(&self) -> Result<ClientConfig> {
         client_tls_config(self.verification(), self.ca_file.as_deref())
+    }
+
+    /// The host names (or socket folders) to connect to, without ports: `chat-history doctor` warns
+    /// when one that is not this machine is reached without TLS.
+    #[must_use]
+    pub fn host_names(&self) -> Vec<String> {
+        let hosts = self.config.get_hosts().iter();
+        hosts
+            .map(|host| match host {
+                postgres::config::Host::Tcp(name) => name.clone(),
+                postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .collect()
     }
 
     /// `postgresql://user@host:port/db?sslmode=...`, without the password: for logs and `repr()`.

@@ -16,6 +16,12 @@ pub struct RedisSettings {
     url: String,
     /// The same without the password.
     redacted: String,
+    /// Whether connections use TLS (`rediss://`).
+    tls: bool,
+    /// Whether the server's certificate and name are checked (TLS without `#insecure`).
+    verified: bool,
+    /// The host name, without the port.
+    host: String,
     /// A PEM file of CA certificates that replaces the built-in Mozilla roots.
     pub ca_file: Option<PathBuf>,
     /// Connections in the pool (at most).
@@ -39,6 +45,9 @@ impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
             .field("url", &self.redacted)
+            .field("tls", &self.tls)
+            .field("verified", &self.verified)
+            .field("host", &self.host)
             .field("ca_file", &self.ca_file)
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)
@@ -167,9 +176,17 @@ impl RedisSettings {
             url.push_str("#insecure");
         }
         let redacted = format!("{scheme}://{hostport}/{db}{}", if insecure { "#insecure" } else { "" });
+        // `[::1]:6379`, `h:6379` or a bare host: the port is what follows the last ':' after any ']'.
+        let host = match hostport.rsplit_once(':') {
+            Some((host, port)) if !port.contains(']') => host,
+            _ => hostport,
+        };
         Ok(RedisSettings {
             url,
             redacted,
+            tls,
+            verified: tls && !insecure,
+            host: host.to_owned(),
             ca_file,
             pool_size,
             timeout,
@@ -190,6 +207,25 @@ impl RedisSettings {
     #[must_use]
     pub fn redacted(&self) -> &str {
         &self.redacted
+    }
+
+    /// Whether connections use TLS (`rediss://`, or `redis_ssl=True`).
+    #[must_use]
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
+    /// Whether the server's certificate and host name are checked: TLS, and the URL did not opt
+    /// out (`#insecure`, `?ssl_cert_reqs=none`).
+    #[must_use]
+    pub fn verifies_certificate(&self) -> bool {
+        self.verified
+    }
+
+    /// The host name (or address) the URL names, without its port.
+    #[must_use]
+    pub fn host(&self) -> &str {
+        &self.host
     }
 }
 
@@ -225,5 +261,19 @@ mod redis_tests {
             .unwrap();
         assert_eq!(s.url(), "rediss://:k%2Fey@h.example:6380/0");
         assert!(!format!("{s:?}").contains("k/ey"));
+        assert!(s.tls() && s.verifies_certificate());
+        assert_eq!(s.host(), "h.example");
+    }
+
+    #[test]
+    fn tls_and_host_as_doctor_sees_them() {
+        let s = parse("rediss://:pw@[::1]:6380/0#insecure");
+        assert!(s.tls() && !s.verifies_certificate());
+        assert_eq!(s.host(), "[::1]");
+        let s = parse("redis://cache.example/0");
+        assert!(!s.tls() && !s.verifies_certificate());
+        assert_eq!(s.host(), "cache.example");
+        assert_eq!(parse("redis://cache.example:6379?ssl=true").host(), "cache.example");
+        assert!(parse("redis://cache.example:6379?ssl=true").verifies_certificate());
     }
 }

@@ -272,7 +272,8 @@ def _stub_names(path: Path) -> tuple[dict[str, set[str] | None], set[str]]:
     for node in tree.body:
         if isinstance(node, ast.ClassDef):
             result[node.name] = names_in(node.body)
-            if {base_name(b) for b in node.bases} & TYPING_ONLY_BASES:
+            # A TypedDict's subclass (Stats over _CallStats) is one too.
+            if {base_name(b) for b in node.bases} & (TYPING_ONLY_BASES | typing_only):
                 typing_only.add(node.name)
         else:
             names = names_in([node])

@@ -96,6 +96,8 @@ class Settings:
     # make ("redis" with Redis, else "postgres"); and where it came from.
     mode: str = "postgres"
     mode_source: str = "default"
+    # The library's resolution they come from: what doctor reports of TLS (sslmode, rediss) it reads here.
+    resolved: ResolvedSettings | None = None
 
 
 def app_mode(resolved: ResolvedSettings) -> tuple[str | None, str]:
@@ -131,7 +133,7 @@ def resolve_settings(args: argparse.Namespace, *, redis: str) -> Settings:
     postgres_url = resolved.postgres_url or "PostgreSQL"
     redis_url = getattr(args, "redis_url", None)
     if no_redis:
-        return Settings(database_url, postgres_url, None, False, None, mode or "postgres", mode_source)
+        return Settings(database_url, postgres_url, None, False, None, mode or "postgres", mode_source, resolved)
     from_env = resolved.source("redis_enabled") == "env REDIS_ENABLED"
     redis_enabled_env = resolved.value("redis_enabled") if from_env else None
     configured = resolved.redis_configured
@@ -149,7 +151,7 @@ def resolve_settings(args: argparse.Namespace, *, redis: str) -> Settings:
     # reported is still the app's.
     if mode is None:
         mode = "redis" if configured and redis_enabled_env is not False else "postgres"
-    return Settings(database_url, postgres_url, redis_url, configured, redis_enabled_env, mode, mode_source)
+    return Settings(database_url, postgres_url, redis_url, configured, redis_enabled_env, mode, mode_source, resolved)
 
 
 @contextlib.contextmanager

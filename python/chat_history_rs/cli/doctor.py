@@ -8,12 +8,17 @@ import argparse
 import ipaddress
 import logging
 import time
-import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
-from chat_history_rs import ChatHistoryError, ChatHistoryManager, ConfigurationError, UnavailableError
+from chat_history_rs import (
+    ChatHistoryError,
+    ChatHistoryManager,
+    ConfigurationError,
+    ResolvedSettings,
+    UnavailableError,
+)
 from chat_history_rs.cli.common import (
     CLUSTER_SLOTS,
     DIRTY_AGE_THRESHOLD,
@@ -78,10 +83,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def postgres_tls(redacted_url: str) -> tuple[str, str]:
-    """(status, words) for the sslmode of a redacted PostgreSQL URL."""
-    mode = re.search(r"[?&]sslmode=([a-z-]+)", redacted_url)
-    sslmode = mode.group(1) if mode else "prefer"
+def postgres_tls(resolved: ResolvedSettings | None) -> tuple[str, str]:
+    """(status, words) for the sslmode PostgreSQL is reached with, as the library resolved it."""
+    sslmode = (resolved.postgres_sslmode if resolved else None) or "prefer"
     words = {
         "disable": "no TLS",
         "allow": "TLS only if the server insists, unverified",
@@ -90,22 +94,21 @@ def postgres_tls(redacted_url: str) -> tuple[str, str]:
         "verify-ca": "TLS, certificate chain verified",
         "verify-full": "TLS, certificate chain and host name verified",
     }.get(sslmode, f"sslmode={sslmode}")
-    hosts = re.sub(r"^[a-z]+://(?:[^@/]*@)?", "", redacted_url).split("/")[0]
-    remote = [h for h in (part.rsplit(":", 1)[0] for part in hosts.split(",")) if not _is_loopback(h)]
+    hosts = resolved.postgres_host_names if resolved else []
+    remote = [h for h in hosts if not _is_loopback(h)]
     if remote and sslmode in ("disable", "allow", "prefer"):
         return "WARN", f"sslmode={sslmode}: {words}; use sslmode=require or verify-full for a remote server"
     return "OK", f"sslmode={sslmode}: {words}"
 
 
-def redis_tls(redacted_url: str) -> tuple[str, str]:
-    """(status, words) for a redacted Redis URL: its scheme says whether TLS is used."""
-    scheme = redacted_url.split("://", 1)[0]
-    host = re.sub(r"^[a-z]+://", "", redacted_url).split("/")[0].rsplit(":", 1)[0]
-    if scheme == "rediss" and redacted_url.endswith("#insecure"):
+def redis_tls(resolved: ResolvedSettings | None) -> tuple[str, str]:
+    """(status, words) for Redis's TLS, as the library resolved it."""
+    tls = resolved.redis_tls if resolved else None
+    if tls and not (resolved and resolved.redis_certificate_verified):
         return "WARN", "rediss://: TLS, certificate NOT verified (#insecure or ssl_cert_reqs=none)"
-    if scheme == "rediss":
+    if tls:
         return "OK", "rediss://: TLS, certificate and host name verified"
-    if not _is_loopback(host):
+    if not _is_loopback((resolved.redis_host_name if resolved else None) or ""):
         return "WARN", "redis://: no TLS to a remote server; use rediss:// (Azure: port 6380)"
     return "OK", "redis://: no TLS (loopback)"
 
@@ -266,7 +269,7 @@ def _diagnose_with(
     if isinstance(problem, UnavailableError):
         doctor.report("FAIL", "PostgreSQL", str(problem))
     else:
-        status, tls = postgres_tls(postgres)
+        status, tls = postgres_tls(settings.resolved)
         doctor.report(status, "PostgreSQL", f"connected to {postgres} ({tls})")
         if problem is None:
             doctor.report("OK", "schema", "conversations table readable")
@@ -292,7 +295,7 @@ def _diagnose_with(
         why = stats.get("redis_error") or f"no answer within {args.redis_timeout:g} s"
         doctor.report("FAIL", "Redis", f"unreachable at {redis_url}: {why}")
         return
-    status, tls = redis_tls(redis_url)
+    status, tls = redis_tls(settings.resolved)
     doctor.report(status, "Redis", f"connected to {redis_url} ({tls})")
     nodes = stats.get("redis_nodes") or []
     if nodes:

@@ -119,3 +119,79 @@ impl Resolved {
         rows.into_iter().map(|(name, value, source)| Entry { name, value, source }).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::super::keywords::{DefaultValue, Given, Keywords, Kind, KEYWORDS, KEYWORD_NAMES, PROVIDER_NAMES};
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    /// A value of `kind` every setting of that kind takes, as a variable and as a keyword.
+    fn sample(kind: Kind) -> (&'static str, Given) {
+        match kind {
+            Kind::Mode => ("postgres", Given::Text("postgres".into())),
+            Kind::Text => ("x", Given::Text("x".into())),
+            Kind::Path => ("/tmp/x", Given::Path("/tmp/x".into())),
+            Kind::Whole => ("3", Given::Whole(3)),
+            Kind::Seconds => ("1", Given::Seconds(1.0)),
+            Kind::Flag => ("true", Given::Flag(true)),
+            Kind::CredentialProvider => unreachable!("not a setting"),
+        }
+    }
+
+    #[test]
+    fn the_resolver_follows_the_keyword_table() {
+        let (settings, providers) = KEYWORDS.split_at(KEYWORD_NAMES.len());
+        assert!(providers.iter().all(|k| k.kind == Kind::CredentialProvider && k.env.is_empty()));
+        assert_eq!(providers.iter().map(|k| k.name).collect::<Vec<_>>(), PROVIDER_NAMES);
+        assert!(settings.iter().all(|k| k.kind != Kind::CredentialProvider));
+
+        // Names, order and defaults: what nothing sets is the table's default.
+        let r = Resolved::resolve(Keywords::default(), &env(&[])).unwrap();
+        let cwd = std::env::current_dir().unwrap().display().to_string();
+        let entries = r.entries();
+        assert_eq!(entries.iter().map(|e| e.name).collect::<Vec<_>>(), KEYWORD_NAMES);
+        for (entry, k) in entries.iter().zip(settings) {
+            let want = match k.default {
+                DefaultValue::Unset => Shown::Unset,
+                DefaultValue::CurrentDirectory => Shown::Text(cwd.clone()),
+                DefaultValue::Flag(b) => Shown::Bool(b),
+                DefaultValue::Whole(n) => Shown::Int(n),
+                DefaultValue::Seconds(s) => Shown::Seconds(s),
+                DefaultValue::Text(t) => Shown::Text(t.to_owned()),
+            };
+            assert_eq!((&entry.value, entry.source), (&want, Source::Default), "{}", k.name);
+        }
+
+        // Variables: each sets its setting and no other, the first of them set winning.
+        for k in settings {
+            for (i, &var) in k.env.iter().enumerate() {
+                let raw = sample(k.kind).0;
+                let pairs: Vec<(&str, &str)> = k.env[i..].iter().map(|&v| (v, raw)).collect();
+                let r = Resolved::resolve(Keywords::default(), &env(&pairs)).unwrap();
+                for e in r.entries() {
+                    let want = if e.name == k.name { Source::Env(var) } else { Source::Default };
+                    assert_eq!(e.source, want, "{var} and {}", e.name);
+                }
+            }
+        }
+
+        // Keywords: each name the table lists is set by a value of its kind, and only that setting.
+        for k in settings {
+            let mut kw = Keywords::default();
+            assert!(kw.set(k.name, sample(k.kind).1), "{}", k.name);
+            let r = Resolved::resolve(kw, &env(&[])).unwrap();
+            for e in r.entries() {
+                let want = if e.name == k.name { Source::Keyword } else { Source::Default };
+                assert_eq!(e.source, want, "{} given, {}", k.name, e.name);
+            }
+        }
+        assert!(!Keywords::default().set("redis_pool", Given::Whole(3)));
+        assert!(!Keywords::default().set("redis_port", Given::Text("3".into())));
+    }
+}

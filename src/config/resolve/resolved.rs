@@ -267,17 +267,31 @@ impl Resolved {
         })
     }
 
+    /// PostgreSQL's settings when a connection string is set and valid, whatever the mode: what
+    /// `chat-history` shows of them (the redacted URL, the sslmode, the hosts).
+    #[must_use]
+    pub fn postgres_described(&self) -> Option<PostgresSettings> {
+        let url = self.connection_string.value.as_deref()?;
+        self.parse_postgres(url).ok()
+    }
+
+    /// Redis's settings when Redis is configured and valid, whatever the mode: what `chat-history`
+    /// shows of them (the redacted URL, TLS, the host).
+    #[must_use]
+    pub fn redis_described(&self) -> Option<RedisSettings> {
+        self.parse_redis().ok().flatten()
+    }
+
     /// The redacted PostgreSQL URL, when a connection string is set and valid.
     #[must_use]
     pub fn postgres_redacted(&self) -> Option<String> {
-        let url = self.connection_string.value.as_deref()?;
-        self.parse_postgres(url).ok().map(|s| s.redacted())
+        self.postgres_described().map(|s| s.redacted())
     }
 
     /// The redacted Redis URL, when Redis is configured and valid.
     #[must_use]
     pub fn redis_redacted(&self) -> Option<String> {
-        self.parse_redis().ok().flatten().map(|s| s.redacted().to_owned())
+        self.redis_described().map(|s| s.redacted().to_owned())
     }
 }
 
