@@ -69,13 +69,17 @@ bench-async: servers dev ## AsyncChatHistoryManager beside the seed's design on 
 	$(PY) benches/async_run.py $(BENCH_ARGS)
 
 .PHONY: lint
-lint: venv ## rustfmt, clippy (pedantic), imports (no cycles, none up the layers), ruff, mypy (a typed asyncio sample against the stubs)
+lint: venv ## rustfmt, clippy (pedantic), imports (no cycles, none up the layers), ruff, mypy (a typed asyncio sample against the stubs), stubtest (the stubs against the built extension: `make dev` first)
 	cargo fmt --check
 	cargo clippy --all-targets --features python -- -D warnings
 	$(PY) scripts/check_imports.py
 	$(PIP) install --quiet "ruff==0.15.*"
 	$(VENV)/bin/ruff check .
 	MYPYPATH=python $(VENV)/bin/mypy --strict examples/typed_async.py
+	@# The stubs against the compiled module, as pydantic-core checks its own; stubtest_allowlist.txt says why
+	@# each exception cannot match. It imports the built extension: `make dev` (or `make dev-test`) first.
+	@$(PY) -c "import chat_history_rs._core" 2>/dev/null || { echo "stubtest needs the extension: run make dev first" >&2; exit 1; }
+	$(PY) -m mypy.stubtest chat_history_rs --allowlist stubtest_allowlist.txt
 
 .PHONY: clean
 clean: ## Remove build outputs and the venv

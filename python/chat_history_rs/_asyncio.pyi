@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from types import TracebackType
-from typing import List, Optional, Tuple, Type, Union
+from typing import ClassVar, List, Optional, Tuple, Type, Union
 
 from chat_history_rs._core import (
     Conflict,
@@ -29,6 +30,9 @@ class AsyncChatHistoryManager:
     started or ran to its end. The constructor connects (and creates the schema when missing)
     before it returns, as ``ChatHistoryManager`` does. ``async with`` flushes and closes.
     """
+
+    __signature__: ClassVar[inspect.Signature]
+    """``ChatHistoryManager``'s, so ``inspect.signature()`` shows the arguments ``*args, **kwargs`` pass on."""
 
     def __init__(
         self,

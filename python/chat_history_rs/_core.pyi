@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from types import TracebackType
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple, Type, TypedDict, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple, Type, TypedDict, Union, final
 
 __version__: str
 
@@ -109,6 +109,7 @@ ConversationInput = Dict[str, Any]
 """A conversation to save: the keys of ``Conversation``; timestamps may also be ``datetime``
 objects (naive means UTC) or missing (now)."""
 
+@final
 class ChatHistoryManager:
     """Stores chat conversations as local JSON files (``mode="local"``), in PostgreSQL
     (``mode="postgres"``), or in Redis over PostgreSQL with write-back (``redis_enabled=True``).
@@ -130,8 +131,8 @@ class ChatHistoryManager:
     in postgres mode.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         mode: Optional[Mode] = None,
         base_dir: Optional[Union[str, os.PathLike[str]]] = None,
         connection_string: Optional[str] = None,
@@ -161,7 +162,7 @@ class ChatHistoryManager:
         close_timeout: Optional[float] = None,
         redis_credential_provider: Optional[CredentialProvider] = None,
         postgres_credential_provider: Optional[CredentialProvider] = None,
-    ) -> None: ...
+    ) -> ChatHistoryManager: ...
     @property
     def mode(self) -> str:
         """``"local"`` or ``"postgres"`` (Redis is a tier of postgres mode)."""
@@ -217,6 +218,7 @@ class ChatHistoryManager:
         tb: Optional[TracebackType],
     ) -> bool: ...
 
+@final
 class PostgresBackend:
     """PostgreSQL with the seed's ``PostgreSQLBackend`` method names and argument orders."""
 
@@ -225,6 +227,7 @@ class PostgresBackend:
     def list_conversations(self, user_id: str, days: Optional[int] = None) -> List[Tuple[str, Conversation]]: ...
     def delete_conversation(self, conversation_id: str, user_id: str) -> None: ...
 
+@final
 class RedisBackend:
     """Redis with the seed's ``RedisBackend`` method names and argument orders."""
 
@@ -274,6 +277,7 @@ class SettingEntry(TypedDict):
     source: str
     """``"keyword"``, ``"env NAME"`` or ``"default"``."""
 
+@final
 class ResolvedSettings:
     """A manager's settings resolved as ``ChatHistoryManager`` resolves them: keyword argument, else
     environment variable, else default. Holds passwords; ``repr()`` and ``entries()`` never show them."""
@@ -350,6 +354,45 @@ def resolve_settings(
 ) -> ResolvedSettings:
     """The settings ``ChatHistoryManager(**kwargs)`` would open with, read from ``environ`` (default:
     the process's environment). Raises ConfigurationError naming a bad argument or variable."""
+
+_KEYWORDS: Tuple[Tuple[str, str, Union[str, int, float, bool, None], Tuple[str, ...], str], ...]
+"""The keyword table (src/config/resolve/keywords.rs): (name, annotation, default, variables, doc) per
+keyword argument, in the signature's order; tests hold the signatures, stubs and README to it."""
+_POSITIONAL_KEYWORDS: int
+"""How many of ``_KEYWORDS`` may be given by position."""
+_MANAGER_KEYWORDS: Tuple[str, ...]
+"""The names of ``_KEYWORDS``."""
+_ENVIRONMENT_VARIABLES: Tuple[str, ...]
+"""Every environment variable the library reads."""
+
+@final
+class _AsyncCore:
+    """The Rust half of ``AsyncChatHistoryManager`` (python/chat_history_rs/_asyncio.py, typed by
+    _asyncio.pyi): each method converts its arguments and returns a pending call to await."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _AsyncCore: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def _sync(self) -> ChatHistoryManager: ...
+    @property
+    def redis_enabled(self) -> bool: ...
+    @property
+    def postgres_backend(self) -> Optional[PostgresBackend]: ...
+    @property
+    def redis_backend(self) -> Optional[RedisBackend]: ...
+    def list_conversations(self, user_id: Optional[str] = None) -> Any: ...
+    def get_conversation(self, conversation_id: str, user_id: Optional[str] = None) -> Any: ...
+    def save_conversation(
+        self, conversation_id: str, conversation: ConversationInput, user_id: Optional[str] = None
+    ) -> Any: ...
+    def delete_conversation(self, conversation_id: str, user_id: Optional[str] = None) -> Any: ...
+    def flush_dirty_conversations(self) -> Any: ...
+    def close(self) -> Any: ...
+    def stats(self) -> Stats: ...
+
+def _set_asyncio_fast_path(enabled: bool) -> None:
+    """Turns the asyncio fast path for selector event loops on or off (the tests exercise both)."""
 
 def _close_all() -> None:
     """Closes every live manager, flushing what is dirty (the package's atexit hook)."""

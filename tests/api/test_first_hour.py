@@ -299,7 +299,7 @@ def _stub_parameters(tree: ast.Module, owner: str | None, function: str) -> list
             if isinstance(item, ast.FunctionDef) and item.name == function:
                 args = item.args
                 names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
-                return [n for n in names if n not in ("self", "environ")]
+                return [n for n in names if n not in ("self", "cls", "environ")]
     raise AssertionError(f"{owner}.{function} not in the stubs")
 
 
@@ -309,8 +309,9 @@ def test_the_stubs_and_the_readme_list_every_keyword_argument():
     every_stub = ast.Module(
         body=[n for f in sorted(package.glob("*.pyi")) for n in ast.parse(f.read_text()).body], type_ignores=[]
     )
-    for owner in ("ChatHistoryManager", "AsyncChatHistoryManager"):
-        assert _stub_parameters(every_stub, owner, "__init__") == list(_MANAGER_KEYWORDS), owner
+    # pyo3's constructor is __new__; the Python class's is __init__.
+    for owner, constructor in (("ChatHistoryManager", "__new__"), ("AsyncChatHistoryManager", "__init__")):
+        assert _stub_parameters(every_stub, owner, constructor) == list(_MANAGER_KEYWORDS), owner
     settings = [name for name in _MANAGER_KEYWORDS if name not in PROVIDERS]
     assert _stub_parameters(stubs, None, "resolve_settings") == settings
     readme = (ROOT / "README.md").read_text(encoding="utf-8")

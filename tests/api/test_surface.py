@@ -46,9 +46,9 @@ def _function(stub: Path, owner: str | None, name: str) -> ast.FunctionDef:
 
 
 def _parameters(function: ast.FunctionDef) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
-    """(positional, keyword-only) parameters as (name, annotation, default), without self."""
+    """(positional, keyword-only) parameters as (name, annotation, default), without self or cls."""
     args = function.args
-    positional = [a for a in args.posonlyargs + args.args if a.arg != "self"]
+    positional = [a for a in args.posonlyargs + args.args if a.arg not in ("self", "cls")]
     defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
 
     def row(arg: ast.arg, default: ast.expr | None) -> tuple[str, str, str]:
@@ -66,11 +66,13 @@ def _rows(names: list[str]) -> list[tuple[str, str, str]]:
     return [(name, f"Optional[{annotation[name]}]", "None") for name in names]
 
 
+# pyo3's constructor is __new__; the Python class's is __init__.
 @pytest.mark.parametrize(
-    ("stub", "owner"), [("_core.pyi", "ChatHistoryManager"), ("_asyncio.pyi", "AsyncChatHistoryManager")]
+    ("stub", "owner", "constructor"),
+    [("_core.pyi", "ChatHistoryManager", "__new__"), ("_asyncio.pyi", "AsyncChatHistoryManager", "__init__")],
 )
-def test_the_managers_stubs_follow_the_keyword_table(stub, owner):
-    positional, keyword_only = _parameters(_function(PACKAGE / stub, owner, "__init__"))
+def test_the_managers_stubs_follow_the_keyword_table(stub, owner, constructor):
+    positional, keyword_only = _parameters(_function(PACKAGE / stub, owner, constructor))
     assert positional == _rows(NAMES[:_POSITIONAL_KEYWORDS])
     assert keyword_only == _rows(NAMES[_POSITIONAL_KEYWORDS:])
 

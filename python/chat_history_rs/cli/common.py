@@ -8,7 +8,7 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,7 +229,7 @@ def missing_schema(problem: ChatHistoryError) -> bool:
     return not isinstance(problem, UnavailableError) and "does not exist" in str(problem)
 
 
-def redis_reachable(stats: dict[str, Any]) -> bool:
+def redis_reachable(stats: Mapping[str, Any]) -> bool:
     """Whether this manager could read Redis just now.
 
     ``redis_available`` alone is not enough: right after a start against a dead Redis it can still
@@ -266,14 +266,14 @@ def human_age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def memory_fraction(stats: dict[str, Any]) -> float | None:
+def memory_fraction(stats: Mapping[str, Any]) -> float | None:
     used, limit = stats.get("redis_used_memory"), stats.get("redis_maxmemory")
     if used is None or not limit:
         return None
     return used / limit
 
 
-def describe_node(node: dict[str, Any]) -> str:
+def describe_node(node: Mapping[str, Any]) -> str:
     """One cluster primary: where, its slots and replicas, memory and eviction policy."""
     used, limit = node.get("used_memory"), node.get("maxmemory")
     memory = f"{human_size(used)} used"

@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import time
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
@@ -204,7 +205,7 @@ def _describe_mode(settings: Settings) -> str:
     return f"{settings.mode}: {where.get(settings.mode, settings.mode)} ({source})"
 
 
-def _diagnose_cluster(nodes: list[dict[str, Any]], doctor: Doctor) -> None:
+def _diagnose_cluster(nodes: Sequence[Mapping[str, Any]], doctor: Doctor) -> None:
     """A Redis Cluster: how many primaries, then a line per primary (`Redis shard N`), which warns when its
     policy may evict dirty data or its memory is past the threshold (one full shard refuses saves even
     when the sum looks fine)."""

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -58,7 +59,7 @@ def add_parser(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     stats.set_defaults(func=cmd_stats, format="text", close_timeout=5.0)
 
 
-def format_human(stats: dict[str, Any], postgres: str) -> str:
+def format_human(stats: Mapping[str, Any], postgres: str) -> str:
     """stats() for a person: the global write-back and Redis numbers first, this process's counters last."""
     lines = [f"mode:                     {stats.get('mode')}", f"PostgreSQL:               {postgres}"]
     if not stats.get("redis_enabled"):
@@ -112,7 +113,7 @@ def format_human(stats: dict[str, Any], postgres: str) -> str:
     return "\n".join(lines)
 
 
-def describe_near_cache(stats: dict[str, Any]) -> str:
+def describe_near_cache(stats: Mapping[str, Any]) -> str:
     """One line: whether the near cache serves, its hits and invalidations, and its size."""
     if not stats.get("near_cache_enabled"):
         return "off (near_cache_bytes=0)"
@@ -124,7 +125,7 @@ def describe_near_cache(stats: dict[str, Any]) -> str:
     )
 
 
-def _policy_unknown(stats: dict[str, Any]) -> str:
+def _policy_unknown(stats: Mapping[str, Any]) -> str:
     return "differs between primaries (see below)" if stats.get("redis_nodes") else "unknown"
 
 
@@ -314,7 +315,7 @@ def _emit_nodes(out: list[str], nodes: list[dict[str, Any]]) -> None:
             out.append(f"{name}{{{label_text}}} {_number(value)}")
 
 
-def format_prometheus(stats: dict[str, Any], *, postgres_up: bool | None = None) -> str:
+def format_prometheus(stats: Mapping[str, Any], *, postgres_up: bool | None = None) -> str:
     """stats() in the Prometheus text exposition format (version 0.0.4), ending with a newline.
 
     Usable by an app for its own counters too: ``format_prometheus(history.stats())``. Numbers that
@@ -382,7 +383,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     try:
         with library_log_level(logging.CRITICAL, verbose):
             problem = postgres_probe(manager)
-            stats = manager.stats()
+            stats: dict[str, Any] = dict(manager.stats())
         postgres = settings.postgres_url
     finally:
         close_quietly(manager, verbose)
