@@ -4,7 +4,7 @@
     .venv/bin/python benches/cluster.py --quick    # 10,000
 
 Starts a throwaway PostgreSQL, one redis-server, and a Redis Cluster of 3 primaries with a replica
-each (tests/cluster_support.py), all on this machine, then, through `ChatHistoryManager` in redis
+each (tests/support/cluster_support.py), all on this machine, then, through `ChatHistoryManager` in redis
 mode (background_flush=False), for each of the two:
 
 1. p50 of a save of a 20-message conversation, of a cache-hit get of it, and of a list of 30;
@@ -29,7 +29,7 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import chat_history_rs  # noqa: E402
-from cluster_support import RedisClusterServers  # noqa: E402
+from support.cluster_support import RedisClusterServers  # noqa: E402
 from common import (  # noqa: E402
     RESULTS,
     Corpus,

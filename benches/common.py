@@ -1,6 +1,6 @@
 """What `run.py` and `scale.py` share: CPU pinning, throwaway servers, app-shaped data, percentiles.
 
-The servers are the test suite's (`tests/servers.py`, imported through sys.path and used as is):
+The servers are the test suite's (`tests/support/servers.py`, imported through sys.path and used as is):
 a PostgreSQL cluster and a redis-server on free loopback ports in temporary directories, removed at
 exit. PostgreSQL runs with fsync and synchronous_commit off there, for both implementations alike.
 """
@@ -25,7 +25,7 @@ ROOT = BENCHES.parent
 RESULTS = BENCHES / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 
-from servers import PostgresServer, RedisServer, create_database  # noqa: E402 - after the sys.path above
+from support.servers import PostgresServer, RedisServer, create_database  # noqa: E402 - after the sys.path above
 
 PINNED_ENV = "CHR_BENCH_PINNED"
 PIN_CPU = 0

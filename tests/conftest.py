@@ -18,12 +18,12 @@ Per test:
     pg_manager         ChatHistoryManager(mode="postgres", connection_string=pg_url)
     local_manager      ChatHistoryManager(mode="local", base_dir=tmp_path)
 
-More fixtures come from the plugin modules in `pytest_plugins` below (redis_support.py: rdb,
-make_redis_server, make_redis_manager; tls_support.py: the TLS servers), so every test module in every
-folder can request them by name without importing them. The test files live in area folders
-(tests/README.md); the helper modules stay here in tests/, which pytest puts on sys.path when it
-imports this conftest.py (the default "prepend" import mode), so `from servers import ...` works from
-every folder.
+More fixtures come from the plugin modules in `pytest_plugins` below (support/redis_support.py: rdb,
+make_redis_server, make_redis_manager; support/tls_support.py: the TLS servers), so every test module in
+every folder can request them by name without importing them. The test files live in area folders
+(tests/README.md); the helper modules in the `support` package here, tests/support/. pytest puts tests/ on
+sys.path when it imports this conftest.py (the default "prepend" import mode), so
+`from support.servers import ...` works from every folder.
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ import pytest
 
 # The helper modules hold checks with plain asserts: rewrite them so failures show the values. This must
 # run before anything imports them (the plugin modules below are rewritten anyway, as plugins).
-pytest.register_assert_rewrite("servers", "redis_support", "chaos_support", "chaos_workload", "leaks")
+pytest.register_assert_rewrite(
+    "support.servers", "support.redis_support", "support.chaos_support", "support.chaos_workload", "support.leaks"
+)
 
-from servers import (  # noqa: E402 - after register_assert_rewrite, as pytest requires
+from support.servers import (  # noqa: E402 - after register_assert_rewrite, as pytest requires
     ExternalPostgres,
     ExternalRedis,
     PgParams,
@@ -52,7 +54,7 @@ from servers import (  # noqa: E402 - after register_assert_rewrite, as pytest r
 )
 
 # Modules whose fixtures every test can use by name.
-pytest_plugins = ["redis_support", "tls_support"]
+pytest_plugins = ["support.redis_support", "support.tls_support"]
 
 # The password of pg_scram_server's superuser. Tests check it never leaks either.
 SCRAM_PASSWORD = "correct-Horse:battery@staple/42"
@@ -137,7 +139,7 @@ def redis_server():
 @pytest.fixture(scope="session")
 def redis_cluster_servers():
     """A throwaway Redis Cluster for the session (the Redis-tier suites run on it with CHR_TEST_REDIS_CLUSTER=1)."""
-    from cluster_support import RedisClusterServers
+    from support.cluster_support import RedisClusterServers
 
     servers = RedisClusterServers()
     try:

@@ -364,7 +364,7 @@ def test_redis_server_helper_kills_and_restarts_on_the_same_port():
     # A private server: restarting the session's shared one would cut other tests' connections.
     import redis
 
-    from servers import RedisServer, ServerError
+    from support.servers import RedisServer, ServerError
 
     try:
         server = RedisServer()

@@ -33,8 +33,8 @@ from chat_history_rs import (
 )
 from chat_history_rs._core import _ENVIRONMENT_VARIABLES, _MANAGER_KEYWORDS
 from chat_history_rs.envfile import parse_env_file
-from redis_support import CLUSTER, make_conversation, pg_conversation_ids
-from servers import closed_port
+from support.redis_support import CLUSTER, make_conversation, pg_conversation_ids
+from support.servers import closed_port
 
 ROOT = Path(__file__).resolve().parents[2]
 WRONG = "wr0ng-Pa55:w/ord"

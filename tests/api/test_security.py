@@ -11,8 +11,8 @@ from urllib.parse import quote
 import pytest
 
 from chat_history_rs import ChatHistoryError, OwnershipError, UnavailableError
-from leaks import assert_no_secret, deep_text, exception_texts, log_texts
-from servers import assert_row_matches, closed_port, fetch_conversation_row, fetch_message_rows
+from support.leaks import assert_no_secret, deep_text, exception_texts, log_texts
+from support.servers import assert_row_matches, closed_port, fetch_conversation_row, fetch_message_rows
 
 WRONG_PASSWORD = "s3cr3t-DO-NOT-LEAK"
 # Needs percent-encoding in a URL; neither the raw nor the encoded form may leak.

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import pytest
 
 from chat_history_rs import ChatHistoryError, InvalidTypeError, ValidationError
-from servers import assert_row_matches, fetch_conversation_row
+from support.servers import assert_row_matches, fetch_conversation_row
 
 
 @dataclass

@@ -23,13 +23,13 @@ import pytest
 pytest.importorskip("streamlit", reason="streamlit is not installed (it is in requirements-dev.txt)")
 pytest.importorskip("selenium", reason="selenium is not installed (it is in requirements-dev.txt)")
 
-from redis_support import dirty_set
+from support.redis_support import dirty_set
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
-from servers import fetch_conversation_row, fetch_message_rows, free_port
+from support.servers import fetch_conversation_row, fetch_message_rows, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "examples" / "streamlit_app" / "app.py"

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from chat_history_rs import AsyncChatHistoryManager
-from redis_support import dirty_set
+from support.redis_support import dirty_set
 
 APP_DIR = Path(__file__).resolve().parents[2] / "examples" / "fastapi_app"
 sys.path.insert(0, str(APP_DIR))

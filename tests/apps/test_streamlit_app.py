@@ -16,8 +16,8 @@ import pytest
 pytest.importorskip("streamlit", reason="streamlit is not installed (it is in requirements-dev.txt)")
 
 import streamlit as st
-from redis_support import conv_key, dirty_member, dirty_set, seed_fields
-from servers import fetch_conversation_row, fetch_message_rows
+from support.redis_support import conv_key, dirty_member, dirty_set, seed_fields
+from support.servers import fetch_conversation_row, fetch_message_rows
 from streamlit.runtime.caching import clear_session_resource_cache
 from streamlit.testing.v1 import AppTest
 

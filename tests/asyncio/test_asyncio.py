@@ -37,7 +37,7 @@ from chat_history_rs import (
     OwnershipError,
     ValidationError,
 )
-from redis_support import conv_key, dirty_set, make_conversation, seed_fields
+from support.redis_support import conv_key, dirty_set, make_conversation, seed_fields
 
 # Threads the async manager may add to the process: the blocking pool (BLOCKING_THREADS in
 # src/bindings/asyncio/engine.rs), one tokio worker and one completion thread, with a little room for the

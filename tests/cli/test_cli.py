@@ -21,8 +21,8 @@ import redis
 
 from chat_history_rs import __version__
 from chat_history_rs.cli import format_human, format_prometheus, main
-from redis_support import dirty_set, make_conversation, pg_conversation_ids, wait_until, write_seed_hash
-from servers import assert_row_matches, closed_port
+from support.redis_support import dirty_set, make_conversation, pg_conversation_ids, wait_until, write_seed_hash
+from support.servers import assert_row_matches, closed_port
 
 SECRET = "s3cret-Pa55:word@x/y"
 SECRET_QUOTED = "s3cret-Pa55%3Aword%40x%2Fy"

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from cluster_support import RedisClusterServers
-from redis_support import make_conversation
+from support.cluster_support import RedisClusterServers
+from support.redis_support import make_conversation
 from chat_history_rs import ChatHistoryManager
-from servers import ServerError
+from support.servers import ServerError
 from test_cli import cli_env, doctor_lines, parse_prometheus, run_cli
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from redis_support import CLUSTER, dirty_set, pg_conversation_ids, pg_snapshot
-from servers import closed_port
+from support.redis_support import CLUSTER, dirty_set, pg_conversation_ids, pg_snapshot
+from support.servers import closed_port
 from test_cli import cli_env, doctor_lines, public_tables, run_cli, save_dirty
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "streamlit_app"))

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from cluster_support import RedisClusterServers
-from redis_support import grown, make_conversation, pg_conversation_ids
-from servers import ServerError, assert_row_matches
+from support.cluster_support import RedisClusterServers
+from support.redis_support import grown, make_conversation, pg_conversation_ids
+from support.servers import ServerError, assert_row_matches
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from chat_history_rs import AsyncChatHistoryManager, ConfigurationError, UnavailableError, azure
-from redis_support import conv_key, wait_until
+from support.redis_support import conv_key, wait_until
 
 ADMIN_PASSWORD = "admin-" + secrets.token_hex(8)
 
@@ -565,8 +565,8 @@ def test_azure_redis_provider_logs_in_to_redis(acl_redis, pg_url, make_manager, 
 
 @pytest.fixture(scope="module")
 def cluster():
-    from cluster_support import RedisClusterServers
-    from servers import ServerError
+    from support.cluster_support import RedisClusterServers
+    from support.servers import ServerError
 
     try:
         servers = RedisClusterServers()

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from chat_history_rs import UnavailableError
-from redis_support import (
+from support.redis_support import (
     conv_key,
     dirty_member,
     dirty_set,
@@ -22,8 +22,8 @@ from redis_support import (
     make_conversation,
     pg_conversation_ids,
 )
-from servers import assert_row_matches, create_database
-from tcp_proxy import TcpProxy
+from support.servers import assert_row_matches, create_database
+from support.tcp_proxy import TcpProxy
 
 
 def send(manager, conversation_id: str, user_id: str, text: str) -> dict:

@@ -89,11 +89,11 @@ from typing import Optional
 import pytest
 
 import redis
-import chaos_workload
-from chaos_support import LateProxy, durable_postgres, durable_redis, read_postgres_state
-from chaos_workload import INTRUDER_INDEX, Op, Worker, op_from_json, transcript_digest
-from redis_support import redis_client, script_env
-from servers import ServerError, create_database, find_pg_bindir
+from support import chaos_workload
+from support.chaos_support import LateProxy, durable_postgres, durable_redis, read_postgres_state
+from support.chaos_workload import INTRUDER_INDEX, Op, Worker, op_from_json, transcript_digest
+from support.redis_support import redis_client, script_env
+from support.servers import ServerError, create_database, find_pg_bindir
 
 SEED = int(os.environ.get("CHAOS_SEED", "20261129"))
 SECONDS = {
@@ -419,7 +419,7 @@ class ClusterWorld(World):
     }
 
     def __init__(self, tmp: Path) -> None:
-        from cluster_support import ProxiedRedisClusterServers
+        from support.cluster_support import ProxiedRedisClusterServers
 
         super().__init__(tmp)
         # A replica's full sync starts at once (the default waits 5 s for more replicas to share one).

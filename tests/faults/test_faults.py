@@ -15,7 +15,7 @@ import time
 import pytest
 
 from chat_history_rs import ChatHistoryError, UnavailableError, _core
-from redis_support import (
+from support.redis_support import (
     assert_cached,
     conv_key,
     dirty_member,
@@ -31,8 +31,8 @@ from redis_support import (
     wait_until,
     write_seed_hash,
 )
-from servers import assert_row_matches, create_database, fetch_conversation_row
-from tcp_proxy import TcpProxy
+from support.servers import assert_row_matches, create_database, fetch_conversation_row
+from support.tcp_proxy import TcpProxy
 
 
 def _assert_postgres_unavailable(exc: BaseException) -> None:

@@ -18,8 +18,8 @@ from dataclasses import replace
 import pytest
 
 from chat_history_rs import UnavailableError, _core
-from chaos_support import conflict_count
-from redis_support import (
+from support.chaos_support import conflict_count
+from support.redis_support import (
     WAIT,
     Background,
     assert_cached,
@@ -32,8 +32,8 @@ from redis_support import (
     pg_message_count,
     write_seed_hash,
 )
-from servers import PostgresServer, assert_row_matches, create_database, find_pg_bindir
-from tcp_proxy import TcpProxy
+from support.servers import PostgresServer, assert_row_matches, create_database, find_pg_bindir
+from support.tcp_proxy import TcpProxy
 
 
 def pg_cache_version(conn, conversation_id: str) -> int | None:
@@ -325,7 +325,7 @@ def test_a_copy_gone_from_redis_while_a_flusher_held_it_is_still_kept_when_it_di
     """The flusher reads v2 (only Redis has its last messages); a write straight to PostgreSQL diverged from it;
     then Redis loses the hash (a restart without persistence). The copy the flusher holds is the last one: it
     must be resolved as read (kept aside), not mistaken for a copy the app replaced."""
-    from chaos_support import conflict_copies
+    from support.chaos_support import conflict_copies
 
     app = make_redis_manager()
     v1 = make_conversation(2)

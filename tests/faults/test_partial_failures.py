@@ -23,14 +23,14 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from chat_history_rs import UnavailableError
-from chaos_support import (
+from support.chaos_support import (
     ThrottledProxy,
     call_with_deadline,
     conflict_copies,
     conflict_count,
     missing_messages,
 )
-from redis_support import (
+from support.redis_support import (
     TESTS_DIR,
     assert_cached,
     conv_key,
@@ -48,8 +48,8 @@ from redis_support import (
     wait_until,
     write_seed_hash,
 )
-from servers import assert_row_matches, create_database
-from tcp_proxy import TcpProxy
+from support.servers import assert_row_matches, create_database
+from support.tcp_proxy import TcpProxy
 
 
 def _redis_address(rdb) -> tuple[str, int]:
@@ -532,7 +532,7 @@ def test_close_with_a_stalled_server_returns_within_close_timeout_and_logs_what_
 FORK_EXPERIMENT = """
     import json, os, sys, time, uuid
     sys.path.insert(0, os.environ["T_TESTS"])
-    from chaos_support import hammer
+    from support.chaos_support import hammer
     from chat_history_rs import ChatHistoryManager
 
     app = ChatHistoryManager(
@@ -618,7 +618,7 @@ def test_forked_processes_each_get_their_own_data(rdb, pg_url, how):
 FORK_WAITS_FOR_CALLS = """
     import os, sys, threading, time, uuid
     sys.path.insert(0, os.environ["T_TESTS"])
-    from redis_support import make_conversation
+    from support.redis_support import make_conversation
     from chat_history_rs import ChatHistoryManager, _core
 
     app = ChatHistoryManager(
@@ -657,7 +657,7 @@ def test_a_fork_waits_for_the_calls_in_flight(rdb, pg_url):
 MANY_FORKS = """
     import os, sys, threading, time, uuid
     sys.path.insert(0, os.environ["T_TESTS"])
-    from redis_support import make_conversation
+    from support.redis_support import make_conversation
     from chat_history_rs import ChatHistoryManager
 
     settings = dict(
@@ -896,7 +896,7 @@ def test_a_save_refused_by_redis_never_leaves_the_older_copy_served(
     even after Redis accepts writes again (the outdated copy is dropped without Redis being marked degraded)."""
     import redis as redis_py
 
-    from servers import closed_port
+    from support.servers import closed_port
 
     server = make_redis_server("--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
     client = redis_client(server.url)

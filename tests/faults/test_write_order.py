@@ -15,8 +15,8 @@ from dataclasses import replace
 import pytest
 
 from chat_history_rs import ChatHistoryError
-from chaos_support import conflict_copies, missing_messages
-from redis_support import (
+from support.chaos_support import conflict_copies, missing_messages
+from support.redis_support import (
     Background,
     conv_key,
     dirty_set,
@@ -26,8 +26,8 @@ from redis_support import (
     pg_conversation_ids,
     wait_until,
 )
-from servers import assert_row_matches
-from tcp_proxy import TcpProxy
+from support.servers import assert_row_matches
+from support.tcp_proxy import TcpProxy
 
 # redis_timeout of the manager behind the proxy. Its near cache is off: the tracker's connections would go through
 # the proxy too, and their held heartbeats would be late deliveries of their own.

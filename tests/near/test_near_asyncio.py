@@ -8,8 +8,8 @@ import asyncio
 import time
 
 from chat_history_rs import AsyncChatHistoryManager
-from near_support import SEEN_WITHIN, near_stats
-from redis_support import grown, make_conversation
+from support.near_support import SEEN_WITHIN, near_stats
+from support.redis_support import grown, make_conversation
 
 CID = "a5a50001"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from near_support import (
+from support.near_support import (
     near_stats,
     poll,
     read_until_near_hit,
@@ -15,7 +15,7 @@ from near_support import (
     wait_tracking,
     conversation_read,
 )
-from redis_support import make_conversation, metadata
+from support.redis_support import make_conversation, metadata
 
 pytestmark = pytest.mark.slow
 

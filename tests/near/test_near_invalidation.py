@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from near_support import (
+from support.near_support import (
     conversation_read,
     near_stats,
     poll,
@@ -21,7 +21,7 @@ from near_support import (
     title_of,
     wait_tracking,
 )
-from redis_support import (
+from support.redis_support import (
     conv_key,
     grown,
     make_conversation,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from chat_history_rs import ChatHistoryManager, ConfigurationError, resolve_settings
-from near_support import near_stats, read_until_near_hit
-from redis_support import make_conversation
+from support.near_support import near_stats, read_until_near_hit
+from support.redis_support import make_conversation
 
 LIMIT = 200_000
 CONVERSATIONS = 200

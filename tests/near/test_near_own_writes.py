@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import threading
 
-from near_support import near_stats, read_until_near_hit, conversation_read
-from redis_support import make_conversation, metadata
+from support.near_support import near_stats, read_until_near_hit, conversation_read
+from support.redis_support import make_conversation, metadata
 
 CID = "0e1f0001"
 ITERATIONS = 1000

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import pytest
 
-from near_support import ALLOWED_DELAY
-from redis_support import make_conversation, redis_client, script_env
+from support.near_support import ALLOWED_DELAY
+from support.redis_support import make_conversation, redis_client, script_env
 
 SEED = int(os.environ.get("NEAR_CHECK_SEED", "20261130"))
 SECONDS = float(os.environ.get("NEAR_CHECK_SECONDS", "30"))

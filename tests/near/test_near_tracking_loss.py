@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from near_support import (
+from support.near_support import (
     conversation_read,
     ALLOWED_DELAY,
     LEASE,
@@ -28,7 +28,7 @@ from near_support import (
     tracking_clients,
     wait_tracking,
 )
-from redis_support import conv_key, make_conversation, redis_client
+from support.redis_support import conv_key, make_conversation, redis_client
 
 CID = "0105e001"
 

@@ -13,7 +13,7 @@ import psycopg2.errors
 import pytest
 
 from chat_history_rs import ChatHistoryError, UnavailableError
-from servers import (
+from support.servers import (
     assert_row_matches,
     closed_port,
     create_phase1_schema,

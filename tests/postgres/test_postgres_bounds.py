@@ -12,7 +12,7 @@ import time
 import pytest
 
 from chat_history_rs import ChatHistoryManager, UnavailableError
-from redis_support import make_conversation
+from support.redis_support import make_conversation
 
 
 def _in_thread(fn):

@@ -17,9 +17,9 @@ from urllib.parse import quote
 import pytest
 
 from chat_history_rs import ChatHistoryError, InvalidTypeError, OwnershipError, ValidationError
-from leaks import assert_no_secret, exception_texts, log_texts
-from tcp_proxy import TcpProxy
-from redis_support import (
+from support.leaks import assert_no_secret, exception_texts, log_texts
+from support.tcp_proxy import TcpProxy
+from support.redis_support import (
     DIRTY_SET,
     assert_cached,
     conv_key,
@@ -45,7 +45,7 @@ from redis_support import (
     wait_until,
     write_seed_hash,
 )
-from servers import (
+from support.servers import (
     assert_row_matches,
     create_phase1_schema,
     fetch_conversation_row,

@@ -17,7 +17,7 @@ import pytest
 
 import chat_history_rs
 from chat_history_rs import ChatHistoryManager
-from redis_support import (
+from support.redis_support import (
     DIRTY_SET,
     assert_cached,
     conv_key,
@@ -26,7 +26,7 @@ from redis_support import (
     make_conversation,
     pg_conversation_ids,
 )
-from servers import assert_row_matches
+from support.servers import assert_row_matches
 
 _now = datetime.now(timezone.utc)
 test_convo = {

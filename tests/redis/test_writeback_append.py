@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from redis_support import conv_key, grown, make_conversation, pg_message_identities
-from servers import assert_row_matches
+from support.redis_support import conv_key, grown, make_conversation, pg_message_identities
+from support.servers import assert_row_matches
 
 
 def _flushed(manager, conversation_id, user_id, conversation):

@@ -1,6 +1,6 @@
 """TLS (README, "Configuration", its TLS paragraph): libpq's sslmodes over rustls for PostgreSQL, and `rediss://`.
 
-Against throwaway servers that present certificates of a throwaway CA (tls_support.py): a PostgreSQL that
+Against throwaway servers that present certificates of a throwaway CA (support/tls_support.py): a PostgreSQL that
 accepts TLS only and names localhost and 127.0.0.1, a PostgreSQL whose certificate names only
 wrong.example, and TLS-only redis-servers. Each check is made from outside the product: rows with
 psycopg2, keys with a redis-py TLS client, and whether a session is encrypted from pg_stat_ssl.
@@ -17,10 +17,10 @@ import re
 import pytest
 
 from chat_history_rs import ChatHistoryError, ConfigurationError, UnavailableError
-from leaks import assert_no_secret, deep_text, exception_texts, log_texts
-from redis_support import DIRTY_SET, conv_key, dirty_member, make_conversation, seed_fields
-from servers import assert_row_matches, fetch_conversation_row
-from tls_support import REDIS_TLS_PASSWORD, pg_conninfo, product_sessions_ssl
+from support.leaks import assert_no_secret, deep_text, exception_texts, log_texts
+from support.redis_support import DIRTY_SET, conv_key, dirty_member, make_conversation, seed_fields
+from support.servers import assert_row_matches, fetch_conversation_row
+from support.tls_support import REDIS_TLS_PASSWORD, pg_conninfo, product_sessions_ssl
 
 HOSTS = ["localhost", "127.0.0.1"]
 FORMS = ["url", "key-value"]

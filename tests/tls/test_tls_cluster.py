@@ -18,9 +18,9 @@ import re
 import pytest
 
 from chat_history_rs import ConfigurationError
-from redis_support import grown, make_conversation, pg_conversation_ids, wait_until
-from servers import ServerError, assert_row_matches
-from tls_support import TlsRedisClusterServers, TlsUnsupported
+from support.redis_support import grown, make_conversation, pg_conversation_ids, wait_until
+from support.servers import ServerError, assert_row_matches
+from support.tls_support import TlsRedisClusterServers, TlsUnsupported
 
 pytestmark = pytest.mark.slow
 

@@ -89,7 +89,7 @@ mod tests {
 
     #[test]
     fn phase_one_ends_where_tests_and_benches_cut_the_file() {
-        // tests/servers.py and benches/reference.py create the Phase 1 tables from the text above this line.
+        // tests/support/servers.py and benches/reference.py create the Phase 1 tables from the text above this line.
         let (phase1, _) = include_str!("schema.sql").split_once("\n-- Phase 1 ends here").expect("the marker line");
         assert!(phase1.contains("CREATE TABLE IF NOT EXISTS messages"));
         assert!(!phase1.contains("cache_version") && !phase1.contains("conversation_tombstones"));

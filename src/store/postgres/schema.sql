@@ -1,5 +1,5 @@
 -- The PostgreSQL schema, its one copy (the README, "Schema"). schema.rs runs it, in one transaction under an
--- advisory lock, when the catalog lacks any part of it; tests/servers.py and benches/reference.py create the
+-- advisory lock, when the catalog lacks any part of it; tests/support/servers.py and benches/reference.py create the
 -- Phase 1 tables from the part above the line "-- Phase 1 ends here". Every statement is idempotent and additive:
 -- existing tables and rows are never altered, and a second run changes nothing.
 

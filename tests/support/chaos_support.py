@@ -32,8 +32,8 @@ from typing import Any, Callable, Optional
 import psycopg2
 import psycopg2.errors
 
-from servers import PostgresServer, RedisServer
-from tcp_proxy import TcpProxy, _Link
+from support.servers import PostgresServer, RedisServer
+from support.tcp_proxy import TcpProxy, _Link
 
 CONFLICT_TABLE = "conversation_conflicts"
 
@@ -90,7 +90,7 @@ def conflict_count(conn) -> int:
 
 
 def _same_instant(a: str, b: str) -> bool:
-    from servers import canonical
+    from support.servers import canonical
 
     try:
         return canonical(a) == canonical(b)
@@ -145,7 +145,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 def hammer(manager, user_id: str, label: str, seconds: float = 4.0) -> dict:
     """Saves and reads this user's conversations (ids `label` + 4 hex) for `seconds`; every read must be what this
     process wrote. Returns {"calls": n, "wrong": [up to 5 descriptions]}, plus "error" if a call raised."""
-    from redis_support import make_conversation
+    from support.redis_support import make_conversation
 
     written: dict[str, dict] = {}
     wrong: list[str] = []
@@ -182,7 +182,7 @@ class ThrottledProxy:
     partition/stall/cut/heal); only the pump differs."""
 
     def __new__(cls, target_port: int):
-        from tcp_proxy import TcpProxy
+        from support.tcp_proxy import TcpProxy
 
         class _Throttled(TcpProxy):
             rate: Optional[float] = None

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from tcp_proxy import TcpProxy, _Link
+from support.tcp_proxy import TcpProxy, _Link
 
 # The window the contract allows a copy to outlive a change made elsewhere: the PING lease (0.5 s)
 # plus a margin for scheduling on a loaded 2-core machine.

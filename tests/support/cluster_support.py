@@ -20,7 +20,7 @@ from typing import Optional
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 
-from servers import ServerError, scratch_dir
+from support.servers import ServerError, scratch_dir
 
 
 def _port_free(port: int) -> bool:
@@ -311,7 +311,7 @@ class ProxiedRedisClusterServers(RedisClusterServers):
     def __init__(self, proxy_factory=None, **kwargs) -> None:
         super().__init__(**kwargs)
         if proxy_factory is None:
-            from tcp_proxy import TcpProxy
+            from support.tcp_proxy import TcpProxy
 
             proxy_factory = TcpProxy
         self.proxies = {port: proxy_factory(port) for port in self.ports}

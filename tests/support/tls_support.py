@@ -35,8 +35,8 @@ from urllib.parse import quote
 import pytest
 import redis
 
-from cluster_support import RedisClusterServers
-from servers import (
+from support.cluster_support import RedisClusterServers
+from support.servers import (
     POSTGRES_OS_USER,
     PgParams,
     PostgresServer,

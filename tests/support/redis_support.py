@@ -34,7 +34,7 @@ import pytest
 import redis
 
 from chat_history_rs import _core
-from servers import RedisServer, ServerError
+from support.servers import RedisServer, ServerError
 
 # The suite on a Redis Cluster instead of one node (make test runs the Redis-tier suites both ways).
 CLUSTER = os.environ.get("CHR_TEST_REDIS_CLUSTER") == "1"
@@ -393,8 +393,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
-# This directory (the helper modules'), for subprocess scripts that import them: put it on their sys.path.
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+# tests/, the directory that holds the helper package, for subprocess scripts that import `support.<module>`:
+# put it on their sys.path.
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def python_script(body: str) -> list[str]:
