@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checks the crate's imports flow one way (shared/STYLE.md, "Import one way"; docs/design.md's module map).
+"""Checks the crate's imports flow one way (docs/design.md, section 12, "The modules").
 
 Every path a module names (`use crate::...`, `use super::...`, `crate::a::b::C` in code, `pub use`
 re-exports) is an edge from that module to the module the path resolves to. Fails, naming the
@@ -10,7 +10,9 @@ edges, when
 - a module imports one from a higher layer (LAYERS below: the core's top-level modules, lowest
   first).
 
-A `#[cfg(test)]` module's imports count too. Run by `make lint`; `--graph` prints the edges.
+A `#[cfg(test)]` module's imports count too. Also fails when the layer table of docs/design.md's module
+map (section 12) names other top-level modules, or other layers, than LAYERS below. Run by `make lint`;
+`--graph` prints the edges.
 """
 
 from __future__ import annotations
@@ -195,8 +197,18 @@ def name(module: tuple[str, ...]) -> str:
     return "::".join(module) or "crate"
 
 
+def documented_layers(design: Path) -> list[set[str]]:
+    """The layers docs/design.md's module map lists: each row `| n | `a`, `b` | ... |` of section 12's table."""
+    text = design.read_text(encoding="utf-8")
+    section = text[text.index("## 12. The modules") :]
+    section = section[: section.index("\n## ", 1)]
+    rows = [line.split("|") for line in section.splitlines() if re.match(r"\|\s*\d+\s*\|", line)]
+    return [set(re.findall(r"`(\w+)`", cells[2])) for cells in rows]
+
+
 def main() -> int:
-    src = Path(__file__).resolve().parent.parent / "src"
+    root = Path(__file__).resolve().parent.parent
+    src = root / "src"
     graph = edges(src)
     if "--graph" in sys.argv:
         for m in sorted(graph):
@@ -215,6 +227,9 @@ def main() -> int:
         for t in sorted(graph[m]):
             if t and rank.get(t[0], -1) > rank[top]:
                 problems.append(f"{name(m)} imports {name(t)}, from a layer above it")
+    documented = documented_layers(root / "docs" / "design.md")
+    if documented != [layer for layer in LAYERS if layer != {"lib"}]:
+        problems.append(f"docs/design.md's module map (section 12) lists the layers {documented}, not {LAYERS[:-1]}")
     for p in problems:
         print(p, file=sys.stderr)
     if not problems:
