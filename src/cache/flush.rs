@@ -287,9 +287,9 @@ impl RedisCache {
         self.command(redis::cmd("SRANDMEMBER").arg(l.late_set("")).arg(LATE_PER_FLUSH))
     }
 
-    /// The late copies of these late members (see `save.lua`): `None` when gone, `Some(Err)`
-    /// when unreadable.
-    pub fn fetch_late(&self, members: &[&str]) -> CacheResult<Vec<Option<Result<Conversation, String>>>> {
+    /// The late copies of these late members (see `save.lua`; a copy an unguarded save kept aside
+    /// is one too, with its `dirty` flag set): `None` when gone, `Some(Err)` when unreadable.
+    pub fn fetch_late(&self, members: &[&str]) -> CacheResult<Vec<Option<Result<Cached, String>>>> {
         let l = self.layout()?;
         let mut spread = Spread::default();
         for m in members {
@@ -304,9 +304,7 @@ impl RedisCache {
             .map(|value| {
                 let fields = named_fields(&FLUSH_FIELDS, value);
                 (!fields.is_empty()).then(|| {
-                    parse_hash(fields)
-                        .map(|c| c.conversation)
-                        .ok_or_else(|| "the late copy is not a readable conversation".to_owned())
+                    parse_hash(fields).ok_or_else(|| "the late copy is not a readable conversation".to_owned())
                 })
             })
             .collect())

@@ -224,7 +224,7 @@ impl Flusher {
         let mut done = Vec::with_capacity(members.len());
         for (member, copy) in members.iter().zip(copies) {
             let Some((user_id, conversation_id, _)) = split_late_member(member) else { continue };
-            let conv = match copy {
+            let copy = match copy {
                 None => {
                     done.push(*member);
                     continue;
@@ -233,15 +233,19 @@ impl Flusher {
                     self.fail(member, why, report);
                     continue;
                 }
-                Some(Ok(conv)) => conv,
+                Some(Ok(copy)) => copy,
             };
+            // A copy that was live and dirty is one an unguarded save replaced without extending it
+            // (see `save.lua`); the others are late saves.
+            let (reason, version) = if copy.dirty { (REASON_OVERWRITTEN, copy.version) } else { (REASON_LATE, None) };
+            let conv = &copy.conversation;
             let kept = self.postgres.get_any(conversation_id).and_then(|row| {
                 let held = row
                     .is_some_and(|(owner, stored, _)| owner == user_id && is_prefix(&conv.messages, &stored.messages));
                 if held {
                     Ok(())
                 } else {
-                    self.keep(conversation_id, user_id, &conv, None, REASON_LATE, report)
+                    self.keep(conversation_id, user_id, conv, version, reason, report)
                 }
             });
             match kept {

@@ -318,3 +318,38 @@ def test_a_save_built_on_an_older_read_keeps_the_newer_copy_aside(make_redis_man
     b.save_conversation(conv_id, grown(v3, 1, text="again through B"), user_id=user_id)
     b.flush_dirty_conversations()
     assert len(conflict_copies(pg_conn, conv_id, user_id)) == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flushed_between", [False, True], ids=["dirty", "flushed"])
+def test_a_save_built_on_a_stale_read_through_another_instance_loses_nothing(
+    make_redis_manager, rdb, pg_conn, user_id, conv_id, flushed_between
+):  # fmt: skip
+    """A tab whose requests move between instances: its read goes through B while B cannot reach Redis and comes
+    from PostgreSQL, older than what A saved into Redis; the tab then saves through A, whose own memory says it
+    last saw the very copy Redis holds. The save does not extend that copy, and A cannot tell this from an edit;
+    the copy it replaces is kept aside, whether it was still dirty or the flush had written it meanwhile. (Found by
+    the randomized checker: a tab alternating instances across a Redis stall.)"""
+    with TcpProxy(rdb.server.port) as proxy:
+        a = make_redis_manager()
+        b = make_redis_manager(redis_url=proxy.url(), redis_timeout=TIMEOUT, near_cache_bytes=0)
+        v1 = make_conversation(2, title="v1")
+        a.save_conversation(conv_id, v1, user_id=user_id)
+        a.flush_dirty_conversations()
+        v2 = grown({**v1, "title": "v2"}, 2, text="v2")
+        a.save_conversation(conv_id, v2, user_id=user_id)  # in Redis only, dirty
+
+        proxy.partition()
+        stale = b.get_conversation(conv_id, user_id=user_id)  # B cannot reach Redis: PostgreSQL's older row
+        assert stale == v1, "the race did not happen: B's read was not the older row"
+        if flushed_between:
+            a.flush_dirty_conversations()  # v2 is written; the copy in Redis is clean
+            assert_row_matches(pg_conn, conv_id, user_id, v2)
+
+        v3 = grown({**stale, "title": "v3"}, 2, text="v3")
+        a.save_conversation(conv_id, v3, user_id=user_id)
+        assert a.get_conversation(conv_id, user_id=user_id) == v3
+
+        a.flush_dirty_conversations()
+        _drained(rdb)
+        _assert_nothing_lost(pg_conn, conv_id, user_id, v3, v2, v3)

@@ -4,7 +4,7 @@
 -- here: the staged hash is renamed into place.
 --
 -- KEYS: conv, dirty set, list, list meta, user dirty, owner, dirty since, delete tombstone, staged,
--- late copy, late set.
+-- late copy (also where a dirty copy an unguarded save does not extend is kept aside), late set.
 -- ARGV: member, user, created_at, meta, claim, id, floor, guard, local owner, deadline, late member,
 -- replaces, base (the version of the copy the caller last read or saved; a cached copy at another
 -- version is guarded: replaced only if the new messages extend it).
@@ -81,6 +81,42 @@ if guarded and redis.call('EXISTS', KEYS[1]) == 1 then
     return {2}
   end
 end
+-- An unguarded save over a copy its messages do not extend is an edit, or a save built on a read
+-- another instance served from PostgreSQL while Redis held this newer copy (docs/design.md, "Write
+-- order"). The writer cannot tell the two apart; what tells a save built on such a read is that
+-- it starts with what PostgreSQL held then and nothing after it. So:
+-- - a dirty copy whose first `pgn` messages (what PostgreSQL holds; all of none when it holds
+--   nothing) the save keeps is kept aside as a late copy is (its `dirty` flag tells the flush
+--   which it is), for the flush to put in conversation_conflicts unless PostgreSQL holds it;
+-- - a clean copy the save shares a first message with loses its marks of what PostgreSQL holds,
+--   so the flush finds PostgreSQL's row unexpected and keeps the row aside unless the save holds it
+--   (the read may have been older than the flush that made the copy clean).
+-- A save that shares nothing with the copy (the id reused for other content) replaces it.
+local carry = h[5] and h[2] and h[6]
+if not guarded and ARGV[12] == '' and redis.call('EXISTS', KEYS[1]) == 1 then
+  local old = redis.call('HGET', KEYS[1], 'messages') or '[]'
+  local new = redis.call('HGET', KEYS[9], 'messages') or '[]'
+  if not holds(new, old) then
+    local olds, news = cjson.decode(old), cjson.decode(new)
+    local function same(i)
+      local a, b = olds[i], news[i]
+      return a ~= nil and b ~= nil and a.role == b.role and a.content == b.content and a.time == b.time
+    end
+    if h[3] == '1' then
+      local kept = math.min(tonumber(h[5] or '0') or 0, #olds)
+      local from_postgres = true
+      for i = 1, kept do
+        if not same(i) then from_postgres = false break end
+      end
+      if from_postgres then
+        redis.call('RENAME', KEYS[1], KEYS[10])
+        redis.call('SADD', KEYS[11], ARGV[11])
+      end
+    elseif same(1) then
+      carry = false
+    end
+  end
+end
 local deleted = tonumber(redis.call('GET', KEYS[8]) or '0') or 0
 local ver = math.max(now, (tonumber(h[1] or '0') or 0) + 1, deleted + 1,
   (tonumber(h[2] or '0') or 0) + 1, (tonumber(ARGV[7]) or 0) + 1)
@@ -94,7 +130,7 @@ if created ~= ARGV[3] then
   redis.call('HSET', KEYS[9], 'created_at', created)
 end
 redis.call('HSET', KEYS[9], 'dirty', '1', 'ver', ver, 'meta', meta)
-if h[5] and h[2] and h[6] then
+if carry then
   redis.call('HSET', KEYS[9], 'pgn', h[5], 'pgv', h[2], 'pgh', h[6])
 end
 redis.call('RENAME', KEYS[9], KEYS[1])
