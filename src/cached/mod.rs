@@ -344,7 +344,7 @@ impl CachedTier {
     /// how new its row (or tombstone) is, the floor of the save's version. An id that cannot be
     /// checked is refused rather than claimed blind (docs/design.md, "Ownership").
     fn owner_floor(&self, conversation_id: &str, user_id: &str) -> Result<Option<i64>> {
-        match self.pg().and_then(|pg| pg.owner(conversation_id)) {
+        match self.pg().and_then(|pg| pg.claim(conversation_id, user_id)) {
             Ok(Some(row)) if row.owner.as_deref().is_some_and(|o| o != user_id) => Err(ownership(conversation_id)),
             Ok(row) => Ok(row.and_then(|r| r.version)),
             Err(e) if e.is_unavailable() => Err(Error::new(

@@ -227,6 +227,34 @@ def test_owner_record_of_a_dropped_stale_copy_does_not_outlive_it(make_redis_man
     assert app.get_conversation(conv_id, user_id=user_id) == newer
 
 
+@pytest.mark.timeout(60)
+def test_an_id_claimed_through_redis_is_not_given_to_another_user_while_redis_is_away(
+    make_redis_manager, pg_manager, rdb, pg_conn, user_id, other_user_id, conv_id
+):  # fmt: skip
+    """The owner's new conversation waits in Redis, not written back yet. Another user saves the same id while
+    Redis does not answer them (their save falls back to PostgreSQL), and through postgres mode: both are
+    refused, since the owner's claim is in PostgreSQL too. The owner's conversation is written back whole.
+    (Found by the randomized checker on a cluster: an intruder's save acknowledged during a primary's kill.)"""
+    from chat_history_rs import OwnershipError
+
+    owner = make_redis_manager()
+    mine = make_conversation(2, title="mine")
+    owner.save_conversation(conv_id, mine, user_id=user_id)  # in Redis only
+    assert conv_id not in pg_conversation_ids(pg_conn)
+
+    with TcpProxy(rdb.server.port) as proxy:
+        intruder = make_redis_manager(redis_url=proxy.url(), redis_timeout=0.5, near_cache_bytes=0)
+        proxy.partition()
+        with pytest.raises(OwnershipError):
+            intruder.save_conversation(conv_id, make_conversation(1, title="theirs"), user_id=other_user_id)
+        assert intruder.stats()["redis_available"] is False, "the race did not happen: the save reached Redis"
+    with pytest.raises(OwnershipError):
+        pg_manager.save_conversation(conv_id, make_conversation(1, title="theirs"), user_id=other_user_id)
+
+    assert owner.flush_dirty_conversations() == 1
+    assert_row_matches(pg_conn, conv_id, user_id, mine)
+
+
 # --------------------------------------------------------------------------------------------------
 # Fork
 # --------------------------------------------------------------------------------------------------

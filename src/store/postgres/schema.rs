@@ -12,6 +12,7 @@ SELECT to_regclass('conversations') IS NOT NULL
    AND to_regclass('messages') IS NOT NULL
    AND to_regclass('conversation_tombstones') IS NOT NULL
    AND to_regclass('conversation_conflicts') IS NOT NULL
+   AND to_regclass('conversation_claims') IS NOT NULL
    AND to_regclass('idx_conversations_user_modified') IS NOT NULL
    AND to_regclass('idx_conversations_user_created') IS NOT NULL
    AND to_regclass('idx_messages_conversation_seq') IS NOT NULL

@@ -35,6 +35,14 @@ CREATE TABLE IF NOT EXISTS conversation_tombstones (
     deleted_version BIGINT NOT NULL,
     deleted_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
 );
+-- Ids a user claimed through Redis before PostgreSQL has their row (docs/design.md, "Ownership"):
+-- a save that reaches PostgreSQL while Redis cannot answer (a fall-back, postgres mode, a flush)
+-- must not give the id to another user while the owner's conversation waits in Redis.
+CREATE TABLE IF NOT EXISTS conversation_claims (
+    conversation_id VARCHAR(50) PRIMARY KEY,
+    user_client_id VARCHAR(255) NOT NULL,
+    claimed_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
+);
 -- Copies that lost a divergence between Redis and PostgreSQL, kept for an operator to list and
 -- restore (`chat-history conflicts`). The fingerprint makes keeping the same copy twice a no-op.
 CREATE TABLE IF NOT EXISTS conversation_conflicts (

@@ -100,7 +100,9 @@ pub(super) fn save_sql() -> String {
         "
 WITH conv AS (
     INSERT INTO conversations AS c (conversation_id, user_client_id, title, model, created_at, last_modified, cache_version)
-    VALUES ($1, $2, $3, $4, $5, $6, {NOW_MICROS})
+    SELECT $1, $2, $3, $4, $5, $6, {NOW_MICROS}
+    -- Not an id another user claimed through Redis and has not written back yet.
+    WHERE NOT EXISTS (SELECT 1 FROM conversation_claims k WHERE k.conversation_id = $1 AND k.user_client_id <> $2)
     ON CONFLICT (conversation_id) DO UPDATE
         SET title = EXCLUDED.title, model = EXCLUDED.model, last_modified = EXCLUDED.last_modified,
             cache_version = GREATEST(COALESCE(c.cache_version, 0) + 1, EXCLUDED.cache_version)
@@ -147,6 +149,8 @@ WITH input AS (
         SELECT 1 FROM conversation_tombstones t WHERE t.conversation_id = i.id AND t.deleted_version >= i.version)
     -- A scalar subquery, so each row is one primary-key lookup; as EXISTS the planner turned it
     -- into a scan of the whole table per batch.
+    AND NOT EXISTS (
+        SELECT 1 FROM conversation_claims k WHERE k.conversation_id = i.id AND k.user_client_id <> i.user_id)
     AND (i.first = 0 OR (SELECT c.cache_version FROM conversations c WHERE c.conversation_id = i.id) = i.base)
     AND (i.first > 0 OR (
         SELECT c.cache_version IS DISTINCT FROM i.known FROM conversations c WHERE c.conversation_id = i.id
@@ -183,6 +187,9 @@ SELECT i.id,
         SELECT CASE
             WHEN c.conversation_id IS NOT NULL AND c.user_client_id <> i.user_id THEN 'owner'
             WHEN EXISTS (
+                SELECT 1 FROM conversation_claims k WHERE k.conversation_id = i.id AND k.user_client_id <> i.user_id)
+                THEN 'owner'
+            WHEN EXISTS (
                 SELECT 1 FROM conversation_tombstones t WHERE t.conversation_id = i.id AND t.deleted_version >= i.version)
                 THEN 'deleted'
             WHEN c.cache_version = i.version THEN 'current'
@@ -210,6 +217,8 @@ pub(super) fn delete_sql() -> String {
         "
 WITH gone AS (
     DELETE FROM conversations WHERE conversation_id = $1 AND user_client_id = $2 RETURNING cache_version
+), unclaimed AS (
+    DELETE FROM conversation_claims WHERE conversation_id = $1 AND user_client_id = $2
 ), tomb AS (
     INSERT INTO conversation_tombstones AS t (conversation_id, user_client_id, deleted_version)
     SELECT $1, $2, GREATEST({NOW_MICROS}, COALESCE((SELECT max(cache_version) FROM gone), 0) + 1, $3)
@@ -236,9 +245,18 @@ pub(super) const LOCK_IDS: &str = "
 SELECT pg_advisory_xact_lock(1667786866, k)
 FROM (SELECT DISTINCT hashtext(id) AS k FROM unnest($1::text[]) AS id ORDER BY 1) AS keys";
 
-/// Who owns the id, and the newest version its row or its tombstone has.
-pub(super) const OWNER: &str = "
-SELECT (SELECT user_client_id FROM conversations WHERE conversation_id = $1),
+/// Claims the id for the user ($2) unless it has a row or a claim already, then says who owns it
+/// (the row's user, else the claim's) and the newest version its row or its tombstone has.
+pub(super) const CLAIM: &str = "
+WITH claimed AS (
+    INSERT INTO conversation_claims (conversation_id, user_client_id)
+    SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM conversations WHERE conversation_id = $1)
+    ON CONFLICT (conversation_id) DO NOTHING
+    RETURNING user_client_id
+)
+SELECT COALESCE((SELECT user_client_id FROM conversations WHERE conversation_id = $1),
+                (SELECT user_client_id FROM claimed),
+                (SELECT user_client_id FROM conversation_claims WHERE conversation_id = $1)),
        GREATEST((SELECT cache_version FROM conversations WHERE conversation_id = $1),
                 (SELECT deleted_version FROM conversation_tombstones WHERE conversation_id = $1))";
 

@@ -12,7 +12,7 @@ use super::connection::{pg_error, session_ended, Connection, Connector, Pool, Po
 use super::schema;
 use super::sql::{
     conversation_of, delete_sql, message_count, save_sql, MessageColumns, GET, GET_ANY, KEEP_CONFLICT, LIST,
-    LIST_CONFLICTS, MARK_RESTORED, OWNER,
+    CLAIM, LIST_CONFLICTS, MARK_RESTORED,
 };
 use crate::config::PostgresSettings;
 use crate::error::{Backend, Error, ErrorKind, Result};
@@ -158,9 +158,13 @@ impl PostgresStore {
             .collect())
     }
 
-    /// Who owns the id and how new its row or tombstone is; `None` when PostgreSQL has neither.
-    pub fn owner(&self, conversation_id: &str) -> Result<Option<OwnerRow>> {
-        let rows = self.run(|conn| conn.query(OWNER, &[(&conversation_id, Type::VARCHAR)]))?;
+    /// Claims the id for `user_id` when PostgreSQL has no row of it (a claim already made stays),
+    /// then says who owns it (the row's user, else the claim's) and how new its row or tombstone
+    /// is; `None` when PostgreSQL has none of these. Safe to run twice.
+    pub fn claim(&self, conversation_id: &str, user_id: &str) -> Result<Option<OwnerRow>> {
+        let rows = self.run(|conn| {
+            conn.query(CLAIM, &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR)])
+        })?;
         Ok(rows
             .first()
             .map(|row| OwnerRow { owner: row.get(0), version: row.get(1) })
