@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::resolution::{
-    check, is_prefix, is_superseded, resolution, version_of, write_back, Resolution, REASON_LATE, REASON_OLDER,
-    REASON_OWNER, REASON_REPLACED,
+    check, is_prefix, is_superseded, known_row, resolution, version_of, write_back, Resolution, REASON_LATE,
+    REASON_OLDER, REASON_OVERWRITTEN, REASON_OWNER, REASON_REPLACED,
 };
 use crate::cache::{
     split_late_member, split_member, CacheError, Cached, DirtyEntry, RedisCache, Settle, SettleItem, StoredPrefix,
@@ -328,7 +328,7 @@ impl Flusher {
     ) -> Result<Vec<(String, Cached, bool)>> {
         let writes: Vec<WriteBack<'_>> = round
             .iter()
-            .map(|(member, cached, full)| write_back(member, cached, *full, cached.stored.map(|p| p.version)))
+            .map(|(member, cached, full)| write_back(member, cached, *full, known_row(cached)))
             .collect();
         let outcomes = match self.postgres.flush_batch(&writes) {
             Ok(outcomes) => outcomes.into_iter().map(Ok).collect::<Vec<_>>(),

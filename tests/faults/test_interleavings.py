@@ -299,7 +299,7 @@ def test_a_copy_the_app_replaced_while_a_flusher_held_it_is_kept_aside_once(
     it cannot tell a regenerate from a save built on an older read of PostgreSQL (docs/design.md, "Write order"):
     the save keeps v2 aside, once. A, which held v2, adds no second copy: what it read was replaced by the app,
     not diverged between the tiers. Both tiers hold v3."""
-    from chaos_support import conflict_copies
+    from support.chaos_support import conflict_copies
 
     app, a, b = make_redis_manager(), make_redis_manager(), make_redis_manager()
     v1 = make_conversation(2)

@@ -83,16 +83,15 @@ if guarded and redis.call('EXISTS', KEYS[1]) == 1 then
 end
 -- An unguarded save over a copy its messages do not extend is an edit, or a save built on a read
 -- another instance served from PostgreSQL while Redis held this newer copy (docs/design.md, "Write
--- order"). The writer cannot tell the two apart; what tells a save built on such a read is that
--- it starts with what PostgreSQL held then and nothing after it. So:
--- - a dirty copy whose first `pgn` messages (what PostgreSQL holds; all of none when it holds
---   nothing) the save keeps is kept aside as a late copy is (its `dirty` flag tells the flush
---   which it is), for the flush to put in conversation_conflicts unless PostgreSQL holds it;
--- - a clean copy the save shares a first message with loses its marks of what PostgreSQL holds,
---   so the flush finds PostgreSQL's row unexpected and keeps the row aside unless the save holds it
---   (the read may have been older than the flush that made the copy clean).
--- A save that shares nothing with the copy (the id reused for other content) replaces it.
-local carry = h[5] and h[2] and h[6]
+-- order"). The writer cannot tell the two apart; what tells a save built on such a read is that it
+-- starts with what PostgreSQL held then. So a dirty copy whose first `pgn` messages (what PostgreSQL
+-- holds; none when it holds nothing) the save keeps is kept aside as a late copy is (its `dirty`
+-- flag tells the flush which it is), for the flush to put in conversation_conflicts unless
+-- PostgreSQL holds it. The marks of what PostgreSQL holds stay: the flush writes a copy over the
+-- row they name only when the copy starts with that row, and otherwise keeps the row aside unless
+-- the copy holds it. A save that shares not even its first message with the copy (the id reused
+-- for other content) replaces the row whole: its marks say PostgreSQL's row holds none of it.
+local pgn, pgv, pgh = h[5], h[2], h[6]
 if not guarded and ARGV[12] == '' and redis.call('EXISTS', KEYS[1]) == 1 then
   local old = redis.call('HGET', KEYS[1], 'messages') or '[]'
   local new = redis.call('HGET', KEYS[9], 'messages') or '[]'
@@ -103,18 +102,16 @@ if not guarded and ARGV[12] == '' and redis.call('EXISTS', KEYS[1]) == 1 then
       return a ~= nil and b ~= nil and a.role == b.role and a.content == b.content and a.time == b.time
     end
     if h[3] == '1' then
-      local kept = math.min(tonumber(h[5] or '0') or 0, #olds)
       local from_postgres = true
-      for i = 1, kept do
+      for i = 1, math.min(tonumber(pgn or '0') or 0, #olds) do
         if not same(i) then from_postgres = false break end
       end
       if from_postgres then
         redis.call('RENAME', KEYS[1], KEYS[10])
         redis.call('SADD', KEYS[11], ARGV[11])
       end
-    elseif same(1) then
-      carry = false
     end
+    if pgv and not same(1) then pgn, pgh = '0', '0' end
   end
 end
 local deleted = tonumber(redis.call('GET', KEYS[8]) or '0') or 0
@@ -130,8 +127,8 @@ if created ~= ARGV[3] then
   redis.call('HSET', KEYS[9], 'created_at', created)
 end
 redis.call('HSET', KEYS[9], 'dirty', '1', 'ver', ver, 'meta', meta)
-if carry then
-  redis.call('HSET', KEYS[9], 'pgn', h[5], 'pgv', h[2], 'pgh', h[6])
+if pgn and pgv and pgh then
+  redis.call('HSET', KEYS[9], 'pgn', pgn, 'pgv', pgv, 'pgh', pgh)
 end
 redis.call('RENAME', KEYS[9], KEYS[1])
 redis.call('PERSIST', KEYS[1])
