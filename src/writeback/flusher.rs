@@ -326,10 +326,8 @@ impl Flusher {
         settle: &mut Vec<SettleItem>,
         report: &mut FlushReport,
     ) -> Result<Vec<(String, Cached, bool)>> {
-        let writes: Vec<WriteBack<'_>> = round
-            .iter()
-            .map(|(member, cached, full)| write_back(member, cached, *full, known_row(cached)))
-            .collect();
+        let writes: Vec<WriteBack<'_>> =
+            round.iter().map(|(member, cached, full)| write_back(member, cached, *full, known_row(cached))).collect();
         let outcomes = match self.postgres.flush_batch(&writes) {
             Ok(outcomes) => outcomes.into_iter().map(Ok).collect::<Vec<_>>(),
             Err(e) if e.is_unavailable() => return Err(e),

@@ -11,8 +11,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::connection::{pg_error, session_ended, Connection, Connector, Pool, PoolErrorLog, PooledClient};
 use super::schema;
 use super::sql::{
-    conversation_of, delete_sql, message_count, save_sql, MessageColumns, GET, GET_ANY, KEEP_CONFLICT, LIST,
-    CLAIM, LIST_CONFLICTS, MARK_RESTORED,
+    conversation_of, delete_sql, message_count, save_sql, MessageColumns, CLAIM, GET, GET_ANY, KEEP_CONFLICT, LIST,
+    LIST_CONFLICTS, MARK_RESTORED,
 };
 use crate::config::PostgresSettings;
 use crate::error::{Backend, Error, ErrorKind, Result};
@@ -162,9 +162,8 @@ impl PostgresStore {
     /// then says who owns it (the row's user, else the claim's) and how new its row or tombstone
     /// is; `None` when PostgreSQL has none of these. Safe to run twice.
     pub fn claim(&self, conversation_id: &str, user_id: &str) -> Result<Option<OwnerRow>> {
-        let rows = self.run(|conn| {
-            conn.query(CLAIM, &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR)])
-        })?;
+        let rows =
+            self.run(|conn| conn.query(CLAIM, &[(&conversation_id, Type::VARCHAR), (&user_id, Type::VARCHAR)]))?;
         Ok(rows
             .first()
             .map(|row| OwnerRow { owner: row.get(0), version: row.get(1) })
