@@ -346,10 +346,12 @@ impl RedisCache {
     pub fn dirty_summary(&self) -> CacheResult<(u64, Option<f64>)> {
         let l = self.layout()?;
         if l == KeyLayout::Seed {
+            // The late copies count too, as they do in a cluster's dirty sets: each waits for a flush.
             let mut pipe = redis::pipe();
             pipe.cmd("SCARD").arg(l.dirty_set("")).cmd("ZRANGE").arg(l.dirty_since("")).arg(0).arg(0).arg("WITHSCORES");
-            let (count, oldest): (u64, Vec<(String, f64)>) = self.query(&pipe)?;
-            return Ok((count, oldest.first().map(|(_, score)| *score)));
+            pipe.cmd("SCARD").arg(l.late_set(""));
+            let (count, oldest, late): (u64, Vec<(String, f64)>, u64) = self.query(&pipe)?;
+            return Ok((count + late, oldest.first().map(|(_, score)| *score)));
         }
         let mut spread = Spread::default();
         for bucket in l.dirty_buckets() {
