@@ -195,6 +195,36 @@ impl KeyLayout {
         format!("{bucket}:lease")
     }
 
+    /// The change feed's lease: the one process that follows PostgreSQL's changes for this Redis
+    /// (docs/design.md, "Every cache follows PostgreSQL"). Beside [`KeyLayout::feed_mark`], in one
+    /// slot on a cluster.
+    #[must_use]
+    pub fn feed_lease(self) -> &'static str {
+        match self {
+            KeyLayout::Seed => "feed:lease",
+            KeyLayout::Cluster => "feed:{feed}:lease",
+        }
+    }
+
+    /// How far this Redis has followed PostgreSQL's changes.
+    #[must_use]
+    pub fn feed_mark(self) -> &'static str {
+        match self {
+            KeyLayout::Seed => "feed:mark",
+            KeyLayout::Cluster => "feed:{feed}:mark",
+        }
+    }
+
+    /// `SCAN` patterns of every conversation hash, and of every cached list and its entries (the
+    /// change feed's full resync).
+    #[must_use]
+    pub fn copies_patterns(self) -> (&'static str, [&'static str; 2]) {
+        match self {
+            KeyLayout::Seed => ("conv:*", ["user:*:convlist", "user:*:convmeta"]),
+            KeyLayout::Cluster => ("conv:{*}:*", ["user:{*}:convlist", "user:{*}:convmeta"]),
+        }
+    }
+
     /// `SCAN` pattern of every user's dirty set (cluster: the sweep that re-indexes orphans).
     #[must_use]
     pub fn dirty_sets_pattern(self) -> &'static str {
