@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::plan::{plan, Early, Mark};
-use crate::cache::{Bypass, RedisCache};
+use crate::cache::{Bypass, CacheError, RedisCache};
 use crate::error::{Error, Result};
 use crate::store::postgres::{Position, PostgresStore};
 
@@ -164,7 +164,7 @@ impl State {
             let plan = plan(&page, mark.at, PAGE, &mut self.early);
             self.apply(&plan.apply, resolver)?;
             mark = Mark { at: plan.next, reached_ms: read_ms };
-            if !self.redis.feed_advance(&self.token, &mark.render(), LEASE).map_err(|e| e.into_error())? {
+            if !self.redis.feed_advance(&self.token, &mark.render(), LEASE).map_err(CacheError::into_error)? {
                 log::info!("change feed: another process took over following PostgreSQL for this Redis");
                 self.held = None;
                 return Ok(STAND_BY);
@@ -181,7 +181,7 @@ impl State {
     /// Takes or renews the lease; the mark to go on from, or `None` when another process holds it.
     /// A Redis without a mark (new, or emptied by a restart) or with one too old resyncs fully.
     fn claim(&mut self) -> Result<Option<Mark>> {
-        let Some(stored) = self.redis.feed_claim(&self.token, LEASE).map_err(|e| e.into_error())? else {
+        let Some(stored) = self.redis.feed_claim(&self.token, LEASE).map_err(CacheError::into_error)? else {
             self.held = None;
             return Ok(None);
         };
@@ -201,12 +201,12 @@ impl State {
                 // Read the horizon first: whatever is cached after the drop below was read after it.
                 let horizon = self.postgres.changes_after(Position { txid: i64::MAX, change_id: 0 }, 1)?.horizon;
                 let mark = Mark { at: Position { txid: horizon, change_id: -1 }, reached_ms: now_ms() };
-                let dropped = self.redis.drop_clean_copies().map_err(|e| e.into_error())?;
+                let dropped = self.redis.drop_clean_copies().map_err(CacheError::into_error)?;
                 log::info!(
                     "change feed: {} this Redis; {dropped} clean copies dropped, following PostgreSQL from now",
                     if other.is_some() { "the mark was too old to catch up from for" } else { "no mark yet for" }
                 );
-                if !self.redis.feed_advance(&self.token, &mark.render(), LEASE).map_err(|e| e.into_error())? {
+                if !self.redis.feed_advance(&self.token, &mark.render(), LEASE).map_err(CacheError::into_error)? {
                     return Ok(None);
                 }
                 mark
@@ -220,7 +220,7 @@ impl State {
         if changes.is_empty() {
             return Ok(());
         }
-        let followed = self.redis.follow(changes).map_err(|e| e.into_error())?;
+        let followed = self.redis.follow(changes).map_err(CacheError::into_error)?;
         log::debug!(
             "change feed: {} changes; {} copies dropped, {} current, {} diverged",
             changes.len(),
