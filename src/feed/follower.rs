@@ -160,6 +160,16 @@ impl State {
         };
         for _ in 0..PAGES_PER_TURN {
             let page = self.postgres.changes_after(mark.at, i64::try_from(PAGE).unwrap_or(i64::MAX))?;
+            if page.horizon < mark.at.txid {
+                // PostgreSQL is behind the mark: a replica promoted after losing the last transactions
+                // (a forced failover), or a restore. Its next transactions may reuse ids the mark has
+                // passed, so the mark means nothing here any more.
+                match self.resync("PostgreSQL's transaction ids went back (a failover or a restore)")? {
+                    Some(resynced) => mark = resynced,
+                    None => return Ok(STAND_BY),
+                }
+                continue;
+            }
             let read_ms = now_ms();
             let plan = plan(&page, mark.at, PAGE, &mut self.early);
             self.apply(&plan.apply, resolver)?;
@@ -198,20 +208,30 @@ impl State {
                 mark
             }
             other => {
-                // Read the horizon first: whatever is cached after the drop below was read after it.
-                let horizon = self.postgres.changes_after(Position { txid: i64::MAX, change_id: 0 }, 1)?.horizon;
-                let mark = Mark { at: Position { txid: horizon, change_id: -1 }, reached_ms: now_ms() };
-                let dropped = self.redis.drop_clean_copies().map_err(CacheError::into_error)?;
-                log::info!(
-                    "change feed: {} this Redis; {dropped} clean copies dropped, following PostgreSQL from now",
-                    if other.is_some() { "the mark was too old to catch up from for" } else { "no mark yet for" }
-                );
-                if !self.redis.feed_advance(&self.token, &mark.render(), LEASE).map_err(CacheError::into_error)? {
-                    return Ok(None);
+                let why = if other.is_some() { "the mark was too old to catch up from" } else { "no mark yet" };
+                match self.resync(why)? {
+                    Some(mark) => mark,
+                    None => return Ok(None),
                 }
-                mark
             }
         };
+        self.held = Some(mark);
+        Ok(Some(mark))
+    }
+
+    /// Drops every clean copy and cached list, and follows from PostgreSQL's horizon now; `None` when
+    /// the lease was lost meanwhile.
+    fn resync(&mut self, why: &str) -> Result<Option<Mark>> {
+        self.early = Early::default();
+        // Read the horizon first: whatever is cached after the drop below was read after it.
+        let horizon = self.postgres.changes_after(Position { txid: i64::MAX, change_id: 0 }, 1)?.horizon;
+        let mark = Mark { at: Position { txid: horizon, change_id: -1 }, reached_ms: now_ms() };
+        let dropped = self.redis.drop_clean_copies().map_err(CacheError::into_error)?;
+        log::info!("change feed: {why} for this Redis; {dropped} clean copies dropped, following PostgreSQL from now");
+        if !self.redis.feed_advance(&self.token, &mark.render(), LEASE).map_err(CacheError::into_error)? {
+            self.held = None;
+            return Ok(None);
+        }
         self.held = Some(mark);
         Ok(Some(mark))
     }
