@@ -66,6 +66,8 @@ impl Follower {
                         return;
                     }
                     drop(stopped);
+                    // Tests whose proxy counts every late byte hold the follower here (`feed.turn`).
+                    fail::fail_point!("feed.turn");
                     let _call = crate::process::CallGuard::enter();
                     let Some(resolver) = resolver.upgrade() else {
                         return;
@@ -189,7 +191,8 @@ impl State {
     }
 
     /// Takes or renews the lease; the mark to go on from, or `None` when another process holds it.
-    /// A Redis without a mark (new, or emptied by a restart) or with one too old resyncs fully.
+    /// A Redis without a mark (new, or emptied by a restart) follows from now; one with a mark too old
+    /// resyncs fully.
     fn claim(&mut self) -> Result<Option<Mark>> {
         let Some(stored) = self.redis.feed_claim(&self.token, LEASE).map_err(CacheError::into_error)? else {
             self.held = None;
@@ -207,12 +210,21 @@ impl State {
                 log::info!("change feed: following PostgreSQL for this Redis from where it stood");
                 mark
             }
-            other => {
-                let why = if other.is_some() { "the mark was too old to catch up from" } else { "no mark yet" };
-                match self.resync(why)? {
-                    Some(mark) => mark,
-                    None => return Ok(None),
+            Some(_) => match self.resync("the mark was too old to catch up from")? {
+                Some(mark) => mark,
+                None => return Ok(None),
+            },
+            None => {
+                // A Redis new or restarted empty holds no copies, and with a `volatile-*` policy the
+                // mark (which has no TTL) is never evicted: nothing to drop. Dropping here raced the
+                // copies a manager's first calls cache.
+                let horizon = self.postgres.changes_after(Position { txid: i64::MAX, change_id: 0 }, 1)?.horizon;
+                let mark = Mark { at: Position { txid: horizon, change_id: -1 }, reached_ms: now_ms() };
+                if !self.redis.feed_advance(&self.token, &mark.render(), LEASE).map_err(CacheError::into_error)? {
+                    return Ok(None);
                 }
+                log::info!("change feed: no mark yet for this Redis; following PostgreSQL from now");
+                mark
             }
         };
         self.held = Some(mark);
