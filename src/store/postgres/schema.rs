@@ -18,13 +18,11 @@ SELECT to_regclass('conversations') IS NOT NULL
    AND to_regclass('idx_conversation_conflicts_user') IS NOT NULL
    AND to_regclass('conversation_changes') IS NOT NULL
    AND to_regclass('idx_conversation_changes_txid') IS NOT NULL
-   AND to_regclass('idx_conversation_changes_changed_at') IS NOT NULL
    AND to_regproc('chat_history_version') IS NOT NULL
-   AND to_regproc('chat_history_conversations_changed') IS NOT NULL
    AND to_regproc('chat_history_messages_changed') IS NOT NULL
-   AND (SELECT count(*) FROM pg_trigger WHERE tgname IN ('chat_history_version', 'chat_history_inserted',
-        'chat_history_updated', 'chat_history_deleted', 'chat_history_messages_inserted',
-        'chat_history_messages_updated', 'chat_history_messages_deleted')) = 7
+   AND to_regproc('chat_history_deleted') IS NOT NULL
+   AND (SELECT count(*) FROM pg_trigger WHERE tgname IN ('chat_history_version', 'chat_history_deleted',
+        'chat_history_messages_changed', 'chat_history_messages_deleted')) = 4
    AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('conversations')
                AND attname = 'cache_version' AND NOT attisdropped)";
 
