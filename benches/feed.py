@@ -29,14 +29,13 @@ import sys
 import time
 from typing import Dict, List
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import psycopg2  # noqa: E402
 
 import chat_history_rs  # noqa: E402
 from common import Corpus, Stack, new_conversation_id, new_user_id, percentile, write_report  # noqa: E402
-from servers import RedisServer  # noqa: E402
+from support.servers import RedisServer  # noqa: E402
 
 FEED_TRIGGERS = [
     ("chat_history_version", "conversations"),

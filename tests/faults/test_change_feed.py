@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 import pytest
 
-from redis_support import conv_key, grown, make_conversation, pg_conversation_ids, redis_client
-from servers import PgParams, RedisServer, ServerError
-from tcp_proxy import TcpProxy
+from support.redis_support import conv_key, grown, make_conversation, pg_conversation_ids, redis_client
+from support.servers import PgParams, RedisServer, ServerError
+from support.tcp_proxy import TcpProxy
 
 # The bound for each measured case; the benchmark's target is far lower (p99 under 1 s).
 CONVERGES = 5.0

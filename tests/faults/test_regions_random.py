@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from chat_history_rs import ChatHistoryError
-from redis_support import grown, make_conversation
-from servers import RedisServer, ServerError, create_database
+from support.redis_support import grown, make_conversation
+from support.servers import RedisServer, ServerError, create_database
 
 # How long after a commit a region may still serve the older copy: a poll (0.2 s) plus a PostgreSQL
 # restart or a killed connection the follower must get over (its retry is 1 s, a restart about 2 s).
