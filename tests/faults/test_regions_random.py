@@ -49,7 +49,7 @@ class History:
     faults: list[str] = field(default_factory=list)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(int(float(os.environ.get("CHAOS_SECONDS") or 20)) + 300)
 def test_users_hopping_regions_under_faults_lose_and_resurrect_nothing(own_pg_server, make_manager):
     seed = int(os.environ.get("CHAOS_SEED") or random.randrange(1 << 30))
     seconds = float(os.environ.get("CHAOS_SECONDS") or 20)
