@@ -52,6 +52,7 @@ impl RedisCache {
                     l.list_meta(user_id),
                     l.owner_for_script(user_id, conversation_id),
                     l.deleted(user_id, conversation_id),
+                    l.changed(user_id, conversation_id),
                 ];
                 let mut cmd = scripts::call(&scripts::FOLLOW, &keys);
                 cmd.arg(member(user_id, conversation_id))

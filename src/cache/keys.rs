@@ -133,6 +133,16 @@ impl KeyLayout {
         }
     }
 
+    /// The row version the change feed last brought a conversation to (short-lived): a read that
+    /// fetched an older row before that change and caches it after must not (`backfill.lua`).
+    #[must_use]
+    pub fn changed(self, user_id: &str, conversation_id: &str) -> String {
+        match self {
+            KeyLayout::Seed => format!("changed:{user_id}:{conversation_id}"),
+            KeyLayout::Cluster => format!("changed:{{{user_id}}}:{conversation_id}"),
+        }
+    }
+
     /// A fresh key to stage a conversation in before a script renames it into place.
     #[must_use]
     pub fn staged(self, user_id: &str, conversation_id: &str) -> String {

@@ -10,8 +10,11 @@
 -- No deadline: run late, this still only removes what PostgreSQL already replaced, and leaves a
 -- copy newer than the change alone.
 --
+-- After a save elsewhere, the `changed` key holds the row's version for a while, so a read that
+-- fetched the older row before the change and caches it after is refused (`backfill.lua`).
+--
 -- KEYS: conv, dirty set, user dirty, dirty since, list, list meta, owner (a placeholder on a
--- cluster), delete tombstone.
+-- cluster), delete tombstone, changed.
 -- ARGV: member, id, version (the row's, or the tombstone's), kind ('save' or 'delete'), user,
 -- tombstone ttl, local owner.
 -- Returns 0 (the copy is at least as new), 1 (dropped, or nothing cached) or 2 (a dirty copy older
@@ -29,5 +32,9 @@ redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[2])
 redis.call('ZREM', KEYS[4], ARGV[1])
 if ARGV[7] == '1' and redis.call('GET', KEYS[7]) == ARGV[5] then redis.call('DEL', KEYS[7]) end
-if ARGV[4] == 'delete' then redis.call('SET', KEYS[8], ARGV[3], 'EX', ARGV[6]) end
+if ARGV[4] == 'delete' then
+  redis.call('SET', KEYS[8], ARGV[3], 'EX', ARGV[6])
+else
+  redis.call('SET', KEYS[9], ARGV[3], 'EX', ARGV[6])
+end
 return 1
