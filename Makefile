@@ -48,9 +48,11 @@ chaos: servers dev-test ## The randomized fault checker once, 45 s on one node (
 		$(PY) -m pytest tests/faults/test_chaos.py -k randomized -s -q --show-capture=no
 
 .PHONY: soak
-soak: servers dev ## The fault checker, 10 min on one node, then 10 min on a 3+3 Redis Cluster (CHAOS_SECONDS each; CHAOS_SEED=n replays a plan; CHAOS_REDIS=node or cluster)
+soak: servers dev ## The fault checker, 10 min on one node, then 10 min on a 3+3 Redis Cluster (CHAOS_SECONDS each; CHAOS_SEED=n replays a plan; CHAOS_REDIS=node or cluster); then users hopping between two regions, as long
 	CHAOS_SECONDS=$${CHAOS_SECONDS:-600} CHAOS_SEED=$${CHAOS_SEED:-$$RANDOM$$RANDOM} \
 		$(PY) -m pytest tests/faults/test_chaos.py -k randomized -s -q --show-capture=no
+	CHAOS_SECONDS=$${CHAOS_SECONDS:-600} CHAOS_SEED=$${CHAOS_SEED:-$$RANDOM$$RANDOM} \
+		$(PY) -m pytest tests/faults/test_regions_random.py -s -q --show-capture=no
 
 .PHONY: demo
 demo: dev ## Run the example chat app on a throwaway Redis and PostgreSQL (or local JSON files); Ctrl-C stops it

@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"validate", "pool", "process"},
     {"config"},
     {"store", "cache"},
-    {"writeback", "stats"},
+    {"writeback", "stats", "feed"},
     {"cached"},
     {"manager"},
     {"bindings"},

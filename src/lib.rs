@@ -13,6 +13,7 @@
 //! - [`store`]: JSON files and PostgreSQL
 //! - [`cache`]: the Redis tier
 //! - [`writeback`]: flushing dirty conversations to PostgreSQL
+//! - [`feed`]: every Redis tier following what PostgreSQL commits
 //! - [`manager`]: the tiers composed
 
 pub mod cache;
@@ -20,6 +21,7 @@ mod cached;
 pub mod config;
 pub mod credentials;
 pub mod error;
+pub mod feed;
 pub mod manager;
 pub mod model;
 pub mod pool;

@@ -291,6 +291,7 @@ impl ChatHistory {
                 // with Redis gone, and is left to end by itself rather than hold up the flush.
                 let timeout = cached.redis.settings.timeout;
                 cached.redis.stop_tracking(deadline.min(Instant::now() + timeout * 2 + Duration::from_millis(500)));
+                cached.stop_following(deadline.min(Instant::now() + timeout * 2 + Duration::from_millis(500)));
                 if self.settings.inspect_only {
                     // `chat-history stats` and `doctor` only look: a scrape every 15 s must not
                     // become the deployment's flusher and hide a dead one.
@@ -446,6 +447,9 @@ fn open_tier(settings: &Settings) -> Result<(Tier, Option<BackgroundFlusher>)> {
             Tier::Cached(Arc::new(CachedTier::new(cache, store, settings, schema_ready, health)))
         }
     };
+    if let (Tier::Cached(cached), false) = (&tier, settings.inspect_only) {
+        cached.start_following()?;
+    }
     let background = match (&tier, settings.flush_interval) {
         (Tier::Cached(cached), Some(interval)) if !settings.inspect_only => {
             let cached: Arc<dyn Flush> = Arc::clone(cached) as Arc<dyn Flush>;

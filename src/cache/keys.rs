@@ -133,6 +133,16 @@ impl KeyLayout {
         }
     }
 
+    /// The row version the change feed last brought a conversation to (short-lived): a read that
+    /// fetched an older row before that change and caches it after must not (`backfill.lua`).
+    #[must_use]
+    pub fn changed(self, user_id: &str, conversation_id: &str) -> String {
+        match self {
+            KeyLayout::Seed => format!("changed:{user_id}:{conversation_id}"),
+            KeyLayout::Cluster => format!("changed:{{{user_id}}}:{conversation_id}"),
+        }
+    }
+
     /// A fresh key to stage a conversation in before a script renames it into place.
     #[must_use]
     pub fn staged(self, user_id: &str, conversation_id: &str) -> String {
@@ -193,6 +203,36 @@ impl KeyLayout {
     #[must_use]
     pub fn bucket_lease(self, bucket: &str) -> String {
         format!("{bucket}:lease")
+    }
+
+    /// The change feed's lease: the one process that follows PostgreSQL's changes for this Redis
+    /// (docs/design.md, "Every cache follows PostgreSQL"). Beside [`KeyLayout::feed_mark`], in one
+    /// slot on a cluster.
+    #[must_use]
+    pub fn feed_lease(self) -> &'static str {
+        match self {
+            KeyLayout::Seed => "feed:lease",
+            KeyLayout::Cluster => "feed:{feed}:lease",
+        }
+    }
+
+    /// How far this Redis has followed PostgreSQL's changes.
+    #[must_use]
+    pub fn feed_mark(self) -> &'static str {
+        match self {
+            KeyLayout::Seed => "feed:mark",
+            KeyLayout::Cluster => "feed:{feed}:mark",
+        }
+    }
+
+    /// `SCAN` patterns of every conversation hash, and of every cached list and its entries (the
+    /// change feed's full resync).
+    #[must_use]
+    pub fn copies_patterns(self) -> (&'static str, [&'static str; 2]) {
+        match self {
+            KeyLayout::Seed => ("conv:*", ["user:*:convlist", "user:*:convmeta"]),
+            KeyLayout::Cluster => ("conv:{*}:*", ["user:{*}:convlist", "user:{*}:convmeta"]),
+        }
     }
 
     /// `SCAN` pattern of every user's dirty set (cluster: the sweep that re-indexes orphans).

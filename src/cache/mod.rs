@@ -6,6 +6,7 @@
 //!
 //! - `redis`: [`RedisCache`], its pool of connections and its reads
 //! - `writes`: saves, deletes and list updates; `flush`: write-back's Redis side (dirty sets, settles)
+//! - `follow`: the change feed's Redis side (changes PostgreSQL committed, its lease and mark)
 //! - `keys`: every key name, built by one layout value ([`KeyLayout`])
 //! - `codec`: hashes and replies to and from Rust values; `messages_json`: the transcripts' JSON
 //! - `scripts`: the Lua scripts and the one way they are called
@@ -18,6 +19,7 @@ mod codec;
 mod combine;
 mod error;
 mod flush;
+mod follow;
 mod keys;
 mod messages_json;
 mod near;
@@ -31,7 +33,8 @@ mod writes;
 pub use codec::{Cached, CachedConversation, MemoryInfo, StoredPrefix};
 pub use error::{CacheError, CacheResult};
 pub use flush::{DirtyEntry, Settle, SettleItem};
-pub use keys::{member, split_late_member, split_member, KeyLayout};
+pub use follow::Followed;
+pub use keys::{fresh_token, member, split_late_member, split_member, KeyLayout};
 pub use near::NearStats;
 pub use nodes::{CacheMemory, NodeInfo};
 pub use redis::RedisCache;

@@ -119,7 +119,7 @@ fn primaries(cluster: &mut ClusterConnection) -> redis::RedisResult<Vec<(String,
 }
 
 /// Every key matching `pattern` on one node, `run` sending each `SCAN` to it.
-fn scan_node(
+pub(super) fn scan_node(
     mut run: impl FnMut(&redis::Cmd) -> redis::RedisResult<Value>,
     pattern: &str,
 ) -> redis::RedisResult<Vec<String>> {
@@ -137,7 +137,7 @@ fn scan_node(
 }
 
 /// Every key matching `pattern` on every primary (a cluster has no one keyspace to scan).
-fn scan_primaries(cluster: &mut ClusterConnection, pattern: &str) -> redis::RedisResult<Vec<String>> {
+pub(super) fn scan_primaries(cluster: &mut ClusterConnection, pattern: &str) -> redis::RedisResult<Vec<String>> {
     let mut keys = Vec::new();
     for (host, port) in primaries(cluster)? {
         keys.extend(scan_node(

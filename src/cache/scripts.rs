@@ -46,10 +46,29 @@ script!(ADOPT, "adopt.lua", "Gives a hash another writer changed a version of it
 script!(INVALIDATE, "invalidate.lua", "Brings Redis in line with a write that went straight to PostgreSQL.");
 script!(CLAIM, "claim.lua", "Cluster: claims an id in its own slot before the save.");
 script!(RELEASE, "release.lua", "Cluster: removes an id's owner record, or gives it a TTL.");
+script!(FOLLOW, "follow.lua", "Brings Redis in line with a change PostgreSQL committed (the change feed).");
+script!(FEED_CLAIM, "feed_claim.lua", "Takes or renews the change feed's lease; returns its mark.");
+script!(FEED_MARK, "feed_mark.lua", "Records the change feed's mark, for the lease's holder only.");
+script!(DROP_CLEAN, "drop_clean.lua", "Drops a conversation's copy unless it is dirty (a full resync).");
 
 /// Every script, loaded on each new connection, so a pipeline rarely meets NOSCRIPT.
-pub static ALL: [&LazyLock<Lua>; 11] =
-    [&SAVE, &REFRESH_TTL, &BACKFILL, &DELETE, &LIST, &REBUILD_LIST, &SETTLE, &ADOPT, &INVALIDATE, &CLAIM, &RELEASE];
+pub static ALL: [&LazyLock<Lua>; 15] = [
+    &SAVE,
+    &REFRESH_TTL,
+    &BACKFILL,
+    &DELETE,
+    &LIST,
+    &REBUILD_LIST,
+    &SETTLE,
+    &ADOPT,
+    &INVALIDATE,
+    &CLAIM,
+    &RELEASE,
+    &FOLLOW,
+    &FEED_CLAIM,
+    &FEED_MARK,
+    &DROP_CLEAN,
+];
 
 /// `EVALSHA` of `script` with its keys; the caller appends the arguments.
 #[must_use]

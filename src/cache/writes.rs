@@ -191,6 +191,7 @@ impl RedisCache {
             l.owner_for_script(user_id, conversation_id),
             l.deleted(user_id, conversation_id),
             staged.clone(),
+            l.changed(user_id, conversation_id),
         ];
         let meta = ListEntry::to_json(conv);
         // With a version, PostgreSQL holds exactly these messages at it.
@@ -210,7 +211,7 @@ impl RedisCache {
         stage(&mut stage_pipe, &staged, conv, &fields);
         let _: (i64,) = self.query_fenced(|deadline| {
             let mut script = scripts::call(&scripts::BACKFILL, &keys);
-            script.arg(user_id).arg(self.ttl()).arg(l.owner_in_slot()).arg(deadline);
+            script.arg(user_id).arg(self.ttl()).arg(l.owner_in_slot()).arg(deadline).arg(&ver);
             let mut pipe = stage_pipe.clone();
             pipe.add_command(script);
             pipe

@@ -65,6 +65,8 @@ pub(crate) struct CachedTier {
     pub(crate) fallbacks: AtomicU64,
     /// Copies kept aside by saves (a flush's are counted by the flusher).
     pub(crate) conflicts_kept: AtomicU64,
+    /// The change feed's thread (docs/design.md, "Every cache follows PostgreSQL"), once started.
+    pub(crate) follower: std::sync::Mutex<Option<crate::feed::Follower>>,
 }
 
 impl CachedTier {
@@ -90,6 +92,7 @@ impl CachedTier {
             misses: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
             conflicts_kept: AtomicU64::new(0),
+            follower: std::sync::Mutex::new(None),
         }
     }
 
@@ -578,6 +581,36 @@ impl Flush for CachedTier {
                 log::warn!("background flush: dirty conversations stay in Redis until PostgreSQL is back ({e})");
             }
             Err(e) => log::warn!("background flush failed: {e}"),
+        }
+    }
+}
+
+impl crate::feed::Resolve for CachedTier {
+    fn resolve(&self, members: &[String]) -> Result<()> {
+        self.pg()?;
+        self.flusher.flush_members(members).map(|_| ())
+    }
+}
+
+impl CachedTier {
+    /// Starts following PostgreSQL's changes (the change feed), once.
+    pub(crate) fn start_following(self: &Arc<Self>) -> Result<()> {
+        let mut follower = self.follower.lock().unwrap_or_else(PoisonError::into_inner);
+        if follower.is_none() {
+            let resolver: Arc<dyn crate::feed::Resolve> = Arc::clone(self) as Arc<dyn crate::feed::Resolve>;
+            *follower = Some(crate::feed::Follower::start(
+                Arc::clone(&self.redis),
+                Arc::clone(&self.postgres),
+                Arc::downgrade(&resolver),
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Stops following, waiting for a turn in progress until `deadline`.
+    pub(crate) fn stop_following(&self, deadline: Instant) {
+        if let Some(mut follower) = self.follower.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            follower.stop_until(deadline);
         }
     }
 }

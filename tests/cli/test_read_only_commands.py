@@ -40,8 +40,10 @@ def init_db(pg_url: str) -> None:
 
 
 def redis_state(client) -> dict:
-    """What a write-back or a schema change in Redis would change: the dirty members and every key."""
-    return {"dirty": dirty_set(client), "keys": sorted(client.scan_iter(count=1000))}
+    """What a write-back or a schema change in Redis would change: the dirty members and every key. The change
+    feed's lease and mark (`feed:*`) are left out: the setup's manager keeps following PostgreSQL meanwhile."""
+    keys = sorted(key for key in client.scan_iter(count=1000) if not key.startswith("feed:"))
+    return {"dirty": dirty_set(client), "keys": keys}
 
 
 @pytest.mark.parametrize("command", LOOKING, ids=" ".join)

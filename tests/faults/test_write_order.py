@@ -65,6 +65,13 @@ def _drained(rdb) -> None:
     assert rdb.client.scard("late:convs") == 0
 
 
+@pytest.fixture(autouse=True)
+def _follower_held(failpoints):
+    """The change feed's follower (docs/design.md, section 17) sends its lease and mark through the proxy too,
+    and its late bytes would count: it waits at `feed.turn` in these tests."""
+    failpoints.pause("feed.turn")
+
+
 @pytest.mark.timeout(90)
 def test_a_late_save_never_replaces_a_newer_save_of_another_instance(
     make_redis_manager, rdb, pg_conn, user_id, conv_id

@@ -21,8 +21,9 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   if ARGV[4] == 'save' and h[2] == '1' then return 2 end
 end
 local dropped = redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[5], ARGV[2])
-redis.call('HDEL', KEYS[6], ARGV[2])
+-- The whole list, not the entry: after a save the conversation is still the user's (PostgreSQL holds
+-- it), and a list without its entry would be served without it. The next list rebuilds it.
+redis.call('DEL', KEYS[5], KEYS[6])
 redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[2])
 redis.call('ZREM', KEYS[4], ARGV[1])

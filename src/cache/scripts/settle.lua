@@ -4,7 +4,7 @@
 -- the flush changed the version; a seed-design writer's HSET keeps our version but changes the
 -- rest; either way the hash stays dirty. What PostgreSQL now holds (pgn, pgv, pgh) is recorded
 -- even when a newer save raced the flush. A dropped copy's owner record goes with it, so the next
--- save of the id asks PostgreSQL again.
+-- save of the id asks PostgreSQL again, and so does the user's cached list (the next list rebuilds it).
 --
 -- KEYS: dirty set, dirty since, then per conversation: conv, user dirty, owner (a placeholder on a
 -- cluster), list, list meta.
@@ -48,9 +48,9 @@ for i = 0, (#KEYS - 2) / 5 - 1 do
       redis.call('EXPIRE', conv, ARGV[1])
       if local_owner then redis.call('EXPIRE', owner, ARGV[1]) end
     elseif settled then
-      redis.call('DEL', conv)
-      redis.call('ZREM', list, id)
-      redis.call('HDEL', meta, id)
+      -- The whole list goes, not the entry: when PostgreSQL's row won (a stale or diverged copy), the
+      -- conversation is still the user's, and a list without its entry would be served without it.
+      redis.call('DEL', conv, list, meta)
     end
   end
   if settled and action == 'drop' and local_owner and redis.call('GET', owner) == user then

@@ -17,6 +17,13 @@ SELECT to_regclass('conversations') IS NOT NULL
    AND to_regclass('idx_conversations_user_created') IS NOT NULL
    AND to_regclass('idx_messages_conversation_seq') IS NOT NULL
    AND to_regclass('idx_conversation_conflicts_user') IS NOT NULL
+   AND to_regclass('conversation_changes') IS NOT NULL
+   AND to_regclass('idx_conversation_changes_txid') IS NOT NULL
+   AND to_regproc('chat_history_version') IS NOT NULL
+   AND to_regproc('chat_history_messages_changed') IS NOT NULL
+   AND to_regproc('chat_history_deleted') IS NOT NULL
+   AND (SELECT count(*) FROM pg_trigger WHERE tgname IN ('chat_history_version', 'chat_history_deleted',
+        'chat_history_messages_changed', 'chat_history_messages_deleted')) = 4
    AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('conversations')
                AND attname = 'cache_version' AND NOT attisdropped)";
 
@@ -46,22 +53,46 @@ pub(super) fn ensure(conn: &mut Connection) -> Result<bool, postgres::Error> {
 mod tests {
     use super::*;
 
-    /// The statements of `schema.sql`, comments dropped.
+    /// The statements of `schema.sql`, comments dropped; a function body (between `$$`) is one
+    /// statement with the `CREATE` around it.
     fn statements() -> Vec<String> {
         let text: String = include_str!("schema.sql")
             .lines()
             .filter(|line| !line.trim_start().starts_with("--"))
             .collect::<Vec<_>>()
             .join("\n");
-        text.split(';').map(|s| s.split_whitespace().collect::<Vec<_>>().join(" ")).filter(|s| !s.is_empty()).collect()
+        let mut out = Vec::new();
+        let mut current = String::new();
+        for (n, part) in text.split("$$").enumerate() {
+            if n % 2 == 1 {
+                current.push_str(" $$body$$ ");
+                continue;
+            }
+            let mut pieces = part.split(';').peekable();
+            while let Some(piece) = pieces.next() {
+                current.push_str(piece);
+                if pieces.peek().is_some() {
+                    out.push(std::mem::take(&mut current));
+                }
+            }
+        }
+        out.push(current);
+        out.into_iter().map(|s| s.split_whitespace().collect::<Vec<_>>().join(" ")).filter(|s| !s.is_empty()).collect()
     }
 
     #[test]
     fn every_statement_is_idempotent_and_additive() {
         for statement in statements() {
-            let additive = ["CREATE TABLE IF NOT EXISTS ", "CREATE INDEX IF NOT EXISTS "]
-                .iter()
-                .any(|head| statement.starts_with(head))
+            // A function or trigger of this product's own (named `chat_history_...`) is replaced whole:
+            // it holds no data.
+            let additive = [
+                "CREATE TABLE IF NOT EXISTS ",
+                "CREATE INDEX IF NOT EXISTS ",
+                "CREATE OR REPLACE FUNCTION chat_history_",
+                "CREATE OR REPLACE TRIGGER chat_history_",
+            ]
+            .iter()
+            .any(|head| statement.starts_with(head))
                 || (statement.starts_with("ALTER TABLE ") && statement.contains(" ADD COLUMN IF NOT EXISTS "));
             assert!(additive, "not idempotent and additive: {statement}");
             assert!(
@@ -79,6 +110,11 @@ mod tests {
                 ["CREATE", "TABLE" | "INDEX", "IF", "NOT", "EXISTS", name, ..] => {
                     (*name, format!("to_regclass('{name}') IS NOT NULL"))
                 }
+                ["CREATE", "OR", "REPLACE", "FUNCTION", name, ..] => {
+                    let name = name.trim_end_matches("()");
+                    (name, format!("to_regproc('{name}') IS NOT NULL"))
+                }
+                ["CREATE", "OR", "REPLACE", "TRIGGER", name, ..] => (*name, format!("'{name}'")),
                 ["ALTER", "TABLE", table, "ADD", "COLUMN", "IF", "NOT", "EXISTS", column, ..] => {
                     (*column, format!("attrelid = to_regclass('{table}')\n               AND attname = '{column}'"))
                 }
