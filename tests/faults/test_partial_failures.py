@@ -657,7 +657,7 @@ def test_a_fork_waits_for_the_calls_in_flight(rdb, pg_url):
 MANY_FORKS = """
     import os, sys, threading, time, uuid
     sys.path.insert(0, os.environ["T_TESTS"])
-    from support.redis_support import make_conversation
+    from support.redis_support import grown, make_conversation
     from chat_history_rs import ChatHistoryManager
 
     settings = dict(
@@ -670,10 +670,14 @@ MANY_FORKS = """
     stop = threading.Event()
 
     def busy(thread):  # the parent's pools stay in use (and grow) while it forks
-        n = 0
+        # A chat as an app writes it, one message more per save, and a new one every 50 (a save that replaced
+        # a chat with other content every time would keep each replaced copy aside: docs/design.md, "Write order").
+        n, conversation = 0, None
         while not stop.is_set():
-            app.save_conversation(f"parent-{tag}-{thread}", make_conversation(1 + n % 50), user_id=parent_user)
-            app.get_conversation(f"parent-{tag}-{thread}", user_id=parent_user)
+            cid = f"parent-{tag}-{thread}-{n // 50}"
+            conversation = make_conversation(1) if n % 50 == 0 else grown(conversation, 1)
+            app.save_conversation(cid, conversation, user_id=parent_user)
+            app.get_conversation(cid, user_id=parent_user)
             n += 1
 
     threads = [threading.Thread(target=busy, args=(t,)) for t in range(3)]
