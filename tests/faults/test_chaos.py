@@ -66,6 +66,9 @@ alone, with SQL: a Redis copy marked clean but never written shows as a loss. Th
     CHAOS_REDIS    `node` or `cluster` to run one of the two (default: both)
     CHAOS_DUMP     a path, say h.json: the whole history as JSON in h.node.json and h.cluster.json
 
+The product's warnings are logged in the run's tmp_path (pytest's --basetemp): instances.log for the instances in
+this process, worker-process.err and flusher.log for the other two processes.
+
 `make soak` runs both for 600 s each and prints the summaries: calls per kind, faults per kind, late deliveries,
 conflicts kept, anomalies per kind.
 """
@@ -73,6 +76,7 @@ conflicts kept, anomalies per kind.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -864,12 +868,20 @@ def test_randomized_faults_lose_leak_and_hang_nothing(tmp_path, redis_kind):
     seconds = SECONDS[redis_kind]
     world: World = NodeWorld(tmp_path) if redis_kind == "node" else ClusterWorld(tmp_path)
     managers: list = []
+    # What this process's instances (A, B and the checker's) log, beside the worker's and the flusher's logs, for
+    # reading an anomaly's history against what the product did.
+    log_file = logging.FileHandler(tmp_path / "instances.log")
+    log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    product_log = logging.getLogger("chat_history_rs")
+    product_log.addHandler(log_file)
     try:
         anomalies, summary = _run(world, tmp_path, managers, redis_kind, seconds)
     finally:
         for manager in managers:  # before the servers go: close() flushes
             manager.close()
         world.close()
+        product_log.removeHandler(log_file)
+        log_file.close()
     print(summary)
     for anomaly in anomalies:
         print(anomaly)
