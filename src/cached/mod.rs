@@ -26,7 +26,7 @@ use decide::{save_step, SaveStep, OVERWRITE_ATTEMPTS};
 pub(crate) use health::Health;
 use health::MAX_BYPASSES;
 use seen::Seen;
-use tainted::{Tainted, TaintedRead};
+use tainted::Tainted;
 
 /// A conversation as a read found it: still in Redis's form (no copy made yet), or owned.
 #[derive(Debug, Clone)]
@@ -337,7 +337,7 @@ impl CachedTier {
                         log::warn!("Redis refused a save, writing it to PostgreSQL: {}", e.into_error());
                         self.fallbacks.fetch_add(1, Ordering::Relaxed);
                     }
-                    return self.save_to_postgres(conversation_id, user_id, conv, tainted);
+                    return self.save_to_postgres(conversation_id, user_id, conv);
                 }
             }
         }
@@ -363,23 +363,18 @@ impl CachedTier {
     }
 
     /// A save that cannot go through Redis. The row it replaces is kept aside first unless the new
-    /// messages extend it, or the caller's copy was read from that very row (`read`).
-    fn save_to_postgres(
-        &self,
-        conversation_id: &str,
-        user_id: &str,
-        conv: &Conversation,
-        read: Option<TaintedRead>,
-    ) -> Result<()> {
+    /// messages extend it.
+    fn save_to_postgres(&self, conversation_id: &str, user_id: &str, conv: &Conversation) -> Result<()> {
         let pg = self.pg()?;
         // Whatever the caller's copy was built from (a Redis read, a fallback read, an earlier
         // fallback save), the row it replaces is kept aside when the new messages do not extend
         // it: a save that cannot go through Redis is rare, and the extra read costs less than
         // guessing. (The randomized checker found a copy read from Redis that missed an earlier
-        // fallback save's messages.)
+        // fallback save's messages; and a tab whose requests alternate between instances may have
+        // read its copy through another instance than the one whose own fallback read of this very
+        // row it would otherwise trust.)
         if let Some((current, version)) = pg.get_versioned(conversation_id, user_id)? {
-            let unchanged_since_read = read.is_some_and(|r| r.version == version);
-            if !unchanged_since_read && !crate::writeback::is_prefix(&current.messages, &conv.messages) {
+            if !crate::writeback::is_prefix(&current.messages, &conv.messages) {
                 self.keep(conversation_id, user_id, &current, version)?;
             }
         }

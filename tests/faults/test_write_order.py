@@ -395,3 +395,41 @@ def test_a_save_built_on_a_stale_read_that_races_a_flush_loses_nothing(
         a.flush_dirty_conversations()
         _drained(rdb)
         _assert_nothing_lost(pg_conn, conv_id, user_id, v3, v2, v3)
+
+
+@pytest.mark.timeout(60)
+def test_a_fallback_save_of_a_copy_read_through_another_instance_loses_nothing(
+    make_redis_manager, rdb, pg_conn, user_id, conv_id
+):  # fmt: skip
+    """B cannot reach Redis: it reads PostgreSQL's older row and saves the tab's next turn there. The tab's next
+    read goes through A, which serves Redis's newer copy; the tab saves its turn through B again. B last read and
+    wrote that very row itself, but the tab's copy does not descend from it: the row is kept aside before the
+    save replaces it. (Found by the randomized checker: B's own turn lost, no conflict copy.)"""
+    with TcpProxy(rdb.server.port) as proxy:
+        a = make_redis_manager()
+        b = make_redis_manager(redis_url=proxy.url(), redis_timeout=TIMEOUT, near_cache_bytes=0)
+        v1 = make_conversation(4, title="v1")
+        a.save_conversation(conv_id, v1, user_id=user_id)
+        a.flush_dirty_conversations()
+        v2 = grown(v1, 2, text="a")
+        a.save_conversation(conv_id, v2, user_id=user_id)  # in Redis only
+
+        proxy.partition()
+        stale = b.get_conversation(conv_id, user_id=user_id)
+        assert stale == v1, "the race did not happen: B's read was not the older row"
+        v2b = grown(stale, 2, text="b")
+        b.save_conversation(conv_id, v2b, user_id=user_id)  # to PostgreSQL
+        assert_row_matches(pg_conn, conv_id, user_id, v2b)
+
+        seen = a.get_conversation(conv_id, user_id=user_id)
+        assert seen == v2  # A serves Redis's copy
+        v3 = grown(seen, 2, text="c")
+        b.save_conversation(conv_id, v3, user_id=user_id)  # B is still cut off: to PostgreSQL again
+        assert_row_matches(pg_conn, conv_id, user_id, v3)
+
+        proxy.heal()
+        wait_until(lambda: _poke(b, user_id), timeout=10, what="B back on Redis")
+        for app in (a, b):
+            app.flush_dirty_conversations()
+        _drained(rdb)
+        _assert_nothing_lost(pg_conn, conv_id, user_id, v3, v2, v2b, v3)
