@@ -343,9 +343,10 @@ impl CachedTier {
         }
     }
 
-    /// Redis does not hold the conversation: PostgreSQL says whether the id is another user's, and
-    /// how new its row (or tombstone) is, the floor of the save's version. An id that cannot be
-    /// checked is refused rather than claimed blind (docs/design.md, "Ownership").
+    /// Redis does not hold the conversation: PostgreSQL records the claim (unless the id has a row
+    /// or a claim already) and says whether the id is another user's, and how new its row (or
+    /// tombstone) is, the floor of the save's version. An id that cannot be checked is refused
+    /// rather than claimed blind (docs/design.md, "Ownership").
     fn owner_floor(&self, conversation_id: &str, user_id: &str) -> Result<Option<i64>> {
         match self.pg().and_then(|pg| pg.claim(conversation_id, user_id)) {
             Ok(Some(row)) if row.owner.as_deref().is_some_and(|o| o != user_id) => Err(ownership(conversation_id)),
