@@ -308,12 +308,33 @@ pub struct Conversation {
 pub fn messages_fingerprint(messages: &[Message]) -> u64 {
     let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
     for m in messages {
-        hasher.update(m.role.as_str().as_bytes());
-        hasher.update(&(m.content.len() as u64).to_le_bytes());
-        hasher.update(m.content.as_bytes());
-        hasher.update(&m.time.as_datetime().timestamp_micros().to_le_bytes());
+        feed_message(&mut hasher, m);
     }
     hasher.digest()
+}
+
+/// The fingerprint of every prefix of `messages`, as 16 hexadecimal digits each: characters
+/// `16(i-1)..16i` are [`messages_fingerprint`] of the first `i` messages. Stored beside the
+/// transcript in Redis so that a save script tells whether one copy starts with another by
+/// comparing 16 characters, without reading either transcript (which may be compressed, and costs a
+/// copy into Lua per read). Text, not bytes: a seed-design reader decodes every field as UTF-8.
+#[must_use]
+pub fn prefix_fingerprints(messages: &[Message]) -> String {
+    use std::fmt::Write as _;
+    let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+    let mut out = String::with_capacity(16 * messages.len());
+    for m in messages {
+        feed_message(&mut hasher, m);
+        write!(out, "{:016x}", hasher.digest()).expect("writing to a String cannot fail");
+    }
+    out
+}
+
+fn feed_message(hasher: &mut xxhash_rust::xxh3::Xxh3Default, m: &Message) {
+    hasher.update(m.role.as_str().as_bytes());
+    hasher.update(&(m.content.len() as u64).to_le_bytes());
+    hasher.update(m.content.as_bytes());
+    hasher.update(&m.time.as_datetime().timestamp_micros().to_le_bytes());
 }
 
 impl Conversation {
@@ -468,5 +489,23 @@ mod tests {
         let text = serde_json::to_string(&conv).unwrap();
         assert!(text.starts_with(r#"{"title":"Grüße","model":"gpt-4o","messages":[{"role":"user""#));
         assert_eq!(serde_json::from_str::<Conversation>(&text).unwrap(), conv);
+    }
+
+    #[test]
+    fn each_prefix_fingerprint_is_the_fingerprint_of_that_prefix() {
+        let t = Timestamp::parse("2025-01-01T00:00:00+00:00").unwrap();
+        let messages: Vec<Message> =
+            ["a", "b", "c"].iter().map(|c| Message { role: Role::User, content: (*c).into(), time: t }).collect();
+        let prints = prefix_fingerprints(&messages);
+        assert_eq!(prints.len(), 48);
+        for i in 1..=3 {
+            let entry = u64::from_str_radix(&prints[16 * (i - 1)..16 * i], 16).unwrap();
+            assert_eq!(entry, messages_fingerprint(&messages[..i]));
+        }
+        assert!(prefix_fingerprints(&[]).is_empty());
+        let mut edited = messages.clone();
+        edited[1].content = "B".into();
+        assert_eq!(prefix_fingerprints(&edited)[..16], prints[..16]);
+        assert_ne!(prefix_fingerprints(&edited)[16..32], prints[16..32]);
     }
 }

@@ -346,6 +346,15 @@ pub(crate) fn content_sig(title: &[u8], model: &[u8], messages: &[u8], last_modi
     hasher.digest()
 }
 
+/// What the prefix fingerprints (field `fps`, see [`crate::model::prefix_fingerprints`]) were
+/// computed from, as field `fpm`: the stored transcript's byte length and `last_modified`. The save
+/// script trusts `fps` only while `fpm` still matches the hash (`HSTRLEN messages` and
+/// `last_modified`): a writer that knows nothing of `fps` (a seed-design instance's `HSET`) changes
+/// both, and its copy then counts as unknown, which the script treats as the one it must not lose.
+pub(crate) fn prints_mark(messages_len: usize, last_modified: &str) -> String {
+    format!("{messages_len}|{last_modified}")
+}
+
 /// Stages a conversation's fields, and `extra` ones, in `staged` with one `HSET` (with a TTL, so a
 /// save whose script never ran, say on NOSCRIPT, leaves nothing behind); the script that follows
 /// in the same pipeline renames it into place. No MULTI/EXEC around them: the staged key's name is
@@ -362,9 +371,11 @@ pub(crate) fn stage(pipe: &mut redis::Pipeline, staged: &str, conv: &Conversatio
     let (created_at, last_modified) = times.split_at(created_len);
     let extra_bytes: usize = extra.iter().map(|(k, v)| k.len() + v.len()).sum();
     let sig = content_sig(conv.title.as_bytes(), conv.model.as_bytes(), messages.as_bytes(), last_modified.as_bytes());
+    let prints = crate::model::prefix_fingerprints(&conv.messages);
+    let prints_of = prints_mark(messages.len(), last_modified);
     let mut hset = redis::Cmd::with_capacity(
-        16 + 2 * extra.len(),
-        staged.len() + conv.title.len() + conv.model.len() + messages.len() + extra_bytes + 190,
+        20 + 2 * extra.len(),
+        staged.len() + conv.title.len() + conv.model.len() + messages.len() + prints.len() + extra_bytes + 240,
     );
     hset.arg("HSET")
         .arg(staged)
@@ -381,7 +392,11 @@ pub(crate) fn stage(pipe: &mut redis::Pipeline, staged: &str, conv: &Conversatio
         .arg("score")
         .arg(conv.last_modified.unix_seconds())
         .arg("sig")
-        .arg(sig);
+        .arg(sig)
+        .arg("fps")
+        .arg(prints)
+        .arg("fpm")
+        .arg(prints_of);
     for (field, value) in extra {
         hset.arg(*field).arg(*value);
     }

@@ -199,6 +199,31 @@ def test_seed_writer_hset_over_our_hash_is_written_back(make_redis_manager, rdb,
 
 
 @pytest.mark.timeout(60)
+def test_a_save_over_a_seed_writers_unflushed_copy_keeps_the_seed_writers_messages(
+    make_redis_manager, rdb, pg_conn, user_id, conv_id
+):  # fmt: skip
+    """A seed instance HSETs a turn over our dirty hash, leaving our fields, the prefix fingerprints
+    among them, describing our older copy. Our next save, built on that older copy, does not extend the
+    seed's: the save script must see that the fingerprints no longer describe the transcript, and keep
+    the seed's copy aside rather than trust them and replace it."""
+    app = make_redis_manager()
+    ours = make_conversation(2, prefix="ours ")
+    app.save_conversation(conv_id, ours, user_id=user_id)
+
+    seeds = app_turn(ours, "seed instance")
+    write_seed_hash(rdb.client, user_id, conv_id, seeds)
+    assert rdb.client.hget(conv_key(user_id, conv_id), "fps") is not None  # the scenario: our stale fields remain
+
+    mine = app_turn(ours, "this instance")
+    app.save_conversation(conv_id, mine, user_id=user_id)
+    app.flush_dirty_conversations()
+
+    assert_row_matches(pg_conn, conv_id, user_id, mine)
+    lost = missing_messages(None, conflict_copies(pg_conn, conv_id, user_id), seeds["messages"])
+    assert lost == [], f"the seed instance's messages are neither in the row nor kept aside: {lost}"
+
+
+@pytest.mark.timeout(60)
 def test_seed_clear_dirty_flag_never_marks_unwritten_content_clean(
     make_redis_manager, rdb, pg_conn, user_id, conv_id
 ):  # fmt: skip

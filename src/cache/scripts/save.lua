@@ -30,26 +30,39 @@
 -- The version is Redis's clock in microseconds, bumped past the hash's version, past the
 -- PostgreSQL version the copy was derived from, past `floor` and past a delete's tombstone, so a
 -- later save never gets a lower version than a row it replaces, whatever the two clocks say.
-if redis.call('EXISTS', KEYS[9]) == 0 then return {-3} end
+-- Copies are compared by their prefix fingerprints, never by their transcripts (which may be
+-- compressed, and cost a copy into Lua per read): field `fps` holds 16 hex digits per message, the
+-- i-th the fingerprint of the first i messages. The cached copy's are trusted only while `fpm` (the
+-- transcript's byte length and last_modified when `fps` was computed) still matches; otherwise
+-- (a seed-design instance's write, a hash from a version before `fps`) they are unknown (nil),
+-- and every check below then assumes what loses nothing. The staged copy's are this save's own.
+local new = redis.call('HGET', KEYS[9], 'fps')
+if not new then return {-3} end
 local local_owner = ARGV[9] == '1'
+local owner = false
 if local_owner then
-  local owner = redis.call('GET', KEYS[6])
+  owner = redis.call('GET', KEYS[6])
   if owner and owner ~= ARGV[2] then
     redis.call('DEL', KEYS[9])
     return {-1}
   end
 end
--- Whether the JSON array `a` starts with all the messages of the JSON array `b`.
+-- Everything the checks read of the cached copy, in one call.
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+local h = redis.call('HMGET', KEYS[1], 'ver', 'pgv', 'dirty', 'created_at', 'pgn', 'pgh', 'fps', 'fpm', 'last_modified')
+local old = nil
+if h[7] and h[8] == redis.call('HSTRLEN', KEYS[1], 'messages') .. '|' .. (h[9] or '') then old = h[7] end
+local function at(p, i) return string.sub(p, 16 * i - 15, 16 * i) end
+-- Whether the copy with fingerprints `a` starts with all the messages of the one with `b`.
 local function holds(a, b)
-  local n = #b - 1
-  return b == '[]' or a == b or (n > 0 and string.sub(a, 1, n) == string.sub(b, 1, n) and string.sub(a, n + 1, n + 1) == ',')
+  if not a or not b then return false end
+  local n = #b / 16
+  return n == 0 or (#a >= #b and at(a, n) == at(b, n))
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 if ARGV[10] ~= '' and now > tonumber(ARGV[10]) then
-  local cached = redis.call('HGET', KEYS[1], 'messages')
-  local late = redis.call('HGET', KEYS[9], 'messages') or '[]'
-  if late == '[]' or (cached and holds(cached, late)) then
+  if new == '' or (exists and holds(old, new)) then
     redis.call('DEL', KEYS[9])
     return {-4, 0}
   end
@@ -59,27 +72,21 @@ if ARGV[10] ~= '' and now > tonumber(ARGV[10]) then
   return {-4, 1}
 end
 if ARGV[12] ~= '' then
-  local h = redis.call('HMGET', KEYS[1], 'ver', 'last_modified')
-  local mark = (h[1] or '') .. '|' .. (h[2] or '') .. '|' .. redis.call('HSTRLEN', KEYS[1], 'messages')
+  local mark = (h[1] or '') .. '|' .. (h[9] or '') .. '|' .. redis.call('HSTRLEN', KEYS[1], 'messages')
     .. '|' .. redis.call('HSTRLEN', KEYS[1], 'title')
   if mark ~= ARGV[12] then
     redis.call('DEL', KEYS[9])
     return {2}
   end
 end
-if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[1]) == 0 then
+if ARGV[5] ~= '1' and not exists then
   redis.call('DEL', KEYS[9])
   return {0}
 end
-local h = redis.call('HMGET', KEYS[1], 'ver', 'pgv', 'dirty', 'created_at', 'pgn', 'pgh')
 local guarded = ARGV[8] == '1' or (ARGV[13] ~= '' and h[1] and h[1] ~= ARGV[13])
-if guarded and redis.call('EXISTS', KEYS[1]) == 1 then
-  local old = redis.call('HGET', KEYS[1], 'messages') or '[]'
-  local new = redis.call('HGET', KEYS[9], 'messages') or '[]'
-  if not holds(new, old) then
-    redis.call('DEL', KEYS[9])
-    return {2}
-  end
+if guarded and exists and not holds(new, old) then
+  redis.call('DEL', KEYS[9])
+  return {2}
 end
 -- An unguarded save over a copy its messages do not extend is an edit, or a save built on a read
 -- another instance served from PostgreSQL while Redis held this newer copy (docs/design.md, "Write
@@ -92,52 +99,50 @@ end
 -- the copy holds it. A save that shares not even its first message with the copy (the id reused
 -- for other content) replaces the row whole: its marks say PostgreSQL's row holds none of it.
 local pgn, pgv, pgh = h[5], h[2], h[6]
-if not guarded and ARGV[12] == '' and redis.call('EXISTS', KEYS[1]) == 1 then
-  local old = redis.call('HGET', KEYS[1], 'messages') or '[]'
-  local new = redis.call('HGET', KEYS[9], 'messages') or '[]'
-  if not holds(new, old) then
-    local olds, news = cjson.decode(old), cjson.decode(new)
-    local function same(i)
-      local a, b = olds[i], news[i]
-      return a ~= nil and b ~= nil and a.role == b.role and a.content == b.content and a.time == b.time
-    end
-    if h[3] == '1' then
-      local from_postgres = true
-      for i = 1, math.min(tonumber(pgn or '0') or 0, #olds) do
-        if not same(i) then from_postgres = false break end
-      end
-      if from_postgres then
-        redis.call('RENAME', KEYS[1], KEYS[10])
-        redis.call('SADD', KEYS[11], ARGV[11])
-      end
-    end
-    if pgv and not same(1) then pgn, pgh = '0', '0' end
+if not guarded and ARGV[12] == '' and exists and not holds(new, old) then
+  -- Whether both copies have their first `i` messages in common. Unknown fingerprints say yes:
+  -- the copy is then kept aside, and PostgreSQL's marks stay, so the flush checks the row against
+  -- the copy itself.
+  local function same(i)
+    return not old or (i >= 1 and #old >= 16 * i and #new >= 16 * i and at(old, i) == at(new, i))
   end
+  if h[3] == '1' then
+    local k = math.min(tonumber(pgn or '0') or 0, old and #old / 16 or 0)
+    if k == 0 or same(k) then
+      redis.call('RENAME', KEYS[1], KEYS[10])
+      redis.call('SADD', KEYS[11], ARGV[11])
+    end
+  end
+  if pgv and not same(1) then pgn, pgh = '0', '0' end
 end
-local deleted = tonumber(redis.call('GET', KEYS[8]) or '0') or 0
-local ver = math.max(now, (tonumber(h[1] or '0') or 0) + 1, deleted + 1,
+local deleted = redis.call('GET', KEYS[8])
+local ver = math.max(now, (tonumber(h[1] or '0') or 0) + 1, (tonumber(deleted or '0') or 0) + 1,
   (tonumber(h[2] or '0') or 0) + 1, (tonumber(ARGV[7]) or 0) + 1)
 ver = string.format('%.0f', ver)
 local created = h[4] or ARGV[3]
 local meta = ARGV[4]
+local fields = {'dirty', '1', 'ver', ver, 'meta', meta}
 if created ~= ARGV[3] then
   local entry = cjson.decode(meta)
   entry['created_at'] = created
   meta = cjson.encode(entry)
-  redis.call('HSET', KEYS[9], 'created_at', created)
+  fields = {'dirty', '1', 'ver', ver, 'meta', meta, 'created_at', created}
 end
-redis.call('HSET', KEYS[9], 'dirty', '1', 'ver', ver, 'meta', meta)
 if pgn and pgv and pgh then
-  redis.call('HSET', KEYS[9], 'pgn', pgn, 'pgv', pgv, 'pgh', pgh)
+  table.insert(fields, 'pgn') table.insert(fields, pgn)
+  table.insert(fields, 'pgv') table.insert(fields, pgv)
+  table.insert(fields, 'pgh') table.insert(fields, pgh)
 end
+redis.call('HSET', KEYS[9], unpack(fields))
 redis.call('RENAME', KEYS[9], KEYS[1])
 redis.call('PERSIST', KEYS[1])
+-- Always set: a settle leaves the record with the clean copy's TTL, and a dirty copy's must not expire.
 if local_owner then redis.call('SET', KEYS[6], ARGV[2]) end
-local first = redis.call('SCARD', KEYS[5]) == 0 and 1 or 0
 redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('SADD', KEYS[5], ARGV[6])
+local first = 0
+if redis.call('SADD', KEYS[5], ARGV[6]) == 1 and redis.call('SCARD', KEYS[5]) == 1 then first = 1 end
 redis.call('ZADD', KEYS[7], 'NX', t[1], ARGV[1])
-redis.call('DEL', KEYS[8])
+if deleted then redis.call('DEL', KEYS[8]) end
 if redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[1], 'score'), ARGV[6])
   redis.call('HSET', KEYS[4], ARGV[6], meta)
