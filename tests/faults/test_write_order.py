@@ -433,3 +433,43 @@ def test_a_fallback_save_of_a_copy_read_through_another_instance_loses_nothing(
             app.flush_dirty_conversations()
         _drained(rdb)
         _assert_nothing_lost(pg_conn, conv_id, user_id, v3, v2, v2b, v3)
+
+
+@pytest.mark.timeout(60)
+def test_a_fallback_save_that_races_a_flush_of_the_row_it_read_loses_nothing(
+    failpoints, make_redis_manager, rdb, pg_conn, user_id, conv_id
+):  # fmt: skip
+    """B cannot reach Redis: it reads PostgreSQL's row and, before its save replaces the row, A's flush writes
+    a newer copy there (the user's turn through A). B's save was built on the older row, so it does not extend
+    the row it replaces: that row is kept aside, however late the flush landed. (Found by the randomized
+    checker: B checked the row it read, then wrote over the one the flush had put there meanwhile.)"""
+    with TcpProxy(rdb.server.port) as proxy:
+        a = make_redis_manager()
+        b = make_redis_manager(redis_url=proxy.url(), redis_timeout=TIMEOUT, near_cache_bytes=0)
+        v1 = make_conversation(4, title="v1")
+        a.save_conversation(conv_id, v1, user_id=user_id)
+        a.flush_dirty_conversations()
+
+        proxy.partition()
+        stale = b.get_conversation(conv_id, user_id=user_id)
+        assert stale == v1
+        v2b = grown(stale, 2, text="b")
+        failpoints.pause("save.postgres.after_read", count=1)
+        saving = Background(b.save_conversation, conv_id, v2b, user_id=user_id)  # to PostgreSQL
+        failpoints.wait("save.postgres.after_read")  # B has read the row, v1
+
+        v2 = grown(v1, 2, text="a")
+        a.save_conversation(conv_id, v2, user_id=user_id)
+        assert a.flush_dirty_conversations() == 1  # the row is v2 now
+        assert_row_matches(pg_conn, conv_id, user_id, v2)
+        failpoints.release("save.postgres.after_read")
+        saving.result()
+        assert_row_matches(pg_conn, conv_id, user_id, v2b)
+
+        proxy.heal()
+        wait_until(lambda: _poke(b, user_id), timeout=10, what="B back on Redis")
+        for app in (a, b):
+            app.flush_dirty_conversations()
+        _drained(rdb)
+        _assert_nothing_lost(pg_conn, conv_id, user_id, v2b, v2, v2b)
+

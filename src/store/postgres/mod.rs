@@ -17,5 +17,5 @@ mod store;
 mod write_back;
 
 pub use changes::{Change, ChangePage, Position};
-pub use store::{Conflict, OwnerRow, PostgresStore};
+pub use store::{Conflict, Expect, OwnerRow, PostgresStore};
 pub use write_back::{FlushOutcome, WriteBack};

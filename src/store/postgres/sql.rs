@@ -107,6 +107,9 @@ WITH conv AS (
         SET title = EXCLUDED.title, model = EXCLUDED.model, last_modified = EXCLUDED.last_modified,
             cache_version = GREATEST(COALESCE(c.cache_version, 0) + 1, EXCLUDED.cache_version)
         WHERE c.user_client_id = EXCLUDED.user_client_id
+        -- $13: 0 replaces whatever row is there; 1 only the row at version $12 (the one the caller
+        -- read, NULL for a Phase 1 row); 2 only when there is none (the caller read none).
+        AND ($13 = 0 OR ($13 = 1 AND c.cache_version IS NOT DISTINCT FROM $12))
     RETURNING c.conversation_id, c.cache_version
 ), trimmed AS (
     DELETE FROM messages

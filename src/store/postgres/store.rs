@@ -33,6 +33,17 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
+/// Which row a save may replace ([`PostgresStore::save_expecting`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Whatever row is there (postgres mode: the last writer wins, as in Phase 1).
+    Any,
+    /// Only the row at this version (`None`: a Phase 1 row, without one).
+    Version(Option<i64>),
+    /// Only when there is no row.
+    Absent,
+}
+
 impl PostgresStore {
     /// Builds the pool without connecting; [`PostgresStore::ensure_schema`] is the first contact.
     pub fn new(settings: &PostgresSettings) -> Result<Self> {
@@ -252,13 +263,34 @@ impl PostgresStore {
     /// Writes the whole conversation atomically and returns the version it was stored under.
     /// Fails with [`ErrorKind::Ownership`], changing nothing, when the id belongs to another user.
     pub fn save(&self, conversation_id: &str, user_id: &str, conv: &Conversation) -> Result<i64> {
+        self.save_expecting(conversation_id, user_id, conv, Expect::Any)?.ok_or_else(|| {
+            Error::new(ErrorKind::Ownership, format!("conversation {conversation_id:?} belongs to another user"))
+        })
+    }
+
+    /// As [`PostgresStore::save`], but only over the row `expect` names: `Ok(None)` when the row
+    /// is not that one any more (or the id is another user's), and nothing was written. A caller
+    /// that read the row, checked the save against it and then writes, writes over what it checked,
+    /// not over a row another writer (a flush, say) put there in between.
+    pub fn save_expecting(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        conv: &Conversation,
+        expect: Expect,
+    ) -> Result<Option<i64>> {
         static SQL: LazyLock<String> = LazyLock::new(save_sql);
+        let (mode, expected): (i32, Option<i64>) = match expect {
+            Expect::Any => (0, None),
+            Expect::Version(version) => (1, version),
+            Expect::Absent => (2, None),
+        };
         let mut columns = MessageColumns::with_capacity(conv.messages.len());
         columns.push(conversation_id, conv, 0);
         let created_at = conv.created_at.as_datetime();
         let last_modified = conv.last_modified.as_datetime();
         let count = message_count(conv)?;
-        let params: [(&(dyn ToSql + Sync), Type); 11] = [
+        let params: [(&(dyn ToSql + Sync), Type); 13] = [
             (&conversation_id, Type::VARCHAR),
             (&user_id, Type::VARCHAR),
             (&conv.title, Type::TEXT),
@@ -270,15 +302,11 @@ impl PostgresStore {
             (&columns.role, Type::TEXT_ARRAY),
             (&columns.content, Type::TEXT_ARRAY),
             (&columns.time, Type::TIMESTAMPTZ_ARRAY),
+            (&expected, Type::INT8),
+            (&mode, Type::INT4),
         ];
         let rows = self.run(|conn| conn.query(&SQL, &params))?;
-        match rows.first() {
-            Some(row) => Ok(row.get(0)),
-            None => Err(Error::new(
-                ErrorKind::Ownership,
-                format!("conversation {conversation_id:?} belongs to another user"),
-            )),
-        }
+        Ok(rows.first().map(|row| row.get(0)))
     }
 
     /// Deletes the conversation and its messages when it is the user's, and records a tombstone
