@@ -8,7 +8,7 @@ use super::source::{
     default, flag, keyword, name_source, parse_mode, path, pick, pick_whole, postgres_from_parts, seconds_within, text,
     Environment, Source, Sourced, BATCH, BYTES, DAYS, MAX_SECONDS, POOL, PORT, TTL,
 };
-use crate::config::{Mode, PostgresSettings, RedisSettings, Settings};
+use crate::config::{Compression, Mode, PostgresSettings, RedisSettings, Settings};
 use crate::error::{Error, Result};
 
 /// Every setting, resolved. Holds passwords: it has no `Debug`, and [`Resolved::entries`] is the
@@ -41,6 +41,7 @@ pub struct Resolved {
     pub redis_ca_file: Sourced<Option<PathBuf>>,
     pub redis_cluster: Sourced<Option<bool>>,
     pub near_cache_bytes: Sourced<u64>,
+    pub redis_compression: Sourced<Compression>,
     pub credential_refresh_margin: Sourced<Duration>,
     pub flush_interval: Sourced<Duration>,
     pub background_flush: Sourced<bool>,
@@ -145,6 +146,16 @@ impl Resolved {
                 BYTES,
                 DEFAULT_NEAR_CACHE_BYTES,
             )?,
+            redis_compression: match kw.redis_compression {
+                Some(raw) => keyword(Compression::parse("redis_compression", &raw)?),
+                None => pick(
+                    None,
+                    env,
+                    &["REDIS_COMPRESSION"],
+                    |name, raw| Compression::parse(name, raw),
+                    Compression::Off,
+                )?,
+            },
             credential_refresh_margin: secs("credential_refresh_margin", kw.credential_refresh_margin, 180.0, 0.0)?,
             flush_interval: secs("flush_interval", kw.flush_interval, 10.0, 0.001)?,
             background_flush: kw.background_flush.map_or_else(|| default(true), keyword),
@@ -210,6 +221,7 @@ impl Resolved {
         })?;
         settings.cluster = self.redis_cluster.value;
         settings.near_cache_bytes = self.near_cache_bytes.value;
+        settings.compression = self.redis_compression.value;
         Ok(Some(settings))
     }
 
