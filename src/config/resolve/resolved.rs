@@ -49,6 +49,15 @@ pub struct Resolved {
     pub close_timeout: Sourced<Duration>,
 }
 
+/// `redis_compression`: the keyword as given (a `True` or `False` as `"on"` or `"off"`), else
+/// `REDIS_COMPRESSION`, else off; a value [`Compression::parse`] does not take names its source.
+fn compression(given: Option<&str>, env: &dyn Environment) -> Result<Sourced<Compression>> {
+    match given {
+        Some(raw) => Ok(keyword(Compression::parse("redis_compression", raw)?)),
+        None => pick(None, env, &["REDIS_COMPRESSION"], Compression::parse, Compression::Off),
+    }
+}
+
 impl Resolved {
     /// Resolves every setting: keyword argument, else environment variable, else default. A bad
     /// value is an error naming the argument or the variable it came from.
@@ -146,16 +155,7 @@ impl Resolved {
                 BYTES,
                 DEFAULT_NEAR_CACHE_BYTES,
             )?,
-            redis_compression: match kw.redis_compression {
-                Some(raw) => keyword(Compression::parse("redis_compression", &raw)?),
-                None => pick(
-                    None,
-                    env,
-                    &["REDIS_COMPRESSION"],
-                    |name, raw| Compression::parse(name, raw),
-                    Compression::Off,
-                )?,
-            },
+            redis_compression: compression(kw.redis_compression.as_deref(), env)?,
             credential_refresh_margin: secs("credential_refresh_margin", kw.credential_refresh_margin, 180.0, 0.0)?,
             flush_interval: secs("flush_interval", kw.flush_interval, 10.0, 0.001)?,
             background_flush: kw.background_flush.map_or_else(|| default(true), keyword),
