@@ -14,7 +14,7 @@ mod tls;
 mod url;
 
 pub use postgres::{PostgresSettings, SslMode, DEFAULT_LOCK_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT};
-pub use redis::RedisSettings;
+pub use redis::{Compression, RedisSettings};
 pub use settings::{Mode, Settings};
 pub(crate) use tls::client_tls_config;
 pub use tls::Verification;

@@ -58,6 +58,7 @@ class AsyncChatHistoryManager:
         redis_ca_file: Optional[Union[str, os.PathLike[str]]] = None,
         redis_cluster: Optional[bool] = None,
         near_cache_bytes: Optional[int] = None,
+        redis_compression: Optional[Union[bool, str]] = None,
         credential_refresh_margin: Optional[float] = None,
         flush_interval: Optional[float] = None,
         background_flush: Optional[bool] = None,

@@ -158,6 +158,7 @@ impl PyResolvedSettings {
             "redis_ca_file" => path_to_py(py, r.redis_ca_file.value.as_ref()),
             "redis_cluster" => r.redis_cluster.value.into_bound_py_any(py),
             "near_cache_bytes" => r.near_cache_bytes.value.into_bound_py_any(py),
+            "redis_compression" => r.redis_compression.value.as_str().into_bound_py_any(py),
             "credential_refresh_margin" => secs(r.credential_refresh_margin.value).into_bound_py_any(py),
             "flush_interval" => secs(r.flush_interval.value).into_bound_py_any(py),
             "background_flush" => r.background_flush.value.into_bound_py_any(py),
@@ -234,6 +235,18 @@ fn flag(name: &str, value: &Bound<'_, PyAny>) -> PyResult<bool> {
     }
 }
 
+/// `redis_compression`: True or False (as `"on"` and `"off"`), or a codec's name, which the core
+/// checks (`Compression::parse`).
+fn compression(name: &str, value: &Bound<'_, PyAny>) -> PyResult<String> {
+    if let Ok(b) = value.cast::<PyBool>() {
+        return Ok((if b.is_true() { "on" } else { "off" }).to_owned());
+    }
+    match value.cast::<PyString>() {
+        Ok(s) => Ok(s.to_cow()?.into_owned()),
+        Err(_) => Err(wrong_type(name, "True, False or a str", value)),
+    }
+}
+
 /// A whole number; a bool is refused (`True` is an `int` to Python, never a count to a reader).
 fn whole(name: &str, value: &Bound<'_, PyAny>) -> PyResult<i64> {
     if value.is_instance_of::<PyBool>() || !value.is_instance_of::<PyInt>() {
@@ -274,6 +287,7 @@ pub(super) fn given<'py>(kwargs: &Bound<'py, PyDict>, caller: &str, providers: b
             Some(Kind::Whole) => Value::Whole(whole(name, &value)?),
             Some(Kind::Seconds) => Value::Seconds(seconds(name, &value)?),
             Some(Kind::Flag) => Value::Flag(flag(name, &value)?),
+            Some(Kind::Compression) => Value::Text(compression(name, &value)?),
             // Checked to be callable where it is wrapped (a ConfigurationError, as it always was).
             Some(Kind::CredentialProvider) => {
                 if name == "redis_credential_provider" {
@@ -326,6 +340,7 @@ fn annotation(kind: Kind) -> &'static str {
         Kind::Whole => "int",
         Kind::Seconds => "float",
         Kind::Flag => "bool",
+        Kind::Compression => "Union[bool, str]",
         Kind::CredentialProvider => "CredentialProvider",
     }
 }

@@ -3,7 +3,9 @@
 
 use redis::Value;
 
+use crate::cache::compression;
 use crate::cache::messages_json::{self, Text};
+use crate::config::Compression;
 use crate::model::{Conversation, Message, Role, Timestamp};
 
 /// A conversation as the cache holds it.
@@ -93,7 +95,8 @@ impl CachedConversation {
             match key.as_slice() {
                 b"title" => title = String::from_utf8(value).ok(),
                 b"model" => model = String::from_utf8(value).ok(),
-                b"messages" => json = String::from_utf8(value).ok(),
+                // Whichever form it is stored in (plain, the seed's zlib, ours): decoded once, here.
+                b"messages" => json = compression::decode(value),
                 b"ver" => version = std::str::from_utf8(&value).ok().and_then(|v| v.parse().ok()),
                 b"created_at" => created_at = std::str::from_utf8(&value).ok().and_then(|t| Timestamp::parse(t).ok()),
                 b"last_modified" => {
@@ -355,22 +358,29 @@ pub(crate) fn prints_mark(messages_len: usize, last_modified: &str) -> String {
     format!("{messages_len}|{last_modified}")
 }
 
-/// Stages a conversation's fields, and `extra` ones, in `staged` with one `HSET` (with a TTL, so a
+/// Stages a conversation's fields, and `extra` ones, in `staged` with one `HSET` (the transcript in
+/// the form `compression` names; its signature is of the stored bytes) (with a TTL, so a
 /// save whose script never ran, say on NOSCRIPT, leaves nothing behind); the script that follows
 /// in the same pipeline renames it into place. No MULTI/EXEC around them: the staged key's name is
 /// unique to this call, so nothing else can touch it in between, and the script does every check
 /// and the rename atomically; the transaction cost time for nothing (docs/benchmarks.md). The
 /// command is sized up front: the transcript is most of its bytes, and growing the buffer for it
 /// cost more than writing it.
-pub(crate) fn stage(pipe: &mut redis::Pipeline, staged: &str, conv: &Conversation, extra: &[(&str, &str)]) {
-    let messages = messages_json::write(&conv.messages);
+pub(crate) fn stage(
+    pipe: &mut redis::Pipeline,
+    staged: &str,
+    conv: &Conversation,
+    extra: &[(&str, &str)],
+    compression: Compression,
+) {
+    let messages = compression::encode(messages_json::write(&conv.messages), compression);
     let mut times = String::with_capacity(64);
     conv.created_at.push_to(&mut times);
     let created_len = times.len();
     conv.last_modified.push_to(&mut times);
     let (created_at, last_modified) = times.split_at(created_len);
     let extra_bytes: usize = extra.iter().map(|(k, v)| k.len() + v.len()).sum();
-    let sig = content_sig(conv.title.as_bytes(), conv.model.as_bytes(), messages.as_bytes(), last_modified.as_bytes());
+    let sig = content_sig(conv.title.as_bytes(), conv.model.as_bytes(), &messages, last_modified.as_bytes());
     let prints = crate::model::prefix_fingerprints(&conv.messages);
     let prints_of = prints_mark(messages.len(), last_modified);
     let mut hset = redis::Cmd::with_capacity(

@@ -8,7 +8,8 @@
 //! - `writes`: saves, deletes and list updates; `flush`: write-back's Redis side (dirty sets, settles)
 //! - `follow`: the change feed's Redis side (changes PostgreSQL committed, its lease and mark)
 //! - `keys`: every key name, built by one layout value ([`KeyLayout`])
-//! - `codec`: hashes and replies to and from Rust values; `messages_json`: the transcripts' JSON
+//! - `codec`: hashes and replies to and from Rust values; `messages_json`: the transcripts' JSON;
+//!   `compression`: the forms it is stored in (`redis_compression`)
 //! - `scripts`: the Lua scripts and the one way they are called
 //! - `pool`, `clock`, `error`: connections and topology, Redis's clock, [`CacheError`]
 //! - `combine`: concurrent reads sharing a round trip; `near`, `tracking`: the near cache and the
@@ -17,6 +18,7 @@
 mod clock;
 mod codec;
 mod combine;
+mod compression;
 mod error;
 mod flush;
 mod follow;

@@ -125,7 +125,8 @@ impl RedisCache {
         let late = late_member(user_id, conversation_id, &token);
         let member = member(user_id, conversation_id);
         let mut stage_pipe = redis::pipe();
-        stage(&mut stage_pipe, &if staged_lost() { format!("{staged}:lost") } else { staged }, conv, &[]);
+        let staged = if staged_lost() { format!("{staged}:lost") } else { staged };
+        stage(&mut stage_pipe, &staged, conv, &[], self.settings.compression);
         let (reply,): (Vec<Value>,) = self.query_fenced(|deadline| {
             let mut script = scripts::call(&scripts::SAVE, &keys);
             script
@@ -208,7 +209,7 @@ impl RedisCache {
             fields.extend([("pgn", n.as_str()), ("pgv", v.as_str()), ("pgh", h.as_str())]);
         }
         let mut stage_pipe = redis::pipe();
-        stage(&mut stage_pipe, &staged, conv, &fields);
+        stage(&mut stage_pipe, &staged, conv, &fields, self.settings.compression);
         let _: (i64,) = self.query_fenced(|deadline| {
             let mut script = scripts::call(&scripts::BACKFILL, &keys);
             script.arg(user_id).arg(self.ttl()).arg(l.owner_in_slot()).arg(deadline).arg(&ver);

@@ -39,6 +39,52 @@ pub struct RedisSettings {
     pub credentials: Option<CredentialProvider>,
     /// Bytes the near cache may hold (`near_cache_bytes`); 0 turns it off.
     pub near_cache_bytes: u64,
+    /// How a save stores the transcript (`redis_compression`); every reader takes every form.
+    pub compression: Compression,
+}
+
+/// How the `messages` field of a conversation's hash is stored (`redis_compression`,
+/// `REDIS_COMPRESSION`; docs/design.md, "Compressed transcripts"). Whatever a writer's setting,
+/// every reader takes all three forms, told apart by their first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// The JSON text, as the seed design stores it (the default: seed-design instances read it).
+    #[default]
+    Off,
+    /// The seed plan's optional form: base64 of zlib of the JSON text, which a seed instance with
+    /// that option reads.
+    Zlib,
+    /// The library's own: a zstd frame of the JSON text (`True`, `"on"`), the best codec measured
+    /// (docs/benchmarks.md, "Compressed transcripts").
+    Zstd,
+}
+
+impl Compression {
+    /// What `redis_compression` and `REDIS_COMPRESSION` accept, case and surrounding spaces aside:
+    /// off: `off`, `none`, `false`, `no`, `0` (a keyword's `False`); the seed's form: `zlib`; the
+    /// best codec: `on`, `true`, `yes`, `1` (a keyword's `True`) or its name, `zstd`. `name` (the
+    /// argument or the variable) is named in the error, with the values accepted.
+    pub fn parse(name: &str, raw: &str) -> Result<Self> {
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "off" | "none" | "false" | "no" | "0" => Ok(Compression::Off),
+            "zlib" => Ok(Compression::Zlib),
+            "on" | "true" | "yes" | "1" | "zstd" => Ok(Compression::Zstd),
+            _ => Err(Error::config(format!(
+                "{name} must be 'off' (or False, 'none'), 'zlib' (the seed plan's base64 of zlib) or 'on' \
+                 (or True, 'zstd': the best codec), got '{raw}'"
+            ))),
+        }
+    }
+
+    /// The canonical name: `"off"`, `"zlib"` or `"zstd"` (what `chat-history config` shows).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::Off => "off",
+            Compression::Zlib => "zlib",
+            Compression::Zstd => "zstd",
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -54,6 +100,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("ttl_seconds", &self.ttl_seconds)
             .field("cluster", &self.cluster)
             .field("near_cache_bytes", &self.near_cache_bytes)
+            .field("compression", &self.compression)
             .field("credentials", &self.credentials.as_ref().map(CredentialProvider::name))
             .finish()
     }
@@ -194,6 +241,7 @@ impl RedisSettings {
             cluster: None,
             credentials: None,
             near_cache_bytes: 0,
+            compression: Compression::Off,
         })
     }
 

@@ -31,9 +31,17 @@ WANTED = {
     "int": "an int",
     "float": "a number of seconds (int or float)",
     "bool": "True or False",
+    "Union[bool, str]": "True, False or a str",
 }
 # A value of each kind that every setting of that kind takes from the environment.
-SAMPLE = {"Mode": "postgres", "str": "x", "Union[str, os.PathLike[str]]": "/tmp/x", "int": "3", "bool": "true"}
+SAMPLE = {
+    "Mode": "postgres",
+    "str": "x",
+    "Union[str, os.PathLike[str]]": "/tmp/x",
+    "int": "3",
+    "bool": "true",
+    "Union[bool, str]": "zlib",
+}
 
 
 def _function(stub: Path, owner: str | None, name: str) -> ast.FunctionDef:

@@ -40,6 +40,7 @@ PRECEDENCE = [
     ("redis_ttl", 11, "REDIS_CACHE_TTL", "33", 33, 1800),
     ("redis_ca_file", "/kw/ca.pem", "REDIS_CA_FILE", "/env/ca.pem", "/env/ca.pem", None),
     ("redis_cluster", False, "REDIS_CLUSTER", "true", True, None),
+    ("redis_compression", "zlib", "REDIS_COMPRESSION", "on", "zstd", "off"),
 ]  # fmt: skip
 
 

@@ -103,6 +103,11 @@ impl Resolved {
                 self.near_cache_bytes.source,
             ),
             (
+                "redis_compression",
+                Shown::Text(self.redis_compression.value.as_str().to_owned()),
+                self.redis_compression.source,
+            ),
+            (
                 "credential_refresh_margin",
                 secs(self.credential_refresh_margin.value),
                 self.credential_refresh_margin.source,
@@ -140,6 +145,7 @@ mod tests {
             Kind::Whole => ("3", Given::Whole(3)),
             Kind::Seconds => ("1", Given::Seconds(1.0)),
             Kind::Flag => ("true", Given::Flag(true)),
+            Kind::Compression => ("zlib", Given::Text("zlib".into())),
             Kind::CredentialProvider => unreachable!("not a setting"),
         }
     }

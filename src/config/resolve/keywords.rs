@@ -30,6 +30,8 @@ pub struct Keywords {
     pub redis_ca_file: Option<PathBuf>,
     pub redis_cluster: Option<bool>,
     pub near_cache_bytes: Option<i64>,
+    /// As given: a keyword's `True` and `False` arrive as `"on"` and `"off"`.
+    pub redis_compression: Option<String>,
     pub credential_refresh_margin: Option<f64>,
     pub flush_interval: Option<f64>,
     pub background_flush: Option<bool>,
@@ -40,7 +42,8 @@ pub struct Keywords {
 /// A keyword argument's value, converted by its [`Kind`] (the binding's side of [`Keywords::set`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Given {
-    /// For [`Kind::Mode`] and [`Kind::Text`].
+    /// For [`Kind::Mode`], [`Kind::Text`] and [`Kind::Compression`] (whose `True` and `False` the
+    /// binding gives as `"on"` and `"off"`).
     Text(String),
     /// For [`Kind::Path`].
     Path(PathBuf),
@@ -79,6 +82,7 @@ impl Keywords {
             ("redis_ca_file", Path(v)) => self.redis_ca_file = Some(v),
             ("redis_cluster", Flag(v)) => self.redis_cluster = Some(v),
             ("near_cache_bytes", Whole(v)) => self.near_cache_bytes = Some(v),
+            ("redis_compression", Text(v)) => self.redis_compression = Some(v),
             ("credential_refresh_margin", Seconds(v)) => self.credential_refresh_margin = Some(v),
             ("flush_interval", Seconds(v)) => self.flush_interval = Some(v),
             ("background_flush", Flag(v)) => self.background_flush = Some(v),
@@ -106,6 +110,8 @@ pub enum Kind {
     Seconds,
     /// True or False.
     Flag,
+    /// `redis_compression`: True, False, or a codec's name (`Compression::parse` lists them).
+    Compression,
     /// A callable returning credentials (`src/credentials.rs`); not a setting, never resolved.
     CredentialProvider,
 }
@@ -161,7 +167,7 @@ pub const POSITIONAL: usize = 5;
 /// names them is derived from this table or held to it by a test: [`Keywords`] and the resolver
 /// (`resolved.rs`), the binding's conversion and `ResolvedSettings.value` (`src/bindings/settings.rs`),
 /// the stubs (`_core.pyi`, `_asyncio.pyi`) and the README's configuration table.
-pub const KEYWORDS: [Keyword; 28] = [
+pub const KEYWORDS: [Keyword; 29] = [
     kw(
         "mode",
         Kind::Mode,
@@ -221,6 +227,13 @@ pub const KEYWORDS: [Keyword; 28] = [
         "bytes of conversations each manager keeps in the process (0: off)",
     ),
     kw(
+        "redis_compression",
+        Kind::Compression,
+        Text("off"),
+        &["REDIS_COMPRESSION"],
+        "how saves store transcripts in Redis: off, zlib (the seed's form) or on (zstd)",
+    ),
+    kw(
         "credential_refresh_margin",
         Kind::Seconds,
         Seconds(180.0),
@@ -243,7 +256,7 @@ pub const KEYWORDS: [Keyword; 28] = [
 
 /// The settings among [`KEYWORDS`] (all but the credential providers), in order: the names
 /// [`Keywords`] holds and [`Resolved::entries`](super::Resolved::entries) lists.
-pub const KEYWORD_NAMES: [&str; 26] = names(0);
+pub const KEYWORD_NAMES: [&str; 27] = names(0);
 
 /// The credential providers among [`KEYWORDS`]: callables, not settings.
 pub const PROVIDER_NAMES: [&str; 2] = names(KEYWORD_NAMES.len());
@@ -265,7 +278,7 @@ pub const POSTGRES_PARTS: [&str; 5] =
 /// Every environment variable [`Resolved::resolve`](super::Resolved::resolve) reads: each
 /// keyword's, in [`KEYWORDS`]' order, then [`POSTGRES_PARTS`] (a test records the reads and holds
 /// this list to them; another holds `.env.example` to it).
-pub const ENVIRONMENT: [&str; 19] = environment();
+pub const ENVIRONMENT: [&str; 20] = environment();
 
 const fn environment<const N: usize>() -> [&'static str; N] {
     let mut out = [""; N];

@@ -8,7 +8,7 @@ use super::source::{
     default, flag, keyword, name_source, parse_mode, path, pick, pick_whole, postgres_from_parts, seconds_within, text,
     Environment, Source, Sourced, BATCH, BYTES, DAYS, MAX_SECONDS, POOL, PORT, TTL,
 };
-use crate::config::{Mode, PostgresSettings, RedisSettings, Settings};
+use crate::config::{Compression, Mode, PostgresSettings, RedisSettings, Settings};
 use crate::error::{Error, Result};
 
 /// Every setting, resolved. Holds passwords: it has no `Debug`, and [`Resolved::entries`] is the
@@ -41,11 +41,21 @@ pub struct Resolved {
     pub redis_ca_file: Sourced<Option<PathBuf>>,
     pub redis_cluster: Sourced<Option<bool>>,
     pub near_cache_bytes: Sourced<u64>,
+    pub redis_compression: Sourced<Compression>,
     pub credential_refresh_margin: Sourced<Duration>,
     pub flush_interval: Sourced<Duration>,
     pub background_flush: Sourced<bool>,
     pub flush_batch_size: Sourced<usize>,
     pub close_timeout: Sourced<Duration>,
+}
+
+/// `redis_compression`: the keyword as given (a `True` or `False` as `"on"` or `"off"`), else
+/// `REDIS_COMPRESSION`, else off; a value [`Compression::parse`] does not take names its source.
+fn compression(given: Option<&str>, env: &dyn Environment) -> Result<Sourced<Compression>> {
+    match given {
+        Some(raw) => Ok(keyword(Compression::parse("redis_compression", raw)?)),
+        None => pick(None, env, &["REDIS_COMPRESSION"], Compression::parse, Compression::Off),
+    }
 }
 
 impl Resolved {
@@ -145,6 +155,7 @@ impl Resolved {
                 BYTES,
                 DEFAULT_NEAR_CACHE_BYTES,
             )?,
+            redis_compression: compression(kw.redis_compression.as_deref(), env)?,
             credential_refresh_margin: secs("credential_refresh_margin", kw.credential_refresh_margin, 180.0, 0.0)?,
             flush_interval: secs("flush_interval", kw.flush_interval, 10.0, 0.001)?,
             background_flush: kw.background_flush.map_or_else(|| default(true), keyword),
@@ -210,6 +221,7 @@ impl Resolved {
         })?;
         settings.cluster = self.redis_cluster.value;
         settings.near_cache_bytes = self.near_cache_bytes.value;
+        settings.compression = self.redis_compression.value;
         Ok(Some(settings))
     }
 
