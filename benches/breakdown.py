@@ -145,8 +145,14 @@ def make_ops(near, far, harness: redis.Redis) -> List[Op]:
         conv["last_modified"] = now_iso()
 
     ops.append(
-        Op("save20", "save, 20 messages (new last message)", before_save,
-           lambda c=cid, v=conv, u=user: near.save_conversation(c, v, user_id=u), "slow", near)  # fmt: skip
+        Op(
+            "save20",
+            "save, 20 messages (new last message)",
+            before_save,
+            lambda c=cid, v=conv, u=user: near.save_conversation(c, v, user_id=u),
+            "slow",
+            near,
+        )  # fmt: skip
     )
 
     # save20_new: a fresh id each time, one user (who has dirty conversations already)
@@ -159,9 +165,14 @@ def make_ops(near, far, harness: redis.Redis) -> List[Op]:
         fresh["conv"]["last_modified"] = now_iso()
 
     ops.append(
-        Op("save20_new", "save, 20 messages, new id (first save)", before_new,
-           lambda f=fresh, u=new_user: near.save_conversation(f["cid"], f["conv"], user_id=u),
-           "slow", near)  # fmt: skip
+        Op(
+            "save20_new",
+            "save, 20 messages, new id (first save)",
+            before_new,
+            lambda f=fresh, u=new_user: near.save_conversation(f["cid"], f["conv"], user_id=u),
+            "slow",
+            near,
+        )  # fmt: skip
     )
 
     # miss20: saved and flushed; the hash deleted before each read
@@ -174,8 +185,14 @@ def make_ops(near, far, harness: redis.Redis) -> List[Op]:
     if got is None or len(got["messages"]) != 20 or not harness.exists(miss_key):
         raise RuntimeError("a miss does not read PostgreSQL and cache the conversation again")
     ops.append(
-        Op("miss20", "get, cache miss, 20 messages", lambda k=miss_key: harness.delete(k),
-           lambda c=miss_cid, u=miss_user: near.get_conversation(c, user_id=u), "slow", near)  # fmt: skip
+        Op(
+            "miss20",
+            "get, cache miss, 20 messages",
+            lambda k=miss_key: harness.delete(k),
+            lambda c=miss_cid, u=miss_user: near.get_conversation(c, user_id=u),
+            "slow",
+            near,
+        )  # fmt: skip
     )
 
     # hit20 (near cache off) and near_hit20: saved, flushed, read once
@@ -187,12 +204,24 @@ def make_ops(near, far, harness: redis.Redis) -> List[Op]:
         if got is None or len(got["messages"]) != 20:
             raise RuntimeError("a saved conversation does not read back")
     ops.append(
-        Op("hit20", "get, Redis hit (near cache off), 20 messages", lambda: None,
-           lambda c=hit_cid, u=hit_user: far.get_conversation(c, user_id=u), "fast", far)  # fmt: skip
+        Op(
+            "hit20",
+            "get, Redis hit (near cache off), 20 messages",
+            lambda: None,
+            lambda c=hit_cid, u=hit_user: far.get_conversation(c, user_id=u),
+            "fast",
+            far,
+        )  # fmt: skip
     )
     ops.append(
-        Op("near_hit20", "get, near-cache hit, 20 messages", lambda: None,
-           lambda c=hit_cid, u=hit_user: near.get_conversation(c, user_id=u), "near", near)  # fmt: skip
+        Op(
+            "near_hit20",
+            "get, near-cache hit, 20 messages",
+            lambda: None,
+            lambda c=hit_cid, u=hit_user: near.get_conversation(c, user_id=u),
+            "near",
+            near,
+        )  # fmt: skip
     )
     return ops
 

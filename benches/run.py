@@ -294,16 +294,16 @@ class Op:
 
 
 OPS: List[Op] = [
-    Op("save20", "save, 20 messages", lambda i: prepare_save(i, 20), "fast", 0.40),
-    Op("save200", "save, 200 messages", lambda i: prepare_save(i, 200), "medium", 0.35),
-    Op("get_hit20", "get, cache hit, 20 messages", lambda i: prepare_get_hit(i, 20), "fast", 0.15),
+    Op("save20", "save, 20 messages", lambda i: prepare_save(i, 20), "fast", 0.25),
+    Op("save200", "save, 200 messages", lambda i: prepare_save(i, 200), "medium", 0.30),
+    Op("get_hit20", "get, cache hit, 20 messages", lambda i: prepare_get_hit(i, 20), "fast", 0.10),
     Op("get_hit200", "get, cache hit, 200 messages", lambda i: prepare_get_hit(i, 200), "medium", 0.25),
     Op(
         "get_far20",
         "get, Redis hit (near cache off), 20 msgs",
         lambda i: prepare_get_hit(i, 20, far=True),
         "fast",
-        0.70,
+        0.35,
     ),
     Op(
         "get_far200",
@@ -312,16 +312,15 @@ OPS: List[Op] = [
         "medium",
         0.50,
     ),
-    Op("get_miss20", "get, cache miss, 20 messages", lambda i: prepare_get_miss(i, 20), "medium", 0.30),
+    Op("get_miss20", "get, cache miss, 20 messages", lambda i: prepare_get_miss(i, 20), "medium", 0.25),
     Op("get_miss200", "get, cache miss, 200 messages", lambda i: prepare_get_miss(i, 200), "slow"),
-    Op("list30", "list, 30 conversations (cached list)", lambda i: prepare_list(i, warm=True), "medium", 0.40),
+    Op("list30", "list, 30 conversations (cached list)", lambda i: prepare_list(i, warm=True), "medium", 0.10),
     Op("list30_cold", "list, 30 conversations (list not cached)", lambda i: prepare_list(i, warm=False), "slow"),
     Op("flush1000", "flush 1,000 dirty (20 msgs, 18 already stored)", prepare_flush, "flush", 0.05),
     Op("pg_save20", "postgres only: save, 20 messages", lambda i: prepare_save(i, 20, pg_only=True), "slow", 0.25),
     Op("pg_get20", "postgres only: get, 20 messages", lambda i: prepare_pg_get(i, 20), "medium", 0.40),
 ]
 THROUGHPUT_KEY = "threads"
-THROUGHPUT_TARGET = 1.6
 # Our 8-thread cache-hit gets/s ÷ the reference's 8-thread gets/s.
 THROUGHPUT_VS_REFERENCE_TARGET = 5.0
 ALL_KEYS = [op.key for op in OPS] + [THROUGHPUT_KEY]
@@ -485,12 +484,10 @@ def table(results: Results) -> str:
                 f"| cache-hit gets/s, {threads} thread{'s' if threads != '1' else ''} (higher is better)"
                 f" | {ours:,.0f} | — | {ref:,.0f} | — | {ours / ref:.2f} | {target} |"
             )
+        # No goal for 8 threads ÷ 1 thread: a near-cache hit waits on nothing, so threads add
+        # no parallelism it could use on one pinned CPU.
         ours_x, ref_x = tp["ours"]["scaling"], tp["reference"]["scaling"]
-        met = "met" if ours_x >= THROUGHPUT_TARGET else "not met"
-        lines.append(
-            f"| gets/s, 8 threads ÷ 1 thread | {ours_x:.2f}× | — | {ref_x:.2f}× | — | — |"
-            f" ≥ {THROUGHPUT_TARGET}× {met} |"
-        )
+        lines.append(f"| gets/s, 8 threads ÷ 1 thread | {ours_x:.2f}× | — | {ref_x:.2f}× | — | — | — |")
     for key, label in (("redis_ping", "network floor: Redis PING (redis-py)"),
                        ("pg_select1", "network floor: PostgreSQL SELECT 1 (psycopg2)")):  # fmt: skip
         if key in results.floor:
@@ -656,12 +653,7 @@ def main(argv: List[str]) -> int:
         "throughput_rounds": THROUGHPUT_ROUNDS[profile],
         "units": "microseconds (throughput: gets per second)",
         "rows": results.rows,
-        "throughput": results.throughput
-        and {
-            **results.throughput,
-            "target_scaling": THROUGHPUT_TARGET,
-            "met": results.throughput["ours"]["scaling"] >= THROUGHPUT_TARGET,
-        },
+        "throughput": results.throughput,
         "network_floor": results.floor,
         "duration_seconds": round(elapsed, 1),
     }
