@@ -32,15 +32,21 @@ def _port_free(port: int) -> bool:
     return True
 
 
+# Node ports and their bus ports (+10000) both below the kernel's ephemeral range (32768 and up on
+# Linux by default): a node the fault tests kill must get its port back when restarted, and an
+# outgoing connection's ephemeral port took a killed node's port in a soak ("Address already in use").
+NODE_PORTS = range(20000, 22768)
+
+
 def _free_node_ports(count: int) -> list[int]:
-    """Ports in 20000-45000 whose bus port (+10000) is free too (a node's port must be at most 55535)."""
+    """Ports in NODE_PORTS whose bus port (+10000) is free too."""
     ports: list[int] = []
     tries = 0
     while len(ports) < count:
         tries += 1
         if tries > 5000:
             raise ServerError("no free port pairs for a Redis Cluster")
-        port = random.randint(20000, 45000)
+        port = random.choice(NODE_PORTS)
         if port in ports or port + 10000 in ports or port - 10000 in ports:
             continue
         if _port_free(port) and _port_free(port + 10000):
