@@ -7,19 +7,27 @@ Starts a throwaway PostgreSQL, one redis-server, and a Redis Cluster of 3 primar
 each (tests/support/cluster_support.py), all on this machine, then, through `ChatHistoryManager` in redis
 mode (background_flush=False), for each of the two:
 
-1. p50 of a save of a 20-message conversation, of a cache-hit get of it, and of a list of 30;
+1. p50 of a save of a 20-message conversation (re-saved with a new last message, as the app does
+   after a reply), of a Redis hit of it and of a list of 30, both by a manager with the near cache
+   off (`near_cache_bytes=0`: with it on, both are answered in the process, on a cluster as on one
+   node), measured alternately on the two setups in chunks of 50 calls, so a slow moment of the
+   machine lands on both; the ratio cluster ÷ one node of each p50;
 2. fills Redis with N small dirty conversations (2 messages, 10 per user; untimed) and times one
    `flush_dirty_conversations()` of all of them into an empty database, then the same with two
    flushers (two managers in two threads flushing at once) on a new fill.
 
-Both setups share this machine's cores, so the cluster's shards compete with each other and with
-the client: the table shows what sharding costs per call here, not what more machines would give.
+Pinned like benches/run.py (`--no-pin` turns it off): the harness re-executes itself under
+`taskset -c 0` and starts every server from there, so the client, PostgreSQL, the one node and all
+six cluster processes share CPU 0. The cluster's shards and replicas then compete with each other
+and with the client: the table shows what sharding costs per call here, not what more machines
+would give.
 Results are printed and written to benches/results/cluster.json. No timing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -37,6 +45,9 @@ from common import (  # noqa: E402
     machine_info,
     new_conversation_id,
     new_user_id,
+    pin_or_reexec,
+    pinning_line,
+    pinning_report,
     summary_us,
     write_report,
 )
@@ -45,37 +56,73 @@ PER_USER = 10
 FILL_THREADS = 4
 
 
-def manager(db_url: str, redis_url: str):
+def manager(db_url: str, redis_url: str, **kwargs):
     return chat_history_rs.ChatHistoryManager(
         mode="postgres",
         connection_string=db_url,
         redis_enabled=True,
         redis_connection_string=redis_url,
         background_flush=False,
+        **kwargs,
     )
 
 
-def per_call(m, corpus: Corpus, iterations: int) -> Dict[str, dict]:
-    user, cid = new_user_id(), new_conversation_id()
-    conv = corpus.conversation(20)
-    m.save_conversation(cid, conv, user_id=user)
-    for _ in range(29):
-        m.save_conversation(new_conversation_id(), corpus.conversation(2), user_id=user)
-    out: Dict[str, List[int]] = {"save20": [], "get_hit20": [], "list30": []}
-    for _ in range(iterations // 10):
-        m.get_conversation(cid, user_id=user)
-    for _ in range(iterations):
-        t0 = time.perf_counter_ns()
-        m.save_conversation(cid, conv, user_id=user)
-        t1 = time.perf_counter_ns()
-        m.get_conversation(cid, user_id=user)
-        t2 = time.perf_counter_ns()
-        m.list_conversations(user)
-        t3 = time.perf_counter_ns()
-        out["save20"].append(t1 - t0)
-        out["get_hit20"].append(t2 - t1)
-        out["list30"].append(t3 - t2)
-    return {k: summary_us(v) for k, v in out.items()}
+CHUNK = 50
+
+
+class PerCall:
+    """One setup's per-call measurements: a user with 30 conversations, one of 20 messages that is
+    re-saved with a new last message, read and listed by a manager without the near cache."""
+
+    def __init__(self, db_url: str, redis_url: str, corpus: Corpus) -> None:
+        self.corpus = corpus
+        self.saver = manager(db_url, redis_url)
+        self.reader = manager(db_url, redis_url, near_cache_bytes=0)
+        self.user, self.cid = new_user_id(), new_conversation_id()
+        self.conv = corpus.conversation(20)
+        self.base = self.conv["messages"][:-1]
+        self.replies = [corpus.message(19) for _ in range(16)]
+        self.saver.save_conversation(self.cid, self.conv, user_id=self.user)
+        for _ in range(29):
+            self.saver.save_conversation(new_conversation_id(), corpus.conversation(2), user_id=self.user)
+        self.samples: Dict[str, List[int]] = {"save20": [], "get_hit20": [], "list30": []}
+        self.turn = 0
+
+    def chunk(self, record: bool) -> None:
+        for _ in range(CHUNK):
+            self.turn += 1
+            self.conv["messages"] = self.base + [self.replies[self.turn % len(self.replies)]]
+            t0 = time.perf_counter_ns()
+            self.saver.save_conversation(self.cid, self.conv, user_id=self.user)
+            t1 = time.perf_counter_ns()
+            got = self.reader.get_conversation(self.cid, user_id=self.user)
+            t2 = time.perf_counter_ns()
+            listed = self.reader.list_conversations(self.user)
+            t3 = time.perf_counter_ns()
+            if got is None or len(got["messages"]) != 20 or len(listed) != 30:
+                raise SystemExit("a saved conversation did not read back (or the list is short)")
+            if record:
+                self.samples["save20"].append(t1 - t0)
+                self.samples["get_hit20"].append(t2 - t1)
+                self.samples["list30"].append(t3 - t2)
+        # The re-saves keep replacing an unflushed reply, each kept aside for the flush: flushed
+        # between chunks (untimed), as the background flush would.
+        self.saver.flush_dirty_conversations()
+
+    def close(self) -> Dict[str, dict]:
+        self.reader.close()
+        self.saver.close()
+        return {k: summary_us(v) for k, v in self.samples.items()}
+
+
+def per_call(setups: Dict[str, "PerCall"], iterations: int) -> Dict[str, Dict[str, dict]]:
+    """Alternates chunks between the setups: a warm-up chunk each, then `iterations` calls each."""
+    for setup in setups.values():
+        setup.chunk(record=False)
+    for _ in range(max(1, iterations // CHUNK)):
+        for setup in setups.values():
+            setup.chunk(record=True)
+    return {name: setup.close() for name, setup in setups.items()}
 
 
 def fill(m, corpus: Corpus, count: int) -> None:
@@ -113,25 +160,35 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="10,000 conversations, fewer iterations")
     parser.add_argument("--count", type=int, help="conversations per flush (default 100,000; 10,000 with --quick)")
     parser.add_argument("--json", default=str(RESULTS / "cluster.json"), help="where to write the results")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin the benchmark and servers to one CPU")
     args = parser.parse_args(argv)
     count = args.count or (10_000 if args.quick else 100_000)
     iterations = 200 if args.quick else 1000
     corpus = Corpus(seed=11)
+    pin_or_reexec([os.path.abspath(__file__), *argv], enabled=not args.no_pin)
     stack = Stack()
     cluster = RedisClusterServers()
     report: Dict[str, object] = {"machine": machine_info(), "count": count, "iterations": iterations}
     try:
         stack.start()
         cluster.start()
+        pinning = pinning_report(stack, enabled=not args.no_pin)
+        report["pinning"] = pinning
         setups = {"one node": stack.redis_url(0), "cluster, 3 shards": cluster.url}
         print(f"# Redis Cluster beside one node: {count:,} conversations per flush\n")
         machine = report["machine"]
-        print(f"Machine: {machine['cpu']}, {machine['cores']} cores; chat_history_rs {chat_history_rs.__version__}\n")
+        print(f"Machine: {machine['cpu']}, {machine['cores']} cores; chat_history_rs {chat_history_rs.__version__}")
+        print(pinning_line(pinning) + "; the cluster's six processes start from the same process\n")
+        databases = {name: stack.database_url("bench_cluster") for name in setups}
+        calls = per_call(
+            {name: PerCall(databases[name], url, corpus) for name, url in setups.items()},
+            iterations,
+        )
+        print("per-call measurements: done", flush=True)
         rows = {}
         for name, redis_url in setups.items():
-            db_url = stack.database_url("bench_cluster")
+            db_url = databases[name]
             m = manager(db_url, redis_url)
-            calls = per_call(m, corpus, iterations)
             m.flush_dirty_conversations()
             fill(m, corpus, count)
             one, written_one = timed_flush([m])
@@ -141,7 +198,7 @@ def main(argv: List[str]) -> int:
             other.close()
             m.close()
             rows[name] = {
-                "calls": calls,
+                "calls": calls[name],
                 "flush_1": {"seconds": one, "written": written_one},
                 "flush_2": {"seconds": two, "written": written_two},
                 "layout": name,
@@ -149,7 +206,7 @@ def main(argv: List[str]) -> int:
             print(f"{name}: done", flush=True)
         report["rows"] = rows
         print()
-        print("| setup | save20 p50 µs | get hit20 p50 µs | list30 p50 µs | flush, 1 flusher | flush, 2 flushers |")
+        print("| setup | save20 p50 µs | Redis hit20 p50 µs | list30 p50 µs | flush, 1 flusher | flush, 2 flushers |")
         print("|---|---:|---:|---:|---:|---:|")
         for name, row in rows.items():
             c = {k: v["p50_us"] for k, v in row["calls"].items()}
@@ -159,6 +216,13 @@ def main(argv: List[str]) -> int:
                 f"| {f1['seconds']:.1f} s ({f1['written'] / f1['seconds']:,.0f}/s) "
                 f"| {f2['seconds']:.1f} s ({f2['written'] / f2['seconds']:,.0f}/s) |"
             )
+        one_node, sharded = (rows[name]["calls"] for name in setups)
+        ratios = {k: sharded[k]["p50_us"] / one_node[k]["p50_us"] for k in one_node}
+        report["ratios"] = ratios
+        print(
+            f"| cluster ÷ one node (p50) | {ratios['save20']:.2f}× | {ratios['get_hit20']:.2f}× "
+            f"| {ratios['list30']:.2f}× | | |"
+        )
         write_report(args.json, report)
     finally:
         cluster.remove()
