@@ -21,13 +21,11 @@ import redis
 from chat_history_rs import AsyncChatHistoryManager, ConfigurationError, InvalidTypeError, resolve_settings
 from support.redis_support import (
     CLUSTER,
-    DIRTY_SET,
     conv_key,
-    dirty_member,
     dirty_set,
     grown,
-    needs_single_node,
     now_iso,
+    write_seed_hash,
 )
 from support.near_support import conversation_read, read_until_near_hit, wait_tracking
 from support.servers import assert_row_matches
@@ -94,28 +92,6 @@ def assert_stored_form(stored: bytes, form: str, conversation: dict) -> None:
         assert json.loads(text) == conversation["messages"]
     if form != "plain":
         assert len(stored) < plain_size(conversation) * 0.75, (form, len(stored), plain_size(conversation))
-
-
-def write_seed_zlib_hash(client, user_id: str, conversation_id: str, conversation: dict) -> None:
-    """A dirty hash exactly as a seed-design instance with the seed plan's "Compression (Optional)" writes
-    it: `RedisBackend.set_conversation` with `messages` from `_compress_messages`, its 1800 s TTL, and the
-    member in the seed's dirty set."""
-    needs_single_node("seed-design writers use the seed layout, which a cluster cannot hold")
-    json_str = json.dumps(conversation["messages"])
-    key = conv_key(user_id, conversation_id)
-    client.hset(
-        key,
-        mapping={
-            "title": conversation["title"],
-            "model": conversation["model"],
-            "messages": base64.b64encode(zlib.compress(json_str.encode())).decode(),
-            "created_at": conversation["created_at"],
-            "last_modified": conversation["last_modified"],
-            "dirty": "1",
-        },
-    )
-    client.expire(key, 1800)
-    client.sadd(DIRTY_SET, dirty_member(user_id, conversation_id))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,7 +204,7 @@ def test_a_seed_hash_with_zlib_messages_is_read_and_flushed(
     make_redis_manager, rdb, pg_conn, user_id, conv_id, reader
 ):  # fmt: skip
     conversation = chat(12, seed=3, title="Written by a seed instance with compression")
-    write_seed_zlib_hash(rdb.client, user_id, conv_id, conversation)
+    write_seed_hash(rdb.client, user_id, conv_id, conversation, compressed=True)
     manager = make_redis_manager(near_cache_bytes=0, redis_compression=SETTING_OF[reader])
     assert manager.get_conversation(conv_id, user_id=user_id) == conversation
     assert manager.flush_dirty_conversations() == 1

@@ -17,6 +17,7 @@ helpers read the cluster layout (docs/design.md, "Redis Cluster"), so a suite ru
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ import sys
 import textwrap
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional
@@ -297,17 +299,29 @@ def seed_view(client: redis.Redis) -> dict:
 
 
 def write_seed_hash(
-    client: redis.Redis, user_id: str, conversation_id: str, conversation: dict, *, dirty: bool = True, ttl=1800
+    client: redis.Redis,
+    user_id: str,
+    conversation_id: str,
+    conversation: dict,
+    *,
+    dirty: bool = True,
+    ttl=1800,
+    compressed: bool = False,
 ) -> None:
-    """Writes a conversation exactly as the seed's Python RedisBackend.set_conversation does."""
+    """Writes a conversation exactly as the seed's Python RedisBackend.set_conversation does; with
+    `compressed`, as a seed instance with the seed plan's "Compression (Optional)" does (`messages` from
+    `_compress_messages`: base64 of zlib of the JSON)."""
     needs_single_node("seed-design writers use the seed layout, which a cluster cannot hold")
     key = conv_key(user_id, conversation_id)
+    messages = json.dumps(conversation["messages"])
+    if compressed:
+        messages = base64.b64encode(zlib.compress(messages.encode())).decode()
     client.hset(
         key,
         mapping={
             "title": conversation["title"],
             "model": conversation["model"],
-            "messages": json.dumps(conversation["messages"]),
+            "messages": messages,
             "created_at": conversation["created_at"],
             "last_modified": conversation["last_modified"],
             "dirty": "1" if dirty else "0",
