@@ -256,6 +256,16 @@ def test_the_overwrite_guard_fails_closed_on_a_copy_it_cannot_read(
         assert_row_matches(pg_conn, conv_id, user_id, v1)
 
 
+def _heal_and_write_back(proxy, rdb, user_id: str, *, cut_off, other) -> None:
+    """Ends the partition, waits until the cut-off instance uses Redis again, then flushes both instances; Redis
+    is left with nothing dirty and no late copy."""
+    proxy.heal()
+    wait_until(lambda: _poke(cut_off, user_id), timeout=10, what="the cut-off instance back on Redis")
+    for app in (other, cut_off):
+        app.flush_dirty_conversations()
+    _drained(rdb)
+
+
 def _poke(manager, user_id: str) -> bool:
     """A call that tries Redis once the backoff is over, without touching the conversation under test; whether
     Redis is in use again."""
@@ -427,11 +437,7 @@ def test_a_fallback_save_of_a_copy_read_through_another_instance_loses_nothing(
         b.save_conversation(conv_id, v3, user_id=user_id)  # B is still cut off: to PostgreSQL again
         assert_row_matches(pg_conn, conv_id, user_id, v3)
 
-        proxy.heal()
-        wait_until(lambda: _poke(b, user_id), timeout=10, what="B back on Redis")
-        for app in (a, b):
-            app.flush_dirty_conversations()
-        _drained(rdb)
+        _heal_and_write_back(proxy, rdb, user_id, cut_off=b, other=a)
         _assert_nothing_lost(pg_conn, conv_id, user_id, v3, v2, v2b, v3)
 
 
@@ -466,10 +472,5 @@ def test_a_fallback_save_that_races_a_flush_of_the_row_it_read_loses_nothing(
         saving.result()
         assert_row_matches(pg_conn, conv_id, user_id, v2b)
 
-        proxy.heal()
-        wait_until(lambda: _poke(b, user_id), timeout=10, what="B back on Redis")
-        for app in (a, b):
-            app.flush_dirty_conversations()
-        _drained(rdb)
+        _heal_and_write_back(proxy, rdb, user_id, cut_off=b, other=a)
         _assert_nothing_lost(pg_conn, conv_id, user_id, v2b, v2, v2b)
-
