@@ -65,4 +65,7 @@ pub struct CacheStats {
     pub layout: Option<&'static str>,
     /// The near cache's figures; `None` when `near_cache_bytes` is 0.
     pub near: Option<crate::cache::NearStats>,
+    /// The change feed's figures (zero in a manager opened only to look, as `chat-history stats`
+    /// opens one: it does not follow).
+    pub feed: crate::feed::FeedFigures,
 }

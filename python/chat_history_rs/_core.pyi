@@ -86,6 +86,12 @@ class Stats(_CallStats, total=False):
     near_cache_entries: int
     near_cache_bytes: int
     near_cache_limit_bytes: int
+    feed_following: bool
+    feed_changes_applied: int
+    feed_copies_dropped: int
+    feed_divergences: int
+    feed_resyncs: int
+    feed_lag_seconds: Optional[float]
     redis_nodes: List[RedisNode]
 
 CredentialProvider = Callable[[], Union[Tuple[str, str], Tuple[str, str, Optional[float]]]]

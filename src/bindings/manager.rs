@@ -261,6 +261,12 @@ impl PyChatHistoryManager {
             dict.set_item("near_cache_entries", near.entries)?;
             dict.set_item("near_cache_bytes", near.bytes)?;
             dict.set_item("near_cache_limit_bytes", near.limit)?;
+            dict.set_item("feed_following", c.feed.following)?;
+            dict.set_item("feed_changes_applied", c.feed.changes_applied)?;
+            dict.set_item("feed_copies_dropped", c.feed.copies_dropped)?;
+            dict.set_item("feed_divergences", c.feed.divergences)?;
+            dict.set_item("feed_resyncs", c.feed.resyncs)?;
+            dict.set_item("feed_lag_seconds", c.feed.lag_seconds)?;
             let nodes = PyList::empty(py);
             for node in c.nodes {
                 let entry = PyDict::new(py);

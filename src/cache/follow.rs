@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use redis::Value;
 
-use crate::cache::error::CacheResult;
+use crate::cache::error::{CacheError, CacheResult};
 use crate::cache::keys::{member, KeyLayout};
 use crate::cache::nodes::{scan_node, scan_primaries};
 use crate::cache::pool::Con;
@@ -14,14 +14,19 @@ use crate::cache::redis::{RedisCache, Spread};
 use crate::cache::scripts;
 use crate::cache::writes::{Bypass, DELETE_TOMBSTONE_SECONDS};
 
-/// Conversations per round trip.
+/// Changes per round trip, for the feed.
 const FOLLOW_PER_PIPELINE: usize = 500;
+/// Changes per round trip after writes sent straight to PostgreSQL: each pipeline runs under a
+/// deadline, so fewer.
+const INVALIDATE_PER_PIPELINE: usize = 100;
 
 /// What [`RedisCache::follow`] found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Followed {
-    /// Copies dropped (or changes to conversations this Redis did not hold).
+    /// Copies dropped.
     pub dropped: usize,
+    /// Changes to conversations this Redis held no copy of.
+    pub uncached: usize,
     /// Copies at least as new as the change: nothing to do (this tier's own write-back, mostly).
     pub current: usize,
     /// `<user>:<id>` members whose dirty copy is older than PostgreSQL's row: the caller flushes
@@ -35,11 +40,24 @@ fn millis(d: Duration) -> u64 {
 
 impl RedisCache {
     /// Applies changes PostgreSQL committed (see `follow.lua`), `Bypass` giving each one's row
-    /// version (or tombstone version, for a delete).
+    /// version (or tombstone version, for a delete). Without a deadline: the change feed's.
     pub fn follow(&self, changes: &[Bypass]) -> CacheResult<Followed> {
+        self.follow_changes(changes, FOLLOW_PER_PIPELINE, false)
+    }
+
+    /// Brings Redis in line with writes this process sent straight to PostgreSQL (see
+    /// `follow.lua`), in pipelines of a hundred, each under a deadline. Returns the `<user>:<id>`
+    /// members whose dirty copy is older than PostgreSQL's row: the caller flushes them, which
+    /// resolves the divergence.
+    pub fn invalidate(&self, items: &[Bypass]) -> CacheResult<Vec<String>> {
+        Ok(self.follow_changes(items, INVALIDATE_PER_PIPELINE, true)?.diverged)
+    }
+
+    fn follow_changes(&self, changes: &[Bypass], per_pipeline: usize, fenced: bool) -> CacheResult<Followed> {
         let l = self.layout()?;
         let mut followed = Followed::default();
-        for chunk in changes.chunks(FOLLOW_PER_PIPELINE) {
+        for chunk in changes.chunks(per_pipeline) {
+            let deadline = if fenced { self.deadline_now() } else { String::new() };
             let mut spread = Spread::default();
             for item in chunk {
                 let (user_id, conversation_id) = (item.user_id.as_str(), item.conversation_id.as_str());
@@ -53,6 +71,7 @@ impl RedisCache {
                     l.owner_for_script(user_id, conversation_id),
                     l.deleted(user_id, conversation_id),
                     l.changed(user_id, conversation_id),
+                    l.list_epoch(user_id),
                 ];
                 let mut cmd = scripts::call(&scripts::FOLLOW, &keys);
                 cmd.arg(member(user_id, conversation_id))
@@ -61,22 +80,27 @@ impl RedisCache {
                     .arg(if item.deleted { "delete" } else { "save" })
                     .arg(user_id)
                     .arg(DELETE_TOMBSTONE_SECONDS)
-                    .arg(l.owner_in_slot());
+                    .arg(l.owner_in_slot())
+                    .arg(&deadline);
                 spread.add(cmd, true);
             }
             let replies = self.query_spread(&spread)?;
             let mut owners = Spread::default();
             for (item, reply) in chunk.iter().zip(replies) {
                 match redis::from_redis_value::<i64>(reply).unwrap_or(1) {
+                    -4 => return Err(CacheError::Unavailable("Redis applied a change after its deadline".into())),
                     0 => followed.current += 1,
                     2 => followed.diverged.push(member(&item.user_id, &item.conversation_id)),
-                    _ => {
-                        followed.dropped += 1;
+                    dropped => {
+                        if dropped == 3 {
+                            followed.uncached += 1;
+                        } else {
+                            followed.dropped += 1;
+                        }
                         if l == KeyLayout::Cluster {
-                            // The owner record is in the id's own slot; a dropped copy takes it
-                            // along, as `invalidate` does.
+                            // The owner record is in the id's own slot; a dropped copy takes it along.
                             let mut cmd = scripts::call(&scripts::RELEASE, &[l.owner(&item.conversation_id)]);
-                            cmd.arg(&item.user_id).arg("").arg("");
+                            cmd.arg(&item.user_id).arg("").arg(&deadline);
                             owners.add(cmd, false);
                         }
                     }

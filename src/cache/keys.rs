@@ -66,6 +66,17 @@ impl KeyLayout {
         }
     }
 
+    /// When the user's cached list was last dropped because PostgreSQL changed (a fresh value per
+    /// drop, short-lived): a list rebuilt from rows read before the drop must not be cached
+    /// (`rebuild_list.lua`).
+    #[must_use]
+    pub fn list_epoch(self, user_id: &str) -> String {
+        match self {
+            KeyLayout::Seed => format!("user:{user_id}:listepoch"),
+            KeyLayout::Cluster => format!("user:{{{user_id}}}:listepoch"),
+        }
+    }
+
     /// The user's dirty conversation ids.
     #[must_use]
     pub fn user_dirty(self, user_id: &str) -> String {
@@ -358,6 +369,8 @@ mod tests {
             l.conv("u-1", "c1"),
             l.list("u-1"),
             l.list_meta("u-1"),
+            l.list_epoch("u-1"),
+            l.changed("u-1", "c1"),
             l.user_dirty("u-1"),
             l.dirty_set("u-1"),
             l.dirty_since("u-1"),

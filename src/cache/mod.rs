@@ -39,5 +39,5 @@ pub use follow::Followed;
 pub use keys::{fresh_token, member, split_late_member, split_member, KeyLayout};
 pub use near::NearStats;
 pub use nodes::{CacheMemory, NodeInfo};
-pub use redis::RedisCache;
+pub use redis::{ListRead, RedisCache};
 pub use writes::{copy_mark, Bypass, Deleted, SaveOptions, SaveOutcome};

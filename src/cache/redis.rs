@@ -96,6 +96,19 @@ impl Spread {
     }
 }
 
+/// What [`RedisCache::list`] found.
+#[derive(Debug, Clone)]
+pub enum ListRead {
+    /// The cached list.
+    Cached(Arc<Listing>),
+    /// Not cached: the list epoch, read before PostgreSQL's rows are, for
+    /// [`RedisCache::rebuild_list`].
+    Missing {
+        /// The epoch as read ('' when there is none).
+        epoch: String,
+    },
+}
+
 /// The Redis cache.
 pub struct RedisCache {
     pool: Pool<Connector>,
@@ -515,26 +528,40 @@ impl RedisCache {
         self.reads.counts()
     }
 
-    /// The user's cached list (ids with metadata, newest first), or `None` when not cached.
-    pub fn list(&self, user_id: &str) -> CacheResult<Option<Arc<Listing>>> {
-        let keys = [self.layout()?.list(user_id), self.layout()?.list_meta(user_id)];
-        let read = || -> CacheResult<Option<Arc<Listing>>> {
+    /// The user's cached list (ids with metadata, newest first), or, when it is not cached, the
+    /// list epoch to hand [`RedisCache::rebuild_list`] (read before PostgreSQL's rows are).
+    pub fn list(&self, user_id: &str) -> CacheResult<ListRead> {
+        let l = self.layout()?;
+        let keys = [l.list(user_id), l.list_meta(user_id), l.list_epoch(user_id)];
+        let read = || -> CacheResult<ListRead> {
             let mut pipe = redis::pipe();
             pipe.add_command(scripts::call(&scripts::LIST, &keys));
             let (value,): (Value,) = self.query(&pipe)?;
             match value {
-                Value::Nil => Ok(None),
-                other => Ok(parse_listing(other).map(Arc::new)),
+                Value::BulkString(epoch) => {
+                    Ok(ListRead::Missing { epoch: String::from_utf8_lossy(&epoch).into_owned() })
+                }
+                other => {
+                    if let Some(items) = parse_listing(other) {
+                        return Ok(ListRead::Cached(Arc::new(items)));
+                    }
+                    // An entry this build cannot read (another writer's): rebuilt like a missing list.
+                    let epoch: Option<String> = self.command(redis::cmd("GET").arg(&keys[2]))?;
+                    Ok(ListRead::Missing { epoch: epoch.unwrap_or_default() })
+                }
             }
         };
         let Some(near) = &self.near else { return read() };
         if let Some(NearValue::List(items)) = near.get(&keys[0]) {
-            return Ok(Some(items));
+            return Ok(ListRead::Cached(items));
         }
         let token = near.begin_fill(&keys[0], Some(&keys[1]));
         let result = read();
         if let Some(token) = token {
-            let copy = result.as_ref().ok().and_then(Option::as_ref).map(|items| NearValue::List(Arc::clone(items)));
+            let copy = match &result {
+                Ok(ListRead::Cached(items)) => Some(NearValue::List(Arc::clone(items))),
+                _ => None,
+            };
             near.finish_fill(&keys[0], token, copy);
         }
         result

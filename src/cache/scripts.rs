@@ -43,16 +43,15 @@ script!(LIST, "list.lua", "The user's cached list, or nil.");
 script!(REBUILD_LIST, "rebuild_list.lua", "Rebuilds the user's list from PostgreSQL's rows and the dirty ids.");
 script!(SETTLE, "settle.lua", "Compare-and-clear after a flush.");
 script!(ADOPT, "adopt.lua", "Gives a hash another writer changed a version of its own.");
-script!(INVALIDATE, "invalidate.lua", "Brings Redis in line with a write that went straight to PostgreSQL.");
 script!(CLAIM, "claim.lua", "Cluster: claims an id in its own slot before the save.");
 script!(RELEASE, "release.lua", "Cluster: removes an id's owner record, or gives it a TTL.");
-script!(FOLLOW, "follow.lua", "Brings Redis in line with a change PostgreSQL committed (the change feed).");
+script!(FOLLOW, "follow.lua", "Brings Redis in line with a change PostgreSQL committed that bypassed this Redis.");
 script!(FEED_CLAIM, "feed_claim.lua", "Takes or renews the change feed's lease; returns its mark.");
 script!(FEED_MARK, "feed_mark.lua", "Records the change feed's mark, for the lease's holder only.");
 script!(DROP_CLEAN, "drop_clean.lua", "Drops a conversation's copy unless it is dirty (a full resync).");
 
 /// Every script, loaded on each new connection, so a pipeline rarely meets NOSCRIPT.
-pub static ALL: [&LazyLock<Lua>; 15] = [
+pub static ALL: [&LazyLock<Lua>; 14] = [
     &SAVE,
     &REFRESH_TTL,
     &BACKFILL,
@@ -61,7 +60,6 @@ pub static ALL: [&LazyLock<Lua>; 15] = [
     &REBUILD_LIST,
     &SETTLE,
     &ADOPT,
-    &INVALIDATE,
     &CLAIM,
     &RELEASE,
     &FOLLOW,

@@ -5,14 +5,12 @@ use redis::Value;
 use crate::cache::codec::{parse_listing, stage, ListEntry};
 use crate::cache::error::{CacheError, CacheResult};
 use crate::cache::keys::{fresh_token, late_member, member, KeyLayout};
-use crate::cache::redis::{RedisCache, Spread, LIST_TTL_SECONDS};
+use crate::cache::redis::{RedisCache, LIST_TTL_SECONDS};
 use crate::cache::scripts;
 use crate::model::Conversation;
 
 /// How long a delete keeps reads from re-caching the deleted conversation.
 pub(crate) const DELETE_TOMBSTONE_SECONDS: u64 = 60;
-/// Bypass entries replayed per pipeline, each call well inside the Redis timeout.
-const INVALIDATE_PER_PIPELINE: usize = 100;
 /// Times a list rebuild reads the dirty ids again when a save changed them meanwhile.
 const REBUILD_ATTEMPTS: usize = 5;
 
@@ -323,12 +321,14 @@ impl RedisCache {
     }
 
     /// Rebuilds the user's list from PostgreSQL's rows plus the user's dirty conversations and
-    /// returns it.
+    /// returns it; `None` when a change PostgreSQL committed moved the list epoch since `epoch` was
+    /// read (the rows may be older than that change: the caller reads them again).
     pub fn rebuild_list(
         &self,
         user_id: &str,
+        epoch: &str,
         from_postgres: &[(String, Conversation)],
-    ) -> CacheResult<Vec<(String, Conversation)>> {
+    ) -> CacheResult<Option<Vec<(String, Conversation)>>> {
         let l = self.layout()?;
         let entries: Vec<(f64, String)> =
             from_postgres.iter().map(|(_, c)| (c.last_modified.unix_seconds(), ListEntry::to_json(c))).collect();
@@ -336,12 +336,12 @@ impl RedisCache {
             // The script may touch only keys it is given: the dirty ids are read first, and the
             // script refuses (and this reads them again) if a save changed them meanwhile.
             let dirty: Vec<String> = self.command(redis::cmd("SMEMBERS").arg(l.user_dirty(user_id)))?;
-            let mut keys = vec![l.list(user_id), l.list_meta(user_id), l.user_dirty(user_id)];
+            let mut keys = vec![l.list(user_id), l.list_meta(user_id), l.user_dirty(user_id), l.list_epoch(user_id)];
             keys.extend(from_postgres.iter().map(|(id, _)| l.deleted(user_id, id)));
             keys.extend(dirty.iter().map(|id| l.conv(user_id, id)));
             let (value,): (Value,) = self.query_fenced(|deadline| {
                 let mut script = scripts::call(&scripts::REBUILD_LIST, &keys);
-                script.arg(LIST_TTL_SECONDS).arg(from_postgres.len()).arg(deadline);
+                script.arg(LIST_TTL_SECONDS).arg(from_postgres.len()).arg(deadline).arg(epoch);
                 for ((id, _), (score, entry)) in from_postgres.iter().zip(&entries) {
                     script.arg(id).arg(*score).arg(entry);
                 }
@@ -352,64 +352,18 @@ impl RedisCache {
                 pipe.add_command(script);
                 pipe
             })?;
-            if value == Value::Int(-4) {
-                return Err(CacheError::Unavailable("Redis ran the list rebuild after its deadline".into()));
-            }
-            if let Some(listing) = parse_listing(value) {
-                return Ok(listing);
+            match value {
+                Value::Int(-4) => {
+                    return Err(CacheError::Unavailable("Redis ran the list rebuild after its deadline".into()))
+                }
+                Value::Int(-5) => return Ok(None),
+                other => {
+                    if let Some(listing) = parse_listing(other) {
+                        return Ok(Some(listing));
+                    }
+                }
             }
         }
         Err(CacheError::Other("the user's dirty conversations kept changing while the list was rebuilt".into()))
-    }
-
-    /// Brings Redis in line with writes that went straight to PostgreSQL (see `invalidate.lua`), in
-    /// pipelines of a hundred. Returns the `<user>:<id>` members whose dirty copy is older than
-    /// PostgreSQL's row: the caller flushes them, which resolves the divergence.
-    pub fn invalidate(&self, items: &[Bypass]) -> CacheResult<Vec<String>> {
-        let l = self.layout()?;
-        let mut left = Vec::new();
-        for chunk in items.chunks(INVALIDATE_PER_PIPELINE) {
-            let deadline = self.deadline_now();
-            let mut spread = Spread::default();
-            for item in chunk {
-                let (user_id, conversation_id) = (item.user_id.as_str(), item.conversation_id.as_str());
-                let keys = [
-                    l.conv(user_id, conversation_id),
-                    l.dirty_set(user_id),
-                    l.user_dirty(user_id),
-                    l.dirty_since(user_id),
-                    l.list(user_id),
-                    l.list_meta(user_id),
-                    l.owner_for_script(user_id, conversation_id),
-                    l.deleted(user_id, conversation_id),
-                ];
-                let mut cmd = scripts::call(&scripts::INVALIDATE, &keys);
-                cmd.arg(member(user_id, conversation_id))
-                    .arg(conversation_id)
-                    .arg(item.version)
-                    .arg(if item.deleted { "delete" } else { "save" })
-                    .arg(user_id)
-                    .arg(DELETE_TOMBSTONE_SECONDS)
-                    .arg(l.owner_in_slot())
-                    .arg(&deadline);
-                spread.add(cmd, true);
-            }
-            let replies = self.query_spread(&spread)?;
-            let mut owners = Spread::default();
-            for (item, reply) in chunk.iter().zip(replies) {
-                match redis::from_redis_value::<i64>(reply).unwrap_or(0) {
-                    -4 => return Err(CacheError::Unavailable("Redis ran a replay after its deadline".into())),
-                    2 => left.push(member(&item.user_id, &item.conversation_id)),
-                    1 if l == KeyLayout::Cluster => {
-                        let mut cmd = scripts::call(&scripts::RELEASE, &[l.owner(&item.conversation_id)]);
-                        cmd.arg(&item.user_id).arg("").arg(&deadline);
-                        owners.add(cmd, false);
-                    }
-                    _ => {}
-                }
-            }
-            self.query_spread(&owners)?;
-        }
-        Ok(left)
     }
 }

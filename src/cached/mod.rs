@@ -13,7 +13,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::cache::{
-    copy_mark, member, Bypass, CacheError, CacheMemory, CachedConversation, Deleted, DirtyEntry, RedisCache,
+    copy_mark, member, Bypass, CacheError, CacheMemory, CachedConversation, Deleted, DirtyEntry, ListRead, RedisCache,
     SaveOptions, SaveOutcome,
 };
 use crate::error::{Backend, Error, ErrorKind, Result};
@@ -27,6 +27,9 @@ pub(crate) use health::Health;
 use health::MAX_BYPASSES;
 use seen::Seen;
 use tainted::Tainted;
+
+/// Times a list miss reads PostgreSQL's rows when changes keep moving the list epoch meanwhile.
+const LIST_ATTEMPTS: usize = 3;
 
 /// A conversation as a read found it: still in Redis's form (no copy made yet), or owned.
 #[derive(Debug, Clone)]
@@ -252,25 +255,38 @@ impl CachedTier {
     }
 
     pub(crate) fn list(&self, user_id: &str) -> Result<Vec<(String, Conversation)>> {
-        let mut items = match self.cache(|r| r.list(user_id)) {
-            Some(Ok(Some(items))) => {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                Arc::unwrap_or_clone(items)
-            }
-            Some(Ok(None)) => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
-                let from_postgres = self.pg()?.list(user_id, self.history_days)?;
-                match self.cache(|r| r.rebuild_list(user_id, &from_postgres)) {
-                    Some(Ok(items)) => items,
-                    _ => from_postgres,
-                }
-            }
-            _ => return self.pg()?.list(user_id, self.history_days),
-        };
+        let mut items = self.list_any(user_id)?;
         let horizon = Timestamp::from(chrono::Utc::now() - chrono::Duration::days(i64::from(self.history_days)));
         items.retain(|(_, c)| c.created_at >= horizon);
         items.sort_by(|(a_id, a), (b_id, b)| b.last_modified.cmp(&a.last_modified).then_with(|| a_id.cmp(b_id)));
         Ok(items)
+    }
+
+    /// The user's list: the cached one, or PostgreSQL's rows (merged with the dirty copies) cached
+    /// unless a change PostgreSQL committed meanwhile makes them old (then read again).
+    fn list_any(&self, user_id: &str) -> Result<Vec<(String, Conversation)>> {
+        for attempt in 0..LIST_ATTEMPTS {
+            let epoch = match self.cache(|r| r.list(user_id)) {
+                Some(Ok(ListRead::Cached(items))) => {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Arc::unwrap_or_clone(items));
+                }
+                Some(Ok(ListRead::Missing { epoch })) => epoch,
+                _ => break,
+            };
+            if attempt == 0 {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+            }
+            let from_postgres = self.pg()?.list(user_id, self.history_days)?;
+            fail::fail_point!("list.after_postgres");
+            match self.cache(|r| r.rebuild_list(user_id, &epoch, &from_postgres)) {
+                Some(Ok(Some(items))) => return Ok(items),
+                Some(Ok(None)) => {} // read before a change the feed applied since: read again
+                _ => return Ok(from_postgres),
+            }
+        }
+        // Redis is down, or PostgreSQL kept changing the user's rows: its newest rows, uncached.
+        self.pg()?.list(user_id, self.history_days)
     }
 
     /// The conversation from the near cache, without waiting on anything: `None` sends the caller
@@ -586,6 +602,13 @@ impl CachedTier {
             redis_url: self.redis.redacted_url().to_owned(),
             layout: if usable { self.redis.layout().ok().map(crate::cache::KeyLayout::name) } else { None },
             near: self.redis.near_stats(),
+            feed: self
+                .follower
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .map(crate::feed::Follower::figures)
+                .unwrap_or_default(),
         }
     }
 }

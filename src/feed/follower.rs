@@ -3,6 +3,7 @@
 //! time if the holder dies. The holder reads PostgreSQL's recorded changes after the mark stored in
 //! Redis, applies them, and moves the mark (docs/design.md, "Every cache follows PostgreSQL").
 
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -44,6 +45,38 @@ pub trait Resolve: Send + Sync {
 pub struct Follower {
     stop: Arc<(Mutex<bool>, Condvar)>,
     handle: Option<JoinHandle<()>>,
+    counters: Arc<Counters>,
+}
+
+/// What `stats()` reports of the change feed (docs/monitoring.md, "What `stats()` returns").
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FeedFigures {
+    /// Whether this process holds its Redis's lease, so is the one following PostgreSQL for it.
+    pub following: bool,
+    /// Recorded changes this process applied to its Redis.
+    pub changes_applied: u64,
+    /// Copies (and the users' cached lists with them) dropped because PostgreSQL held a newer row
+    /// or a delete.
+    pub copies_dropped: u64,
+    /// Dirty copies older than PostgreSQL's row, handed to the flush to resolve.
+    pub divergences: u64,
+    /// Full resyncs (a mark lost, too old, or ahead of PostgreSQL).
+    pub resyncs: u64,
+    /// While following: seconds since the last read that reached the end of PostgreSQL's recorded
+    /// changes (a poll's interval when all is well; it grows while PostgreSQL is out of reach).
+    pub lag_seconds: Option<f64>,
+}
+
+/// The follower thread's counters, read by `stats()`.
+#[derive(Debug, Default)]
+struct Counters {
+    following: AtomicBool,
+    changes_applied: AtomicU64,
+    copies_dropped: AtomicU64,
+    divergences: AtomicU64,
+    resyncs: AtomicU64,
+    /// When a read last reached the end of the changes (Unix ms; 0: not since following).
+    caught_up_ms: AtomicI64,
 }
 
 impl Follower {
@@ -51,10 +84,12 @@ impl Follower {
     pub fn start(redis: Arc<RedisCache>, postgres: Arc<PostgresStore>, resolver: Weak<dyn Resolve>) -> Result<Self> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let signal = Arc::clone(&stop);
+        let counters = Arc::new(Counters::default());
+        let shared = Arc::clone(&counters);
         let handle = std::thread::Builder::new()
             .name("chat-history-feed".into())
             .spawn(move || {
-                let mut state = State::new(redis, postgres);
+                let mut state = State::new(redis, postgres, shared);
                 let (lock, condvar) = &*signal;
                 let mut wait = Duration::ZERO;
                 loop {
@@ -76,7 +111,25 @@ impl Follower {
                 }
             })
             .map_err(|e| Error::config("cannot start the change feed's thread").with_source(e))?;
-        Ok(Follower { stop, handle: Some(handle) })
+        Ok(Follower { stop, handle: Some(handle), counters })
+    }
+
+    /// The feed's figures now.
+    #[must_use]
+    pub fn figures(&self) -> FeedFigures {
+        let c = &self.counters;
+        let following = c.following.load(Ordering::Relaxed);
+        let caught_up = c.caught_up_ms.load(Ordering::Relaxed);
+        #[allow(clippy::cast_precision_loss)] // milliseconds of lag fit f64 exactly
+        let lag_seconds = (following && caught_up > 0).then(|| (now_ms() - caught_up).max(0) as f64 / 1000.0);
+        FeedFigures {
+            following,
+            changes_applied: c.changes_applied.load(Ordering::Relaxed),
+            copies_dropped: c.copies_dropped.load(Ordering::Relaxed),
+            divergences: c.divergences.load(Ordering::Relaxed),
+            resyncs: c.resyncs.load(Ordering::Relaxed),
+            lag_seconds,
+        }
     }
 
     /// Stops the thread, waiting for it until `deadline` (a turn in progress finishes first).
@@ -117,6 +170,7 @@ struct State {
     last_prune: Option<Instant>,
     /// The failure last logged, so an outage is logged once, not every second.
     failing: Option<String>,
+    counters: Arc<Counters>,
 }
 
 fn now_ms() -> i64 {
@@ -124,7 +178,7 @@ fn now_ms() -> i64 {
 }
 
 impl State {
-    fn new(redis: Arc<RedisCache>, postgres: Arc<PostgresStore>) -> Self {
+    fn new(redis: Arc<RedisCache>, postgres: Arc<PostgresStore>, counters: Arc<Counters>) -> Self {
         State {
             redis,
             postgres,
@@ -133,7 +187,17 @@ impl State {
             early: Early::default(),
             last_prune: None,
             failing: None,
+            counters,
         }
+    }
+
+    /// Records whether this process holds the lease.
+    fn set_held(&mut self, mark: Option<Mark>) {
+        if mark.is_none() || self.held.is_none() {
+            self.counters.caught_up_ms.store(0, Ordering::Relaxed);
+        }
+        self.counters.following.store(mark.is_some(), Ordering::Relaxed);
+        self.held = mark;
     }
 
     /// One turn; returns how long to wait before the next.
@@ -178,11 +242,12 @@ impl State {
             mark = Mark { at: plan.next, reached_ms: read_ms };
             if !self.redis.feed_advance(&self.token, &mark.render(), LEASE).map_err(CacheError::into_error)? {
                 log::info!("change feed: another process took over following PostgreSQL for this Redis");
-                self.held = None;
+                self.set_held(None);
                 return Ok(STAND_BY);
             }
-            self.held = Some(mark);
+            self.set_held(Some(mark));
             if !plan.more {
+                self.counters.caught_up_ms.store(read_ms, Ordering::Relaxed);
                 break;
             }
         }
@@ -195,7 +260,7 @@ impl State {
     /// resyncs fully.
     fn claim(&mut self) -> Result<Option<Mark>> {
         let Some(stored) = self.redis.feed_claim(&self.token, LEASE).map_err(CacheError::into_error)? else {
-            self.held = None;
+            self.set_held(None);
             return Ok(None);
         };
         if let Some(held) = self.held {
@@ -227,7 +292,7 @@ impl State {
                 mark
             }
         };
-        self.held = Some(mark);
+        self.set_held(Some(mark));
         Ok(Some(mark))
     }
 
@@ -240,11 +305,12 @@ impl State {
         let mark = Mark { at: Position { txid: horizon, change_id: -1 }, reached_ms: now_ms() };
         let dropped = self.redis.drop_clean_copies().map_err(CacheError::into_error)?;
         log::info!("change feed: {why} for this Redis; {dropped} clean copies dropped, following PostgreSQL from now");
+        self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
         if !self.redis.feed_advance(&self.token, &mark.render(), LEASE).map_err(CacheError::into_error)? {
-            self.held = None;
+            self.set_held(None);
             return Ok(None);
         }
-        self.held = Some(mark);
+        self.set_held(Some(mark));
         Ok(Some(mark))
     }
 
@@ -253,10 +319,15 @@ impl State {
             return Ok(());
         }
         let followed = self.redis.follow(changes).map_err(CacheError::into_error)?;
+        let c = &self.counters;
+        c.changes_applied.fetch_add(changes.len() as u64, Ordering::Relaxed);
+        c.copies_dropped.fetch_add(followed.dropped as u64, Ordering::Relaxed);
+        c.divergences.fetch_add(followed.diverged.len() as u64, Ordering::Relaxed);
         log::debug!(
-            "change feed: {} changes; {} copies dropped, {} current, {} diverged",
+            "change feed: {} changes; {} copies dropped, {} not cached, {} current, {} diverged",
             changes.len(),
             followed.dropped,
+            followed.uncached,
             followed.current,
             followed.diverged.len()
         );
@@ -283,6 +354,7 @@ impl State {
 
     /// Gives the lease up at once, so another process takes over without waiting for it to lapse.
     fn release(&self) {
+        self.counters.following.store(false, Ordering::Relaxed);
         if let Some(mark) = self.held {
             let _ = self.redis.feed_advance(&self.token, &mark.render(), Duration::from_millis(1));
         }

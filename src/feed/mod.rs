@@ -11,4 +11,4 @@
 mod follower;
 mod plan;
 
-pub use follower::{Follower, Resolve};
+pub use follower::{FeedFigures, Follower, Resolve};

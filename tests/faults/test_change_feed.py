@@ -12,7 +12,16 @@ from typing import Any, Callable
 
 import pytest
 
-from support.redis_support import conv_key, grown, make_conversation, pg_conversation_ids, redis_client
+from support.redis_support import (
+    Background,
+    conv_key,
+    grown,
+    list_epoch_key,
+    make_conversation,
+    pg_conversation_ids,
+    redis_client,
+    wait_until,
+)
 from support.servers import PgParams, RedisServer, ServerError
 from support.tcp_proxy import TcpProxy
 
@@ -81,6 +90,56 @@ def test_a_postgres_mode_save_reaches_a_redis_mode_reader(make_redis_manager, rd
     pg_manager.save_conversation(conv_id, v2, user_id=user_id)
     converges(lambda: cached.get_conversation(conv_id, user_id=user_id) == v2, "postgres-mode save -> redis read")
     converges(lambda: titles(cached, user_id) == {conv_id: "second"}, "postgres-mode save -> redis list")
+
+
+@pytest.mark.timeout(60)
+def test_a_list_read_from_postgres_before_a_change_is_not_cached_after_it(
+    failpoints, make_redis_manager, rdb, pg_manager, user_id, conv_id
+):  # fmt: skip
+    """A list that is not cached is read from PostgreSQL; before those rows are cached, another writer renames
+    the chat and the change feed applies it, dropping the (still absent) cached list. Rows read before the
+    change must not be cached after it: they would be served until the list's TTL, five minutes. The list is
+    read again, and every list after it shows the new title."""
+    cached = make_redis_manager()
+    following(rdb.client)
+    v1 = make_conversation(2, title="before")
+    pg_manager.save_conversation(conv_id, v1, user_id=user_id)
+    failpoints.pause("list.after_postgres", count=1)
+    listing = Background(titles, cached, user_id)
+    failpoints.wait("list.after_postgres")  # the rows it read say "before"
+    pg_manager.save_conversation(conv_id, dict(grown(v1, 2), title="after"), user_id=user_id)
+    wait_until(lambda: rdb.client.exists(list_epoch_key(user_id)), CONVERGES, what="the feed applies the rename")
+    failpoints.release("list.after_postgres")
+    assert listing.result() == {conv_id: "after"}
+    assert titles(cached, user_id) == {conv_id: "after"}
+    assert titles(make_redis_manager(), user_id) == {conv_id: "after"}
+
+
+@pytest.mark.timeout(60)
+def test_stats_show_which_process_follows_what_it_applied_and_its_lag(
+    make_redis_manager, rdb, pg_manager, user_id, conv_id
+):  # fmt: skip
+    """One process per Redis follows PostgreSQL (it holds the lease); its stats() count the changes it applied
+    and the copies they dropped, and give its lag. A second process on the same Redis stands by."""
+    first = make_redis_manager()
+    following(rdb.client)
+    wait_until(lambda: first.stats()["feed_following"], CONVERGES, what="the first manager takes the lease")
+    second = make_redis_manager()
+    v1 = make_conversation(2, title="v1")
+    pg_manager.save_conversation(conv_id, v1, user_id=user_id)
+    assert first.get_conversation(conv_id, user_id=user_id) == v1  # cached in Redis
+    before = first.stats()
+    v2 = grown(v1, 2)
+    pg_manager.save_conversation(conv_id, v2, user_id=user_id)
+    converges(lambda: second.get_conversation(conv_id, user_id=user_id) == v2, "postgres-mode save -> redis read")
+    after = first.stats()
+    assert after["feed_changes_applied"] > before["feed_changes_applied"], after
+    assert after["feed_copies_dropped"] == before["feed_copies_dropped"] + 1, (before, after)
+    assert after["feed_divergences"] == 0 and after["feed_resyncs"] == 0, after
+    assert after["feed_lag_seconds"] is not None and 0 <= after["feed_lag_seconds"] < CONVERGES, after
+    standing_by = second.stats()
+    assert standing_by["feed_following"] is False and standing_by["feed_lag_seconds"] is None, standing_by
+    assert standing_by["feed_changes_applied"] == 0, standing_by
 
 
 @pytest.mark.timeout(60)

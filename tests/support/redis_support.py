@@ -63,6 +63,12 @@ def list_key(user_id: str) -> str:
     return f"user:{_user(user_id)}:convlist"
 
 
+def list_epoch_key(user_id: str) -> str:
+    """Moved each time the change feed drops the user's cached list (docs/design.md, "Every cache follows
+    PostgreSQL")."""
+    return f"user:{_user(user_id)}:listepoch"
+
+
 def user_dirty_key(user_id: str) -> str:
     return f"user:{_user(user_id)}:dirty"
 

@@ -254,6 +254,38 @@ METRICS = (
         "gauge",
         "1 while Redis vouches for the near cache (invalidations flowing) and it serves reads" + _THIS_PROCESS,
     ),
+    Metric(
+        "feed_following",
+        "chat_history_feed_following",
+        "gauge",
+        "1 while this process applies PostgreSQL's changes to its Redis (one process per Redis does)"
+        + _THIS_PROCESS,
+    ),
+    Metric(
+        "feed_changes_applied",
+        "chat_history_feed_changes_applied_total",
+        "counter",
+        "Changes PostgreSQL committed that this process applied to its Redis" + _THIS_PROCESS,
+    ),
+    Metric(
+        "feed_copies_dropped",
+        "chat_history_feed_copies_dropped_total",
+        "counter",
+        "Copies dropped because PostgreSQL held a newer row or a delete" + _THIS_PROCESS,
+    ),
+    Metric(
+        "feed_divergences",
+        "chat_history_feed_divergences_total",
+        "counter",
+        "Dirty copies older than PostgreSQL's row, resolved by the flush" + _THIS_PROCESS,
+    ),
+    Metric("feed_resyncs", "chat_history_feed_resyncs_total", "counter", "Full resyncs of the change feed" + _THIS_PROCESS),
+    Metric(
+        "feed_lag_seconds",
+        "chat_history_feed_lag_seconds",
+        "gauge",
+        "Seconds since the following process last read PostgreSQL's changes to the end" + _THIS_PROCESS,
+    ),
     Metric("reads", "chat_history_reads_total", "counter", "get_conversation calls" + _THIS_PROCESS),
     Metric("lists", "chat_history_lists_total", "counter", "list_conversations calls" + _THIS_PROCESS),
     Metric("saves", "chat_history_saves_total", "counter", "save_conversation calls" + _THIS_PROCESS),

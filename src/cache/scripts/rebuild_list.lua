@@ -1,20 +1,25 @@
 -- Rebuilds the user's list from PostgreSQL's rows plus the user's dirty conversations,
 -- atomically, so a save that finished before it is included and one after it updates the
 -- rebuilt list. The caller read the user's dirty ids just before; if they changed since, nothing
--- is rebuilt and the caller reads them again (every key touched is declared here).
+-- is rebuilt and the caller reads them again (every key touched is declared here). The caller read
+-- the list epoch before it read PostgreSQL's rows; if a change PostgreSQL committed has moved it
+-- since (`follow.lua`), the rows may be older than that change: nothing is rebuilt, and the caller
+-- reads PostgreSQL again.
 --
--- KEYS: list, list meta, user dirty, then a delete tombstone per PostgreSQL row, then the conv key
--- of each dirty id.
+-- KEYS: list, list meta, user dirty, list epoch, then a delete tombstone per PostgreSQL row, then
+-- the conv key of each dirty id.
 -- ARGV: list ttl, number of PostgreSQL rows, deadline (Redis's clock; past it the rows may be
--- older than a write made since: nothing is rebuilt), then (id, score, entry) per row, then the
--- dirty ids.
--- Returns what list.lua returns, false when the dirty ids changed, or -4 past the deadline.
+-- older than a write made since: nothing is rebuilt), the list epoch read before the rows ('' for
+-- none), then (id, score, entry) per row, then the dirty ids.
+-- Returns what list.lua returns, false when the dirty ids changed, -4 past the deadline or -5 when
+-- the epoch moved.
 local t = redis.call('TIME')
 if ARGV[3] ~= '' and tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[3]) then
   return -4
 end
+if (redis.call('GET', KEYS[4]) or '') ~= ARGV[4] then return -5 end
 local rows = tonumber(ARGV[2])
-local first_dirty = 4 + rows * 3
+local first_dirty = 5 + rows * 3
 local dirty = #ARGV - first_dirty + 1
 if redis.call('SCARD', KEYS[3]) ~= dirty then return false end
 for i = 1, dirty do
@@ -22,14 +27,14 @@ for i = 1, dirty do
 end
 redis.call('DEL', KEYS[1], KEYS[2])
 for r = 0, rows - 1 do
-  local a = 4 + r * 3
-  if redis.call('EXISTS', KEYS[4 + r]) == 0 then
+  local a = 5 + r * 3
+  if redis.call('EXISTS', KEYS[5 + r]) == 0 then
     redis.call('ZADD', KEYS[1], ARGV[a + 1], ARGV[a])
     redis.call('HSET', KEYS[2], ARGV[a], ARGV[a + 2])
   end
 end
 for i = 1, dirty do
-  local h = redis.call('HMGET', KEYS[3 + rows + i], 'meta', 'score')
+  local h = redis.call('HMGET', KEYS[4 + rows + i], 'meta', 'score')
   if h[1] and h[2] then
     redis.call('ZADD', KEYS[1], h[2], ARGV[first_dirty + i - 1])
     redis.call('HSET', KEYS[2], ARGV[first_dirty + i - 1], h[1])
