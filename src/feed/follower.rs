@@ -226,6 +226,15 @@ impl State {
         };
         for _ in 0..PAGES_PER_TURN {
             let page = self.postgres.changes_after(mark.at, i64::try_from(PAGE).unwrap_or(i64::MAX))?;
+            if mark.timeline.is_some_and(|timeline| timeline != page.timeline) {
+                // A replica promoted (a failover) or a restore: transactions the mark has passed may
+                // be lost, and their ids handed out again to new ones, which would be skipped.
+                match self.resync("PostgreSQL is on a new timeline (a failover to a replica, or a restore)")? {
+                    Some(resynced) => mark = resynced,
+                    None => return Ok(STAND_BY),
+                }
+                continue;
+            }
             if page.horizon < mark.at.txid {
                 // PostgreSQL is behind the mark: a replica promoted after losing the last transactions
                 // (a forced failover), or a restore. Its next transactions may reuse ids the mark has
@@ -239,7 +248,7 @@ impl State {
             let read_ms = now_ms();
             let plan = plan(&page, mark.at, PAGE, &mut self.early);
             self.apply(&plan.apply, resolver)?;
-            mark = Mark { at: plan.next, reached_ms: read_ms };
+            mark = Mark { at: plan.next, reached_ms: read_ms, timeline: Some(page.timeline) };
             if !self.redis.feed_advance(&self.token, &mark.render(), LEASE).map_err(CacheError::into_error)? {
                 log::info!("change feed: another process took over following PostgreSQL for this Redis");
                 self.set_held(None);
@@ -283,8 +292,7 @@ impl State {
                 // A Redis new or restarted empty holds no copies, and with a `volatile-*` policy the
                 // mark (which has no TTL) is never evicted: nothing to drop. Dropping here raced the
                 // copies a manager's first calls cache.
-                let horizon = self.postgres.changes_after(Position { txid: i64::MAX, change_id: 0 }, 1)?.horizon;
-                let mark = Mark { at: Position { txid: horizon, change_id: -1 }, reached_ms: now_ms() };
+                let mark = self.mark_now()?;
                 if !self.redis.feed_advance(&self.token, &mark.render(), LEASE).map_err(CacheError::into_error)? {
                     return Ok(None);
                 }
@@ -301,8 +309,7 @@ impl State {
     fn resync(&mut self, why: &str) -> Result<Option<Mark>> {
         self.early = Early::default();
         // Read the horizon first: whatever is cached after the drop below was read after it.
-        let horizon = self.postgres.changes_after(Position { txid: i64::MAX, change_id: 0 }, 1)?.horizon;
-        let mark = Mark { at: Position { txid: horizon, change_id: -1 }, reached_ms: now_ms() };
+        let mark = self.mark_now()?;
         let dropped = self.redis.drop_clean_copies().map_err(CacheError::into_error)?;
         log::info!("change feed: {why} for this Redis; {dropped} clean copies dropped, following PostgreSQL from now");
         self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
@@ -312,6 +319,16 @@ impl State {
         }
         self.set_held(Some(mark));
         Ok(Some(mark))
+    }
+
+    /// A mark at PostgreSQL's horizon now: following from it misses nothing committed after.
+    fn mark_now(&self) -> Result<Mark> {
+        let page = self.postgres.changes_after(Position { txid: i64::MAX, change_id: 0 }, 1)?;
+        Ok(Mark {
+            at: Position { txid: page.horizon, change_id: -1 },
+            reached_ms: now_ms(),
+            timeline: Some(page.timeline),
+        })
     }
 
     fn apply(&self, changes: &[Bypass], resolver: &dyn Resolve) -> Result<()> {

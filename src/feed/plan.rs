@@ -16,27 +16,35 @@ use crate::store::postgres::{Change, ChangePage, Position};
 /// How many changes above the horizon are remembered; past that they wait for the horizon.
 const MAX_EARLY: usize = 100_000;
 
-/// The mark as stored in Redis: the position and when it was reached (Unix milliseconds), which
-/// says whether the changes after it may have been pruned.
+/// The mark as stored in Redis: the position, when it was reached (Unix milliseconds), which says
+/// whether the changes after it may have been pruned, and PostgreSQL's timeline then, which says
+/// whether its transaction ids still mean the same transactions (a promoted replica or a restore
+/// starts a new timeline, and may hand out again ids the mark has passed). A mark an earlier build
+/// wrote has no timeline: it takes the one it meets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Mark {
     pub(super) at: Position,
     pub(super) reached_ms: i64,
+    pub(super) timeline: Option<i64>,
 }
 
 impl Mark {
     pub(super) fn parse(text: &str) -> Option<Mark> {
-        let mut parts = text.split(':').map(str::parse::<i64>);
-        let (Some(Ok(txid)), Some(Ok(change_id)), Some(Ok(reached_ms)), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return None;
+        let parts: Vec<i64> = text.split(':').map(str::parse::<i64>).collect::<Result<_, _>>().ok()?;
+        let (txid, change_id, reached_ms, timeline) = match parts[..] {
+            [txid, change_id, reached_ms] => (txid, change_id, reached_ms, None),
+            [txid, change_id, reached_ms, timeline] => (txid, change_id, reached_ms, Some(timeline)),
+            _ => return None,
         };
-        Some(Mark { at: Position { txid, change_id }, reached_ms })
+        Some(Mark { at: Position { txid, change_id }, reached_ms, timeline })
     }
 
     pub(super) fn render(self) -> String {
-        format!("{}:{}:{}", self.at.txid, self.at.change_id, self.reached_ms)
+        let Mark { at, reached_ms, timeline } = self;
+        match timeline {
+            Some(timeline) => format!("{}:{}:{reached_ms}:{timeline}", at.txid, at.change_id),
+            None => format!("{}:{}:{reached_ms}", at.txid, at.change_id),
+        }
     }
 }
 
@@ -142,16 +150,19 @@ mod tests {
 
     #[test]
     fn marks_round_trip_and_junk_is_refused() {
-        let mark = Mark { at: Position { txid: 12, change_id: 7 }, reached_ms: 1_700_000_000_000 };
+        let mark = Mark { at: Position { txid: 12, change_id: 7 }, reached_ms: 1_700_000_000_000, timeline: Some(2) };
         assert_eq!(Mark::parse(&mark.render()), Some(mark));
-        for junk in ["", "1:2", "1:2:3:4", "a:2:3"] {
+        let earlier = Mark { timeline: None, ..mark };
+        assert_eq!(Mark::parse("12:7:1700000000000"), Some(earlier));
+        assert_eq!(Mark::parse(&earlier.render()), Some(earlier));
+        for junk in ["", "1:2", "1:2:3:4:5", "a:2:3", "1:2:3:x"] {
             assert_eq!(Mark::parse(junk), None, "{junk}");
         }
     }
 
     #[test]
     fn an_empty_page_moves_the_mark_to_the_horizon() {
-        let page = ChangePage { horizon: 15, changes: vec![] };
+        let page = ChangePage { horizon: 15, timeline: 1, changes: vec![] };
         let plan = plan(&page, start(), 100, &mut Early::default());
         assert_eq!(plan.next, Position { txid: 15, change_id: -1 });
         assert!(plan.apply.is_empty() && !plan.more);
@@ -162,13 +173,21 @@ mod tests {
     #[test]
     fn a_transaction_that_commits_late_is_not_skipped() {
         let mut early = Early::default();
-        let page = ChangePage { horizon: 12, changes: vec![change(11, 4, "a", Some(1)), change(13, 6, "b", Some(2))] };
+        let page = ChangePage {
+            horizon: 12,
+            timeline: 1,
+            changes: vec![change(11, 4, "a", Some(1)), change(13, 6, "b", Some(2))],
+        };
         let first = plan(&page, start(), 100, &mut early);
         assert_eq!(first.next, Position { txid: 12, change_id: -1 });
         // Both applied now: "b" early, since it is committed.
         assert_eq!(first.apply.len(), 2);
         // Transaction 12 commits; the horizon passes both.
-        let page = ChangePage { horizon: 14, changes: vec![change(12, 5, "c", Some(3)), change(13, 6, "b", Some(2))] };
+        let page = ChangePage {
+            horizon: 14,
+            timeline: 1,
+            changes: vec![change(12, 5, "c", Some(3)), change(13, 6, "b", Some(2))],
+        };
         let second = plan(&page, first.next, 100, &mut early);
         let ids: Vec<&str> = second.apply.iter().map(|b| b.conversation_id.as_str()).collect();
         assert_eq!(ids, ["c"], "12's change is applied, 13's not again");
@@ -179,6 +198,7 @@ mod tests {
     #[test]
     fn a_full_page_moves_the_mark_to_its_last_settled_change_and_asks_for_more() {
         let page = ChangePage {
+            timeline: 1,
             horizon: 20,
             changes: vec![change(11, 1, "a", Some(1)), change(11, 2, "a", Some(1)), change(12, 3, "b", Some(2))],
         };
@@ -191,7 +211,11 @@ mod tests {
     #[test]
     fn a_full_page_above_the_horizon_waits_for_it() {
         let mut early = Early::default();
-        let page = ChangePage { horizon: 11, changes: vec![change(12, 1, "a", Some(1)), change(13, 2, "b", Some(1))] };
+        let page = ChangePage {
+            horizon: 11,
+            timeline: 1,
+            changes: vec![change(12, 1, "a", Some(1)), change(13, 2, "b", Some(1))],
+        };
         let plan = plan(&page, start(), 2, &mut early);
         assert_eq!(plan.next, start());
         assert!(!plan.more);
@@ -200,12 +224,12 @@ mod tests {
 
     #[test]
     fn deletes_carry_the_tombstone_and_a_row_given_away_drops_the_old_owners_copy() {
-        let page = ChangePage { horizon: 20, changes: vec![change(11, 1, "gone", None)] };
+        let page = ChangePage { horizon: 20, timeline: 1, changes: vec![change(11, 1, "gone", None)] };
         let apply = plan(&page, start(), 10, &mut Early::default()).apply;
         assert_eq!(apply, [Bypass { user_id: "u".into(), conversation_id: "gone".into(), version: 99, deleted: true }]);
         let mut moved = change(11, 1, "x", Some(5));
         moved.row = Some(("v".into(), Some(5)));
-        let page = ChangePage { horizon: 20, changes: vec![moved] };
+        let page = ChangePage { horizon: 20, timeline: 1, changes: vec![moved] };
         let apply = plan(&page, start(), 10, &mut Early::default()).apply;
         assert_eq!(apply.len(), 2);
         assert_eq!((apply[1].user_id.as_str(), apply[1].version), ("u", i64::MAX));

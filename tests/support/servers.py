@@ -309,6 +309,51 @@ class PostgresServer:
         )
         return proc.returncode == 0
 
+    def standby(self) -> "PostgresServer":
+        """A streaming replica of this server (`pg_basebackup -R`), started and read-only; `promote()` makes it
+        a primary, as a failover does. Only for a server started here (trust auth)."""
+        replica = PostgresServer(settings=self.settings, bindir=self.bindir)
+        self._run(
+            [
+                str(self.bindir / "pg_basebackup"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                PG_SUPERUSER,
+                "-D",
+                str(replica.datadir),
+                "-R",  # a standby, streaming from this server
+                "-X",
+                "stream",
+                "--checkpoint=fast",  # else it waits for a spread checkpoint: a minute and more
+                "--no-sync",
+            ]  # fmt: skip
+        )
+        replica._initialised = True
+        replica.start()
+        return replica
+
+    def promote(self) -> None:
+        """Ends a standby's recovery: it becomes a primary on a new timeline."""
+        self._run([str(self.bindir / "pg_ctl"), "promote", "-w", "-t", "60", "-D", str(self.datadir)])
+
+    def replayed(self, primary: "PostgresServer") -> bool:
+        """Whether this standby has replayed everything `primary` has written so far."""
+
+        def one(server: "PostgresServer", sql: str, *args):
+            conn = server.params.connect()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(sql, args)
+                    return cur.fetchone()[0]
+            finally:
+                conn.close()
+
+        written = one(primary, "SELECT pg_current_wal_lsn()::text")
+        return bool(one(self, "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", written))
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])

@@ -3,7 +3,7 @@
 //! transactions' ids, each with what PostgreSQL holds for the conversation now.
 
 use super::store::PostgresStore;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Where a reader stands: every change at or below `(txid, change_id)` was applied, and every
 /// change of a transaction with an id below `txid` was too.
@@ -37,14 +37,20 @@ pub struct ChangePage {
     /// change of a transaction with a lower id was committed (and is in this page or before it)
     /// or rolled back.
     pub horizon: i64,
+    /// PostgreSQL's timeline (the first part of the current WAL file's name): a promoted replica
+    /// or a restore starts a new one.
+    pub timeline: i64,
     /// The changes after the position asked for, in `(txid, change_id)` order, at most the limit.
     pub changes: Vec<Change>,
 }
 
-/// The page and its horizon from one snapshot, so the two agree.
+/// The page and its horizon from one snapshot, so the two agree, with the timeline.
 const CHANGES_AFTER: &str = "
-WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS xmin)
-SELECT h.xmin, ch.txid, ch.change_id, ch.conversation_id, ch.user_client_id,
+WITH horizon AS (
+    SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS xmin,
+           substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) AS timeline
+)
+SELECT h.xmin, h.timeline, ch.txid, ch.change_id, ch.conversation_id, ch.user_client_id,
        c.user_client_id, c.cache_version, t.deleted_version
 FROM horizon h
 LEFT JOIN LATERAL (
@@ -70,24 +76,28 @@ impl PostgresStore {
     pub fn changes_after(&self, after: Position, limit: i64) -> Result<ChangePage> {
         let rows = self.run(|conn| conn.client.query(CHANGES_AFTER, &[&after.txid, &after.change_id, &limit]))?;
         let mut horizon = 0;
+        let mut timeline = String::new();
         let mut changes = Vec::with_capacity(rows.len());
         for row in rows {
             horizon = row.get(0);
+            timeline = row.get(1);
             let (Some(txid), Some(change_id), Some(conversation_id)) =
-                (row.get::<_, Option<i64>>(1), row.get::<_, Option<i64>>(2), row.get::<_, Option<String>>(3))
+                (row.get::<_, Option<i64>>(2), row.get::<_, Option<i64>>(3), row.get::<_, Option<String>>(4))
             else {
                 continue; // the horizon's row alone: no change after `after`
             };
-            let owner: Option<String> = row.get(5);
+            let owner: Option<String> = row.get(6);
             changes.push(Change {
                 at: Position { txid, change_id },
                 conversation_id,
-                user_id: row.get(4),
-                row: owner.map(|owner| (owner, row.get(6))),
-                tombstone: row.get(7),
+                user_id: row.get(5),
+                row: owner.map(|owner| (owner, row.get(7))),
+                tombstone: row.get(8),
             });
         }
-        Ok(ChangePage { horizon, changes })
+        let timeline = i64::from_str_radix(&timeline, 16)
+            .map_err(|_| Error::config(format!("PostgreSQL named its timeline {timeline:?}, not a hex number")))?;
+        Ok(ChangePage { horizon, timeline, changes })
     }
 
     /// Deletes changes recorded more than `retention` ago, `batch` rows per statement; returns how
