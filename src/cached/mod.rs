@@ -268,7 +268,9 @@ impl CachedTier {
         for attempt in 0..LIST_ATTEMPTS {
             let epoch = match self.cache(|r| r.list(user_id)) {
                 Some(Ok(ListRead::Cached(items))) => {
-                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    if attempt == 0 {
+                        self.hits.fetch_add(1, Ordering::Relaxed);
+                    }
                     return Ok(Arc::unwrap_or_clone(items));
                 }
                 Some(Ok(ListRead::Missing { epoch })) => epoch,
