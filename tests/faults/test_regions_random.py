@@ -211,6 +211,8 @@ def test_users_hopping_regions_under_faults_lose_and_resurrect_nothing(own_pg_se
         print(summary)
         for anomaly in anomalies:
             print(anomaly)
+        for line in histories(history, anomalies):
+            print(line)
         assert anomalies == [], (
             f"{len(anomalies)} anomalies (reproduce with CHAOS_SEED={seed} CHAOS_SECONDS={seconds:g}):\n"
             + summary
@@ -517,12 +519,19 @@ def check(history: History, regions: dict, rollback, params, peek: dict) -> list
             for message in saved["messages"]:
                 if not any(message in holder for holder in holders):
                     anomalies.append(f"LOST from {cid}: {message}")
-    named = (re.match(r"(?:STALE|RESURRECTED|NOT-NEWEST|LOST from) ([^:\s]+):", a) for a in anomalies)
-    for cid in sorted({match[1] for match in named if match}):
-        anomalies.append(f"HISTORY of {cid}:\n" + "\n".join(history.events.get(cid, [])[-40:]))
-    if anomalies:
-        anomalies.append("HISTORY of the faults:\n" + "\n".join(history.events.get("faults", [])))
     return anomalies
+
+
+def histories(history: History, anomalies: list[str]) -> list[str]:
+    """The last calls of each conversation an anomaly names, and the faults' times, for reading the anomalies."""
+    named = (re.match(r"(?:STALE|RESURRECTED|NOT-NEWEST|LOST from) ([^:\s]+):", a) for a in anomalies)
+    out = [
+        f"HISTORY of {cid}:\n" + "\n".join(history.events.get(cid, [])[-40:])
+        for cid in sorted({match[1] for match in named if match})
+    ]
+    if anomalies:
+        out.append("HISTORY of the faults:\n" + "\n".join(history.events.get("faults", [])))
+    return out
 
 
 def in_redis(peek: dict, name: str, history: History, cid: str) -> str:
