@@ -293,6 +293,65 @@ def test_a_hop_before_the_write_back_keeps_both_and_ends_on_the_newest(
     assert any("only in A" in messages for messages in kept), kept
 
 
+def follower_waiting_on_a_lock(pg_conn) -> bool:
+    with pg_conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE %s",
+            ("%conversation_changes%",),
+        )
+        return cur.fetchone()[0] > 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a follower whose Redis was emptied during its turn finds its lease gone when it moves the mark, "
+    "stands by, then follows from now: the changes committed in between are never applied to the copies "
+    "cached meanwhile; found by test_regions_random.py",
+)
+@pytest.mark.timeout(60)
+def test_a_redis_emptied_during_a_followers_turn_misses_no_change(
+    make_manager, pg_url, pg_params, pg_manager, region_b, user_id, conv_id
+):
+    """A region's Redis restarts empty (here FLUSHALL, which keeps the connections) while its follower is inside
+    a turn: it claimed the lease, then its read of the changes waited (here on an operator's lock). Meanwhile a
+    read caches the conversation in the emptied Redis, and a postgres-mode instance saves v2 once the turn
+    ended. The region must serve v2 within the bound."""
+    region = make_manager(
+        mode="postgres",
+        connection_string=pg_url,
+        redis_enabled=True,
+        redis_connection_string=region_b.url,
+        background_flush=False,
+    )
+    following_at(region_b.url)
+    v1 = make_conversation(2, title="v1")
+    pg_manager.save_conversation(conv_id, v1, user_id=user_id)
+    operator = pg_params.connect(autocommit=False)
+    client = redis_client(region_b.url)
+    try:
+        with operator.cursor() as cur:
+            cur.execute("LOCK TABLE conversation_changes IN ACCESS EXCLUSIVE MODE")
+        watcher = pg_params.connect()
+        try:
+            converges(lambda: follower_waiting_on_a_lock(watcher), "the follower waits inside its turn")
+        finally:
+            watcher.close()
+        client.flushall()
+        assert region.get_conversation(conv_id, user_id=user_id) == v1
+        assert client.exists(conv_key(user_id, conv_id)), "the read cached v1 in the emptied Redis"
+    finally:
+        operator.commit()  # the turn goes on: its page has no change of this conversation
+        operator.close()
+    time.sleep(0.3)  # the turn ended (it found its lease gone and stands by for a second)
+    v2 = dict(grown(v1, 2), title="v2")
+    pg_manager.save_conversation(conv_id, v2, user_id=user_id)
+    try:
+        following(client)
+        converges(lambda: region.get_conversation(conv_id, user_id=user_id) == v2, "postgres-mode save -> region")
+    finally:
+        client.close()
+
+
 @pytest.mark.timeout(60)
 def test_a_tiers_own_write_back_leaves_its_copy_cached(make_redis_manager, rdb, user_id, conv_id):
     """The feed hears this tier's own flushes too; they change nothing (the copy is as new as the row)."""

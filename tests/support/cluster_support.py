@@ -1,6 +1,7 @@
 """A throwaway Redis Cluster for tests: 3 primaries with a replica each (`redis-server
 --cluster-enabled yes`, then `redis-cli --cluster create`), on loopback ports low enough that each
-node's cluster bus port (+10000) is valid. Offers failover of a shard and resharding.
+node's cluster bus port (+10000) is valid. Offers failover of a shard, resharding, and a restart of
+every node that empties the cluster.
 
 A subclass changes how the nodes listen and how they are reached (tls_support.TlsRedisClusterServers:
 TLS only) through `_listen_args`, `cli_connection_args` (given to every redis-cli) and `client_kwargs`
@@ -223,6 +224,19 @@ class RedisClusterServers:
             self.node(n["port"]).flushall()
 
     # -- faults ------------------------------------------------------------------------------------
+
+    def restart_empty(self) -> None:
+        """Every node SIGKILLed and started again on its port with its nodes.conf: the cluster comes back with its
+        slot map and roles and without its data (no persistence), as a region's Redis that restarts empty."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        for port in self.ports:
+            self._start_node(port)
+        for port in self.ports:
+            self._wait_answering(port)
+        self.wait_healthy()
 
     def failover(self, primary: dict, timeout: float = 30) -> None:
         """A manual failover of one shard: its replica takes over (CLUSTER FAILOVER on the replica)."""
