@@ -230,7 +230,12 @@ impl ChatHistory {
         validate::conversation(conversation_id, conv)?;
         let result = match &*self.tier()? {
             Tier::Local(store) => store.save(conversation_id, conv),
-            Tier::Postgres(store) => store.save(conversation_id, self.require_user(user_id)?, conv).map(|_| ()),
+            Tier::Postgres(store) => store.save_keeping(
+                conversation_id,
+                self.require_user(user_id)?,
+                conv,
+                crate::writeback::REASON_SAVED_OVER,
+            ),
             Tier::Cached(cached) => cached.save(conversation_id, self.require_user(user_id)?, conv),
         };
         self.count(&self.counters.saves, result)
@@ -353,7 +358,7 @@ impl ChatHistory {
             .ok_or_else(|| Error::new(ErrorKind::Validation, format!("no kept copy has conflict_id {conflict_id}")))?;
         let (id, user) = (conflict.conversation_id.as_str(), conflict.user_id.as_str());
         if let Some(current) = self.get(id, Some(user))?.map(Fetched::into_conversation) {
-            if !crate::writeback::is_prefix(&current.messages, &conflict.conversation.messages) {
+            if !crate::model::is_prefix(&current.messages, &conflict.conversation.messages) {
                 store.keep_conflict(id, user, &current, None, "was replaced when an operator restored another copy")?;
             }
         }

@@ -351,6 +351,12 @@ impl Conversation {
     }
 }
 
+/// Whether `prefix`'s messages are the first messages of `messages` (role, content and time).
+#[must_use]
+pub fn is_prefix(prefix: &[Message], messages: &[Message]) -> bool {
+    prefix.len() <= messages.len() && prefix.iter().zip(messages).all(|(a, b)| a == b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -350,7 +350,7 @@ impl PyPostgresBackend {
         crate::validate::user_id(user_id)?;
         let conv = conversation_from_py(conversation_id, conversation)?;
         crate::validate::conversation(conversation_id, &conv)?;
-        py.detach(|| self.store()?.save(conversation_id, user_id, &conv))?;
+        py.detach(|| self.store()?.save_keeping(conversation_id, user_id, &conv, crate::writeback::REASON_SAVED_OVER))?;
         Ok(())
     }
 

@@ -19,7 +19,7 @@ use crate::cache::{
 use crate::error::{Backend, Error, ErrorKind, Result};
 use crate::model::{Conversation, Timestamp};
 use crate::stats::CacheStats;
-use crate::store::postgres::{Expect, PostgresStore};
+use crate::store::postgres::PostgresStore;
 use crate::writeback::{Flush, FlushReport, Flusher};
 
 use decide::{save_step, SaveStep, OVERWRITE_ATTEMPTS};
@@ -384,46 +384,26 @@ impl CachedTier {
     /// A save that cannot go through Redis. The row it replaces is kept aside first unless the new
     /// messages extend it.
     fn save_to_postgres(&self, conversation_id: &str, user_id: &str, conv: &Conversation) -> Result<()> {
-        /// Times the row may change between this save's read and its write before it gives up.
-        const ATTEMPTS: usize = 5;
-        let pg = self.pg()?;
         // Whatever the caller's copy was built from (a Redis read, a fallback read, an earlier
         // fallback save), the row it replaces is kept aside when the new messages do not extend
         // it: a save that cannot go through Redis is rare, and the extra read costs less than
         // guessing. (The randomized checker found a copy read from Redis that missed an earlier
         // fallback save's messages; and a tab whose requests alternate between instances may have
         // read its copy through another instance than the one whose own fallback read of this very
-        // row it would otherwise trust.)
-        //
-        // The write replaces only the row that was checked: a flush (or another instance's save)
-        // that wrote the row in between makes it write nothing, and the check runs again on the new
-        // row. (Found by the randomized checker: a save checked the row it read, then replaced the
-        // newer one a flush had just written, whose messages were then nowhere.)
-        for _ in 0..ATTEMPTS {
-            let current = pg.get_versioned(conversation_id, user_id)?;
-            if let Some((current, version)) = &current {
-                if !crate::writeback::is_prefix(&current.messages, &conv.messages) {
-                    self.keep(conversation_id, user_id, current, *version)?;
-                }
-            }
-            fail::fail_point!("save.postgres.after_read");
-            let expect = current.as_ref().map_or(Expect::Absent, |(_, version)| Expect::Version(*version));
-            if let Some(version) = pg.save_expecting(conversation_id, user_id, conv, expect)? {
-                self.bypassed(user_id, conversation_id, version, false);
-                return Ok(());
-            }
-            if current.is_none() && pg.get_versioned(conversation_id, user_id)?.is_none() {
-                // Nothing of this user's was there, and the write was refused: another user's id.
-                return Err(ownership(conversation_id));
-            }
+        // row it would otherwise trust.) The write replaces only the row that was checked. (Found
+        // by the randomized checker: a save checked the row it read, then replaced the newer one a
+        // flush had just written, whose messages were then nowhere.)
+        let (version, kept) =
+            self.pg()?.save_checked(conversation_id, user_id, conv, crate::writeback::REASON_OVERWRITTEN)?;
+        for messages in kept {
+            self.conflicts_kept.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "conversation {conversation_id:?} of user {user_id:?}: a save read from PostgreSQL while Redis did not \
+                 answer replaced a copy with {messages} messages; that copy is kept in conversation_conflicts"
+            );
         }
-        Err(Error::new(
-            ErrorKind::Database(Backend::Postgres),
-            format!(
-                "conversation {conversation_id:?} kept changing in PostgreSQL while this save, which could not go \
-                 through Redis, tried to replace it; nothing was saved (save again)"
-            ),
-        ))
+        self.bypassed(user_id, conversation_id, version, false);
+        Ok(())
     }
 
     fn keep(&self, conversation_id: &str, user_id: &str, conv: &Conversation, version: Option<i64>) -> Result<()> {

@@ -30,6 +30,10 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// A mark older than this may lie before changes already pruned (a transaction may have begun up
 /// to the margin before the mark was reached and committed after it): such a Redis resyncs fully.
 const RESYNC_AFTER: Duration = Duration::from_secs(23 * 3600);
+/// A Redis without a mark (new, or emptied) that this process did not follow until then: the
+/// changes recorded this long before are applied again, for the copies reads cached since it was
+/// emptied (a standing-by process claims its lease within [`STAND_BY`]).
+const REPLAY_WITHOUT_MARK: Duration = Duration::from_secs(30);
 /// After a failure (a server down), the next try.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -166,6 +170,8 @@ struct State {
     token: String,
     /// The mark while this process holds the lease.
     held: Option<Mark>,
+    /// The last mark this process reached, held or not since.
+    last: Option<Mark>,
     early: Early,
     last_prune: Option<Instant>,
     /// The failure last logged, so an outage is logged once, not every second.
@@ -184,6 +190,7 @@ impl State {
             postgres,
             token: crate::cache::fresh_token(),
             held: None,
+            last: None,
             early: Early::default(),
             last_prune: None,
             failing: None,
@@ -197,6 +204,7 @@ impl State {
             self.counters.caught_up_ms.store(0, Ordering::Relaxed);
         }
         self.counters.following.store(mark.is_some(), Ordering::Relaxed);
+        self.last = mark.or(self.last);
         self.held = mark;
     }
 
@@ -289,14 +297,23 @@ impl State {
                 None => return Ok(None),
             },
             None => {
-                // A Redis new or restarted empty holds no copies, and with a `volatile-*` policy the
-                // mark (which has no TTL) is never evicted: nothing to drop. Dropping here raced the
-                // copies a manager's first calls cache.
-                let mark = self.mark_now()?;
+                // A Redis new or restarted empty, and with a `volatile-*` policy the mark (which has
+                // no TTL) is never evicted. If this process followed it until lately, the Redis was
+                // emptied under it (a restart, a flush), maybe inside a turn whose mark then found
+                // the lease gone: copies cached since may predate changes after the last mark this
+                // process reached, so it goes on from there (a change applied twice is harmless).
+                // Otherwise (another process followed it, or none yet) it goes on from the changes
+                // of the last half minute: reads may have cached copies since it was emptied, and
+                // a standing-by process claims the lease of an emptied Redis within a second.
+                // Dropping every copy instead raced the copies a manager's first calls cache.
+                let (mark, from) = match self.last.filter(|mark| !stale(mark)) {
+                    Some(last) => (last, "from where this process stood (it was emptied)"),
+                    None => (self.mark_recent()?, "from the changes of the last half minute"),
+                };
                 if !self.redis.feed_advance(&self.token, &mark.render(), LEASE).map_err(CacheError::into_error)? {
                     return Ok(None);
                 }
-                log::info!("change feed: no mark yet for this Redis; following PostgreSQL from now");
+                log::info!("change feed: no mark for this Redis; following PostgreSQL {from}");
                 mark
             }
         };
@@ -319,6 +336,13 @@ impl State {
         }
         self.set_held(Some(mark));
         Ok(Some(mark))
+    }
+
+    /// A mark from which the changes recorded in the last [`REPLAY_WITHOUT_MARK`] are applied again.
+    fn mark_recent(&self) -> Result<Mark> {
+        let at = self.postgres.position_since(REPLAY_WITHOUT_MARK, i64::try_from(PAGE * 20).unwrap_or(i64::MAX))?;
+        let timeline = self.mark_now()?.timeline;
+        Ok(Mark { at, reached_ms: now_ms(), timeline })
     }
 
     /// A mark at PostgreSQL's horizon now: following from it misses nothing committed after.

@@ -8,14 +8,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::resolution::{
-    check, is_prefix, is_superseded, known_row, resolution, version_of, write_back, Resolution, REASON_LATE,
-    REASON_OLDER, REASON_OVERWRITTEN, REASON_OWNER, REASON_REPLACED,
+    check, is_superseded, known_row, resolution, version_of, write_back, Resolution, REASON_LATE, REASON_OLDER,
+    REASON_OVERWRITTEN, REASON_OWNER, REASON_REPLACED,
 };
 use crate::cache::{
     split_late_member, split_member, CacheError, Cached, DirtyEntry, RedisCache, Settle, SettleItem, StoredPrefix,
 };
 use crate::error::{Backend, Error, ErrorKind, Result};
-use crate::model::{messages_fingerprint, Conversation};
+use crate::model::{is_prefix, messages_fingerprint, Conversation};
 use crate::store::postgres::{FlushOutcome, PostgresStore, WriteBack};
 
 /// Longest wait before a conversation PostgreSQL refused is tried again.

@@ -15,4 +15,4 @@ mod resolution;
 
 pub use background::{BackgroundFlusher, Flush};
 pub use flusher::{Failure, FlushReport, Flusher};
-pub use resolution::{is_prefix, REASON_LATE, REASON_OLDER, REASON_OVERWRITTEN, REASON_OWNER, REASON_REPLACED};
+pub use resolution::{REASON_LATE, REASON_OLDER, REASON_OVERWRITTEN, REASON_OWNER, REASON_REPLACED, REASON_SAVED_OVER};

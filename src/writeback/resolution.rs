@@ -3,7 +3,7 @@
 //! PostgreSQL would otherwise refuse, and the version and prefix a write carries.
 
 use crate::cache::{split_member, CacheResult, Cached};
-use crate::model::{messages_fingerprint, Message};
+use crate::model::{is_prefix, messages_fingerprint, Message};
 use crate::store::postgres::WriteBack;
 use crate::validate;
 
@@ -18,6 +18,9 @@ pub const REASON_LATE: &str =
     "reached Redis after its writer had given up on it (a late delivery), over a newer write that lacks its messages";
 /// See [`REASON_OLDER`].
 pub const REASON_OVERWRITTEN: &str = "was replaced in Redis by a save read from an older copy";
+/// See [`REASON_OLDER`].
+pub const REASON_SAVED_OVER: &str =
+    "was replaced by a postgres-mode save that lacks its messages (read before them, or a regenerate)";
 
 /// How a flush resolves a copy PostgreSQL would not take as is, against the row PostgreSQL holds
 /// (docs/design.md, "Divergence").
@@ -72,12 +75,6 @@ pub(super) fn write_back<'a>(member: &'a str, cached: &'a Cached, full: bool, kn
         extends: if full { None } else { stored_prefix(cached) },
         known,
     }
-}
-
-/// Whether `prefix`'s messages are the first messages of `messages` (role, content and time).
-#[must_use]
-pub fn is_prefix(prefix: &[Message], messages: &[Message]) -> bool {
-    prefix.len() <= messages.len() && prefix.iter().zip(messages).all(|(a, b)| a == b)
 }
 
 /// `Some((n, version))` when PostgreSQL is known to hold this conversation's first `n` messages

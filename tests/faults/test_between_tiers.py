@@ -410,12 +410,6 @@ def test_a_read_that_found_nothing_while_redis_was_away_guards_the_next_save(
         assert app.stats()["conflicts_kept"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a postgres-mode save replaces whatever row it finds (Expect::Any), so a write-back that landed after "
-    "its read is overwritten and kept nowhere; found by test_regions_random.py with users hopping to a "
-    "postgres-mode instance",
-)
 @pytest.mark.timeout(60)
 def test_a_postgres_mode_save_over_a_write_back_it_did_not_read_loses_nothing(
     make_redis_manager, rdb, pg_manager, pg_conn, user_id, conv_id

@@ -302,12 +302,6 @@ def follower_waiting_on_a_lock(pg_conn) -> bool:
         return cur.fetchone()[0] > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a follower whose Redis was emptied during its turn finds its lease gone when it moves the mark, "
-    "stands by, then follows from now: the changes committed in between are never applied to the copies "
-    "cached meanwhile; found by test_regions_random.py",
-)
 @pytest.mark.timeout(60)
 def test_a_redis_emptied_during_a_followers_turn_misses_no_change(
     make_manager, pg_url, pg_params, pg_manager, region_b, user_id, conv_id

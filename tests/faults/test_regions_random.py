@@ -6,11 +6,10 @@ users, one call at a time, read, append and save their conversations in whicheve
 to (so most hops are faster than the write-back, and the two regions' copies diverge and meet in PostgreSQL), and
 delete one now and then or once it is long (a new one takes its place). A postgres-mode writer in a thread of its
 own appends to conversations of its own, which the users read in the regions, and deletes each once it is long.
-With CHAOS_HOP_POSTGRES_MODE=1 the users' calls also go to a postgres-mode instance (the seed plan's rollback runs
-both modes side by side); that is off by default because a postgres-mode save replaces whatever row it finds, and
-so loses a write-back that landed after its read (reproduced by test_between_tiers.py's
-`test_a_postgres_mode_save_over_a_write_back_it_did_not_read_loses_nothing`, marked xfail). Meanwhile a fault
-thread, one fault at a time, every 1 to 3 s:
+The users' calls also go to a postgres-mode instance (the seed plan's rollback runs both modes side by side;
+CHAOS_HOP_POSTGRES_MODE=0 leaves it out), whose saves must not lose a write-back that landed after their read (the
+run found that: test_between_tiers.py's `test_a_postgres_mode_save_over_a_write_back_it_did_not_read_loses_nothing`).
+Meanwhile a fault thread, one fault at a time, every 1 to 3 s:
 
     kill-followers     terminates the PostgreSQL connections whose last statement read `conversation_changes`
                        (the listeners' connections: the followers draw theirs from the manager's pool);
@@ -80,10 +79,10 @@ STALE_BOUND = 5.0
 # saves stay cheap and conversations live long enough (tens of seconds) for their reads to be checked for staleness.
 USER_MAX_MESSAGES = 240
 WRITER_MAX_MESSAGES = 60
-# Users hop to the postgres-mode instance too: off by default, since a postgres-mode save replaces whatever row it
-# finds and so loses a write-back that landed after its read
-# (test_between_tiers.py::test_a_postgres_mode_save_over_a_write_back_it_did_not_read_loses_nothing, xfail).
-HOP_POSTGRES_MODE = os.environ.get("CHAOS_HOP_POSTGRES_MODE") == "1"
+# Users hop to the postgres-mode instance too (CHAOS_HOP_POSTGRES_MODE=0 leaves it out): a postgres-mode save must
+# not lose a write-back that landed after its read
+# (test_between_tiers.py::test_a_postgres_mode_save_over_a_write_back_it_did_not_read_loses_nothing).
+HOP_POSTGRES_MODE = os.environ.get("CHAOS_HOP_POSTGRES_MODE", "1") == "1"
 # The users' pause between two calls, at most: a few hundred calls a second, a few saves a second per conversation.
 USER_PAUSE = 0.006
 

@@ -63,6 +63,16 @@ LEFT JOIN conversations c ON c.conversation_id = ch.conversation_id
 LEFT JOIN conversation_tombstones t ON t.conversation_id = ch.conversation_id
 ORDER BY ch.txid, ch.change_id";
 
+/// Where to follow from to see again every change recorded in the last $1 seconds: the oldest of
+/// their transactions, or the horizon if that is older (a transaction still running may commit a
+/// change later). Walked back from the newest change through the primary key, at most $2 rows.
+const RECENT: &str = "
+SELECT LEAST(
+    (SELECT min(txid) FROM (
+        SELECT txid, changed_at FROM conversation_changes ORDER BY change_id DESC LIMIT $2
+    ) recent WHERE changed_at >= NOW() - make_interval(secs => $1)),
+    pg_snapshot_xmin(pg_current_snapshot())::text::int8)";
+
 /// Old changes go, a bounded number per statement so no statement runs long. Walked in change id
 /// order through the primary key (no index on `changed_at`, which every write would pay for): the
 /// oldest changes come first, so each statement reads little more than what it deletes.
@@ -98,6 +108,15 @@ impl PostgresStore {
         let timeline = i64::from_str_radix(&timeline, 16)
             .map_err(|_| Error::config(format!("PostgreSQL named its timeline {timeline:?}, not a hex number")))?;
         Ok(ChangePage { horizon, timeline, changes })
+    }
+
+    /// A position from which every change recorded in the last `window` is read again (at most
+    /// `limit` of the newest changes are looked at).
+    pub fn position_since(&self, window: std::time::Duration, limit: i64) -> Result<Position> {
+        let seconds = window.as_secs_f64();
+        let rows = self.run(|conn| conn.client.query(RECENT, &[&seconds, &limit]))?;
+        let txid: i64 = rows.first().map_or(0, |row| row.get(0));
+        Ok(Position { txid, change_id: -1 })
     }
 
     /// Deletes changes recorded more than `retention` ago, `batch` rows per statement; returns how

@@ -98,7 +98,17 @@ ORDER BY last_modified DESC, conversation_id";
 pub(super) fn save_sql() -> String {
     format!(
         "
-WITH conv AS (
+WITH extended AS (
+    -- $13 = 3: the user's row, when the new messages extend its own (none of them left out or
+    -- changed), with the version that was read.
+    SELECT c.cache_version AS version FROM conversations c
+    WHERE $13 = 3 AND c.conversation_id = $1 AND c.user_client_id = $2 AND NOT EXISTS (
+        SELECT 1 FROM messages m
+        LEFT JOIN unnest($8::int4[], $9::text[], $10::text[], $11::timestamptz[]) AS new(seq, role, content, ts)
+            ON new.seq = m.sequence_number
+        WHERE m.conversation_id = $1
+          AND (new.seq IS NULL OR (m.role, m.content, m.timestamp) IS DISTINCT FROM (new.role, new.content, new.ts)))
+), conv AS (
     INSERT INTO conversations AS c (conversation_id, user_client_id, title, model, created_at, last_modified, cache_version)
     SELECT $1, $2, $3, $4, $5, $6, {NOW_MICROS}
     -- Not an id another user claimed through Redis and has not written back yet.
@@ -108,8 +118,11 @@ WITH conv AS (
             cache_version = GREATEST(COALESCE(c.cache_version, 0) + 1, EXCLUDED.cache_version)
         WHERE c.user_client_id = EXCLUDED.user_client_id
         -- $13: 0 replaces whatever row is there; 1 only the row at version $12 (the one the caller
-        -- read, NULL for a Phase 1 row); 2 only when there is none (the caller read none).
-        AND ($13 = 0 OR ($13 = 1 AND c.cache_version IS NOT DISTINCT FROM $12))
+        -- read, NULL for a Phase 1 row); 2 only when there is none (the caller read none); 3 only a
+        -- row the new messages extend, and only as it was read (a row another writer changed in
+        -- between is checked again, on the next try, against what it holds then).
+        AND ($13 = 0 OR ($13 = 1 AND c.cache_version IS NOT DISTINCT FROM $12)
+             OR ($13 = 3 AND EXISTS (SELECT 1 FROM extended e WHERE c.cache_version IS NOT DISTINCT FROM e.version)))
     RETURNING c.conversation_id, c.cache_version
 ), trimmed AS (
     DELETE FROM messages
@@ -119,7 +132,7 @@ WITH conv AS (
     FROM conv, unnest($8::int4[], $9::text[], $10::text[], $11::timestamptz[]) AS new(seq, role, content, ts)
     {UPSERT_MESSAGES}
 )
-SELECT cache_version FROM conv"
+SELECT (SELECT cache_version FROM conv)"
     )
 }
 

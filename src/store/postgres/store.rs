@@ -42,6 +42,9 @@ pub enum Expect {
     Version(Option<i64>),
     /// Only when there is no row.
     Absent,
+    /// Only when the new messages extend the row's (its messages are the first of the new ones),
+    /// or there is no row: a save that replaces nothing a reader could miss.
+    Extending,
 }
 
 impl PostgresStore {
@@ -260,16 +263,9 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Writes the whole conversation atomically and returns the version it was stored under.
-    /// Fails with [`ErrorKind::Ownership`], changing nothing, when the id belongs to another user.
-    pub fn save(&self, conversation_id: &str, user_id: &str, conv: &Conversation) -> Result<i64> {
-        self.save_expecting(conversation_id, user_id, conv, Expect::Any)?.ok_or_else(|| {
-            Error::new(ErrorKind::Ownership, format!("conversation {conversation_id:?} belongs to another user"))
-        })
-    }
-
-    /// As [`PostgresStore::save`], but only over the row `expect` names: `Ok(None)` when the row
-    /// is not that one any more (or the id is another user's), and nothing was written. A caller
+    /// Writes the whole conversation atomically, only over the row `expect` names, and returns the
+    /// version it was stored under; `Ok(None)` when the row is not that one (or the id is another
+    /// user's), and nothing was written. A caller
     /// that read the row, checked the save against it and then writes, writes over what it checked,
     /// not over a row another writer (a flush, say) put there in between.
     pub fn save_expecting(
@@ -284,6 +280,7 @@ impl PostgresStore {
             Expect::Any => (0, None),
             Expect::Version(version) => (1, version),
             Expect::Absent => (2, None),
+            Expect::Extending => (3, None),
         };
         let mut columns = MessageColumns::with_capacity(conv.messages.len());
         columns.push(conversation_id, conv, 0);
@@ -306,7 +303,79 @@ impl PostgresStore {
             (&mode, Type::INT4),
         ];
         let rows = self.run(|conn| conn.query(&SQL, &params))?;
-        Ok(rows.first().map(|row| row.get(0)))
+        Ok(rows.first().and_then(|row| row.get(0)))
+    }
+
+    /// A postgres-mode save (and the seed's `PostgresBackend`'s). An app's next turn extends the
+    /// row: one statement. Otherwise (a write-back or another instance's save this one never read, a
+    /// regenerate) the row is kept aside first, as [`PostgresStore::save_checked`] does, and as a
+    /// flush keeps a copy it would lose (docs/design.md, "Divergence").
+    ///
+    /// # Errors
+    ///
+    /// As [`PostgresStore::save_checked`].
+    pub fn save_keeping(&self, conversation_id: &str, user_id: &str, conv: &Conversation, reason: &str) -> Result<()> {
+        if self.save_expecting(conversation_id, user_id, conv, Expect::Extending)?.is_some() {
+            return Ok(());
+        }
+        let (_, kept) = self.save_checked(conversation_id, user_id, conv, reason)?;
+        for messages in kept {
+            log::warn!(
+                "conversation {conversation_id:?} of user {user_id:?}: a save replaced a copy with {messages} messages \
+                 it lacks; that copy is kept in conversation_conflicts (`chat-history conflicts` lists and restores it)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Saves over whatever row is there without losing it: the row is kept aside in
+    /// `conversation_conflicts` (with `reason`) first, unless the new messages extend it. The
+    /// write replaces only the row that was checked: a row another writer (a flush, another
+    /// instance's save) put there in between makes it write nothing, and the check runs again on
+    /// the new row. Returns the new version and the number of messages of each copy kept aside.
+    ///
+    /// # Errors
+    ///
+    /// Ownership when the id is another user's; a database error when the row kept changing.
+    pub fn save_checked(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        conv: &Conversation,
+        reason: &str,
+    ) -> Result<(i64, Vec<usize>)> {
+        /// Times the row may change between this save's read and its write before it gives up.
+        const ATTEMPTS: usize = 5;
+        let mut kept = Vec::new();
+        for _ in 0..ATTEMPTS {
+            let current = self.get_versioned(conversation_id, user_id)?;
+            if let Some((current, version)) = &current {
+                if !crate::model::is_prefix(&current.messages, &conv.messages)
+                    && self.keep_conflict(conversation_id, user_id, current, *version, reason)?
+                {
+                    kept.push(current.messages.len());
+                }
+            }
+            fail::fail_point!("save.postgres.after_read");
+            let expect = current.as_ref().map_or(Expect::Absent, |(_, version)| Expect::Version(*version));
+            if let Some(version) = self.save_expecting(conversation_id, user_id, conv, expect)? {
+                return Ok((version, kept));
+            }
+            if current.is_none() && self.get_versioned(conversation_id, user_id)?.is_none() {
+                // Nothing of this user's was there, and the write was refused: another user's id.
+                return Err(Error::new(
+                    ErrorKind::Ownership,
+                    format!("conversation {conversation_id:?} belongs to another user"),
+                ));
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Database(Backend::Postgres),
+            format!(
+                "conversation {conversation_id:?} kept changing in PostgreSQL while this save tried to replace it; \
+                 nothing was saved (save again)"
+            ),
+        ))
     }
 
     /// Deletes the conversation and its messages when it is the user's, and records a tombstone
