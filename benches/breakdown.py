@@ -63,6 +63,7 @@ from common import (
     Corpus,
     Stack,
     machine_info,
+    network_floor,
     new_conversation_id,
     new_user_id,
     now_iso,
@@ -844,38 +845,8 @@ def pass_perf(op: Op, calls: int, freq: int, cpus: str, p50_us: float) -> Dict[s
 
 
 # --------------------------------------------------------------------------------------------------
-# Floors and the owner check
+# The owner check
 # --------------------------------------------------------------------------------------------------
-
-
-def network_floor(stack: TracedStack, iterations: int, warmup: int) -> Dict[str, Dict[str, float]]:
-    client = redis.Redis.from_url(stack.redis_url(2))
-    conn = psycopg2.connect(stack.pg.url)
-    conn.autocommit = True
-    cur = conn.cursor()
-
-    def ping() -> int:
-        t0 = perf_ns()
-        client.ping()
-        return perf_ns() - t0
-
-    def select1() -> int:
-        t0 = perf_ns()
-        cur.execute("SELECT 1")
-        cur.fetchone()
-        return perf_ns() - t0
-
-    out = {}
-    try:
-        for name, step in (("redis_ping", ping), ("pg_select1", select1)):
-            for _ in range(warmup):
-                step()
-            out[name] = summary_us([step() for _ in range(iterations)])
-    finally:
-        cur.close()
-        conn.close()
-        client.close()
-    return out
 
 
 OWNER_CHECK = """

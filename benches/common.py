@@ -1,4 +1,4 @@
-"""What `run.py` and `scale.py` share: CPU pinning, throwaway servers, app-shaped data, percentiles.
+"""What the harnesses share: CPU pinning, throwaway servers, app-shaped data, percentiles, the network floor.
 
 The servers are the test suite's (`tests/support/servers.py`, imported through sys.path and used as is):
 a PostgreSQL cluster and a redis-server on free loopback ports in temporary directories, removed at
@@ -254,6 +254,42 @@ def summary_us(samples_ns: List[int]) -> Dict[str, float]:
         "p95_us": percentile(samples_ns, 95) / 1000,
         "n": len(samples_ns),
     }
+
+
+def network_floor(stack: Stack, iterations: int, warmup: int) -> Dict[str, Dict[str, float]]:
+    """One bare round trip with the reference's clients, after `warmup` untimed ones: redis-py `PING`
+    (on Redis database 2, which no implementation uses) and psycopg2 `SELECT 1`; p50/p95 of each."""
+    import psycopg2
+    import redis
+
+    client = redis.Redis.from_url(stack.redis_url(2))
+    conn = psycopg2.connect(stack.pg.url)
+    conn.autocommit = True
+    cur = conn.cursor()
+    perf_ns = time.perf_counter_ns
+
+    def ping() -> int:
+        t0 = perf_ns()
+        client.ping()
+        return perf_ns() - t0
+
+    def select1() -> int:
+        t0 = perf_ns()
+        cur.execute("SELECT 1")
+        cur.fetchone()
+        return perf_ns() - t0
+
+    out = {}
+    try:
+        for name, step in (("redis_ping", ping), ("pg_select1", select1)):
+            for _ in range(warmup):
+                step()
+            out[name] = summary_us([step() for _ in range(iterations)])
+    finally:
+        cur.close()
+        conn.close()
+        client.close()
+    return out
 
 
 def peak_rss_reset() -> bool:

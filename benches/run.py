@@ -36,6 +36,7 @@ from common import (
     Corpus,
     Stack,
     machine_info,
+    network_floor,
     new_conversation_id,
     new_user_id,
     now_iso,
@@ -352,7 +353,7 @@ def measure(op: Op, impls: List[Impl], iterations: int, warmup: int) -> Dict[str
 
 
 # --------------------------------------------------------------------------------------------------
-# Throughput with threads, and the network floor
+# Throughput with threads
 # --------------------------------------------------------------------------------------------------
 
 
@@ -402,37 +403,6 @@ def throughput(impl: Impl, own: List[tuple], seconds: float) -> float:
     for w in workers:
         w.join()
     return sum(counts) / (time.perf_counter() - t0)
-
-
-def network_floor(stack: Stack, iterations: int, warmup: int) -> Dict[str, Dict[str, float]]:
-    """One bare round trip with the reference's clients: redis-py PING, psycopg2 `SELECT 1`."""
-    client = redis.Redis.from_url(stack.redis_url(2))
-    conn = psycopg2.connect(stack.pg.url)
-    conn.autocommit = True
-    cur = conn.cursor()
-
-    def ping() -> int:
-        t0 = perf_ns()
-        client.ping()
-        return perf_ns() - t0
-
-    def select1() -> int:
-        t0 = perf_ns()
-        cur.execute("SELECT 1")
-        cur.fetchone()
-        return perf_ns() - t0
-
-    out = {}
-    try:
-        for name, step in (("redis_ping", ping), ("pg_select1", select1)):
-            for _ in range(warmup):
-                step()
-            out[name] = summary_us([step() for _ in range(iterations)])
-    finally:
-        cur.close()
-        conn.close()
-        client.close()
-    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -59,8 +59,14 @@ LEFT JOIN LATERAL (
     ORDER BY txid, change_id
     LIMIT $3
 ) ch ON true
-LEFT JOIN conversations c ON c.conversation_id = ch.conversation_id
-LEFT JOIN conversation_tombstones t ON t.conversation_id = ch.conversation_id
+-- One primary-key lookup per change: as plain joins the planner hashed the whole of `conversations`
+-- (a sequential scan per page) whenever it expected a full page; LIMIT 1 keeps these nested lookups.
+LEFT JOIN LATERAL (
+    SELECT user_client_id, cache_version FROM conversations WHERE conversation_id = ch.conversation_id LIMIT 1
+) c ON true
+LEFT JOIN LATERAL (
+    SELECT deleted_version FROM conversation_tombstones WHERE conversation_id = ch.conversation_id LIMIT 1
+) t ON true
 ORDER BY ch.txid, ch.change_id";
 
 /// Where to follow from to see again every change recorded in the last $1 seconds: the oldest of
