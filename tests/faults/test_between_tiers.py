@@ -429,3 +429,21 @@ def test_a_postgres_mode_save_over_a_write_back_it_did_not_read_loses_nothing(
     v3 = grown(read, 2, text="saved in postgres mode")
     pg_manager.save_conversation(conv_id, v3, user_id=user_id)
     assert_every_message_kept(pg_manager, pg_conn, conv_id, user_id, [v1, v2, v3])
+
+
+@pytest.mark.timeout(60)
+def test_a_postgres_mode_save_keeps_the_row_aside_only_when_it_does_not_extend_it(
+    pg_manager, pg_conn, user_id, conv_id
+):  # fmt: skip
+    """The app's next turn extends the row: nothing is kept. A save that replaces a message (a regenerated
+    reply, or one built on an older read) keeps the row it replaces aside, once, and is the conversation."""
+    v1 = make_conversation(2, prefix="v1 ")
+    pg_manager.save_conversation(conv_id, v1, user_id=user_id)
+    v2 = send(pg_manager, conv_id, user_id, "the next turn")
+    assert kept_messages(pg_conn, conv_id, user_id) == []
+    regenerated = dict(v2, messages=v2["messages"][:-1] + grown(v1, 1, text="another answer")["messages"][-1:])
+    pg_manager.save_conversation(conv_id, regenerated, user_id=user_id)
+    assert pg_manager.get_conversation(conv_id, user_id=user_id) == regenerated
+    assert kept_messages(pg_conn, conv_id, user_id) == [v2["messages"]]
+    pg_manager.save_conversation(conv_id, regenerated, user_id=user_id)  # the same save again changes nothing
+    assert kept_messages(pg_conn, conv_id, user_id) == [v2["messages"]]

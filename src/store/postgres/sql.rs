@@ -102,12 +102,13 @@ WITH extended AS (
     -- $13 = 3: the user's row, when the new messages extend its own (none of them left out or
     -- changed), with the version that was read.
     SELECT c.cache_version AS version FROM conversations c
+    -- The new messages' columns hold sequence numbers 0.. in order, so message n is element n + 1.
     WHERE $13 = 3 AND c.conversation_id = $1 AND c.user_client_id = $2 AND NOT EXISTS (
         SELECT 1 FROM messages m
-        LEFT JOIN unnest($8::int4[], $9::text[], $10::text[], $11::timestamptz[]) AS new(seq, role, content, ts)
-            ON new.seq = m.sequence_number
         WHERE m.conversation_id = $1
-          AND (new.seq IS NULL OR (m.role, m.content, m.timestamp) IS DISTINCT FROM (new.role, new.content, new.ts)))
+          AND (m.sequence_number >= $7 OR (m.role, m.content, m.timestamp) IS DISTINCT FROM
+               (($9::text[])[m.sequence_number + 1], ($10::text[])[m.sequence_number + 1],
+                ($11::timestamptz[])[m.sequence_number + 1])))
 ), conv AS (
     INSERT INTO conversations AS c (conversation_id, user_client_id, title, model, created_at, last_modified, cache_version)
     SELECT $1, $2, $3, $4, $5, $6, {NOW_MICROS}
