@@ -118,7 +118,7 @@ WITH extended AS (
         SET title = EXCLUDED.title, model = EXCLUDED.model, last_modified = EXCLUDED.last_modified,
             cache_version = GREATEST(COALESCE(c.cache_version, 0) + 1, EXCLUDED.cache_version)
         WHERE c.user_client_id = EXCLUDED.user_client_id
-        -- $13: 0 replaces whatever row is there; 1 only the row at version $12 (the one the caller
+        -- $13: 0 replaces whatever row is there (no caller asks for it now); 1 only the row at version $12 (the one the caller
         -- read, NULL for a Phase 1 row); 2 only when there is none (the caller read none); 3 only a
         -- row the new messages extend, and only as it was read (a row another writer changed in
         -- between is checked again, on the next try, against what it holds then).

@@ -36,8 +36,6 @@ impl std::fmt::Debug for PostgresStore {
 /// Which row a save may replace ([`PostgresStore::save_expecting`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expect {
-    /// Whatever row is there (postgres mode: the last writer wins, as in Phase 1).
-    Any,
     /// Only the row at this version (`None`: a Phase 1 row, without one).
     Version(Option<i64>),
     /// Only when there is no row.
@@ -277,7 +275,6 @@ impl PostgresStore {
     ) -> Result<Option<i64>> {
         static SQL: LazyLock<String> = LazyLock::new(save_sql);
         let (mode, expected): (i32, Option<i64>) = match expect {
-            Expect::Any => (0, None),
             Expect::Version(version) => (1, version),
             Expect::Absent => (2, None),
             Expect::Extending => (3, None),
