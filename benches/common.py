@@ -193,13 +193,58 @@ def new_conversation_id() -> str:
             return cid
 
 
-class Corpus:
-    """Random words, messages of about 300 characters, conversations of alternating turns."""
+# Common English words, most frequent first (chat-like text is drawn from them by rank: see Corpus).
+ENGLISH_WORDS = """
+the of and to a in is it you that he was for on are with as I his they be at one have this from or had by
+not word but what some we can out other were all there when up use your how said an each she which do their
+time if will way about many then them write would like so these her long make thing see him two has look
+more day could go come did number sound no most people my over know water than call first who may down side
+been now find any new work part take get place made live where after back little only round man year came
+show every good me give our under name very through just form sentence great think say help low line differ
+turn cause much mean before move right boy old too same tell does set three want air well also play small
+end put home read hand port large spell add even land here must big high such follow act why ask men change
+went light kind off need house picture try us again animal point mother world near build self earth father
+head stand own page should country found answer school grow study still learn plant cover food sun four
+between state keep eye never last let thought city tree cross farm hard start might story saw far sea draw
+left late run don't while press close night real life few north open seem together next white children begin
+got walk example ease paper group always music those both mark often letter until mile river car feet care
+second book carry took science eat room friend began idea fish mountain stop once base hear horse cut sure
+watch color face wood main enough plain girl usual young ready above ever red list though feel talk bird
+soon body dog family direct pose leave song measure door product black short numeral class wind question
+happen complete ship area half rock order fire south problem piece told knew pass since top whole king space
+heard best hour better true during hundred five remember step early hold west ground interest reach fast
+verb sing listen six table travel less morning ten simple several vowel toward war lay against pattern slow
+center love person money serve appear road map rain rule govern pull cold notice voice unit power town fine
+certain fly fall lead cry dark machine note wait plan figure star box noun field rest correct able pound
+done beauty drive stood contain front teach week final gave green oh quick develop ocean warm free minute
+strong special mind behind clear tail produce fact street inch multiply nothing course stay wheel full force
+blue object decide surface deep moon island foot system busy test record boat common gold possible plane
+stead dry wonder laugh thousand ago ran check game shape equate hot miss brought heat snow tire bring yes
+distant fill east paint language among function variable return value string error file data model python
+code query database cache server request response client token user message assistant prompt context window
+""".split()
 
-    def __init__(self, seed: int = 42, message_chars: int = 300, pool_size: int = 512) -> None:
+
+class Corpus:
+    """Chat-like text: messages of about 300 characters, conversations of alternating turns.
+
+    `text="english"` (the default) draws common English words by Zipf's law (the word of rank r with weight
+    1/r), as prose does; `text="random"` draws uniformly from 2,000 words of random letters, a worst case for
+    compression (four words in five of a 20-message conversation appear in it for the first time)."""
+
+    TEXTS = ("english", "random")
+
+    def __init__(self, seed: int = 42, message_chars: int = 300, pool_size: int = 512, text: str = "english") -> None:
+        if text not in self.TEXTS:
+            raise ValueError(f"text must be one of {self.TEXTS}, got {text!r}")
         self.rng = random.Random(seed)
-        letters = "abcdefghijklmnopqrstuvwxyz"
-        self.words = ["".join(self.rng.choices(letters, k=self.rng.randint(2, 10))) for _ in range(2000)]
+        if text == "english":
+            self.words = ENGLISH_WORDS
+            self.weights: Optional[List[float]] = [1.0 / rank for rank in range(1, len(ENGLISH_WORDS) + 1)]
+        else:
+            letters = "abcdefghijklmnopqrstuvwxyz"
+            self.words = ["".join(self.rng.choices(letters, k=self.rng.randint(2, 10))) for _ in range(2000)]
+            self.weights = None
         self.contents = [self._sentence(message_chars) for _ in range(pool_size)]
         self._next = 0
 
@@ -207,7 +252,7 @@ class Corpus:
         words: List[str] = []
         length = -1
         while length < chars:
-            word = self.rng.choice(self.words)
+            word = self.rng.choices(self.words, self.weights)[0]
             words.append(word)
             length += len(word) + 1
         text = " ".join(words)

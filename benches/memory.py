@@ -1,10 +1,12 @@
 """Redis memory and CPU per conversation for each `redis_compression` setting.
 
-    .venv/bin/python benches/memory.py            # 300 conversations of 20 and of 200 messages per setting
-    .venv/bin/python benches/memory.py --quick    # 40 of each (a smoke run)
+    .venv/bin/python benches/memory.py                 # 200 conversations per text, size and setting
+    .venv/bin/python benches/memory.py --quick         # 40 of each (a smoke run)
+    .venv/bin/python benches/memory.py --text random   # one text only
 
-For each setting (off, zlib, on) and each size, saves the same app-shaped conversations (benches/common.py's
-Corpus: messages of about 300 characters of varied random words) with a manager of that setting, then
+For each text (benches/common.py's Corpus: messages of about 300 characters; `english`, chat-like text of
+common words drawn by frequency, and `random`, words of random letters, compression's worst case), each
+setting (off, zlib, on) and each size, saves the same app-shaped conversations with a manager of that setting, then
 saves each again (timed: a save of a conversation Redis holds, one staged hash; the first save of an id
 also asks PostgreSQL who owns it) and reads each back once with the near cache off (a Redis hit).
 Reports, per setting:
@@ -14,7 +16,7 @@ Reports, per setting:
   building, compressing or decompressing, parsing), each as a ratio to plain's p50, measured in the same
   run with the settings interleaved in chunks, the benchmark and Redis pinned to one CPU as run.py is.
 Prints a Markdown table and writes benches/results/memory.json. Not a test: nothing is asserted, but the
-goals (zstd at most 0.45x plain memory, zlib at most 0.65x) are printed as met or missed.
+goals (zstd at most 0.45x plain memory, zlib at most 0.65x, on chat-like text) are printed as met or missed.
 """
 
 from __future__ import annotations
@@ -51,14 +53,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-pin", action="store_true")
-    parser.add_argument("--count", type=int, default=None, help="conversations per size and setting")
+    parser.add_argument("--count", type=int, default=None, help="conversations per text, size and setting")
+    parser.add_argument("--text", choices=[*Corpus.TEXTS, "both"], default="both", help="which Corpus text")
     args = parser.parse_args()
     pin_or_reexec(sys.argv, enabled=not args.no_pin)
-    count = args.count or (40 if args.quick else 300)
-    corpus = Corpus()
+    count = args.count or (40 if args.quick else 200)
+    texts = list(Corpus.TEXTS) if args.text == "both" else [args.text]
     stack = Stack().start()
     managers: Dict[str, chat_history_rs.ChatHistoryManager] = {}
-    results: Dict[int, Dict[str, Dict[str, float]]] = {}
+    results: Dict[str, Dict[int, Dict[str, Dict[str, float]]]] = {text: {} for text in texts}
     try:
         database = stack.database_url("memory")
         for setting in SETTINGS:
@@ -72,7 +75,8 @@ def main() -> None:
             )
         client = redis.Redis(host="127.0.0.1", port=stack.redis.port, db=0)
         pinning = pinning_report(stack, enabled=not args.no_pin)
-        for size in (20, 200):
+        for text, size in ((text, size) for text in texts for size in (20, 200)):
+            corpus = Corpus(text=text)
             conversations = [corpus.conversation(size) for _ in range(count)]
             user = {s: new_user_id() for s in SETTINGS}
             ids = {s: [new_conversation_id() for _ in range(count)] for s in SETTINGS}
@@ -123,7 +127,7 @@ def main() -> None:
                 row["memory_ratio"] = row["memory_median"] / plain["memory_median"]
                 for name in ("save_wall", "save_cpu", "get_wall", "get_cpu"):
                     row[f"{name}_ratio"] = row[f"{name}_p50_us"] / plain[f"{name}_p50_us"]
-            results[size] = by_setting
+            results[text][size] = by_setting
         versions = stack.versions()
     finally:
         for m in managers.values():
@@ -131,28 +135,30 @@ def main() -> None:
         stack.remove()
 
     print(pinning_line(pinning))
-    print(f"{count} conversations per size and setting; Corpus messages of about 300 characters\n")
+    print(f"{count} conversations per text, size and setting; Corpus messages of about 300 characters\n")
     print(
-        "| messages | setting | Redis memory per conversation (median) | × plain | `messages` field (median) "
+        "| text | messages | setting | Redis memory per conversation (median) | × plain | `messages` field (median) "
         "| save p50 µs (× plain) | save CPU p50 µs (× plain) | Redis hit p50 µs (× plain) | hit CPU p50 µs (× plain) |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    for size, by_setting in results.items():
-        for setting, r in by_setting.items():
-            print(
-                f"| {size} | {setting} | {r['memory_median']:.0f} B | {r['memory_ratio']:.2f} "
-                f"| {r['messages_field_median']:.0f} B "
-                f"| {r['save_wall_p50_us']:.0f} ({r['save_wall_ratio']:.2f}) "
-                f"| {r['save_cpu_p50_us']:.0f} ({r['save_cpu_ratio']:.2f}) "
-                f"| {r['get_wall_p50_us']:.0f} ({r['get_wall_ratio']:.2f}) "
-                f"| {r['get_cpu_p50_us']:.0f} ({r['get_cpu_ratio']:.2f}) |"
-            )
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for text, by_size in results.items():
+        for size, by_setting in by_size.items():
+            for setting, r in by_setting.items():
+                print(
+                    f"| {text} | {size} | {setting} | {r['memory_median']:.0f} B | {r['memory_ratio']:.2f} "
+                    f"| {r['messages_field_median']:.0f} B "
+                    f"| {r['save_wall_p50_us']:.0f} ({r['save_wall_ratio']:.2f}) "
+                    f"| {r['save_cpu_p50_us']:.0f} ({r['save_cpu_ratio']:.2f}) "
+                    f"| {r['get_wall_p50_us']:.0f} ({r['get_wall_ratio']:.2f}) "
+                    f"| {r['get_cpu_p50_us']:.0f} ({r['get_cpu_ratio']:.2f}) |"
+                )
     print()
-    for setting, goal in GOALS.items():
-        for size, by_setting in results.items():
-            ratio = by_setting[setting]["memory_ratio"]
-            verdict = "met" if ratio <= goal else "MISSED"
-            print(f"goal {setting} <= {goal:.2f}x plain memory at {size} messages: {ratio:.3f} ({verdict})")
+    for text, by_size in results.items():
+        for setting, goal in GOALS.items():
+            for size, by_setting in by_size.items():
+                ratio = by_setting[setting]["memory_ratio"]
+                verdict = ("met" if ratio <= goal else "MISSED") if text == "english" else "worst case, no goal"
+                print(f"{text}: {setting} <= {goal:.2f}x plain memory at {size} messages: {ratio:.3f} ({verdict})")
     write_report(
         str(RESULTS / "memory.json"),
         {"machine": machine_info(), "versions": versions, "pinning": pinning, "count": count, "results": results},
