@@ -87,6 +87,60 @@ pub struct RedisConnection {
     pub(crate) expire_gt: bool,
     /// When the credentials it logged in with are due for renewal.
     pub(crate) lease: Lease,
+    /// A pipeline sent without waiting for its replies (a miss's backfill, see
+    /// `RedisCache::send_fenced`), whose replies are read before the connection's next command.
+    pub(crate) unread: Option<Unread>,
+}
+
+/// A pipeline sent without waiting: its bytes (sent again once if Redis did not have its scripts)
+/// and how many replies it has.
+pub(crate) struct Unread {
+    pub(crate) packed: Vec<u8>,
+    pub(crate) replies: usize,
+}
+
+impl RedisConnection {
+    /// Reads the replies to a pipeline sent without waiting. A command Redis refused changes nothing
+    /// for the caller that did not wait for it, and is only logged; a script Redis did not have
+    /// (a restart, `SCRIPT FLUSH`) is loaded and the pipeline sent again, as a waiting caller's
+    /// would be (its deadline still holds: late, it changes nothing). A failure to read is the
+    /// connection's, as for any command.
+    pub(crate) fn read_unread(&mut self) -> RedisResult<()> {
+        let Some(unread) = self.unread.take() else {
+            return Ok(());
+        };
+        let mut noscript = false;
+        for _ in 0..unread.replies {
+            let Con::Single(con) = &mut self.con else {
+                return Ok(());
+            };
+            let refused = match con.recv_response() {
+                Ok(Value::ServerError(e)) => RedisError::from(e),
+                Ok(_) => continue,
+                Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                    self.broken = true;
+                    return Err(e);
+                }
+                Err(e) => e,
+            };
+            if refused.code() == Some("NOSCRIPT") {
+                noscript = true;
+            } else {
+                log::debug!("Redis refused a command sent without waiting: {refused}");
+            }
+        }
+        if noscript {
+            load_scripts(&mut self.con)?;
+            if let Err(e) = self.con.req_packed_commands(&unread.packed, 0, unread.replies) {
+                if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+                    self.broken = true;
+                    return Err(e);
+                }
+                log::debug!("Redis refused a command sent without waiting: {e}");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What the server turned out to be, and so which connections and key names to use.
@@ -313,10 +367,11 @@ impl r2d2::ManageConnection for Connector {
                 false
             }
         };
-        Ok(RedisConnection { con, broken: false, expire_gt, lease })
+        Ok(RedisConnection { con, broken: false, expire_gt, lease, unread: None })
     }
 
     fn is_valid(&self, conn: &mut RedisConnection) -> Result<(), RedisError> {
+        conn.read_unread()?;
         redis::cmd("PING").query(&mut conn.con)
     }
 

@@ -18,7 +18,7 @@ use crate::cache::combine::Combiner;
 use crate::cache::error::{CacheError, CacheResult};
 use crate::cache::keys::KeyLayout;
 use crate::cache::near::{Listing, NearCache, NearStats, NearValue};
-use crate::cache::pool::{renew_if_due, Con, Connector, PoolErrorLog, RedisConnection, Renewal, Topology};
+use crate::cache::pool::{renew_if_due, Con, Connector, PoolErrorLog, RedisConnection, Renewal, Topology, Unread};
 use crate::cache::scripts::{self, query_loading};
 use crate::cache::tracking::{self, Tracker};
 use crate::config::RedisSettings;
@@ -288,7 +288,7 @@ impl RedisCache {
                 }
                 // A connection to replace is used anyway once every attempt went to replacing: a
                 // provider whose credentials are always due must not stall calls.
-                Ok(Renewal::Ready | Renewal::Replace) => op(&mut conn),
+                Ok(Renewal::Ready | Renewal::Replace) => conn.read_unread().and_then(|()| op(&mut conn)),
                 Err(e) => Err(e),
             };
             match result {
@@ -334,6 +334,26 @@ impl RedisCache {
         self.run_on(|conn| {
             let pipe = build(&deadline_arg(self.clock.deadline(self.settings.timeout)));
             query_loading(&mut conn.con, &pipe)
+        })
+    }
+
+    /// Sends a pipeline built around its deadline, as [`Self::query_fenced`], without waiting for
+    /// its replies on one node: they are read before the connection's next command. For a write
+    /// whose outcome the caller does not need (a miss's backfill), so that its round trip is not
+    /// the caller's. The bytes are on their way to Redis when this returns, ahead of anything sent
+    /// later on any connection. On a cluster (whose router reads replies as it routes) it waits.
+    pub(crate) fn send_fenced(&self, mut build: impl FnMut(&str) -> redis::Pipeline) -> CacheResult<()> {
+        self.run_on(|conn| {
+            let pipe = build(&deadline_arg(self.clock.deadline(self.settings.timeout)));
+            match &mut conn.con {
+                Con::Single(con) => {
+                    let packed = pipe.get_packed_pipeline();
+                    con.send_packed_command(&packed)?;
+                    conn.unread = Some(Unread { packed, replies: pipe.len() });
+                    Ok(())
+                }
+                Con::Cluster(_) => query_loading::<Value>(&mut conn.con, &pipe).map(drop),
+            }
         })
     }
 

@@ -208,14 +208,13 @@ impl RedisCache {
         }
         let mut stage_pipe = redis::pipe();
         stage(&mut stage_pipe, &staged, conv, &fields, self.settings.compression);
-        let _: (i64,) = self.query_fenced(|deadline| {
+        self.send_fenced(|deadline| {
             let mut script = scripts::call(&scripts::BACKFILL, &keys);
             script.arg(user_id).arg(self.ttl()).arg(l.owner_in_slot()).arg(deadline).arg(&ver);
             let mut pipe = stage_pipe.clone();
             pipe.add_command(script);
             pipe
-        })?;
-        Ok(())
+        })
     }
 
     /// Whether the user may delete the id as far as Redis knows, and the version Redis holds (0

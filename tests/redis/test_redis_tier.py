@@ -134,7 +134,9 @@ def test_scripts_flushed_from_redis_are_loaded_again(make_redis_manager, rdb, pg
     manager.save_conversation("5c000002", second, user_id=user_id)  # the save script
     assert_cached(rdb.client, user_id, "5c000002", second, dirty=True)
     assert rdb.client.script_flush()
-    assert manager.get_conversation("5c000001", user_id=user_id) == first  # a miss's backfill script
+    assert manager.get_conversation("5c000001", user_id=user_id) == first  # a miss's backfill script,
+    # sent without waiting: the connection's next call reads its NOSCRIPT, loads the scripts, sends it again
+    assert manager.get_conversation("5c000002", user_id=user_id) == second
     assert_cached(rdb.client, user_id, "5c000001", first, dirty=False, ttl=600)
     assert rdb.client.script_flush()
     assert manager.flush_dirty_conversations() == 1  # the settle script
