@@ -7,7 +7,7 @@ Starts a throwaway PostgreSQL, one redis-server, and a Redis Cluster of 3 primar
 each (tests/support/cluster_support.py), all on this machine, then, through `ChatHistoryManager` in redis
 mode (background_flush=False), for each of the two:
 
-1. p50 of a save of a 20-message conversation (re-saved with a new last message, as the app does
+1. p50 of a save of a 20-message conversation (the next turn of one saved with 18, as the app saves
    after a reply), of a Redis hit of it and of a list of 30, both by a manager with the near cache
    off (`near_cache_bytes=0`: with it on, both are answered in the process, on a cluster as on one
    node), measured alternately on the two setups in chunks of 50 calls, so a slow moment of the
@@ -71,29 +71,29 @@ CHUNK = 50
 
 
 class PerCall:
-    """One setup's per-call measurements: a user with 30 conversations, one of 20 messages that is
-    re-saved with a new last message, read and listed by a manager without the near cache."""
+    """One setup's per-call measurements: a user with 30 conversations. Each turn replaces one with a
+    fresh conversation of 18 messages (the old one deleted, untimed), then saves its next turn (20
+    messages: the app's save after a reply, timed), reads it and lists, with a manager without the
+    near cache."""
 
     def __init__(self, db_url: str, redis_url: str, corpus: Corpus) -> None:
         self.corpus = corpus
         self.saver = manager(db_url, redis_url)
         self.reader = manager(db_url, redis_url, near_cache_bytes=0)
         self.user, self.cid = new_user_id(), new_conversation_id()
-        self.conv = corpus.conversation(20)
-        self.base = self.conv["messages"][:-1]
-        self.replies = [corpus.message(19) for _ in range(16)]
-        self.saver.save_conversation(self.cid, self.conv, user_id=self.user)
+        self.saver.save_conversation(self.cid, corpus.conversation(20), user_id=self.user)
         for _ in range(29):
             self.saver.save_conversation(new_conversation_id(), corpus.conversation(2), user_id=self.user)
         self.samples: Dict[str, List[int]] = {"save20": [], "get_hit20": [], "list30": []}
-        self.turn = 0
 
     def chunk(self, record: bool) -> None:
         for _ in range(CHUNK):
-            self.turn += 1
-            self.conv["messages"] = self.base + [self.replies[self.turn % len(self.replies)]]
+            self.saver.delete_conversation(self.cid, user_id=self.user)
+            self.cid, conv = new_conversation_id(), self.corpus.conversation(18)
+            self.saver.save_conversation(self.cid, conv, user_id=self.user)
+            conv["messages"] = conv["messages"] + self.corpus.messages(2, start=18)
             t0 = time.perf_counter_ns()
-            self.saver.save_conversation(self.cid, self.conv, user_id=self.user)
+            self.saver.save_conversation(self.cid, conv, user_id=self.user)
             t1 = time.perf_counter_ns()
             got = self.reader.get_conversation(self.cid, user_id=self.user)
             t2 = time.perf_counter_ns()
@@ -105,8 +105,7 @@ class PerCall:
                 self.samples["save20"].append(t1 - t0)
                 self.samples["get_hit20"].append(t2 - t1)
                 self.samples["list30"].append(t3 - t2)
-        # The re-saves keep replacing an unflushed reply, each kept aside for the flush: flushed
-        # between chunks (untimed), as the background flush would.
+        # Flushed between chunks (untimed), as the background flush would.
         self.saver.flush_dirty_conversations()
 
     def close(self) -> Dict[str, dict]:
