@@ -383,7 +383,8 @@ impl RedisCache {
         self.run_on(|conn| cmd.query(&mut conn.con))
     }
 
-    /// The cached conversation; a clean hit gets its TTL back. An unreadable hash reads as a miss.
+    /// The cached conversation; a clean hit whose TTL ran low gets it back ([`RedisCache::fresh_enough`]).
+    /// An unreadable hash reads as a miss.
     ///
     /// The id's owner record is not given its TTL back: it keeps the one it got when the
     /// conversation became clean, and when it lapses first nothing changes for the owner, whose
@@ -392,7 +393,13 @@ impl RedisCache {
     pub fn get(&self, user_id: &str, conversation_id: &str) -> CacheResult<Option<Arc<CachedConversation>>> {
         let key = self.layout()?.conv(user_id, conversation_id);
         let Some(near) = &self.near else {
-            let value = self.reads.run(key.clone(), |batch| self.read_batch(batch))?;
+            let value = match self.reads.run(key.clone(), |batch| self.read_batch(batch))? {
+                Value::Array(mut pair) if pair.len() == 2 => {
+                    self.fresh_enough(&key, redis::from_redis_value_ref::<i64>(&pair[1]).unwrap_or(-2));
+                    pair.swap_remove(0)
+                }
+                other => other,
+            };
             return Ok(Self::parse_read(&key, value).map(Arc::new));
         };
         if let Some(NearValue::Conversation(cached)) = near.get(&key) {
@@ -433,10 +440,11 @@ impl RedisCache {
         cached
     }
 
-    /// With the near cache a read does not refresh the TTL (the EXPIRE would invalidate the very
-    /// copy it fills): a clean hash whose TTL ran below the threshold gets it back here, and its
-    /// copy is not kept (the refresh's own invalidation is on its way). Returns whether the reply
-    /// may fill the near cache.
+    /// A read does not refresh the TTL each time: an `EXPIRE` is a write, replicated, and an
+    /// invalidation sent to every process's near-cache tracker (with the near cache on, it would
+    /// drop the very copy the read fills). A clean hash whose TTL ran below the threshold gets it
+    /// back here, and its copy is not kept in the near cache (the refresh's own invalidation is on
+    /// its way). Returns whether the reply may fill the near cache.
     fn fresh_enough(&self, key: &str, pttl: i64) -> bool {
         // -1: no TTL (dirty); -2: no such key (nothing to keep anyway).
         if pttl < 0 {
@@ -463,59 +471,18 @@ impl RedisCache {
         false
     }
 
-    /// The hashes of a batch of conversation keys in one round trip, each clean one given its TTL
-    /// back.
+    /// The hashes of a batch of conversation keys and their TTLs (`PTTL`), in one round trip: each
+    /// a pair, for [`RedisCache::fresh_enough`].
     fn read_batch(&self, batch: &[&String]) -> Vec<CacheResult<Value>> {
-        let ttl = self.ttl();
-        if self.near.is_some() {
-            return self.read_batch_near(batch);
-        }
         let result = self.run_on(|conn| {
-            let expire_gt = conn.expire_gt;
-            let refresh = |key: &str| {
-                if expire_gt {
-                    // GT leaves a key without a TTL (a dirty conversation) without one.
-                    let mut cmd = redis::cmd("EXPIRE");
-                    cmd.arg(key).arg(ttl).arg("GT");
-                    cmd
-                } else {
-                    let mut cmd = scripts::call(&scripts::REFRESH_TTL, &[key]);
-                    cmd.arg(ttl);
-                    cmd
-                }
-            };
             if let Con::Single(single) = &mut conn.con {
-                // The hot path: one plain pipeline, built once.
+                // The hot path: one plain pipeline.
                 let mut pipe = redis::pipe();
                 for key in batch {
-                    pipe.cmd("HMGET").arg(key).arg(&READ_FIELDS);
-                    pipe.add_command(refresh(key)).ignore();
+                    pipe.cmd("HMGET").arg(key).arg(&READ_FIELDS).cmd("PTTL").arg(key);
                 }
                 return query_loading::<Vec<Value>>(single, &pipe);
             }
-            let mut spread = Spread::default();
-            for key in batch {
-                let mut read = redis::cmd("HMGET");
-                read.arg(key).arg(&READ_FIELDS);
-                spread.add(read, true);
-                spread.add(refresh(key), false);
-            }
-            spread.query_on(&mut conn.con)
-        });
-        match result {
-            Ok(values) if values.len() == batch.len() => values.into_iter().map(Ok).collect(),
-            Ok(values) => {
-                let why = format!("{} replies to a pipeline of {} reads", values.len(), batch.len());
-                vec![Err(CacheError::Other(why)); batch.len()]
-            }
-            Err(e) => vec![Err(e); batch.len()],
-        }
-    }
-
-    /// With the near cache: each hash and its remaining TTL (`[fields, pttl]` per key), changing
-    /// nothing (see [`RedisCache::fresh_enough`]).
-    fn read_batch_near(&self, batch: &[&String]) -> Vec<CacheResult<Value>> {
-        let result = self.run_on(|conn| {
             let mut spread = Spread::default();
             for key in batch {
                 let mut read = redis::cmd("HMGET");
