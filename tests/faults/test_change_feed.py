@@ -145,6 +145,43 @@ def test_stats_show_which_process_follows_what_it_applied_and_its_lag(
 
 
 @pytest.mark.timeout(60)
+def test_a_flush_records_each_conversation_it_writes_and_only_those(make_redis_manager, pg_conn, user_id):
+    # The flush tells the triggers that its transaction records every conversation as its row is written
+    # (chat_history.written = '*', so the messages trigger searches nothing): each conversation it writes
+    # still gets its outbox row (two when its upsert met an existing row, whose BEFORE INSERT and BEFORE
+    # UPDATE triggers both record it; the follower applies a conversation once per page), and one it does
+    # not write gets none.
+    manager = make_redis_manager(background_flush=False)
+    ids = [f"0f1a{n:04d}" for n in range(12)]
+    convs = {cid: make_conversation(2, prefix=f"{cid} ") for cid in ids}
+
+    def recorded_since(change_id: int) -> dict:
+        with pg_conn.cursor() as cur:
+            cur.execute(
+                "SELECT conversation_id, count(*) FROM conversation_changes WHERE change_id > %s GROUP BY 1",
+                (change_id,),
+            )
+            return dict(cur.fetchall())
+
+    def last_change() -> int:
+        with pg_conn.cursor() as cur:
+            cur.execute("SELECT COALESCE(max(change_id), 0) FROM conversation_changes")
+            return cur.fetchone()[0]
+
+    for cid, conv in convs.items():
+        manager.save_conversation(cid, conv, user_id=user_id)
+    before = last_change()
+    assert manager.flush_dirty_conversations() == len(ids)
+    assert recorded_since(before) == {cid: 1 for cid in ids}  # new rows: the INSERT trigger alone
+
+    for cid in ids[:6]:  # the next turn of half of them (2 messages more)
+        convs[cid] = grown(convs[cid], 2)
+        manager.save_conversation(cid, convs[cid], user_id=user_id)
+    before = last_change()
+    assert manager.flush_dirty_conversations() == 6
+    assert set(recorded_since(before)) == set(ids[:6])
+
+
 def test_an_operators_sql_reaches_reads_and_lists(make_redis_manager, rdb, pg_conn, user_id, conv_id):
     """Data fixes are done in SQL: a rename (`UPDATE conversations SET title`) and a message rewritten in
     place (`UPDATE messages`, which leaves the conversation's row alone) are both served."""

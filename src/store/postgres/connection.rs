@@ -8,7 +8,6 @@ use std::time::SystemTime;
 use postgres::types::{ToSql, Type};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::sql::LOCK_IDS;
 use crate::credentials::{CredentialProvider, Lease};
 use crate::error::{Backend, Error, ErrorKind};
 
@@ -142,14 +141,16 @@ impl Connection {
         self.client.query(&statement, &values)
     }
 
-    /// `lock` then `sql` in one transaction (see [`LOCK_IDS`]).
+    /// The ids' locks (`lock`: [`super::sql::LOCK_IDS`] or [`super::sql::LOCK_IDS_FOR_FLUSH`]) then
+    /// `sql`, in one transaction.
     pub(super) fn locked_query(
         &mut self,
+        lock: &'static str,
         ids: &(dyn ToSql + Sync),
         sql: &'static str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<postgres::Row>, postgres::Error> {
-        let lock = self.statement(LOCK_IDS, &[(ids, Type::TEXT_ARRAY)])?;
+        let lock = self.statement(lock, &[(ids, Type::TEXT_ARRAY)])?;
         let statement = self.statement(sql, params)?;
         let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
         let mut tx = self.client.transaction()?;

@@ -262,6 +262,15 @@ pub(super) const LOCK_IDS: &str = "
 SELECT pg_advisory_xact_lock(1667786866, k)
 FROM (SELECT DISTINCT hashtext(id) AS k FROM unnest($1::text[]) AS id ORDER BY 1) AS keys";
 
+/// [`LOCK_IDS`] for a flush, which also tells the change feed's triggers (schema.sql) that every
+/// conversation this transaction writes is recorded as its row is written (`chat_history.written`
+/// = `*`): the flush writes messages only of conversations whose row it writes in the same
+/// statement, so the messages trigger has nothing to record and skips each row without a string
+/// search, and the conversations trigger records each row without growing the setting.
+pub(super) const LOCK_IDS_FOR_FLUSH: &str = "
+SELECT pg_advisory_xact_lock(1667786866, k), set_config('chat_history.written', '*', true)
+FROM (SELECT DISTINCT hashtext(id) AS k FROM unnest($1::text[]) AS id ORDER BY 1) AS keys";
+
 /// Claims the id for the user ($2) unless it has a row or a claim already, then says who owns it
 /// (the row's user, else the claim's) and the newest version its row or its tombstone has.
 pub(super) const CLAIM: &str = "

@@ -12,7 +12,7 @@ use super::connection::{pg_error, session_ended, Connection, Connector, Pool, Po
 use super::schema;
 use super::sql::{
     conversation_of, delete_sql, message_count, save_sql, MessageColumns, CLAIM, GET, GET_ANY, KEEP_CONFLICT, LIST,
-    LIST_CONFLICTS, MARK_RESTORED,
+    LIST_CONFLICTS, LOCK_IDS, MARK_RESTORED,
 };
 use crate::config::PostgresSettings;
 use crate::error::{Backend, Error, ErrorKind, Result};
@@ -391,6 +391,7 @@ impl PostgresStore {
         let ids = ids.as_slice();
         let rows = self.run(|conn| {
             conn.locked_query(
+                LOCK_IDS,
                 &ids,
                 &SQL,
                 &[

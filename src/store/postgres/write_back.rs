@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use chrono::{DateTime, Utc};
 use postgres::types::{ToSql, Type};
 
-use super::sql::{flush_sql, message_count, MessageColumns};
+use super::sql::{flush_sql, message_count, MessageColumns, LOCK_IDS_FOR_FLUSH};
 use super::store::PostgresStore;
 use crate::error::Result;
 use crate::model::Conversation;
@@ -50,7 +50,7 @@ impl PostgresStore {
             (&columns.time, Type::TIMESTAMPTZ_ARRAY),
             (&known, Type::INT8_ARRAY),
         ];
-        let rows = self.run(|conn| conn.locked_query(&ids, &SQL, &params))?;
+        let rows = self.run(|conn| conn.locked_query(LOCK_IDS_FOR_FLUSH, &ids, &SQL, &params))?;
         let mut outcomes = vec![FlushOutcome::Stale; batch.len()];
         for row in rows {
             let id: &str = row.get(0);
