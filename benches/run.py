@@ -138,14 +138,20 @@ corpus = Corpus()
 
 
 def prepare_save(impl: Impl, messages: int, pg_only: bool = False) -> Step:
-    """The app's save after a reply: a conversation saved with `messages` - 2 messages (untimed, a fresh
-    one each time so that its size stays `messages`) saved again with the next user message and reply."""
+    """The app's save after a reply: a conversation saved with `messages` - 2 messages saved again with
+    the next user message and reply. Its size stays `messages`: each step takes a fresh one, saved
+    first (untimed) in batches of 100, so no step follows its own first save."""
     manager = impl.pg_only if pg_only else impl.cached
     user = new_user_id()
+    ready: List[tuple] = []
 
     def step() -> int:
-        cid, conv = new_conversation_id(), corpus.conversation(messages - 2)
-        manager.save_conversation(cid, conv, user_id=user)
+        if not ready:
+            for _ in range(100):
+                cid, conv = new_conversation_id(), corpus.conversation(messages - 2)
+                manager.save_conversation(cid, conv, user_id=user)
+                ready.append((cid, conv))
+        cid, conv = ready.pop()
         conv["messages"] = conv["messages"] + corpus.messages(2, start=messages - 2)
         conv["last_modified"] = now_iso()
         t0 = perf_ns()
