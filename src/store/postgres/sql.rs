@@ -118,11 +118,11 @@ WITH extended AS (
         SET title = EXCLUDED.title, model = EXCLUDED.model, last_modified = EXCLUDED.last_modified,
             cache_version = GREATEST(COALESCE(c.cache_version, 0) + 1, EXCLUDED.cache_version)
         WHERE c.user_client_id = EXCLUDED.user_client_id
-        -- $13: 0 replaces whatever row is there (no caller asks for it now); 1 only the row at version $12 (the one the caller
-        -- read, NULL for a Phase 1 row); 2 only when there is none (the caller read none); 3 only a
-        -- row the new messages extend, and only as it was read (a row another writer changed in
-        -- between is checked again, on the next try, against what it holds then).
-        AND ($13 = 0 OR ($13 = 1 AND c.cache_version IS NOT DISTINCT FROM $12)
+        -- $13: 1 only the row at version $12 (the one the caller read, NULL for a Phase 1 row); 2 only
+        -- when there is none (the caller read none); 3 only a row the new messages extend, and only as
+        -- it was read (a row another writer changed in between is checked again, on the next try,
+        -- against what it holds then). No save replaces whatever row is there.
+        AND (($13 = 1 AND c.cache_version IS NOT DISTINCT FROM $12)
              OR ($13 = 3 AND EXISTS (SELECT 1 FROM extended e WHERE c.cache_version IS NOT DISTINCT FROM e.version)))
     RETURNING c.conversation_id, c.cache_version
 ), trimmed AS (
