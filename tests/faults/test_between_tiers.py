@@ -22,7 +22,7 @@ from support.redis_support import (
     make_conversation,
     pg_conversation_ids,
 )
-from support.servers import assert_row_matches, create_database
+from support.servers import assert_row_matches, closed_port, create_database
 from support.tcp_proxy import TcpProxy
 
 
@@ -253,6 +253,37 @@ def test_an_id_claimed_through_redis_is_not_given_to_another_user_while_redis_is
 
     assert owner.flush_dirty_conversations() == 1
     assert_row_matches(pg_conn, conv_id, user_id, mine)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("through", ["redis mode, Redis away", "postgres mode"])
+def test_an_id_claimed_through_redis_is_not_deleted_by_another_user_while_it_waits_for_the_write_back(
+    make_redis_manager, pg_manager, rdb, pg_conn, user_id, other_user_id, conv_id, through
+):  # fmt: skip
+    """The owner's new conversation waits in Redis, not written back yet: PostgreSQL holds only the owner's claim.
+    Another user deletes the same id where Redis cannot say whose it is (their instance cannot reach Redis, or runs
+    in postgres mode): nothing of theirs is there, so nothing may change, and above all no tombstone, which would
+    make the write-back drop the owner's copy as deleted, silently. The owner's conversation is written back whole.
+    (Found by the randomized checker on a cluster: an intruder's delete during a primary's partition; the owner's
+    first messages were then nowhere, and no flush had logged anything.)"""
+    owner = make_redis_manager()
+    mine = make_conversation(4, title="mine")
+    owner.save_conversation(conv_id, mine, user_id=user_id)  # in Redis only, claimed in PostgreSQL
+    assert conv_id not in pg_conversation_ids(pg_conn)
+
+    if through == "postgres mode":
+        pg_manager.delete_conversation(conv_id, user_id=other_user_id)
+    else:
+        # An instance that cannot reach Redis (on one node or a cluster alike): its delete asks PostgreSQL alone.
+        intruder = make_redis_manager(redis_url=f"redis://127.0.0.1:{closed_port()}/0", redis_timeout=0.5)
+        intruder.delete_conversation(conv_id, user_id=other_user_id)  # not theirs: nothing to delete
+        assert intruder.stats()["redis_available"] is False, "the race did not happen: the delete reached Redis"
+
+    assert owner.flush_dirty_conversations() == 1
+    assert_row_matches(pg_conn, conv_id, user_id, mine)
+    with pg_conn.cursor() as cur:
+        cur.execute("SELECT user_client_id FROM conversation_tombstones WHERE conversation_id = %s", (conv_id,))
+        assert cur.fetchall() == [], "another user's delete of a claimed id left a tombstone"
 
 
 # --------------------------------------------------------------------------------------------------

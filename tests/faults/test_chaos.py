@@ -649,6 +649,12 @@ def check_history(ops: list[Op], conversations: dict, conflicts: dict, faults, s
             by_conv[(op.user, op.cid)].append(op)
     for history in by_conv.values():
         history.sort(key=lambda o: o.t0)
+    # Other users' calls on an id (the intruder's), for the LOST report: a timeline of the owner's calls alone hid
+    # the delete of another user behind the cluster soak's one LOST (docs/design.md, "Ownership").
+    intrusions: dict[str, list[Op]] = defaultdict(list)
+    for op in sorted(ops, key=lambda o: o.t0):
+        if op.kind.startswith("intrude") and op.cid:
+            intrusions[op.cid].append(op)
 
     for (user, cid), history in sorted(by_conv.items()):
         row = conversations.get(cid)
@@ -687,6 +693,8 @@ def check_history(ops: list[Op], conversations: dict, conflicts: dict, faults, s
                 f"\n    expected e.g. {next(iter(lost))}\n    PostgreSQL holds: {shown}, {len(kept)} conflict copies"
                 f"\n    faults around: {_faults_during(faults, first.t0 - 3, first.t1 + 10)[:6]}"
                 f"\n    history from there:\n      {_timeline(history, first)}"
+                f"\n    other users' calls on this id from there: "
+                f"{[_describe(o) for o in intrusions[cid] if o.t1 >= first.t0][:5] or 'none'}"
             )
 
         # NOT-NEWEST, TITLE, RESURRECTED: the conversation is one of the newest saves (module docstring).

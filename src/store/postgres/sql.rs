@@ -228,7 +228,9 @@ FROM input i"
 
 /// Deletes the user's row (messages go by cascade) and leaves a tombstone, so a flush that read
 /// the conversation before the delete can never bring it back. No tombstone for an id that is
-/// another user's: their conversation must stay writable.
+/// another user's, by its row or by a claim made through Redis (docs/design.md, "Ownership"): their
+/// conversation must stay writable, and a claimed one waiting in Redis would be dropped by its
+/// write-back as deleted.
 pub(super) fn delete_sql() -> String {
     format!(
         "
@@ -240,6 +242,10 @@ WITH gone AS (
     INSERT INTO conversation_tombstones AS t (conversation_id, user_client_id, deleted_version)
     SELECT $1, $2, GREATEST({NOW_MICROS}, COALESCE((SELECT max(cache_version) FROM gone), 0) + 1, $3)
     WHERE NOT EXISTS (SELECT 1 FROM conversations WHERE conversation_id = $1 AND user_client_id <> $2)
+    -- Nor for an id another user claimed through Redis, whose new conversation may wait there for
+    -- its write-back, unless this user had a row to delete (a Phase 1 writer never checks claims).
+    AND (EXISTS (SELECT 1 FROM gone)
+         OR NOT EXISTS (SELECT 1 FROM conversation_claims WHERE conversation_id = $1 AND user_client_id <> $2))
     ON CONFLICT (conversation_id) DO UPDATE
         SET user_client_id = EXCLUDED.user_client_id, deleted_at = NOW(),
             deleted_version = GREATEST(t.deleted_version, EXCLUDED.deleted_version)
