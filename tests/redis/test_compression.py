@@ -1,5 +1,5 @@
 """Compressed transcripts in Redis (`redis_compression`, README "Configuration"; docs/design.md,
-"Compressed transcripts"; SPEC section 14).
+"Compressed transcripts").
 
 A save stores the hash's `messages` field as the JSON text ("off", the default), as the seed plan's
 base64 of zlib ("zlib"), or as a zstd frame ("on"); every reader takes all three whatever its own
