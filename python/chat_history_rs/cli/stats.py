@@ -258,8 +258,7 @@ METRICS = (
         "feed_following",
         "chat_history_feed_following",
         "gauge",
-        "1 while this process applies PostgreSQL's changes to its Redis (one process per Redis does)"
-        + _THIS_PROCESS,
+        "1 while this process applies PostgreSQL's changes to its Redis (one process per Redis does)" + _THIS_PROCESS,
     ),
     Metric(
         "feed_changes_applied",
@@ -279,7 +278,9 @@ METRICS = (
         "counter",
         "Dirty copies older than PostgreSQL's row, resolved by the flush" + _THIS_PROCESS,
     ),
-    Metric("feed_resyncs", "chat_history_feed_resyncs_total", "counter", "Full resyncs of the change feed" + _THIS_PROCESS),
+    Metric(
+        "feed_resyncs", "chat_history_feed_resyncs_total", "counter", "Full resyncs of the change feed" + _THIS_PROCESS
+    ),
     Metric(
         "feed_lag_seconds",
         "chat_history_feed_lag_seconds",
