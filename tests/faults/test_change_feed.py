@@ -341,19 +341,13 @@ def follower_waiting_on_a_lock(pg_conn) -> bool:
 
 @pytest.mark.timeout(60)
 def test_a_redis_emptied_during_a_followers_turn_misses_no_change(
-    make_manager, pg_url, pg_params, pg_manager, region_b, user_id, conv_id
+    make_redis_manager, pg_params, pg_manager, region_b, user_id, conv_id
 ):
     """A region's Redis restarts empty (here FLUSHALL, which keeps the connections) while its follower is inside
     a turn: it claimed the lease, then its read of the changes waited (here on an operator's lock). Meanwhile a
     read caches the conversation in the emptied Redis, and a postgres-mode instance saves v2 once the turn
     ended. The region must serve v2 within the bound."""
-    region = make_manager(
-        mode="postgres",
-        connection_string=pg_url,
-        redis_enabled=True,
-        redis_connection_string=region_b.url,
-        background_flush=False,
-    )
+    region = make_redis_manager(redis_url=region_b.url)
     following_at(region_b.url)
     v1 = make_conversation(2, title="v1")
     pg_manager.save_conversation(conv_id, v1, user_id=user_id)
