@@ -8,7 +8,7 @@
 //! committed are applied at once too (a long transaction elsewhere must not hold the feed up), and
 //! remembered so they are not applied twice; applying one twice would be harmless anyway.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::cache::Bypass;
 use crate::store::postgres::{Change, ChangePage, Position};
@@ -66,6 +66,9 @@ pub(super) struct Plan {
 /// Plans `page`, read after `from` with `limit`, given the changes applied early before.
 pub(super) fn plan(page: &ChangePage, from: Position, limit: usize, early: &mut Early) -> Plan {
     let mut apply: Vec<Bypass> = Vec::new();
+    // The first change of each conversation and user in the page is applied (what PostgreSQL
+    // holds now answers for the rest); a set, since a page holds thousands.
+    let mut planned: HashSet<(String, String)> = HashSet::new();
     let mut next = from;
     for change in &page.changes {
         let settled = change.at.txid < page.horizon;
@@ -80,7 +83,7 @@ pub(super) fn plan(page: &ChangePage, from: Position, limit: usize, early: &mut 
             early.0.insert(change.at.change_id, change.at.txid);
         }
         for bypass in bypasses(change) {
-            if !apply.iter().any(|b| b.user_id == bypass.user_id && b.conversation_id == bypass.conversation_id) {
+            if planned.insert((bypass.user_id.clone(), bypass.conversation_id.clone())) {
                 apply.push(bypass);
             }
         }
