@@ -321,13 +321,27 @@ pub fn messages_fingerprint(messages: &[Message]) -> u64 {
 #[must_use]
 pub fn prefix_fingerprints(messages: &[Message]) -> String {
     use std::fmt::Write as _;
-    let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
     let mut out = String::with_capacity(16 * messages.len());
-    for m in messages {
-        feed_message(&mut hasher, m);
-        write!(out, "{:016x}", hasher.digest()).expect("writing to a String cannot fail");
+    for digest in prefix_digests(messages) {
+        write!(out, "{digest:016x}").expect("writing to a String cannot fail");
     }
     out
+}
+
+/// The same fingerprints as [`prefix_fingerprints`], as 8 bytes each (big-endian, so that the
+/// bytes read in hexadecimal are its digits): half the size, for a hash that a seed-design reader
+/// cannot decode anyway (a compressed one).
+#[must_use]
+pub fn prefix_fingerprint_bytes(messages: &[Message]) -> Vec<u8> {
+    prefix_digests(messages).flat_map(u64::to_be_bytes).collect()
+}
+
+fn prefix_digests(messages: &[Message]) -> impl Iterator<Item = u64> + '_ {
+    let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+    messages.iter().map(move |m| {
+        feed_message(&mut hasher, m);
+        hasher.digest()
+    })
 }
 
 fn feed_message(hasher: &mut xxhash_rust::xxh3::Xxh3Default, m: &Message) {
@@ -513,5 +527,17 @@ mod tests {
         edited[1].content = "B".into();
         assert_eq!(prefix_fingerprints(&edited)[..16], prints[..16]);
         assert_ne!(prefix_fingerprints(&edited)[16..32], prints[16..32]);
+    }
+
+    #[test]
+    fn the_fingerprint_bytes_are_the_hexadecimal_fingerprints_decoded() {
+        let t = Timestamp::parse("2025-01-01T00:00:00+00:00").unwrap();
+        let messages: Vec<Message> =
+            ["a", "b", "c"].iter().map(|c| Message { role: Role::User, content: (*c).into(), time: t }).collect();
+        let bytes = prefix_fingerprint_bytes(&messages);
+        assert_eq!(bytes.len(), 24);
+        let hex: String = bytes.iter().fold(String::new(), |hex, b| hex + &format!("{b:02x}"));
+        assert_eq!(hex, prefix_fingerprints(&messages));
+        assert!(prefix_fingerprint_bytes(&[]).is_empty());
     }
 }

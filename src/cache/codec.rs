@@ -349,7 +349,8 @@ pub(crate) fn content_sig(title: &[u8], model: &[u8], messages: &[u8], last_modi
     hasher.digest()
 }
 
-/// What the prefix fingerprints (field `fps`, see [`crate::model::prefix_fingerprints`]) were
+/// What the prefix fingerprints (field `fps`, or `fpb` in bytes, see
+/// [`crate::model::prefix_fingerprints`]) were
 /// computed from, as field `fpm`: the stored transcript's byte length and `last_modified`. The save
 /// script trusts `fps` only while `fpm` still matches the hash (`HSTRLEN messages` and
 /// `last_modified`): a writer that knows nothing of `fps` (a seed-design instance's `HSET`) changes
@@ -381,7 +382,12 @@ pub(crate) fn stage(
     let (created_at, last_modified) = times.split_at(created_len);
     let extra_bytes: usize = extra.iter().map(|(k, v)| k.len() + v.len()).sum();
     let sig = content_sig(conv.title.as_bytes(), conv.model.as_bytes(), &messages, last_modified.as_bytes());
-    let prints = crate::model::prefix_fingerprints(&conv.messages);
+    // Fingerprints as bytes where the hash is compressed with our own codec (a seed-design reader
+    // cannot decode it anyway), as hexadecimal text elsewhere: `save.lua` compares either.
+    let (prints_field, prints) = match compression {
+        Compression::Zstd => ("fpb", crate::model::prefix_fingerprint_bytes(&conv.messages)),
+        Compression::Off | Compression::Zlib => ("fps", crate::model::prefix_fingerprints(&conv.messages).into_bytes()),
+    };
     let prints_of = prints_mark(messages.len(), last_modified);
     let mut hset = redis::Cmd::with_capacity(
         20 + 2 * extra.len(),
@@ -403,7 +409,7 @@ pub(crate) fn stage(
         .arg(conv.last_modified.unix_seconds())
         .arg("sig")
         .arg(sig)
-        .arg("fps")
+        .arg(prints_field)
         .arg(prints)
         .arg("fpm")
         .arg(prints_of);

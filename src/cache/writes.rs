@@ -192,7 +192,6 @@ impl RedisCache {
             staged.clone(),
             l.changed(user_id, conversation_id),
         ];
-        let meta = ListEntry::to_json(conv);
         // With a version, PostgreSQL holds exactly these messages at it.
         let stored = version.map(|v| {
             (
@@ -202,7 +201,7 @@ impl RedisCache {
             )
         });
         let ver = version.unwrap_or(0).to_string();
-        let mut fields = vec![("dirty", "0"), ("ver", ver.as_str()), ("meta", meta.as_str())];
+        let mut fields = vec![("dirty", "0"), ("ver", ver.as_str())];
         if let Some((n, v, h)) = &stored {
             fields.extend([("pgn", n.as_str()), ("pgv", v.as_str()), ("pgh", h.as_str())]);
         }

@@ -173,6 +173,34 @@ def test_each_setting_reads_and_flushes_what_every_other_wrote(
     assert dirty_set(rdb.client) == set()
 
 
+def test_a_compressed_hash_keeps_its_fingerprints_as_bytes_and_no_hash_repeats_the_list_entry(
+    make_redis_manager, rdb, user_id
+):  # fmt: skip
+    """Memory: with "on" the prefix fingerprints are 8 bytes per message (field `fpb`; no seed-design
+    reader decodes such a hash anyway), elsewhere 16 hex digits (`fps`, text for the seed's reader), the
+    same fingerprints in both forms; and no hash keeps a copy of its list entry, whose fields it holds."""
+    conversation = chat(20, seed=11)
+    prints = {}
+    client = raw_client(rdb)
+    try:
+        for form in FORMS:
+            conv_id = f"fp{form}"
+            make_redis_manager(near_cache_bytes=0, redis_compression=SETTING_OF[form]).save_conversation(
+                conv_id, conversation, user_id=user_id
+            )
+            fields = client.hgetall(conv_key(user_id, conv_id))
+            assert b"meta" not in fields
+            if form == "zstd":
+                assert b"fps" not in fields and len(fields[b"fpb"]) == 8 * 20
+                prints[form] = fields[b"fpb"]
+            else:
+                assert b"fpb" not in fields and len(fields[b"fps"]) == 16 * 20
+                prints[form] = bytes.fromhex(fields[b"fps"].decode())
+    finally:
+        client.close()
+    assert prints["zstd"] == prints["plain"] == prints["zlib"]
+
+
 def test_short_transcripts_stay_json_with_on_and_zlib_compresses_every_one(
     make_redis_manager, rdb, user_id, conv_id
 ):  # fmt: skip

@@ -33,11 +33,14 @@ for r = 0, rows - 1 do
     redis.call('HSET', KEYS[2], ARGV[a], ARGV[a + 2])
   end
 end
+-- A dirty conversation's entry is made of its hash's own fields (the list entry's JSON, which the
+-- hash does not keep: it would repeat them).
 for i = 1, dirty do
-  local h = redis.call('HMGET', KEYS[4 + rows + i], 'meta', 'score')
-  if h[1] and h[2] then
-    redis.call('ZADD', KEYS[1], h[2], ARGV[first_dirty + i - 1])
-    redis.call('HSET', KEYS[2], ARGV[first_dirty + i - 1], h[1])
+  local h = redis.call('HMGET', KEYS[4 + rows + i], 'score', 'title', 'model', 'created_at', 'last_modified')
+  if h[1] and h[2] and h[3] and h[4] and h[5] then
+    local entry = cjson.encode({title = h[2], model = h[3], created_at = h[4], last_modified = h[5]})
+    redis.call('ZADD', KEYS[1], h[1], ARGV[first_dirty + i - 1])
+    redis.call('HSET', KEYS[2], ARGV[first_dirty + i - 1], entry)
   end
 end
 local ids = redis.call('ZREVRANGE', KEYS[1], 0, -1)

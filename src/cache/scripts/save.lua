@@ -5,7 +5,7 @@
 --
 -- KEYS: conv, dirty set, list, list meta, user dirty, owner, dirty since, delete tombstone, staged,
 -- late copy (also where a dirty copy an unguarded save does not extend is kept aside), late set.
--- ARGV: member, user, created_at, meta, claim, id, floor, guard, local owner, deadline, late member,
+-- ARGV: member, user, created_at, list entry, claim, id, floor, guard, local owner, deadline, late member,
 -- replaces, base (the version of the copy the caller last read or saved; a cached copy at another
 -- version is guarded: replaced only if the new messages extend it).
 --
@@ -32,12 +32,17 @@
 -- later save never gets a lower version than a row it replaces, whatever the two clocks say.
 -- Copies are compared by their prefix fingerprints, never by their transcripts (which may be
 -- compressed, and cost a copy into Lua per read): field `fps` holds 16 hex digits per message, the
--- i-th the fingerprint of the first i messages. The cached copy's are trusted only while `fpm` (the
--- transcript's byte length and last_modified when `fps` was computed) still matches; otherwise
--- (a seed-design instance's write, a hash from a version before `fps`) they are unknown (nil),
--- and every check below then assumes what loses nothing. The staged copy's are this save's own.
-local new = redis.call('HGET', KEYS[9], 'fps')
+-- i-th the fingerprint of the first i messages, or, in a compressed hash (which no seed-design reader
+-- decodes anyway), field `fpb` the same fingerprints as 8 bytes each. The cached copy's are trusted
+-- only while `fpm` (the transcript's byte length and last_modified when they were computed) still
+-- matches; otherwise (a seed-design instance's write, a hash from a version before `fps`) they are
+-- unknown (nil), and every check below then assumes what loses nothing. The staged copy's are this
+-- save's own; a cached copy's in the other form (instances with other settings) are converted.
+local staged = redis.call('HMGET', KEYS[9], 'fps', 'fpb')
+local new = staged[2] or staged[1]
 if not new then return {-3} end
+-- Bytes per fingerprint, in the staged copy's form.
+local w = staged[2] and 8 or 16
 local local_owner = ARGV[9] == '1'
 local owner = false
 if local_owner then
@@ -49,14 +54,21 @@ if local_owner then
 end
 -- Everything the checks read of the cached copy, in one call.
 local exists = redis.call('EXISTS', KEYS[1]) == 1
-local h = redis.call('HMGET', KEYS[1], 'ver', 'pgv', 'dirty', 'created_at', 'pgn', 'pgh', 'fps', 'fpm', 'last_modified')
+local h = redis.call('HMGET', KEYS[1], 'ver', 'pgv', 'dirty', 'created_at', 'pgn', 'pgh', 'fps', 'fpm', 'last_modified',
+  'fpb')
 local old = nil
-if h[7] and h[8] == redis.call('HSTRLEN', KEYS[1], 'messages') .. '|' .. (h[9] or '') then old = h[7] end
-local function at(p, i) return string.sub(p, 16 * i - 15, 16 * i) end
+if (h[7] or h[10]) and h[8] == redis.call('HSTRLEN', KEYS[1], 'messages') .. '|' .. (h[9] or '') then
+  if w == 8 then
+    old = h[10] or (string.gsub(h[7], '%x%x', function(d) return string.char(tonumber(d, 16)) end))
+  else
+    old = h[7] or (string.gsub(h[10], '.', function(c) return string.format('%02x', string.byte(c)) end))
+  end
+end
+local function at(p, i) return string.sub(p, w * i - w + 1, w * i) end
 -- Whether the copy with fingerprints `a` starts with all the messages of the one with `b`.
 local function holds(a, b)
   if not a or not b then return false end
-  local n = #b / 16
+  local n = #b / w
   return n == 0 or (#a >= #b and at(a, n) == at(b, n))
 end
 local t = redis.call('TIME')
@@ -104,10 +116,10 @@ if not guarded and ARGV[12] == '' and exists and not holds(new, old) then
   -- the copy is then kept aside, and PostgreSQL's marks stay, so the flush checks the row against
   -- the copy itself.
   local function same(i)
-    return not old or (i >= 1 and #old >= 16 * i and #new >= 16 * i and at(old, i) == at(new, i))
+    return not old or (i >= 1 and #old >= w * i and #new >= w * i and at(old, i) == at(new, i))
   end
   if h[3] == '1' then
-    local k = math.min(tonumber(pgn or '0') or 0, old and #old / 16 or 0)
+    local k = math.min(tonumber(pgn or '0') or 0, old and #old / w or 0)
     if k == 0 or same(k) then
       redis.call('RENAME', KEYS[1], KEYS[10])
       redis.call('SADD', KEYS[11], ARGV[11])
@@ -120,13 +132,9 @@ local ver = math.max(now, (tonumber(h[1] or '0') or 0) + 1, (tonumber(deleted or
   (tonumber(h[2] or '0') or 0) + 1, (tonumber(ARGV[7]) or 0) + 1)
 ver = string.format('%.0f', ver)
 local created = h[4] or ARGV[3]
-local meta = ARGV[4]
-local fields = {'dirty', '1', 'ver', ver, 'meta', meta}
+local fields = {'dirty', '1', 'ver', ver}
 if created ~= ARGV[3] then
-  local entry = cjson.decode(meta)
-  entry['created_at'] = created
-  meta = cjson.encode(entry)
-  fields = {'dirty', '1', 'ver', ver, 'meta', meta, 'created_at', created}
+  table.insert(fields, 'created_at') table.insert(fields, created)
 end
 if pgn and pgv and pgh then
   table.insert(fields, 'pgn') table.insert(fields, pgn)
@@ -144,6 +152,12 @@ if redis.call('SADD', KEYS[5], ARGV[6]) == 1 and redis.call('SCARD', KEYS[5]) ==
 redis.call('ZADD', KEYS[7], 'NX', t[1], ARGV[1])
 if deleted then redis.call('DEL', KEYS[8]) end
 if redis.call('EXISTS', KEYS[3]) == 1 then
+  local meta = ARGV[4]
+  if created ~= ARGV[3] then
+    local entry = cjson.decode(meta)
+    entry['created_at'] = created
+    meta = cjson.encode(entry)
+  end
   redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[1], 'score'), ARGV[6])
   redis.call('HSET', KEYS[4], ARGV[6], meta)
 end
