@@ -87,7 +87,7 @@ impl<M: ManageConnection> Builder<M> {
                 idle_timeout: self.idle_timeout,
                 retry_failed_connects: self.retry_failed_connects,
                 error_handler: self.error_handler,
-                state: Mutex::new(State { idle: Vec::new(), open: 0 }),
+                state: Mutex::new(State { idle: Vec::new(), open: 0, waiting: 0 }),
                 returned: Condvar::new(),
             }),
         }
@@ -139,6 +139,10 @@ struct State<C> {
     idle: Vec<(C, Instant)>,
     /// Connections idle, checked out, or being opened.
     open: u32,
+    /// Callers waiting on `returned`: a connection handed back wakes one only when there is one
+    /// (the standard library's `notify_one` makes a system call whether or not anyone waits, which
+    /// every call paid when it handed its connection back).
+    waiting: u32,
 }
 
 impl<M: ManageConnection> Shared<M> {
@@ -148,8 +152,30 @@ impl<M: ManageConnection> Shared<M> {
 
     /// Gives up a connection's slot (closed, broken, or never opened) and wakes one waiter.
     fn release_slot(&self) {
-        self.lock().open -= 1;
-        self.returned.notify_one();
+        let mut state = self.lock();
+        state.open -= 1;
+        self.wake_one(state);
+    }
+
+    /// Releases the lock and wakes one caller waiting in [`Pool::get_timeout`], if one waits.
+    fn wake_one(&self, state: MutexGuard<'_, State<M::Connection>>) {
+        let waiting = state.waiting > 0;
+        drop(state);
+        if waiting {
+            self.returned.notify_one();
+        }
+    }
+
+    /// Waits on `returned` until `wait` has passed at most, counted among the waiters.
+    fn wait<'a>(
+        &self,
+        mut state: MutexGuard<'a, State<M::Connection>>,
+        wait: Duration,
+    ) -> MutexGuard<'a, State<M::Connection>> {
+        state.waiting += 1;
+        let mut state = self.returned.wait_timeout(state, wait).unwrap_or_else(PoisonError::into_inner).0;
+        state.waiting -= 1;
+        state
     }
 
     /// A connection that could not be opened: frees its slot, tells the handler; returns why.
@@ -198,8 +224,9 @@ where
                 drop(slot);
                 match result {
                     Ok(conn) => {
-                        shared.lock().idle.push((conn, Instant::now()));
-                        shared.returned.notify_one();
+                        let mut state = shared.lock();
+                        state.idle.push((conn, Instant::now()));
+                        shared.wake_one(state);
                     }
                     Err(e) => {
                         shared.open_failed(e);
@@ -301,8 +328,7 @@ where
                         state = shared.lock();
                         let pause = deadline.saturating_duration_since(Instant::now()).min(CONNECT_RETRY_PAUSE);
                         if !pause.is_zero() {
-                            state =
-                                shared.returned.wait_timeout(state, pause).unwrap_or_else(PoisonError::into_inner).0;
+                            state = shared.wait(state, pause);
                         }
                         continue;
                     }
@@ -319,7 +345,7 @@ where
             if left.is_zero() {
                 return Err(failed.map_or(PoolError::Timeout(wait), PoolError::Connect));
             }
-            state = shared.returned.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0;
+            state = shared.wait(state, left);
         }
     }
 
@@ -360,8 +386,9 @@ impl<M: ManageConnection> Drop for Pooled<M> {
             self.shared.release_slot();
             return;
         }
-        self.shared.lock().idle.push((conn, Instant::now()));
-        self.shared.returned.notify_one();
+        let mut state = self.shared.lock();
+        state.idle.push((conn, Instant::now()));
+        self.shared.wake_one(state);
     }
 }
 

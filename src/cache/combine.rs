@@ -13,7 +13,7 @@
 //! in flight starts over: the batch's leader is not in the child, so nothing would hand it on.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, Thread};
 
@@ -40,9 +40,11 @@ struct Queue<Q, R> {
 pub struct Combiner<Q, R> {
     queue: Mutex<Queue<Q, R>>,
     max_in_flight: usize,
-    /// The process the queue's state belongs to, and how to ask which process this is.
-    pid: AtomicU32,
-    current_pid: fn() -> u32,
+    /// The fork generation the queue's state belongs to ([`crate::process::FORK_GENERATION`], moved
+    /// in a forked child), and how to read the current one: an atomic load, where asking the process
+    /// id was a system call per read.
+    generation: AtomicU64,
+    current_generation: fn() -> u64,
     /// What a request gets when the batch carrying it could not produce its reply (a panic).
     abandoned: fn() -> R,
     /// Whether a reply says the server is gone; the callers queued meanwhile then get it too.
@@ -60,6 +62,10 @@ impl<Q, R> std::fmt::Debug for Combiner<Q, R> {
     }
 }
 
+fn fork_generation() -> u64 {
+    crate::process::FORK_GENERATION.load(Ordering::Acquire)
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -70,8 +76,8 @@ impl<Q, R: Clone> Combiner<Q, R> {
         Combiner {
             queue: Mutex::new(Queue { in_flight: 0, waiting: VecDeque::new() }),
             max_in_flight: max_in_flight.max(1),
-            pid: AtomicU32::new(std::process::id()),
-            current_pid: std::process::id,
+            generation: AtomicU64::new(fork_generation()),
+            current_generation: fork_generation,
             abandoned,
             outage,
             batches: AtomicU64::new(0),
@@ -91,12 +97,12 @@ impl<Q, R: Clone> Combiner<Q, R> {
         let me = Arc::new(Pending { request, thread: thread::current(), state: Mutex::new(State::Waiting) });
         let lead = {
             let mut queue = lock(&self.queue);
-            let pid = (self.current_pid)();
-            if self.pid.load(Ordering::Relaxed) != pid {
+            let generation = (self.current_generation)();
+            if self.generation.load(Ordering::Relaxed) != generation {
                 // Forked: the batches in flight and the callers waiting are the parent's.
                 queue.in_flight = 0;
                 queue.waiting.clear();
-                self.pid.store(pid, Ordering::Relaxed);
+                self.generation.store(generation, Ordering::Relaxed);
             }
             if queue.in_flight < self.max_in_flight {
                 queue.in_flight += 1;
@@ -322,11 +328,11 @@ mod tests {
 
     #[test]
     fn a_forked_process_does_not_wait_for_the_parents_batch() {
-        // A fork, seen from the combiner: the process id changes while a batch is in flight.
-        static PID: AtomicU32 = AtomicU32::new(1);
+        // A fork, seen from the combiner: the fork generation moves while a batch is in flight.
+        static GENERATION: AtomicU64 = AtomicU64::new(1);
         let mut combiner: Combiner<u32, u32> = Combiner::new(1, || u32::MAX, |_| false);
-        combiner.current_pid = || PID.load(Ordering::SeqCst);
-        combiner.pid.store(1, Ordering::SeqCst);
+        combiner.current_generation = || GENERATION.load(Ordering::SeqCst);
+        combiner.generation.store(1, Ordering::SeqCst);
         let combiner = Arc::new(combiner);
         let (entered, release) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
         let parent = {
@@ -340,7 +346,7 @@ mod tests {
             })
         };
         entered.wait();
-        PID.store(2, Ordering::SeqCst);
+        GENERATION.store(2, Ordering::SeqCst);
         let (done, got) = std::sync::mpsc::channel();
         {
             let combiner = Arc::clone(&combiner);

@@ -275,8 +275,25 @@ pub fn fresh_token() -> String {
     });
     let n = NONCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // The pid as well: a forked child inherits PROCESS and NONCE, and its names must not be the
-    // parent's, or one process's save could rename the other's staged copy.
-    format!("{:x}:{:x}:{n}", *PROCESS, std::process::id())
+    // parent's (or a sibling's), or one process's save could rename the other's staged copy.
+    format!("{:x}:{:x}:{n}", *PROCESS, process_id())
+}
+
+/// This process's id, asked of the kernel once per fork generation
+/// ([`crate::process::FORK_GENERATION`], moved in a forked child) instead of once per save.
+#[allow(clippy::cast_possible_truncation)] // packing: the generation's low half, and a u32 unpacked
+fn process_id() -> u32 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    /// The generation's low 32 bits, then the pid; 0 before the first ask.
+    static CACHED: AtomicU64 = AtomicU64::new(0);
+    let generation = crate::process::FORK_GENERATION.load(Ordering::Acquire) as u32;
+    let cached = CACHED.load(Ordering::Acquire);
+    if cached != 0 && (cached >> 32) as u32 == generation {
+        return cached as u32;
+    }
+    let pid = std::process::id();
+    CACHED.store(u64::from(generation) << 32 | u64::from(pid), Ordering::Release);
+    pid
 }
 
 /// The member a late copy is listed under: `<user>:<id>:late:<token>`. Ids never hold ':', so no
