@@ -145,41 +145,95 @@ def test_stats_show_which_process_follows_what_it_applied_and_its_lag(
 
 
 @pytest.mark.timeout(60)
+def recorded_since(pg_conn, change_id: int) -> dict:
+    """Outbox rows after `change_id`, per conversation."""
+    with pg_conn.cursor() as cur:
+        cur.execute(
+            "SELECT conversation_id, count(*) FROM conversation_changes WHERE change_id > %s GROUP BY 1",
+            (change_id,),
+        )
+        return dict(cur.fetchall())
+
+
+def last_change(pg_conn) -> int:
+    with pg_conn.cursor() as cur:
+        cur.execute("SELECT COALESCE(max(change_id), 0) FROM conversation_changes")
+        return cur.fetchone()[0]
+
+
 def test_a_flush_records_each_conversation_it_writes_and_only_those(make_redis_manager, pg_conn, user_id):
-    # The flush tells the triggers that its transaction records every conversation as its row is written
-    # (chat_history.written = '*', so the messages trigger searches nothing): each conversation it writes
-    # still gets its outbox row (two when its upsert met an existing row, whose BEFORE INSERT and BEFORE
-    # UPDATE triggers both record it; the follower applies a conversation once per page), and one it does
-    # not write gets none.
+    # The flush's statement writes the outbox rows itself, one per conversation it writes, and its
+    # transaction sets chat_history.flush = 'on' so the conversations trigger is not called (schema.sql):
+    # one row each, new or existing (the trigger left two for an upsert over an existing row, its
+    # BEFORE INSERT and BEFORE UPDATE), with the row's owner; one it does not write gets none.
     manager = make_redis_manager(background_flush=False)
     ids = [f"0f1a{n:04d}" for n in range(12)]
     convs = {cid: make_conversation(2, prefix=f"{cid} ") for cid in ids}
 
-    def recorded_since(change_id: int) -> dict:
-        with pg_conn.cursor() as cur:
-            cur.execute(
-                "SELECT conversation_id, count(*) FROM conversation_changes WHERE change_id > %s GROUP BY 1",
-                (change_id,),
-            )
-            return dict(cur.fetchall())
-
-    def last_change() -> int:
-        with pg_conn.cursor() as cur:
-            cur.execute("SELECT COALESCE(max(change_id), 0) FROM conversation_changes")
-            return cur.fetchone()[0]
-
     for cid, conv in convs.items():
         manager.save_conversation(cid, conv, user_id=user_id)
-    before = last_change()
+    before = last_change(pg_conn)
     assert manager.flush_dirty_conversations() == len(ids)
-    assert recorded_since(before) == {cid: 1 for cid in ids}  # new rows: the INSERT trigger alone
+    assert recorded_since(pg_conn, before) == {cid: 1 for cid in ids}  # new rows
 
     for cid in ids[:6]:  # the next turn of half of them (2 messages more)
         convs[cid] = grown(convs[cid], 2)
         manager.save_conversation(cid, convs[cid], user_id=user_id)
-    before = last_change()
+    before = last_change(pg_conn)
     assert manager.flush_dirty_conversations() == 6
-    assert set(recorded_since(before)) == set(ids[:6])
+    assert recorded_since(pg_conn, before) == {cid: 1 for cid in ids[:6]}  # existing rows
+    with pg_conn.cursor() as cur:
+        cur.execute("SELECT DISTINCT user_client_id FROM conversation_changes WHERE change_id > %s", (before,))
+        assert cur.fetchall() == [(user_id,)]
+
+
+# The conversations trigger as schema.sql created it before its WHEN clause (the flush's statement did not
+# write the outbox rows then).
+TRIGGER_WITHOUT_THE_FLUSH_CLAUSE = """
+CREATE OR REPLACE TRIGGER chat_history_version BEFORE INSERT OR UPDATE OR DELETE ON conversations
+    FOR EACH ROW EXECUTE FUNCTION chat_history_version()"""
+
+
+def version_trigger(pg_conn) -> str:
+    with pg_conn.cursor() as cur:
+        cur.execute(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger"
+            " WHERE tgname = 'chat_history_version' AND tgrelid = 'conversations'::regclass"
+        )
+        return cur.fetchone()[0]
+
+
+def test_a_database_made_before_the_flush_clause_is_upgraded_and_records_every_flush_meanwhile(
+    make_redis_manager, pg_conn, user_id
+):
+    # A database whose conversations trigger has no WHEN clause (made by the version before it) is
+    # upgraded at the next start; until then, a flush of this version is still recorded (its own rows
+    # and the trigger's: more than one per conversation, which the follower applies once).
+    manager = make_redis_manager(background_flush=False)
+    with pg_conn.cursor() as cur:
+        cur.execute(TRIGGER_WITHOUT_THE_FLUSH_CLAUSE)
+    assert "chat_history.flush" not in version_trigger(pg_conn)
+    ids = [f"0f1b{n:04d}" for n in range(4)]
+    convs = {cid: make_conversation(2, prefix=f"{cid} ") for cid in ids}
+    for rounds in range(2):  # new rows, then existing ones
+        for cid in ids:
+            convs[cid] = grown(convs[cid], 2) if rounds else convs[cid]
+            manager.save_conversation(cid, convs[cid], user_id=user_id)
+        before = last_change(pg_conn)
+        assert manager.flush_dirty_conversations() == len(ids)
+        recorded = recorded_since(pg_conn, before)
+        assert set(recorded) == set(ids) and all(n >= 1 for n in recorded.values()), recorded
+
+    make_redis_manager(background_flush=False)  # a start: the check finds the old trigger
+    assert "WHEN ((current_setting('chat_history.flush'::text, true) IS DISTINCT FROM 'on'::text))" in (
+        version_trigger(pg_conn)
+    ), version_trigger(pg_conn)
+    for cid in ids:
+        convs[cid] = grown(convs[cid], 2)
+        manager.save_conversation(cid, convs[cid], user_id=user_id)
+    before = last_change(pg_conn)
+    assert manager.flush_dirty_conversations() == len(ids)
+    assert recorded_since(pg_conn, before) == {cid: 1 for cid in ids}
 
 
 def test_an_operators_sql_reaches_reads_and_lists(make_redis_manager, rdb, pg_conn, user_id, conv_id):

@@ -6,7 +6,9 @@ use super::connection::Connection;
 /// What the product needs in the catalog. Read first, so a start on an existing schema takes no
 /// lock stronger than a read: `ALTER TABLE ... ADD COLUMN IF NOT EXISTS` and `CREATE INDEX IF NOT
 /// EXISTS` lock the table even when there is nothing to do, and a DDL lock queued behind one long
-/// reader makes every other client's query queue behind it (docs/design.md, "Faults").
+/// reader makes every other client's query queue behind it (docs/design.md, "Faults"). A trigger
+/// whose definition changed is looked for by what the new one says (`chat_history_version`'s `WHEN`
+/// on `chat_history.flush`), so a database made before the change gets the new one at its next start.
 const SCHEMA_CHECK: &str = "
 SELECT to_regclass('conversations') IS NOT NULL
    AND to_regclass('messages') IS NOT NULL
@@ -24,6 +26,8 @@ SELECT to_regclass('conversations') IS NOT NULL
    AND to_regproc('chat_history_deleted') IS NOT NULL
    AND (SELECT count(*) FROM pg_trigger WHERE tgname IN ('chat_history_version', 'chat_history_deleted',
         'chat_history_messages_changed', 'chat_history_messages_deleted')) = 4
+   AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'chat_history_version'
+               AND tgrelid = to_regclass('conversations') AND pg_get_triggerdef(oid) LIKE '%chat_history.flush%')
    AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('conversations')
                AND attname = 'cache_version' AND NOT attisdropped)";
 
@@ -122,6 +126,18 @@ mod tests {
             };
             assert!(SCHEMA_CHECK.contains(&check), "SCHEMA_CHECK does not look for {created}");
         }
+    }
+
+    #[test]
+    fn the_check_looks_for_the_flush_clause_of_the_version_trigger() {
+        // A database made before the clause has the trigger under the same name: only its definition
+        // tells the two apart, and the flush's statement relies on the clause (sql.rs, LOCK_IDS_FOR_FLUSH).
+        let trigger = statements()
+            .into_iter()
+            .find(|s| s.starts_with("CREATE OR REPLACE TRIGGER chat_history_version "))
+            .expect("the version trigger");
+        assert!(trigger.contains("WHEN (current_setting('chat_history.flush', true) IS DISTINCT FROM 'on')"));
+        assert!(SCHEMA_CHECK.contains("pg_get_triggerdef(oid) LIKE '%chat_history.flush%'"));
     }
 
     #[test]

@@ -85,6 +85,10 @@ CREATE INDEX IF NOT EXISTS idx_conversation_changes_txid ON conversation_changes
 --   recorded for an upsert that then wrote nothing only makes the follower look once more), and notes it
 --   in the transaction-local setting `chat_history.written` (",<id>,<id>,"; past 8,000 characters "*",
 --   every row) for the messages trigger below.
+-- Not called at all in a transaction that set `chat_history.flush` to 'on' (a write-back's, sql.rs's
+-- LOCK_IDS_FOR_FLUSH): its statement records each conversation it writes itself, in one INSERT, and
+-- always sets a newer version of the same owner's row, so there is nothing for the function to do. The
+-- WHEN clause calls no function of ours; schema.rs's check looks for it, so an existing database gets it.
 CREATE OR REPLACE FUNCTION chat_history_version() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     written text := COALESCE(current_setting('chat_history.written', true), '');
@@ -117,7 +121,8 @@ BEGIN
     RETURN NEW;
 END $$;
 CREATE OR REPLACE TRIGGER chat_history_version BEFORE INSERT OR UPDATE OR DELETE ON conversations
-    FOR EACH ROW EXECUTE FUNCTION chat_history_version();
+    FOR EACH ROW WHEN (current_setting('chat_history.flush', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION chat_history_version();
 -- A delete by a writer that leaves no tombstone (Phase 1 code, an operator's SQL) gets one, so no cached
 -- copy saved before it is ever written back over it; a tombstone this transaction wrote (this library's
 -- delete, whose statement writes it after the row is gone) is left alone.

@@ -180,7 +180,12 @@ WITH input AS (
             cache_version = EXCLUDED.cache_version
         WHERE c.user_client_id = EXCLUDED.user_client_id
           AND (c.cache_version IS NULL OR c.cache_version < EXCLUDED.cache_version)
-    RETURNING c.conversation_id
+    RETURNING c.conversation_id, c.user_client_id
+), recorded AS (
+    -- The change feed's outbox row of each conversation written: the transaction set
+    -- `chat_history.flush`, so the conversations trigger is not called (schema.sql). One row each,
+    -- where the trigger left two for an upsert over an existing row (its BEFORE INSERT and UPDATE).
+    INSERT INTO conversation_changes (conversation_id, user_client_id) SELECT conversation_id, user_client_id FROM conv
 ), trimmed AS (
     -- By id through the index: a join here let the planner scan the whole messages table.
     DELETE FROM messages WHERE message_id = ANY (ARRAY(
@@ -268,13 +273,19 @@ pub(super) const LOCK_IDS: &str = "
 SELECT pg_advisory_xact_lock(1667786866, k)
 FROM (SELECT DISTINCT hashtext(id) AS k FROM unnest($1::text[]) AS id ORDER BY 1) AS keys";
 
-/// [`LOCK_IDS`] for a flush, which also tells the change feed's triggers (schema.sql) that every
-/// conversation this transaction writes is recorded as its row is written (`chat_history.written`
-/// = `*`): the flush writes messages only of conversations whose row it writes in the same
-/// statement, so the messages trigger has nothing to record and skips each row without a string
-/// search, and the conversations trigger records each row without growing the setting.
+/// [`LOCK_IDS`] for a flush, which also tells the change feed's triggers (schema.sql) that its
+/// statement records every conversation it writes itself ([`flush_sql`]'s `recorded`):
+/// - `chat_history.flush` = `on`: the conversations trigger is not called (its `WHEN`). Nothing is
+///   left for it: the statement writes only rows of the same owner at a newer version, inserts none
+///   without one, deletes none, and writes the outbox rows;
+/// - `chat_history.written` = `*`: the flush writes messages only of conversations whose row it
+///   writes in the same statement, so the messages triggers skip each row without a string search.
+///   It also keeps a conversations trigger without that `WHEN` (a database not upgraded yet, which
+///   the next start of this version does) recording each row as it is written: such a flush leaves
+///   its outbox rows twice or three times, which the follower applies once.
 pub(super) const LOCK_IDS_FOR_FLUSH: &str = "
-SELECT pg_advisory_xact_lock(1667786866, k), set_config('chat_history.written', '*', true)
+SELECT pg_advisory_xact_lock(1667786866, k), set_config('chat_history.written', '*', true),
+       set_config('chat_history.flush', 'on', true)
 FROM (SELECT DISTINCT hashtext(id) AS k FROM unnest($1::text[]) AS id ORDER BY 1) AS keys";
 
 /// Claims the id for the user ($2) unless it has a row or a claim already, then says who owns it
