@@ -298,6 +298,28 @@ struct Node {
     index: usize,
 }
 
+/// How far the tracking threads lower their priority below the callers': an invalidation arriving with
+/// a caller's reply (every save's own write is one) then does not run ahead of the caller on a busy
+/// CPU, and the tracker still keeps a tenth of a caller's share, so invalidations and heartbeats keep
+/// up. A tracker that fell behind anyway stops the near cache (its heartbeats vouch for nothing older
+/// than [`LEASE`]); it is never served stale. docs/benchmarks.md, "History", has the figures.
+const TRACKER_NICE_ABOVE_CALLERS: i32 = 10;
+
+/// Lowers the calling thread's scheduling priority by [`TRACKER_NICE_ABOVE_CALLERS`] nice levels
+/// from the process's (Linux keeps a nice value per thread; a thread starts with its creator's).
+/// Nowhere else: on other systems the call would renice the whole process.
+fn yield_to_callers() {
+    #[cfg(target_os = "linux")]
+    {
+        let me = Some(rustix::thread::gettid());
+        let lowered = rustix::process::getpriority_process(me)
+            .and_then(|nice| rustix::process::setpriority_process(me, (nice + TRACKER_NICE_ABOVE_CALLERS).min(19)));
+        if let Err(e) = lowered {
+            log::debug!("near cache: the tracking thread keeps its priority ({e})");
+        }
+    }
+}
+
 /// Why a tracking session ended.
 enum Ended {
     Stopped,
@@ -309,6 +331,7 @@ enum Ended {
 
 impl Node {
     fn run(&self, stop: &AtomicBool) {
+        yield_to_callers();
         let mut backoff = Duration::from_millis(50);
         let mut warned = false;
         loop {

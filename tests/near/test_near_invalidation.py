@@ -9,6 +9,9 @@ milliseconds and the lease bounds staleness to 0.5 s even without them).
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
 
 import pytest
 
@@ -224,3 +227,27 @@ def test_a_list_copy_is_dropped_by_another_managers_save_and_delete(make_redis_m
     writer.save_conversation(OTHER, renamed, user_id=user_id)
     poll(listing, only(remaining, [(OTHER, metadata(renamed))]), what="the other manager's rename in the list")
     assert title_of(reader.get_conversation(OTHER, user_id=user_id)) == "second, renamed"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread is Linux's")
+def test_the_tracking_threads_yield_to_the_callers_and_still_keep_up(make_redis_manager, user_id):
+    """The tracking threads run below the callers' priority (an invalidation that arrives with a caller's
+    own reply does not run ahead of the caller on a busy CPU), and the process's own threads keep theirs;
+    the copies are still dropped by another manager's writes as they come."""
+    reader, writer = make_redis_manager(), make_redis_manager(near_cache_bytes=0)
+    conversation = make_conversation(2, title="v0")
+    writer.save_conversation(CID, conversation, user_id=user_id)
+    wait_tracking(reader)
+    read = conversation_read(reader, CID, user_id)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    niceness = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            niceness.setdefault(f.read().strip(), set()).add(os.getpriority(os.PRIO_PROCESS, int(tid)))
+    assert niceness.get("chr-near-node") == {min(mine + 10, 19)}, niceness
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+    for n in range(1, 6):
+        assert read_until_near_hit(reader, read) == conversation
+        conversation = {**conversation, "title": f"v{n}"}
+        writer.save_conversation(CID, conversation, user_id=user_id)
+        poll(read, lambda c, want=f"v{n}": title_of(c) == want, what=f"write {n}")
