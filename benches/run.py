@@ -215,6 +215,10 @@ def prepare_get_miss(impl: Impl, messages: int) -> Step:
     impl.redis.delete(key)
     got = manager.get_conversation(cid, user_id=user)
     expect(got is not None and len(got["messages"]) == messages, f"{impl.name}: a miss reads PostgreSQL")
+    # Ours sends the backfill without waiting for it: give Redis a moment to run it.
+    deadline = time.monotonic() + 2.0
+    while impl.redis.exists(key) != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
     expect(impl.redis.exists(key) == 1, f"{impl.name}: a miss caches the conversation again")
 
     def step() -> int:
