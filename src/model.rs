@@ -511,11 +511,15 @@ mod tests {
         assert_eq!(serde_json::from_str::<Conversation>(&text).unwrap(), conv);
     }
 
+    /// Messages "a", "b", "c" from the user, at one fixed time.
+    fn three_messages() -> Vec<Message> {
+        let t = Timestamp::parse("2025-01-01T00:00:00+00:00").unwrap();
+        ["a", "b", "c"].iter().map(|c| Message { role: Role::User, content: (*c).into(), time: t }).collect()
+    }
+
     #[test]
     fn each_prefix_fingerprint_is_the_fingerprint_of_that_prefix() {
-        let t = Timestamp::parse("2025-01-01T00:00:00+00:00").unwrap();
-        let messages: Vec<Message> =
-            ["a", "b", "c"].iter().map(|c| Message { role: Role::User, content: (*c).into(), time: t }).collect();
+        let messages = three_messages();
         let prints = prefix_fingerprints(&messages);
         assert_eq!(prints.len(), 48);
         for i in 1..=3 {
@@ -531,9 +535,7 @@ mod tests {
 
     #[test]
     fn the_fingerprint_bytes_are_the_hexadecimal_fingerprints_decoded() {
-        let t = Timestamp::parse("2025-01-01T00:00:00+00:00").unwrap();
-        let messages: Vec<Message> =
-            ["a", "b", "c"].iter().map(|c| Message { role: Role::User, content: (*c).into(), time: t }).collect();
+        let messages = three_messages();
         let bytes = prefix_fingerprint_bytes(&messages);
         assert_eq!(bytes.len(), 24);
         let hex: String = bytes.iter().fold(String::new(), |hex, b| hex + &format!("{b:02x}"));
