@@ -349,12 +349,12 @@ pub(crate) fn content_sig(title: &[u8], model: &[u8], messages: &[u8], last_modi
     hasher.digest()
 }
 
-/// What the prefix fingerprints (field `fps`, or `fpb` in bytes, see
-/// [`crate::model::prefix_fingerprints`]) were
-/// computed from, as field `fpm`: the stored transcript's byte length and `last_modified`. The save
-/// script trusts `fps` only while `fpm` still matches the hash (`HSTRLEN messages` and
-/// `last_modified`): a writer that knows nothing of `fps` (a seed-design instance's `HSET`) changes
-/// both, and its copy then counts as unknown, which the script treats as the one it must not lose.
+/// What the prefix fingerprints (field `fps`, or `fpb` in bytes; see
+/// [`crate::model::prefix_fingerprints`]) were computed from, as field `fpm`: the stored transcript's
+/// byte length and `last_modified`. The save script trusts the fingerprints only while `fpm` still
+/// matches the hash (`HSTRLEN messages` and `last_modified`): a writer that knows nothing of them (a
+/// seed-design instance's `HSET`) changes both, and its copy then counts as unknown, which the
+/// script treats as the one it must not lose.
 pub(crate) fn prints_mark(messages_len: usize, last_modified: &str) -> String {
     format!("{messages_len}|{last_modified}")
 }
