@@ -144,7 +144,6 @@ def test_stats_show_which_process_follows_what_it_applied_and_its_lag(
     assert standing_by["feed_changes_applied"] == 0, standing_by
 
 
-@pytest.mark.timeout(60)
 def recorded_since(pg_conn, change_id: int) -> dict:
     """Outbox rows after `change_id`, per conversation."""
     with pg_conn.cursor() as cur:
@@ -161,6 +160,7 @@ def last_change(pg_conn) -> int:
         return cur.fetchone()[0]
 
 
+@pytest.mark.timeout(60)
 def test_a_flush_records_each_conversation_it_writes_and_only_those(make_redis_manager, pg_conn, user_id):
     # The flush's statement writes the outbox rows itself, one per conversation it writes, and its
     # transaction sets chat_history.flush = 'on' so the conversations trigger is not called (schema.sql):
@@ -203,6 +203,7 @@ def version_trigger(pg_conn) -> str:
         return cur.fetchone()[0]
 
 
+@pytest.mark.timeout(60)
 def test_a_database_made_before_the_flush_clause_is_upgraded_and_records_every_flush_meanwhile(
     make_redis_manager, pg_conn, user_id
 ):
