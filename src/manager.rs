@@ -13,7 +13,7 @@ pub use crate::config::{Mode, Settings};
 use crate::error::{Backend, Error, ErrorKind, Result};
 use crate::model::Conversation;
 pub use crate::process::{after_fork_in_child, after_fork_in_parent, before_fork};
-use crate::process::{CallGuard, FORK_GENERATION};
+use crate::process::{fork_generation, CallGuard};
 pub use crate::stats::{CacheStats, Stats};
 use crate::store::local::LocalStore;
 use crate::store::postgres::PostgresStore;
@@ -48,7 +48,7 @@ pub struct ChatHistory {
     close_timeout: Duration,
     /// Kept so a forked child can open its own pools.
     settings: Settings,
-    /// The [`FORK_GENERATION`] the tier's pools and threads belong to.
+    /// The [`crate::process::FORK_GENERATION`] the tier's pools and threads belong to.
     generation: AtomicU64,
 }
 
@@ -91,7 +91,7 @@ impl ChatHistory {
             background: Mutex::new(background),
             close_timeout: settings.close_timeout,
             settings: settings.clone(),
-            generation: AtomicU64::new(FORK_GENERATION.load(Ordering::Acquire)),
+            generation: AtomicU64::new(fork_generation()),
         });
         let mut live = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
         live.retain(|weak| weak.strong_count() > 0);
@@ -110,7 +110,7 @@ impl ChatHistory {
     }
 
     fn tier_with(&self, guard: CallGuard) -> Result<InCall> {
-        if self.generation.load(Ordering::Acquire) != FORK_GENERATION.load(Ordering::Acquire) {
+        if self.generation.load(Ordering::Acquire) != fork_generation() {
             self.reopen_after_fork()?;
         }
         let tier = self
@@ -126,7 +126,7 @@ impl ChatHistory {
     /// parent still uses: dropping a PostgreSQL client sends Terminate on it) and opens new ones.
     fn reopen_after_fork(&self) -> Result<()> {
         let mut tier = self.tier.write().unwrap_or_else(PoisonError::into_inner);
-        let generation = FORK_GENERATION.load(Ordering::Acquire);
+        let generation = fork_generation();
         if self.generation.load(Ordering::Acquire) == generation {
             return Ok(());
         }
@@ -199,7 +199,7 @@ impl ChatHistory {
         validate::conversation_id(conversation_id)?;
         let Some(guard) = CallGuard::try_enter() else { return Ok(None) };
         // A forked child's first call opens new pools: that is `get`'s to do, without the GIL.
-        if self.generation.load(Ordering::Acquire) != FORK_GENERATION.load(Ordering::Acquire) {
+        if self.generation.load(Ordering::Acquire) != fork_generation() {
             return Ok(None);
         }
         let tier = self.tier_with(guard)?;
@@ -271,7 +271,7 @@ impl ChatHistory {
     /// Stops the background flusher, flushes what is dirty (for at most the close timeout,
     /// logging what it could not write), then releases the pools. Idempotent; never fails.
     pub fn close(&self) -> Result<()> {
-        if self.generation.load(Ordering::Acquire) != FORK_GENERATION.load(Ordering::Acquire) {
+        if self.generation.load(Ordering::Acquire) != fork_generation() {
             // A forked child that never used the manager: the pools and whatever they would flush
             // are the parent's.
             let mut tier = self.tier.write().unwrap_or_else(PoisonError::into_inner);

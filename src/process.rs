@@ -9,6 +9,11 @@ use std::time::{Duration, Instant};
 /// with the parent, and opens its own before its next call.
 pub(crate) static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
 
+/// The current [`FORK_GENERATION`].
+pub(crate) fn fork_generation() -> u64 {
+    FORK_GENERATION.load(Ordering::Acquire)
+}
+
 /// Calls of any manager in progress in this process (the background flushes included).
 static CALLS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 /// Set while a fork is being prepared: new calls wait until it is done.

@@ -62,10 +62,6 @@ impl<Q, R> std::fmt::Debug for Combiner<Q, R> {
     }
 }
 
-fn fork_generation() -> u64 {
-    crate::process::FORK_GENERATION.load(Ordering::Acquire)
-}
-
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -76,8 +72,8 @@ impl<Q, R: Clone> Combiner<Q, R> {
         Combiner {
             queue: Mutex::new(Queue { in_flight: 0, waiting: VecDeque::new() }),
             max_in_flight: max_in_flight.max(1),
-            generation: AtomicU64::new(fork_generation()),
-            current_generation: fork_generation,
+            generation: AtomicU64::new(crate::process::fork_generation()),
+            current_generation: crate::process::fork_generation,
             abandoned,
             outage,
             batches: AtomicU64::new(0),

@@ -286,7 +286,7 @@ fn process_id() -> u32 {
     use std::sync::atomic::{AtomicU64, Ordering};
     /// The generation's low 32 bits, then the pid; 0 before the first ask.
     static CACHED: AtomicU64 = AtomicU64::new(0);
-    let generation = crate::process::FORK_GENERATION.load(Ordering::Acquire) as u32;
+    let generation = crate::process::fork_generation() as u32;
     let cached = CACHED.load(Ordering::Acquire);
     if cached != 0 && (cached >> 32) as u32 == generation {
         return cached as u32;
