@@ -1119,11 +1119,11 @@ def test_a_hit_gives_a_clean_conversation_its_ttl_back_and_a_dirty_one_none(
         # counted.
         failpoints.pause("feed.turn")
         failpoints.wait("feed.turn")
-        scripts_before, expires_before = evalsha_calls(rdb.client), expire_calls(rdb.client)
+        scripts_before, expires_before = command_calls(rdb.client, "evalsha"), command_calls(rdb.client, "expire")
         assert manager.get_conversation("c1ea0002", user_id=user_id) == clean
         assert manager.get_conversation("d1a70002", user_id=user_id) == dirty
-        scripts_run = evalsha_calls(rdb.client) - scripts_before
-        expires_sent = expire_calls(rdb.client) - expires_before
+        scripts_run = command_calls(rdb.client, "evalsha") - scripts_before
+        expires_sent = command_calls(rdb.client, "expire") - expires_before
 
         assert 500 < rdb.client.ttl(clean_key) <= 600, f"{clean_key} TTL {rdb.client.ttl(clean_key)}"
         # The owner record keeps the TTL it had (see test_other_user_cannot_overwrite_read_or_delete
@@ -1143,12 +1143,9 @@ def test_a_hit_gives_a_clean_conversation_its_ttl_back_and_a_dirty_one_none(
         assert expires_sent == 1, f"{expires_sent} EXPIRE for two reads"
 
 
-def evalsha_calls(client) -> int:
-    return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
-
-
-def expire_calls(client) -> int:
-    return int(client.info("commandstats").get("cmdstat_expire", {}).get("calls", 0))
+def command_calls(client, command: str) -> int:
+    """How many times Redis ran `command` (lower case), from INFO commandstats."""
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
 
 
 def test_concurrent_reads_share_a_round_trip_and_each_thread_gets_its_own(make_redis_manager, rdb, user_id):
