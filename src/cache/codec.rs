@@ -335,7 +335,7 @@ pub fn parse_memory_info(info: &str) -> MemoryInfo {
 }
 
 /// Seconds a staged hash may outlive a save that never reached its script.
-const STAGED_TTL_SECONDS: u64 = 60;
+pub(crate) const STAGED_TTL_SECONDS: u64 = 60;
 
 /// A signature of the content fields exactly as stored (XXH3, so every process agrees): a save
 /// stamps it in the `sig` field, and a flush that finds it does not match knows another writer
@@ -360,8 +360,9 @@ pub(crate) fn prints_mark(messages_len: usize, last_modified: &str) -> String {
 }
 
 /// Stages a conversation's fields, and `extra` ones, in `staged` with one `HSET` (the transcript in
-/// the form `compression` names; its signature is of the stored bytes) (with a TTL, so a
-/// save whose script never ran, say on NOSCRIPT, leaves nothing behind); the script that follows
+/// the form `compression` names; its signature is of the stored bytes) and gives it `ttl` seconds (a
+/// save's [`STAGED_TTL_SECONDS`], so one whose script never ran, say on NOSCRIPT, leaves nothing
+/// behind; a clean copy's own TTL for a read's backfill, which its rename keeps); the script that follows
 /// in the same pipeline renames it into place. No MULTI/EXEC around them: the staged key's name is
 /// unique to this call, so nothing else can touch it in between, and the script does every check
 /// and the rename atomically; the transaction cost time for nothing (docs/benchmarks.md). The
@@ -373,6 +374,7 @@ pub(crate) fn stage(
     conv: &Conversation,
     extra: &[(&str, &str)],
     compression: Compression,
+    ttl: u64,
 ) {
     let messages = compression::encode(messages_json::write(&conv.messages), compression);
     let mut times = String::with_capacity(64);
@@ -416,7 +418,7 @@ pub(crate) fn stage(
     for (field, value) in extra {
         hset.arg(*field).arg(*value);
     }
-    pipe.add_command(hset).ignore().cmd("EXPIRE").arg(staged).arg(STAGED_TTL_SECONDS).ignore();
+    pipe.add_command(hset).ignore().cmd("EXPIRE").arg(staged).arg(ttl).ignore();
 }
 
 pub(crate) fn parse_listing(value: Value) -> Option<Vec<(String, Conversation)>> {

@@ -2,7 +2,7 @@
 
 use redis::Value;
 
-use crate::cache::codec::{parse_listing, stage, ListEntry};
+use crate::cache::codec::{parse_listing, stage, ListEntry, STAGED_TTL_SECONDS};
 use crate::cache::error::{CacheError, CacheResult};
 use crate::cache::keys::{fresh_token, late_member, member, KeyLayout};
 use crate::cache::redis::{RedisCache, LIST_TTL_SECONDS};
@@ -120,11 +120,13 @@ impl RedisCache {
             l.late_set(user_id),
         ];
         let created_at = conv.created_at.to_string();
+        // The list's score, as the staged hash has it (`score`).
+        let score = conv.last_modified.unix_seconds();
         let late = late_member(user_id, conversation_id, &token);
         let member = member(user_id, conversation_id);
         let mut stage_pipe = redis::pipe();
         let staged = if staged_lost() { format!("{staged}:lost") } else { staged };
-        stage(&mut stage_pipe, &staged, conv, &[], self.settings.compression);
+        stage(&mut stage_pipe, &staged, conv, &[], self.settings.compression, STAGED_TTL_SECONDS);
         let (reply,): (Vec<Value>,) = self.query_fenced(|deadline| {
             let mut script = scripts::call(&scripts::SAVE, &keys);
             script
@@ -140,7 +142,8 @@ impl RedisCache {
                 .arg(deadline)
                 .arg(&late)
                 .arg(options.replaces.as_ref().map_or("", |m| m.as_str()))
-                .arg(options.base.map(|v| v.to_string()).unwrap_or_default());
+                .arg(options.base.map(|v| v.to_string()).unwrap_or_default())
+                .arg(score);
             let mut pipe = stage_pipe.clone();
             pipe.add_command(script);
             pipe
@@ -206,10 +209,10 @@ impl RedisCache {
             fields.extend([("pgn", n.as_str()), ("pgv", v.as_str()), ("pgh", h.as_str())]);
         }
         let mut stage_pipe = redis::pipe();
-        stage(&mut stage_pipe, &staged, conv, &fields, self.settings.compression);
+        stage(&mut stage_pipe, &staged, conv, &fields, self.settings.compression, self.ttl());
         self.send_fenced(|deadline| {
             let mut script = scripts::call(&scripts::BACKFILL, &keys);
-            script.arg(user_id).arg(self.ttl()).arg(l.owner_in_slot()).arg(deadline).arg(&ver);
+            script.arg(user_id).arg(l.owner_in_slot()).arg(deadline).arg(&ver);
             let mut pipe = stage_pipe.clone();
             pipe.add_command(script);
             pipe

@@ -7,7 +7,7 @@
 -- late copy (also where a dirty copy an unguarded save does not extend is kept aside), late set.
 -- ARGV: member, user, created_at, list entry, claim, id, floor, guard, local owner, deadline, late member,
 -- replaces, base (the version of the copy the caller last read or saved; a cached copy at another
--- version is guarded: replaced only if the new messages extend it).
+-- version is guarded: replaced only if the new messages extend it), score (the list's, as staged).
 --
 -- With `local owner` ('1': the owner record is in this slot, single node), the record is checked
 -- and set here; on a cluster it lives in the id's own slot and is claimed before this runs (then
@@ -52,10 +52,15 @@ if local_owner then
     return {-1}
   end
 end
--- Everything the checks read of the cached copy, in one call.
-local exists = redis.call('EXISTS', KEYS[1]) == 1
+-- Everything the checks read of the cached copy, in one call; whether there is one at all, from
+-- the same call unless none of its fields is there (then only EXISTS can tell).
 local h = redis.call('HMGET', KEYS[1], 'ver', 'pgv', 'dirty', 'created_at', 'pgn', 'pgh', 'fps', 'fpm', 'last_modified',
   'fpb')
+local exists = false
+for i = 1, 10 do
+  if h[i] then exists = true break end
+end
+if not exists then exists = redis.call('EXISTS', KEYS[1]) == 1 end
 local old = nil
 if (h[7] or h[10]) and h[8] == redis.call('HSTRLEN', KEYS[1], 'messages') .. '|' .. (h[9] or '') then
   if w == 8 then
@@ -158,7 +163,7 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
     entry['created_at'] = created
     meta = cjson.encode(entry)
   end
-  redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[1], 'score'), ARGV[6])
+  redis.call('ZADD', KEYS[3], ARGV[14], ARGV[6])
   redis.call('HSET', KEYS[4], ARGV[6], meta)
 end
 return {1, ver, created, first}
