@@ -62,12 +62,13 @@ demo: dev ## Run the example chat app on a throwaway Redis and PostgreSQL (or lo
 	$(PY) examples/demo.py
 
 .PHONY: bench
-bench: servers dev ## Benchmarks beside the seed's Python design, the scale check, the cluster, a near-cache hit's cost, the change feed, Redis memory per compression setting (BENCH_ARGS="--quick")
+bench: servers dev ## Benchmarks beside the seed's Python design, the scale check, the cluster, a near-cache hit's cost, the change feed, Redis memory per compression setting, the save script step by step (BENCH_ARGS="--quick")
 	$(PY) benches/run.py --scale $(BENCH_ARGS)
 	$(PY) benches/cluster.py $(BENCH_ARGS)
 	$(PY) benches/near_cost.py $(BENCH_ARGS)
 	$(PY) benches/feed.py $(BENCH_ARGS)
 	$(PY) benches/memory.py $(BENCH_ARGS)
+	$(PY) benches/script_profile.py $(BENCH_ARGS)
 
 .PHONY: bench-async
 bench-async: servers dev ## AsyncChatHistoryManager beside the seed's design on redis.asyncio + asyncpg (BENCH_ARGS="--quick")

@@ -800,6 +800,8 @@ def pass_perf(op: Op, calls: int, freq: int, cpus: str, p50_us: float) -> Dict[s
     groups: Dict[str, int] = {}
     symbols: Dict[str, int] = {}
     others: Dict[str, int] = {}
+    background: Dict[str, int] = {}  # samples of our background threads, by thread name
+    background_symbols: Dict[str, int] = {}
     total = 0
     parsed = 0
     for line in script.stdout.splitlines():
@@ -818,6 +820,10 @@ def pass_perf(op: Op, calls: int, freq: int, cpus: str, p50_us: float) -> Dict[s
         if sample["pid"] == our_pid:
             key = f"{sample['sym'] or '?'} ({os.path.basename(sample['dso'])})"
             symbols[key] = symbols.get(key, 0) + 1
+        if group.startswith("our background"):
+            background[sample["comm"]] = background.get(sample["comm"], 0) + 1
+            key = f"{sample['comm']}: {sample['sym'] or '?'} ({os.path.basename(sample['dso'])})"
+            background_symbols[key] = background_symbols.get(key, 0) + 1
         elif group.startswith("other"):
             others[sample["comm"]] = others.get(sample["comm"], 0) + 1
         total += 1
@@ -841,6 +847,8 @@ def pass_perf(op: Op, calls: int, freq: int, cpus: str, p50_us: float) -> Dict[s
         },
         "top_symbols_ours": dict(sorted(symbols.items(), key=lambda kv: -kv[1])[:25]),
         "other_processes": dict(sorted(others.items(), key=lambda kv: -kv[1])[:10]),
+        "background_threads": dict(sorted(background.items(), key=lambda kv: -kv[1])),
+        "top_symbols_background": dict(sorted(background_symbols.items(), key=lambda kv: -kv[1])[:25]),
     }
 
 
