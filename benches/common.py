@@ -7,6 +7,7 @@ exit. PostgreSQL runs with fsync and synchronous_commit off there, for both impl
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -18,7 +19,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 BENCHES = Path(__file__).resolve().parent
 ROOT = BENCHES.parent
@@ -52,6 +53,19 @@ def pin_or_reexec(argv: List[str], enabled: bool) -> None:
         os.execve(taskset, [taskset, "-c", str(PIN_CPU), sys.executable, *argv], env)
     os.environ[PINNED_ENV] = "1"
     os.sched_setaffinity(0, {PIN_CPU})
+
+
+def parse_args(doc: str, more: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
+    """The flags the benchmarks share (`--quick`, `--no-pin`) and those `more` adds; then pins the
+    process (`pin_or_reexec`) unless `--no-pin`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few iterations, noisy numbers")
+    parser.add_argument("--no-pin", action="store_true", help="leave the process and its servers on every CPU")
+    if more is not None:
+        more(parser)
+    args = parser.parse_args()
+    pin_or_reexec(sys.argv, enabled=not args.no_pin)
+    return args
 
 
 def cpus_allowed(pid: int) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from typing import Dict, List
 
@@ -38,7 +37,7 @@ from common import (
     new_conversation_id,
     new_user_id,
     percentile,
-    pin_or_reexec,
+    parse_args,
     pinning_line,
     pinning_report,
     write_report,
@@ -50,13 +49,11 @@ CHUNK = 20
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-pin", action="store_true")
-    parser.add_argument("--count", type=int, default=None, help="conversations per text, size and setting")
-    parser.add_argument("--text", choices=[*Corpus.TEXTS, "both"], default="both", help="which Corpus text")
-    args = parser.parse_args()
-    pin_or_reexec(sys.argv, enabled=not args.no_pin)
+    def more(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--count", type=int, default=None, help="conversations per text, size and setting")
+        parser.add_argument("--text", choices=[*Corpus.TEXTS, "both"], default="both", help="which Corpus text")
+
+    args = parse_args(__doc__, more)
     count = args.count or (40 if args.quick else 200)
     texts = list(Corpus.TEXTS) if args.text == "both" else [args.text]
     stack = Stack().start()

@@ -19,7 +19,6 @@ Prints a Markdown table and the ratios docs/benchmarks.md quotes. Not a test: no
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -28,7 +27,7 @@ import time
 from typing import Callable, Dict
 
 import chat_history_rs
-from common import Corpus, Stack, new_conversation_id, new_user_id, pin_or_reexec, summary_us, wait_for_near_cache
+from common import Corpus, Stack, new_conversation_id, new_user_id, parse_args, summary_us, wait_for_near_cache
 
 
 def timed(fn: Callable[[], object], iterations: int, warmup: int) -> float:
@@ -44,11 +43,7 @@ def timed(fn: Callable[[], object], iterations: int, warmup: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-pin", action="store_true")
-    args = parser.parse_args()
-    pin_or_reexec(sys.argv, enabled=not args.no_pin)
+    args = parse_args(__doc__)
     iterations, warmup = (500, 50) if args.quick else (5000, 500)
     corpus = Corpus()
     stack = Stack().start()

@@ -20,9 +20,7 @@ asserted beyond each variant answering as its cut says.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -30,7 +28,7 @@ from typing import Dict, List, Tuple
 import redis
 
 import chat_history_rs
-from common import RESULTS, Corpus, Stack, new_conversation_id, new_user_id, pin_or_reexec, write_report
+from common import RESULTS, Corpus, Stack, new_conversation_id, new_user_id, parse_args, write_report
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "src" / "cache" / "scripts"
 
@@ -64,11 +62,7 @@ def usec_per_evalsha(client: redis.Redis, replay, sha: str, iterations: int, war
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-pin", action="store_true")
-    args = parser.parse_args()
-    pin_or_reexec(sys.argv, enabled=not args.no_pin)
+    args = parse_args(__doc__)
     iterations, warmup, rounds = (200, 20, 1) if args.quick else (1500, 200, 5)
     stack = Stack().start()
     manager = None
