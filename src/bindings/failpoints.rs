@@ -5,7 +5,8 @@
 //! Points: `flush.after_read` (a flush read the dirty hashes, before PostgreSQL),
 //! `flush.before_settle` (PostgreSQL written, Redis not yet settled), `flush.between_batches`,
 //! `delete.after_postgres` (PostgreSQL deleted, Redis not yet), `feed.turn` (the change feed's
-//! follower, before each turn); and `save.lose_staged`, which with
+//! follower, before each turn), `near.invalidate.locked` (a tracking thread applying invalidations,
+//! holding its near cache's lock); and `save.lose_staged`, which with
 //! `return` stages a save's fields under another name, as if Redis evicted the staged copy before
 //! the script ran.
 

@@ -160,10 +160,16 @@ pub struct NearStats {
 static LIVE: Mutex<Vec<Weak<NearCache>>> = Mutex::new(Vec::new());
 
 /// Drops `keys` from every near cache of the process.
+///
+/// Only those made in this process: a forked child's managers open new near caches, and the
+/// parent's, which the child inherits and never frees, are left alone (and out of the registry). A
+/// tracking thread of the parent may have held one's lock at the fork, and no thread of the child
+/// would ever release it.
 pub fn forget_everywhere<K: AsRef<str>>(keys: &[K]) {
+    let generation = crate::process::fork_generation();
     let live: Vec<Arc<NearCache>> = {
         let mut registry = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
-        registry.retain(|weak| weak.strong_count() > 0);
+        registry.retain(|weak| weak.upgrade().is_some_and(|near| near.generation == generation));
         registry.iter().filter_map(Weak::upgrade).collect()
     };
     for near in live {
@@ -175,6 +181,8 @@ pub fn forget_everywhere<K: AsRef<str>>(keys: &[K]) {
 
 /// The near cache of one manager.
 pub struct NearCache {
+    /// The process's fork generation when it was made (see [`forget_everywhere`]).
+    generation: u64,
     limit: usize,
     /// A copy older than this is read from Redis again (which refreshes its TTL there).
     max_age: Duration,
@@ -207,6 +215,7 @@ impl NearCache {
     #[must_use]
     pub fn new(limit: usize, max_age: Duration) -> Self {
         NearCache {
+            generation: crate::process::fork_generation(),
             limit,
             max_age,
             // Before any instant a caller can name (tests name ones in the past).
@@ -335,6 +344,7 @@ impl NearCache {
     /// Drops the copies of keys Redis says changed. Returns how many were dropped.
     pub fn invalidate<K: AsRef<[u8]>>(&self, keys: &[K]) -> usize {
         let mut state = self.state();
+        fail::fail_point!("near.invalidate.locked");
         let mut dropped = 0;
         for key in keys {
             let Ok(key) = std::str::from_utf8(key.as_ref()) else { continue };
