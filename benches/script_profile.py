@@ -142,11 +142,12 @@ def main() -> None:
 
     rows = []
     before = 0.0
-    for what, _ in variants:
+    for i, (what, _) in enumerate(variants):
         median = statistics.median(times[what])
-        rows.append({"step": what, "cumulative_us": round(median, 2), "step_us": round(median - before, 2)})
-        before = median if what != "the whole script" else before
-    rows[-1]["step_us"] = None
+        # The whole script is a total, not a step: no difference from the row before.
+        step = None if i == len(variants) - 1 else round(median - before, 2)
+        rows.append({"step": what, "cumulative_us": round(median, 2), "step_us": step})
+        before = median
     print(f"# save.lua inside Redis, step by step (median of {rounds} rounds of {iterations} calls)\n")
     print("| step | µs inside Redis up to and with it | the step's own µs |")
     print("|---|---:|---:|")
