@@ -1,6 +1,7 @@
 //! Write-back's Redis side: finding dirty conversations, reading them, and settling them after
 //! PostgreSQL took them (compare-and-clear), plus adopting hashes another writer changed.
 
+use std::sync::PoisonError;
 use std::time::Duration;
 
 use redis::Value;
@@ -60,6 +61,9 @@ impl RedisCache {
         let l = self.layout()?;
         if l == KeyLayout::Seed {
             return self.command(redis::cmd("SSCAN").arg(l.dirty_set("")).arg(cursor).arg("COUNT").arg(count));
+        }
+        if cursor == 0 {
+            self.index_unindexed();
         }
         let buckets = l.dirty_buckets();
         let step = usize::try_from(cursor).unwrap_or(0);
@@ -353,6 +357,7 @@ impl RedisCache {
             let (count, oldest, late): (u64, Vec<(String, f64)>, u64) = self.query(&pipe)?;
             return Ok((count + late, oldest.first().map(|(_, score)| *score)));
         }
+        self.index_unindexed();
         let mut spread = Spread::default();
         for bucket in l.dirty_buckets() {
             let mut cmd = redis::cmd("ZRANGE");
@@ -382,6 +387,19 @@ impl RedisCache {
             }
         }
         Ok((total, first))
+    }
+
+    /// Cluster: writes the index entries saves could not write (see `unindexed`). Those that fail
+    /// again wait for the next time; the walk or count that asked goes on without them.
+    fn index_unindexed(&self) {
+        let users = std::mem::take(&mut *self.unindexed.lock().unwrap_or_else(PoisonError::into_inner));
+        for (i, user) in users.iter().enumerate() {
+            if let Err(e) = self.index_dirty_user(user) {
+                log::debug!("{} users still wait for their dirty index entry: {}", users.len() - i, e.into_error());
+                self.unindexed.lock().unwrap_or_else(PoisonError::into_inner).extend(users[i..].iter().cloned());
+                return;
+            }
+        }
     }
 
     /// Cluster: puts the user in the index of users with dirty conversations.

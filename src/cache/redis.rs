@@ -123,6 +123,10 @@ pub struct RedisCache {
     tracker: Mutex<Option<Tracker>>,
     /// Redis's clock as measured by the pool's connections: the deadlines of writes.
     pub(crate) clock: Arc<RedisClock>,
+    /// Cluster: users whose saves are in Redis but whose entry in the dirty index could not be
+    /// written after the save (see [`RedisCache::index_dirty_user`]); written before the next walk
+    /// or count of the index.
+    pub(crate) unindexed: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for RedisCache {
@@ -190,7 +194,16 @@ impl RedisCache {
             };
             (Some(Arc::clone(&near)), Some(Tracker::start(near, source)))
         };
-        Ok(RedisCache { pool, settings: settings.clone(), topology, reads, near, tracker: Mutex::new(tracker), clock })
+        Ok(RedisCache {
+            pool,
+            settings: settings.clone(),
+            topology,
+            reads,
+            near,
+            tracker: Mutex::new(tracker),
+            clock,
+            unindexed: Mutex::new(Vec::new()),
+        })
     }
 
     /// The near cache's figures; `None` when it is off.

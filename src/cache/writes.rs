@@ -1,5 +1,7 @@
 //! The Redis side of saves, reads that fill the cache, deletes and list rebuilds.
 
+use std::sync::PoisonError;
+
 use redis::Value;
 
 use crate::cache::codec::{parse_listing, stage, ListEntry, STAGED_TTL_SECONDS};
@@ -86,6 +88,12 @@ fn staged_lost() -> bool {
     false
 }
 
+/// True only in a test that turned on the `save.index_fails` failpoint.
+fn index_fails() -> bool {
+    fail::fail_point!("save.index_fails", |_| true);
+    false
+}
+
 impl RedisCache {
     /// Stores the conversation as dirty, without a TTL, and updates the user's cached list: one
     /// round trip (a pipeline of the staged fields and the script). Returns the stored
@@ -159,8 +167,19 @@ impl RedisCache {
                 let first = reply.get(3).and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()) == Some(1);
                 if first {
                     // The user had nothing dirty: into the index, after the script (see
-                    // `unindex_clean_users` for why this order).
-                    self.index_dirty_user(user_id)?;
+                    // `unindex_clean_users` for why this order). The save is in Redis, dirty, either
+                    // way: an entry that cannot be written now (a failover of the index's node) is
+                    // written before the next walk or count of the index, not turned into a failed
+                    // save, which would also go to PostgreSQL and leave the user out of the index.
+                    let indexed = if index_fails() {
+                        Err(CacheError::Unavailable("the save.index_fails failpoint".into()))
+                    } else {
+                        self.index_dirty_user(user_id)
+                    };
+                    if let Err(e) = indexed {
+                        log::warn!("user {user_id:?} goes into the dirty index later: {}", e.into_error());
+                        self.unindexed.lock().unwrap_or_else(PoisonError::into_inner).push(user_id.to_owned());
+                    }
                 }
                 (SaveOutcome::Saved(version.unwrap_or(0)), created)
             }

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from chat_history_rs import _core
 from support.cluster_support import RedisClusterServers
 from support.redis_support import grown, make_conversation, pg_conversation_ids
 from support.servers import ServerError, assert_row_matches
@@ -216,4 +217,27 @@ def test_a_user_left_out_of_the_dirty_index_is_found_and_flushed(cluster, cluste
     fresh = cluster_manager()
     assert fresh.flush_dirty_conversations() == 1  # a first flush scans the primaries and finds it
     assert_row_matches(pg_conn, "c6000001", "orphan-user", conv)
+    client.close()
+
+
+def test_a_save_whose_index_entry_fails_is_kept_in_redis_and_indexed_later(
+    cluster, cluster_manager, pg_conn, failpoints
+):  # fmt: skip
+    """The save's script ran, then its user's entry in the dirty index could not be written (the index's node
+    failing over, here a failpoint): the save is in Redis, dirty, so it succeeds there, rather than also going
+    to PostgreSQL as a failed save, and the entry is written before the index is next counted or walked."""
+    app = cluster_manager()
+    assert app.flush_dirty_conversations() == 0  # this process's first flush (and its scan) is behind it
+    conv = make_conversation(2)
+    _core._failpoint_set("save.index_fails", "1*return")
+    app.save_conversation("c6000002", conv, user_id="late-index-user")
+    client = cluster.client()
+    assert not any(client.zscore(f"dirtyusers:{{{n}}}", "late-index-user") for n in range(64))  # the failpoint bit
+    assert pg_conversation_ids(pg_conn) == set()  # not written to PostgreSQL as a fallback
+    stats = app.stats()
+    assert stats["postgres_fallbacks"] == 0
+    assert stats["dirty_count"] == 1  # the count wrote the entry first
+    assert sum(client.zscore(f"dirtyusers:{{{n}}}", "late-index-user") is not None for n in range(64)) == 1
+    assert app.flush_dirty_conversations() == 1  # found through the index, not a scan
+    assert_row_matches(pg_conn, "c6000002", "late-index-user", conv)
     client.close()
