@@ -169,8 +169,15 @@ pub fn forget_everywhere<K: AsRef<str>>(keys: &[K]) {
     let generation = crate::process::fork_generation();
     let live: Vec<Arc<NearCache>> = {
         let mut registry = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
-        registry.retain(|weak| weak.upgrade().is_some_and(|near| near.generation == generation));
-        registry.iter().filter_map(Weak::upgrade).collect()
+        let mut live = Vec::with_capacity(registry.len());
+        registry.retain(|weak| match weak.upgrade() {
+            Some(near) if near.generation == generation => {
+                live.push(near);
+                true
+            }
+            _ => false,
+        });
+        live
     };
     for near in live {
         for key in keys {
