@@ -33,7 +33,7 @@ from common import (
     new_conversation_id,
     new_user_id,
     percentile,
-    pin_or_reexec,
+    parse_args,
     pinning_line,
     pinning_report,
     write_report,
@@ -170,18 +170,17 @@ def table(results: Dict[str, Dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer calls: a smoke run with noisy numbers")
-    parser.add_argument("--no-pin", action="store_true", help="do not pin the process and servers to CPU 0")
-    parser.add_argument(
-        "--general-path",
-        action="store_true",
-        help="resolve our futures through pyo3-async-runtimes' future_into_py, as loops that cannot watch a socket do",
-    )
-    args = parser.parse_args()
+    def more(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--general-path",
+            action="store_true",
+            help="resolve our futures through pyo3-async-runtimes' future_into_py, as loops that cannot watch a"
+            " socket do",
+        )
+
+    args = parse_args(__doc__, more)
     if args.general_path:
         chat_history_rs._core._set_asyncio_fast_path(False)
-    pin_or_reexec(sys.argv, enabled=not args.no_pin)
     rounds = 2 if args.quick else 6
     calls = {1: 100, 64: 640} if args.quick else {1: 400, 64: 3200}
     stack = Stack().start()

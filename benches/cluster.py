@@ -27,7 +27,6 @@ Results are printed and written to benches/results/cluster.json. No timing is as
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 import time
@@ -45,7 +44,7 @@ from common import (  # noqa: E402
     machine_info,
     new_conversation_id,
     new_user_id,
-    pin_or_reexec,
+    parse_args,
     pinning_line,
     pinning_report,
     summary_us,
@@ -154,17 +153,15 @@ def timed_flush(managers: list) -> tuple:
     return time.perf_counter() - t0, sum(written)
 
 
-def main(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="10,000 conversations, fewer iterations")
-    parser.add_argument("--count", type=int, help="conversations per flush (default 100,000; 10,000 with --quick)")
-    parser.add_argument("--json", default=str(RESULTS / "cluster.json"), help="where to write the results")
-    parser.add_argument("--no-pin", action="store_true", help="do not pin the benchmark and servers to one CPU")
-    args = parser.parse_args(argv)
+def main() -> int:
+    def more(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--count", type=int, help="conversations per flush (default 100,000; 10,000 with --quick)")
+        parser.add_argument("--json", default=str(RESULTS / "cluster.json"), help="where to write the results")
+
+    args = parse_args(__doc__, more)
     count = args.count or (10_000 if args.quick else 100_000)
     iterations = 200 if args.quick else 1000
     corpus = Corpus(seed=11)
-    pin_or_reexec([os.path.abspath(__file__), *argv], enabled=not args.no_pin)
     stack = Stack()
     cluster = RedisClusterServers()
     report: Dict[str, object] = {"machine": machine_info(), "count": count, "iterations": iterations}
@@ -230,4 +227,4 @@ def main(argv: List[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
